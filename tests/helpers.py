@@ -1,0 +1,83 @@
+"""Shared test helpers: logits in chosen confidence regimes and the tolerance table."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+# Gradient tolerance per logits dtype, per element: |ours - ref| <= rtol*|ref| + atol*max|ref|.
+# The reference is float64 autograd on the same (already rounded) logits, so the only
+# error sources are our fp32 arithmetic and the final cast to the logits dtype.
+# rtol is one unit in the last place of the dtype: twice PyTorch's own rounding error of
+# the exact result (Triton's interpreter casts fp32 -> bf16 by truncation, which
+# costs up to one ulp; the GPU rounds to nearest, half an ulp).
+# fp32: exp/log in fp32 over arguments up to |(z - m) / beta| ~ 100 give ~1e-6
+# relative; atol is relative to the largest gradient entry of the tensor.
+GRAD_TOL = {
+    torch.float32: (1e-5, 1e-6),
+    torch.bfloat16: (2.0**-7, 1e-6),
+    torch.float16: (2.0**-10, 1e-6),
+}
+# The loss is fp32 whatever the logits dtype: statistics in fp32 of exact inputs.
+# |log q_t| up to ~100 at hopeless tokens; log(S) of sums of V terms loses ~V*eps/2.
+LOSS_RTOL, LOSS_ATOL = 2e-5, 2e-6
+
+
+def assert_grad_close(
+    ours: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, torch_fp32: torch.Tensor | None = None
+) -> None:
+    """Per-element bound from GRAD_TOL, or twice plain PyTorch's fp32 error if larger.
+
+    ``torch_fp32`` is the gradient PyTorch computes in fp32 (cast to ``dtype``): where
+    fp32 itself cannot resolve the answer (p = 1 - 1e-7 makes 1 + 1e-7 round to 1 in
+    every fp32 log-sum-exp), we ask for no more than 2x what PyTorch achieves.
+    """
+    rtol, atol = GRAD_TOL[dtype]
+    ours, ref = ours.double(), ref.double()
+    scale = ref.abs().max().item()
+    # Values below the dtype's smallest subnormal are not representable at all (fp16).
+    floor = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+    bound = rtol * ref.abs() + atol * scale + floor
+    if torch_fp32 is not None:
+        bound = bound.clamp(min=2 * (torch_fp32.double() - ref).abs().max().item())
+    err = (ours - ref).abs()
+    assert torch.isfinite(ours).all(), "non-finite gradient"
+    worst = (err / bound).max().item()
+    assert worst <= 1.0, f"gradient error {err.max().item():.3e} exceeds tolerance ({worst:.2f}x)"
+
+
+def assert_loss_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    ours, ref = ours.double(), ref.double()
+    assert torch.isfinite(ours).all(), "non-finite loss"
+    err = (ours - ref).abs()
+    bound = LOSS_RTOL * ref.abs() + LOSS_ATOL
+    assert (err <= bound).all(), f"loss error {err.max().item():.3e} (worst at {err.argmax().item()})"
+
+
+def make_logits(shape, vocab, dtype, regime="random", labels=None, scale=3.0):
+    """Logits [*shape, vocab] and labels [*shape] with the target probability set by regime.
+
+    random: N(0, scale^2) logits; confident: target 40 above the rest (p = 1 in fp32);
+    near_one: p = 1 - ~1e-7; half: p = 0.5; hopeless: target 40 below the max
+    (p ~ 1e-18); tiny: p ~ 1e-30 (target 70 below).
+    """
+    z = torch.randn(*shape, vocab, dtype=torch.float64) * scale
+    if labels is None:
+        labels = torch.randint(0, vocab, tuple(shape))
+    t = labels.clamp(min=0).unsqueeze(-1)
+    others = z.scatter(-1, t, -math.inf)
+    lse_others = torch.logsumexp(others, dim=-1, keepdim=True)
+    top = others.amax(dim=-1, keepdim=True)
+    target = {
+        "random": z.gather(-1, t),
+        "confident": top + 40.0,
+        "near_one": lse_others + 16.0,
+        "half": lse_others,
+        "hopeless": top - 40.0,
+        "tiny": top - 70.0,
+    }[regime]
+    z = z.scatter(-1, t, target)
+    return z.to(dtype), labels

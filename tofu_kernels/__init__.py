@@ -1,0 +1,21 @@
+"""TOFU (Tempered Focal) loss kernels for vocab-sharded logits.
+
+    import tofu_kernels as tk
+    loss = tk.tofu_loss(logits, labels, gamma=3.0, beta=0.8)
+"""
+
+from .backends import BACKENDS, extension_loaded
+from .loss import TOFULoss, tofu_loss
+from .reference import authors_tofu_loss, focal_weight, tofu_loss_reference
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "TOFULoss",
+    "authors_tofu_loss",
+    "extension_loaded",
+    "focal_weight",
+    "tofu_loss",
+    "tofu_loss_reference",
+]

@@ -1,0 +1,116 @@
+"""Input validation and the strided row layout shared by every backend (written once)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_hyperparameters(gamma: float, beta: float) -> None:
+    if not isinstance(gamma, (int, float)) or not gamma >= 0.0 or gamma == float("inf"):
+        raise ValueError(f"tofu_loss: gamma must be a finite float >= 0, got {gamma!r}")
+    if not isinstance(beta, (int, float)) or not beta > 0.0 or beta == float("inf"):
+        raise ValueError(f"tofu_loss: beta must be a finite float > 0, got {beta!r}")
+
+
+def check_tensors(logits: torch.Tensor, labels: torch.Tensor, reduction: str) -> None:
+    if not isinstance(logits, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        raise TypeError("tofu_loss: logits and labels must be torch.Tensor")
+    if logits.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"tofu_loss: logits must be float32, bfloat16 or float16, got {logits.dtype}"
+        )
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"tofu_loss: labels must be int64 or int32, got {labels.dtype}")
+    if logits.dim() < 1 or logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            "tofu_loss: labels must have the shape of logits without its last (vocab) "
+            f"dim: logits {tuple(logits.shape)} vs labels {tuple(labels.shape)}"
+        )
+    if logits.shape[-1] == 0:
+        raise ValueError("tofu_loss: logits have an empty vocab dimension")
+    if logits.device != labels.device:
+        raise ValueError(
+            f"tofu_loss: logits on {logits.device} but labels on {labels.device}"
+        )
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"tofu_loss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def host_checks_allowed() -> bool:
+    """Host-synchronising checks only in eager mode (never under compile or capture)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def check_labels(labels: torch.Tensor, ignore_index: int, vocab_size: int) -> None:
+    """Raise on labels outside [0, vocab_size) that are not ignore_index (one host sync).
+
+    Where this check is skipped the kernels give NaN for such tokens instead.
+    """
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    n_bad = int(bad.sum())
+    if n_bad:
+        first = labels[bad][:4].tolist()
+        raise ValueError(
+            f"tofu_loss: {n_bad} label(s) outside [0, {vocab_size}) and not "
+            f"ignore_index={ignore_index}, e.g. {first}"
+        )
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Rows of a [..., V] tensor addressed as ``(r // n_inner) * s_outer + (r % n_inner) * s_inner``.
+
+    Two strides cover contiguous [N, V] logits as well as Megatron's [s, b, v] tensor
+    seen as [b, s, v] (a transpose view), without a copy.
+    """
+
+    n_rows: int
+    n_inner: int
+    s_outer: int
+    s_inner: int
+    width: int
+
+
+def row_layout(x: torch.Tensor) -> tuple[torch.Tensor, RowLayout]:
+    """Return ``x`` (copied once, deliberately, only if unavoidable) and its row layout.
+
+    The vocab dim must have stride 1 and the leading dims must collapse into at most
+    two strided groups; otherwise the tensor is made contiguous.
+    """
+    width = x.shape[-1]
+    if x.stride(-1) != 1 and width > 1:
+        x = x.contiguous()
+    groups: list[list[int]] = []  # [size, stride], outermost first
+    for size, stride in zip(x.shape[:-1], x.stride()[:-1]):
+        if size == 1:
+            continue
+        if groups and groups[-1][1] == stride * size:
+            groups[-1] = [groups[-1][0] * size, stride]
+        else:
+            groups.append([size, stride])
+    if len(groups) > 2:
+        x = x.contiguous()
+        groups = [[x.numel() // width, width]]
+    n_rows = x.numel() // width if width else 0
+    if not groups:
+        return x, RowLayout(n_rows, 1, 0, 0, width)
+    if len(groups) == 1:
+        return x, RowLayout(n_rows, 1, groups[0][1], 0, width)
+    (_, s_outer), (n_inner, s_inner) = groups
+    return x, RowLayout(n_rows, n_inner, s_outer, s_inner, width)
+
+
+def dense_layout(lay: RowLayout) -> RowLayout:
+    """Layout of a contiguous tensor of the same shape, with the same row grouping.
+
+    Backends walk ``x`` and its gradient with one ``n_inner``, so a freshly allocated
+    contiguous gradient is described with ``x``'s grouping.
+    """
+    return RowLayout(lay.n_rows, lay.n_inner, lay.n_inner * lay.width, lay.width, lay.width)

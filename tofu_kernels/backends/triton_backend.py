@@ -1,0 +1,221 @@
+"""Triton backend: the statistics forward and the fused gradient backward.
+
+Forward (``_stats_kernel``): grid (rows, splits). Each program streams its slice of one
+row once in BLOCK-wide tiles with an online max, keeping two running sums in fp32
+(S1 at temperature 1 and Sb at temperature beta: 2 exponentials per element, 1 when
+beta == 1), and loads the target logit with one scalar load. Splitting a row over
+several programs keeps the GPU busy when rows are few; the partial statistics are
+merged by the same ``combine_stats`` that merges vocab-parallel ranks.
+
+Backward (``_grad_kernel``): grid (rows, tiles). One read of the logits, one write of
+the gradient ``coef * (q_j - [j == t])`` with ``coef = upstream * g`` folded in fp32
+before the cast; the target column takes the precomputed ``q_t - 1 = expm1(log q_t)``.
+Rows whose coef is 0 (ignored or loss-masked tokens) write zeros without reading.
+
+Bytes: forward reads N*V*elt, backward reads and writes N*V*elt: 6 B/element in bf16.
+Row offsets are int64; rows may be strided (two strides, see ``RowLayout``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .._inputs import RowLayout
+from ..reference import combine_stats
+
+NAME = "triton"
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available(device: torch.device) -> tuple[bool, str]:
+    if device.type == "cuda" or interpreting():
+        return True, ""
+    return False, (
+        f"the Triton backend needs CUDA tensors (got {device}); set TRITON_INTERPRET=1 "
+        "before importing tofu_kernels to run the kernels in Triton's CPU interpreter"
+    )
+
+
+@triton.jit
+def _row_offset(row, n_inner, s_outer, s_inner):
+    return (row // n_inner) * s_outer + (row % n_inner) * s_inner
+
+
+@triton.jit
+def _stats_kernel(
+    X,
+    LABELS,
+    STATS,  # fp32 [rows, splits, 4]
+    n_inner,
+    s_outer,
+    s_inner,
+    n_valid,  # columns [0, n_valid) are real; the rest of the row is padding
+    vocab_start,
+    chunk,  # columns per split, a multiple of BLOCK
+    ignore_index,
+    inv_beta,
+    BLOCK: tl.constexpr,
+    BETA_IS_ONE: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    x_row = X + _row_offset(row, n_inner, s_outer, s_inner)
+    label = tl.load(LABELS + row).to(tl.int64)
+    active = label != ignore_index  # ignored rows are not read; finalize masks them
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, n_valid)
+    m = -float("inf")
+    s1 = 0.0
+    sb = 0.0
+    for start in range(0, chunk, BLOCK):
+        cols = lo + start + tl.arange(0, BLOCK)
+        z = tl.load(x_row + cols, mask=(cols < hi) & active, other=-float("inf"))
+        z = z.to(tl.float32)
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        # An all -inf prefix keeps m = -inf: shift by 0 instead so exp() stays 0, not NaN.
+        shift = tl.where(m_new == -float("inf"), 0.0, m_new)
+        s1 = s1 * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), axis=0)
+        if not BETA_IS_ONE:
+            sb = sb * tl.exp((m - shift) * inv_beta) + tl.sum(tl.exp((z - shift) * inv_beta), axis=0)
+        m = m_new
+    if BETA_IS_ONE:
+        sb = s1
+    t = label - vocab_start
+    hit = active & (t >= lo) & (t < hi)
+    zt = tl.load(x_row + t, mask=hit, other=0.0).to(tl.float32)
+    out = STATS + (row * tl.num_programs(1) + split) * 4
+    tl.store(out + 0, m)
+    tl.store(out + 1, s1)
+    tl.store(out + 2, sb)
+    tl.store(out + 3, zt)
+
+
+@triton.jit
+def _grad_kernel(
+    X,
+    OUT,  # may alias X (in-place backward): each element is read before it is written
+    LABELS,
+    PARAMS,  # fp32 [rows, 4] = (coef, m, log Sb, q_t - 1)
+    n_inner,
+    xs_outer,
+    xs_inner,
+    os_outer,
+    os_inner,
+    n_valid,
+    width,
+    vocab_start,
+    inv_beta,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    p = PARAMS + row * 4
+    coef = tl.load(p + 0)
+    m = tl.load(p + 1)
+    log_sb = tl.load(p + 2)
+    qt_m1 = tl.load(p + 3)
+    t = tl.load(LABELS + row).to(tl.int64) - vocab_start
+    x_row = X + _row_offset(row, n_inner, xs_outer, xs_inner)
+    limit = tl.where(coef != 0.0, n_valid, 0)  # coef == 0: nothing to read
+    z = tl.load(x_row + cols, mask=cols < limit, other=-float("inf"))
+    q = tl.exp((z.to(tl.float32) - m) * inv_beta - log_sb)
+    q = tl.where(cols == t, qt_m1, q)
+    o_row = OUT + _row_offset(row, n_inner, os_outer, os_inner)
+    tl.store(o_row + cols, (coef * q).to(OUT.dtype.element_ty), mask=cols < width)
+
+
+# Forward tile: 4096 fp32 values in flight per program is where one-row-per-program
+# Triton CE kernels peak on Hopper without spilling (ANCHORS lesson 10 puts the cliff
+# above ~32K); the backward has no loop-carried state, so a 2-D grid of tiles is used.
+FWD_BLOCK = 4096
+BWD_BLOCK = 4096
+# Enough programs to fill 132 SMs several times over before splitting rows further.
+TARGET_PROGRAMS = 1024
+
+
+def _pow2_block(n_valid: int, cap: int) -> int:
+    return max(16, min(cap, triton.next_power_of_2(max(n_valid, 1))))
+
+
+def num_splits(n_rows: int, n_valid: int, block: int) -> int:
+    """Split rows over programs when there are too few rows to fill the GPU."""
+    tiles = triton.cdiv(max(n_valid, 1), block)
+    return max(1, min(tiles, triton.cdiv(TARGET_PROGRAMS, max(n_rows, 1))))
+
+
+def row_stats(
+    x: torch.Tensor,
+    lay: RowLayout,
+    labels: torch.Tensor,
+    vocab_start: int,
+    n_valid: int,
+    beta: float,
+    ignore_index: int,
+    block: int | None = None,
+    splits: int | None = None,
+) -> torch.Tensor:
+    """fp32 [N, 4] statistics (m, S1, Sb, z_t) over columns [0, n_valid) of each row."""
+    block = block or _pow2_block(n_valid, FWD_BLOCK)
+    splits = splits or num_splits(lay.n_rows, n_valid, block)
+    chunk = triton.cdiv(triton.cdiv(max(n_valid, 1), block), splits) * block
+    stats = torch.empty(lay.n_rows, splits, 4, dtype=torch.float32, device=x.device)
+    _stats_kernel[(lay.n_rows, splits)](
+        x,
+        labels,
+        stats,
+        lay.n_inner,
+        lay.s_outer,
+        lay.s_inner,
+        n_valid,
+        vocab_start,
+        chunk,
+        ignore_index,
+        1.0 / beta,
+        BLOCK=block,
+        BETA_IS_ONE=beta == 1.0,
+        num_warps=8 if block >= 4096 else 4,
+    )
+    return stats[:, 0] if splits == 1 else combine_stats(stats, beta, dim=1)
+
+
+def grad(
+    x: torch.Tensor,
+    lay: RowLayout,
+    out: torch.Tensor,
+    out_lay: RowLayout,
+    labels: torch.Tensor,
+    params: torch.Tensor,
+    vocab_start: int,
+    n_valid: int,
+    beta: float,
+    block: int | None = None,
+) -> None:
+    """Write ``coef * (softmax(z/beta) - onehot)`` into ``out`` (may alias ``x``)."""
+    assert out_lay.n_inner == lay.n_inner, "out must share x's row grouping"
+    block = block or _pow2_block(lay.width, BWD_BLOCK)
+    grid = (lay.n_rows, triton.cdiv(lay.width, block))
+    _grad_kernel[grid](
+        x,
+        out,
+        labels,
+        params,
+        lay.n_inner,
+        lay.s_outer,
+        lay.s_inner,
+        out_lay.s_outer,
+        out_lay.s_inner,
+        n_valid,
+        lay.width,
+        vocab_start,
+        1.0 / beta,
+        BLOCK=block,
+        num_warps=8 if block >= 4096 else 4,
+    )
+
