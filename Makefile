@@ -1,0 +1,29 @@
+# make test   create .venv (Python 3.12), install pinned deps + this package, run all tests
+# make bench  run the loss benchmark (CPU: tiny shapes, not a performance result)
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Python 3.12: the pyenv install (the bare python3.12 shim fails here, DESIGN.md 7).
+PYTHON312 ?= $(shell for p in "$$(pyenv root 2>/dev/null)/versions/3.12.1/bin/python3" python3.12 python3; do \
+    "$$p" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null && { echo "$$p"; break; }; done)
+
+.PHONY: test bench venv clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements-dev.txt pyproject.toml setup.py
+	@test -n "$(PYTHON312)" || { echo "error: Python 3.12 not found (pyenv install 3.12.1)"; exit 1; }
+	test -x $(PY) || $(PYTHON312) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-build-isolation -e .
+	touch $@
+
+test: venv
+	$(PY) -m pytest -q tests
+
+bench: venv
+	$(PY) benchmarks/bench_loss.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
