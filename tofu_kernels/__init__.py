@@ -7,6 +7,7 @@
 from .backends import BACKENDS, extension_loaded
 from .loss import TOFULoss, tofu_loss
 from .reference import authors_tofu_loss, focal_weight, tofu_loss_reference
+from .vocab_parallel import vocab_parallel_tofu_loss
 
 __version__ = "0.1.0"
 
@@ -18,4 +19,5 @@ __all__ = [
     "focal_weight",
     "tofu_loss",
     "tofu_loss_reference",
+    "vocab_parallel_tofu_loss",
 ]

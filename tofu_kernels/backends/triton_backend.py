@@ -122,6 +122,7 @@ def _grad_kernel(
     log_sb = tl.load(p + 2)
     qt_m1 = tl.load(p + 3)
     t = tl.load(LABELS + row).to(tl.int64) - vocab_start
+    t = tl.where((t >= 0) & (t < n_valid), t, -1)  # target elsewhere (other rank, padding)
     x_row = X + _row_offset(row, n_inner, xs_outer, xs_inner)
     limit = tl.where(coef != 0.0, n_valid, 0)  # coef == 0: nothing to read
     z = tl.load(x_row + cols, mask=cols < limit, other=-float("inf"))
