@@ -11,12 +11,14 @@ PYTHON312 ?= $(shell for p in "$$(pyenv root 2>/dev/null)/versions/3.12.1/bin/py
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements-dev.txt pyproject.toml setup.py
+$(VENV)/.installed: requirements-dev.txt pyproject.toml setup.py $(wildcard csrc/*)
 	@test -n "$(PYTHON312)" || { echo "error: Python 3.12 not found (pyenv install 3.12.1)"; exit 1; }
 	test -x $(PY) || $(PYTHON312) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
-	$(PY) -m pip install -q --no-build-isolation -e .
+	# builds the CUDA extension (tofu_kernels._C) when nvcc + CUDA torch exist; see setup.py
+	set -o pipefail; $(PY) -m pip install -v --no-build-isolation -e . 2>&1 | { grep -E "tofu-kernels setup|rror:" || true; }
+	$(PY) -c "import tofu_kernels as tk; print('CUDA extension loaded:', tk.extension_loaded())"
 	touch $@
 
 test: venv

@@ -1,14 +1,94 @@
-"""Build script: the pure-Python package, plus the CUDA extension when it can be built.
+"""Build script: the Python package, plus the CUDA extension when it can be built.
 
-The CUDA extension is added by ``cuda_extensions()``; without nvcc or a CUDA build of
-torch, ``pip install .`` installs the Python package (torch and Triton backends).
+    pip install --no-build-isolation .      # builds tofu_kernels._C if nvcc + CUDA torch exist
+    TOFU_BUILD_CUDA=0 pip install .         # never build it (pure Python: torch + Triton backends)
+    TOFU_BUILD_CUDA=1 pip install --no-build-isolation .   # build it or fail with the reason
+
+``--no-build-isolation`` lets the build see the installed torch (an isolated build would
+download another one). ``TORCH_CUDA_ARCH_LIST`` is honoured (default "9.0", Hopper; no
+GPU is needed to build). Without a toolchain, the pure-Python package installs and the
+message below says why the extension was skipped.
 """
+
+import os
+import shutil
+import sys
 
 from setuptools import setup
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _log(msg: str) -> None:
+    print(f"tofu-kernels setup: {msg}", file=sys.stderr)
+
+
+def _is_toolkit(root: str | None) -> bool:
+    """A CUDA toolkit root holds bin/nvcc and lib64/libcudart.so (else -lcudart fails)."""
+    return bool(root) and os.path.exists(os.path.join(root, "bin", "nvcc")) and any(
+        os.path.exists(os.path.join(root, lib, "libcudart.so")) for lib in ("lib64", "lib")
+    )
+
+
+def _cuda_home() -> str | None:
+    explicit = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if explicit:  # the user's choice is final: no silent fallback to another toolkit
+        return explicit if _is_toolkit(explicit) else None
+    candidates = ["/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:  # nvcc on PATH may be a wrapper script or a link: try both locations
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+        candidates.append(os.path.dirname(os.path.dirname(nvcc)))
+    return next((c for c in candidates if _is_toolkit(c)), None)
+
 
 def cuda_extensions():
-    return [], {}
+    mode = os.environ.get("TOFU_BUILD_CUDA", "auto").strip().lower()
+    if mode not in ("0", "1", "auto"):
+        raise SystemExit(f"TOFU_BUILD_CUDA must be 0, 1 or auto, got {mode!r}")
+    if mode == "0":
+        _log("TOFU_BUILD_CUDA=0: not building the CUDA extension")
+        return [], {}
+    reasons = []
+    try:
+        import torch
+    except ImportError as e:
+        torch = None
+        reasons.append(f"torch is not importable at build time ({e}); use pip install --no-build-isolation")
+    if torch is not None and torch.version.cuda is None:
+        reasons.append(f"torch {torch.__version__} is a CPU-only build")
+    cuda_home = _cuda_home()
+    if cuda_home is None:
+        reasons.append(
+            "no CUDA toolkit found (set CUDA_HOME to the folder holding bin/nvcc and lib64/libcudart.so)"
+        )
+    if reasons:
+        msg = "the CUDA extension cannot be built: " + "; ".join(reasons)
+        if mode == "1":
+            raise SystemExit(f"TOFU_BUILD_CUDA=1 but {msg}")
+        _log(f"{msg}. Installing the pure-Python package (torch and Triton backends).")
+        return [], {}
+
+    # torch's cpp_extension reads these at import time.
+    os.environ["CUDA_HOME"] = cuda_home
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    # csrc/ includes only CUDA runtime and c10/cuda headers (not ATen/cuda/CUDAContext.h,
+    # which would need the pip wheel's nvidia/cu13/include for cusparse.h).
+    include_dirs = [os.path.join(HERE, "csrc")]
+    _log(f"building the CUDA extension with {cuda_home}/bin/nvcc for TORCH_CUDA_ARCH_LIST="
+         f"{os.environ['TORCH_CUDA_ARCH_LIST']}")
+    ext = CUDAExtension(
+        "tofu_kernels._C",
+        sources=["csrc/tofu_ops.cpp", "csrc/tofu_kernels.cu"],
+        include_dirs=include_dirs,
+        extra_compile_args={
+            "cxx": ["-O3"],
+            "nvcc": ["-O3", "-lineinfo"],
+        },
+    )
+    return [ext], {"build_ext": BuildExtension}
 
 
 ext_modules, cmdclass = cuda_extensions()

@@ -41,11 +41,17 @@ def check_tensors(logits: torch.Tensor, labels: torch.Tensor, reduction: str) ->
         raise ValueError(f"tofu_loss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
-def host_checks_allowed() -> bool:
-    """Host-synchronising checks only in eager mode (never under compile or capture)."""
-    if torch.compiler.is_compiling():
+def host_checks_allowed(t: torch.Tensor) -> bool:
+    """Host-synchronising checks only on real tensors in eager mode.
+
+    Never under torch.compile, CUDA-graph capture, or on meta / fake tensors (which
+    have no values to check).
+    """
+    from torch._subclasses.fake_tensor import is_fake
+
+    if torch.compiler.is_compiling() or t.is_meta or is_fake(t):
         return False
-    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def check_labels(labels: torch.Tensor, ignore_index: int, vocab_size: int) -> None:

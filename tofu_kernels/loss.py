@@ -46,7 +46,7 @@ class _TOFUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, gamma, beta, ignore_index, backend, inplace_backward, shard):
         x, lay = row_layout(logits)
-        flat_labels = labels.reshape(-1).contiguous()
+        flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
         if lay.n_rows:
             stats = backend.row_stats(
                 x, lay, flat_labels, shard.vocab_start, shard.n_valid, beta, ignore_index
@@ -56,7 +56,8 @@ class _TOFUFunction(torch.autograd.Function):
         vocab_size = shard.vocab_size
         if shard.reduce_stats is not None:
             stats, vocab_size = shard.reduce_stats(stats)
-        res = finalize_stats(stats, flat_labels, gamma, beta, ignore_index, vocab_size)
+        finalize = getattr(backend, "finalize", finalize_stats)
+        res = finalize(stats, flat_labels, gamma, beta, ignore_index, vocab_size)
         ctx.save_for_backward(x, flat_labels, res.g, res.m, res.log_sb, res.qt_m1)
         ctx.lay, ctx.shape = lay, logits.shape
         ctx.beta, ctx.backend, ctx.inplace, ctx.shard = beta, backend, inplace_backward, shard
@@ -109,7 +110,7 @@ def _tofu(
     check_tensors(logits, labels, reduction)
     mod = get_backend(backend, logits.device)
     shard = shard_fn(logits, check)
-    if check and host_checks_allowed() and shard.reduce_stats is None:
+    if check and host_checks_allowed(labels) and shard.reduce_stats is None:
         check_label_range(labels, ignore_index, shard.vocab_size)
     per_token, ce = _TOFUFunction.apply(
         logits, labels, float(gamma), float(beta), int(ignore_index), mod,

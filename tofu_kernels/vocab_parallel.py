@@ -22,6 +22,8 @@ in the same collective, so mismatched shards are caught without a second one.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 
@@ -40,6 +42,16 @@ def _all_gather(out: torch.Tensor, inp: torch.Tensor, group) -> None:
     # torch >= 2.12 names it all_gather_single (all_gather_into_tensor is deprecated).
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     fn(out, inp, group=group)
+
+
+@functools.lru_cache(maxsize=64)
+def _meta_row(start: int, end: int, width: int, n_rows: int, device: torch.device) -> torch.Tensor:
+    """This rank's (vocab_start, vocab_end, width, rows) as int32 bits in one fp32 row.
+
+    Cached per shape: the host-to-device copy happens once, never inside a CUDA graph.
+    """
+    meta = torch.tensor([start, end, width, n_rows], dtype=torch.int32).to(device)
+    return meta.view(torch.float32).unsqueeze(0)
 
 
 def _check_shards(meta: torch.Tensor, explicit: bool) -> None:
@@ -118,16 +130,16 @@ def vocab_parallel_tofu_loss(
         n_rows = x.numel() // width
 
         def reduce_stats(stats: torch.Tensor):
-            meta = torch.tensor([start, end, width, n_rows], dtype=torch.int32, device=stats.device)
-            packed = torch.cat([stats, meta.view(torch.float32).unsqueeze(0)])  # [N + 1, 4]
+            meta = _meta_row(start, end, width, n_rows, stats.device)
+            packed = torch.cat([stats, meta])  # [N + 1, 4]
             gathered = torch.empty(world * (n_rows + 1), 4, dtype=torch.float32, device=stats.device)
             _all_gather(gathered, packed, group)
             gathered = gathered.view(world, n_rows + 1, 4)
             metas = gathered[:, n_rows].contiguous().view(torch.int32)  # [world, 4]
-            if check and host_checks_allowed():
+            if check and host_checks_allowed(stats):
                 _check_shards(metas, explicit)
             vocab_size = metas[:, 1].amax().to(torch.int64)  # on device: no sync
-            if check and host_checks_allowed():
+            if check and host_checks_allowed(stats):
                 check_labels(labels, ignore_index, int(vocab_size))
             return combine_stats(gathered[:, :n_rows], beta, dim=0), vocab_size
 

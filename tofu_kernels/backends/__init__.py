@@ -23,11 +23,18 @@ _MODULES = {
 }
 
 
+_LOADED: dict[str, tuple[ModuleType | None, str]] = {}
+
+
 def _load(name: str) -> tuple[ModuleType | None, str]:
-    try:
-        return importlib.import_module(_MODULES[name]), ""
-    except ImportError as e:  # triton not installed, extension not built, ...
-        return None, f"{type(e).__name__}: {e}"
+    # Cached: a lookup here is a plain dict access, which torch.compile traces through
+    # (it refuses to trace importlib), so only the first call in a process imports.
+    if name not in _LOADED:
+        try:
+            _LOADED[name] = importlib.import_module(_MODULES[name]), ""
+        except ImportError as e:  # triton not installed, extension not built, ...
+            _LOADED[name] = None, f"{type(e).__name__}: {e}"
+    return _LOADED[name]
 
 
 def extension_loaded() -> bool:

@@ -26,6 +26,7 @@ import triton.language as tl
 
 from .._inputs import RowLayout
 from ..reference import combine_stats
+from ._common import num_splits, split_chunk
 
 NAME = "triton"
 
@@ -145,12 +146,6 @@ def _pow2_block(n_valid: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(max(n_valid, 1))))
 
 
-def num_splits(n_rows: int, n_valid: int, block: int) -> int:
-    """Split rows over programs when there are too few rows to fill the GPU."""
-    tiles = triton.cdiv(max(n_valid, 1), block)
-    return max(1, min(tiles, triton.cdiv(TARGET_PROGRAMS, max(n_rows, 1))))
-
-
 def row_stats(
     x: torch.Tensor,
     lay: RowLayout,
@@ -164,8 +159,8 @@ def row_stats(
 ) -> torch.Tensor:
     """fp32 [N, 4] statistics (m, S1, Sb, z_t) over columns [0, n_valid) of each row."""
     block = block or _pow2_block(n_valid, FWD_BLOCK)
-    splits = splits or num_splits(lay.n_rows, n_valid, block)
-    chunk = triton.cdiv(triton.cdiv(max(n_valid, 1), block), splits) * block
+    splits = splits or num_splits(lay.n_rows, n_valid, block, TARGET_PROGRAMS)
+    chunk = split_chunk(n_valid, splits, block)
     stats = torch.empty(lay.n_rows, splits, 4, dtype=torch.float32, device=x.device)
     _stats_kernel[(lay.n_rows, splits)](
         x,

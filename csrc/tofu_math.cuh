@@ -1,0 +1,120 @@
+// TOFU per-element and per-row math, shared by the CUDA kernels (tofu_kernels.cu) and a
+// host test harness (tests/csrc/header_harness.cpp) compiled by g++ from this same file,
+// so the math is checked against the Python reference on machines without a GPU.
+// Spec: DESIGN.md section 2 and tofu_kernels/reference.py (finalize_stats, focal_weight).
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#ifdef __CUDACC__
+#define TOFU_HD __host__ __device__ __forceinline__
+#else
+#define TOFU_HD inline
+#endif
+
+namespace tofu {
+
+// log2(e): the kernels use exp2 on pre-scaled arguments (ex2.approx on the SFU).
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Running statistics of a set of columns of one row, in fp32:
+//   m = max z,  s1 = sum exp(z - m),  sb = sum exp((z - m) / beta).
+// An empty set is {-inf, 0, 0}.
+struct Stats {
+  float m;
+  float s1;
+  float sb;
+};
+
+TOFU_HD Stats empty_stats() { return {-INFINITY, 0.f, 0.f}; }
+
+// Merge two partial statistics: warp/block reductions, vocab splits, TP ranks.
+// inv_beta_log2e = log2(e) / beta. With BetaOne, sb mirrors s1 (1 exponential/element).
+template <bool BetaOne>
+TOFU_HD Stats merge(Stats a, Stats b, float inv_beta_log2e) {
+  const float m = fmaxf(a.m, b.m);
+  if (m == -INFINITY) return a;  // both empty: keep {-inf, 0, 0}, never exp(-inf + inf)
+  const float da = a.m - m, db = b.m - m;
+  Stats r;
+  r.m = m;
+  r.s1 = a.s1 * exp2f(da * kLog2e) + b.s1 * exp2f(db * kLog2e);
+  r.sb = BetaOne ? r.s1 : a.sb * exp2f(da * inv_beta_log2e) + b.sb * exp2f(db * inv_beta_log2e);
+  return r;
+}
+
+// Fold K new values (masked ones are -inf) into st: one max over the K values, one
+// rescale of the running sums only when the max grew, then K (or 2K) exponentials.
+template <int K, bool BetaOne>
+TOFU_HD void update(Stats& st, const float (&z)[K], float inv_beta_log2e) {
+  float bm = st.m;
+#pragma unroll
+  for (int k = 0; k < K; ++k) bm = fmaxf(bm, z[k]);
+  if (bm == -INFINITY) return;
+  float s1 = st.s1, sb = st.sb;
+  if (bm > st.m) {  // st.m = -inf gives exp2(-inf) = 0: the empty sums stay 0
+    s1 *= exp2f((st.m - bm) * kLog2e);
+    if (!BetaOne) sb *= exp2f((st.m - bm) * inv_beta_log2e);
+  }
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const float d = z[k] - bm;
+    s1 += exp2f(d * kLog2e);
+    if (!BetaOne) sb += exp2f(d * inv_beta_log2e);
+  }
+  st.m = bm;
+  st.s1 = s1;
+  st.sb = BetaOne ? s1 : sb;
+}
+
+// Gradient of one element: coef * (q_j - [j == t]) with q_j = exp((z - m)/beta - log Sb)
+// and the target column taking the precomputed q_t - 1 = expm1(log q_t).
+// p = (coef, m, log2(Sb), q_t - 1) per row; coef = upstream * g, folded in fp32.
+TOFU_HD float grad_elem(float z, bool is_target, float coef, float m, float log2_sb,
+                        float qt_m1, float inv_beta_log2e) {
+  const float q = is_target ? qt_m1 : exp2f((z - m) * inv_beta_log2e - log2_sb);
+  return coef * q;
+}
+
+// Focal weight g(p) from log p, finite everywhere (see reference.focal_weight):
+//   om = 1 - p = -expm1(log p),  g = om^gamma * (1 + gamma * p * (-log p / om)).
+TOFU_HD float focal_weight(float log_p, float gamma) {
+  if (gamma == 0.f) return 1.f;
+  const float lp = fminf(log_p, 0.f);
+  const float p = expf(lp);
+  const float om = -expm1f(lp);
+  const float r = om > 0.f ? -lp / om : 1.f;
+  const float pr = p > 0.f ? p * r : 0.f;  // p -> 0: p * r -> 0, never 0 * inf
+  return expf(gamma * logf(om)) * (1.f + gamma * pr);
+}
+
+// Per-row outputs of the loss; field order matches reference.RowResult.
+struct RowOut {
+  float loss, ce, g, m, log_sb, qt_m1;
+};
+
+// Loss, focal weight and backward scalars from the combined statistics of one row.
+// Ignored rows give zeros; labels outside [0, vocab_size) give NaN (no host check can
+// run under graph capture, and a plausible number would hide the bug).
+TOFU_HD RowOut finalize_row(Stats st, float zt, int64_t label, int64_t ignore_index,
+                            int64_t vocab_size, float gamma, float beta) {
+  RowOut o = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  if (label == ignore_index) return o;
+  if (label < 0 || label >= vocab_size) {
+    o.loss = o.ce = o.g = NAN;
+    return o;
+  }
+  const float zt_m = zt - st.m;  // exact: both are fp32 copies of logits
+  const float log_p = zt_m - logf(st.s1);
+  const float log_sb = logf(st.sb);
+  const float log_qt = zt_m / beta - log_sb;
+  o.g = focal_weight(log_p, gamma);
+  o.loss = -o.g * beta * log_qt;
+  o.ce = -log_p;
+  o.m = st.m;
+  o.log_sb = log_sb;
+  o.qt_m1 = expm1f(log_qt);
+  return o;
+}
+
+}  // namespace tofu

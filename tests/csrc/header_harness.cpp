@@ -1,0 +1,58 @@
+// Host harness for csrc/tofu_math.cuh: the kernels' per-element and per-row math,
+// compiled by g++ from the same header and called from tests/test_cuda_ext.py via
+// ctypes, so it is checked against the Python reference on machines without a GPU.
+#include "tofu_math.cuh"
+
+namespace {
+
+// Mirror of the kernels' data flow: `parts` independent partial statistics (threads /
+// splits / ranks), each folding its values in vectors of 8 (masked lanes = -inf), then
+// merged pairwise in a fixed order like the warp/block reduction.
+template <bool BetaOne>
+tofu::Stats stats_of(const float* z, int n, float beta, int parts) {
+  const float ib = tofu::kLog2e / beta;
+  tofu::Stats total = tofu::empty_stats();
+  const int per = (n + parts - 1) / parts;
+  for (int p = 0; p < parts; ++p) {
+    tofu::Stats st = tofu::empty_stats();
+    for (int i = p * per; i < (p + 1) * per && i < n; i += 8) {
+      float v[8];
+      for (int k = 0; k < 8; ++k) {
+        const int j = i + k;
+        v[k] = (j < n && j < (p + 1) * per) ? z[j] : -INFINITY;
+      }
+      tofu::update<8, BetaOne>(st, v, ib);
+    }
+    total = tofu::merge<BetaOne>(total, st, ib);
+  }
+  return total;
+}
+
+}  // namespace
+
+extern "C" {
+
+void tofu_row_stats(const float* z, int n, float beta, int parts, float* out) {
+  const tofu::Stats st = beta == 1.0f ? stats_of<true>(z, n, beta, parts) : stats_of<false>(z, n, beta, parts);
+  out[0] = st.m;
+  out[1] = st.s1;
+  out[2] = st.sb;
+}
+
+float tofu_focal_weight(float log_p, float gamma) { return tofu::focal_weight(log_p, gamma); }
+
+void tofu_finalize_row(float m, float s1, float sb, float zt, long long label, long long ignore_index,
+                       long long vocab_size, float gamma, float beta, float* out) {
+  const tofu::RowOut o = tofu::finalize_row({m, s1, sb}, zt, label, ignore_index, vocab_size, gamma, beta);
+  const float v[6] = {o.loss, o.ce, o.g, o.m, o.log_sb, o.qt_m1};
+  for (int k = 0; k < 6; ++k) out[k] = v[k];
+}
+
+void tofu_grad_row(const float* z, int n, int t, float coef, float m, float log_sb, float qt_m1,
+                   float beta, float* out) {
+  const float ib = tofu::kLog2e / beta;
+  for (int j = 0; j < n; ++j)
+    out[j] = tofu::grad_elem(z[j], j == t, coef, m, log_sb * tofu::kLog2e, qt_m1, ib);
+}
+
+}  // extern "C"

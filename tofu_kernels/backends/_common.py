@@ -1,0 +1,23 @@
+"""Launch-policy helpers shared by the GPU backends (Triton and CUDA)."""
+
+from __future__ import annotations
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def num_splits(n_rows: int, n_valid: int, tile: int, target_programs: int) -> int:
+    """Programs per row for the statistics pass.
+
+    One program per row is best when rows are many; when ``n_rows`` alone cannot fill
+    the GPU (``target_programs``, a few waves over 132 SMs), each row is split into up
+    to ``n_valid / tile`` column chunks whose partial statistics are merged afterwards.
+    """
+    tiles = cdiv(max(n_valid, 1), tile)
+    return max(1, min(tiles, cdiv(target_programs, max(n_rows, 1)), 65535))
+
+
+def split_chunk(n_valid: int, splits: int, tile: int) -> int:
+    """Columns per split: a multiple of ``tile`` (keeps 16-byte alignment of every split)."""
+    return cdiv(cdiv(max(n_valid, 1), tile), splits) * tile
