@@ -1,0 +1,136 @@
+"""``--loss-type {cross_entropy,tofu} --tofu-gamma --tofu-beta --tofu-backend``.
+
+``add_arguments(parser)`` works as Megatron's ``extra_args_provider``.
+``install_hooks()`` makes every Megatron-LM entry point accept the flags and apply the
+patch from them, without touching the script: it wraps
+``megatron.training.arguments.add_megatron_arguments`` (looked up through its module by
+``parse_args``) to add the flags, and ``parse_args`` (in ``megatron.training.arguments``
+and wherever it was imported by name) to call ``apply_from_args`` on the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+
+from tofu_kernels import BACKENDS
+
+from .patch import LOSS_TYPES, apply
+
+_HOOKED = "_tofu_hook_original"
+
+
+def _float_arg(strictly_positive: bool):
+    """argparse type: a finite float >= 0 (or > 0), with a message naming the bound."""
+    bound = "> 0" if strictly_positive else ">= 0"
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        ok = (v > 0.0 if strictly_positive else v >= 0.0) and v != float("inf")
+        if not ok:
+            raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text}")
+        return v
+
+    parse.__name__ = f"float {bound}"
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the TOFU flags (a no-op if they are already there). Returns the parser."""
+    if any("--loss-type" in a.option_strings for a in parser._actions):
+        return parser
+    g = parser.add_argument_group("TOFU loss (tofu-kernels)")
+    g.add_argument("--loss-type", choices=LOSS_TYPES, default="cross_entropy",
+                   help="language-model loss: Megatron's cross entropy (default, untouched) "
+                        "or the Tempered Focal loss")
+    g.add_argument("--tofu-gamma", type=_float_arg(strictly_positive=False), default=3.0,
+                   help="TOFU focal exponent gamma >= 0 (default 3.0)")
+    g.add_argument("--tofu-beta", type=_float_arg(strictly_positive=True), default=0.8,
+                   help="TOFU softmax temperature beta > 0 (default 0.8)")
+    g.add_argument("--tofu-backend", choices=BACKENDS, default="auto",
+                   help="kernel backend (default auto: CUDA extension, else Triton)")
+    return parser
+
+
+def apply_from_args(args: argparse.Namespace) -> None:
+    """Apply (or, for cross_entropy, leave untouched) according to parsed arguments."""
+    loss_type = getattr(args, "loss_type", "cross_entropy")
+    if loss_type == "tofu":
+        apply("tofu", args.tofu_gamma, args.tofu_beta, args.tofu_backend)
+    else:
+        apply("cross_entropy")
+
+
+def _wrap(module, name, make):
+    fn = getattr(module, name, None)
+    if fn is None or hasattr(fn, _HOOKED):
+        return fn
+    wrapper = make(fn)
+    setattr(wrapper, _HOOKED, fn)
+    setattr(module, name, wrapper)
+    return wrapper
+
+
+def install_hooks() -> None:
+    """Let unmodified Megatron-LM scripts accept the flags and apply the patch."""
+    try:
+        arguments = importlib.import_module("megatron.training.arguments")
+    except ImportError as e:
+        raise ImportError(
+            "megatron_patch: megatron.training.arguments not importable (megatron-core >= 0.17 "
+            f"ships it; older versions need a Megatron-LM checkout on PYTHONPATH): {e}"
+        ) from e
+    if not hasattr(arguments, "parse_args"):
+        raise ImportError("megatron_patch: megatron.training.arguments.parse_args not found")
+
+    def make_add(orig):
+        @functools.wraps(orig)
+        def add_megatron_arguments(parser, *a, **k):
+            return add_arguments(orig(parser, *a, **k))
+
+        return add_megatron_arguments
+
+    def make_parse(orig):
+        @functools.wraps(orig)
+        def parse_args(extra_args_provider=None, *a, **k):
+            def provider(parser):
+                # also covers Megatron-LM versions whose parse_args does not go through
+                # add_megatron_arguments
+                if extra_args_provider is not None:
+                    parser = extra_args_provider(parser)
+                return add_arguments(parser)
+
+            args = orig(provider, *a, **k)
+            apply_from_args(args)
+            return args
+
+        return parse_args
+
+    _wrap(arguments, "add_megatron_arguments", make_add)
+    original_parse = getattr(arguments.parse_args, _HOOKED, arguments.parse_args)
+    wrapped_parse = _wrap(arguments, "parse_args", make_parse)
+    for mod_name in ("megatron.training.initialize", "megatron.training.training"):
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError:
+            continue
+        if getattr(mod, "parse_args", None) is original_parse:  # imported by name there
+            mod.parse_args = wrapped_parse
+
+
+def remove_hooks() -> None:
+    """Undo ``install_hooks`` (restores the original functions)."""
+    for mod_name in ("megatron.training.arguments", "megatron.training.initialize",
+                     "megatron.training.training"):
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError:
+            continue
+        for name in ("add_megatron_arguments", "parse_args"):
+            fn = getattr(mod, name, None)
+            if fn is not None and hasattr(fn, _HOOKED):
+                setattr(mod, name, getattr(fn, _HOOKED))

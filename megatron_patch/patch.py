@@ -1,0 +1,140 @@
+"""Replace Megatron-Core's language-model loss with the vocab-parallel TOFU loss.
+
+``LanguageModule.compute_language_model_loss(self, labels, logits)`` is the single loss
+entry of GPTModel, HybridModel (Mamba), MTP heads and T5/BERT in megatron-core 0.16
+through 0.19 (same signature in all; the TP group moved from ``pg_collection.tp`` to
+``tp_group``, both handled). It receives labels ``[b, s]`` and logits ``[s, b, V/tp]`` in
+the model dtype and returns the unreduced fp32 loss ``[b, s]``; masking and averaging
+happen downstream in the training script's ``loss_func``. We patch the class attribute
+(where every caller looks it up), keep the original, and restore it on ``revert()``.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from tofu_kernels import BACKENDS, vocab_parallel_tofu_loss
+from tofu_kernels._inputs import check_hyperparameters
+
+LOSS_TYPES = ("cross_entropy", "tofu")
+_TARGET = "megatron.core.models.common.language_module.language_module.LanguageModule"
+
+
+@dataclass(frozen=True)
+class TOFUConfig:
+    gamma: float
+    beta: float
+    backend: str
+
+
+class _State:
+    lock = threading.Lock()
+    original = None  # Megatron's own function object, while patched
+    config: TOFUConfig | None = None
+    checked = False  # host-side input checks run on the first call only (no per-step sync)
+    last_ce: torch.Tensor | None = None
+
+
+def _language_module():
+    try:
+        from megatron.core.models.common.language_module.language_module import LanguageModule
+    except ImportError as e:
+        raise ImportError(
+            f"megatron_patch needs {_TARGET} (megatron-core 0.16-0.19): {e}"
+        ) from e
+    if "compute_language_model_loss" not in LanguageModule.__dict__:
+        raise ImportError(
+            f"megatron_patch: {_TARGET}.compute_language_model_loss not found; this "
+            "megatron-core version is not supported (0.16-0.19 are)"
+        )
+    return LanguageModule
+
+
+def _tp_group(module):
+    group = getattr(module, "tp_group", None)
+    if group is None:
+        pgc = getattr(module, "pg_collection", None)
+        group = getattr(pgc, "tp", None)
+    if group is None:
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_tensor_model_parallel_group()
+    return group
+
+
+def tofu_compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """TOFU replacement: labels ``[b, s]``, logits ``[s, b, V/tp]`` -> fp32 loss ``[b, s]``.
+
+    Reads the model-dtype logits directly (no fp32 copy), one all-gather of 16 B/token
+    over the model's TP group, and writes the gradient into the logits' storage in the
+    backward (the logits are dead after the loss, as in Megatron's own CE).
+    """
+    cfg = _State.config
+    if cfg is None:  # reverted while a model still holds a bound reference
+        return _State.original(self, labels, logits) if _State.original else None
+    check = not _State.checked
+    # [s, b, V/tp] seen as [b, s, V/tp]: a strided view, read without a copy.
+    loss, ce = vocab_parallel_tofu_loss(
+        logits.transpose(0, 1), labels, gamma=cfg.gamma, beta=cfg.beta, group=_tp_group(self),
+        backend=cfg.backend, inplace_backward=True, reduction="none", return_ce=True,
+        check_inputs=check,
+    )
+    _State.checked = True
+    _State.last_ce = ce
+    return loss
+
+
+tofu_compute_language_model_loss._tofu_patched = True  # marker: applying twice is a no-op
+
+
+def apply(loss_type: str = "tofu", gamma: float = 3.0, beta: float = 0.8, backend: str = "auto") -> None:
+    """Make Megatron-Core compute ``loss_type`` in every LanguageModule.
+
+    ``"tofu"`` installs the TOFU loss with ``gamma``/``beta``/``backend`` (again: updates
+    them); ``"cross_entropy"`` restores Megatron's own loss path untouched.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"megatron_patch: loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if loss_type == "cross_entropy":
+        revert()
+        return
+    check_hyperparameters(gamma, beta)
+    if backend not in BACKENDS:
+        raise ValueError(f"megatron_patch: backend must be one of {BACKENDS}, got {backend!r}")
+    cls = _language_module()
+    with _State.lock:
+        current = cls.__dict__["compute_language_model_loss"]
+        if not getattr(current, "_tofu_patched", False):
+            _State.original = current
+            cls.compute_language_model_loss = tofu_compute_language_model_loss
+        _State.config = TOFUConfig(float(gamma), float(beta), backend)
+        _State.checked = False
+
+
+def revert() -> None:
+    """Restore Megatron's original ``compute_language_model_loss`` (the same object)."""
+    with _State.lock:
+        if _State.original is not None:
+            _language_module().compute_language_model_loss = _State.original
+        _State.original, _State.config, _State.last_ce = None, None, None
+        _State.checked = False
+
+
+def is_applied() -> bool:
+    return _State.config is not None
+
+
+def config() -> TOFUConfig | None:
+    return _State.config
+
+
+def last_cross_entropy() -> torch.Tensor | None:
+    """Per-token plain cross entropy ``[b, s]`` (detached) of the latest patched call.
+
+    For logging next to the TOFU loss: mask and average it like the loss in
+    ``loss_func`` (see ``megatron_patch.sft_gpt.loss_func``). No host sync.
+    """
+    return _State.last_ce

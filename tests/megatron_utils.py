@@ -1,0 +1,73 @@
+"""A real tiny Megatron-Core GPTModel on CPU with gloo (DESIGN.md section 8 recipe)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def init_megatron_cpu(tp: int) -> None:
+    """Megatron parallel state on CPU: call inside a gloo worker after init_process_group."""
+    # Megatron hard-codes torch.cuda.current_device() (RoPE, global memory buffer, TP maps).
+    torch.cuda.current_device = lambda: "cpu"
+    from megatron.core import parallel_state, tensor_parallel
+
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+
+
+def _allow_torch_norm_with_sequence_parallel() -> None:
+    """Torch norms assert no sequence parallel; their math is the same per token."""
+    from megatron.core.transformer import torch_norm
+
+    cls = torch_norm.WrappedTorchNorm
+    if getattr(cls, "_tofu_sp_ok", False):
+        return
+    orig = cls.__new__
+
+    def __new__(c, config, *a, **k):
+        sp, config.sequence_parallel = config.sequence_parallel, False
+        try:
+            return orig(c, config, *a, **k)
+        finally:
+            config.sequence_parallel = sp
+
+    cls.__new__ = staticmethod(__new__)
+    cls._tofu_sp_ok = True
+
+
+def tiny_gpt(tp: int, sequence_parallel: bool = False, dtype=torch.float32, vocab: int = 96, seq: int = 8,
+             seed: int = 0, num_layers: int = 2, hidden: int = 32, heads: int = 4):
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    if sequence_parallel:
+        _allow_torch_norm_with_sequence_parallel()
+    torch.manual_seed(seed)
+    cfg = TransformerConfig(
+        num_layers=num_layers, hidden_size=hidden, num_attention_heads=heads, use_cpu_initialization=True,
+        tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel,
+        hidden_dropout=0.0, attention_dropout=0.0, params_dtype=dtype,
+        bf16=dtype == torch.bfloat16, pipeline_dtype=dtype,
+    )
+    model = GPTModel(cfg, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=vocab,
+                     max_sequence_length=seq)
+    if dtype != torch.float32:  # as Megatron's training does: cast inputs, fp32 outputs
+        from megatron.core.transformer.module import Float16Module
+
+        model = Float16Module(cfg, model)
+    return model
+
+
+def causal_mask(seq: int) -> torch.Tensor:
+    """Explicit mask: Megatron's default mask is built on "cuda"."""
+    return torch.triu(torch.ones(seq, seq), diagonal=1).bool()[None, None]
+
+
+def gather_vocab(shard: torch.Tensor, group=None) -> torch.Tensor:
+    """Concatenate [..., V/tp] shards of all TP ranks into [..., V]."""
+    parts = [torch.empty_like(shard) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, shard.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)

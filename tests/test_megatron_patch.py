@@ -1,0 +1,268 @@
+"""megatron_patch on a real tiny Megatron-Core GPTModel (TP=2, gloo, CPU), and the flags."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core", reason="megatron-core is installed by make test")
+
+import megatron_patch  # noqa: E402
+import tofu_kernels as tk  # noqa: E402
+
+from .dist_utils import run_distributed  # noqa: E402
+from .helpers import assert_grad_close, assert_loss_close  # noqa: E402
+from .megatron_utils import causal_mask, gather_vocab, init_megatron_cpu, tiny_gpt  # noqa: E402
+
+TP = 2
+
+
+def _batch(vocab, b=2, s=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (b, s), generator=g)
+    labels = torch.randint(0, vocab, (b, s), generator=g)
+    return ids, torch.arange(s).expand(b, s), causal_mask(s), labels
+
+
+def loss_cases(rank: int, world: int) -> None:
+    """Patched per-token loss == float64 TOFU on the gathered logits; SP on/off; fp32/bf16."""
+    init_megatron_cpu(world)
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    original = LanguageModule.__dict__["compute_language_model_loss"]
+    for sp in (False, True):
+        for dtype in (torch.float32, torch.bfloat16):
+            model = tiny_gpt(world, sequence_parallel=sp, dtype=dtype)
+            ids, pos, mask, labels = _batch(96)
+            logits_shard = model(ids, pos, mask)  # labels=None: [b, s, V/tp] logits
+            full = gather_vocab(logits_shard.detach())  # Float16Module returns them as fp32
+            assert torch.equal(full, full.to(dtype).float()), "logits are not model-dtype values"
+            megatron_patch.apply("tofu", gamma=3.0, beta=0.8, backend="torch")
+            seen = []
+            real = megatron_patch.patch.vocab_parallel_tofu_loss
+
+            def spy(logits, *a, **k):
+                seen.append((logits.dtype, logits.data_ptr(), k["inplace_backward"]))
+                return real(logits, *a, **k)
+
+            megatron_patch.patch.vocab_parallel_tofu_loss = spy
+            loss = model(ids, pos, mask, labels=labels)
+            megatron_patch.patch.vocab_parallel_tofu_loss = real
+            # model-dtype logits consumed as they are (no .float() copy), grad in place
+            assert seen and seen[0][0] == dtype and seen[0][2] is True
+            assert loss.shape == labels.shape and loss.dtype == torch.float32
+            ref, ref_ce = tk.tofu_loss_reference(full, labels, gamma=3.0, beta=0.8)
+            assert_loss_close(loss.detach(), ref)
+            assert_loss_close(megatron_patch.last_cross_entropy(), ref_ce)
+            loss.mean().backward()  # gradient flows through the in-place backward
+            assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+            megatron_patch.revert()
+            assert LanguageModule.__dict__["compute_language_model_loss"] is original
+
+
+def gradient_cases(rank: int, world: int) -> None:
+    """gamma=0, beta=1: parameter gradients equal unpatched Megatron's (fp32)."""
+    init_megatron_cpu(world)
+    for sp in (False, True):
+        for backend in ("torch", "triton"):
+            model = tiny_gpt(world, sequence_parallel=sp, dtype=torch.float32)
+            ids, pos, mask, labels = _batch(96, seed=2)
+            loss_mask = torch.ones_like(labels, dtype=torch.float32)
+            loss_mask[:, :3] = 0  # SFT-style prompt tokens
+
+            def grads():
+                model.zero_grad(set_to_none=True)
+                loss = model(ids, pos, mask, labels=labels)
+                ((loss * loss_mask).sum() / loss_mask.sum()).backward()
+                return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+            ref_loss, ref_grads = grads()
+            megatron_patch.apply("tofu", gamma=0.0, beta=1.0, backend=backend)
+            loss, got = grads()
+            megatron_patch.revert()
+            assert_loss_close(loss, ref_loss)
+            assert got.keys() == ref_grads.keys() and len(got) > 4
+            for name, g in got.items():
+                assert_grad_close(g, ref_grads[name].double(), torch.float32), name
+
+
+@pytest.mark.parametrize("cases", [loss_cases, gradient_cases], ids=["loss", "grads"])
+def test_tiny_gpt_tp2(cases):
+    run_distributed(TP, cases)
+
+
+# ------------------------------------------------------------ apply / revert
+
+
+def _original():
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    return LanguageModule, LanguageModule.__dict__["compute_language_model_loss"]
+
+
+def test_apply_twice_and_revert_restore_the_original_object():
+    cls, original = _original()
+    try:
+        megatron_patch.apply("tofu", 3.0, 0.8)
+        patched = cls.__dict__["compute_language_model_loss"]
+        assert patched is not original and megatron_patch.is_applied()
+        megatron_patch.apply("tofu", 1.0, 0.5)  # harmless: same function, new settings
+        assert cls.__dict__["compute_language_model_loss"] is patched
+        assert megatron_patch.config().gamma == 1.0
+        megatron_patch.revert()
+        assert cls.__dict__["compute_language_model_loss"] is original
+        megatron_patch.revert()  # reverting twice is harmless too
+        assert cls.__dict__["compute_language_model_loss"] is original
+    finally:
+        megatron_patch.revert()
+
+
+def test_cross_entropy_leaves_megatron_untouched():
+    cls, original = _original()
+    megatron_patch.apply("cross_entropy")
+    assert cls.__dict__["compute_language_model_loss"] is original
+    assert not megatron_patch.is_applied()
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [(dict(loss_type="focal"), "loss_type"), (dict(gamma=-1.0), "gamma"),
+     (dict(beta=0.0), "beta"), (dict(backend="xla"), "backend")],
+)
+def test_apply_rejects_bad_settings(kwargs, match):
+    cls, original = _original()
+    with pytest.raises(ValueError, match=match):
+        megatron_patch.apply(**{"loss_type": "tofu", **kwargs})
+    assert cls.__dict__["compute_language_model_loss"] is original
+
+
+def test_missing_megatron_symbol_is_named(monkeypatch):
+    import megatron.core.models.common.language_module.language_module as lm
+
+    monkeypatch.delattr(lm.LanguageModule, "compute_language_model_loss")
+    with pytest.raises(ImportError, match="LanguageModule.compute_language_model_loss not found"):
+        megatron_patch.apply("tofu")
+
+
+# ------------------------------------------------------------ flags, Megatron's parser
+
+
+@pytest.fixture
+def hooked(monkeypatch):
+    megatron_patch.install_hooks()
+    yield
+    megatron_patch.remove_hooks()
+    megatron_patch.revert()
+
+
+def _parse(monkeypatch, *argv):
+    from megatron.training import arguments
+
+    monkeypatch.setattr(sys, "argv", ["pretrain_gpt.py", *argv])
+    return arguments.parse_args()
+
+
+def test_megatron_parser_accepts_flags_and_applies(monkeypatch, hooked):
+    cls, original = _original()
+    args = _parse(monkeypatch, "--loss-type", "tofu", "--tofu-gamma", "2.5", "--tofu-beta", "0.7",
+                  "--tofu-backend", "torch", "--num-layers", "2")
+    assert (args.loss_type, args.tofu_gamma, args.tofu_beta, args.tofu_backend) == ("tofu", 2.5, 0.7, "torch")
+    assert args.num_layers == 2  # Megatron's own flags still parse
+    assert megatron_patch.config() == megatron_patch.patch.TOFUConfig(2.5, 0.7, "torch")
+    assert cls.__dict__["compute_language_model_loss"] is not original
+
+
+def test_megatron_parser_defaults_leave_megatron_unchanged(monkeypatch, hooked):
+    cls, original = _original()
+    args = _parse(monkeypatch)
+    assert args.loss_type == "cross_entropy" and args.tofu_gamma == 3.0 and args.tofu_beta == 0.8
+    assert cls.__dict__["compute_language_model_loss"] is original
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [(["--loss-type", "focal"], "invalid choice"), (["--tofu-gamma", "-1"], "must be a finite number >= 0"),
+     (["--tofu-beta", "0"], "must be a finite number > 0"), (["--tofu-beta", "x"], "not a number"),
+     (["--tofu-backend", "xla"], "invalid choice")],
+)
+def test_megatron_parser_rejects_bad_values(monkeypatch, capsys, hooked, argv, match):
+    with pytest.raises(SystemExit):
+        _parse(monkeypatch, *argv)
+    assert match in capsys.readouterr().err
+
+
+def test_extra_args_provider_and_hook_together(monkeypatch, hooked):
+    """add_arguments as extra_args_provider next to the hook: no duplicate-flag error."""
+    from megatron.training import arguments
+
+    monkeypatch.setattr(sys, "argv", ["x", "--loss-type", "tofu"])
+    args = arguments.parse_args(extra_args_provider=megatron_patch.add_arguments)
+    assert args.loss_type == "tofu"
+
+
+def test_hooks_are_reversible():
+    from megatron.training import arguments
+
+    before = (arguments.add_megatron_arguments, arguments.parse_args)
+    megatron_patch.install_hooks()
+    megatron_patch.install_hooks()  # twice: still one layer
+    assert arguments.parse_args._tofu_hook_original is before[1]
+    megatron_patch.remove_hooks()
+    assert (arguments.add_megatron_arguments, arguments.parse_args) == before
+
+
+# ------------------------------------------------------------ launcher
+
+_SCRIPT = '''
+# stands in for an unmodified Megatron-LM script: parses with Megatron's real parser
+from megatron.training import arguments
+import megatron_patch
+from megatron.core.models.common.language_module.language_module import LanguageModule
+args = arguments.parse_args()
+fn = LanguageModule.__dict__["compute_language_model_loss"]
+print("RESULT", args.loss_type, args.tofu_gamma, args.tofu_beta, args.num_layers,
+      megatron_patch.is_applied(), getattr(fn, "_tofu_patched", False), __name__)
+'''
+
+
+@pytest.mark.parametrize(
+    "flags,expect",
+    [
+        (["--loss-type", "tofu", "--tofu-gamma", "2.0"], "RESULT tofu 2.0 0.8 3 True True __main__"),
+        ([], "RESULT cross_entropy 3.0 0.8 3 False False __main__"),
+    ],
+)
+def test_launcher_runs_unmodified_script(tmp_path, flags, expect):
+    import subprocess
+
+    script = tmp_path / "pretrain_fake.py"
+    script.write_text(_SCRIPT)
+    out = subprocess.run(
+        [sys.executable, "-m", "megatron_patch.launch", str(script), "--num-layers", "3", *flags],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert expect in out.stdout
+
+
+def test_launcher_rejects_bad_flag_and_missing_script(tmp_path):
+    import subprocess
+
+    script = tmp_path / "pretrain_fake.py"
+    script.write_text(_SCRIPT)
+    out = subprocess.run([sys.executable, "-m", "megatron_patch.launch", str(script), "--tofu-beta", "-2"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "must be a finite number > 0" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "megatron_patch.launch", str(tmp_path / "nope.py")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "no such training script" in out.stderr
+
+
+def test_parse_and_validate_args_looks_up_the_hooked_parser(hooked):
+    """Megatron 0.19's initialize path calls parse_args through its module globals."""
+    from megatron.training import arguments
+
+    assert arguments.parse_and_validate_args.__globals__["parse_args"] is arguments.parse_args
+    assert hasattr(arguments.parse_args, "_tofu_hook_original")
