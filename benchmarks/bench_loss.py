@@ -11,18 +11,31 @@ the bandwidth under the byte model
                    = 6 B/element for bf16 logits, 12 B/element for fp32
 
 as GB/s and as a fraction of a device-to-device copy measured in the same run, the
-peak extra memory beyond inputs, and the speedup of ours over each baseline in the
-same run. Inputs are random normal logits (never zeros), rotated over several buffers
-so the L2 cache does not flatter small shapes. CPU numbers are NOT performance
-results: they only prove the harness runs.
+peak extra memory beyond the inputs and the returned gradient, and the speedup of our
+fastest backend over each baseline of the same kind (TOFU or CE) measured in the same
+run. Inputs are random normal logits (never zeros), rotated over several buffers when
+they are small enough for the L2 cache to flatter repeated runs. CPU numbers are NOT
+performance results: they only prove the harness runs.
+
+Implementations (each where importable; the table says which were not):
+  ours-{cuda,triton,torch} TOFU / CE   tofu_kernels, TOFU (gamma, beta) and CE mode (0, 1)
+  authors TOFU (PyTorch)               the paper's formulation (reference.authors_tofu_loss)
+  authors TOFU torch.compile           the same through torch.compile (GPU only)
+  composed TOFU (Liger CE x2)          what a user builds today: Liger CE forward for p,
+                                       then Liger CE on logits / beta times beta * g(p)
+  Megatron vocab_parallel_cross_entropy, Megatron fused CE, Liger CE, TE parallel CE
+  torch F.cross_entropy (fp32 upcast)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,21 +47,22 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+BYTES = {torch.bfloat16: 2, torch.float16: 2, torch.float32: 4}
 GPU_TOKENS = [4096, 16384, 65536]
 GPU_VOCABS = [16032, 32064, 64128, 128256, 151936, 256000]
 CPU_TOKENS = [64]
 CPU_VOCABS = [512, 2048]
+TARGET_TOKENS, TARGET_VOCABS = 16384, (32064, 128256)
 
 
 @dataclass
 class Impl:
-    """One implementation: ``fn(logits, labels) -> scalar loss`` (backward via autograd)."""
+    """``fn(logits [N, V], labels [N]) -> scalar loss``; backward through autograd."""
 
     name: str
     fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     kind: str  # "ours" or "baseline"
     mode: str  # "tofu" or "ce"
-    note: str = ""
 
 
 @dataclass
@@ -62,14 +76,20 @@ class Row:
     both: tuple[float, float, float] | None = None
     peak_mb: float | None = None
     error: str = ""
-    extra: dict = field(default_factory=dict)
+    speedup: str = ""
+
+    def gbs(self) -> float:
+        return self.n * self.v * 3 * BYTES[DTYPES[self.dtype]] / (self.both[0] * 1e-3) / 1e9
 
 
 def gpu_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (no GPU)"
 
 
-def _time_cpu(fn: Callable[[], object], reps: int, grad_to_none=None) -> tuple[float, float, float]:
+# ------------------------------------------------------------------ timing
+
+
+def _time_cpu(fn, reps: int, grad_to_none=None) -> tuple[float, float, float]:
     fn()
     ts = []
     for _ in range(reps):
@@ -82,14 +102,12 @@ def _time_cpu(fn: Callable[[], object], reps: int, grad_to_none=None) -> tuple[f
     return statistics.median(ts), q[0], q[3]
 
 
-def timer(device: str, reps: int) -> Callable[[Callable[[], object]], tuple[float, float, float]]:
+def make_timer(device: str, reps: int):
     if device == "cuda":
         import triton.testing
 
         def run(fn, grad_to_none=None):
-            med, lo, hi = triton.testing.do_bench(
-                fn, quantiles=[0.5, 0.2, 0.8], rep=100, grad_to_none=grad_to_none
-            )
+            med, lo, hi = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], grad_to_none=grad_to_none)
             return med, lo, hi
 
         return run
@@ -97,7 +115,7 @@ def timer(device: str, reps: int) -> Callable[[Callable[[], object]], tuple[floa
 
 
 def copy_bandwidth_gbs(device: str, tbench) -> float:
-    """Device-to-device copy of 1 GiB (read + write), the bandwidth ceiling we compare to."""
+    """Device-to-device copy (read + write), the bandwidth ceiling we compare to."""
     nbytes = (1 << 30) if device == "cuda" else (64 << 20)
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
     dst = torch.empty_like(src)
@@ -105,36 +123,133 @@ def copy_bandwidth_gbs(device: str, tbench) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
-def make_impls(device: str, args) -> list[Impl]:
+# ------------------------------------------------------------------ implementations
+
+
+def _init_megatron(device: str):
+    """A world-size-1 process group and Megatron parallel state (TP = 1)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        # a file rendezvous: no TCP port to collide with other runs on the machine
+        fd, path = tempfile.mkstemp(prefix="tofu_bench_pg_")
+        os.close(fd)
+        os.unlink(path)
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"file://{path}",
+                                rank=0, world_size=1)
+    if device == "cpu":
+        torch.cuda.current_device = lambda: "cpu"  # Megatron hard-codes it
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1)
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def make_impls(device: str, args) -> tuple[list[Impl], list[str]]:
+    """Our backends and every importable baseline; also the names that are missing."""
     import tofu_kernels as tk
+    from tofu_kernels.reference import focal_weight
 
     g, b = args.gamma, args.beta
     impls: list[Impl] = []
-    ours = ["torch"] if device == "cpu" else []
-    if device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        ours.append("triton")
+    missing: list[str] = []
+    ours = []
     if device == "cuda":
-        ours += ["triton"] + (["cuda"] if tk.extension_loaded() else [])
+        ours = (["cuda"] if tk.extension_loaded() else []) + ["triton"]
+        if not tk.extension_loaded():
+            missing.append("ours-cuda (extension not built)")
+    else:
+        ours = ["torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
     for be in ours:
         impls.append(Impl(f"ours-{be} TOFU", lambda x, y, be=be: tk.tofu_loss(x, y, g, b, backend=be), "ours", "tofu"))
+    for be in ours:
         impls.append(Impl(f"ours-{be} CE", lambda x, y, be=be: tk.tofu_loss(x, y, 0.0, 1.0, backend=be), "ours", "ce"))
+
     impls.append(Impl("authors TOFU (PyTorch)", lambda x, y: tk.authors_tofu_loss(x, y, g, b).mean(), "baseline", "tofu"))
     if device == "cuda" and not args.no_compile:
-        compiled = torch.compile(tk.authors_tofu_loss, dynamic=False)
+        compiled = torch.compile(tk.authors_tofu_loss, dynamic=True)
         impls.append(Impl("authors TOFU torch.compile", lambda x, y: compiled(x, y, g, b).mean(), "baseline", "tofu"))
-    impls.append(Impl("torch F.cross_entropy (fp32 upcast)", lambda x, y: torch.nn.functional.cross_entropy(x.float(), y), "baseline", "ce"))
-    return impls
 
-
-def bench_one(impl: Impl, n: int, v: int, dtype: torch.dtype, device: str, tbench, rotate: int) -> Row:
-    row = Row(impl, n, v, str(dtype).replace("torch.", ""))
     try:
-        xs = [torch.randn(n, v, device=device, dtype=dtype).requires_grad_() for _ in range(rotate)]
-        ys = [torch.randint(0, v, (n,), device=device) for _ in range(rotate)]
+        from liger_kernel.ops.cross_entropy import LigerCrossEntropyFunction
+    except ImportError:
+        missing.append("Liger-Kernel (liger_kernel not installed)")
+    else:
+        if device == "cuda":
+
+            def liger_ce(x, y, reduction="mean"):
+                # (input, target, weight, ignore_index, lse_square_scale, label_smoothing, reduction)
+                return LigerCrossEntropyFunction.apply(x, y, None, -100, 0.0, 0.0, reduction)[0]
+
+            def composed_tofu(x, y):
+                with torch.no_grad():
+                    # forward-only pass for p (no grad requested: Liger does not write into x)
+                    log_p = -liger_ce(x.detach(), y, "none")
+                    weight = b * focal_weight(log_p.float(), g)
+                return (weight * liger_ce(x / b, y, "none")).mean()
+
+            impls.append(Impl("composed TOFU (Liger CE x2)", composed_tofu, "baseline", "tofu"))
+            impls.append(Impl("Liger CE", lambda x, y: liger_ce(x, y), "baseline", "ce"))
+        else:
+            missing.append("Liger-Kernel (needs a GPU)")
+
+    try:
+        import megatron.core  # noqa: F401
+    except ImportError:
+        missing.append("Megatron-Core (megatron.core not installed)")
+    else:
+        tp_group = _init_megatron(device)
+        from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        # Megatron takes [s, b, V]; [N, 1, V] is a free view. Its native CE overwrites fp32
+        # inputs in place (a timing-neutral shift of the values here).
+        impls.append(Impl("Megatron vocab_parallel_cross_entropy",
+                          lambda x, y: vocab_parallel_cross_entropy(x.unsqueeze(1), y.unsqueeze(1)).mean(),
+                          "baseline", "ce"))
+        impls.append(Impl("Megatron fused CE",
+                          lambda x, y: fused_vocab_parallel_cross_entropy(x.unsqueeze(1), y.unsqueeze(1), tp_group).mean(),
+                          "baseline", "ce"))
+    try:
+        from transformer_engine.pytorch.cross_entropy import parallel_cross_entropy
+    except ImportError:
+        missing.append("Transformer Engine (transformer_engine not installed)")
+    else:
+        impls.append(Impl("TE parallel_cross_entropy",
+                          lambda x, y: parallel_cross_entropy(x.unsqueeze(1), y.unsqueeze(1)).mean(),
+                          "baseline", "ce"))
+    impls.append(Impl("torch F.cross_entropy (fp32 upcast)",
+                      lambda x, y: torch.nn.functional.cross_entropy(x.float(), y), "baseline", "ce"))
+    return impls, missing
+
+
+# ------------------------------------------------------------------ running
+
+
+def _rotation(n: int, v: int, dtype: torch.dtype, device: str) -> int:
+    """Buffers to rotate over: several when the logits are near L2 size, else one."""
+    nbytes = n * v * BYTES[dtype]
+    if device != "cuda":
+        return 2
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
+    free, _ = torch.cuda.mem_get_info()
+    if nbytes > 8 * l2:
+        return 1
+    return max(1, min(3, int(0.25 * free // nbytes)))
+
+
+def bench_one(impl: Impl, n: int, v: int, dtype: torch.dtype, device: str, tbench) -> Row:
+    row = Row(impl, n, v, str(dtype).replace("torch.", "").replace("bfloat16", "bf16").replace("float32", "fp32").replace("float16", "fp16"))
+    xs = ys = None
+    try:
+        k = _rotation(n, v, dtype, device)
+        xs = [torch.randn(n, v, device=device, dtype=dtype).requires_grad_() for _ in range(k)]
+        ys = [torch.randint(0, v, (n,), device=device) for _ in range(k)]
         it = [0]
 
         def pick():
-            it[0] = (it[0] + 1) % rotate
+            it[0] = (it[0] + 1) % k
             return xs[it[0]], ys[it[0]]
 
         def fwd():
@@ -151,68 +266,48 @@ def bench_one(impl: Impl, n: int, v: int, dtype: torch.dtype, device: str, tbenc
         row.both = tbench(both)
         x, y = xs[0], ys[0]
         loss = impl.fn(x, y)
-        # grad_to_none: each backward writes a fresh gradient instead of accumulating.
-        row.bwd = tbench(lambda: loss.backward(retain_graph=True), grad_to_none=[x])
+        try:
+            # backward alone; grad_to_none: each run writes a fresh gradient, never accumulates
+            row.bwd = tbench(lambda: loss.backward(retain_graph=True), grad_to_none=[x])
+        except RuntimeError:
+            # backwards that consume their saved tensors in place (Megatron's CE) cannot
+            # be replayed: report fwd+bwd minus fwd, without quantiles
+            row.bwd = (max(row.both[0] - row.fwd[0], 0.0), math.nan, math.nan)
         del loss
         x.grad = None
         if device == "cuda":
-            x, y = xs[0], ys[0]
-            x.grad = None
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
             impl.fn(x, y).backward()
             torch.cuda.synchronize()
-            # extra = peak minus live inputs, minus the gradient every implementation returns
             grad_bytes = x.numel() * x.element_size()
             row.peak_mb = (torch.cuda.max_memory_allocated() - base - grad_bytes) / 2**20
             x.grad = None
-        del xs, ys
+    except torch.cuda.OutOfMemoryError:
+        row.error = "out of memory"
     except Exception as e:  # a baseline that cannot run at this shape is reported, not fatal
-        row.error = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
-    if device == "cuda":
-        torch.cuda.empty_cache()
+        row.error = f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
+    finally:
+        del xs, ys
+        if device == "cuda":
+            torch.cuda.empty_cache()
     return row
 
 
-def fmt_ms(t) -> str:
-    return "-" if t is None else f"{t[0]:.3f} ({t[1]:.3f}-{t[2]:.3f})"
-
-
-def to_markdown(rows: list[Row], copy_gbs: float, device: str, args) -> str:
-    bytes_per_elt = {"bfloat16": 2, "float16": 2, "float32": 4}
-    lines = [
-        f"# TOFU loss benchmark on {gpu_name()}",
-        "",
-        f"torch {torch.__version__}; gamma={args.gamma}, beta={args.beta}; "
-        f"device copy bandwidth measured in this run: {copy_gbs:.0f} GB/s.",
-        "",
-        "GB/s = N * V * 3 * elt / t(fwd+bwd): forward reads the logits, backward reads them and",
-        "writes the gradient (6 B/element in bf16, 12 in fp32). `copy` = that / copy bandwidth.",
-        "Speedup = baseline time / our time for fwd+bwd, same shape, same run.",
-    ]
-    if device != "cuda":
-        lines += ["", "**CPU smoke run: NOT a performance result** (torch backend, Triton interpreter)."]
-    lines += [
-        "",
-        "| N | V | dtype | implementation | fwd ms | bwd ms | fwd+bwd ms | GB/s | copy | peak extra MiB | speedup of ours |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        if r.error:
-            lines.append(f"| {r.n} | {r.v} | {r.dtype} | {r.impl.name} | error: {r.error} | | | | | | |")
-            continue
-        gbs = r.n * r.v * 3 * bytes_per_elt[r.dtype] / (r.both[0] * 1e-3) / 1e9
-        peak = "-" if r.peak_mb is None else f"{r.peak_mb:.1f}"
-        lines.append(
-            f"| {r.n} | {r.v} | {r.dtype} | {r.impl.name} | {fmt_ms(r.fwd)} | {fmt_ms(r.bwd)} | "
-            f"{fmt_ms(r.both)} | {gbs:.0f} | {gbs / copy_gbs:.0%} | {peak} | {r.extra.get('speedup', '')} |"
-        )
-    return "\n".join(lines) + "\n"
+def check_composed_equals_ours(impls: list[Impl], device: str, dtype: torch.dtype) -> str:
+    """The composed baseline must compute our loss (else its timing compares nothing)."""
+    comp = next((i for i in impls if i.name.startswith("composed")), None)
+    ours = next((i for i in impls if i.kind == "ours" and i.mode == "tofu"), None)
+    if comp is None or ours is None:
+        return ""
+    x = torch.randn(512, 4096, device=device, dtype=dtype)
+    y = torch.randint(0, 4096, (512,), device=device)
+    a, b = float(comp.fn(x.clone(), y)), float(ours.fn(x.clone(), y))
+    return f"composed TOFU vs ours on 512 x 4096 {dtype}: {a:.6f} vs {b:.6f} (rel. diff {abs(a - b) / abs(b):.1e})"
 
 
 def add_speedups(rows: list[Row]) -> None:
-    """Speedup of our first backend over each baseline of the same mode and shape."""
     by_shape: dict[tuple, list[Row]] = {}
     for r in rows:
         by_shape.setdefault((r.n, r.v, r.dtype), []).append(r)
@@ -223,7 +318,113 @@ def add_speedups(rows: list[Row]) -> None:
             ours = [o for o in group if o.impl.kind == "ours" and o.impl.mode == r.impl.mode and not o.error]
             if ours:
                 best = min(ours, key=lambda o: o.both[0])
-                r.extra["speedup"] = f"{r.both[0] / best.both[0]:.2f}x ({best.impl.name})"
+                r.speedup = f"{r.both[0] / best.both[0]:.2f}x ({best.impl.name})"
+
+
+def targets(rows: list[Row], copy_gbs: float) -> list[str]:
+    """The issue's targets (bf16, 16384 tokens, V in {32064, 128256}): PASS / MISS / n.a."""
+    out = ["| target | V | value | result |", "|---|---|---|---|"]
+
+    def find(v, pred):
+        return next((r for r in rows if r.n == TARGET_TOKENS and r.v == v and r.dtype == "bf16"
+                     and not r.error and pred(r.impl)), None)
+
+    for v in TARGET_VOCABS:
+        tofu = min((r for r in rows if r.n == TARGET_TOKENS and r.v == v and r.dtype == "bf16" and not r.error
+                    and r.impl.kind == "ours" and r.impl.mode == "tofu"), key=lambda r: r.both[0], default=None)
+        if tofu is None:
+            out.append(f"| all | {v} | not measured | n.a. |")
+            continue
+        ce = find(v, lambda i: i.kind == "ours" and i.mode == "ce" and i.name.split()[0] == tofu.impl.name.split()[0])
+        liger = find(v, lambda i: i.name == "Liger CE")
+        mega = find(v, lambda i: i.name == "Megatron vocab_parallel_cross_entropy")
+        auth = find(v, lambda i: i.name == "authors TOFU (PyTorch)")
+        frac = tofu.gbs() / copy_gbs
+        checks = [
+            ("TOFU fwd+bwd >= 80% of copy bandwidth (stretch 90%)", f"{frac:.0%}", frac >= 0.8),
+            ("TOFU <= 1.1x our CE mode", f"{tofu.both[0] / ce.both[0]:.2f}x" if ce else "-", ce and tofu.both[0] <= 1.1 * ce.both[0]),
+            ("our CE mode <= Liger CE time", f"{ce.both[0] / liger.both[0]:.2f}x" if ce and liger else "-", ce and liger and ce.both[0] <= liger.both[0]),
+            (">= 5x faster than Megatron native CE", f"{mega.both[0] / tofu.both[0]:.1f}x" if mega else "-", mega and mega.both[0] >= 5 * tofu.both[0]),
+            (">= 8x faster than authors' TOFU", f"{auth.both[0] / tofu.both[0]:.1f}x" if auth else "-", auth and auth.both[0] >= 8 * tofu.both[0]),
+            ("peak extra memory <= 1% of logits", f"{tofu.peak_mb:.1f} MiB" if tofu.peak_mb is not None else "-",
+             tofu.peak_mb is not None and tofu.peak_mb * 2**20 <= 0.01 * tofu.n * tofu.v * 2),
+        ]
+        for name, value, ok in checks:
+            result = "n.a." if value == "-" else ("PASS" if ok else "MISS")
+            out.append(f"| {name} ({tofu.impl.name}) | {v} | {value} | {result} |")
+    return out
+
+
+def fmt_ms(t) -> str:
+    if t is None:
+        return "-"
+    if math.isnan(t[1]):
+        return f"{t[0]:.3f} (derived)"
+    return f"{t[0]:.3f} ({t[1]:.3f}-{t[2]:.3f})"
+
+
+def to_markdown(rows, copy_gbs, device, args, missing, notes) -> str:
+    lines = [
+        f"# TOFU loss benchmark on {gpu_name()}",
+        "",
+        f"torch {torch.__version__}; gamma={args.gamma}, beta={args.beta}; device-to-device copy "
+        f"measured in this run: {copy_gbs:.0f} GB/s.",
+        "",
+        "GB/s = N * V * 3 * elt / t(fwd+bwd): forward reads the logits, backward reads them and",
+        "writes the gradient (6 B/element in bf16, 12 in fp32). `copy` = GB/s / copy bandwidth.",
+        "Speedup = baseline time / our fastest backend's time (same mode, shape and run), fwd+bwd.",
+        "Peak extra = peak allocated during fwd+bwd minus inputs and the returned gradient.",
+        "bwd `(derived)` = fwd+bwd minus fwd, where a backward cannot be replayed alone.",
+    ]
+    if device != "cuda":
+        lines += ["", "**CPU smoke run: NOT a performance result** (torch backend, Triton interpreter)."]
+    if missing:
+        lines += ["", "Not measured: " + "; ".join(missing) + "."]
+    lines += [f"{n}" for n in notes if n]
+    lines += [
+        "",
+        "| N | V | dtype | implementation | fwd ms | bwd ms | fwd+bwd ms | GB/s | copy | peak extra MiB | speedup of ours |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r.error:
+            lines.append(f"| {r.n} | {r.v} | {r.dtype} | {r.impl.name} | {r.error} | | | | | | |")
+            continue
+        peak = "-" if r.peak_mb is None else f"{r.peak_mb:.1f}"
+        lines.append(
+            f"| {r.n} | {r.v} | {r.dtype} | {r.impl.name} | {fmt_ms(r.fwd)} | {fmt_ms(r.bwd)} | "
+            f"{fmt_ms(r.both)} | {r.gbs():.0f} | {r.gbs() / copy_gbs:.0%} | {peak} | {r.speedup} |"
+        )
+    if device == "cuda":
+        lines += ["", "## Targets (bf16, 16384 tokens)", ""] + targets(rows, copy_gbs)
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[Row], path: Path, device: str) -> str:
+    """Time (fwd+bwd) vs vocab shard, one line per implementation; a panel per (N, dtype)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib not installed: no plot"
+    panels = sorted({(r.n, r.dtype) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (n, d) in zip(axes[0], panels):
+        for name in dict.fromkeys(r.impl.name for r in rows):
+            pts = sorted((r.v, r.both[0]) for r in rows if r.n == n and r.dtype == d and r.impl.name == name and not r.error)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=name, linestyle="-" if "ours" in name else "--")
+        ax.set(xlabel="vocab shard V", ylabel="fwd+bwd ms (median)", title=f"N={n}, {d}", yscale="log")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    title = f"TOFU loss benchmark on {gpu_name()}"
+    fig.suptitle(title + ("" if device == "cuda" else "\nCPU smoke run: NOT a performance result"), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"plot: {path}"
 
 
 def main(argv=None) -> int:
@@ -237,6 +438,8 @@ def main(argv=None) -> int:
     p.add_argument("--impl", nargs="*", help="substrings selecting implementations")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile baselines")
     p.add_argument("--reps", type=int, default=5, help="CPU timing repetitions")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds; configurations not started by then are listed as skipped")
     p.add_argument("--out", type=Path, default=None, help="results folder")
     args = p.parse_args(argv)
 
@@ -249,26 +452,41 @@ def main(argv=None) -> int:
     out = args.out or ROOT / "benchmarks" / "results" / ("gpu" if device == "cuda" else "cpu")
     out.mkdir(parents=True, exist_ok=True)
 
-    tbench = timer(device, args.reps)
+    tbench = make_timer(device, args.reps)
     copy_gbs = copy_bandwidth_gbs(device, tbench)
-    impls = make_impls(device, args)
+    impls, missing = make_impls(device, args)
     if args.impl:
         impls = [i for i in impls if any(s in i.name for s in args.impl)]
-    configs = [(n, v, d) for d in dtypes for n in tokens for v in vocabs]
-    print(f"device: {gpu_name()}; copy {copy_gbs:.0f} GB/s; {len(configs)} shapes x {len(impls)} implementations", flush=True)
+    notes = [check_composed_equals_ours(impls, device, DTYPES[dtypes[0]])]
+    # the targets' shapes first, so a time budget never skips them
+    configs = sorted(((n, v, d) for d in dtypes for n in tokens for v in vocabs),
+                     key=lambda c: (not (c[0] == TARGET_TOKENS and c[1] in TARGET_VOCABS and c[2] == "bf16"), c[2], c[0], c[1]))
+    print(f"device: {gpu_name()}; copy {copy_gbs:.0f} GB/s; {len(configs)} shapes x {len(impls)} "
+          f"implementations; not available: {missing or 'none'}", flush=True)
     rows: list[Row] = []
+    skipped: list[str] = []
     t_start = time.time()
     for k, (n, v, d) in enumerate(configs, 1):
+        if args.time_budget is not None and time.time() - t_start > args.time_budget:
+            skipped.append(f"N={n} V={v} {d}")
+            continue
         for impl in impls:
-            r = bench_one(impl, n, v, DTYPES[d], device, tbench, rotate=3)
+            r = bench_one(impl, n, v, DTYPES[d], device, tbench)
             rows.append(r)
-            status = r.error or f"fwd+bwd {r.both[0]:.3f} ms"
+            status = r.error or f"fwd+bwd {r.both[0]:.3f} ms ({r.gbs():.0f} GB/s)"
             print(f"[{k}/{len(configs)} {time.time() - t_start:6.1f}s] N={n} V={v} {d} {impl.name}: {status}", flush=True)
+    if skipped:
+        notes.append(f"Skipped by the {args.time_budget:.0f} s time budget: " + ", ".join(skipped) + ".")
     add_speedups(rows)
-    md = to_markdown(rows, copy_gbs, device, args)
+    md = to_markdown(rows, copy_gbs, device, args, missing, notes)
     (out / "bench_loss.md").write_text(md)
+    (out / "bench_loss.json").write_text(json.dumps(
+        {"gpu": gpu_name(), "torch": torch.__version__, "copy_gbs": copy_gbs,
+         "rows": [{"impl": r.impl.name, "n": r.n, "v": r.v, "dtype": r.dtype, "fwd": r.fwd, "bwd": r.bwd,
+                   "both": r.both, "peak_mb": r.peak_mb, "error": r.error} for r in rows]}, indent=1))
     print()
     print(md)
+    print(plot(rows, out / "bench_loss.png", device))
     print(f"written: {out / 'bench_loss.md'}")
     return 0
 
