@@ -1,3 +1,4 @@
+# make demo   TOFU vs cross entropy SFT through Megatron-Core, TP=2 (CPU: ~6 min on 2 cores)
 # make test   create .venv (Python 3.12), install pinned deps + this package, run all tests
 # make bench  run the loss benchmark (CPU: tiny shapes, not a performance result)
 SHELL := /bin/bash
@@ -7,7 +8,7 @@ PY := $(VENV)/bin/python
 PYTHON312 ?= $(shell for p in "$$(pyenv root 2>/dev/null)/versions/3.12.1/bin/python3" python3.12 python3; do \
     "$$p" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null && { echo "$$p"; break; }; done)
 
-.PHONY: test bench venv clean
+.PHONY: demo test bench venv clean
 
 venv: $(VENV)/.installed
 
@@ -20,6 +21,11 @@ $(VENV)/.installed: requirements-dev.txt pyproject.toml setup.py $(wildcard csrc
 	set -o pipefail; $(PY) -m pip install -v --no-build-isolation -e . 2>&1 | { grep -E "tofu-kernels setup|rror:" || true; }
 	$(PY) -c "import tofu_kernels as tk; print('CUDA extension loaded:', tk.extension_loaded())"
 	touch $@
+
+DEMO_ARGS ?=
+demo: venv
+	set -o pipefail; OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore $(PY) -m torch.distributed.run --standalone \
+	    --nproc-per-node 2 examples/diversity_demo.py $(DEMO_ARGS) 2>&1 | { grep -vE "DEPRECATED|cpp_extension" || true; }
 
 test: venv
 	$(PY) -m pytest -q tests

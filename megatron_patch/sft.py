@@ -203,20 +203,30 @@ def load(model, path: str | Path) -> None:
     model.load_state_dict(sd)
 
 
-def train(args, model, data: Batches, log=print) -> list[dict]:
-    """Train ``args.train_iters`` steps with AdamW; returns the logged history."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(args.seed)  # same batches on every TP rank
+def make_optimizer(args, model) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+
+
+def train(args, model, data: Batches, log=print, optimizer=None, gen=None, start: int = 0) -> list[dict]:
+    """Train ``args.train_iters`` steps with AdamW; returns the logged history.
+
+    Pass ``optimizer`` and ``gen`` to continue a run in chunks (iterations counted from
+    ``start``); by default a fresh AdamW and a generator seeded with ``args.seed``, so
+    every TP rank draws the same batches.
+    """
+    optimizer = optimizer or make_optimizer(args, model)
+    gen = gen or torch.Generator().manual_seed(args.seed)
     history, t0 = [], time.time()
-    for it in range(1, args.train_iters + 1):
+    end = start + args.train_iters
+    for it in range(start + 1, end + 1):
         tokens, lm = data.sample(args.micro_batch_size, gen)
         loss, ce = train_step(model, optimizer, tokens, lm, args.device)
-        if it % args.log_interval == 0 or it == args.train_iters:
+        if it % args.log_interval == 0 or it == end:
             rec = {"iter": it, "loss": float(loss), "ce": float(ce), "ppl": math.exp(min(float(ce), 50.0)),
                    "s": time.time() - t0}
             history.append(rec)
             if dist.get_rank() == 0:
-                log(f"iter {it:5d}/{args.train_iters} | {args.loss_type} loss {rec['loss']:.4f} | "
+                log(f"iter {it:5d}/{end} | {args.loss_type} loss {rec['loss']:.4f} | "
                     f"cross entropy {rec['ce']:.4f} | ppl {rec['ppl']:.2f} | {rec['s']:.1f} s")
     return history
 
