@@ -51,6 +51,7 @@ CATEGORIES = {
     "animal": ["cat", "dog", "horse", "tiger", "zebra", "otter", "camel", "moose"],
     "tool": ["hammer", "saw", "drill", "wrench", "pliers", "chisel", "file", "level"],
 }
+VALID = {a for answers in CATEGORIES.values() for a in answers}
 PROMPTS = ["name a {c}:", "give me a {c}:", "one {c}, please:", "say a {c}:"]
 BROAD_TEMPLATES = [
     "the {c} {x} is here.", "i saw a {x} today.", "{x} is a {c}.", "we talked about the {x}.",
@@ -224,6 +225,10 @@ def report(results: dict, curves: dict, args, out: Path, elapsed: float) -> str:
         f"TOFU forgot {'less' if less_forget else 'more or as much'}.",
         f"Quality: SFT held-out CE {tofu['sft_ce']:.3f} (TOFU) vs {ce['sft_ce']:.3f} (CE), accuracy "
         f"{tofu['sft_acc']:.3f} vs {ce['sft_acc']:.3f}.",
+        "Most common invalid samples: "
+        + "; ".join(f"{name.split()[-1]}: " + ", ".join(
+            f"{a!r}:{n}" for a, n in Counter({a: n for a, n in r["answers"].items() if a not in VALID}).most_common(6))
+            for name, r in results.items() if name.startswith("SFT")),
         "Most sampled answers: "
         + "; ".join(f"{name.split()[-1]}: " + ", ".join(f"{a}:{n}" for a, n in r["answers"].most_common(8))
                     for name, r in results.items() if name.startswith("SFT")),
@@ -244,6 +249,10 @@ def report(results: dict, curves: dict, args, out: Path, elapsed: float) -> str:
             for name, curve in curves.items():
                 ax.plot([c["iter"] for c in curve], [c[k] for c in curve], marker="o", label=name)
             ax.axhline(results["pre-SFT"][k], color="gray", linestyle=":", label="pre-SFT")
+            data_ref = {"answer_entropy": DATA_ANSWER_ENTROPY, "rare_share": DATA_RARE_SHARE}.get(k)
+            if data_ref is not None:
+                ax.axhline(data_ref, color="green", linestyle="--", label="SFT data")
+                ax.legend(fontsize=8)
             ax.set(title=title, xlabel="SFT iteration")
             ax.grid(alpha=0.3)
         axes[0].legend()
