@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -273,7 +273,7 @@ def bench_one(impl: Impl, n: int, v: int, dtype: torch.dtype, device: str, tbenc
             # backwards that consume their saved tensors in place (Megatron's CE) cannot
             # be replayed: report fwd+bwd minus fwd, without quantiles
             row.bwd = (max(row.both[0] - row.fwd[0], 0.0), math.nan, math.nan)
-        del loss
+        loss = None
         x.grad = None
         if device == "cuda":
             torch.cuda.synchronize()
@@ -289,7 +289,7 @@ def bench_one(impl: Impl, n: int, v: int, dtype: torch.dtype, device: str, tbenc
     except Exception as e:  # a baseline that cannot run at this shape is reported, not fatal
         row.error = f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
     finally:
-        del xs, ys
+        xs = ys = None  # free the buffers (the timing closures hold these cells)
         if device == "cuda":
             torch.cuda.empty_cache()
     return row

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+import tofu_kernels as tk
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 # Gradient tolerance per logits dtype, per element: |ours - ref| <= rtol*|ref| + atol*max|ref|.
@@ -81,3 +83,22 @@ def make_logits(shape, vocab, dtype, regime="random", labels=None, scale=3.0):
     }[regime]
     z = z.scatter(-1, t, target)
     return z.to(dtype), labels
+
+
+def run(logits, labels, backend, upstream=None, **kw):
+    """Our loss per token and d(sum(loss * upstream))/d logits."""
+    x = logits.detach().clone().requires_grad_()
+    loss = tk.tofu_loss(x, labels, reduction="none", backend=backend, **kw)
+    w = torch.ones_like(loss) if upstream is None else upstream
+    (loss * w).sum().backward()
+    return loss.detach(), x.grad
+
+
+def reference(logits, labels, upstream=None, compute_dtype=torch.float64, **kw):
+    """fp64 (loss, grad, ce); with compute_dtype=float32, what plain PyTorch achieves."""
+    x = logits.detach().to(compute_dtype).requires_grad_()
+    loss, ce = tk.tofu_loss_reference(x, labels, compute_dtype=compute_dtype, **kw)
+    w = torch.ones_like(loss) if upstream is None else upstream.to(compute_dtype)
+    (loss * w).sum().backward()
+    grad = x.grad if compute_dtype == torch.float64 else x.grad.to(logits.dtype)
+    return loss.detach(), grad, ce

@@ -13,35 +13,13 @@ import torch
 
 import tofu_kernels as tk
 
-from .helpers import DTYPES, assert_grad_close, assert_loss_close, make_logits
+from .helpers import DTYPES, assert_grad_close, assert_loss_close, make_logits, reference, run
 
 pytestmark = pytest.mark.gpu
 
 
 def gpu_backends():
     return ["triton"] + (["cuda"] if tk.extension_loaded() else [])
-
-
-def _run(logits, labels, backend, upstream=None, **kw):
-    x = logits.detach().clone().requires_grad_()
-    loss = tk.tofu_loss(x, labels, reduction="none", backend=backend, **kw)
-    w = torch.ones_like(loss) if upstream is None else upstream
-    (loss * w).sum().backward()
-    return loss.detach(), x.grad
-
-
-def _ref(logits, labels, upstream=None, **kw):
-    x = logits.detach().double().requires_grad_()
-    loss, _ = tk.tofu_loss_reference(x, labels, **kw)
-    w = torch.ones_like(loss) if upstream is None else upstream.double()
-    (loss * w).sum().backward()
-    return loss.detach(), x.grad
-
-
-def _ref_fp32(logits, labels, **kw):
-    x = logits.detach().float().requires_grad_()
-    tk.tofu_loss_reference(x, labels, compute_dtype=torch.float32, **kw)[0].sum().backward()
-    return x.grad.to(logits.dtype)
 
 
 def test_cuda_extension_loaded_on_gpu_machine():
@@ -69,8 +47,8 @@ def test_matches_reference(backend, dtype, shape, vocab, gamma, beta):
         labels[1] = -100
     logits, labels = logits.cuda(), labels.cuda()
     w = torch.randn(labels.shape, device="cuda")
-    loss, grad = _run(logits, labels, backend, upstream=w, gamma=gamma, beta=beta)
-    ref_loss, ref_grad = _ref(logits, labels, upstream=w, gamma=gamma, beta=beta)
+    loss, grad = run(logits, labels, backend, upstream=w, gamma=gamma, beta=beta)
+    ref_loss, ref_grad, _ = reference(logits, labels, upstream=w, gamma=gamma, beta=beta)
     assert_loss_close(loss, ref_loss)
     assert_grad_close(grad, ref_grad, dtype)
 
@@ -82,10 +60,10 @@ def test_matches_reference(backend, dtype, shape, vocab, gamma, beta):
 def test_confidence_regimes(backend, dtype, regime, gamma):
     logits, labels = make_logits((64,), 5000, dtype, regime=regime)
     logits, labels = logits.cuda(), labels.cuda()
-    loss, grad = _run(logits, labels, backend, gamma=gamma)
-    ref_loss, ref_grad = _ref(logits, labels, gamma=gamma)
+    loss, grad = run(logits, labels, backend, gamma=gamma)
+    ref_loss, ref_grad, _ = reference(logits, labels, gamma=gamma)
     assert_loss_close(loss, ref_loss)
-    assert_grad_close(grad, ref_grad, dtype, torch_fp32=_ref_fp32(logits, labels, gamma=gamma))
+    assert_grad_close(grad, ref_grad, dtype, torch_fp32=reference(logits, labels, gamma=gamma, compute_dtype=torch.float32)[1])
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
@@ -100,7 +78,7 @@ def test_sbv_view_and_inplace(backend, inplace):
     w = torch.rand(b, s, device="cuda")
     loss = tk.tofu_loss(logits, labels, reduction="none", backend=backend, inplace_backward=inplace)
     (loss * w).sum().backward()
-    ref_loss, ref_grad = _ref(base.transpose(0, 1), labels, upstream=w)
+    ref_loss, ref_grad, _ = reference(base.transpose(0, 1), labels, upstream=w)
     assert_loss_close(loss, ref_loss)
     assert_grad_close(leaf.grad.transpose(0, 1), ref_grad, torch.bfloat16)
 
@@ -116,7 +94,7 @@ def test_int64_offsets_beyond_2_31(backend):
     loss = tk.tofu_loss(x, labels, reduction="none", backend=backend)
     loss.sum().backward()
     rows = torch.tensor([0, n // 2, n - 2, n - 1], device="cuda")
-    ref_loss, ref_grad = _ref(x.detach()[rows], labels[rows])
+    ref_loss, ref_grad, _ = reference(x.detach()[rows], labels[rows])
     assert_loss_close(loss.detach()[rows], ref_loss)
     assert_grad_close(x.grad[rows], ref_grad, torch.bfloat16)
 
@@ -125,8 +103,8 @@ def test_int64_offsets_beyond_2_31(backend):
 def test_deterministic_bitwise(backend):
     logits, labels = make_logits((512,), 32064, torch.bfloat16)
     logits, labels = logits.cuda(), labels.cuda()
-    a_loss, a_grad = _run(logits, labels, backend)
-    b_loss, b_grad = _run(logits, labels, backend)
+    a_loss, a_grad = run(logits, labels, backend)
+    b_loss, b_grad = run(logits, labels, backend)
     assert torch.equal(a_loss, b_loss) and torch.equal(a_grad, b_grad)
 
 
@@ -189,7 +167,7 @@ def test_backends_agree_closely():
         pytest.fail("CUDA extension not loaded on the GPU machine")
     logits, labels = make_logits((1024,), 151936, torch.bfloat16)
     logits, labels = logits.cuda(), labels.cuda()
-    lt, gt = _run(logits, labels, "triton")
-    lc, gc = _run(logits, labels, "cuda")
+    lt, gt = run(logits, labels, "triton")
+    lc, gc = run(logits, labels, "cuda")
     torch.testing.assert_close(lc, lt, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gc.float(), gt.float(), rtol=2**-7, atol=1e-6)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import tofu_kernels as tk
 from tofu_kernels.backends import triton_backend
 
-from .helpers import DTYPES, assert_grad_close, assert_loss_close, make_logits
+from .helpers import DTYPES, assert_grad_close, assert_loss_close, make_logits, reference, run
 
 BACKENDS = ["torch", "triton"]
 GAMMAS = [0.0, 0.5, 1.0, 3.0, 4.5]
@@ -32,25 +32,6 @@ def tiling(request, monkeypatch):
         monkeypatch.setattr(triton_backend, "FWD_BLOCK", 32)
         monkeypatch.setattr(triton_backend, "TARGET_PROGRAMS", 4096)
     return request.param
-
-
-def run(logits, labels, backend, upstream=None, **kw):
-    """Our loss per token and d(sum(loss * upstream))/d logits."""
-    x = logits.detach().clone().requires_grad_()
-    loss = tk.tofu_loss(x, labels, reduction="none", backend=backend, **kw)
-    w = torch.ones_like(loss) if upstream is None else upstream
-    (loss * w).sum().backward()
-    return loss.detach(), x.grad
-
-
-def reference(logits, labels, upstream=None, compute_dtype=torch.float64, **kw):
-    """fp64 (loss, grad, ce); with compute_dtype=float32, what plain PyTorch achieves."""
-    x = logits.detach().to(compute_dtype).requires_grad_()
-    loss, ce = tk.tofu_loss_reference(x, labels, compute_dtype=compute_dtype, **kw)
-    w = torch.ones_like(loss) if upstream is None else upstream.to(compute_dtype)
-    (loss * w).sum().backward()
-    grad = x.grad if compute_dtype == torch.float64 else x.grad.to(logits.dtype)
-    return loss.detach(), grad, ce
 
 
 # Shapes: one row (the smallest grid), an odd vocab just above a power of two, and a

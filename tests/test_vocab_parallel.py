@@ -14,16 +14,9 @@ import torch.distributed as dist
 import tofu_kernels as tk
 
 from .dist_utils import run_distributed
-from .helpers import assert_grad_close, assert_loss_close, make_logits
+from .helpers import assert_grad_close, assert_loss_close, make_logits, reference
 
 WORLDS = [2, 4]
-
-
-def _reference(full, labels, upstream, **kw):
-    x = full.detach().double().requires_grad_()
-    loss, ce = tk.tofu_loss_reference(x, labels, **kw)
-    (loss * upstream.double()).sum().backward()
-    return loss.detach(), ce, x.grad
 
 
 def _assert_same_on_all_ranks(t: torch.Tensor, world: int) -> None:
@@ -60,7 +53,7 @@ def grid_cases(rank: int, world: int) -> None:
                 loss, ce, grad, cols = _shard_loss(
                     full, labels, rank, world, backend, upstream, gamma=gamma, beta=beta
                 )
-                ref_loss, ref_ce, ref_grad = _reference(full, labels, upstream, gamma=gamma, beta=beta)
+                ref_loss, ref_grad, ref_ce = reference(full, labels, upstream, gamma=gamma, beta=beta)
                 assert_loss_close(loss, ref_loss)
                 assert_loss_close(ce, ref_ce)
                 assert_grad_close(grad, ref_grad[:, cols], dtype)
@@ -80,7 +73,7 @@ def layout_cases(rank: int, world: int) -> None:
         upstream = torch.randn(b, s)
         loss = tk.vocab_parallel_tofu_loss(shard.transpose(0, 1), labels_sb.t(), backend=backend)
         (loss * upstream).sum().backward()
-        ref_loss, _, ref_grad = _reference(full.transpose(0, 1), labels_sb.t(), upstream)
+        ref_loss, ref_grad, _ = reference(full.transpose(0, 1), labels_sb.t(), upstream)
         assert_loss_close(loss, ref_loss)
         assert_grad_close(shard.grad.transpose(0, 1), ref_grad[..., rank * vr : (rank + 1) * vr], torch.float32)
 
@@ -104,7 +97,7 @@ def layout_cases(rank: int, world: int) -> None:
             vocab_end=starts[rank] + sizes[rank],
         )
         (loss * upstream).sum().backward()
-        ref_loss, _, ref_grad = _reference(full, labels, upstream)
+        ref_loss, ref_grad, _ = reference(full, labels, upstream)
         assert_loss_close(loss, ref_loss)
         assert_grad_close(shard.grad[:, : sizes[rank]], ref_grad[:, starts[rank] : starts[rank] + sizes[rank]], torch.bfloat16)
         assert (shard.grad[:, sizes[rank] :] == 0).all(), "padding columns got gradient"
