@@ -123,7 +123,9 @@ def build_model(args) -> torch.nn.Module:
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     cfg = TransformerConfig(
         num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_heads,
-        tensor_model_parallel_size=args.tp, use_cpu_initialization=args.device == "cpu",
+        # CPU init on every device: each rank takes its slice of one seeded master weight,
+        # so shards differ and a CPU and a GPU run start from the same model.
+        tensor_model_parallel_size=args.tp, use_cpu_initialization=True,
         hidden_dropout=0.0, attention_dropout=0.0, params_dtype=dtype, bf16=args.bf16,
         pipeline_dtype=dtype,
     )
