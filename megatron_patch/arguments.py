@@ -19,6 +19,9 @@ from tofu_kernels import BACKENDS
 from .patch import LOSS_TYPES, apply
 
 _HOOKED = "_tofu_hook_original"
+# Modules that call parse_args through a module-level name (imported there by name in
+# some Megatron-LM versions); megatron.training.arguments itself is handled first.
+_PARSE_ARGS_USERS = ("megatron.training.initialize", "megatron.training.training")
 
 
 def _float_arg(strictly_positive: bool):
@@ -113,7 +116,7 @@ def install_hooks() -> None:
     _wrap(arguments, "add_megatron_arguments", make_add)
     original_parse = getattr(arguments.parse_args, _HOOKED, arguments.parse_args)
     wrapped_parse = _wrap(arguments, "parse_args", make_parse)
-    for mod_name in ("megatron.training.initialize", "megatron.training.training"):
+    for mod_name in _PARSE_ARGS_USERS:
         try:
             mod = importlib.import_module(mod_name)
         except ImportError:
@@ -124,8 +127,7 @@ def install_hooks() -> None:
 
 def remove_hooks() -> None:
     """Undo ``install_hooks`` (restores the original functions)."""
-    for mod_name in ("megatron.training.arguments", "megatron.training.initialize",
-                     "megatron.training.training"):
+    for mod_name in ("megatron.training.arguments", *_PARSE_ARGS_USERS):
         try:
             mod = importlib.import_module(mod_name)
         except ImportError:

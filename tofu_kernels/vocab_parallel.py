@@ -136,10 +136,9 @@ def vocab_parallel_tofu_loss(
             _all_gather(gathered, packed, group)
             gathered = gathered.view(world, n_rows + 1, 4)
             metas = gathered[:, n_rows].contiguous().view(torch.int32)  # [world, 4]
-            if check and host_checks_allowed(stats):
-                _check_shards(metas, explicit)
             vocab_size = metas[:, 1].amax().to(torch.int64)  # on device: no sync
             if check and host_checks_allowed(stats):
+                _check_shards(metas, explicit)
                 check_labels(labels, ignore_index, int(vocab_size))
             return combine_stats(gathered[:, :n_rows], beta, dim=0), vocab_size
 

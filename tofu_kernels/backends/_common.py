@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import torch
+
+from ..reference import combine_stats
+
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
@@ -21,3 +25,8 @@ def num_splits(n_rows: int, n_valid: int, tile: int, target_programs: int) -> in
 def split_chunk(n_valid: int, splits: int, tile: int) -> int:
     """Columns per split: a multiple of ``tile`` (keeps 16-byte alignment of every split)."""
     return cdiv(cdiv(max(n_valid, 1), tile), splits) * tile
+
+
+def merge_splits(stats: torch.Tensor, beta: float) -> torch.Tensor:
+    """[N, splits, 4] partial statistics -> [N, 4] (a view when there is one split)."""
+    return stats[:, 0] if stats.shape[1] == 1 else combine_stats(stats, beta, dim=1)

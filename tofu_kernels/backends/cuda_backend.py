@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 
 from .._inputs import RowLayout
-from ..reference import RowResult, combine_stats
-from ._common import num_splits, split_chunk
+from ..reference import RowResult
+from ._common import merge_splits, num_splits, split_chunk
 
 try:
     from .. import _C  # noqa: F401  (registers torch.ops.tofu_kernels.*)
@@ -53,7 +53,7 @@ def row_stats(x, lay: RowLayout, labels, vocab_start, n_valid, beta, ignore_inde
         x, labels, stats, lay.n_inner, lay.s_outer, lay.s_inner, n_valid, vocab_start, chunk,
         ignore_index, beta,
     )
-    return stats[:, 0] if splits == 1 else combine_stats(stats, beta, dim=1)
+    return merge_splits(stats, beta)
 
 
 def grad(x, lay: RowLayout, out, out_lay: RowLayout, labels, params, vocab_start, n_valid, beta):

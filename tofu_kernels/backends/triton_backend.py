@@ -25,8 +25,7 @@ import triton
 import triton.language as tl
 
 from .._inputs import RowLayout
-from ..reference import combine_stats
-from ._common import num_splits, split_chunk
+from ._common import merge_splits, num_splits, split_chunk
 
 NAME = "triton"
 
@@ -178,7 +177,7 @@ def row_stats(
         BETA_IS_ONE=beta == 1.0,
         num_warps=8 if block >= 4096 else 4,
     )
-    return stats[:, 0] if splits == 1 else combine_stats(stats, beta, dim=1)
+    return merge_splits(stats, beta)
 
 
 def grad(
