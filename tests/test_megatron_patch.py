@@ -119,6 +119,19 @@ def test_apply_twice_and_revert_restore_the_original_object():
         megatron_patch.revert()
 
 
+def test_stale_reference_after_revert_calls_megatrons_loss(monkeypatch):
+    """A function object captured while patched falls back to Megatron's loss after revert."""
+    cls, original = _original()
+    calls = []
+    monkeypatch.setattr(cls, "compute_language_model_loss", lambda self, lab, log: calls.append(1) or "ce")
+    try:
+        megatron_patch.apply("tofu")
+        stale = cls.__dict__["compute_language_model_loss"]
+    finally:
+        megatron_patch.revert()
+    assert stale(object(), None, None) == "ce" and calls == [1]
+
+
 def test_cross_entropy_leaves_megatron_untouched():
     cls, original = _original()
     megatron_patch.apply("cross_entropy")
