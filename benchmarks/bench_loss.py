@@ -149,7 +149,7 @@ def _init_megatron(device: str):
 def make_impls(device: str, args) -> tuple[list[Impl], list[str]]:
     """Our backends and every importable baseline; also the names that are missing."""
     import tofu_kernels as tk
-    from tofu_kernels.reference import focal_weight
+    from tofu_kernels.tofu_math import focal_weight
 
     g, b = args.gamma, args.beta
     impls: list[Impl] = []
@@ -161,12 +161,12 @@ def make_impls(device: str, args) -> tuple[list[Impl], list[str]]:
             missing.append("ours-cuda (extension not built)")
     else:
         ours = ["torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
-    # check_labels=False: no per-call host sync, as in training (the Megatron patch checks
+    # check_inputs=False: no per-call host sync, as in training (the Megatron patch checks
     # the first call only); the eager label check is one .item() per call.
     for be in ours:
-        impls.append(Impl(f"ours-{be} TOFU", lambda x, y, be=be: tk.tofu_loss(x, y, g, b, backend=be, check_labels=False), "ours", "tofu"))
+        impls.append(Impl(f"ours-{be} TOFU", lambda x, y, be=be: tk.tofu_loss(x, y, gamma=g, beta=b, backend=be, check_inputs=False), "ours", "tofu"))
     for be in ours:
-        impls.append(Impl(f"ours-{be} CE", lambda x, y, be=be: tk.tofu_loss(x, y, 0.0, 1.0, backend=be, check_labels=False), "ours", "ce"))
+        impls.append(Impl(f"ours-{be} CE", lambda x, y, be=be: tk.tofu_loss(x, y, gamma=0.0, beta=1.0, backend=be, check_inputs=False), "ours", "ce"))
 
     impls.append(Impl("authors TOFU (PyTorch)", lambda x, y: tk.authors_tofu_loss(x, y, g, b).mean(), "baseline", "tofu"))
     if device == "cuda" and not args.no_compile:

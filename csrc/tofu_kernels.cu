@@ -1,6 +1,6 @@
 // TOFU CUDA kernels: row statistics (forward), fused gradient (backward), finalize.
 //
-// Cost model (DESIGN.md 2): the forward reads each logit once (2 B/element in bf16) and
+// Cost model (docs/design.md section 3): the forward reads each logit once (2 B/element in bf16) and
 // does 2 exponentials per element (1 when beta == 1); the backward reads each logit once
 // and writes the gradient once (4 B/element in bf16) with 1 exponential per element.
 // Loads and stores are 16-byte vectors when the row base is 16-byte aligned, scalar
@@ -21,10 +21,7 @@
 namespace tofu {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-constexpr int kVecBytes = 16;
-constexpr int kUnroll = 2;  // vectors in flight per thread per iteration
+constexpr int kWarps = kThreads / 32;  // launch constants: tofu_kernels.h
 
 template <typename T>
 struct Vec {
@@ -136,16 +133,16 @@ __global__ void __launch_bounds__(kThreads) row_stats_kernel(const T* __restrict
     if (lane == 0) {
       const int64_t t = label - a.vocab_start;
       const float zt = (active && t >= lo && t < hi) ? to_float(xr[t]) : 0.f;
-      float* out = stats + (row * gridDim.y + split) * 4;
-      out[0] = st.m;
-      out[1] = st.s1;
-      out[2] = st.sb;
-      out[3] = zt;
+      float* out = stats + (row * gridDim.y + split) * stat::kWidth;
+      out[stat::kM] = st.m;
+      out[stat::kS1] = st.s1;
+      out[stat::kSb] = st.sb;
+      out[stat::kZt] = zt;
     }
   }
 }
 
-// grid (rows, tiles): block writes columns [tile * tile_cols, +tile_cols) of one row.
+// grid (rows, tiles): block writes columns [tile * kTileCols, +kTileCols) of one row.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) grad_kernel(const T* x, T* out,
                                                         const int64_t* __restrict__ labels,
@@ -153,10 +150,11 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(const T* x, T* out,
                                                         RowLayoutArgs l, GradArgs a) {
   constexpr int V = Vec<T>::N;
   const int64_t row = blockIdx.x;
-  const int64_t lo = int64_t(blockIdx.y) * a.tile_cols;
-  const int64_t hi = min(lo + a.tile_cols, a.width);
-  const float* p = params + row * 4;  // (coef, m, log Sb, q_t - 1)
-  const float coef = p[0], m = p[1], log2_sb = p[2] * kLog2e, qt_m1 = p[3];
+  const int64_t lo = int64_t(blockIdx.y) * kTileCols;
+  const int64_t hi = min(lo + kTileCols, a.width);
+  const float* p = params + row * gparam::kWidth;
+  const float coef = p[gparam::kCoef], m = p[gparam::kM], qt_m1 = p[gparam::kQtM1];
+  const float log2_sb = p[gparam::kLogSb] * kLog2e;
   const float ib = kLog2e / a.beta;
   int64_t t = labels[row] - a.vocab_start;
   if (t < 0 || t >= a.n_valid) t = -1;  // target on another rank, or in padding
@@ -199,17 +197,17 @@ __global__ void finalize_kernel(const float* __restrict__ stats, const int64_t* 
                                 int64_t n_rows, FinalizeArgs a) {
   const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (row >= n_rows) return;
-  const float* s = stats + row * 4;  // (m, S1, Sb, z_t)
+  const float* s = stats + row * stat::kWidth;
   const int64_t vocab_size = vocab_size_ptr ? *vocab_size_ptr : a.vocab_size;
-  const RowOut o = finalize_row({s[0], s[1], s[2]}, s[3], labels[row], a.ignore_index, vocab_size,
-                                a.gamma, a.beta);
-  // out is [6, N]: loss, ce, g, m, log_sb, qt_m1 (coalesced per field)
-  out[0 * n_rows + row] = o.loss;
-  out[1 * n_rows + row] = o.ce;
-  out[2 * n_rows + row] = o.g;
-  out[3 * n_rows + row] = o.m;
-  out[4 * n_rows + row] = o.log_sb;
-  out[5 * n_rows + row] = o.qt_m1;
+  const RowOut o = finalize_row({s[stat::kM], s[stat::kS1], s[stat::kSb]}, s[stat::kZt], labels[row],
+                                a.ignore_index, vocab_size, a.gamma, a.beta);
+  // out is [rowout::kWidth, N]: one field per row of out (coalesced per field)
+  out[rowout::kLoss * n_rows + row] = o.loss;
+  out[rowout::kCe * n_rows + row] = o.ce;
+  out[rowout::kG * n_rows + row] = o.g;
+  out[rowout::kM * n_rows + row] = o.m;
+  out[rowout::kLogSb * n_rows + row] = o.log_sb;
+  out[rowout::kQtM1 * n_rows + row] = o.qt_m1;
 }
 
 template <typename T>
@@ -226,7 +224,7 @@ cudaError_t launch_stats_t(const void* x, const int64_t* labels, float* stats, i
 template <typename T>
 cudaError_t launch_grad_t(const void* x, void* out, const int64_t* labels, const float* params,
                           int64_t n_rows, const RowLayoutArgs& l, const GradArgs& a, cudaStream_t s) {
-  const int64_t tiles = (a.width + a.tile_cols - 1) / a.tile_cols;
+  const int64_t tiles = (a.width + kTileCols - 1) / kTileCols;
   const dim3 grid(static_cast<unsigned>(n_rows), static_cast<unsigned>(tiles));
   grad_kernel<T><<<grid, kThreads, 0, s>>>(static_cast<const T*>(x), static_cast<T*>(out), labels,
                                            params, l, a);
@@ -259,9 +257,8 @@ cudaError_t launch_grad(DType dt, const void* x, void* out, const int64_t* label
 
 cudaError_t launch_finalize(const float* stats, const int64_t* labels, const int64_t* vocab_size_ptr,
                             float* out, int64_t n_rows, const FinalizeArgs& a, cudaStream_t s) {
-  const int threads = 256;
-  const unsigned blocks = static_cast<unsigned>((n_rows + threads - 1) / threads);
-  finalize_kernel<<<blocks, threads, 0, s>>>(stats, labels, vocab_size_ptr, out, n_rows, a);
+  const unsigned blocks = static_cast<unsigned>((n_rows + kThreads - 1) / kThreads);
+  finalize_kernel<<<blocks, kThreads, 0, s>>>(stats, labels, vocab_size_ptr, out, n_rows, a);
   return cudaGetLastError();
 }
 

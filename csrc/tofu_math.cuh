@@ -1,7 +1,8 @@
 // TOFU per-element and per-row math, shared by the CUDA kernels (tofu_kernels.cu) and a
 // host test harness (tests/csrc/header_harness.cpp) compiled by g++ from this same file,
 // so the math is checked against the Python reference on machines without a GPU.
-// Spec: DESIGN.md section 2 and tofu_kernels/reference.py (finalize_stats, focal_weight).
+// Twin of tofu_kernels/tofu_math.py (same records, same formulas); the math is derived in
+// docs/design.md section 2.
 #pragma once
 
 #include <math.h>
@@ -14,6 +15,18 @@
 #endif
 
 namespace tofu {
+
+// fp32 record layouts, mirrored from tofu_kernels/tofu_math.py (Stat, GradParam,
+// RowResult); tests/test_cuda_ext.py::test_record_layouts_agree checks the two agree.
+namespace stat {  // statistics of (part of) a row: [..., kWidth]
+enum : int { kM = 0, kS1 = 1, kSb = 2, kZt = 3, kWidth = 4 };
+}
+namespace gparam {  // what the backward reads per row: [N, kWidth]
+enum : int { kCoef = 0, kM = 1, kLogSb = 2, kQtM1 = 3, kWidth = 4 };
+}
+namespace rowout {  // the epilogue's outputs: [kWidth, N]
+enum : int { kLoss = 0, kCe = 1, kG = 2, kM = 3, kLogSb = 4, kQtM1 = 5, kWidth = 6 };
+}
 
 // log2(e): the kernels use exp2 on pre-scaled arguments (ex2.approx on the SFU).
 constexpr float kLog2e = 1.4426950408889634f;
@@ -76,7 +89,7 @@ TOFU_HD float grad_elem(float z, bool is_target, float coef, float m, float log2
   return coef * q;
 }
 
-// Focal weight g(p) from log p, finite everywhere (see reference.focal_weight):
+// Focal weight g(p) from log p, finite everywhere (see tofu_math.focal_weight):
 //   om = 1 - p = -expm1(log p),  g = om^gamma * (1 + gamma * p * (-log p / om)).
 TOFU_HD float focal_weight(float log_p, float gamma) {
   if (gamma == 0.f) return 1.f;
@@ -88,7 +101,7 @@ TOFU_HD float focal_weight(float log_p, float gamma) {
   return expf(gamma * logf(om)) * (1.f + gamma * pr);
 }
 
-// Per-row outputs of the loss; field order matches reference.RowResult.
+// Per-row outputs of the loss; field order is rowout (tofu_math.RowResult).
 struct RowOut {
   float loss, ce, g, m, log_sb, qt_m1;
 };

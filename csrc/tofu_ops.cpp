@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include "tofu_kernels.h"
+#include "tofu_math.cuh"
 
 namespace {
 
@@ -45,9 +46,10 @@ void row_stats(const at::Tensor& x, const at::Tensor& labels, at::Tensor& stats,
                int64_t ignore_index, double beta) {
   const int64_t n_rows = labels.numel();
   check_common(x, labels, n_rows);
-  TORCH_CHECK(n_rows > 0 && stats.numel() % (n_rows * 4) == 0, "tofu_kernels: stats must be [N, splits, 4]");
-  const int64_t splits = stats.numel() / (n_rows * 4);
-  check_f32(stats, n_rows * splits * 4, "stats");
+  TORCH_CHECK(n_rows > 0 && stats.numel() % (n_rows * tofu::stat::kWidth) == 0,
+              "tofu_kernels: stats must be [N, splits, ", int(tofu::stat::kWidth), "]");
+  const int64_t splits = stats.numel() / (n_rows * tofu::stat::kWidth);
+  check_f32(stats, n_rows * splits * tofu::stat::kWidth, "stats");
   TORCH_CHECK(splits <= 65535 && chunk > 0, "tofu_kernels: bad split configuration");
   const c10::cuda::CUDAGuard guard(x.device());
   const tofu::RowLayoutArgs l{n_inner, s_outer, s_inner, 0, 0};
@@ -58,38 +60,28 @@ void row_stats(const at::Tensor& x, const at::Tensor& labels, at::Tensor& stats,
              "row_stats");
 }
 
-void grad_impl(const at::Tensor& x, at::Tensor& out, const at::Tensor& labels, const at::Tensor& params,
-               int64_t n_inner, int64_t xs_outer, int64_t xs_inner, int64_t os_outer, int64_t os_inner,
-               int64_t n_valid, int64_t vocab_start, int64_t tile_cols, double beta) {
+void grad(const at::Tensor& x, at::Tensor& out, const at::Tensor& labels, const at::Tensor& params,
+          int64_t n_inner, int64_t xs_outer, int64_t xs_inner, int64_t os_outer, int64_t os_inner,
+          int64_t n_valid, int64_t vocab_start, double beta) {
   const int64_t n_rows = labels.numel();
   check_common(x, labels, n_rows);
-  check_f32(params, n_rows * 4, "params");
+  check_f32(params, n_rows * tofu::gparam::kWidth, "params");
   TORCH_CHECK(out.scalar_type() == x.scalar_type() && out.is_cuda(), "tofu_kernels: out must match logits");
-  TORCH_CHECK(tile_cols > 0, "tofu_kernels: tile_cols must be positive");
   const int64_t width = x.size(-1);
-  TORCH_CHECK((width + tile_cols - 1) / tile_cols <= 65535, "tofu_kernels: vocab shard too wide");
+  TORCH_CHECK((width + tofu::kTileCols - 1) / tofu::kTileCols <= 65535, "tofu_kernels: vocab shard too wide");
   if (n_rows == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   const tofu::RowLayoutArgs l{n_inner, xs_outer, xs_inner, os_outer, os_inner};
-  const tofu::GradArgs a{n_valid, width, vocab_start, tile_cols, static_cast<float>(beta)};
+  const tofu::GradArgs a{n_valid, width, vocab_start, static_cast<float>(beta)};
   check_cuda(tofu::launch_grad(dtype_of(x), x.data_ptr(), out.data_ptr(), labels.data_ptr<int64_t>(),
                                params.data_ptr<float>(), n_rows, l, a, c10::cuda::getCurrentCUDAStream()),
              "grad");
 }
 
-void grad(const at::Tensor& x, at::Tensor& out, const at::Tensor& labels, const at::Tensor& params,
-          int64_t n_inner, int64_t xs_outer, int64_t xs_inner, int64_t os_outer, int64_t os_inner,
-          int64_t n_valid, int64_t vocab_start, int64_t tile_cols, double beta) {
-  grad_impl(x, out, labels, params, n_inner, xs_outer, xs_inner, os_outer, os_inner, n_valid,
-            vocab_start, tile_cols, beta);
-}
-
 // In-place variant: the gradient overwrites the logits (each element read, then written).
 void grad_inplace(at::Tensor& x, const at::Tensor& labels, const at::Tensor& params, int64_t n_inner,
-                  int64_t s_outer, int64_t s_inner, int64_t n_valid, int64_t vocab_start,
-                  int64_t tile_cols, double beta) {
-  grad_impl(x, x, labels, params, n_inner, s_outer, s_inner, s_outer, s_inner, n_valid, vocab_start,
-            tile_cols, beta);
+                  int64_t s_outer, int64_t s_inner, int64_t n_valid, int64_t vocab_start, double beta) {
+  grad(x, x, labels, params, n_inner, s_outer, s_inner, s_outer, s_inner, n_valid, vocab_start, beta);
 }
 
 void finalize(const at::Tensor& stats, const at::Tensor& labels, const std::optional<at::Tensor>& vocab_size_t,
@@ -97,8 +89,8 @@ void finalize(const at::Tensor& stats, const at::Tensor& labels, const std::opti
   const int64_t n_rows = labels.numel();
   TORCH_CHECK(labels.is_cuda() && labels.scalar_type() == at::kLong && labels.is_contiguous(),
               "tofu_kernels: labels must be a contiguous int64 CUDA tensor");
-  check_f32(stats, n_rows * 4, "stats");
-  check_f32(out, n_rows * 6, "out");
+  check_f32(stats, n_rows * tofu::stat::kWidth, "stats");
+  check_f32(out, n_rows * tofu::rowout::kWidth, "out");
   const int64_t* vs = nullptr;
   if (vocab_size_t.has_value()) {
     TORCH_CHECK(vocab_size_t->is_cuda() && vocab_size_t->scalar_type() == at::kLong && vocab_size_t->numel() == 1,
@@ -121,11 +113,10 @@ TORCH_LIBRARY(tofu_kernels, m) {
       "int n_valid, int vocab_start, int chunk, int ignore_index, float beta) -> ()");
   m.def(
       "grad(Tensor x, Tensor(a!) out, Tensor labels, Tensor params, int n_inner, int xs_outer, "
-      "int xs_inner, int os_outer, int os_inner, int n_valid, int vocab_start, int tile_cols, "
-      "float beta) -> ()");
+      "int xs_inner, int os_outer, int os_inner, int n_valid, int vocab_start, float beta) -> ()");
   m.def(
       "grad_inplace(Tensor(a!) x, Tensor labels, Tensor params, int n_inner, int s_outer, "
-      "int s_inner, int n_valid, int vocab_start, int tile_cols, float beta) -> ()");
+      "int s_inner, int n_valid, int vocab_start, float beta) -> ()");
   m.def(
       "finalize(Tensor stats, Tensor labels, Tensor? vocab_size_t, Tensor(a!) out, int vocab_size, "
       "float gamma, float beta, int ignore_index) -> ()");
@@ -139,6 +130,17 @@ TORCH_LIBRARY_IMPL(tofu_kernels, CUDA, m) {
 }
 
 // A Python module named _C so that `import tofu_kernels._C` loads the library (and the
-// static registrations above) the ordinary way.
+// static registrations above) the ordinary way. It also carries the launch constants
+// (tofu_kernels.h), so Python's launch policy reads them from C++ instead of copying them.
 static struct PyModuleDef tofu_module = {PyModuleDef_HEAD_INIT, "_C", "TOFU CUDA kernels (torch ops)", -1, nullptr};
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&tofu_module); }
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* m = PyModule_Create(&tofu_module);
+  if (m == nullptr) return nullptr;
+  if (PyModule_AddIntConstant(m, "THREADS", tofu::kThreads) < 0 ||
+      PyModule_AddIntConstant(m, "TILE_COLS", static_cast<long>(tofu::kTileCols)) < 0 ||
+      PyModule_AddIntConstant(m, "TARGET_BLOCKS", static_cast<long>(tofu::kTargetBlocks)) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
+}

@@ -14,7 +14,7 @@ import argparse
 import functools
 import importlib
 
-from tofu_kernels import BACKENDS
+from tofu_kernels.params import BACKENDS, DEFAULT_BETA, DEFAULT_GAMMA, beta_error, gamma_error
 
 from .patch import LOSS_TYPES, apply
 
@@ -24,21 +24,20 @@ _HOOKED = "_tofu_hook_original"
 _PARSE_ARGS_USERS = ("megatron.training.initialize", "megatron.training.training")
 
 
-def _float_arg(strictly_positive: bool):
-    """argparse type: a finite float >= 0 (or > 0), with a message naming the bound."""
-    bound = "> 0" if strictly_positive else ">= 0"
+def _float_arg(rule, name: str):
+    """argparse type from a validity rule of tofu_kernels.params (gamma_error, beta_error)."""
 
     def parse(text: str) -> float:
         try:
             v = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        ok = (v > 0.0 if strictly_positive else v >= 0.0) and v != float("inf")
-        if not ok:
-            raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text}")
+        err = rule(v)
+        if err:
+            raise argparse.ArgumentTypeError(err.replace(repr(v), text))
         return v
 
-    parse.__name__ = f"float {bound}"
+    parse.__name__ = name
     return parse
 
 
@@ -50,10 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--loss-type", choices=LOSS_TYPES, default="cross_entropy",
                    help="language-model loss: Megatron's cross entropy (default, untouched) "
                         "or the Tempered Focal loss")
-    g.add_argument("--tofu-gamma", type=_float_arg(strictly_positive=False), default=3.0,
-                   help="TOFU focal exponent gamma >= 0 (default 3.0)")
-    g.add_argument("--tofu-beta", type=_float_arg(strictly_positive=True), default=0.8,
-                   help="TOFU softmax temperature beta > 0 (default 0.8)")
+    g.add_argument("--tofu-gamma", type=_float_arg(gamma_error, "gamma"), default=DEFAULT_GAMMA,
+                   help=f"TOFU focal exponent gamma >= 0 (default {DEFAULT_GAMMA})")
+    g.add_argument("--tofu-beta", type=_float_arg(beta_error, "beta"), default=DEFAULT_BETA,
+                   help=f"TOFU softmax temperature beta > 0 (default {DEFAULT_BETA})")
     g.add_argument("--tofu-backend", choices=BACKENDS, default="auto",
                    help="kernel backend (default auto: CUDA extension, else Triton)")
     return parser

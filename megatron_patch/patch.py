@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tofu_kernels import BACKENDS, vocab_parallel_tofu_loss
-from tofu_kernels._inputs import check_hyperparameters
+from tofu_kernels import vocab_parallel_tofu_loss
+from tofu_kernels.params import BACKENDS, DEFAULT_BETA, DEFAULT_GAMMA, check_hyperparameters
 
 LOSS_TYPES = ("cross_entropy", "tofu")
 _TARGET = "megatron.core.models.common.language_module.language_module.LanguageModule"
@@ -90,7 +90,9 @@ def tofu_compute_language_model_loss(self, labels: torch.Tensor, logits: torch.T
 tofu_compute_language_model_loss._tofu_patched = True  # marker: applying twice is a no-op
 
 
-def apply(loss_type: str = "tofu", gamma: float = 3.0, beta: float = 0.8, backend: str = "auto") -> None:
+def apply(
+    loss_type: str = "tofu", gamma: float = DEFAULT_GAMMA, beta: float = DEFAULT_BETA, backend: str = "auto"
+) -> None:
     """Make Megatron-Core compute ``loss_type`` in every LanguageModule.
 
     ``"tofu"`` installs the TOFU loss with ``gamma``/``beta``/``backend`` (again: updates
@@ -134,7 +136,7 @@ def config() -> TOFUConfig | None:
 def last_cross_entropy() -> torch.Tensor | None:
     """Per-token plain cross entropy ``[b, s]`` (detached) of the latest patched call.
 
-    For logging next to the TOFU loss: mask and average it like the loss in
-    ``loss_func`` (see ``megatron_patch.sft_gpt.loss_func``). No host sync.
+    For logging next to the TOFU loss: mask and average it like the loss in your
+    ``loss_func``. No host sync.
     """
     return _State.last_ce

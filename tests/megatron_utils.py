@@ -1,4 +1,5 @@
-"""A real tiny Megatron-Core GPTModel on CPU with gloo (DESIGN.md section 8 recipe)."""
+"""A real tiny Megatron-Core GPTModel on CPU with gloo: Megatron hard-codes CUDA in a few
+places (current_device, RNG tracker), worked around here for tests only."""
 
 from __future__ import annotations
 

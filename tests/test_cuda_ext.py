@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 import torch
 
 import tofu_kernels as tk
-from tofu_kernels.reference import finalize_stats
+from tofu_kernels.tofu_math import GradParam, RowResult, Stat, finalize_stats
 
 ROOT = Path(__file__).resolve().parent.parent
 NVCC = shutil.which("nvcc") or (Path("/usr/local/cuda/bin/nvcc").exists() or None)
@@ -139,11 +140,42 @@ def harness(tmp_path_factory):
     h.tofu_focal_weight.restype = ctypes.c_float
     h.tofu_finalize_row.argtypes = [ctypes.c_float] * 4 + [ctypes.c_longlong] * 3 + [ctypes.c_float] * 2 + [f32p]
     h.tofu_grad_row.argtypes = [f32p, ctypes.c_int, ctypes.c_int] + [ctypes.c_float] * 5 + [f32p]
+    h.tofu_layouts.argtypes = [ctypes.POINTER(ctypes.c_int)]
+    h.tofu_layouts.restype = ctypes.c_int
     return h
 
 
 def _ptr(t: torch.Tensor):
     return ctypes.cast(t.data_ptr(), ctypes.POINTER(ctypes.c_float))
+
+
+def test_record_layouts_agree(harness):
+    """csrc/tofu_math.cuh mirrors tofu_math.Stat, GradParam and RowResult field for field."""
+    buf = (ctypes.c_int * 64)()
+    got = list(buf[: harness.tofu_layouts(buf)])
+    expect = [int(f) for f in Stat] + [len(Stat)]
+    expect += [int(f) for f in GradParam] + [len(GradParam)]
+    expect += list(range(len(RowResult._fields))) + [len(RowResult._fields)]
+    assert got == expect
+    # the C++ names follow the Python ones (kLogSb <-> LOG_SB, kLoss <-> loss)
+    header = (ROOT / "csrc" / "tofu_math.cuh").read_text()
+    for ns, names in (("stat", [f.name for f in Stat]), ("gparam", [f.name for f in GradParam]),
+                      ("rowout", list(RowResult._fields))):
+        enum = re.search(rf"namespace {ns} \{{.*?enum : int \{{([^}}]*)\}}", header, re.S).group(1)
+        cxx = [e.split("=")[0].strip()[1:].lower() for e in enum.split(",")]
+        assert cxx[:-1] == [n.replace("_", "").lower() for n in names] and cxx[-1] == "width", (ns, cxx)
+
+
+@needs_ext
+def test_launch_constants_come_from_the_extension():
+    """Python's launch policy uses the C++ constants (csrc/tofu_kernels.h), not copies."""
+    from tofu_kernels import _C
+    from tofu_kernels.backends import cuda_backend
+
+    header = (ROOT / "csrc" / "tofu_kernels.h").read_text()
+    assert f"kTileCols = {_C.TILE_COLS};" in header and f"kTargetBlocks = {_C.TARGET_BLOCKS};" in header
+    assert f"kThreads = {_C.THREADS};" in header
+    assert (cuda_backend.TILE_COLS, cuda_backend.TARGET_BLOCKS) == (_C.TILE_COLS, _C.TARGET_BLOCKS)
 
 
 @pytest.mark.parametrize("beta", [0.5, 0.8, 1.0, 1.5])

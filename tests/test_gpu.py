@@ -116,7 +116,7 @@ def test_cuda_graph_capture_and_replay(backend):
 
     def step():
         static_x.grad = None
-        loss = tk.tofu_loss(static_x, static_y, backend=backend, check_labels=False)
+        loss = tk.tofu_loss(static_x, static_y, backend=backend, check_inputs=False)
         loss.backward()
         return loss
 
@@ -129,7 +129,7 @@ def test_cuda_graph_capture_and_replay(backend):
     static_x.grad = None
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        static_loss = tk.tofu_loss(static_x, static_y, backend=backend, check_labels=False)
+        static_loss = tk.tofu_loss(static_x, static_y, backend=backend, check_inputs=False)
         static_loss.backward()
     new_x = torch.randn(n, v, device="cuda", dtype=torch.bfloat16)
     new_y = torch.randint(0, v, (n,), device="cuda")

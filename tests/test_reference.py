@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import tofu_kernels as tk
-from tofu_kernels.reference import combine_stats, finalize_stats
+from tofu_kernels.tofu_math import combine_stats, finalize_stats
 
 
 def direct_g(p: float, gamma: float) -> float:
@@ -42,7 +42,7 @@ def test_authors_formula_is_nan_at_confident_tokens():
     z = torch.tensor([[60.0, 0.0, 0.0]])
     y = torch.tensor([0])
     # NaN for 0 < gamma < 1 ((1-p)^(gamma-1) = inf times log p = 0). At gamma = 1 torch
-    # evaluates 0^0 = 1, so DESIGN's "gamma <= 1" is really "gamma < 1".
+    # evaluates 0^0 = 1, so the NaN region is gamma < 1, not gamma <= 1.
     for gamma in (0.25, 0.5):
         assert torch.isnan(tk.authors_tofu_loss(z, y, gamma=gamma)).all()
         assert torch.isfinite(tk.tofu_loss_reference(z, y, gamma=gamma)[0]).all()
@@ -102,3 +102,16 @@ def test_finalize_matches_reference_and_masks():
     assert torch.isnan(res.loss[3:]).all() and torch.isnan(res.g[3:]).all()
     for t in (res.m, res.log_sb, res.qt_m1):  # backward scalars stay finite
         assert torch.isfinite(t).all()
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0, 3.0, 4.5])
+def test_spec_and_fast_path_focal_weights_agree(gamma):
+    """The spec's term-by-term g and the fast path's log-space g are two derivations of one
+    function: they agree to fp64 rounding everywhere, limits included."""
+    from tofu_kernels.reference import spec_focal_weight
+
+    lp = torch.tensor([0.0, -1e-300, -1e-30, -1e-7, -0.01, -math.log(2), -5.0, -70.0, -700.0, -1e4, -math.inf],
+                      dtype=torch.float64)
+    spec, fast = spec_focal_weight(lp, gamma), tk.focal_weight(lp, gamma)
+    assert torch.isfinite(spec).all()
+    torch.testing.assert_close(spec, fast, rtol=1e-12, atol=1e-300)

@@ -5,15 +5,20 @@
 """
 
 from .backends import BACKENDS, extension_loaded
-from .loss import TOFULoss, tofu_loss
-from .reference import authors_tofu_loss, focal_weight, tofu_loss_reference
-from .vocab_parallel import vocab_parallel_tofu_loss
+from .loss import TOFULoss, tofu_loss, vocab_parallel_tofu_loss
+from .params import DEFAULT_BETA, DEFAULT_GAMMA, DEFAULT_IGNORE_INDEX, TOFUParams
+from .reference import authors_tofu_loss, tofu_loss_reference
+from .tofu_math import focal_weight
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "DEFAULT_BETA",
+    "DEFAULT_GAMMA",
+    "DEFAULT_IGNORE_INDEX",
     "TOFULoss",
+    "TOFUParams",
     "authors_tofu_loss",
     "extension_loaded",
     "focal_weight",

@@ -1,4 +1,4 @@
-"""Input validation and the strided row layout shared by every backend (written once)."""
+"""Tensor validation and the strided row layout shared by every backend (written once)."""
 
 from __future__ import annotations
 
@@ -7,17 +7,9 @@ from dataclasses import dataclass
 import torch
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-REDUCTIONS = ("mean", "sum", "none")
 
 
-def check_hyperparameters(gamma: float, beta: float) -> None:
-    if not isinstance(gamma, (int, float)) or not gamma >= 0.0 or gamma == float("inf"):
-        raise ValueError(f"tofu_loss: gamma must be a finite float >= 0, got {gamma!r}")
-    if not isinstance(beta, (int, float)) or not beta > 0.0 or beta == float("inf"):
-        raise ValueError(f"tofu_loss: beta must be a finite float > 0, got {beta!r}")
-
-
-def check_tensors(logits: torch.Tensor, labels: torch.Tensor, reduction: str) -> None:
+def check_tensors(logits: torch.Tensor, labels: torch.Tensor) -> None:
     if not isinstance(logits, torch.Tensor) or not isinstance(labels, torch.Tensor):
         raise TypeError("tofu_loss: logits and labels must be torch.Tensor")
     if logits.dtype not in _FLOAT_DTYPES:
@@ -37,8 +29,6 @@ def check_tensors(logits: torch.Tensor, labels: torch.Tensor, reduction: str) ->
         raise ValueError(
             f"tofu_loss: logits on {logits.device} but labels on {labels.device}"
         )
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"tofu_loss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
 def host_checks_allowed(t: torch.Tensor) -> bool:
@@ -54,7 +44,7 @@ def host_checks_allowed(t: torch.Tensor) -> bool:
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-def check_labels(labels: torch.Tensor, ignore_index: int, vocab_size: int) -> None:
+def check_label_range(labels: torch.Tensor, ignore_index: int, vocab_size: int) -> None:
     """Raise on labels outside [0, vocab_size) that are not ignore_index (one host sync).
 
     Where this check is skipped the kernels give NaN for such tokens instead.
@@ -67,6 +57,23 @@ def check_labels(labels: torch.Tensor, ignore_index: int, vocab_size: int) -> No
             f"tofu_loss: {n_bad} label(s) outside [0, {vocab_size}) and not "
             f"ignore_index={ignore_index}, e.g. {first}"
         )
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Which global vocab columns the last dim of a logits tensor holds.
+
+    Local column ``j < n_valid`` is global column ``vocab_start + j``; the remaining
+    columns of the row are padding and never contribute (their gradient is 0). A whole
+    row on one device is ``Shard(0, V)``.
+    """
+
+    vocab_start: int
+    n_valid: int
+
+    @property
+    def vocab_end(self) -> int:
+        return self.vocab_start + self.n_valid
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,11 @@
-"""Vocab-parallel (tensor-parallel) TOFU loss: one packed collective per call.
+"""Tensor parallelism over the vocabulary: where a rank's columns sit, and the one collective.
 
 Each rank holds a contiguous slice of the vocabulary (Megatron's layout: rank r holds
 global columns [r * Vr, (r + 1) * Vr), or an explicit [vocab_start, vocab_end) for
-uneven or padded shards). The forward computes the local row statistics with the same
-backend kernels as the single-device path, exchanges them in ONE all-gather, merges
-them with ``combine_stats`` and computes the loss identically on every rank. The
-backward needs no collective: every rank already holds the global max, log Sb and g
-of each row and writes only its own shard's gradient.
+uneven or padded shards). The loss (``loss.py``) computes each rank's row statistics
+with the same backend kernels as the single-device path, and :func:`all_gather_stats`
+exchanges them in ONE all-gather and merges them, so that every rank computes the same
+loss; the backward needs no collective (every rank holds the global max, log Sb and g).
 
 Why one all-gather of 4 fp32 per token (plus one metadata row) rather than Megatron's
 three all-reduces (MAX, SUM, SUM) or MAX + one packed SUM: the merge needs every
@@ -23,19 +22,53 @@ in the same collective, so mismatched shards are caught without a second one.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from ._inputs import check_labels, host_checks_allowed
-from .loss import Shard, _tofu
-from .reference import combine_stats
+from ._inputs import Shard
+from .tofu_math import Stat, combine_stats
+
+_META_FIELDS = ("vocab_start", "vocab_end", "width", "rows")  # one int32 each, in a Stat-wide row
+assert len(_META_FIELDS) == len(Stat)
 
 
-def _world(group) -> tuple[int, int]:
-    if group is None and not (dist.is_available() and dist.is_initialized()):
-        return 1, 0
-    return dist.get_world_size(group), dist.get_rank(group)
+@dataclass(frozen=True)
+class TensorParallel:
+    """Tensor-parallel options of :func:`tofu_kernels.vocab_parallel_tofu_loss`.
+
+    ``group``: the tensor-parallel process group (None: the default group).
+    ``vocab_start`` / ``vocab_end``: the global columns this rank holds as its first
+    ``vocab_end - vocab_start`` local columns (default ``rank * width`` and ``+ width``);
+    the rest of the local row is padding.
+    """
+
+    group: Any = None
+    vocab_start: int | None = None
+    vocab_end: int | None = None
+
+    @property
+    def explicit(self) -> bool:
+        return self.vocab_start is not None or self.vocab_end is not None
+
+    def world_and_rank(self) -> tuple[int, int]:
+        """(1, 0) without an initialized process group: no communication at all."""
+        if self.group is None and not (dist.is_available() and dist.is_initialized()):
+            return 1, 0
+        return dist.get_world_size(self.group), dist.get_rank(self.group)
+
+    def local_shard(self, width: int, rank: int) -> Shard:
+        """This rank's :class:`Shard` of a local row ``width`` columns wide (validated)."""
+        start = rank * width if self.vocab_start is None else int(self.vocab_start)
+        end = start + width if self.vocab_end is None else int(self.vocab_end)
+        if not 0 <= start <= end or end - start > width:
+            raise ValueError(
+                f"vocab_parallel_tofu_loss: [vocab_start, vocab_end) = [{start}, {end}) must "
+                f"be a valid range of at most the shard width {width}"
+            )
+        return Shard(start, end - start)
 
 
 def _all_gather(out: torch.Tensor, inp: torch.Tensor, group) -> None:
@@ -46,7 +79,7 @@ def _all_gather(out: torch.Tensor, inp: torch.Tensor, group) -> None:
 
 @functools.lru_cache(maxsize=64)
 def _meta_row(start: int, end: int, width: int, n_rows: int, device: torch.device) -> torch.Tensor:
-    """This rank's (vocab_start, vocab_end, width, rows) as int32 bits in one fp32 row.
+    """This rank's ``_META_FIELDS`` as int32 bits in one fp32 row.
 
     Cached per shape: the host-to-device copy happens once, never inside a CUDA graph.
     """
@@ -54,97 +87,45 @@ def _meta_row(start: int, end: int, width: int, n_rows: int, device: torch.devic
     return meta.view(torch.float32).unsqueeze(0)
 
 
-def _check_shards(meta: torch.Tensor, explicit: bool) -> None:
-    """Host check of the gathered [world, 4] (vocab_start, vocab_end, width, rows)."""
-    rows = meta.tolist()
-    widths = {r[2] for r in rows}
-    if not explicit and len(widths) > 1:
+def all_gather_stats(
+    stats: torch.Tensor, shard: Shard, width: int, tp: TensorParallel, beta: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The one collective: merge every rank's ``[N, len(Stat)]`` statistics.
+
+    Returns the merged statistics (identical on every rank), the global vocab size as a
+    device scalar (no host sync) and the gathered ``[world, len(_META_FIELDS)]`` int32
+    metadata, which :func:`check_shards` reads when host checks are allowed.
+    """
+    n_rows, world = stats.shape[0], dist.get_world_size(tp.group)
+    meta = _meta_row(shard.vocab_start, shard.vocab_end, width, n_rows, stats.device)
+    packed = torch.cat([stats, meta])  # [N + 1, len(Stat)]
+    gathered = torch.empty(world * (n_rows + 1), len(Stat), dtype=torch.float32, device=stats.device)
+    _all_gather(gathered, packed, tp.group)
+    gathered = gathered.view(world, n_rows + 1, len(Stat))
+    metas = gathered[:, n_rows].contiguous().view(torch.int32)
+    vocab_size = metas[:, _META_FIELDS.index("vocab_end")].amax().to(torch.int64)
+    return combine_stats(gathered[:, :n_rows], beta, dim=0), vocab_size, metas
+
+
+def check_shards(metas: torch.Tensor, explicit: bool) -> None:
+    """Host check of the gathered metadata: equal widths (default layout), equal token
+    counts, and rank ranges that tile [0, V) without gaps or overlaps."""
+    rows = [dict(zip(_META_FIELDS, r)) for r in metas.tolist()]
+    widths = [r["width"] for r in rows]
+    if not explicit and len(set(widths)) > 1:
         raise ValueError(
-            "vocab_parallel_tofu_loss: logits shard widths differ across ranks "
-            f"({[r[2] for r in rows]}); pass vocab_start/vocab_end for uneven shards"
+            f"vocab_parallel_tofu_loss: logits shard widths differ across ranks ({widths}); "
+            "pass vocab_start/vocab_end for uneven shards"
         )
-    if len({r[3] for r in rows}) > 1:
-        raise ValueError(
-            f"vocab_parallel_tofu_loss: token counts differ across ranks ({[r[3] for r in rows]})"
-        )
-    spans = sorted((r[0], r[1]) for r in rows)
+    counts = [r["rows"] for r in rows]
+    if len(set(counts)) > 1:
+        raise ValueError(f"vocab_parallel_tofu_loss: token counts differ across ranks ({counts})")
+    spans = [(r["vocab_start"], r["vocab_end"]) for r in rows]
     expect = 0
-    for start, end in spans:
+    for start, end in sorted(spans):
         if start != expect:
             raise ValueError(
                 "vocab_parallel_tofu_loss: rank vocab ranges must tile [0, V) without gaps "
-                f"or overlaps; got {[(r[0], r[1]) for r in rows]}"
+                f"or overlaps; got {spans}"
             )
         expect = end
-
-
-def vocab_parallel_tofu_loss(
-    logits_shard: torch.Tensor,
-    labels: torch.Tensor,
-    gamma: float = 3.0,
-    beta: float = 0.8,
-    group=None,
-    ignore_index: int = -100,
-    backend: str = "auto",
-    inplace_backward: bool = False,
-    vocab_start: int | None = None,
-    vocab_end: int | None = None,
-    reduction: str = "none",
-    return_ce: bool = False,
-    check_inputs: bool = True,
-):
-    """TOFU loss over logits whose vocab dim is sharded across ``group``.
-
-    Args:
-        logits_shard: ``[..., Vr]`` this rank's columns (fp32/bf16/fp16, strided views ok).
-        labels: ``[...]`` global ids (identical on all ranks) or ``ignore_index``.
-        group: the tensor-parallel process group (None: the default group; no
-            communication at all when torch.distributed is not initialized or the
-            world size is 1).
-        vocab_start, vocab_end: the global columns this rank holds as its first
-            ``vocab_end - vocab_start`` local columns (default ``rank * Vr`` and
-            ``+ Vr``); the rest of the row is padding and never contributes.
-        reduction, return_ce, inplace_backward, backend: as in :func:`tofu_loss`.
-        check_inputs: host checks in eager mode (labels in ``[0, V)``, shard ranges
-            tiling ``[0, V)``, equal widths and token counts); without them invalid
-            labels give NaN.
-
-    Returns:
-        fp32 per-token loss of ``labels``' shape (for ``reduction="none"``), identical
-        on every rank; the gradient flows into this rank's shard only.
-    """
-    world, rank = _world(group)
-    explicit = vocab_start is not None or vocab_end is not None
-
-    def make_shard(x: torch.Tensor, check: bool) -> Shard:
-        width = x.shape[-1]
-        start = rank * width if vocab_start is None else int(vocab_start)
-        end = start + width if vocab_end is None else int(vocab_end)
-        if not 0 <= start <= end or end - start > width:
-            raise ValueError(
-                f"vocab_parallel_tofu_loss: [vocab_start, vocab_end) = [{start}, {end}) must "
-                f"be a valid range of at most the shard width {width}"
-            )
-        if world == 1:
-            return Shard(start, end - start, end)
-        n_rows = x.numel() // width
-
-        def reduce_stats(stats: torch.Tensor):
-            meta = _meta_row(start, end, width, n_rows, stats.device)
-            packed = torch.cat([stats, meta])  # [N + 1, 4]
-            gathered = torch.empty(world * (n_rows + 1), 4, dtype=torch.float32, device=stats.device)
-            _all_gather(gathered, packed, group)
-            gathered = gathered.view(world, n_rows + 1, 4)
-            metas = gathered[:, n_rows].contiguous().view(torch.int32)  # [world, 4]
-            vocab_size = metas[:, 1].amax().to(torch.int64)  # on device: no sync
-            if check and host_checks_allowed(stats):
-                _check_shards(metas, explicit)
-                check_labels(labels, ignore_index, int(vocab_size))
-            return combine_stats(gathered[:, :n_rows], beta, dim=0), vocab_size
-
-        return Shard(start, end - start, end, reduce_stats)
-
-    return _tofu(
-        logits_shard, labels, gamma, beta, ignore_index, reduction, backend, inplace_backward,
-        return_ce, check_inputs, make_shard,
-    )

@@ -32,6 +32,19 @@ tofu::Stats stats_of(const float* z, int n, float beta, int parts) {
 
 extern "C" {
 
+// The record layouts as the kernels see them: stat::{kM, kS1, kSb, kZt, kWidth},
+// gparam::{kCoef, kM, kLogSb, kQtM1, kWidth}, rowout::{kLoss, ..., kQtM1, kWidth}.
+int tofu_layouts(int* out) {
+  const int v[] = {tofu::stat::kM,      tofu::stat::kS1,     tofu::stat::kSb,      tofu::stat::kZt,
+                   tofu::stat::kWidth,  tofu::gparam::kCoef, tofu::gparam::kM,     tofu::gparam::kLogSb,
+                   tofu::gparam::kQtM1, tofu::gparam::kWidth, tofu::rowout::kLoss, tofu::rowout::kCe,
+                   tofu::rowout::kG,    tofu::rowout::kM,    tofu::rowout::kLogSb, tofu::rowout::kQtM1,
+                   tofu::rowout::kWidth};
+  const int n = sizeof(v) / sizeof(v[0]);
+  for (int k = 0; k < n; ++k) out[k] = v[k];
+  return n;
+}
+
 void tofu_row_stats(const float* z, int n, float beta, int parts, float* out) {
   const tofu::Stats st = beta == 1.0f ? stats_of<true>(z, n, beta, parts) : stats_of<false>(z, n, beta, parts);
   out[0] = st.m;

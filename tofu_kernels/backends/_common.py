@@ -1,10 +1,16 @@
-"""Launch-policy helpers shared by the GPU backends (Triton and CUDA)."""
+"""Pieces shared by the backends: the default finalize, and the GPU launch policy."""
 
 from __future__ import annotations
 
 import torch
 
-from ..reference import combine_stats
+from ..params import TOFUParams
+from ..tofu_math import RowResult, combine_stats, finalize_stats
+
+
+def finalize_in_torch(stats: torch.Tensor, labels: torch.Tensor, params: TOFUParams, vocab_size) -> RowResult:
+    """The default ``Backend.finalize``: the O(N) epilogue as plain torch operations."""
+    return finalize_stats(stats, labels, params.gamma, params.beta, params.ignore_index, vocab_size)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -28,5 +34,5 @@ def split_chunk(n_valid: int, splits: int, tile: int) -> int:
 
 
 def merge_splits(stats: torch.Tensor, beta: float) -> torch.Tensor:
-    """[N, splits, 4] partial statistics -> [N, 4] (a view when there is one split)."""
+    """[N, splits, len(Stat)] partial statistics -> [N, len(Stat)] (a view for one split)."""
     return stats[:, 0] if stats.shape[1] == 1 else combine_stats(stats, beta, dim=1)

@@ -7,18 +7,20 @@ implementations below let torch.compile and FakeTensor tracing see through them.
 Besides the two kernels every backend has, it provides ``finalize``: the per-row
 epilogue (focal weight, loss, backward scalars) as one fused kernel instead of ~20
 small torch ops, from the same header math that the host harness tests.
+The launch constants (tile, blocks) are C++'s, read from the extension module.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .._inputs import RowLayout
-from ..reference import RowResult
+from .._inputs import RowLayout, Shard
+from ..params import TOFUParams
+from ..tofu_math import RowResult, Stat
 from ._common import merge_splits, num_splits, split_chunk
 
 try:
-    from .. import _C  # noqa: F401  (registers torch.ops.tofu_kernels.*)
+    from .. import _C  # registers torch.ops.tofu_kernels.*
 except ImportError as e:
     raise ImportError(
         "the CUDA extension tofu_kernels._C is not built; install from source on a "
@@ -28,9 +30,8 @@ except ImportError as e:
 
 NAME = "cuda"
 OPS = torch.ops.tofu_kernels
-# Columns per CTA tile: 256 threads x 16-byte vectors x 2 in flight = 4096 bf16 values.
-TILE = 4096
-TARGET_PROGRAMS = 1024
+TILE_COLS = _C.TILE_COLS  # columns per gradient block / statistics split (csrc/tofu_kernels.h)
+TARGET_BLOCKS = _C.TARGET_BLOCKS
 
 
 def available(device: torch.device) -> tuple[bool, str]:
@@ -45,34 +46,36 @@ for _name in ("row_stats", "grad", "grad_inplace", "finalize"):
     torch.library.register_fake(f"tofu_kernels::{_name}")(lambda *args, **kwargs: None)
 
 
-def row_stats(x, lay: RowLayout, labels, vocab_start, n_valid, beta, ignore_index):
-    splits = num_splits(lay.n_rows, n_valid, TILE, TARGET_PROGRAMS)
-    chunk = split_chunk(n_valid, splits, TILE)
-    stats = torch.empty(lay.n_rows, splits, 4, dtype=torch.float32, device=x.device)
+def row_stats(x, lay: RowLayout, labels, shard: Shard, beta: float, ignore_index: int):
+    splits = num_splits(lay.n_rows, shard.n_valid, TILE_COLS, TARGET_BLOCKS)
+    chunk = split_chunk(shard.n_valid, splits, TILE_COLS)
+    stats = torch.empty(lay.n_rows, splits, len(Stat), dtype=torch.float32, device=x.device)
     OPS.row_stats(
-        x, labels, stats, lay.n_inner, lay.s_outer, lay.s_inner, n_valid, vocab_start, chunk,
-        ignore_index, beta,
+        x, labels, stats, lay.n_inner, lay.s_outer, lay.s_inner, shard.n_valid, shard.vocab_start,
+        chunk, ignore_index, beta,
     )
     return merge_splits(stats, beta)
 
 
-def grad(x, lay: RowLayout, out, out_lay: RowLayout, labels, params, vocab_start, n_valid, beta):
-    params = params.contiguous()
+def grad(x, lay: RowLayout, out, out_lay: RowLayout, labels, grad_params, shard: Shard, beta: float):
+    grad_params = grad_params.contiguous()
     if out is x:
         OPS.grad_inplace(
-            x, labels, params, lay.n_inner, lay.s_outer, lay.s_inner, n_valid, vocab_start, TILE, beta
+            x, labels, grad_params, lay.n_inner, lay.s_outer, lay.s_inner, shard.n_valid,
+            shard.vocab_start, beta,
         )
     else:
         OPS.grad(
-            x, out, labels, params, lay.n_inner, lay.s_outer, lay.s_inner, out_lay.s_outer,
-            out_lay.s_inner, n_valid, vocab_start, TILE, beta,
+            x, out, labels, grad_params, lay.n_inner, lay.s_outer, lay.s_inner, out_lay.s_outer,
+            out_lay.s_inner, shard.n_valid, shard.vocab_start, beta,
         )
 
 
-def finalize(stats, labels, gamma, beta, ignore_index, vocab_size) -> RowResult:
-    out = torch.empty(6, labels.numel(), dtype=torch.float32, device=stats.device)
+def finalize(stats, labels, params: TOFUParams, vocab_size) -> RowResult:
+    out = torch.empty(len(RowResult._fields), labels.numel(), dtype=torch.float32, device=stats.device)
+    args = (params.gamma, params.beta, params.ignore_index)
     if isinstance(vocab_size, torch.Tensor):  # vocab-parallel: global V known on device only
-        OPS.finalize(stats.contiguous(), labels, vocab_size.reshape(1), out, 0, gamma, beta, ignore_index)
+        OPS.finalize(stats.contiguous(), labels, vocab_size.reshape(1), out, 0, *args)
     else:
-        OPS.finalize(stats.contiguous(), labels, None, out, vocab_size, gamma, beta, ignore_index)
+        OPS.finalize(stats.contiguous(), labels, None, out, vocab_size, *args)
     return RowResult(*out.unbind(0))

@@ -24,10 +24,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .._inputs import RowLayout
+from .._inputs import RowLayout, Shard
+from ..tofu_math import GradParam, Stat
+from ._common import finalize_in_torch as finalize  # noqa: F401  (Backend.finalize)
 from ._common import merge_splits, num_splits, split_chunk
 
 NAME = "triton"
+
+# Record fields (tofu_math.Stat, tofu_math.GradParam) as compile-time constants.
+_ST_M, _ST_S1, _ST_SB, _ST_ZT = (tl.constexpr(int(f)) for f in Stat)
+_ST_WIDTH = tl.constexpr(len(Stat))
+_GP_COEF, _GP_M, _GP_LOG_SB, _GP_QT_M1 = (tl.constexpr(int(f)) for f in GradParam)
+_GP_WIDTH = tl.constexpr(len(GradParam))
 
 
 def interpreting() -> bool:
@@ -52,7 +60,7 @@ def _row_offset(row, n_inner, s_outer, s_inner):
 def _stats_kernel(
     X,
     LABELS,
-    STATS,  # fp32 [rows, splits, 4]
+    STATS,  # fp32 [rows, splits, len(Stat)]
     n_inner,
     s_outer,
     s_inner,
@@ -90,11 +98,11 @@ def _stats_kernel(
     t = label - vocab_start
     hit = active & (t >= lo) & (t < hi)
     zt = tl.load(x_row + t, mask=hit, other=0.0).to(tl.float32)
-    out = STATS + (row * tl.num_programs(1) + split) * 4
-    tl.store(out + 0, m)
-    tl.store(out + 1, s1)
-    tl.store(out + 2, sb)
-    tl.store(out + 3, zt)
+    out = STATS + (row * tl.num_programs(1) + split) * _ST_WIDTH
+    tl.store(out + _ST_M, m)
+    tl.store(out + _ST_S1, s1)
+    tl.store(out + _ST_SB, sb)
+    tl.store(out + _ST_ZT, zt)
 
 
 @triton.jit
@@ -102,7 +110,7 @@ def _grad_kernel(
     X,
     OUT,  # may alias X (in-place backward): each element is read before it is written
     LABELS,
-    PARAMS,  # fp32 [rows, 4] = (coef, m, log Sb, q_t - 1)
+    PARAMS,  # fp32 [rows, len(GradParam)]
     n_inner,
     xs_outer,
     xs_inner,
@@ -116,11 +124,11 @@ def _grad_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    p = PARAMS + row * 4
-    coef = tl.load(p + 0)
-    m = tl.load(p + 1)
-    log_sb = tl.load(p + 2)
-    qt_m1 = tl.load(p + 3)
+    p = PARAMS + row * _GP_WIDTH
+    coef = tl.load(p + _GP_COEF)
+    m = tl.load(p + _GP_M)
+    log_sb = tl.load(p + _GP_LOG_SB)
+    qt_m1 = tl.load(p + _GP_QT_M1)
     t = tl.load(LABELS + row).to(tl.int64) - vocab_start
     t = tl.where((t >= 0) & (t < n_valid), t, -1)  # target elsewhere (other rank, padding)
     x_row = X + _row_offset(row, n_inner, xs_outer, xs_inner)
@@ -132,9 +140,10 @@ def _grad_kernel(
     tl.store(o_row + cols, (coef * q).to(OUT.dtype.element_ty), mask=cols < width)
 
 
-# Forward tile: 4096 fp32 values in flight per program is where one-row-per-program
-# Triton CE kernels peak on Hopper without spilling (ANCHORS lesson 10 puts the cliff
-# above ~32K); the backward has no loop-carried state, so a 2-D grid of tiles is used.
+# Forward tile: 4096 fp32 values in flight per program (16 per thread at 8 warps) keeps
+# the online max and two sums in registers without spilling; one-row-per-program
+# kernels spill above ~32K values per program on Hopper. The backward has no
+# loop-carried state, so it uses a 2-D grid of tiles.
 FWD_BLOCK = 4096
 BWD_BLOCK = 4096
 # Enough programs to fill 132 SMs several times over before splitting rows further.
@@ -146,21 +155,14 @@ def _pow2_block(n_valid: int, cap: int) -> int:
 
 
 def row_stats(
-    x: torch.Tensor,
-    lay: RowLayout,
-    labels: torch.Tensor,
-    vocab_start: int,
-    n_valid: int,
-    beta: float,
-    ignore_index: int,
-    block: int | None = None,
-    splits: int | None = None,
+    x: torch.Tensor, lay: RowLayout, labels: torch.Tensor, shard: Shard, beta: float, ignore_index: int
 ) -> torch.Tensor:
-    """fp32 [N, 4] statistics (m, S1, Sb, z_t) over columns [0, n_valid) of each row."""
-    block = block or _pow2_block(n_valid, FWD_BLOCK)
-    splits = splits or num_splits(lay.n_rows, n_valid, block, TARGET_PROGRAMS)
+    """fp32 [N, len(Stat)] statistics over columns [0, n_valid) of each row."""
+    n_valid = shard.n_valid
+    block = _pow2_block(n_valid, FWD_BLOCK)
+    splits = num_splits(lay.n_rows, n_valid, block, TARGET_PROGRAMS)
     chunk = split_chunk(n_valid, splits, block)
-    stats = torch.empty(lay.n_rows, splits, 4, dtype=torch.float32, device=x.device)
+    stats = torch.empty(lay.n_rows, splits, len(Stat), dtype=torch.float32, device=x.device)
     _stats_kernel[(lay.n_rows, splits)](
         x,
         labels,
@@ -169,7 +171,7 @@ def row_stats(
         lay.s_outer,
         lay.s_inner,
         n_valid,
-        vocab_start,
+        shard.vocab_start,
         chunk,
         ignore_index,
         1.0 / beta,
@@ -186,29 +188,27 @@ def grad(
     out: torch.Tensor,
     out_lay: RowLayout,
     labels: torch.Tensor,
-    params: torch.Tensor,
-    vocab_start: int,
-    n_valid: int,
+    grad_params: torch.Tensor,
+    shard: Shard,
     beta: float,
-    block: int | None = None,
 ) -> None:
     """Write ``coef * (softmax(z/beta) - onehot)`` into ``out`` (may alias ``x``)."""
     assert out_lay.n_inner == lay.n_inner, "out must share x's row grouping"
-    block = block or _pow2_block(lay.width, BWD_BLOCK)
+    block = _pow2_block(lay.width, BWD_BLOCK)
     grid = (lay.n_rows, triton.cdiv(lay.width, block))
     _grad_kernel[grid](
         x,
         out,
         labels,
-        params,
+        grad_params,
         lay.n_inner,
         lay.s_outer,
         lay.s_inner,
         out_lay.s_outer,
         out_lay.s_inner,
-        n_valid,
+        shard.n_valid,
         lay.width,
-        vocab_start,
+        shard.vocab_start,
         1.0 / beta,
         BLOCK=block,
         num_warps=8 if block >= 4096 else 4,

@@ -1,0 +1,82 @@
+"""The loss's settings: defaults, the validity rules, and the one frozen object carrying them.
+
+Everything that is not a tensor travels from the public API (``tofu_loss``,
+``vocab_parallel_tofu_loss``, ``TOFULoss``, Megatron's ``--tofu-gamma/--tofu-beta``) to the
+kernels' arguments as one :class:`TOFUParams`. The defaults and the gamma/beta rule are
+written here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+
+# The paper's defaults (docs/design.md section 1).
+DEFAULT_GAMMA = 3.0
+DEFAULT_BETA = 0.8
+DEFAULT_IGNORE_INDEX = -100
+REDUCTIONS = ("mean", "sum", "none")
+BACKENDS = ("auto", "cuda", "triton", "torch")
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def gamma_error(gamma) -> str | None:
+    """Why ``gamma`` is not a valid focal exponent (a finite number >= 0), or None."""
+    if not _finite_number(gamma) or gamma < 0.0:
+        return f"gamma must be a finite number >= 0, got {gamma!r}"
+    return None
+
+
+def beta_error(beta) -> str | None:
+    """Why ``beta`` is not a valid temperature (a finite number > 0), or None."""
+    if not _finite_number(beta) or beta <= 0.0:
+        return f"beta must be a finite number > 0, got {beta!r}"
+    return None
+
+
+def check_hyperparameters(gamma, beta) -> None:
+    """Raise ValueError naming the bad hyper-parameter."""
+    for err in (gamma_error(gamma), beta_error(beta)):
+        if err:
+            raise ValueError(f"tofu_loss: {err}")
+
+
+@dataclass(frozen=True)
+class TOFUParams:
+    """Every non-tensor argument of one loss call, validated once at construction.
+
+    ``check_inputs`` is the request; whether host-side checks actually run is decided
+    once per call by :func:`tofu_kernels._inputs.host_checks_allowed` (never under
+    torch.compile or CUDA-graph capture).
+    """
+
+    gamma: float = DEFAULT_GAMMA
+    beta: float = DEFAULT_BETA
+    ignore_index: int = DEFAULT_IGNORE_INDEX
+    reduction: str = "mean"
+    backend: str = "auto"
+    inplace_backward: bool = False
+    return_ce: bool = False
+    check_inputs: bool = True
+
+    def __post_init__(self):
+        check_hyperparameters(self.gamma, self.beta)
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"tofu_loss: reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"tofu_loss: backend must be one of {BACKENDS}, got {self.backend!r}")
+        try:
+            ignore_index = operator.index(self.ignore_index)
+        except TypeError:
+            raise TypeError(f"tofu_loss: ignore_index must be an integer, got {self.ignore_index!r}") from None
+        # Plain Python scalars from here on (numpy / tensor scalars would leak into kernels).
+        object.__setattr__(self, "gamma", float(self.gamma))
+        object.__setattr__(self, "beta", float(self.beta))
+        object.__setattr__(self, "ignore_index", ignore_index)
+        object.__setattr__(self, "inplace_backward", bool(self.inplace_backward))
+        object.__setattr__(self, "return_ce", bool(self.return_ce))
+        object.__setattr__(self, "check_inputs", bool(self.check_inputs))

@@ -1,0 +1,174 @@
+"""The TOFU math of the fast path, in one place (docs/design.md section 2).
+
+Every backend computes, in one read of the logits, the per-row statistics record
+:class:`Stat` (m, S1, Sb, z_t), merges partial records with :func:`combine_stats` (vocab
+splits inside one kernel, or tensor-parallel ranks), and turns the merged record into the
+loss, the focal weight and the backward's per-row record :class:`GradParam` with
+:func:`finalize_stats`. These O(N) functions are plain torch, shared by the torch and
+Triton backends; ``csrc/tofu_math.cuh`` is their CUDA twin (same records, same formulas;
+``tests/test_cuda_ext.py`` ties the two together).
+
+The float64 specification the tests compare against is elsewhere
+(:mod:`tofu_kernels.reference`); nothing in the fast path imports it.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import IntEnum
+from typing import NamedTuple
+
+import torch
+
+__all__ = [
+    "Stat",
+    "GradParam",
+    "RowResult",
+    "focal_weight",
+    "combine_stats",
+    "finalize_stats",
+    "grad_params",
+]
+
+
+class Stat(IntEnum):
+    """Fields of the fp32 statistics record ``[..., len(Stat)]`` of one row (or part of it).
+
+    ``M = max_j z_j`` over the columns seen, ``S1 = sum_j exp(z_j - m)``,
+    ``SB = sum_j exp((z_j - m) / beta)``, ``ZT`` the target logit (0 when the target is not
+    among the columns). A part that saw no column is ``(-inf, 0, 0, 0)``.
+    Mirrored in ``csrc/tofu_math.cuh`` (namespace ``tofu::stat``).
+    """
+
+    M = 0
+    S1 = 1
+    SB = 2
+    ZT = 3
+
+
+class GradParam(IntEnum):
+    """Fields of the fp32 per-row record ``[N, len(GradParam)]`` the backward kernel reads.
+
+    ``COEF = upstream * g`` (every per-token factor folded in fp32), ``M`` the global row
+    max, ``LOG_SB = log Sb`` (so ``q_j = exp((z_j - m) / beta - log Sb)``) and
+    ``QT_M1 = q_t - 1 = expm1(log q_t)``. Mirrored in ``csrc/tofu_math.cuh``
+    (namespace ``tofu::gparam``).
+    """
+
+    COEF = 0
+    M = 1
+    LOG_SB = 2
+    QT_M1 = 3
+
+
+class RowResult(NamedTuple):
+    """Per-row outputs of :func:`finalize_stats` (fp32, shape [N]), in the field order of
+    the CUDA epilogue's output ``[len(RowResult), N]`` (``tofu::rowout``)."""
+
+    loss: torch.Tensor  # -g * beta * log q_t; 0 for ignored rows, NaN for invalid labels
+    ce: torch.Tensor  # plain cross entropy LSE(z) - z_t (for logging perplexity)
+    g: torch.Tensor  # focal weight; 0 for ignored rows, NaN for invalid labels
+    m: torch.Tensor  # global row max (0 for ignored rows, so the backward stays finite)
+    log_sb: torch.Tensor  # log Sb, so q_j = exp((z_j - m) / beta - log_sb)
+    qt_m1: torch.Tensor  # q_t - 1 = expm1(log q_t), exact near q_t = 1
+
+
+def focal_weight(log_p: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Detached focal weight g(p) = (1-p)^gamma - gamma p (1-p)^(gamma-1) log p.
+
+    Evaluated in log space so that it is finite everywhere (the direct formula gives
+    0 * inf = NaN at p -> 1 for gamma < 1 and 0 * -inf at p -> 0):
+
+        om = 1 - p = -expm1(log p)          (no cancellation near p = 1)
+        g  = om^gamma * (1 + gamma * p * r),  r = -log p / om  (-> 1 as p -> 1)
+
+    which is the same expression as om^(gamma-1) * (om - gamma p log p). Limits:
+    g = 1 for gamma = 0; g -> 0 as p -> 1 for gamma > 0; p * r -> 0 as p -> 0.
+    Computed in the dtype of ``log_p`` (fp32 in the kernels).
+    """
+    if gamma == 0.0:
+        return torch.ones_like(log_p)
+    lp = log_p.clamp(max=0.0)
+    p = lp.exp()
+    om = -torch.expm1(lp)
+    pos = om > 0
+    r = torch.where(pos, -lp / torch.where(pos, om, 1.0), 1.0)
+    pr = torch.where(p > 0, p * r, 0.0)  # p == 0 only when log p == -inf: p * r -> 0
+    return torch.exp(gamma * torch.log(om)) * (1.0 + gamma * pr)
+
+
+def combine_stats(stats: torch.Tensor, beta: float, dim: int) -> torch.Tensor:
+    """Merge partial :class:`Stat` records along ``dim`` (vocab splits or TP ranks).
+
+    ``M = max m_r``, ``S1 = sum S1_r exp(m_r - M)``, ``Sb = sum Sb_r exp((m_r - M)/beta)``,
+    ``z_t = sum zt_r``. A part that saw no column (m_r = -inf, S = 0) contributes 0.
+    The result drops ``dim``.
+    """
+    m, s1, sb, zt = (stats[..., f] for f in Stat)
+    big_m = m.amax(dim=dim, keepdim=True)
+    safe = torch.where(big_m == -math.inf, 0.0, big_m)
+    scale = torch.exp(m - safe)
+    out_s1 = (s1 * scale).sum(dim)
+    if beta == 1.0:
+        out_sb = out_s1
+    else:
+        out_sb = (sb * torch.exp((m - safe) / beta)).sum(dim)
+    return torch.stack([big_m.squeeze(dim), out_s1, out_sb, zt.sum(dim)], dim=-1)
+
+
+def finalize_stats(
+    stats: torch.Tensor,
+    labels: torch.Tensor,
+    gamma: float,
+    beta: float,
+    ignore_index: int,
+    vocab_size: int | torch.Tensor,
+) -> RowResult:
+    """Loss, focal weight and backward scalars from merged records ``stats[N, len(Stat)]``.
+
+    ``labels`` are global ids; a label that is neither ``ignore_index`` nor in
+    ``[0, vocab_size)`` yields NaN loss and g (never a plausible number), which is all a
+    kernel can do where no host check is possible (CUDA graphs, torch.compile).
+    """
+    m, s1, sb, zt = (stats[..., f] for f in Stat)
+    ignored = labels == ignore_index
+    invalid = ~ignored & ((labels < 0) | (labels >= vocab_size))
+    keep = ~(ignored | invalid)
+    m = torch.where(keep, m, 0.0)
+    zt_m = torch.where(keep, zt - m, 0.0)  # exact: both are fp32 copies of logits
+    log_s1 = torch.where(keep, torch.log(s1), 0.0)
+    log_sb = torch.where(keep, torch.log(sb), 0.0)
+    log_p = zt_m - log_s1
+    log_qt = zt_m / beta - log_sb
+    g = focal_weight(log_p, gamma)
+    nan = torch.full_like(m, math.nan)
+
+    def mask(x: torch.Tensor) -> torch.Tensor:
+        return torch.where(invalid, nan, torch.where(ignored, 0.0, x))
+
+    return RowResult(
+        loss=mask(-g * beta * log_qt),
+        ce=mask(-log_p),
+        g=mask(g),
+        m=m,
+        log_sb=log_sb,
+        qt_m1=torch.where(keep, torch.expm1(log_qt), 0.0),
+    )
+
+
+def grad_params(
+    upstream: torch.Tensor, g: torch.Tensor, m: torch.Tensor, log_sb: torch.Tensor, qt_m1: torch.Tensor
+) -> torch.Tensor:
+    """The backward's :class:`GradParam` record ``[N, len(GradParam)]``.
+
+    ``upstream`` is d(output)/d(per-token loss) (the 1/N of a mean is in it), folded with
+    the focal weight ``g`` in fp32 before any cast to the logits' dtype; ``m``, ``log_sb``
+    and ``qt_m1`` are the :class:`RowResult` fields of the same name.
+    """
+    fields = {
+        GradParam.COEF: upstream.reshape(-1).float() * g,
+        GradParam.M: m,
+        GradParam.LOG_SB: log_sb,
+        GradParam.QT_M1: qt_m1,
+    }
+    return torch.stack([fields[f] for f in GradParam], dim=1)
