@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import megatron_patch  # noqa: E402
-from megatron_patch import sft  # noqa: E402
+import tiny_sft as sft  # noqa: E402  (examples/tiny_sft.py, beside this script)
 
 CATEGORIES = {
     "fruit": ["apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "plum"],

@@ -8,20 +8,24 @@
 or, for an unmodified Megatron-LM script:
 
     python -m megatron_patch.launch pretrain_gpt.py --loss-type tofu --tofu-gamma 3 ...
+
+With the TOFU loss on, Megatron's reports carry ``lm cross entropy`` beside ``lm loss``.
 """
 
 from .arguments import add_arguments, apply_from_args, install_hooks, remove_hooks
-from .patch import LOSS_TYPES, apply, config, is_applied, last_cross_entropy, revert
+from .patch import LOSS_TYPES, apply, config, is_applied, revert
+from .reporting import CE_KEY, cross_entropy_of
 
 __all__ = [
+    "CE_KEY",
     "LOSS_TYPES",
     "add_arguments",
     "apply",
     "apply_from_args",
     "config",
+    "cross_entropy_of",
     "install_hooks",
     "is_applied",
-    "last_cross_entropy",
     "remove_hooks",
     "revert",
 ]

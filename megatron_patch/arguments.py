@@ -13,10 +13,13 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
+import os
+import warnings
 
 from tofu_kernels.params import BACKENDS, DEFAULT_BETA, DEFAULT_GAMMA, beta_error, gamma_error
 
 from .patch import LOSS_TYPES, apply
+from .reporting import CE_KEY
 
 _HOOKED = "_tofu_hook_original"
 # Modules that call parse_args through a module-level name (imported there by name in
@@ -59,12 +62,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def apply_from_args(args: argparse.Namespace) -> None:
-    """Apply (or, for cross_entropy, leave untouched) according to parsed arguments."""
+    """Apply (or, for cross_entropy, leave untouched) according to parsed arguments.
+
+    Says on rank 0 what it did (one line), and warns where a Megatron flag is
+    superseded by the TOFU loss (``--cross-entropy-loss-fusion``), so nothing is
+    silently ignored.
+    """
     loss_type = getattr(args, "loss_type", "cross_entropy")
     if loss_type == "tofu":
         apply("tofu", args.tofu_gamma, args.tofu_beta, args.tofu_backend)
+        if getattr(args, "cross_entropy_loss_fusion", False):
+            impl = getattr(args, "cross_entropy_fusion_impl", "native")
+            warnings.warn(
+                "megatron_patch: --loss-type tofu replaces Megatron's cross entropy, so "
+                f"--cross-entropy-loss-fusion (--cross-entropy-fusion-impl {impl}) has no effect: "
+                "the TOFU kernels are fused already",
+                stacklevel=2,
+            )
+        what = (f"--loss-type tofu (gamma={args.tofu_gamma}, beta={args.tofu_beta}, "
+                f"backend={args.tofu_backend}): LanguageModule.compute_language_model_loss is TOFU; "
+                f"'{CE_KEY}' is reported beside 'lm loss'")
     else:
         apply("cross_entropy")
+        what = "--loss-type cross_entropy: Megatron's loss is untouched"
+    if getattr(args, "rank", int(os.environ.get("RANK", "0"))) == 0:
+        print(f"megatron_patch: {what}", flush=True)
 
 
 def _wrap(module, name, make):

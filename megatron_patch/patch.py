@@ -19,6 +19,8 @@ import torch
 from tofu_kernels import vocab_parallel_tofu_loss
 from tofu_kernels.params import BACKENDS, DEFAULT_BETA, DEFAULT_GAMMA, check_hyperparameters
 
+from . import reporting
+
 LOSS_TYPES = ("cross_entropy", "tofu")
 _TARGET = "megatron.core.models.common.language_module.language_module.LanguageModule"
 
@@ -35,7 +37,6 @@ class _State:
     original = None  # Megatron's own function object, while patched
     config: TOFUConfig | None = None
     checked = False  # host-side input checks run on the first call only (no per-step sync)
-    last_ce: torch.Tensor | None = None
 
 
 def _language_module():
@@ -70,7 +71,8 @@ def tofu_compute_language_model_loss(self, labels: torch.Tensor, logits: torch.T
 
     Reads the model-dtype logits directly (no fp32 copy), one all-gather of 16 B/token
     over the model's TP group, and writes the gradient into the logits' storage in the
-    backward (the logits are dead after the loss, as in Megatron's own CE).
+    backward (the logits are dead after the loss, as in Megatron's own CE). The per-token
+    cross entropy rides on the returned tensor (``reporting.cross_entropy_of``).
     """
     cfg = _State.config
     if cfg is None:  # reverted while something still holds this function: Megatron's loss
@@ -83,7 +85,7 @@ def tofu_compute_language_model_loss(self, labels: torch.Tensor, logits: torch.T
         check_inputs=check,
     )
     _State.checked = True
-    _State.last_ce = ce
+    reporting.attach_cross_entropy(loss, ce)
     return loss
 
 
@@ -96,7 +98,8 @@ def apply(
     """Make Megatron-Core compute ``loss_type`` in every LanguageModule.
 
     ``"tofu"`` installs the TOFU loss with ``gamma``/``beta``/``backend`` (again: updates
-    them); ``"cross_entropy"`` restores Megatron's own loss path untouched.
+    them) and the cross-entropy reporting of ``reporting.py``; ``"cross_entropy"``
+    restores Megatron's own loss path untouched.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"megatron_patch: loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
@@ -114,15 +117,18 @@ def apply(
             cls.compute_language_model_loss = tofu_compute_language_model_loss
         _State.config = TOFUConfig(float(gamma), float(beta), backend)
         _State.checked = False
+        reporting.install()
 
 
 def revert() -> None:
-    """Restore Megatron's original ``compute_language_model_loss`` (the same object)."""
+    """Restore Megatron's original ``compute_language_model_loss`` and
+    ``forward_step_calc_loss`` (the same objects)."""
     with _State.lock:
         if _State.original is not None:
             _language_module().compute_language_model_loss = _State.original
-        _State.original, _State.config, _State.last_ce = None, None, None
+        _State.original, _State.config = None, None
         _State.checked = False
+        reporting.uninstall()
 
 
 def is_applied() -> bool:
@@ -131,12 +137,3 @@ def is_applied() -> bool:
 
 def config() -> TOFUConfig | None:
     return _State.config
-
-
-def last_cross_entropy() -> torch.Tensor | None:
-    """Per-token plain cross entropy ``[b, s]`` (detached) of the latest patched call.
-
-    For logging next to the TOFU loss: mask and average it like the loss in your
-    ``loss_func``. No host sync.
-    """
-    return _State.last_ce

@@ -18,7 +18,7 @@ def init_megatron_cpu(tp: int) -> None:
     tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
 
 
-def _allow_torch_norm_with_sequence_parallel() -> None:
+def allow_torch_norm_with_sequence_parallel() -> None:
     """Torch norms assert no sequence parallel; their math is the same per token."""
     from megatron.core.transformer import torch_norm
 
@@ -45,7 +45,7 @@ def tiny_gpt(tp: int, sequence_parallel: bool = False, dtype=torch.float32, voca
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     if sequence_parallel:
-        _allow_torch_norm_with_sequence_parallel()
+        allow_torch_norm_with_sequence_parallel()
     torch.manual_seed(seed)
     cfg = TransformerConfig(
         num_layers=num_layers, hidden_size=hidden, num_attention_heads=heads, use_cpu_initialization=True,

@@ -55,7 +55,7 @@ def loss_cases(rank: int, world: int) -> None:
             assert loss.shape == labels.shape and loss.dtype == torch.float32
             ref, ref_ce = tk.tofu_loss_reference(full, labels, gamma=3.0, beta=0.8)
             assert_loss_close(loss.detach(), ref)
-            assert_loss_close(megatron_patch.last_cross_entropy(), ref_ce)
+            assert_loss_close(megatron_patch.cross_entropy_of(loss), ref_ce)
             loss.mean().backward()  # gradient flows through the in-place backward
             assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
             megatron_patch.revert()
@@ -88,7 +88,49 @@ def gradient_cases(rank: int, world: int) -> None:
                 assert_grad_close(g, ref_grads[name].double(), torch.float32), name
 
 
-@pytest.mark.parametrize("cases", [loss_cases, gradient_cases], ids=["loss", "grads"])
+def bert_t5_cases(rank: int, world: int) -> None:
+    """BERT's masked-LM loss and T5's decoder LM loss go through the same method: TOFU too."""
+    init_megatron_cpu(world)
+    from megatron.core.models.bert.bert_layer_specs import bert_layer_local_spec
+    from megatron.core.models.bert.bert_model import BertModel
+    from megatron.core.models.T5.t5_model import T5Model
+    from megatron.core.models.T5.t5_spec import (
+        get_t5_decoder_with_local_block_spec,
+        get_t5_encoder_with_local_block_spec,
+    )
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    torch.manual_seed(0)
+    cfg = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, use_cpu_initialization=True,
+                            tensor_model_parallel_size=world, hidden_dropout=0.0, attention_dropout=0.0)
+    b, s, v = 2, 8, 96
+    ids, labels = torch.randint(0, v, (b, s)), torch.randint(0, v, (b, s))
+    bert = BertModel(cfg, num_tokentypes=0, transformer_layer_spec=bert_layer_local_spec, vocab_size=v,
+                     max_sequence_length=s, add_binary_head=False)
+    t5 = T5Model(cfg, cfg, get_t5_encoder_with_local_block_spec(2), get_t5_decoder_with_local_block_spec(2),
+                 vocab_size=v, max_sequence_length=s)
+    dec_ids = torch.randint(0, v, (b, s))
+    no_mask = torch.zeros(b, 1, s, s, dtype=torch.bool)
+    causal = ~torch.tril(torch.ones(s, s, dtype=torch.bool))[None, None].expand(b, 1, s, s)
+    runs = {
+        "bert": lambda **k: bert(ids, torch.ones(b, s), **({"lm_labels": k["labels"]} if k else {})),
+        "t5": lambda **k: t5(ids, dec_ids, no_mask, causal, no_mask, **({"lm_labels": k["labels"]} if k else {})),
+    }
+    for name, run in runs.items():
+        with torch.no_grad():
+            out = run()
+            full = gather_vocab((out[0] if isinstance(out, tuple) else out).detach())  # [b, s, V]
+        megatron_patch.apply("tofu", gamma=2.0, beta=0.7, backend="torch")
+        out = run(labels=labels)
+        loss = out[0] if isinstance(out, tuple) else out
+        megatron_patch.revert()
+        ref, ref_ce = tk.tofu_loss_reference(full, labels, gamma=2.0, beta=0.7)
+        assert_loss_close(loss.detach(), ref), name
+        assert_loss_close(megatron_patch.cross_entropy_of(loss), ref_ce), name
+        loss.sum().backward()
+
+
+@pytest.mark.parametrize("cases", [loss_cases, gradient_cases, bert_t5_cases], ids=["loss", "grads", "bert_t5"])
 def test_tiny_gpt_tp2(cases):
     run_distributed(TP, cases)
 

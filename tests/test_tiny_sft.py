@@ -1,4 +1,4 @@
-"""The self-contained Megatron-Core SFT entry point (megatron_patch.sft) on CPU, TP=2."""
+"""examples/tiny_sft.py, the demonstration trainer behind make demo, on CPU at TP=2."""
 
 from __future__ import annotations
 
@@ -12,7 +12,11 @@ import pytest
 
 pytest.importorskip("megatron.core", reason="megatron-core is installed by make test")
 
-from megatron_patch import sft  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+sys.path.insert(0, str(EXAMPLES))
+import tiny_sft as sft  # noqa: E402
 
 
 def test_encode_prompt_response_masks_only_the_response():
@@ -35,7 +39,7 @@ def _torchrun(*args, timeout=300):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "megatron_patch.sft", *args],
+         str(EXAMPLES / "tiny_sft.py"), *args],
         capture_output=True, text=True, timeout=timeout, env=env,
     )
 

@@ -1,19 +1,20 @@
-"""Self-contained GPT supervised fine-tuning on Megatron-Core, with --loss-type tofu.
+"""A small GPT supervised fine-tuning loop on Megatron-Core: a DEMONSTRATION, not a trainer.
 
-For users without a Megatron-LM checkout: builds a Megatron-Core GPTModel (local layer
-spec, no Transformer Engine needed), shards it over a tensor-parallel group, and trains
-it on a JSONL file of {"prompt", "response"} records (loss on response tokens only) or
-{"text"} records (loss on every token), or on mock data. The loss goes through
-Megatron's own LanguageModule.compute_language_model_loss, i.e. through this package's
-patch when --loss-type tofu. Runs on GPUs (NCCL) and on CPUs (gloo).
+It is the CPU trainer behind `make demo` (examples/diversity_demo.py): a Megatron-Core
+GPTModel (local layer spec), tensor parallel only (world size = TP; no data or pipeline
+parallelism, no distributed optimizer, no Megatron checkpoints), trained with AdamW on a
+JSONL file of {"prompt", "response"} records (loss on response tokens only), {"text"}
+records, or mock data, byte-level tokens. The loss goes through Megatron's own
+LanguageModule.compute_language_model_loss, i.e. through megatron_patch when
+--loss-type tofu, and it logs the masked loss, the plain cross entropy and perplexity.
 
-    torchrun --nproc-per-node 2 -m megatron_patch.sft --data sft.jsonl --loss-type tofu \\
+For real training use Megatron-LM's pretrain_gpt.py through `python -m
+megatron_patch.launch` (README, "Megatron usage").
+
+    torchrun --nproc-per-node 2 examples/tiny_sft.py --data sft.jsonl --loss-type tofu \
         --tofu-gamma 3.0 --tofu-beta 0.8 --train-iters 200 --save ckpt/
-    torchrun --nproc-per-node 8 -m megatron_patch.sft --device cuda --bf16 --data mock ...
 
-Byte-level tokenizer (256 byte ids + BOS/SEP/EOS/PAD), vocab padded to a multiple of
-8 * TP as Megatron pads it. World size = TP (no data or pipeline parallelism here).
-Logs the masked TOFU (or CE) loss, the plain cross entropy and perplexity.
+Vocab padded to a multiple of 8 * TP as Megatron pads it.
 """
 
 from __future__ import annotations
@@ -30,8 +31,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .arguments import add_arguments, apply_from_args
-from .patch import last_cross_entropy
+from megatron_patch import add_arguments, apply_from_args, cross_entropy_of
 
 BOS, SEP, EOS, PAD = 256, 257, 258, 259
 N_SPECIAL = 4
@@ -160,7 +160,7 @@ def train_step(model, optimizer, tokens, loss_mask, device):
     loss = masked_mean(per_token, lm)
     loss.backward()
     optimizer.step()
-    ce = last_cross_entropy()
+    ce = cross_entropy_of(per_token)
     ce = masked_mean(ce, lm) if ce is not None else loss.detach()  # CE mode: the loss is CE
     return loss.detach(), ce
 

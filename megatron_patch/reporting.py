@@ -1,0 +1,137 @@
+"""The plain cross entropy beside the TOFU loss in Megatron's own reporting.
+
+A TOFU value is not comparable across gamma/beta nor with a cross-entropy run, so runs are
+compared by their cross entropy. Without touching the training script:
+
+1. the patched loss (``patch.py``) attaches each call's per-token cross entropy
+   ``[b, s]`` (fp32, detached) to the per-token loss tensor it returns;
+2. Megatron's pipeline schedules hand that tensor to the script's ``loss_func`` through
+   ``megatron.core.pipeline_parallel.schedules.forward_step_calc_loss`` (every schedule,
+   training and evaluation, calls it through that module attribute); we wrap that one
+   function so the ``loss_func``'s report dict gains ``"lm cross entropy"``: the masked
+   cross-entropy sum of the same tokens with the same token count as ``"lm loss"``.
+
+Megatron reduces every entry of that dict the same way (summed over micro-batches and
+all-reduced over the data-parallel x context-parallel group, then sum / count, with or
+without ``--calculate-per-token-loss``) and logs each key: the training log line,
+TensorBoard, W&B, and the validation / test report (which also prints its perplexity).
+
+The loss mask is the first argument of the script's ``loss_func`` partial
+(``partial(loss_func, loss_mask, ...)`` in every Megatron-LM ``pretrain_*.py``). Where it
+cannot be found, nothing is reported and one warning says why.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import warnings
+
+import torch
+
+CE_KEY = "lm cross entropy"
+LOSS_KEY = "lm loss"
+_ATTR = "_tofu_cross_entropy"
+_SCHEDULES = "megatron.core.pipeline_parallel.schedules"
+_HOOKED = "_tofu_reporting_original"
+
+
+def attach_cross_entropy(loss: torch.Tensor, ce: torch.Tensor) -> None:
+    """Remember the per-token cross entropy ``ce`` (detached) of the per-token ``loss``."""
+    setattr(loss, _ATTR, ce)
+
+
+def cross_entropy_of(output_tensor: torch.Tensor) -> torch.Tensor | None:
+    """The per-token plain cross entropy ``[b, s]`` of a per-token loss the patched
+    Megatron loss returned (None for any other tensor). For custom ``loss_func``s: mask and
+    reduce it like the loss."""
+    return getattr(output_tensor, _ATTR, None)
+
+
+_warned: set[str] = set()
+_lock = threading.Lock()
+
+
+def _warn_once(key: str, message: str) -> None:
+    with _lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    warnings.warn(f"megatron_patch: {message}", stacklevel=3)
+
+
+def _loss_mask(loss_func, ce: torch.Tensor) -> torch.Tensor | None:
+    """The loss mask bound as the first argument of a ``partial(loss_func, loss_mask, ...)``."""
+    fn = loss_func
+    while isinstance(fn, functools.partial):
+        if fn.args and isinstance(fn.args[0], torch.Tensor) and fn.args[0].numel() == ce.numel():
+            return fn.args[0]
+        fn = fn.func
+    return None
+
+
+def _with_cross_entropy(outputs, loss_func, ce: torch.Tensor):
+    """``outputs`` of the script's loss_func with the CE entry added to its report dict."""
+    report = outputs[-1] if isinstance(outputs, tuple) and outputs else None
+    if not isinstance(report, dict) or LOSS_KEY not in report:
+        _warn_once("no-lm-loss", f"the loss_func's report has no {LOSS_KEY!r} entry; {CE_KEY!r} is not reported")
+        return outputs
+    mask = _loss_mask(loss_func, ce)
+    if mask is None:
+        _warn_once("no-mask", f"cannot find the loss mask of {loss_func!r} (expected "
+                              f"partial(loss_func, loss_mask, ...)); {CE_KEY!r} is not reported")
+        return outputs
+    lm = report[LOSS_KEY]
+    mask = mask.reshape(-1).float()
+    ce_sum = (ce.reshape(-1).float() * mask).sum()
+    if lm.numel() == 2:  # [sum, count]: the same count as lm loss, so the same reduction
+        report[CE_KEY] = torch.stack([ce_sum.to(lm.dtype), lm.reshape(-1)[1]])
+    else:  # legacy reports: a per-micro-batch mean
+        report[CE_KEY] = (ce_sum / mask.sum().clamp(min=1)).to(lm.dtype).reshape(lm.shape)
+    return outputs
+
+
+def _make_forward_step_calc_loss(original):
+    @functools.wraps(original)
+    def forward_step_calc_loss(model, output_tensor, loss_func, *args, **kwargs):
+        ce = cross_entropy_of(output_tensor) if isinstance(output_tensor, torch.Tensor) else None
+        if ce is not None and loss_func is not None:
+            inner = loss_func
+
+            def loss_func(output, *a, **k):
+                outputs = inner(output, *a, **k)
+                if k.get("non_loss_data"):
+                    return outputs
+                return _with_cross_entropy(outputs, inner, ce)
+
+        return original(model, output_tensor, loss_func, *args, **kwargs)
+
+    setattr(forward_step_calc_loss, _HOOKED, original)
+    return forward_step_calc_loss
+
+
+def install() -> bool:
+    """Wrap Megatron's ``forward_step_calc_loss`` (once). False if this Megatron has none."""
+    import importlib
+
+    try:
+        schedules = importlib.import_module(_SCHEDULES)
+    except ImportError:
+        return False
+    fn = getattr(schedules, "forward_step_calc_loss", None)
+    if fn is None:
+        _warn_once("no-hook", f"{_SCHEDULES}.forward_step_calc_loss not found; {CE_KEY!r} is not reported")
+        return False
+    if not hasattr(fn, _HOOKED):
+        schedules.forward_step_calc_loss = _make_forward_step_calc_loss(fn)
+    return True
+
+
+def uninstall() -> None:
+    """Restore Megatron's own ``forward_step_calc_loss``."""
+    import sys
+
+    schedules = sys.modules.get(_SCHEDULES)
+    fn = getattr(schedules, "forward_step_calc_loss", None)
+    if fn is not None and hasattr(fn, _HOOKED):
+        schedules.forward_step_calc_loss = getattr(fn, _HOOKED)

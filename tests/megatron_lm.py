@@ -1,0 +1,181 @@
+"""Megatron-LM's own training script (the fixture) on CPU: where it is, and a harness.
+
+The fixture (`pretrain_gpt.py`, `gpt_builders.py`, `model_provider.py` of Megatron-LM
+core_v0.19.0, unmodified) is read from the project's shared folder, never copied here.
+`TOFU_MEGATRON_LM_DIR` names it explicitly; otherwise it is looked for beside this
+checkout, or beside the repository this checkout was cloned from.
+
+The harness runs the fixture's `forward_step` / `loss_func` inside Megatron's real
+pipeline schedules on CPU (gloo). Megatron hard-codes CUDA in a few places that have
+nothing to do with the loss; the harness stands in for exactly those, in the test
+process only: `torch.cuda.current_device`, `Tensor.cuda`, `torch.cuda.synchronize`, the
+GPU-architecture probe of argument validation, and the one `device="cuda"` token counter
+of the schedules.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURE_NAME = "megatron-lm-core_v0.19.0"
+FILES = ("pretrain_gpt.py", "gpt_builders.py", "model_provider.py")
+
+
+def _candidates():
+    env = os.environ.get("TOFU_MEGATRON_LM_DIR")
+    if env:
+        yield Path(env)
+    roots = [ROOT]
+    try:
+        url = subprocess.run(["git", "-C", str(ROOT), "config", "--get", "remote.origin.url"],
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        url = ""
+    if url and Path(url).is_dir():  # a local clone: look beside the repository it came from
+        roots.append(Path(url).resolve())
+    for root in roots:
+        for parent in [root, *root.parents]:
+            yield parent / "shared" / "fixtures" / FIXTURE_NAME
+
+
+def find_fixture() -> Path | None:
+    for path in _candidates():
+        if all((path / f).is_file() for f in FILES):
+            return path
+    return None
+
+
+FIXTURE = find_fixture()
+SKIP_REASON = (f"Megatron-LM fixture {FIXTURE_NAME} not found (set TOFU_MEGATRON_LM_DIR to the folder "
+               f"holding {', '.join(FILES)})")
+
+# A tiny GPT, as a user would ask for one on the command line (no TE, no fused CUDA ops).
+TINY = [
+    "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "8",
+    "--max-position-embeddings", "8", "--micro-batch-size", "2", "--global-batch-size", "4",
+    "--train-iters", "2", "--lr", "1e-4", "--mock-data", "--tokenizer-type", "NullTokenizer",
+    "--vocab-size", "96", "--transformer-impl", "local", "--use-cpu-initialization",
+    "--hidden-dropout", "0", "--attention-dropout", "0", "--no-gradient-accumulation-fusion",
+    "--no-persist-layer-norm", "--no-masked-softmax-fusion", "--no-bias-gelu-fusion",
+    "--no-bias-dropout-fusion", "--no-rope-fusion",
+]
+VOCAB, BATCH, SEQ = 96, 2, 8
+
+
+def launch(*argv: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python -m megatron_patch.launch <fixture>/pretrain_gpt.py argv...`, as a user runs it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default"}
+    return subprocess.run(
+        [sys.executable, "-m", "megatron_patch.launch", str(FIXTURE / "pretrain_gpt.py"), *argv],
+        capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT,
+    )
+
+
+class _TorchWithCudaCountersOnCPU:
+    """`torch` as Megatron's schedules see it, with `zeros(device="cuda")` on the CPU."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args, device=None, **kwargs):
+        return torch.zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)
+
+
+def cpu_harness() -> None:
+    """Call once in a gloo worker, before Megatron parses arguments."""
+    from megatron.core.pipeline_parallel import schedules
+    from megatron.training import arguments
+
+    from .megatron_utils import allow_torch_norm_with_sequence_parallel
+
+    import torch.distributed as dist
+
+    # what torchrun would export; Megatron's parser reads them
+    os.environ.update(WORLD_SIZE=str(dist.get_world_size()), RANK=str(dist.get_rank()),
+                      LOCAL_RANK=str(dist.get_rank()))
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")  # Megatron asserts it for TP > 1
+    torch.cuda.current_device = lambda: "cpu"
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    torch.cuda.synchronize = lambda *a, **k: None
+    arguments.get_device_arch_version = lambda: 9  # Hopper, as on the GPU machines
+    schedules.torch = _TorchWithCudaCountersOnCPU()
+    allow_torch_norm_with_sequence_parallel()
+    sys.path.insert(0, str(FIXTURE))
+
+
+def setup(*argv: str):
+    """Parse `argv` with Megatron's own parser (through the launcher's hooks), set up the
+    parallel state and build the model with the fixture's own builder. Returns
+    (args, model, pretrain_gpt module)."""
+    import megatron_patch
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+    from megatron.training.arguments import parse_and_validate_args
+    from megatron.training.global_vars import unset_global_variables
+
+    unset_global_variables()
+    ps.destroy_model_parallel()
+    megatron_patch.install_hooks()
+    sys.argv = ["pretrain_gpt.py", *TINY, *argv]
+    args = parse_and_validate_args(args_defaults={"tokenizer_type": "GPT2BPETokenizer"})
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+    )
+    tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+    import pretrain_gpt
+    from gpt_builders import gpt_builder
+    from model_provider import model_provider
+
+    torch.manual_seed(0)
+    model = model_provider(gpt_builder, pre_process=ps.is_pipeline_first_stage(),
+                           post_process=ps.is_pipeline_last_stage())
+    return args, model, pretrain_gpt
+
+
+def batches(n: int, seed: int) -> list[dict]:
+    """Micro-batches as Megatron's GPT dataset yields them, with a prompt-style loss mask."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        mask = torch.ones(BATCH, SEQ)
+        mask[:, : int(torch.randint(1, 4, (1,), generator=g))] = 0
+        out.append({
+            "tokens": torch.randint(0, VOCAB, (BATCH, SEQ), generator=g),
+            "labels": torch.randint(0, VOCAB, (BATCH, SEQ), generator=g),
+            "loss_mask": mask,
+            "position_ids": torch.arange(SEQ).expand(BATCH, SEQ).contiguous(),
+            "attention_mask": torch.triu(torch.ones(SEQ, SEQ), 1).bool()[None, None].expand(BATCH, 1, SEQ, SEQ).contiguous(),
+        })
+    return out
+
+
+def train_reports(model, pretrain_gpt, data: list[dict], forward_only: bool = False) -> list[dict]:
+    """One step of Megatron's own schedule over `data`: the per-micro-batch report dicts."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    return get_forward_backward_func()(
+        forward_step_func=pretrain_gpt.forward_step, data_iterator=iter(data), model=[model],
+        num_microbatches=len(data), seq_length=SEQ, micro_batch_size=BATCH, forward_only=forward_only,
+    )
+
+
+def reduce_like_megatron(reports: list[dict]) -> dict[str, torch.Tensor]:
+    """Megatron's train_step reduction of [sum, count] report entries: summed over
+    micro-batches, all-reduced over data-parallel x context-parallel ranks, sum / count."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    out = {}
+    for key in reports[0]:
+        val = torch.vstack([r[key].view(-1) for r in reports]).sum(dim=0)
+        dist.all_reduce(val, group=ps.get_data_parallel_group(with_context_parallel=True))
+        out[key] = val[0] / val[1]
+    return out
