@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# One prepared GPU run: environment, wheels, CUDA build, gpu-marked tests, a few SFT
-# iterations, the benchmark at full sizes; logs and results under $OUT. It guards its
-# own time (GPU_CHECK_BUDGET seconds, default 450 < 8 min): every step gets what is left.
+# One prepared GPU run: environment, wheels, CUDA build, gpu-marked tests (kernels, and
+# tensor parallelism emulated with several processes on one GPU), Megatron-LM's own
+# pretrain_gpt.py with --loss-type cross_entropy and tofu, a Megatron-Core training-step
+# benchmark, and the loss benchmark; logs and results under $OUT. It guards its own time
+# (GPU_CHECK_BUDGET seconds, default 450): every step gets at most what is left.
 #
-#   bash benchmarks/fetch_wheels.sh                 # here, once: megatron-core + liger wheels
+#   bash benchmarks/fetch_wheels.sh                 # here, once: wheels + the Megatron-LM scripts into .whl/
 #   device run: bash benchmarks/gpu_check.sh        # carry=[".whl"]; results come back from $OUT
-#   bash benchmarks/gpu_check.sh --cpu-smoke        # here: the same steps, tiny sizes, no GPU
+#   bash benchmarks/gpu_check.sh --cpu-smoke        # here: the same steps, tiny, no GPU
 #
-# Files under $OUT (8 at most come back): summary.txt env.txt build.log gpu_tests.log
-# sft.log bench_loss.md bench_loss.png bench_loss.json
+# Files under $OUT (the device tool brings back 8 at most): summary.txt build.log
+# gpu_tests.log megatron_lm.md bench_megatron_step.md bench_loss.md bench_loss.png bench_loss.json
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SMOKE=0
@@ -28,7 +30,7 @@ say() { echo "[gpu_check +$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/summar
 # step NAME MAX_SECONDS LOG -- command...: run with min(MAX, time left - reserve) seconds
 step() {
   local name=$1 max=$2 log=$3; shift 4
-  local t; t=$(left); t=$(( t - 30 < max ? t - 30 : max ))
+  local t; t=$(left); t=$(( t - 20 < max ? t - 20 : max ))
   if [ "$t" -le 5 ]; then say "SKIP $name: time budget spent"; FAILED+=("$name(skipped)"); return; fi
   say "START $name (limit ${t}s)"
   timeout --signal=INT --kill-after=10 "$t" "$@" >"$OUT/$log" 2>&1
@@ -42,16 +44,16 @@ say "mode: $([ $SMOKE = 1 ] && echo 'CPU smoke (tiny sizes, no GPU)' || echo GPU
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   "$PYTHON" -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__); print('device:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')"
   command -v nvcc >/dev/null && nvcc --version | tail -2
-} >"$OUT/env.txt" 2>&1
-cat "$OUT/env.txt" >>"$OUT/summary.txt"
+} >>"$OUT/summary.txt" 2>&1
 
-# Wheels carried with the checkout (the GPU machine has no network).
+# Wheels and the Megatron-LM scripts carried with the checkout (the GPU machine has no network).
 if ls .whl/*.whl >/dev/null 2>&1 && [ $SMOKE = 0 ]; then
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target /tmp/tofu_site .whl/*.whl \
     && export PYTHONPATH=/tmp/tofu_site${PYTHONPATH:+:$PYTHONPATH} && say "installed wheels: $(ls .whl | tr '\n' ' ')"
 else
   say "no .whl/ wheels installed (smoke mode, or none carried): Megatron/Liger use what is importable"
 fi
+[ -d .whl/megatron-lm-core_v0.19.0 ] && export TOFU_MEGATRON_LM_DIR=$PWD/.whl/megatron-lm-core_v0.19.0
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 # Build the CUDA extension from source: in place and forced on the GPU machine; in smoke
@@ -61,26 +63,33 @@ if [ $SMOKE = 1 ]; then
 else
   BUILD=(env TOFU_BUILD_CUDA=1 "$PYTHON" setup.py build_ext --inplace)
 fi
-step build 240 build.log -- "${BUILD[@]}"
+step build 180 build.log -- "${BUILD[@]}"
 "$PYTHON" -c "import tofu_kernels as tk; print('CUDA extension loaded:', tk.extension_loaded())" 2>&1 | tee -a "$OUT/summary.txt"
 
 # gpu-marked tests (skipped with their reason in smoke mode) + the extension's CPU tests.
-step gpu_tests 200 gpu_tests.log -- "$PYTHON" -m pytest -q -rs -m gpu tests/test_gpu.py tests/test_cuda_ext.py -p no:cacheprovider
+export TOFU_GPU_NOTES="$OUT/summary.txt"  # the TP tests say there how the all-gather ran under gloo
+step gpu_tests 200 gpu_tests.log -- "$PYTHON" -m pytest -q -rs -m gpu tests/test_gpu.py tests/test_gpu_tp.py \
+  tests/test_cuda_ext.py -p no:cacheprovider
 tail -n 3 "$OUT/gpu_tests.log" >>"$OUT/summary.txt"
 
-# A few iterations of the SFT entry point with --loss-type tofu.
-if [ $SMOKE = 1 ]; then SFT_ARGS=(--device cpu --train-iters 4 --log-interval 2 --seq-length 16); else
-  SFT_ARGS=(--device cuda --bf16 --train-iters 30 --log-interval 10 --num-layers 4 --hidden-size 256 --seq-length 256 --micro-batch-size 16); fi
-step sft 90 sft.log -- "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 1 -m megatron_patch.sft \
-  --data mock --loss-type tofu --tofu-gamma 3.0 --tofu-beta 0.8 "${SFT_ARGS[@]}"
-grep -E "^iter" "$OUT/sft.log" | tail -n 3 >>"$OUT/summary.txt"
+# Megatron-LM's own pretrain_gpt.py through the launcher, cross entropy vs TOFU.
+step megatron_lm 240 megatron_lm.log -- "$PYTHON" benchmarks/megatron_lm_check.py --out "$OUT" \
+  $([ $SMOKE = 1 ] && echo --smoke)
+grep -E "^\| (cross_entropy|tofu) |^- first|^- TOFU|^Result" "$OUT/megatron_lm.md" >>"$OUT/summary.txt" 2>/dev/null
+rm -f "$OUT/megatron_lm.log"  # the table and the logs' tails are in megatron_lm.md
 
-# The benchmark at full sizes, within what is left (the targets' shapes run first).
+# A Megatron-Core training step with each loss (ms/step, peak memory).
+step megatron_step 120 megatron_step.log -- "$PYTHON" benchmarks/bench_megatron_step.py --out "$OUT" \
+  $([ $SMOKE = 1 ] && echo --cpu-smoke)
+grep -E "PASS|MISS" "$OUT/bench_megatron_step.md" >>"$OUT/summary.txt" 2>/dev/null
+rm -f "$OUT/megatron_step.log"
+
+# The loss benchmark at full sizes, within what is left (the targets' shapes run first).
 if [ $SMOKE = 1 ]; then BENCH_ARGS=(--cpu-smoke --tokens 8 --vocab 256 --reps 2); else
-  BENCH_ARGS=(--dtype bf16 fp32 --time-budget $(( $(left) - 90 > 30 ? $(left) - 90 : 30 ))); fi
+  BENCH_ARGS=(--time-budget $(( $(left) - 60 > 30 ? $(left) - 60 : 30 ))); fi
 step bench 600 bench.log -- "$PYTHON" benchmarks/bench_loss.py --out "$OUT" "${BENCH_ARGS[@]}"
 grep -E "PASS|MISS|n\.a\." "$OUT/bench_loss.md" >>"$OUT/summary.txt" 2>/dev/null
-rm -f "$OUT/bench.log"  # the table is in bench_loss.md; keep $OUT within 8 files
+rm -f "$OUT/bench.log"  # the table is in bench_loss.md
 
 say "done in $(( $(date +%s) - START ))s; failed: ${FAILED[*]:-none}"
 [ ${#FAILED[@]} -eq 0 ]

@@ -39,9 +39,37 @@ def test_gpu_check_script_cpu_smoke(tmp_path):
     summary = (out / "summary.txt").read_text()
     assert res.returncode == 0, summary + res.stderr[-2000:]
     assert "failed: none" in summary
-    for step in ("build", "gpu_tests", "sft", "bench"):
+    for step in ("build", "gpu_tests", "megatron_lm", "megatron_step", "bench"):
         assert f"OK {step}" in summary
     files = sorted(p.name for p in out.iterdir())
-    assert files == sorted(["summary.txt", "env.txt", "build.log", "gpu_tests.log", "sft.log",
+    assert files == sorted(["summary.txt", "build.log", "gpu_tests.log", "megatron_lm.md", "bench_megatron_step.md",
                             "bench_loss.md", "bench_loss.png", "bench_loss.json"])
     assert len(files) <= 8  # what the device tool brings back
+    megatron_lm = (out / "megatron_lm.md").read_text()
+    assert "Result: OK" in megatron_lm and "LanguageModule.compute_language_model_loss is TOFU" in megatron_lm
+
+
+def test_megatron_log_parser():
+    """megatron_lm_check reads Megatron 0.19's log lines (formats of megatron/training/training.py)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import megatron_lm_check as m
+
+    log = "\n".join([
+        "megatron_patch: --loss-type tofu (gamma=3.0, beta=0.8, backend=auto): LanguageModule...",
+        " [2026-11-27 08:00:00.000000] iteration        1/      25 | consumed samples:            1 | "
+        "elapsed time per iteration (ms): 1234.5 | learning rate: 1.000000E-04 | global batch size:     1 | "
+        "lm loss: 9.123457E+00 | lm cross entropy: 1.181234E+01 | loss scale: 1.0 | grad norm: 2.345 | "
+        "number of skipped iterations:   0 | number of nan iterations:   0 |",
+        "[Rank 0] (after 1 iterations) memory (MB) | allocated: 7000.25 | max allocated: 21000.50 | "
+        "reserved: 22000.00 | max reserved: 22000.00",
+        " iteration        2/      25 | consumed samples:            2 | elapsed time per iteration (ms): 98.7 | "
+        "lm loss: 9.0E+00 | lm cross entropy: 1.17E+01 | loss scale: 1.0 |",
+        " validation loss at iteration 25 on validation set | lm loss value: 8.500000E+00 | lm loss PPL: "
+        "4.914769E+03 | lm cross entropy value: 1.100000E+01 | lm cross entropy PPL: 5.987414E+04 | ",
+    ])
+    r = m.parse_log(log)
+    assert [i["iter"] for i in r["iters"]] == [1, 2]
+    assert r["iters"][0] == {"iter": 1, "ms": 1234.5, "lm loss": 9.123457, "lm cross entropy": 11.81234}
+    assert r["iters"][1]["ms"] == 98.7 and r["peak_mb"] == 21000.5
+    assert r["validation"] == {"lm loss": 8.5, "lm cross entropy": 11.0}
+    assert r["applied"].startswith("megatron_patch: --loss-type tofu") and not r["cuda_stop"]

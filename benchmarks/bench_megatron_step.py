@@ -1,0 +1,200 @@
+"""A Megatron-Core GPT training step with each loss: ms per step and peak memory.
+
+    python benchmarks/bench_megatron_step.py --out results/       # GPU: 4 layers, hidden 2048, V 128256, seq 4096
+    python benchmarks/bench_megatron_step.py --cpu-smoke          # CPU: tiny, proves the harness runs
+
+One GPTModel (local layer spec, bf16 parameters and logits, TP = 1), the same weights and
+batch for every variant; a step is forward + loss + backward of the masked mean loss, as
+Megatron's schedules run it (the optimizer's step is the same for every loss and left
+out). Variants: Megatron's native `vocab_parallel_cross_entropy`, Megatron's fused cross
+entropy (`cross_entropy_loss_fusion`, native impl), TOFU through megatron_patch, and TOFU
+in CE mode (gamma 0, beta 1). Timing: CUDA events around each step, median and 20/80 %
+quantiles after warm-up. Peak extra memory: the allocator's peak during a step minus what
+was allocated before it (weights, gradients from the previous step, the batch).
+Targets (H100, bf16): a TOFU step no slower and no larger than the native CE step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+GPU_SHAPE = dict(num_layers=4, hidden=2048, heads=16, vocab=128256, seq=4096, batch=1)
+CPU_SHAPE = dict(num_layers=2, hidden=64, heads=4, vocab=512, seq=64, batch=2)
+
+
+def init(device: str) -> None:
+    fd, path = tempfile.mkstemp(prefix="tofu_step_pg_")
+    os.close(fd)
+    os.unlink(path)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"file://{path}", rank=0, world_size=1)
+    from megatron.core import parallel_state, tensor_parallel
+
+    if device == "cpu":
+        torch.cuda.current_device = lambda: "cpu"  # Megatron hard-codes it
+    parallel_state.initialize_model_parallel(1)
+    if device == "cuda":
+        tensor_parallel.random.model_parallel_cuda_manual_seed(1234)
+    else:
+        tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+
+
+def build(shape: dict, device: str):
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    torch.manual_seed(0)
+    dtype = torch.bfloat16
+    cfg = TransformerConfig(
+        num_layers=shape["num_layers"], hidden_size=shape["hidden"], num_attention_heads=shape["heads"],
+        use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0, params_dtype=dtype,
+        bf16=True, pipeline_dtype=dtype, bias_activation_fusion=False, masked_softmax_fusion=False,
+        persist_layer_norm=False, bias_dropout_fusion=False, apply_rope_fusion=False,
+        gradient_accumulation_fusion=False, cross_entropy_fusion_impl="native",
+    )
+    model = GPTModel(cfg, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=shape["vocab"],
+                     max_sequence_length=shape["seq"])
+    return model.to(device=device, dtype=dtype)
+
+
+def variants():
+    import megatron_patch
+
+    def native(model):
+        megatron_patch.revert()
+        model.config.cross_entropy_loss_fusion = False
+
+    def fused(model):
+        megatron_patch.revert()
+        model.config.cross_entropy_loss_fusion = True
+
+    def tofu(model):
+        model.config.cross_entropy_loss_fusion = False
+        megatron_patch.apply("tofu", gamma=3.0, beta=0.8)
+
+    def tofu_ce(model):
+        model.config.cross_entropy_loss_fusion = False
+        megatron_patch.apply("tofu", gamma=0.0, beta=1.0)
+
+    return {"Megatron native CE": native, "Megatron fused CE": fused, "TOFU (gamma 3, beta 0.8)": tofu,
+            "TOFU CE mode (gamma 0, beta 1)": tofu_ce}
+
+
+def measure(model, batch, device: str, warmup: int, reps: int):
+    ids, pos, mask, labels, loss_mask = batch
+
+    def step():
+        per_token = model(ids, pos, mask, labels=labels)
+        loss = (per_token.float() * loss_mask).sum() / loss_mask.sum()
+        loss.backward()
+        return loss.detach()
+
+    losses = [step() for _ in range(warmup)]
+    times = []
+    peak = None
+    for i in range(reps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+            if i == 0:
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            losses.append(step())
+            end.record()
+            torch.cuda.synchronize()
+            if i == 0:
+                peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            losses.append(step())
+            times.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
+    return statistics.median(times), q[0], q[3], peak, float(losses[0])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cpu-smoke", action="store_true")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--out", type=Path, default=Path("."))
+    args = p.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() and not args.cpu_smoke else "cpu"
+    shape = GPU_SHAPE if device == "cuda" else CPU_SHAPE
+    if device == "cpu":
+        args.warmup, args.reps = 1, 2
+    init(device)
+    model = build(shape, device)
+    b, s, v = shape["batch"], shape["seq"], shape["vocab"]
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, v, (b, s), generator=g).to(device)
+    labels = torch.randint(0, v, (b, s), generator=g).to(device)
+    pos = torch.arange(s, device=device).expand(b, s)
+    mask = torch.triu(torch.ones(s, s, device=device, dtype=torch.bool), diagonal=1)[None, None]
+    loss_mask = torch.ones(b, s, device=device)
+    batch = (ids, pos, mask, labels, loss_mask)
+    gpu = torch.cuda.get_device_name() if device == "cuda" else "CPU (no GPU)"
+    rows = {}
+    for name, setup in variants().items():
+        if device == "cpu" and "fused" in name:
+            rows[name] = "skipped on CPU (torch.compile'd)"
+            continue
+        setup(model)
+        model.zero_grad(set_to_none=True)
+        try:
+            rows[name] = measure(model, batch, device, args.warmup, args.reps)
+        except torch.cuda.OutOfMemoryError:
+            rows[name] = "out of memory"
+        model.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        print(f"[bench_megatron_step] {name}: {rows[name]}", flush=True)
+    import megatron_patch
+
+    megatron_patch.revert()
+    lines = [f"# Megatron-Core GPT training step on {gpu}", "",
+             f"GPTModel {shape['num_layers']} layers, hidden {shape['hidden']}, vocab {v}, sequence {s}, "
+             f"micro-batch {b}, bf16, local layer spec, TP = 1; step = forward + loss + backward "
+             f"({args.warmup} warm-up, median of {args.reps}).", ""]
+    if device == "cpu":
+        lines += ["**CPU smoke run: NOT a performance result.**", ""]
+    lines += ["| loss | ms/step (q20-q80) | peak extra MiB | first loss | vs native CE time |", "|---|---|---|---|---|"]
+    native = rows.get("Megatron native CE")
+    for name, r in rows.items():
+        if isinstance(r, str):
+            lines.append(f"| {name} | {r} | | | |")
+            continue
+        ratio = f"{r[0] / native[0]:.3f}x" if isinstance(native, tuple) else "-"
+        peak = "-" if r[3] is None else f"{r[3]:.0f}"
+        lines.append(f"| {name} | {r[0]:.2f} ({r[1]:.2f}-{r[2]:.2f}) | {peak} | {r[4]:.4f} | {ratio} |")
+    tofu = rows.get("TOFU (gamma 3, beta 0.8)")
+    if device == "cuda" and isinstance(tofu, tuple) and isinstance(native, tuple):
+        lines += ["", "## Targets", "", "| target | value | result |", "|---|---|---|",
+                  f"| TOFU step time <= native CE step time | {tofu[0]:.2f} vs {native[0]:.2f} ms | "
+                  f"{'PASS' if tofu[0] <= native[0] else 'MISS'} |",
+                  f"| TOFU peak memory <= native CE peak memory | {tofu[3]:.0f} vs {native[3]:.0f} MiB | "
+                  f"{'PASS' if tofu[3] <= native[3] else 'MISS'} |"]
+    md = "\n".join(lines) + "\n"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_megatron_step.md").write_text(md)
+    print(md)
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
