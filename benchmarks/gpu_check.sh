@@ -4,6 +4,8 @@
 # pretrain_gpt.py with --loss-type cross_entropy and tofu, a Megatron-Core training-step
 # benchmark, and the loss benchmark; logs and results under $OUT. It guards its own time
 # (GPU_CHECK_BUDGET seconds, default 450): every step gets at most what is left.
+# GPU_CHECK_SKIP="megatron_lm bench" skips the named steps (a shorter rerun);
+# GPU_CHECK_BENCH_ARGS adds arguments to bench_loss.py (e.g. "--tokens 4096 --vocab 16032").
 #
 #   bash benchmarks/fetch_wheels.sh                 # here, once: wheels + the Megatron-LM scripts into .whl/
 #   device run: bash benchmarks/gpu_check.sh        # carry=[".whl"]; results come back from $OUT
@@ -30,6 +32,7 @@ say() { echo "[gpu_check +$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/summar
 # step NAME MAX_SECONDS LOG -- command...: run with min(MAX, time left - reserve) seconds
 step() {
   local name=$1 max=$2 log=$3; shift 4
+  case " ${GPU_CHECK_SKIP:-} " in *" $name "*) say "SKIP $name: GPU_CHECK_SKIP"; return;; esac
   local t; t=$(left); t=$(( t - 20 < max ? t - 20 : max ))
   if [ "$t" -le 5 ]; then say "SKIP $name: time budget spent"; FAILED+=("$name(skipped)"); return; fi
   say "START $name (limit ${t}s)"
@@ -87,7 +90,7 @@ rm -f "$OUT/megatron_step.log"
 # The loss benchmark at full sizes, within what is left (the targets' shapes run first).
 if [ $SMOKE = 1 ]; then BENCH_ARGS=(--cpu-smoke --tokens 8 --vocab 256 --reps 2); else
   BENCH_ARGS=(--time-budget $(( $(left) - 60 > 30 ? $(left) - 60 : 30 ))); fi
-step bench 600 bench.log -- "$PYTHON" benchmarks/bench_loss.py --out "$OUT" "${BENCH_ARGS[@]}"
+step bench 600 bench.log -- "$PYTHON" benchmarks/bench_loss.py --out "$OUT" "${BENCH_ARGS[@]}" ${GPU_CHECK_BENCH_ARGS:-}
 grep -E "PASS|MISS|n\.a\." "$OUT/bench_loss.md" >>"$OUT/summary.txt" 2>/dev/null
 rm -f "$OUT/bench.log"  # the table is in bench_loss.md
 
