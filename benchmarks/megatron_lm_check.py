@@ -97,6 +97,29 @@ def parse_log(text: str) -> dict:
     }
 
 
+def ensure_dataset_helpers() -> str:
+    """Megatron-LM's initialize runs `make` in megatron/core/datasets (rank 0) and exits if
+    it fails. The megatron-core wheel ships the helper prebuilt (helpers_cpp*.so) but not
+    the Makefile, so a pip-installed megatron-core stops there. Where the prebuilt helper is
+    present and the Makefile is not, write a Makefile whose default target does nothing
+    (into that installed package, on the machine running this check). Returns what it did."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("megatron.core.datasets")
+    if spec is None or not spec.submodule_search_locations:
+        return "megatron.core.datasets not importable"
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if (folder / "Makefile").exists():
+        return f"{folder}/Makefile present"
+    if not list(folder.glob("helpers_cpp*.so")):
+        return f"no Makefile and no prebuilt helpers_cpp in {folder}: Megatron will fail to compile them"
+    try:
+        (folder / "Makefile").write_text("# megatron_lm_check.py: helpers_cpp ships prebuilt in the wheel\nall:\n\t@true\n")
+    except OSError as e:
+        return f"could not write {folder}/Makefile ({e})"
+    return f"wrote a no-op {folder}/Makefile (the wheel ships helpers_cpp prebuilt, without its Makefile)"
+
+
 def run(fixture: Path, loss: str, smoke: bool, iters: int, log_path: Path, timeout: float) -> dict:
     model = CPU_MODEL if smoke else GPU_MODEL
     eval_args = ["--train-iters", str(iters), "--eval-interval", str(iters), "--eval-iters", "2"]
@@ -146,7 +169,8 @@ def report(results: dict, warmup: int, smoke: bool, gpu: str) -> tuple[str, bool
             ok &= r["cuda_stop"] and r["applied"] != ""
         else:
             ok &= r["rc"] == 0 and len(its) > warmup
-            ok &= all(k in its[-1] for k in (("lm loss", "lm cross entropy") if loss == "tofu" else ("lm loss",)))
+            keys = ("lm loss", "lm cross entropy") if loss == "tofu" else ("lm loss",)
+            ok &= bool(its) and all(k in its[-1] for k in keys)
     lines += [""] + [f"- {loss}: `{r['applied']}`" for loss, r in results.items()]
     if not smoke and all(r["iters"] for r in results.values()):
         ce0 = results["cross_entropy"]["iters"][0].get("lm loss")
@@ -185,12 +209,15 @@ def main(argv=None) -> int:
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (no GPU)"
     args.out.mkdir(parents=True, exist_ok=True)
+    helpers = "not needed (smoke: Megatron stops before)" if args.smoke else ensure_dataset_helpers()
+    print(f"[megatron_lm_check] dataset helpers: {helpers}", flush=True)
     results, logs = {}, []
     for loss in RUNS:
         log = args.out / f"megatron_lm_{loss}.log"
         results[loss] = run(fixture, loss, args.smoke, args.iters, log, args.timeout)
         logs.append((loss, log))
     md, ok = report(results, args.warmup, args.smoke, gpu)
+    md = md.replace("\n\n|", f"\n\nMegatron's dataset helpers: {helpers}.\n\n|", 1)
     # one file: the table, then the tail of each log (the device brings back few files)
     for loss, log in logs:
         tail = "\n".join(log.read_text().splitlines()[-40:])
