@@ -171,15 +171,19 @@ def make_impls(device: str, args) -> tuple[list[Impl], list[str]]:
         ours = ["torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
     # check_inputs=False: no per-call host sync, as in training (the Megatron patch checks
     # the first call only); the eager label check is one .item() per call.
+    # reduction="mean": the gradient is made in the forward ("grad in fwd", the default);
+    # "two-pass" forces the recompute path, the one per-token upstream gradients take.
     for be in ours:
         impls.append(Impl(f"ours-{be} TOFU", lambda x, y, be=be: tk.tofu_loss(x, y, gamma=g, beta=b, backend=be, check_inputs=False), "ours", "tofu"))
+        impls.append(Impl(f"ours-{be} TOFU two-pass", lambda x, y, be=be: tk.tofu_loss(
+            x, y, gamma=g, beta=b, backend=be, check_inputs=False, grad_in_forward=False), "ours", "tofu"))
     for be in ours:
         impls.append(Impl(f"ours-{be} CE", lambda x, y, be=be: tk.tofu_loss(x, y, gamma=0.0, beta=1.0, backend=be, check_inputs=False), "ours", "ce"))
-    if ours:
+    if ours:  # Megatron's entry: per-token losses (two-pass), summed here as its loss_func does
         be = ours[0]
         impls.append(Impl(f"ours-{be} TOFU vocab_parallel (tp=1)",
-                          lambda x, y, be=be: tk.vocab_parallel_tofu_loss(x, y, gamma=g, beta=b, backend=be, reduction="mean",
-                                                                          check_inputs=False), "ours", "tofu"))
+                          lambda x, y, be=be: tk.vocab_parallel_tofu_loss(x, y, gamma=g, beta=b, backend=be,
+                                                                          check_inputs=False).sum(), "ours", "tofu"))
 
     impls.append(Impl("authors TOFU (PyTorch)", lambda x, y: tk.authors_tofu_loss(x, y, g, b).mean(), "baseline", "tofu"))
     if device == "cuda" and not args.no_compile:
@@ -267,10 +271,10 @@ def bench_one(impl: Impl, n: int, v: int, dtype: torch.dtype, device: str, tbenc
             it[0] = (it[0] + 1) % k
             return xs[it[0]], ys[it[0]]
 
-        def fwd():
+        def fwd():  # the training forward: autograd on (our default path writes the gradient here)
             x, y = pick()
-            with torch.no_grad():
-                return impl.fn(x, y)
+            x.grad = None
+            return impl.fn(x, y)
 
         def both():
             x, y = pick()
@@ -384,9 +388,9 @@ def targets(rows: list[Row], copy_gbs: float) -> list[str]:
     """The targets over every bf16 shape measured: PASS where all shapes pass, else the misses."""
     shapes = sorted({(r.n, r.v) for r in rows if r.dtype == "bf16"})
 
-    def plain(kind, mode, backend=None):
+    def plain(kind, mode, backend=None):  # our default path (gradient in the forward for a mean)
         return lambda i: (i.kind == kind and i.mode == mode and "vocab_parallel" not in i.name
-                          and (backend is None or i.name.startswith(f"ours-{backend} ")))
+                          and "two-pass" not in i.name and (backend is None or i.name.startswith(f"ours-{backend} ")))
 
     def named(name):
         return lambda i: i.name == name
@@ -402,8 +406,14 @@ def targets(rows: list[Row], copy_gbs: float) -> list[str]:
         checks.append(("TOFU fwd+bwd >= 80% of copy bandwidth (N >= 4096, V >= 16032)", (n, v), f"{frac:.0%}", frac >= 0.8))
         if v >= 64128:
             checks.append(("TOFU fwd+bwd >= 90% of copy bandwidth (V >= 64128)", (n, v), f"{frac:.0%}", frac >= 0.9))
-        if tofu.kernels is not None:
-            checks.append(("<= 4 GPU kernels per single-device fwd+bwd", (n, v), str(tofu.kernels), tofu.kernels <= 4))
+        two = _best(rows, n, v, lambda i: i.kind == "ours" and i.mode == "tofu" and "two-pass" in i.name)
+        if two is not None:
+            f2 = two.gbs() / copy_gbs
+            checks.append(("two-pass TOFU fwd+bwd >= 80% of copy bandwidth (6 B/element)", (n, v), f"{f2:.0%}", f2 >= 0.8))
+        for r in (tofu, two):
+            if r is not None and r.kernels is not None:
+                checks.append(("<= 4 GPU kernels per single-device fwd+bwd", (n, v), f"{r.kernels} ({r.impl.name})",
+                               r.kernels <= 4))
         cu, tr = _best(rows, n, v, plain("ours", "tofu", "cuda")), _best(rows, n, v, plain("ours", "tofu", "triton"))
         if cu and tr:
             checks.append(("Triton within 1.15x of CUDA (TOFU fwd+bwd)", (n, v), f"{tr.both[0] / cu.both[0]:.2f}x",
@@ -454,10 +464,13 @@ def to_markdown(rows, copy_gbs, device, args, missing, notes) -> str:
         "",
         "GB/s = N * V * 3 * elt / t(fwd+bwd): forward reads the logits, backward reads them and",
         "writes the gradient (6 B/element in bf16, 12 in fp32). `copy` = GB/s / copy bandwidth.",
+        "Rows with the gradient made in the forward (our default for a mean, Liger) move as few as",
+        "4 B/element, so their `copy` can exceed 100 %: compare their times, not their GB/s.",
         "Speedup = baseline time / our fastest backend's time (same mode, shape and run), fwd+bwd.",
         "graph = fwd+bwd captured in a CUDA graph and replayed (the GPU's time without host launch cost);",
         "kernels = GPU kernels (incl. memsets/copies) one eager fwd+bwd launches, from torch.profiler.",
         "Peak extra = peak allocated during fwd+bwd minus inputs and the returned gradient.",
+        "fwd = the training forward (autograd on, no backward), bwd = backward alone;",
         "bwd `(derived)` = fwd+bwd minus fwd, where a backward cannot be replayed alone.",
     ]
     if device != "cuda":

@@ -1,12 +1,18 @@
-// TOFU CUDA kernels: row statistics (forward), fused gradient (backward), finalize.
+// TOFU CUDA kernels (docs/design.md section 3 for the byte and exponential count).
 //
-// Cost model (docs/design.md section 3): the forward reads each logit once (2 B/element in bf16) and
-// does 2 exponentials per element (1 when beta == 1); the backward reads each logit once
-// and writes the gradient once (4 B/element in bf16) with 1 exponential per element.
+// Two-pass path: row_stats (grid rows x splits: one read of the logits, 2 exponentials
+// per element, 1 when beta == 1) -> [the tensor-parallel all-gather] -> epilogue (ONE
+// block: merges every part of every row, loss, cross entropy, focal weight, the backward's
+// record, the reduction) -> grad (grid rows x tiles: one read, one write, coef = upstream *
+// scale * g folded in fp32 in the kernel).
+// Gradient in the forward (a scalar upstream): count (one block) -> fused (one block per
+// row: the statistics pass, the loss, then the gradient pass over the same row in reverse
+// order, so its last vectors are still in L2) -> reduce (one block); in the backward
+// rescale (returns at once, on the device, when the upstream gradient is 1).
+//
 // Loads and stores are 16-byte vectors when the row base is 16-byte aligned, scalar
-// otherwise. Offsets are int64. Reductions are warp shuffles + shared memory in a fixed
-// order: no float atomics, bitwise deterministic. No host synchronisation anywhere.
-//
+// otherwise. Offsets are int64. Every reduction is warp shuffles + shared memory in a
+// fixed order: no float atomics, bitwise deterministic. No host synchronisation anywhere.
 // This file includes only CUDA headers (fast to compile); op registration with torch is
 // in tofu_ops.cpp.
 
@@ -20,8 +26,6 @@
 
 namespace tofu {
 namespace {
-
-constexpr int kWarps = kThreads / 32;  // launch constants: tofu_kernels.h
 
 template <typename T>
 struct Vec {
@@ -63,6 +67,10 @@ __device__ __forceinline__ void store_vec(T* p, const float (&in)[Vec<T>::N]) {
   *reinterpret_cast<uint4*>(p) = raw;
 }
 
+__device__ __forceinline__ bool aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) % kVecBytes) == 0;
+}
+
 __device__ __forceinline__ int64_t row_offset(int64_t row, const RowLayoutArgs& l, bool out) {
   return (row / l.n_inner) * (out ? l.os_outer : l.xs_outer) +
          (row % l.n_inner) * (out ? l.os_inner : l.xs_inner);
@@ -81,185 +89,389 @@ __device__ __forceinline__ Stats shfl_merge(Stats s, float ib) {
   return s;
 }
 
-// grid (rows, splits): block (row, split) covers columns [split*chunk, min(+chunk, n_valid)).
-template <typename T, bool BetaOne>
-__global__ void __launch_bounds__(kThreads) row_stats_kernel(const T* __restrict__ x,
-                                                             const int64_t* __restrict__ labels,
-                                                             float* __restrict__ stats,
-                                                             RowLayoutArgs l, StatsArgs a) {
+// Merge every thread's statistics in a fixed order; the result is valid in warp 0.
+template <bool BetaOne, int NThreads>
+__device__ __forceinline__ Stats block_merge(Stats st, float ib) {
+  __shared__ Stats smem[NThreads / 32];
+  st = shfl_merge<BetaOne>(st, ib);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) smem[warp] = st;
+  __syncthreads();
+  if (warp == 0) {
+    st = lane < NThreads / 32 ? smem[lane] : empty_stats();
+    st = shfl_merge<BetaOne>(st, ib);
+  }
+  return st;
+}
+
+// Sum over the block in a fixed order; the result is valid in warp 0. `smem` holds
+// NThreads / 32 floats and is free again when this returns.
+template <int NThreads, typename A>
+__device__ __forceinline__ A block_sum(A v, A* smem) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < NThreads / 32 ? smem[lane] : A(0);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  }
+  __syncthreads();
+  return v;
+}
+
+// One thread's statistics over columns [lo, hi) of a row, NThreads threads per row slice.
+template <typename T, bool BetaOne, int NThreads>
+__device__ __forceinline__ Stats thread_stats(const T* xr, int64_t lo, int64_t hi, float ib) {
   constexpr int V = Vec<T>::N;
-  const int64_t row = blockIdx.x;
-  const int split = blockIdx.y;
-  const T* xr = x + row_offset(row, l, false);
-  const int64_t label = labels[row];
-  const bool active = label != a.ignore_index;  // ignored rows are not read
-  const int64_t lo = int64_t(split) * a.chunk;
-  const int64_t hi = active ? min(lo + a.chunk, a.n_valid) : lo;
-  const float ib = kLog2e / a.beta;
   Stats st = empty_stats();
-  const bool aligned = (reinterpret_cast<uintptr_t>(xr + lo) % kVecBytes) == 0;
   int64_t tail_start = lo;
-  if (aligned) {
+  if (aligned16(xr + lo)) {
     const int64_t n_vec = (hi - lo) / V;
     const T* base = xr + lo;
     int64_t i = threadIdx.x;
-    for (; i + (kUnroll - 1) * kThreads < n_vec; i += kUnroll * kThreads) {
+    for (; i + (kUnroll - 1) * NThreads < n_vec; i += kUnroll * NThreads) {
       float z[kUnroll][V];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) load_vec(base + (i + u * kThreads) * V, z[u]);
+      for (int u = 0; u < kUnroll; ++u) load_vec(base + (i + u * NThreads) * V, z[u]);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) update<V, BetaOne>(st, z[u], ib);
     }
-    for (; i < n_vec; i += kThreads) {
+    for (; i < n_vec; i += NThreads) {
       float z[V];
       load_vec(base + i * V, z);
       update<V, BetaOne>(st, z, ib);
     }
     tail_start = lo + n_vec * V;
   }
-  for (int64_t c = tail_start + threadIdx.x; c < hi; c += kThreads) {
+  for (int64_t c = tail_start + threadIdx.x; c < hi; c += NThreads) {
     float z[1] = {to_float(xr[c])};
     update<1, BetaOne>(st, z, ib);
   }
-  // Block reduction in a fixed order (deterministic): warps, then warp 0.
-  __shared__ Stats smem[kWarps];
-  st = shfl_merge<BetaOne>(st, ib);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) smem[warp] = st;
-  __syncthreads();
-  if (warp == 0) {
-    st = lane < kWarps ? smem[lane] : empty_stats();
-    st = shfl_merge<BetaOne>(st, ib);
-    if (lane == 0) {
-      const int64_t t = label - a.vocab_start;
-      const float zt = (active && t >= lo && t < hi) ? to_float(xr[t]) : 0.f;
-      float* out = stats + (row * gridDim.y + split) * stat::kWidth;
-      out[stat::kM] = st.m;
-      out[stat::kS1] = st.s1;
-      out[stat::kSb] = st.sb;
-      out[stat::kZt] = zt;
-    }
-  }
+  return st;
 }
 
-// grid (rows, tiles): block writes columns [tile * kTileCols, +kTileCols) of one row.
-template <typename T>
-__global__ void __launch_bounds__(kThreads) grad_kernel(const T* x, T* out,
-                                                        const int64_t* __restrict__ labels,
-                                                        const float* __restrict__ params,
-                                                        RowLayoutArgs l, GradArgs a) {
+// Write the gradient of columns [lo, hi) of one row: coef * q_j (coef * (q_t - 1) at the
+// target), 0 at columns >= valid_hi (padding; everything when coef == 0, then nothing is
+// read). Vectors are visited from the last to the first when `Reverse`.
+template <typename T, int NThreads, bool Reverse>
+__device__ __forceinline__ void write_grad(const T* xr, T* orow, int64_t lo, int64_t hi, int64_t valid_hi,
+                                           int64_t t, float coef, float m, float log2_sb, float qt_m1,
+                                           float ib) {
   constexpr int V = Vec<T>::N;
-  const int64_t row = blockIdx.x;
-  const int64_t lo = int64_t(blockIdx.y) * kTileCols;
-  const int64_t hi = min(lo + kTileCols, a.width);
-  const float* p = params + row * gparam::kWidth;
-  const float coef = p[gparam::kCoef], m = p[gparam::kM], qt_m1 = p[gparam::kQtM1];
-  const float log2_sb = p[gparam::kLogSb] * kLog2e;
-  const float ib = kLog2e / a.beta;
-  int64_t t = labels[row] - a.vocab_start;
-  if (t < 0 || t >= a.n_valid) t = -1;  // target on another rank, or in padding
-  const T* xr = x + row_offset(row, l, false);
-  T* orow = out + row_offset(row, l, true);
-  // coef == 0 (ignored or loss-masked token): write zeros without reading.
-  const int64_t valid_hi = coef != 0.f ? min(hi, a.n_valid) : lo;
-  const bool aligned = (reinterpret_cast<uintptr_t>(xr + lo) % kVecBytes) == 0 &&
-                       (reinterpret_cast<uintptr_t>(orow + lo) % kVecBytes) == 0;
   int64_t tail_start = lo;
-  if (aligned) {
+  if (aligned16(xr + lo) && aligned16(orow + lo)) {
     const int64_t n_vec = (hi - lo) / V;
-    for (int64_t i = threadIdx.x; i < n_vec; i += kThreads) {
+    for (int64_t k = threadIdx.x; k < n_vec; k += NThreads) {
+      const int64_t i = Reverse ? n_vec - 1 - k : k;
       const int64_t c0 = lo + i * V;
       float z[V];
       if (c0 + V <= valid_hi) {
         load_vec(xr + c0, z);
       } else {
 #pragma unroll
-        for (int k = 0; k < V; ++k) z[k] = c0 + k < valid_hi ? to_float(xr[c0 + k]) : -INFINITY;
+        for (int j = 0; j < V; ++j) z[j] = c0 + j < valid_hi ? to_float(xr[c0 + j]) : -INFINITY;
       }
       float gv[V];
 #pragma unroll
-      for (int k = 0; k < V; ++k)
-        gv[k] = c0 + k < valid_hi ? grad_elem(z[k], c0 + k == t, coef, m, log2_sb, qt_m1, ib)
-                                  : 0.f;
+      for (int j = 0; j < V; ++j)
+        gv[j] = c0 + j < valid_hi ? grad_elem(z[j], c0 + j == t, coef, m, log2_sb, qt_m1, ib) : 0.f;
       store_vec(orow + c0, gv);
     }
     tail_start = lo + n_vec * V;
   }
-  for (int64_t c = tail_start + threadIdx.x; c < hi; c += kThreads) {
-    const float g = c < valid_hi ? grad_elem(to_float(xr[c]), c == t, coef, m, log2_sb, qt_m1, ib)
-                                 : 0.f;
+  for (int64_t c = tail_start + threadIdx.x; c < hi; c += NThreads) {
+    const float g = c < valid_hi ? grad_elem(to_float(xr[c]), c == t, coef, m, log2_sb, qt_m1, ib) : 0.f;
     orow[c] = from_float<T>(g);
   }
 }
 
-__global__ void finalize_kernel(const float* __restrict__ stats, const int64_t* __restrict__ labels,
-                                const int64_t* __restrict__ vocab_size_ptr, float* __restrict__ out,
-                                int64_t n_rows, FinalizeArgs a) {
-  const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (row >= n_rows) return;
-  const float* s = stats + row * stat::kWidth;
-  const int64_t vocab_size = vocab_size_ptr ? *vocab_size_ptr : a.vocab_size;
-  const RowOut o = finalize_row({s[stat::kM], s[stat::kS1], s[stat::kSb]}, s[stat::kZt], labels[row],
-                                a.ignore_index, vocab_size, a.gamma, a.beta);
-  // out is [rowout::kWidth, N]: one field per row of out (coalesced per field)
-  out[rowout::kLoss * n_rows + row] = o.loss;
-  out[rowout::kCe * n_rows + row] = o.ce;
-  out[rowout::kG * n_rows + row] = o.g;
-  out[rowout::kM * n_rows + row] = o.m;
-  out[rowout::kLogSb * n_rows + row] = o.log_sb;
-  out[rowout::kQtM1 * n_rows + row] = o.qt_m1;
+// ------------------------------------------------------------------ two-pass path
+
+// grid (rows, splits): block (row, split) covers columns [split*chunk, min(+chunk, n_valid)).
+template <typename T, bool BetaOne>
+__global__ void __launch_bounds__(kThreads) row_stats_kernel(const T* __restrict__ x,
+                                                             const int64_t* __restrict__ labels,
+                                                             float* __restrict__ stats,
+                                                             RowLayoutArgs l, StatsArgs a) {
+  const int64_t row = blockIdx.x;
+  const int split = blockIdx.y;
+  const T* xr = x + row_offset(row, l, false);
+  const int64_t label = labels[row];
+  const bool active = label != a.ignore_index;  // ignored rows are not read
+  const int64_t lo = int64_t(split) * a.chunk;
+  // The last split can start past the row's end (e.g. 5 tiles over 4 splits of 2): empty.
+  const int64_t hi = active ? max(lo, min(lo + a.chunk, a.n_valid)) : lo;
+  const float ib = kLog2e / a.beta;
+  Stats st = thread_stats<T, BetaOne, kThreads>(xr, lo, hi, ib);
+  st = block_merge<BetaOne, kThreads>(st, ib);
+  if (threadIdx.x == 0) {
+    const int64_t t = label - a.vocab_start;
+    const float zt = (active && t >= lo && t < hi) ? to_float(xr[t]) : 0.f;
+    float* out = stats + (row * gridDim.y + split) * stat::kWidth;
+    out[stat::kM] = st.m;
+    out[stat::kS1] = st.s1;
+    out[stat::kSb] = st.sb;
+    out[stat::kZt] = zt;
+    if (a.write_meta && row == 0 && split == 0) {  // this rank's meta record, int32 bits
+      float* mr = stats + int64_t(gridDim.x) * gridDim.y * stat::kWidth;
+      mr[meta::kVocabStart] = __int_as_float(static_cast<int>(a.vocab_start));
+      mr[meta::kVocabEnd] = __int_as_float(static_cast<int>(a.meta_vocab_end));
+      mr[meta::kWidth] = __int_as_float(static_cast<int>(a.meta_width));
+      mr[meta::kRows] = __int_as_float(static_cast<int>(gridDim.x));
+    }
+  }
 }
 
-template <typename T>
-cudaError_t launch_stats_t(const void* x, const int64_t* labels, float* stats, int64_t n_rows,
-                           int splits, const RowLayoutArgs& l, const StatsArgs& a, cudaStream_t s) {
-  const dim3 grid(static_cast<unsigned>(n_rows), static_cast<unsigned>(splits));
-  if (a.beta == 1.0f)
-    row_stats_kernel<T, true><<<grid, kThreads, 0, s>>>(static_cast<const T*>(x), labels, stats, l, a);
-  else
-    row_stats_kernel<T, false><<<grid, kThreads, 0, s>>>(static_cast<const T*>(x), labels, stats, l, a);
-  return cudaGetLastError();
+// One block: every row's parts merged (ranks, then splits: a fixed order), finalized, the
+// per-row outputs written, and the sums reduced in a fixed order.
+template <bool BetaOne>
+__global__ void __launch_bounds__(kEpilogueThreads) epilogue_kernel(const float* __restrict__ parts,
+                                                                    const int64_t* __restrict__ labels,
+                                                                    float* __restrict__ loss, float* __restrict__ ce,
+                                                                    float* __restrict__ rec, float* __restrict__ red,
+                                                                    PartsArgs p, LossArgs a) {
+  const float ib = kLog2e / a.beta;
+  int64_t vocab_size = p.vocab_size;
+  if (p.has_meta) {  // the global vocab size: the largest vocab_end of the ranks
+    const int64_t meta_off = p.n_rows * p.splits * stat::kWidth;
+    int vs = 0;
+    for (int64_t w = 0; w < p.world; ++w)
+      vs = max(vs, __float_as_int(parts[w * p.rank_stride + meta_off + meta::kVocabEnd]));
+    vocab_size = vs;
+  }
+  float acc_loss = 0.f, acc_ce = 0.f;
+  int acc_n = 0;
+  for (int64_t r = threadIdx.x; r < p.n_rows; r += kEpilogueThreads) {
+    Stats st = empty_stats();
+    float zt = 0.f;
+    for (int64_t w = 0; w < p.world; ++w) {
+      for (int64_t s = 0; s < p.splits; ++s) {
+        const float* q = parts + w * p.rank_stride + (r * p.splits + s) * stat::kWidth;
+        st = merge<BetaOne>(st, Stats{q[stat::kM], q[stat::kS1], q[stat::kSb]}, ib);
+        zt += q[stat::kZt];
+      }
+    }
+    const int64_t label = labels[r];
+    const RowOut o = finalize_row(st, zt, label, a.ignore_index, vocab_size, a.gamma, a.beta);
+    loss[r] = o.loss;
+    ce[r] = o.ce;
+    float* q = rec + r * gparam::kWidth;
+    q[gparam::kG] = o.g;
+    q[gparam::kM] = o.m;
+    q[gparam::kLogSb] = o.log_sb;
+    q[gparam::kQtM1] = o.qt_m1;
+    acc_loss += o.loss;
+    acc_ce += o.ce;
+    acc_n += label != a.ignore_index;
+  }
+  __shared__ float sf[kEpilogueThreads / 32];
+  __shared__ int si[kEpilogueThreads / 32];
+  acc_loss = block_sum<kEpilogueThreads>(acc_loss, sf);
+  acc_ce = block_sum<kEpilogueThreads>(acc_ce, sf);
+  acc_n = block_sum<kEpilogueThreads>(acc_n, si);
+  if (threadIdx.x == 0) {
+    const float scale = a.reduction == reduction::kMean ? 1.f / static_cast<float>(max(acc_n, 1)) : 1.f;
+    red[0] = acc_loss * scale;
+    red[1] = acc_ce * scale;
+    red[2] = scale;
+  }
 }
 
+// grid (rows, tiles): block writes columns [tile * kTileCols, +kTileCols) of one row.
 template <typename T>
-cudaError_t launch_grad_t(const void* x, void* out, const int64_t* labels, const float* params,
-                          int64_t n_rows, const RowLayoutArgs& l, const GradArgs& a, cudaStream_t s) {
-  const int64_t tiles = (a.width + kTileCols - 1) / kTileCols;
-  const dim3 grid(static_cast<unsigned>(n_rows), static_cast<unsigned>(tiles));
-  grad_kernel<T><<<grid, kThreads, 0, s>>>(static_cast<const T*>(x), static_cast<T*>(out), labels,
-                                           params, l, a);
-  return cudaGetLastError();
+__global__ void __launch_bounds__(kThreads, 6) grad_kernel(const T* x, T* out, const int64_t* __restrict__ labels,
+                                                        const float* __restrict__ rec,
+                                                        const float* __restrict__ upstream,
+                                                        const float* __restrict__ scale, RowLayoutArgs l,
+                                                        GradArgs a) {
+  const int64_t row = blockIdx.x;
+  const int64_t lo = int64_t(blockIdx.y) * kTileCols;
+  const int64_t hi = min(lo + kTileCols, a.width);
+  const float* p = rec + row * gparam::kWidth;
+  const float coef = upstream[row * a.up_stride] * scale[0] * p[gparam::kG];
+  const float m = p[gparam::kM], qt_m1 = p[gparam::kQtM1];
+  const float log2_sb = p[gparam::kLogSb] * kLog2e;
+  const float ib = kLog2e / a.beta;
+  int64_t t = labels[row] - a.vocab_start;
+  if (t < 0 || t >= a.n_valid) t = -1;  // target on another rank, or in padding
+  // coef == 0 (ignored or loss-masked token): write zeros without reading.
+  const int64_t valid_hi = coef != 0.f ? min(hi, a.n_valid) : lo;
+  write_grad<T, kThreads, false>(x + row_offset(row, l, false), out + row_offset(row, l, true), lo, hi, valid_hi,
+                                 t, coef, m, log2_sb, qt_m1, ib);
+}
+
+// ------------------------------------------------------------------ gradient in the forward
+
+__global__ void __launch_bounds__(kEpilogueThreads) count_kernel(const int64_t* __restrict__ labels,
+                                                                 float* __restrict__ red, int64_t n_rows,
+                                                                 LossArgs a) {
+  int n = 0;
+  for (int64_t r = threadIdx.x; r < n_rows; r += kEpilogueThreads) n += labels[r] != a.ignore_index;
+  __shared__ int si[kEpilogueThreads / 32];
+  n = block_sum<kEpilogueThreads>(n, si);
+  if (threadIdx.x == 0) red[2] = a.reduction == reduction::kMean ? 1.f / static_cast<float>(max(n, 1)) : 1.f;
+}
+
+// One block per whole row: statistics, loss, then the gradient for an upstream of 1.
+template <typename T, bool BetaOne>
+__global__ void __launch_bounds__(kFusedThreads) fused_kernel(const T* x, T* out, const int64_t* __restrict__ labels,
+                                                              float* __restrict__ loss, float* __restrict__ ce,
+                                                              const float* __restrict__ red, int64_t width,
+                                                              RowLayoutArgs l, LossArgs a) {
+  const int64_t row = blockIdx.x;
+  const T* xr = x + row_offset(row, l, false);
+  T* orow = out + row_offset(row, l, true);
+  const int64_t label = labels[row];
+  const bool active = label != a.ignore_index;
+  const float ib = kLog2e / a.beta;
+  Stats st = thread_stats<T, BetaOne, kFusedThreads>(xr, 0, active ? width : 0, ib);
+  st = block_merge<BetaOne, kFusedThreads>(st, ib);
+  const bool hit = active && label >= 0 && label < width;
+  __shared__ float sh[4];  // coef, m, log2 Sb, q_t - 1 of this row
+  if (threadIdx.x == 0) {
+    const float zt = hit ? to_float(xr[label]) : 0.f;
+    const RowOut o = finalize_row(st, zt, label, a.ignore_index, width, a.gamma, a.beta);
+    loss[row] = o.loss;
+    ce[row] = o.ce;
+    sh[0] = red[2] * o.g;
+    sh[1] = o.m;
+    sh[2] = o.log_sb * kLog2e;
+    sh[3] = o.qt_m1;
+  }
+  __syncthreads();
+  const float coef = sh[0];
+  write_grad<T, kFusedThreads, true>(xr, orow, 0, width, coef != 0.f ? width : 0, hit ? label : -1, coef, sh[1],
+                                     sh[2], sh[3], ib);
+}
+
+__global__ void __launch_bounds__(kEpilogueThreads) reduce_kernel(const float* __restrict__ loss,
+                                                                  const float* __restrict__ ce, float* __restrict__ red,
+                                                                  int64_t n_rows) {
+  float acc_loss = 0.f, acc_ce = 0.f;
+  for (int64_t r = threadIdx.x; r < n_rows; r += kEpilogueThreads) {
+    acc_loss += loss[r];
+    acc_ce += ce[r];
+  }
+  __shared__ float sf[kEpilogueThreads / 32];
+  acc_loss = block_sum<kEpilogueThreads>(acc_loss, sf);
+  acc_ce = block_sum<kEpilogueThreads>(acc_ce, sf);
+  if (threadIdx.x == 0) {
+    const float scale = red[2];
+    red[0] = acc_loss * scale;
+    red[1] = acc_ce * scale;
+  }
+}
+
+// Persistent grid over (row, tile) pairs; the whole grid returns at once when s == 1.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) rescale_kernel(T* out, const float* __restrict__ grad_out, int64_t n_rows,
+                                                           int64_t width, RowLayoutArgs l) {
+  constexpr int V = Vec<T>::N;
+  const float s = grad_out[0];
+  if (s == 1.f) return;
+  const int64_t tiles = (width + kTileCols - 1) / kTileCols;
+  for (int64_t w = blockIdx.x; w < n_rows * tiles; w += gridDim.x) {
+    const int64_t row = w / tiles, lo = (w % tiles) * kTileCols, hi = min(lo + kTileCols, width);
+    T* orow = out + row_offset(row, l, true);
+    int64_t tail_start = lo;
+    if (aligned16(orow + lo)) {
+      const int64_t n_vec = (hi - lo) / V;
+      for (int64_t i = threadIdx.x; i < n_vec; i += kThreads) {
+        float v[V];
+        load_vec(orow + lo + i * V, v);
+#pragma unroll
+        for (int j = 0; j < V; ++j) v[j] *= s;
+        store_vec(orow + lo + i * V, v);
+      }
+      tail_start = lo + n_vec * V;
+    }
+    for (int64_t c = tail_start + threadIdx.x; c < hi; c += kThreads) orow[c] = from_float<T>(to_float(orow[c]) * s);
+  }
+}
+
+// ------------------------------------------------------------------ launchers
+
+template <typename F>
+cudaError_t by_dtype(DType dt, F&& f) {
+  switch (dt) {
+    case DType::kFloat32: return f(float{});
+    case DType::kBFloat16: return f(__nv_bfloat16{});
+    case DType::kFloat16: return f(__half{});
+  }
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace
 
-cudaError_t launch_row_stats(DType dt, const void* x, const int64_t* labels, float* stats,
-                             int64_t n_rows, int splits, const RowLayoutArgs& l, const StatsArgs& a,
-                             cudaStream_t s) {
-  switch (dt) {
-    case DType::kFloat32: return launch_stats_t<float>(x, labels, stats, n_rows, splits, l, a, s);
-    case DType::kBFloat16: return launch_stats_t<__nv_bfloat16>(x, labels, stats, n_rows, splits, l, a, s);
-    case DType::kFloat16: return launch_stats_t<__half>(x, labels, stats, n_rows, splits, l, a, s);
-  }
-  return cudaErrorInvalidValue;
+cudaError_t launch_row_stats(DType dt, const void* x, const int64_t* labels, float* stats, int64_t n_rows,
+                             int splits, const RowLayoutArgs& l, const StatsArgs& a, cudaStream_t s) {
+  const dim3 grid(static_cast<unsigned>(n_rows), static_cast<unsigned>(splits));
+  return by_dtype(dt, [&](auto zero) {
+    using T = decltype(zero);
+    if (a.beta == 1.0f)
+      row_stats_kernel<T, true><<<grid, kThreads, 0, s>>>(static_cast<const T*>(x), labels, stats, l, a);
+    else
+      row_stats_kernel<T, false><<<grid, kThreads, 0, s>>>(static_cast<const T*>(x), labels, stats, l, a);
+    return cudaGetLastError();
+  });
 }
 
-cudaError_t launch_grad(DType dt, const void* x, void* out, const int64_t* labels,
-                        const float* params, int64_t n_rows, const RowLayoutArgs& l,
-                        const GradArgs& a, cudaStream_t s) {
-  switch (dt) {
-    case DType::kFloat32: return launch_grad_t<float>(x, out, labels, params, n_rows, l, a, s);
-    case DType::kBFloat16: return launch_grad_t<__nv_bfloat16>(x, out, labels, params, n_rows, l, a, s);
-    case DType::kFloat16: return launch_grad_t<__half>(x, out, labels, params, n_rows, l, a, s);
-  }
-  return cudaErrorInvalidValue;
-}
-
-cudaError_t launch_finalize(const float* stats, const int64_t* labels, const int64_t* vocab_size_ptr,
-                            float* out, int64_t n_rows, const FinalizeArgs& a, cudaStream_t s) {
-  const unsigned blocks = static_cast<unsigned>((n_rows + kThreads - 1) / kThreads);
-  finalize_kernel<<<blocks, kThreads, 0, s>>>(stats, labels, vocab_size_ptr, out, n_rows, a);
+cudaError_t launch_epilogue(const float* parts, const int64_t* labels, float* loss, float* ce, float* rec, float* red,
+                            const PartsArgs& p, const LossArgs& a, cudaStream_t s) {
+  if (a.beta == 1.0f)
+    epilogue_kernel<true><<<1, kEpilogueThreads, 0, s>>>(parts, labels, loss, ce, rec, red, p, a);
+  else
+    epilogue_kernel<false><<<1, kEpilogueThreads, 0, s>>>(parts, labels, loss, ce, rec, red, p, a);
   return cudaGetLastError();
+}
+
+cudaError_t launch_grad(DType dt, const void* x, void* out, const int64_t* labels, const float* rec,
+                        const float* upstream, const float* scale, int64_t n_rows, const RowLayoutArgs& l,
+                        const GradArgs& a, cudaStream_t s) {
+  const int64_t tiles = (a.width + kTileCols - 1) / kTileCols;
+  const dim3 grid(static_cast<unsigned>(n_rows), static_cast<unsigned>(tiles));
+  return by_dtype(dt, [&](auto zero) {
+    using T = decltype(zero);
+    grad_kernel<T><<<grid, kThreads, 0, s>>>(static_cast<const T*>(x), static_cast<T*>(out), labels, rec, upstream,
+                                             scale, l, a);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_fused(DType dt, const void* x, void* out, const int64_t* labels, float* loss, float* ce, float* red,
+                         int64_t n_rows, int64_t width, const RowLayoutArgs& l, const LossArgs& a, cudaStream_t s) {
+  count_kernel<<<1, kEpilogueThreads, 0, s>>>(labels, red, n_rows, a);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  err = by_dtype(dt, [&](auto zero) {
+    using T = decltype(zero);
+    const T* xt = static_cast<const T*>(x);
+    T* ot = static_cast<T*>(out);
+    if (a.beta == 1.0f)
+      fused_kernel<T, true><<<static_cast<unsigned>(n_rows), kFusedThreads, 0, s>>>(xt, ot, labels, loss, ce, red,
+                                                                                    width, l, a);
+    else
+      fused_kernel<T, false><<<static_cast<unsigned>(n_rows), kFusedThreads, 0, s>>>(xt, ot, labels, loss, ce, red,
+                                                                                     width, l, a);
+    return cudaGetLastError();
+  });
+  if (err != cudaSuccess) return err;
+  reduce_kernel<<<1, kEpilogueThreads, 0, s>>>(loss, ce, red, n_rows);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_rescale(DType dt, void* out, const float* grad_out, int64_t n_rows, int64_t width,
+                           const RowLayoutArgs& l, cudaStream_t s) {
+  const int64_t work = n_rows * ((width + kTileCols - 1) / kTileCols);
+  const unsigned blocks = static_cast<unsigned>(work < kRescaleBlocks ? (work > 0 ? work : 1) : kRescaleBlocks);
+  return by_dtype(dt, [&](auto zero) {
+    using T = decltype(zero);
+    rescale_kernel<T><<<blocks, kThreads, 0, s>>>(static_cast<T*>(out), grad_out, n_rows, width, l);
+    return cudaGetLastError();
+  });
 }
 
 }  // namespace tofu

@@ -10,14 +10,17 @@ namespace tofu {
 
 // Launch policy, owned here and read by Python from the extension module
 // (tofu_kernels._C.THREADS, .TILE_COLS, .TARGET_BLOCKS).
-constexpr int kThreads = 256;     // threads per block, every kernel
+constexpr int kThreads = 256;     // threads per block: statistics, gradient, rescale
 constexpr int kVecBytes = 16;     // one vector load / store per thread
-constexpr int kUnroll = 2;        // vectors in flight per thread in the statistics loop
+constexpr int kUnroll = 2;        // vectors in flight per thread in the streaming loops
 // Columns per gradient block, and the granularity of statistics splits: a multiple of
 // every dtype's vector width (8 bf16 / 4 fp32), so every split starts 16-byte aligned.
 constexpr int64_t kTileCols = 4096;
 // Blocks that fill 132 SMs several times over; fewer rows than this get split.
 constexpr int64_t kTargetBlocks = 1024;
+constexpr int kEpilogueThreads = 1024;  // the one-block O(N) kernels (epilogue, count, reduce)
+constexpr int kFusedThreads = 512;      // gradient in the forward: one block per row
+constexpr int kRescaleBlocks = 1056;    // persistent grid of the rescale (8 per SM)
 
 enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
@@ -33,29 +36,50 @@ struct StatsArgs {
   int64_t chunk;         // columns per split (grid.y)
   int64_t ignore_index;
   float beta;
+  bool write_meta;       // tensor parallelism: this rank's meta record after the stats
+  int64_t meta_vocab_end, meta_width;
+};
+
+// The partial statistics the epilogue merges: rank w's block starts at w * rank_stride
+// floats and holds n_rows * splits records (then one meta record under TP).
+struct PartsArgs {
+  int64_t n_rows, splits, world, rank_stride;
+  bool has_meta;        // read the global vocab size from the ranks' meta records
+  int64_t vocab_size;   // otherwise this one
+};
+
+struct LossArgs {
+  int64_t ignore_index;
+  float gamma, beta;
+  int reduction;  // tofu::reduction
 };
 
 struct GradArgs {
   int64_t n_valid, width, vocab_start;
+  int64_t up_stride;  // upstream gradient element of row r: r * up_stride (0: a scalar)
   float beta;
 };
 
-struct FinalizeArgs {
-  int64_t ignore_index;
-  int64_t vocab_size;  // used when no device vocab-size tensor is given
-  float gamma, beta;
-};
-
-// stats: fp32 [n_rows, splits, stat::kWidth] per (row, split).
+// stats: fp32 [n_rows, splits, stat::kWidth] per (row, split) (+ 1 meta record).
 cudaError_t launch_row_stats(DType dt, const void* x, const int64_t* labels, float* stats,
                              int64_t n_rows, int splits, const RowLayoutArgs& l, const StatsArgs& a,
                              cudaStream_t s);
-// params: fp32 [n_rows, gparam::kWidth]; out may alias x.
-cudaError_t launch_grad(DType dt, const void* x, void* out, const int64_t* labels,
-                        const float* params, int64_t n_rows, const RowLayoutArgs& l,
+// One block: loss, ce [n_rows]; rec [n_rows, gparam::kWidth]; red [3] = reduced loss,
+// reduced ce, scale (1 / token count for a mean, else 1).
+cudaError_t launch_epilogue(const float* parts, const int64_t* labels, float* loss, float* ce, float* rec,
+                            float* red, const PartsArgs& p, const LossArgs& a, cudaStream_t s);
+// rec: fp32 [n_rows, gparam::kWidth]; upstream fp32; scale fp32 [1]; out may alias x.
+cudaError_t launch_grad(DType dt, const void* x, void* out, const int64_t* labels, const float* rec,
+                        const float* upstream, const float* scale, int64_t n_rows, const RowLayoutArgs& l,
                         const GradArgs& a, cudaStream_t s);
-// stats fp32 [n_rows, stat::kWidth] combined; out fp32 [rowout::kWidth, n_rows].
-cudaError_t launch_finalize(const float* stats, const int64_t* labels, const int64_t* vocab_size_ptr,
-                            float* out, int64_t n_rows, const FinalizeArgs& a, cudaStream_t s);
+// Gradient in the forward, whole rows (n_valid = width): the count of tokens (scale into
+// red[2]), one block per row writing loss, ce and the gradient for an upstream of 1
+// (out may alias x), then the reductions into red[0], red[1].
+cudaError_t launch_fused(DType dt, const void* x, void* out, const int64_t* labels, float* loss, float* ce,
+                         float* red, int64_t n_rows, int64_t width, const RowLayoutArgs& l, const LossArgs& a,
+                         cudaStream_t s);
+// out *= *grad_out, on the device, returning at once when it is 1.
+cudaError_t launch_rescale(DType dt, void* out, const float* grad_out, int64_t n_rows, int64_t width,
+                           const RowLayoutArgs& l, cudaStream_t s);
 
 }  // namespace tofu

@@ -16,16 +16,19 @@
 
 namespace tofu {
 
-// fp32 record layouts, mirrored from tofu_kernels/tofu_math.py (Stat, GradParam,
-// RowResult); tests/test_cuda_ext.py::test_record_layouts_agree checks the two agree.
+// fp32 record layouts, mirrored from tofu_kernels/tofu_math.py (Stat, GradParam, Meta,
+// Reduction); tests/test_cuda_ext.py::test_record_layouts_agree checks the two agree.
 namespace stat {  // statistics of (part of) a row: [..., kWidth]
 enum : int { kM = 0, kS1 = 1, kSb = 2, kZt = 3, kWidth = 4 };
 }
 namespace gparam {  // what the backward reads per row: [N, kWidth]
-enum : int { kCoef = 0, kM = 1, kLogSb = 2, kQtM1 = 3, kWidth = 4 };
+enum : int { kG = 0, kM = 1, kLogSb = 2, kQtM1 = 3, kWidth = 4 };
 }
-namespace rowout {  // the epilogue's outputs: [kWidth, N]
-enum : int { kLoss = 0, kCe = 1, kG = 2, kM = 3, kLogSb = 4, kQtM1 = 5, kWidth = 6 };
+namespace meta {  // a rank's metadata record (int32 bits), after its statistics records
+enum : int { kVocabStart = 0, kVocabEnd = 1, kWidth = 2, kRows = 3 };
+}
+namespace reduction {  // reduction= as the kernels see it
+enum : int { kNone = 0, kSum = 1, kMean = 2 };
 }
 
 // log2(e): the kernels use exp2 on pre-scaled arguments (ex2.approx on the SFU).
@@ -81,8 +84,8 @@ TOFU_HD void update(Stats& st, const float (&z)[K], float inv_beta_log2e) {
 }
 
 // Gradient of one element: coef * (q_j - [j == t]) with q_j = exp((z - m)/beta - log Sb)
-// and the target column taking the precomputed q_t - 1 = expm1(log q_t).
-// p = (coef, m, log2(Sb), q_t - 1) per row; coef = upstream * g, folded in fp32.
+// and the target column taking the precomputed q_t - 1 = expm1(log q_t); coef = upstream *
+// scale * g, folded in fp32 by the caller; log2_sb = log(Sb) * log2(e).
 TOFU_HD float grad_elem(float z, bool is_target, float coef, float m, float log2_sb,
                         float qt_m1, float inv_beta_log2e) {
   const float q = is_target ? qt_m1 : exp2f((z - m) * inv_beta_log2e - log2_sb);
@@ -101,7 +104,7 @@ TOFU_HD float focal_weight(float log_p, float gamma) {
   return expf(gamma * logf(om)) * (1.f + gamma * pr);
 }
 
-// Per-row outputs of the loss; field order is rowout (tofu_math.RowResult).
+// Per-row outputs of the loss (tofu_math.RowResult).
 struct RowOut {
   float loss, ce, g, m, log_sb, qt_m1;
 };

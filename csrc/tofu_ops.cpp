@@ -41,92 +41,154 @@ void check_f32(const at::Tensor& t, int64_t numel, const char* name) {
               "tofu_kernels: ", name, " must be a contiguous float32 CUDA tensor of ", numel, " elements");
 }
 
-void row_stats(const at::Tensor& x, const at::Tensor& labels, at::Tensor& stats, int64_t n_inner,
-               int64_t s_outer, int64_t s_inner, int64_t n_valid, int64_t vocab_start, int64_t chunk,
-               int64_t ignore_index, double beta) {
-  const int64_t n_rows = labels.numel();
+void row_stats(const at::Tensor& x, const at::Tensor& labels, at::Tensor& stats, int64_t n_rows, int64_t splits,
+               int64_t n_inner, int64_t s_outer, int64_t s_inner, int64_t n_valid, int64_t vocab_start, int64_t chunk,
+               int64_t ignore_index, double beta, bool write_meta, int64_t meta_vocab_end, int64_t meta_width) {
   check_common(x, labels, n_rows);
-  TORCH_CHECK(n_rows > 0 && stats.numel() % (n_rows * tofu::stat::kWidth) == 0,
-              "tofu_kernels: stats must be [N, splits, ", int(tofu::stat::kWidth), "]");
-  const int64_t splits = stats.numel() / (n_rows * tofu::stat::kWidth);
-  check_f32(stats, n_rows * splits * tofu::stat::kWidth, "stats");
-  TORCH_CHECK(splits <= 65535 && chunk > 0, "tofu_kernels: bad split configuration");
+  TORCH_CHECK(n_rows > 0 && splits > 0 && splits <= 65535 && chunk > 0, "tofu_kernels: bad split configuration");
+  check_f32(stats, (n_rows * splits + (write_meta ? 1 : 0)) * tofu::stat::kWidth, "stats");
   const c10::cuda::CUDAGuard guard(x.device());
   const tofu::RowLayoutArgs l{n_inner, s_outer, s_inner, 0, 0};
-  const tofu::StatsArgs a{n_valid, vocab_start, chunk, ignore_index, static_cast<float>(beta)};
-  check_cuda(tofu::launch_row_stats(dtype_of(x), x.data_ptr(), labels.data_ptr<int64_t>(),
-                                    stats.data_ptr<float>(), n_rows, static_cast<int>(splits), l, a,
-                                    c10::cuda::getCurrentCUDAStream()),
+  const tofu::StatsArgs a{n_valid, vocab_start, chunk, ignore_index, static_cast<float>(beta), write_meta,
+                          meta_vocab_end, meta_width};
+  check_cuda(tofu::launch_row_stats(dtype_of(x), x.data_ptr(), labels.data_ptr<int64_t>(), stats.data_ptr<float>(),
+                                    n_rows, static_cast<int>(splits), l, a, c10::cuda::getCurrentCUDAStream()),
              "row_stats");
 }
 
-void grad(const at::Tensor& x, at::Tensor& out, const at::Tensor& labels, const at::Tensor& params,
-          int64_t n_inner, int64_t xs_outer, int64_t xs_inner, int64_t os_outer, int64_t os_inner,
-          int64_t n_valid, int64_t vocab_start, double beta) {
+void epilogue(const at::Tensor& parts, const at::Tensor& labels, at::Tensor& loss, at::Tensor& ce, at::Tensor& rec,
+              at::Tensor& red, int64_t n_rows, int64_t splits, int64_t world, int64_t rank_stride, bool has_meta,
+              int64_t vocab_size, int64_t ignore_index, double gamma, double beta, int64_t reduction) {
+  TORCH_CHECK(labels.is_cuda() && labels.scalar_type() == at::kLong && labels.is_contiguous() &&
+                  labels.numel() == n_rows,
+              "tofu_kernels: labels must be a contiguous int64 CUDA tensor with one entry per row");
+  const int64_t per_rank = n_rows * splits * tofu::stat::kWidth + (has_meta ? tofu::stat::kWidth : 0);
+  TORCH_CHECK(world >= 1 && (world == 1 || rank_stride >= per_rank), "tofu_kernels: bad partial-statistics layout");
+  check_f32(parts, world == 1 ? per_rank : world * rank_stride, "parts");
+  check_f32(loss, n_rows, "loss");
+  check_f32(ce, n_rows, "ce");
+  check_f32(rec, n_rows * tofu::gparam::kWidth, "rec");
+  check_f32(red, 3, "red");
+  TORCH_CHECK(reduction >= tofu::reduction::kNone && reduction <= tofu::reduction::kMean, "tofu_kernels: bad reduction");
+  if (n_rows == 0) return;
+  const c10::cuda::CUDAGuard guard(parts.device());
+  const tofu::PartsArgs p{n_rows, splits, world, rank_stride, has_meta, vocab_size};
+  const tofu::LossArgs a{ignore_index, static_cast<float>(gamma), static_cast<float>(beta), static_cast<int>(reduction)};
+  check_cuda(tofu::launch_epilogue(parts.data_ptr<float>(), labels.data_ptr<int64_t>(), loss.data_ptr<float>(),
+                                   ce.data_ptr<float>(), rec.data_ptr<float>(), red.data_ptr<float>(), p, a,
+                                   c10::cuda::getCurrentCUDAStream()),
+             "epilogue");
+}
+
+void check_upstream(const at::Tensor& upstream, const at::Tensor& scale, int64_t up_stride, int64_t n_rows) {
+  TORCH_CHECK(upstream.is_cuda() && upstream.scalar_type() == at::kFloat && upstream.dim() == 1 &&
+                  upstream.numel() >= 1 && (up_stride == 0 || (up_stride == upstream.stride(0) && upstream.numel() == n_rows)),
+              "tofu_kernels: upstream must be a 1-D float32 CUDA tensor: one element (up_stride 0) or one per row");
+  check_f32(scale, 1, "scale");
+}
+
+void grad(const at::Tensor& x, at::Tensor& out, const at::Tensor& labels, const at::Tensor& rec,
+          const at::Tensor& upstream, const at::Tensor& scale, int64_t up_stride, int64_t n_inner, int64_t xs_outer,
+          int64_t xs_inner, int64_t os_outer, int64_t os_inner, int64_t n_valid, int64_t vocab_start, double beta) {
   const int64_t n_rows = labels.numel();
   check_common(x, labels, n_rows);
-  check_f32(params, n_rows * tofu::gparam::kWidth, "params");
+  check_f32(rec, n_rows * tofu::gparam::kWidth, "rec");
+  check_upstream(upstream, scale, up_stride, n_rows);
   TORCH_CHECK(out.scalar_type() == x.scalar_type() && out.is_cuda(), "tofu_kernels: out must match logits");
   const int64_t width = x.size(-1);
   TORCH_CHECK((width + tofu::kTileCols - 1) / tofu::kTileCols <= 65535, "tofu_kernels: vocab shard too wide");
   if (n_rows == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   const tofu::RowLayoutArgs l{n_inner, xs_outer, xs_inner, os_outer, os_inner};
-  const tofu::GradArgs a{n_valid, width, vocab_start, static_cast<float>(beta)};
+  const tofu::GradArgs a{n_valid, width, vocab_start, up_stride, static_cast<float>(beta)};
   check_cuda(tofu::launch_grad(dtype_of(x), x.data_ptr(), out.data_ptr(), labels.data_ptr<int64_t>(),
-                               params.data_ptr<float>(), n_rows, l, a, c10::cuda::getCurrentCUDAStream()),
+                               rec.data_ptr<float>(), upstream.data_ptr<float>(), scale.data_ptr<float>(), n_rows, l, a,
+                               c10::cuda::getCurrentCUDAStream()),
              "grad");
 }
 
 // In-place variant: the gradient overwrites the logits (each element read, then written).
-void grad_inplace(at::Tensor& x, const at::Tensor& labels, const at::Tensor& params, int64_t n_inner,
-                  int64_t s_outer, int64_t s_inner, int64_t n_valid, int64_t vocab_start, double beta) {
-  grad(x, x, labels, params, n_inner, s_outer, s_inner, s_outer, s_inner, n_valid, vocab_start, beta);
+void grad_inplace(at::Tensor& x, const at::Tensor& labels, const at::Tensor& rec, const at::Tensor& upstream,
+                  const at::Tensor& scale, int64_t up_stride, int64_t n_inner, int64_t s_outer, int64_t s_inner,
+                  int64_t n_valid, int64_t vocab_start, double beta) {
+  grad(x, x, labels, rec, upstream, scale, up_stride, n_inner, s_outer, s_inner, s_outer, s_inner, n_valid,
+       vocab_start, beta);
 }
 
-void finalize(const at::Tensor& stats, const at::Tensor& labels, const std::optional<at::Tensor>& vocab_size_t,
-              at::Tensor& out, int64_t vocab_size, double gamma, double beta, int64_t ignore_index) {
+void fused(const at::Tensor& x, at::Tensor& out, const at::Tensor& labels, at::Tensor& loss, at::Tensor& ce,
+           at::Tensor& red, int64_t n_inner, int64_t xs_outer, int64_t xs_inner, int64_t os_outer, int64_t os_inner,
+           int64_t ignore_index, double gamma, double beta, bool mean) {
   const int64_t n_rows = labels.numel();
-  TORCH_CHECK(labels.is_cuda() && labels.scalar_type() == at::kLong && labels.is_contiguous(),
-              "tofu_kernels: labels must be a contiguous int64 CUDA tensor");
-  check_f32(stats, n_rows * tofu::stat::kWidth, "stats");
-  check_f32(out, n_rows * tofu::rowout::kWidth, "out");
-  const int64_t* vs = nullptr;
-  if (vocab_size_t.has_value()) {
-    TORCH_CHECK(vocab_size_t->is_cuda() && vocab_size_t->scalar_type() == at::kLong && vocab_size_t->numel() == 1,
-                "tofu_kernels: vocab_size tensor must be a one-element int64 CUDA tensor");
-    vs = vocab_size_t->data_ptr<int64_t>();
-  }
+  check_common(x, labels, n_rows);
+  TORCH_CHECK(out.scalar_type() == x.scalar_type() && out.is_cuda(), "tofu_kernels: out must match logits");
+  check_f32(loss, n_rows, "loss");
+  check_f32(ce, n_rows, "ce");
+  check_f32(red, 3, "red");
+  TORCH_CHECK(n_rows > 0, "tofu_kernels: fused needs at least one row");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const tofu::RowLayoutArgs l{n_inner, xs_outer, xs_inner, os_outer, os_inner};
+  const tofu::LossArgs a{ignore_index, static_cast<float>(gamma), static_cast<float>(beta),
+                         mean ? tofu::reduction::kMean : tofu::reduction::kSum};
+  check_cuda(tofu::launch_fused(dtype_of(x), x.data_ptr(), out.data_ptr(), labels.data_ptr<int64_t>(),
+                                loss.data_ptr<float>(), ce.data_ptr<float>(), red.data_ptr<float>(), n_rows, x.size(-1),
+                                l, a, c10::cuda::getCurrentCUDAStream()),
+             "fused");
+}
+
+void fused_inplace(at::Tensor& x, const at::Tensor& labels, at::Tensor& loss, at::Tensor& ce, at::Tensor& red,
+                   int64_t n_inner, int64_t s_outer, int64_t s_inner, int64_t ignore_index, double gamma, double beta,
+                   bool mean) {
+  fused(x, x, labels, loss, ce, red, n_inner, s_outer, s_inner, s_outer, s_inner, ignore_index, gamma, beta, mean);
+}
+
+void rescale(at::Tensor& out, const at::Tensor& grad_out, int64_t n_rows, int64_t n_inner, int64_t s_outer,
+             int64_t s_inner) {
+  TORCH_CHECK(out.is_cuda(), "tofu_kernels: out must be a CUDA tensor");
+  check_f32(grad_out, 1, "grad_out");
   if (n_rows == 0) return;
-  const c10::cuda::CUDAGuard guard(stats.device());
-  const tofu::FinalizeArgs a{ignore_index, vocab_size, static_cast<float>(gamma), static_cast<float>(beta)};
-  check_cuda(tofu::launch_finalize(stats.data_ptr<float>(), labels.data_ptr<int64_t>(), vs,
-                                   out.data_ptr<float>(), n_rows, a, c10::cuda::getCurrentCUDAStream()),
-             "finalize");
+  const c10::cuda::CUDAGuard guard(out.device());
+  const tofu::RowLayoutArgs l{n_inner, 0, 0, s_outer, s_inner};
+  check_cuda(tofu::launch_rescale(dtype_of(out), out.data_ptr(), grad_out.data_ptr<float>(), n_rows, out.size(-1), l,
+                                  c10::cuda::getCurrentCUDAStream()),
+             "rescale");
 }
 
 }  // namespace
 
 TORCH_LIBRARY(tofu_kernels, m) {
   m.def(
-      "row_stats(Tensor x, Tensor labels, Tensor(a!) stats, int n_inner, int s_outer, int s_inner, "
-      "int n_valid, int vocab_start, int chunk, int ignore_index, float beta) -> ()");
+      "row_stats(Tensor x, Tensor labels, Tensor(a!) stats, int n_rows, int splits, int n_inner, int s_outer, "
+      "int s_inner, int n_valid, int vocab_start, int chunk, int ignore_index, float beta, bool write_meta, "
+      "int meta_vocab_end, int meta_width) -> ()");
   m.def(
-      "grad(Tensor x, Tensor(a!) out, Tensor labels, Tensor params, int n_inner, int xs_outer, "
-      "int xs_inner, int os_outer, int os_inner, int n_valid, int vocab_start, float beta) -> ()");
+      "epilogue(Tensor parts, Tensor labels, Tensor(a!) loss, Tensor(b!) ce, Tensor(c!) rec, Tensor(d!) red, "
+      "int n_rows, int splits, int world, int rank_stride, bool has_meta, int vocab_size, int ignore_index, "
+      "float gamma, float beta, int reduction) -> ()");
   m.def(
-      "grad_inplace(Tensor(a!) x, Tensor labels, Tensor params, int n_inner, int s_outer, "
-      "int s_inner, int n_valid, int vocab_start, float beta) -> ()");
+      "grad(Tensor x, Tensor(a!) out, Tensor labels, Tensor rec, Tensor upstream, Tensor scale, int up_stride, "
+      "int n_inner, int xs_outer, int xs_inner, int os_outer, int os_inner, int n_valid, int vocab_start, "
+      "float beta) -> ()");
   m.def(
-      "finalize(Tensor stats, Tensor labels, Tensor? vocab_size_t, Tensor(a!) out, int vocab_size, "
-      "float gamma, float beta, int ignore_index) -> ()");
+      "grad_inplace(Tensor(a!) x, Tensor labels, Tensor rec, Tensor upstream, Tensor scale, int up_stride, "
+      "int n_inner, int s_outer, int s_inner, int n_valid, int vocab_start, float beta) -> ()");
+  m.def(
+      "fused(Tensor x, Tensor(a!) out, Tensor labels, Tensor(b!) loss, Tensor(c!) ce, Tensor(d!) red, "
+      "int n_inner, int xs_outer, int xs_inner, int os_outer, int os_inner, int ignore_index, float gamma, "
+      "float beta, bool mean) -> ()");
+  m.def(
+      "fused_inplace(Tensor(a!) x, Tensor labels, Tensor(b!) loss, Tensor(c!) ce, Tensor(d!) red, int n_inner, "
+      "int s_outer, int s_inner, int ignore_index, float gamma, float beta, bool mean) -> ()");
+  m.def("rescale(Tensor(a!) out, Tensor grad_out, int n_rows, int n_inner, int s_outer, int s_inner) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(tofu_kernels, CUDA, m) {
   m.impl("row_stats", &row_stats);
+  m.impl("epilogue", &epilogue);
   m.impl("grad", &grad);
   m.impl("grad_inplace", &grad_inplace);
-  m.impl("finalize", &finalize);
+  m.impl("fused", &fused);
+  m.impl("fused_inplace", &fused_inplace);
+  m.impl("rescale", &rescale);
 }
 
 // A Python module named _C so that `import tofu_kernels._C` loads the library (and the

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import tofu_kernels as tk
-from tofu_kernels.tofu_math import GradParam, RowResult, Stat, finalize_stats
+from tofu_kernels.tofu_math import GradParam, Meta, Reduction, Stat, finalize_stats
 
 ROOT = Path(__file__).resolve().parent.parent
 NVCC = shutil.which("nvcc") or (Path("/usr/local/cuda/bin/nvcc").exists() or None)
@@ -44,9 +44,12 @@ def test_ops_registered_with_mutation_schemas():
     ops = torch.ops.tofu_kernels
     written = {
         "row_stats": {"stats"},
+        "epilogue": {"loss", "ce", "rec", "red"},
         "grad": {"out"},
         "grad_inplace": {"x"},
-        "finalize": {"out"},
+        "fused": {"out", "loss", "ce", "red"},
+        "fused_inplace": {"x", "loss", "ce", "red"},
+        "rescale": {"out"},
     }
     for name, expect in written.items():
         schema = getattr(ops, name).default._schema
@@ -64,15 +67,17 @@ def test_cuda_backend_refuses_cpu_tensors():
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("inplace", [False, True])
-def test_meta_shapes_and_dtypes(dtype, inplace):
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_meta_shapes_and_dtypes(dtype, inplace, reduction):
     x = torch.empty(5, 3, 1000, device="meta", dtype=dtype, requires_grad=True)
     labels = torch.empty(5, 3, device="meta", dtype=torch.long)
     logits = x * 1 if inplace else x
-    per_token, ce = tk.tofu_loss(
-        logits, labels, reduction="none", backend="cuda", inplace_backward=inplace, return_ce=True
+    loss, ce = tk.tofu_loss(
+        logits, labels, reduction=reduction, backend="cuda", inplace_backward=inplace, return_ce=True
     )
-    assert per_token.shape == ce.shape == (5, 3) and per_token.dtype == ce.dtype == torch.float32
-    per_token.sum().backward()
+    shape = (5, 3) if reduction == "none" else ()
+    assert loss.shape == ce.shape == shape and loss.dtype == ce.dtype == torch.float32
+    loss.sum().backward()
     assert x.grad.shape == x.shape and x.grad.dtype == dtype and x.grad.device.type == "meta"
 
 
@@ -97,25 +102,67 @@ def _compile_and_capture(fn, *args):
     return out, graphs
 
 
-@needs_ext
+def _dynamo_capture(fn, *args):
+    """Run ``fn`` under torch.compile(fullgraph=True) with a backend that keeps Dynamo's
+    graph; returns the output and the code of the autograd Function's forward and backward
+    subgraphs."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(fn, fullgraph=True, backend=backend)(*args)
+    assert len(graphs) == 1, "graph break"
+    subs = {name: m.code for name, m in graphs[0].named_modules() if name}
+    fw = "\n".join(c for n, c in subs.items() if "fwd" in n)
+    bw = "\n".join(c for n, c in subs.items() if "bwd" in n)
+    return out, (fw, bw)
+
+
+# (grad_in_forward, reduction) -> the ops the forward and the backward graphs must hold
+PATHS = {
+    (False, "mean"): (("row_stats", "epilogue"), ("grad",)),
+    (False, "none"): (("row_stats", "epilogue"), ("grad",)),
+    (True, "mean"): (("fused",), ("rescale",)),
+    (True, "sum"): (("fused",), ("rescale",)),
+}
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("inplace", [False, True])
-def test_torch_compile_fullgraph_traces_forward_and_backward(inplace):
-    """No graph break: the ops appear in the forward and backward graphs."""
+@pytest.mark.parametrize("path", list(PATHS), ids=[f"gif={g}-{r}" for g, r in PATHS])
+def test_torch_compile_fullgraph_traces_forward_and_backward(backend, inplace, path):
+    """No graph break, no host sync: our ops, and only a handful, in the forward and the
+    backward graphs (meta tensors: shape-only tracing, no GPU needed)."""
+    if backend == "cuda" and not tk.extension_loaded():
+        pytest.skip("CUDA extension not built (no nvcc / CPU-only torch)")
+    grad_in_forward, reduction = path
     x = torch.empty(4, 7, 5000, device="meta", dtype=torch.bfloat16, requires_grad=True)
     labels = torch.empty(4, 7, device="meta", dtype=torch.long)
 
     def step(leaf, y):
         logits = leaf * 2 if inplace else leaf
-        return tk.tofu_loss(
-            logits, y, gamma=3.0, beta=0.8, backend="cuda", return_ce=True, inplace_backward=inplace
-        )
+        return tk.tofu_loss(logits, y, gamma=3.0, beta=0.8, backend=backend, return_ce=True, reduction=reduction,
+                            inplace_backward=inplace, grad_in_forward=grad_in_forward)
 
-    (loss, ce), graphs = _compile_and_capture(step, x, labels)
-    loss.backward()
+    if backend == "cuda":
+        (loss, ce), graphs = _compile_and_capture(step, x, labels)
+    else:
+        # AOT lowers a triton_op to its kernels (which Triton's CPU interpreter cannot run
+        # on fake tensors, so it skips them); Dynamo's own graph shows the ops.
+        (loss, ce), (fw, bw) = _dynamo_capture(step, x, labels)
+    (loss.sum() if reduction == "none" else loss).backward()
+    if backend == "cuda":  # AOT compiles the backward when it first runs
+        fw, bw = graphs["fw"].code, graphs["bw"].code
     assert x.grad.shape == x.shape
-    fw, bw = graphs["fw"].code, graphs["bw"].code
-    assert "tofu_kernels.row_stats" in fw and "tofu_kernels.finalize" in fw
-    assert "tofu_kernels.grad" in bw
+    prefix = "tofu_kernels." + ("triton_" if backend == "triton" else "")
+    fw_ops, bw_ops = PATHS[path]
+    for op in fw_ops:
+        assert prefix + op in fw, (op, fw)
+    for op in bw_ops:
+        assert prefix + op in bw, (op, bw)
     assert "_local_scalar_dense" not in fw + bw, "host sync in the compiled graph"
 
 
@@ -150,20 +197,20 @@ def _ptr(t: torch.Tensor):
 
 
 def test_record_layouts_agree(harness):
-    """csrc/tofu_math.cuh mirrors tofu_math.Stat, GradParam and RowResult field for field."""
+    """csrc/tofu_math.cuh mirrors tofu_math.Stat, GradParam, Meta and Reduction field for field."""
     buf = (ctypes.c_int * 64)()
     got = list(buf[: harness.tofu_layouts(buf)])
-    expect = [int(f) for f in Stat] + [len(Stat)]
-    expect += [int(f) for f in GradParam] + [len(GradParam)]
-    expect += list(range(len(RowResult._fields))) + [len(RowResult._fields)]
+    expect = [int(f) for f in Stat] + [len(Stat)] + [int(f) for f in GradParam] + [len(GradParam)]
+    expect += [int(f) for f in Meta] + [int(f) for f in Reduction]
     assert got == expect
-    # the C++ names follow the Python ones (kLogSb <-> LOG_SB, kLoss <-> loss)
+    # the C++ names follow the Python ones (kLogSb <-> LOG_SB, kVocabEnd <-> VOCAB_END)
     header = (ROOT / "csrc" / "tofu_math.cuh").read_text()
-    for ns, names in (("stat", [f.name for f in Stat]), ("gparam", [f.name for f in GradParam]),
-                      ("rowout", list(RowResult._fields))):
+    for ns, names, width in (("stat", Stat, True), ("gparam", GradParam, True), ("meta", Meta, False),
+                             ("reduction", Reduction, False)):
         enum = re.search(rf"namespace {ns} \{{.*?enum : int \{{([^}}]*)\}}", header, re.S).group(1)
         cxx = [e.split("=")[0].strip()[1:].lower() for e in enum.split(",")]
-        assert cxx[:-1] == [n.replace("_", "").lower() for n in names] and cxx[-1] == "width", (ns, cxx)
+        py = [f.name.replace("_", "").lower() for f in names] + (["width"] if width else [])
+        assert cxx == py, (ns, cxx, py)
 
 
 @needs_ext

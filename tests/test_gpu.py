@@ -30,8 +30,9 @@ def test_cuda_extension_loaded_on_gpu_machine():
 
 
 # Shapes: one row; odd vocab (rows not 16-byte aligned: scalar path); vocab above one
-# 4096 tile with a partial last tile; few rows x long vocab (split rows); many rows.
-SHAPES = [((1,), 17), ((13,), 257), ((7,), 32001), ((3,), 128256), ((300,), 4096 + 100)]
+# 4096 tile with a partial last tile; few rows x long vocab (split rows); many rows; 256
+# rows of an odd 5-tile vocab (4 splits of 2 tiles: the last split starts past the end).
+SHAPES = [((1,), 17), ((13,), 257), ((7,), 32001), ((3,), 128256), ((300,), 4096 + 100), ((256,), 18993)]
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
@@ -109,14 +110,16 @@ def test_deterministic_bitwise(backend):
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_cuda_graph_capture_and_replay(backend):
+@pytest.mark.parametrize("grad_in_forward", [None, False])
+def test_cuda_graph_capture_and_replay(backend, grad_in_forward):
     n, v = 256, 32064
     static_x = torch.randn(n, v, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     static_y = torch.randint(0, v, (n,), device="cuda")
+    kw = dict(backend=backend, check_inputs=False, grad_in_forward=grad_in_forward)
 
     def step():
         static_x.grad = None
-        loss = tk.tofu_loss(static_x, static_y, backend=backend, check_inputs=False)
+        loss = tk.tofu_loss(static_x, static_y, **kw)
         loss.backward()
         return loss
 
@@ -129,7 +132,7 @@ def test_cuda_graph_capture_and_replay(backend):
     static_x.grad = None
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        static_loss = tk.tofu_loss(static_x, static_y, backend=backend, check_inputs=False)
+        static_loss = tk.tofu_loss(static_x, static_y, **kw)
         static_loss.backward()
     new_x = torch.randn(n, v, device="cuda", dtype=torch.bfloat16)
     new_y = torch.randint(0, v, (n,), device="cuda")
@@ -139,7 +142,7 @@ def test_cuda_graph_capture_and_replay(backend):
     g.replay()
     torch.cuda.synchronize()
     x = new_x.clone().requires_grad_()
-    eager = tk.tofu_loss(x, new_y, backend=backend)
+    eager = tk.tofu_loss(x, new_y, **kw)
     eager.backward()
     assert torch.equal(static_loss, eager) and torch.equal(static_x.grad, x.grad)
 
@@ -171,3 +174,76 @@ def test_backends_agree_closely():
     lc, gc = run(logits, labels, "cuda")
     torch.testing.assert_close(lc, lt, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gc.float(), gt.float(), rtol=2**-7, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,vocab", [((1,), 17), ((37,), 32001), ((8,), 128256), ((300,), 4096 + 100)])
+@pytest.mark.parametrize("reduction,upstream", [("mean", 1.0), ("mean", 0.37), ("sum", 1.0)])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_grad_in_forward_matches_reference(backend, dtype, shape, vocab, reduction, upstream, inplace):
+    """The gradient made in the forward (one block per row, reverse second pass) and the
+    backward's rescale (skipped on the device when the upstream gradient is 1)."""
+    logits, labels = make_logits(shape, vocab, dtype)
+    labels[0] = vocab - 1
+    if labels.numel() > 2:
+        labels[1] = -100
+    logits, labels = logits.cuda(), labels.cuda()
+    leaf = logits.clone().requires_grad_()
+    x = leaf * 1 if inplace else leaf
+    loss = tk.tofu_loss(x, labels, backend=backend, reduction=reduction, inplace_backward=inplace,
+                        grad_in_forward=True)
+    (loss * upstream).backward()
+    xr = logits.double().requires_grad_()
+    per_token, _ = tk.tofu_loss_reference(xr, labels)
+    n_valid = max(int((labels != -100).sum()), 1)
+    ref = per_token.sum() / (n_valid if reduction == "mean" else 1)
+    (ref * upstream).backward()
+    assert_loss_close(loss, ref)
+    assert_grad_close(leaf.grad, xr.grad, dtype, roundings=1 if upstream == 1.0 else 2)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("grad_in_forward,reduction", [(None, "mean"), (False, "mean"), (False, "none")])
+def test_torch_compile_fullgraph_numerics(backend, grad_in_forward, reduction):
+    """torch.compile(fullgraph=True) runs our ops (Triton through triton_op) and gives the
+    eager results."""
+    logits, labels = make_logits((64,), 5000, torch.bfloat16)
+    logits, labels = logits.cuda(), labels.cuda()
+    w = torch.rand(64, device="cuda")
+
+    def step(x, y):
+        loss = tk.tofu_loss(x, y, backend=backend, reduction=reduction, grad_in_forward=grad_in_forward,
+                            check_inputs=False)
+        return (loss * w).sum() if reduction == "none" else loss
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    xa = logits.clone().requires_grad_()
+    xb = logits.clone().requires_grad_()
+    la, lb = compiled(xa, labels), step(xb, labels)
+    la.backward()
+    lb.backward()
+    torch.testing.assert_close(la, lb, rtol=1e-6, atol=0)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_grad_in_forward_deterministic_and_lean(backend):
+    logits, labels = make_logits((512,), 32064, torch.bfloat16)
+    x = logits.cuda().requires_grad_()
+    labels = labels.cuda()
+    grads = []
+    for _ in range(2):
+        x.grad = None
+        tk.tofu_loss(x, labels, backend=backend).backward()
+        grads.append(x.grad.clone())
+    assert torch.equal(grads[0], grads[1])
+    x.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    tk.tofu_loss(x, labels, backend=backend).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base - x.numel() * x.element_size()
+    assert extra <= 0.01 * x.numel() * x.element_size(), f"{extra / 2**20:.1f} MiB beyond the gradient"

@@ -248,13 +248,93 @@ def test_inplace_backward(backend, dtype):
     assert torch.equal(x.detach(), leaf.grad)  # storage now holds the gradient
 
 
-def test_inplace_second_backward_fails_loudly():
+@pytest.mark.parametrize("grad_in_forward,match", [(False, "modified by an inplace operation"),
+                                                   (None, "computed in the forward")])
+def test_second_backward_fails_loudly(grad_in_forward, match):
+    """In place (two-pass), or with the gradient made in the forward: no silent wrong answer."""
     logits, labels = make_logits((3,), 20, torch.float32)
     x = logits.clone().requires_grad_() * 1
-    loss = tk.tofu_loss(x, labels, inplace_backward=True)
+    loss = tk.tofu_loss(x, labels, inplace_backward=grad_in_forward is False, grad_in_forward=grad_in_forward)
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+    with pytest.raises(RuntimeError, match=match):
         loss.backward()
+
+
+# ----------------------------------------------------- gradient in the forward
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("upstream", [1.0, 0.37])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_grad_in_forward_matches_reference(backend, dtype, reduction, upstream, inplace):
+    """The fused path: loss and gradient vs fp64, an upstream of 1 (the rescale is skipped)
+    and of 0.37 (it multiplies), ignored tokens, in place or into a new buffer."""
+    logits, labels = make_logits((9,), 300, dtype)
+    labels[[1, 4]] = -100
+    leaf = logits.clone().requires_grad_()
+    x = leaf * 1 if inplace else leaf
+    loss = tk.tofu_loss(x, labels, backend=backend, reduction=reduction, inplace_backward=inplace,
+                        grad_in_forward=True, gamma=3.0, beta=0.8)
+    (loss * upstream).backward()
+    xr = logits.double().requires_grad_()
+    per_token, _ = tk.tofu_loss_reference(xr, labels)
+    ref = per_token.sum() / (7 if reduction == "mean" else 1)
+    (ref * upstream).backward()
+    assert_loss_close(loss, ref)
+    assert_grad_close(leaf.grad, xr.grad, dtype, roundings=1 if upstream == 1.0 else 2)
+    assert (leaf.grad[[1, 4]] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("regime", ["confident", "near_one", "hopeless"])
+@pytest.mark.parametrize("gamma,beta", [(0.0, 1.0), (0.5, 1.5), (3.0, 0.8)])
+def test_grad_in_forward_regimes(backend, regime, gamma, beta, tiling):
+    logits, labels = make_logits((5,), 300, torch.bfloat16, regime=regime)
+    x = logits.clone().requires_grad_()
+    loss, ce = tk.tofu_loss(x, labels, backend=backend, gamma=gamma, beta=beta, grad_in_forward=True, return_ce=True)
+    loss.backward()
+    xr = logits.double().requires_grad_()
+    per_token, ref_ce = tk.tofu_loss_reference(xr, labels, gamma=gamma, beta=beta)
+    per_token.mean().backward()
+    torch_fp32 = reference(logits, labels, compute_dtype=torch.float32, gamma=gamma, beta=beta)[1] / 5
+    assert_loss_close(loss, per_token.mean())
+    assert_loss_close(ce, ref_ce.mean())
+    assert_grad_close(x.grad, xr.grad, torch.bfloat16, torch_fp32=torch_fp32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_in_forward_on_sbv_view_in_place(backend):
+    """Megatron-style [s, b, v] storage seen as [b, s, v], the gradient written into it."""
+    s_, b, v = 4, 3, 77
+    base, _ = make_logits((s_, b), v, torch.bfloat16)
+    labels = torch.randint(0, v, (b, s_))
+    leaf = base.clone().requires_grad_()
+    view = (leaf * 1).transpose(0, 1)
+    tk.tofu_loss(view, labels, backend=backend, inplace_backward=True, grad_in_forward=True).backward()
+    xr = base.double().transpose(0, 1).requires_grad_()
+    tk.tofu_loss_reference(xr, labels)[0].mean().backward()
+    assert_grad_close(leaf.grad.transpose(0, 1), xr.grad, torch.bfloat16)
+
+
+def test_grad_in_forward_used_by_default_only_where_possible():
+    from tofu_kernels.loss import _grad_in_forward
+    from tofu_kernels.params import TOFUParams
+    from tofu_kernels._inputs import Shard
+
+    x = torch.randn(3, 10, requires_grad=True)
+    whole = Shard(0, 10)
+    assert _grad_in_forward(x, TOFUParams(), whole, None)
+    assert not _grad_in_forward(x, TOFUParams(reduction="none"), whole, None)  # per-token upstream
+    assert not _grad_in_forward(x, TOFUParams(grad_in_forward=False), whole, None)
+    assert not _grad_in_forward(x.detach(), TOFUParams(), whole, None)  # no gradient wanted
+    assert not _grad_in_forward(x, TOFUParams(), Shard(0, 8), None)  # padding columns
+    with torch.no_grad():
+        assert not _grad_in_forward(x, TOFUParams(), whole, None)
+    for bad in (TOFUParams(reduction="none", grad_in_forward=True),):
+        with pytest.raises(ValueError, match="grad_in_forward=True needs"):
+            _grad_in_forward(x, bad, whole, None)
 
 
 def test_module_wrapper():

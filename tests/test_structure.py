@@ -27,7 +27,7 @@ def test_every_backend_implements_the_interface(name):
         pytest.skip(f"the CUDA extension is not built here: {why}")
     assert isinstance(mod, Backend)
     assert mod.NAME == name
-    for fn in ("row_stats", "finalize", "grad"):  # finalize is declared, never looked up by getattr
+    for fn in ("row_stats", "epilogue", "grad", "fused", "rescale"):  # declared, never looked up by getattr
         assert callable(getattr(mod, fn))
 
 

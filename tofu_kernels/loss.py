@@ -1,16 +1,26 @@
 """Autograd function, functional API and nn.Module for the TOFU loss.
 
-One ``autograd.Function`` serves the single-device and the vocab-parallel paths:
+One ``autograd.Function`` serves the single-device and the vocab-parallel paths. Two
+ways through it (docs/design.md section 3):
 
-    forward:  backend.row_stats      one read of the logits -> [N, len(Stat)] fp32
-              all_gather_stats       only under tensor parallelism: the one collective
-              host checks            only in eager mode, decided once per call in _tofu
-              backend.finalize       loss, focal weight, the backward's scalars (O(N))
-    backward: tofu_math.grad_params  upstream * g folded in fp32 -> [N, len(GradParam)]
-              backend.grad           one read of the logits, one write of the gradient
+two-pass (any upstream gradient; the only way under tensor parallelism):
+    forward:  backend.row_stats     one read of the logits -> partial Stat records
+              all_gather_stats      only under tensor parallelism: the one collective
+              host checks           only in eager mode, decided once per call in _tofu
+              backend.epilogue      merge, loss, focal weight, the backward's record and
+                                    the reduction: one O(N) kernel on the GPU backends
+    backward: backend.grad          one read of the logits, one write of the gradient,
+                                    coef = upstream * scale * g folded in the kernel
 
-Only O(N) fp32 values are saved. Every non-tensor argument travels as one
-:class:`~tofu_kernels.params.TOFUParams`.
+gradient in the forward (a scalar upstream: reduction "mean"/"sum", whole rows on one
+device, a gradient is wanted; ``grad_in_forward=False`` turns it off):
+    forward:  backend.fused         loss and the gradient for an upstream of 1, while the
+                                    row is still on chip (into the logits with
+                                    inplace_backward, else a new buffer)
+    backward: backend.rescale       times the upstream gradient, skipped on the device
+                                    when it is 1
+
+Every non-tensor argument travels as one :class:`~tofu_kernels.params.TOFUParams`.
 """
 
 from __future__ import annotations
@@ -27,66 +37,83 @@ from ._inputs import (
 )
 from .backends import Backend, get_backend
 from .params import DEFAULT_BETA, DEFAULT_GAMMA, DEFAULT_IGNORE_INDEX, TOFUParams
-from .tofu_math import Stat, grad_params
+from .tofu_math import Reduction
 from .vocab_parallel import TensorParallel, all_gather_stats, check_shards
+
+_N_INPUTS = 8  # arguments of _TOFUFunction.forward after ctx
 
 
 class _TOFUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, params: TOFUParams, backend: Backend, shard: Shard,
-                tp: TensorParallel | None, check: bool):
+                tp: TensorParallel | None, check: bool, fused: bool):
         x, lay = row_layout(logits)
-        flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
-        if lay.n_rows:
-            stats = backend.row_stats(x, lay, flat_labels, shard, params.beta, params.ignore_index)
-        else:
-            stats = torch.zeros(0, len(Stat), dtype=torch.float32, device=logits.device)
-        if tp is None:
-            vocab_size = shard.vocab_end
-        else:
-            stats, vocab_size, metas = all_gather_stats(stats, shard, lay.width, tp, params.beta)
-            if check:
-                check_shards(metas, tp.explicit)
-        if check:
-            check_label_range(flat_labels, params.ignore_index, int(vocab_size))
-        res = backend.finalize(stats, flat_labels, params, vocab_size)
-        ctx.save_for_backward(x, flat_labels, res.g, res.m, res.log_sb, res.qt_m1)
+        flat_labels = labels.reshape(-1)
+        if flat_labels.dtype != torch.int64 or not flat_labels.is_contiguous():
+            flat_labels = flat_labels.to(torch.int64).contiguous()
+        reduction = Reduction[params.reduction.upper()]
         ctx.lay, ctx.shape, ctx.params, ctx.backend, ctx.shard = lay, logits.shape, params, backend, shard
-        ce = res.ce.view(labels.shape)
+        ctx.fused = fused
+        if fused:
+            if check:
+                check_label_range(flat_labels, params.ignore_index, shard.vocab_end)
+            if params.inplace_backward:
+                out, out_lay = x, lay
+            else:
+                out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+                out_lay = dense_layout(lay)
+            epi = backend.fused(x, lay, out, out_lay, flat_labels, params, reduction)
+            if params.inplace_backward:
+                # The logits now hold the gradient: any later use of them through
+                # autograd fails loudly instead of reading the overwritten values.
+                torch.autograd.graph.increment_version(x)
+            ctx.grad_buf, ctx.out_lay = out, out_lay
+        else:
+            parts = backend.row_stats(x, lay, flat_labels, shard, params.beta, params.ignore_index, tp is not None)
+            vocab_size = shard.vocab_end
+            if tp is not None:
+                parts, vocab_size = all_gather_stats(parts, tp), None  # the epilogue reads V from the ranks
+            if check:
+                global_v = shard.vocab_end if tp is None else check_shards(parts, tp.explicit)
+                check_label_range(flat_labels, params.ignore_index, global_v)
+            epi = backend.epilogue(parts, flat_labels, params, vocab_size, reduction)
+            ctx.save_for_backward(x, flat_labels, epi.grad_rec, epi.scale)
+        if reduction == Reduction.NONE:
+            loss, ce = epi.loss.view(labels.shape), epi.ce.view(labels.shape)
+        else:
+            loss, ce = epi.loss_red, epi.ce_red
         ctx.mark_non_differentiable(ce)
-        return res.loss.view(labels.shape), ce
+        ctx.set_materialize_grads(False)  # no zeros kernel for the cross entropy's (absent) gradient
+        return loss, ce
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce):
-        n_inputs = 7
         if grad_loss is None:
-            return (None,) * n_inputs
-        x, flat_labels, g, m, log_sb, qt_m1 = ctx.saved_tensors
-        lay, params = ctx.lay, ctx.params
-        gp = grad_params(grad_loss, g, m, log_sb, qt_m1)
+            return (None,) * _N_INPUTS
+        params, lay = ctx.params, ctx.lay
+        if ctx.fused:
+            out = ctx.grad_buf
+            if out is None:
+                raise RuntimeError(
+                    "tofu_loss: the gradient was computed in the forward and has been handed out "
+                    "already; to backward through this graph twice, call the loss with "
+                    "grad_in_forward=False"
+                )
+            ctx.grad_buf = None
+            ctx.backend.rescale(out, ctx.out_lay, grad_loss)
+            return (out.view(ctx.shape),) + (None,) * (_N_INPUTS - 1)
+        x, flat_labels, grad_rec, scale = ctx.saved_tensors
         if params.inplace_backward:
             out, out_lay = x, lay
         else:
             out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
             out_lay = dense_layout(lay)
-        if lay.n_rows:
-            ctx.backend.grad(x, lay, out, out_lay, flat_labels, gp, ctx.shard, params.beta)
+        ctx.backend.grad(x, lay, out, out_lay, flat_labels, grad_rec, grad_loss, scale, ctx.shard, params.beta)
         if params.inplace_backward:
             # The logits now hold the gradient: make a second backward through the
             # same graph fail loudly instead of reading the overwritten values.
             torch.autograd.graph.increment_version(x)
-        return (out.view(ctx.shape),) + (None,) * (n_inputs - 1)
-
-
-def _reduce(per_token: torch.Tensor, labels: torch.Tensor, params: TOFUParams) -> torch.Tensor:
-    if params.reduction == "none":
-        return per_token
-    total = per_token.sum()
-    if params.reduction == "sum":
-        return total
-    # Counted on the device: no host sync; all ignored -> 0 / 1 = 0 with zero gradient.
-    count = (labels != params.ignore_index).sum().clamp(min=1)
-    return total / count
+        return (out.view(ctx.shape),) + (None,) * (_N_INPUTS - 1)
 
 
 def _tofu(logits: torch.Tensor, labels: torch.Tensor, params: TOFUParams, tp: TensorParallel | None):
@@ -103,11 +130,30 @@ def _tofu(logits: torch.Tensor, labels: torch.Tensor, params: TOFUParams, tp: Te
             tp = None  # nothing to merge: no communication at all
     # The one place that decides whether host-synchronising checks run for this call.
     check = params.check_inputs and host_checks_allowed(labels)
-    per_token, ce = _TOFUFunction.apply(logits, labels, params, backend, shard, tp, check)
-    loss = _reduce(per_token, labels, params)
-    if params.return_ce:
-        return loss, _reduce(ce, labels, params)
-    return loss
+    fused = _grad_in_forward(logits, params, shard, tp)
+    n_rows = labels.numel()
+    if n_rows == 0:  # nothing to launch: zeros of the right shapes, a zero gradient
+        zero = logits.sum() * 0.0
+        per_token = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)
+        loss = per_token + zero if params.reduction == "none" else zero.float()
+        ce = per_token if params.reduction == "none" else zero.detach().float()
+        return (loss, ce) if params.return_ce else loss
+    loss, ce = _TOFUFunction.apply(logits, labels, params, backend, shard, tp, check, fused)
+    return (loss, ce) if params.return_ce else loss
+
+
+def _grad_in_forward(logits: torch.Tensor, params: TOFUParams, shard: Shard, tp: TensorParallel | None) -> bool:
+    """Whether this call computes its gradient in the forward (see the module docstring)."""
+    possible = (
+        params.reduction != "none" and tp is None and shard == Shard(0, logits.shape[-1])
+        and torch.is_grad_enabled() and logits.requires_grad
+    )
+    if params.grad_in_forward and not possible:
+        raise ValueError(
+            "tofu_loss: grad_in_forward=True needs reduction 'mean' or 'sum', whole rows on one device "
+            "(not vocab-parallel) and logits that require grad (with grad mode on)"
+        )
+    return possible and params.grad_in_forward is not False
 
 
 def tofu_loss(
@@ -122,6 +168,7 @@ def tofu_loss(
     inplace_backward: bool = False,
     return_ce: bool = False,
     check_inputs: bool = True,
+    grad_in_forward: bool | None = None,
 ):
     """Tempered Focal loss over full-vocab logits.
 
@@ -144,12 +191,20 @@ def tofu_loss(
         check_inputs: raise on labels outside ``[0, V)`` (one host sync, eager mode
             only). Without the check, or under torch.compile / CUDA-graph capture, such
             tokens get a NaN loss and gradient.
+        grad_in_forward: with ``reduction="mean"/"sum"`` the upstream gradient is one
+            scalar, so the gradient is computed in the forward while each row is still on
+            chip (2 + 2 bytes per bf16 element instead of 2 + 2 + 2) and the backward only
+            multiplies it by the upstream gradient, on the device and not at all when that
+            is 1 (the usual ``loss.backward()``). None (default): whenever possible;
+            False: the two-pass path (backward through the graph more than once needs it);
+            True: required, an error where impossible.
 
     Returns:
         fp32 loss (scalar, or ``labels``' shape for ``"none"``), or ``(loss, ce)``.
         The gradient has the logits' dtype.
     """
-    params = TOFUParams(gamma, beta, ignore_index, reduction, backend, inplace_backward, return_ce, check_inputs)
+    params = TOFUParams(gamma, beta, ignore_index, reduction, backend, inplace_backward, return_ce, check_inputs,
+                        grad_in_forward)
     return _tofu(logits, labels, params, None)
 
 

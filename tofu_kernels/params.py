@@ -62,6 +62,7 @@ class TOFUParams:
     inplace_backward: bool = False
     return_ce: bool = False
     check_inputs: bool = True
+    grad_in_forward: bool | None = None  # None: wherever possible (loss.py)
 
     def __post_init__(self):
         check_hyperparameters(self.gamma, self.beta)
@@ -80,3 +81,5 @@ class TOFUParams:
         object.__setattr__(self, "inplace_backward", bool(self.inplace_backward))
         object.__setattr__(self, "return_ce", bool(self.return_ce))
         object.__setattr__(self, "check_inputs", bool(self.check_inputs))
+        if self.grad_in_forward is not None:
+            object.__setattr__(self, "grad_in_forward", bool(self.grad_in_forward))

@@ -3,9 +3,10 @@
 Each rank holds a contiguous slice of the vocabulary (Megatron's layout: rank r holds
 global columns [r * Vr, (r + 1) * Vr), or an explicit [vocab_start, vocab_end) for
 uneven or padded shards). The loss (``loss.py``) computes each rank's row statistics
-with the same backend kernels as the single-device path, and :func:`all_gather_stats`
-exchanges them in ONE all-gather and merges them, so that every rank computes the same
-loss; the backward needs no collective (every rank holds the global max, log Sb and g).
+with the same backend kernels as the single-device path, :func:`all_gather_stats`
+exchanges them in ONE all-gather, and every rank's epilogue merges them in the same
+order, so that every rank computes the same loss; the backward needs no collective
+(every rank holds the global max, log Sb and g).
 
 Why one all-gather of 4 fp32 per token (plus one metadata row) rather than Megatron's
 three all-reduces (MAX, SUM, SUM) or MAX + one packed SUM: the merge needs every
@@ -15,13 +16,13 @@ beats two or three. Per rank it receives (tp - 1) * 16 B/token; a ring all-reduc
 2 (tp - 1) / tp * 4 B/token per 4-byte field, i.e. 24 (tp - 1) / tp B/token for
 Megatron's three, so bytes are equal at tp = 2.5 and ours is larger above (tp = 8:
 112 vs 21 B/token, still ~2 MB at 16K tokens): latency, not volume, is the cost here.
-The metadata row (each rank's vocab_start, vocab_end, width, rows as int32 bits) rides
-in the same collective, so mismatched shards are caught without a second one.
+The metadata record (``tofu_math.Meta``: each rank's vocab_start, vocab_end, width and
+rows as int32 bits) rides in the same collective: the epilogue reads the global vocab size
+from it on the device, and mismatched shards are caught without a second collective.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,10 +30,9 @@ import torch
 import torch.distributed as dist
 
 from ._inputs import Shard
-from .tofu_math import Stat, combine_stats
+from .tofu_math import Meta, Partials, Stat
 
-_META_FIELDS = ("vocab_start", "vocab_end", "width", "rows")  # one int32 each, in a Stat-wide row
-assert len(_META_FIELDS) == len(Stat)
+assert len(Meta) == len(Stat), "the metadata record travels as one statistics record"
 
 
 @dataclass(frozen=True)
@@ -77,40 +77,26 @@ def _all_gather(out: torch.Tensor, inp: torch.Tensor, group) -> None:
     fn(out, inp, group=group)
 
 
-@functools.lru_cache(maxsize=64)
-def _meta_row(start: int, end: int, width: int, n_rows: int, device: torch.device) -> torch.Tensor:
-    """This rank's ``_META_FIELDS`` as int32 bits in one fp32 row.
+def all_gather_stats(parts: Partials, tp: TensorParallel) -> Partials:
+    """The one collective: every rank's partial statistics and metadata record.
 
-    Cached per shape: the host-to-device copy happens once, never inside a CUDA graph.
+    ``parts`` is this rank's (with its metadata record, written by the statistics kernel);
+    the result holds all ranks' blocks, in rank order, for the epilogue to merge (the
+    merge and the global vocab size happen there, in one kernel on the GPU backends).
     """
-    meta = torch.tensor([start, end, width, n_rows], dtype=torch.int32).to(device)
-    return meta.view(torch.float32).unsqueeze(0)
+    world = dist.get_world_size(tp.group)
+    data = parts.data.reshape(-1)
+    gathered = torch.empty(world * data.numel(), dtype=torch.float32, device=data.device)
+    _all_gather(gathered, data, tp.group)
+    return parts._replace(data=gathered, world=world, rank_stride=data.numel())
 
 
-def all_gather_stats(
-    stats: torch.Tensor, shard: Shard, width: int, tp: TensorParallel, beta: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The one collective: merge every rank's ``[N, len(Stat)]`` statistics.
-
-    Returns the merged statistics (identical on every rank), the global vocab size as a
-    device scalar (no host sync) and the gathered ``[world, len(_META_FIELDS)]`` int32
-    metadata, which :func:`check_shards` reads when host checks are allowed.
-    """
-    n_rows, world = stats.shape[0], dist.get_world_size(tp.group)
-    meta = _meta_row(shard.vocab_start, shard.vocab_end, width, n_rows, stats.device)
-    packed = torch.cat([stats, meta])  # [N + 1, len(Stat)]
-    gathered = torch.empty(world * (n_rows + 1), len(Stat), dtype=torch.float32, device=stats.device)
-    _all_gather(gathered, packed, tp.group)
-    gathered = gathered.view(world, n_rows + 1, len(Stat))
-    metas = gathered[:, n_rows].contiguous().view(torch.int32)
-    vocab_size = metas[:, _META_FIELDS.index("vocab_end")].amax().to(torch.int64)
-    return combine_stats(gathered[:, :n_rows], beta, dim=0), vocab_size, metas
-
-
-def check_shards(metas: torch.Tensor, explicit: bool) -> None:
-    """Host check of the gathered metadata: equal widths (default layout), equal token
-    counts, and rank ranges that tile [0, V) without gaps or overlaps."""
-    rows = [dict(zip(_META_FIELDS, r)) for r in metas.tolist()]
+def check_shards(parts: Partials, explicit: bool) -> int:
+    """Host check of the gathered metadata records: equal widths (default layout), equal
+    token counts, and rank ranges that tile [0, V) without gaps or overlaps. Returns the
+    global vocab size (one host sync; eager mode only)."""
+    names = {Meta.VOCAB_START: "vocab_start", Meta.VOCAB_END: "vocab_end", Meta.WIDTH: "width", Meta.ROWS: "rows"}
+    rows = [{names[f]: r[f] for f in Meta} for r in parts.metas().tolist()]
     widths = [r["width"] for r in rows]
     if not explicit and len(set(widths)) > 1:
         raise ValueError(
@@ -129,3 +115,4 @@ def check_shards(metas: torch.Tensor, explicit: bool) -> None:
                 f"or overlaps; got {spans}"
             )
         expect = end
+    return expect

@@ -33,13 +33,14 @@ tofu::Stats stats_of(const float* z, int n, float beta, int parts) {
 extern "C" {
 
 // The record layouts as the kernels see them: stat::{kM, kS1, kSb, kZt, kWidth},
-// gparam::{kCoef, kM, kLogSb, kQtM1, kWidth}, rowout::{kLoss, ..., kQtM1, kWidth}.
+// gparam::{kG, kM, kLogSb, kQtM1, kWidth}, meta::{kVocabStart, kVocabEnd, kWidth, kRows},
+// reduction::{kNone, kSum, kMean}.
 int tofu_layouts(int* out) {
-  const int v[] = {tofu::stat::kM,      tofu::stat::kS1,     tofu::stat::kSb,      tofu::stat::kZt,
-                   tofu::stat::kWidth,  tofu::gparam::kCoef, tofu::gparam::kM,     tofu::gparam::kLogSb,
-                   tofu::gparam::kQtM1, tofu::gparam::kWidth, tofu::rowout::kLoss, tofu::rowout::kCe,
-                   tofu::rowout::kG,    tofu::rowout::kM,    tofu::rowout::kLogSb, tofu::rowout::kQtM1,
-                   tofu::rowout::kWidth};
+  const int v[] = {tofu::stat::kM,        tofu::stat::kS1,        tofu::stat::kSb,      tofu::stat::kZt,
+                   tofu::stat::kWidth,    tofu::gparam::kG,       tofu::gparam::kM,     tofu::gparam::kLogSb,
+                   tofu::gparam::kQtM1,   tofu::gparam::kWidth,   tofu::meta::kVocabStart, tofu::meta::kVocabEnd,
+                   tofu::meta::kWidth,    tofu::meta::kRows,      tofu::reduction::kNone, tofu::reduction::kSum,
+                   tofu::reduction::kMean};
   const int n = sizeof(v) / sizeof(v[0]);
   for (int k = 0; k < n; ++k) out[k] = v[k];
   return n;

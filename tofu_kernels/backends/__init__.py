@@ -1,8 +1,9 @@
 """Backends: the declared interface, and dispatch written once.
 
 A backend is a module (``torch_backend``, ``triton_backend``, ``cuda_backend``) that
-satisfies :class:`Backend`. Backends are imported lazily, so the torch backend works
-without Triton or the compiled extension.
+satisfies :class:`Backend`. Each is imported once, when the package is imported, and one
+that cannot be (no Triton, no compiled extension) is recorded with the reason: the torch
+backend works without the others, and under torch.compile dispatch is a dict lookup.
 """
 
 from __future__ import annotations
@@ -15,18 +16,19 @@ import torch
 
 from .._inputs import RowLayout, Shard
 from ..params import BACKENDS, TOFUParams
-from ..tofu_math import RowResult
+from ..tofu_math import Epilogue, Partials, Reduction
 
 __all__ = ["BACKENDS", "Backend", "extension_loaded", "get_backend"]
 
 
 @runtime_checkable
 class Backend(Protocol):
-    """What the autograd Function calls, in this order, for every backend.
+    """What the autograd Function calls, for every backend (see ``loss.py`` for the order).
 
-    Records are fp32 and named in :mod:`tofu_kernels.tofu_math` (``Stat``, ``GradParam``).
-    ``x`` is read through ``lay`` (two strides per row, vocab stride 1) and never written,
-    except by ``grad`` when ``out is x`` (in-place backward).
+    Records are fp32 and named in :mod:`tofu_kernels.tofu_math` (``Stat``, ``GradParam``,
+    ``Meta``). ``x`` is read through ``lay`` (two strides per row, vocab stride 1) and never
+    written, except where ``out is x`` (in-place gradient). The GPU backends run each
+    method as one kernel (``fused``: a few), with no torch operations around them.
     """
 
     NAME: str
@@ -36,25 +38,34 @@ class Backend(Protocol):
 
     def row_stats(
         self, x: torch.Tensor, lay: RowLayout, labels: torch.Tensor, shard: Shard, beta: float,
-        ignore_index: int,
-    ) -> torch.Tensor:
-        """``[N, len(Stat)]`` statistics over the shard's ``n_valid`` columns of each row."""
+        ignore_index: int, meta: bool,
+    ) -> Partials:
+        """Partial statistics over the shard's ``n_valid`` columns of each row; with
+        ``meta``, this rank's metadata record after them (tensor parallelism)."""
 
-    def finalize(
-        self, stats: torch.Tensor, labels: torch.Tensor, params: TOFUParams, vocab_size: int | torch.Tensor
-    ) -> RowResult:
-        """Loss, focal weight and the backward's scalars from merged statistics.
-
-        Every backend declares it; the default, for backends that do not fuse this O(N)
-        step into a kernel of their own, is ``_common.finalize_in_torch``.
-        """
+    def epilogue(
+        self, parts: Partials, labels: torch.Tensor, params: TOFUParams, vocab_size: int | None,
+        reduction: Reduction,
+    ) -> Epilogue:
+        """Merge every part of each row, then loss, cross entropy, the backward's record and
+        the reduction. ``vocab_size`` None: read it from the metadata records."""
 
     def grad(
-        self, x: torch.Tensor, lay: RowLayout, out: torch.Tensor, out_lay: RowLayout,
-        labels: torch.Tensor, grad_params: torch.Tensor, shard: Shard, beta: float,
+        self, x: torch.Tensor, lay: RowLayout, out: torch.Tensor, out_lay: RowLayout, labels: torch.Tensor,
+        grad_rec: torch.Tensor, upstream: torch.Tensor, scale: torch.Tensor, shard: Shard, beta: float,
     ) -> None:
-        """Write ``coef * (softmax(z / beta) - onehot)`` into ``out`` (which may be ``x``),
-        0 in padding columns; ``grad_params`` is ``[N, len(GradParam)]``."""
+        """Write ``coef * (softmax(z / beta) - onehot)`` into ``out``, 0 in padding columns,
+        ``coef = upstream_i * scale * g_i`` (``upstream`` a scalar or one value per row)."""
+
+    def fused(
+        self, x: torch.Tensor, lay: RowLayout, out: torch.Tensor, out_lay: RowLayout, labels: torch.Tensor,
+        params: TOFUParams, reduction: Reduction,
+    ) -> Epilogue:
+        """Whole rows: the reduced loss and cross entropy, and into ``out`` the gradient for
+        an upstream gradient of 1 (``grad_rec`` of the result is None)."""
+
+    def rescale(self, out: torch.Tensor, out_lay: RowLayout, grad_out: torch.Tensor) -> None:
+        """``out *= grad_out`` (a one-element tensor); nothing to do when it is 1."""
 
 
 _MODULES = {
@@ -68,7 +79,7 @@ _LOADED: dict[str, tuple[ModuleType | None, str]] = {}
 
 def _load(name: str) -> tuple[ModuleType | None, str]:
     # Cached: a lookup here is a plain dict access, which torch.compile traces through
-    # (it refuses to trace importlib), so only the first call in a process imports.
+    # (it refuses to trace importlib); every backend is loaded at package import (below).
     if name not in _LOADED:
         try:
             mod = importlib.import_module(_MODULES[name])
@@ -105,3 +116,7 @@ def get_backend(name: str, device: torch.device) -> Backend:
     if not ok:
         raise RuntimeError(f"tofu_loss: backend {name!r} is unavailable: {why}")
     return mod
+
+
+for _name in _MODULES:
+    _load(_name)

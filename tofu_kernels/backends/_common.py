@@ -1,16 +1,8 @@
-"""Pieces shared by the backends: the default finalize, and the GPU launch policy."""
+"""The GPU backends' launch policy (Triton and CUDA), written once."""
 
 from __future__ import annotations
 
 import torch
-
-from ..params import TOFUParams
-from ..tofu_math import RowResult, combine_stats, finalize_stats
-
-
-def finalize_in_torch(stats: torch.Tensor, labels: torch.Tensor, params: TOFUParams, vocab_size) -> RowResult:
-    """The default ``Backend.finalize``: the O(N) epilogue as plain torch operations."""
-    return finalize_stats(stats, labels, params.gamma, params.beta, params.ignore_index, vocab_size)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -33,6 +25,10 @@ def split_chunk(n_valid: int, splits: int, tile: int) -> int:
     return cdiv(cdiv(max(n_valid, 1), tile), splits) * tile
 
 
-def merge_splits(stats: torch.Tensor, beta: float) -> torch.Tensor:
-    """[N, splits, len(Stat)] partial statistics -> [N, len(Stat)] (a view for one split)."""
-    return stats[:, 0] if stats.shape[1] == 1 else combine_stats(stats, beta, dim=1)
+def upstream_of(upstream: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(1-D fp32 upstream gradient, elements per row): stride 0 for a scalar, so the kernels
+    read ``upstream[row * stride]`` (a copy only for an unusual dtype or layout)."""
+    up = upstream.reshape(-1)
+    if up.dtype != torch.float32:
+        up = up.float()
+    return up, (0 if up.numel() == 1 else up.stride(0))

@@ -4,9 +4,8 @@ Importing this module raises ImportError (with the fix) when the extension was n
 built, which the dispatch turns into a clear "backend 'cuda' is unavailable" error.
 The ops are registered with TORCH_LIBRARY (schemas mark what they write); the fake
 implementations below let torch.compile and FakeTensor tracing see through them.
-Besides the two kernels every backend has, it provides ``finalize``: the per-row
-epilogue (focal weight, loss, backward scalars) as one fused kernel instead of ~20
-small torch ops, from the same header math that the host harness tests.
+Every Backend method is one op (``fused``: three kernels in one op), from the same
+header math (csrc/tofu_math.cuh) that the host harness tests.
 The launch constants (tile, blocks) are C++'s, read from the extension module.
 """
 
@@ -16,8 +15,8 @@ import torch
 
 from .._inputs import RowLayout, Shard
 from ..params import TOFUParams
-from ..tofu_math import RowResult, Stat
-from ._common import merge_splits, num_splits, split_chunk
+from ..tofu_math import Epilogue, GradParam, Partials, Reduction, Stat
+from ._common import num_splits, split_chunk, upstream_of
 
 try:
     from .. import _C  # registers torch.ops.tofu_kernels.*
@@ -42,40 +41,56 @@ def available(device: torch.device) -> tuple[bool, str]:
 
 
 # Fake implementations: the ops only write into tensors the wrappers allocated.
-for _name in ("row_stats", "grad", "grad_inplace", "finalize"):
+for _name in ("row_stats", "epilogue", "grad", "grad_inplace", "fused", "fused_inplace", "rescale"):
     torch.library.register_fake(f"tofu_kernels::{_name}")(lambda *args, **kwargs: None)
 
 
-def row_stats(x, lay: RowLayout, labels, shard: Shard, beta: float, ignore_index: int):
+def row_stats(x, lay: RowLayout, labels, shard: Shard, beta: float, ignore_index: int, meta: bool) -> Partials:
     splits = num_splits(lay.n_rows, shard.n_valid, TILE_COLS, TARGET_BLOCKS)
     chunk = split_chunk(shard.n_valid, splits, TILE_COLS)
-    stats = torch.empty(lay.n_rows, splits, len(Stat), dtype=torch.float32, device=x.device)
-    OPS.row_stats(
-        x, labels, stats, lay.n_inner, lay.s_outer, lay.s_inner, shard.n_valid, shard.vocab_start,
-        chunk, ignore_index, beta,
-    )
-    return merge_splits(stats, beta)
+    data = torch.empty(lay.n_rows * splits + int(meta), len(Stat), dtype=torch.float32, device=x.device)
+    OPS.row_stats(x, labels, data, lay.n_rows, splits, lay.n_inner, lay.s_outer, lay.s_inner, shard.n_valid,
+                  shard.vocab_start, chunk, ignore_index, beta, meta, shard.vocab_end, lay.width)
+    return Partials(data, lay.n_rows, splits, has_meta=meta)
 
 
-def grad(x, lay: RowLayout, out, out_lay: RowLayout, labels, grad_params, shard: Shard, beta: float):
-    grad_params = grad_params.contiguous()
+def epilogue(parts: Partials, labels, params: TOFUParams, vocab_size: int | None, reduction: Reduction) -> Epilogue:
+    n, dev = parts.n_rows, parts.data.device
+    loss = torch.empty(n, dtype=torch.float32, device=dev)
+    ce = torch.empty(n, dtype=torch.float32, device=dev)
+    rec = torch.empty(n, len(GradParam), dtype=torch.float32, device=dev)
+    red = torch.empty(3, dtype=torch.float32, device=dev)
+    OPS.epilogue(parts.data, labels, loss, ce, rec, red, n, parts.splits, parts.world, parts.rank_stride,
+                 parts.has_meta, 0 if vocab_size is None else vocab_size, params.ignore_index, params.gamma,
+                 params.beta, int(reduction))
+    return Epilogue(loss, ce, rec, red[0], red[1], red[2:3])
+
+
+def grad(x, lay: RowLayout, out, out_lay: RowLayout, labels, grad_rec, upstream, scale, shard: Shard,
+         beta: float) -> None:
+    up, up_stride = upstream_of(upstream)
     if out is x:
-        OPS.grad_inplace(
-            x, labels, grad_params, lay.n_inner, lay.s_outer, lay.s_inner, shard.n_valid,
-            shard.vocab_start, beta,
-        )
+        OPS.grad_inplace(x, labels, grad_rec, up, scale, up_stride, lay.n_inner, lay.s_outer, lay.s_inner,
+                         shard.n_valid, shard.vocab_start, beta)
     else:
-        OPS.grad(
-            x, out, labels, grad_params, lay.n_inner, lay.s_outer, lay.s_inner, out_lay.s_outer,
-            out_lay.s_inner, shard.n_valid, shard.vocab_start, beta,
-        )
+        OPS.grad(x, out, labels, grad_rec, up, scale, up_stride, lay.n_inner, lay.s_outer, lay.s_inner,
+                 out_lay.s_outer, out_lay.s_inner, shard.n_valid, shard.vocab_start, beta)
 
 
-def finalize(stats, labels, params: TOFUParams, vocab_size) -> RowResult:
-    out = torch.empty(len(RowResult._fields), labels.numel(), dtype=torch.float32, device=stats.device)
-    args = (params.gamma, params.beta, params.ignore_index)
-    if isinstance(vocab_size, torch.Tensor):  # vocab-parallel: global V known on device only
-        OPS.finalize(stats.contiguous(), labels, vocab_size.reshape(1), out, 0, *args)
+def fused(x, lay: RowLayout, out, out_lay: RowLayout, labels, params: TOFUParams, reduction: Reduction) -> Epilogue:
+    n, dev = lay.n_rows, x.device
+    loss = torch.empty(n, dtype=torch.float32, device=dev)
+    ce = torch.empty(n, dtype=torch.float32, device=dev)
+    red = torch.empty(3, dtype=torch.float32, device=dev)
+    mean = reduction == Reduction.MEAN
+    if out is x:
+        OPS.fused_inplace(x, labels, loss, ce, red, lay.n_inner, lay.s_outer, lay.s_inner, params.ignore_index,
+                          params.gamma, params.beta, mean)
     else:
-        OPS.finalize(stats.contiguous(), labels, None, out, vocab_size, *args)
-    return RowResult(*out.unbind(0))
+        OPS.fused(x, out, labels, loss, ce, red, lay.n_inner, lay.s_outer, lay.s_inner, out_lay.s_outer,
+                  out_lay.s_inner, params.ignore_index, params.gamma, params.beta, mean)
+    return Epilogue(loss, ce, None, red[0], red[1], red[2:3])
+
+
+def rescale(out, out_lay: RowLayout, grad_out: torch.Tensor) -> None:
+    OPS.rescale(out, upstream_of(grad_out)[0], out_lay.n_rows, out_lay.n_inner, out_lay.s_outer, out_lay.s_inner)

@@ -1,8 +1,10 @@
 """Pure-PyTorch backend: the CPU path and the fallback on any device.
 
 Same interface and numerics contract as the Triton and CUDA backends (fp32 statistics,
-closed-form fused gradient), processed in row chunks so the only temporaries are a few
-fp32 copies of one chunk (``CHUNK_ELEMS`` elements), never N x V.
+closed-form gradient), processed in row chunks so the only temporaries are a few fp32
+copies of one chunk (``CHUNK_ELEMS`` elements), never N x V. The O(N) epilogue is
+``tofu_math.epilogue_in_torch``; "gradient in the forward" runs the same two passes
+eagerly (there is no on-chip row to keep on a CPU), so it serves to test the path.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ from collections.abc import Iterator
 import torch
 
 from .._inputs import RowLayout, Shard
-from ..tofu_math import GradParam, Stat
-from ._common import finalize_in_torch as finalize  # noqa: F401  (Backend.finalize)
+from ..params import TOFUParams
+from ..tofu_math import Epilogue, GradParam, Meta, Partials, Reduction, Stat, epilogue_in_torch, row_coef
 
 NAME = "torch"
 # 4 Mi fp32 elements = 16 MiB per temporary; a chunk holds at most a handful of them.
@@ -49,49 +51,49 @@ def _target_cols(labels: torch.Tensor, shard: Shard):
     return local.clamp(0, max(shard.n_valid - 1, 0)).unsqueeze(1), hit
 
 
-def row_stats(
-    x: torch.Tensor, lay: RowLayout, labels: torch.Tensor, shard: Shard, beta: float, ignore_index: int
-) -> torch.Tensor:
-    """fp32 [N, len(Stat)] statistics over columns [0, n_valid) of each row."""
+def row_stats(x: torch.Tensor, lay: RowLayout, labels: torch.Tensor, shard: Shard, beta: float,
+              ignore_index: int, meta: bool) -> Partials:
+    """``[N, 1, len(Stat)]`` statistics over columns [0, n_valid) of each row, plus this
+    rank's metadata record when ``meta`` (tensor parallelism)."""
     n_valid = shard.n_valid
-    stats = torch.zeros(lay.n_rows, len(Stat), dtype=torch.float32, device=x.device)
+    data = torch.zeros(lay.n_rows + int(meta), len(Stat), dtype=torch.float32, device=x.device)
+    if meta:
+        fields = {Meta.VOCAB_START: shard.vocab_start, Meta.VOCAB_END: shard.vocab_end, Meta.WIDTH: lay.width,
+                  Meta.ROWS: lay.n_rows}
+        data[lay.n_rows] = torch.tensor([fields[f] for f in Meta], dtype=torch.int32).view(torch.float32)
+    stats = data[: lay.n_rows]
     if n_valid == 0:  # a shard holding only padding columns: (-inf, 0, 0, 0)
         stats[:, Stat.M] = -torch.inf
-        return stats
-    for r0, r1, block in _row_blocks(x, lay):
-        z = block.reshape(r1 - r0, lay.width)[:, :n_valid].float()
-        m = z.amax(dim=1)
-        e = z - m.unsqueeze(1)
-        s1 = e.exp().sum(dim=1)
-        sb = s1 if beta == 1.0 else e.div_(beta).exp_().sum(dim=1)
-        col, hit = _target_cols(labels[r0:r1], shard)
-        zt = torch.where(hit, z.gather(1, col).squeeze(1), 0.0)
-        for field, value in ((Stat.M, m), (Stat.S1, s1), (Stat.SB, sb), (Stat.ZT, zt)):
-            stats[r0:r1, field] = value
-    return stats
+    else:
+        for r0, r1, block in _row_blocks(x, lay):
+            z = block.reshape(r1 - r0, lay.width)[:, :n_valid].float()
+            m = z.amax(dim=1)
+            e = z - m.unsqueeze(1)
+            s1 = e.exp().sum(dim=1)
+            sb = s1 if beta == 1.0 else e.div_(beta).exp_().sum(dim=1)
+            col, hit = _target_cols(labels[r0:r1], shard)
+            zt = torch.where(hit, z.gather(1, col).squeeze(1), 0.0)
+            for field, value in ((Stat.M, m), (Stat.S1, s1), (Stat.SB, sb), (Stat.ZT, zt)):
+                stats[r0:r1, field] = value
+    return Partials(data, lay.n_rows, 1, has_meta=meta)
 
 
-def grad(
-    x: torch.Tensor,
-    lay: RowLayout,
-    out: torch.Tensor,
-    out_lay: RowLayout,
-    labels: torch.Tensor,
-    grad_params: torch.Tensor,
-    shard: Shard,
-    beta: float,
-) -> None:
-    """Write ``coef * (softmax(z/beta) - onehot)`` into ``out`` (may alias ``x``).
+def epilogue(parts: Partials, labels: torch.Tensor, params: TOFUParams, vocab_size: int | None,
+             reduction: Reduction) -> Epilogue:
+    return epilogue_in_torch(parts, labels, params.gamma, params.beta, params.ignore_index, vocab_size, reduction)
 
-    ``grad_params[N, len(GradParam)]`` fp32, every per-token factor already folded into
-    ``coef``; padding columns [n_valid, width) get 0.
-    """
+
+def grad(x: torch.Tensor, lay: RowLayout, out: torch.Tensor, out_lay: RowLayout, labels: torch.Tensor,
+         grad_rec: torch.Tensor, upstream: torch.Tensor, scale: torch.Tensor, shard: Shard, beta: float) -> None:
+    """Write ``coef * (softmax(z/beta) - onehot)`` into ``out`` (may alias ``x``), with
+    ``coef = upstream_i * scale * g_i`` folded in fp32; padding columns get 0."""
     assert out_lay.n_inner == lay.n_inner, "out must share x's row grouping"
     n_valid = shard.n_valid
-    out_blocks = _row_blocks(out, out_lay)
-    for (r0, r1, block), (_, _, out_block) in zip(_row_blocks(x, lay), out_blocks):
-        p = grad_params[r0:r1]
-        coef, m, log_sb, qt_m1 = (p[:, f] for f in GradParam)
+    coef_all = row_coef(upstream, scale, grad_rec[:, GradParam.G]).expand(lay.n_rows)
+    for (r0, r1, block), (_, _, out_block) in zip(_row_blocks(x, lay), _row_blocks(out, out_lay)):
+        rec = grad_rec[r0:r1]
+        coef = coef_all[r0:r1]
+        m, log_sb, qt_m1 = rec[:, GradParam.M], rec[:, GradParam.LOG_SB], rec[:, GradParam.QT_M1]
         z = block.reshape(r1 - r0, lay.width)[:, :n_valid].float()
         g = torch.zeros(r1 - r0, lay.width, dtype=torch.float32, device=x.device)
         q = ((z - m.unsqueeze(1)) / beta - log_sb.unsqueeze(1)).exp_()
@@ -99,3 +101,21 @@ def grad(
         col, hit = _target_cols(labels[r0:r1], shard)
         g.scatter_(1, col, torch.where(hit, coef * qt_m1, g.gather(1, col).squeeze(1)).unsqueeze(1))
         out_block.copy_(g.view(out_block.shape))
+
+
+def fused(x: torch.Tensor, lay: RowLayout, out: torch.Tensor, out_lay: RowLayout, labels: torch.Tensor,
+          params: TOFUParams, reduction: Reduction) -> Epilogue:
+    """Loss and gradient (for an upstream gradient of 1) in the forward, whole rows."""
+    shard = Shard(0, lay.width)
+    epi = epilogue(row_stats(x, lay, labels, shard, params.beta, params.ignore_index, False), labels, params,
+                   lay.width, reduction)
+    one = torch.ones((), dtype=torch.float32, device=x.device)
+    grad(x, lay, out, out_lay, labels, epi.grad_rec, one, epi.scale, shard, params.beta)
+    return epi._replace(grad_rec=None)
+
+
+def rescale(out: torch.Tensor, out_lay: RowLayout, grad_out: torch.Tensor) -> None:
+    """``out *= grad_out`` (exact when it is 1)."""
+    s = grad_out.reshape(()).float()
+    for _, _, block in _row_blocks(out, out_lay):
+        block.mul_(s)
