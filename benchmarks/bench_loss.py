@@ -295,7 +295,7 @@ def bench_one(impl: Impl, n: int, v: int, dtype: torch.dtype, device: str, tbenc
         loss = None
         x.grad = None
         if device == "cuda" and impl.kind == "ours":
-            row.kernels = count_kernels(lambda: impl.fn(x, y).backward())
+            row.kernels = count_kernels(impl, x, y)
             x.grad = None
             row.graph = graph_time(impl, x, y, tbench)
             x.grad = None
@@ -319,15 +319,23 @@ def bench_one(impl: Impl, n: int, v: int, dtype: torch.dtype, device: str, tbenc
     return row
 
 
-def count_kernels(fn) -> int:
-    """GPU kernels (and memsets / copies) one call of ``fn`` launches, from torch.profiler."""
+def count_kernels(impl: Impl, x: torch.Tensor, y: torch.Tensor) -> int:
+    """GPU kernels (and memsets / copies) one forward + backward launches, from torch.profiler.
+
+    The backward's seed gradient is made before profiling and ``x.grad`` is cleared, so
+    neither autograd's ones-fill nor a gradient accumulation is counted: the loss's own.
+    """
     from torch.profiler import ProfilerActivity, profile
 
-    fn()  # warm: compilation and caches stay out of the count
+    x.grad = None
+    impl.fn(x, y).backward()  # warm: compilation and caches stay out of the count
+    x.grad = None
+    seed = torch.ones((), device=x.device)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
+        impl.fn(x, y).backward(seed)
         torch.cuda.synchronize()
+    x.grad = None
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 

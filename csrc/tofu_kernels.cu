@@ -282,7 +282,7 @@ __global__ void __launch_bounds__(kEpilogueThreads) epilogue_kernel(const float*
 
 // grid (rows, tiles): block writes columns [tile * kTileCols, +kTileCols) of one row.
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 6) grad_kernel(const T* x, T* out, const int64_t* __restrict__ labels,
+__global__ void __launch_bounds__(kThreads) grad_kernel(const T* x, T* out, const int64_t* __restrict__ labels,
                                                         const float* __restrict__ rec,
                                                         const float* __restrict__ upstream,
                                                         const float* __restrict__ scale, RowLayoutArgs l,

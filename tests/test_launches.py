@@ -31,8 +31,12 @@ FREE = {
 }
 
 
+_IN_LAUNCH = [0]  # > 0 while a Triton kernel runs: the CPU interpreter's own host copies
+
+
 class OpCounter(TorchDispatchMode):
-    """Records every operator call: ours (tofu_kernels::*) and torch's."""
+    """Records every operator call: ours (tofu_kernels::*) and torch's, except those Triton's
+    CPU interpreter makes inside a kernel launch (on a GPU a launch makes none)."""
 
     def __init__(self):
         super().__init__()
@@ -42,7 +46,9 @@ class OpCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = f"{func._schema.name.split('::')[-1]}.{func._overloadname}"
-        if func.namespace == "tofu_kernels":
+        if _IN_LAUNCH[0]:
+            pass
+        elif func.namespace == "tofu_kernels":
             self.ours.append(func._schema.name.split("::")[-1])
         elif func.namespace == "c10d":
             self.collectives.append(name)
@@ -66,7 +72,11 @@ def triton_launches(monkeypatch):
             def __getitem__(self, grid):
                 def run(*a, **kw):
                     launches.append(kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel))
-                    return k[grid](*a, **kw)
+                    _IN_LAUNCH[0] += 1
+                    try:
+                        return k[grid](*a, **kw)
+                    finally:
+                        _IN_LAUNCH[0] -= 1
 
                 return run
 
@@ -162,7 +172,11 @@ class _CountedLaunch:
     def __getitem__(self, grid):
         def run(*a, **kw):
             self.launches.append(str(self.kernel))
-            return self.k[grid](*a, **kw)
+            _IN_LAUNCH[0] += 1
+            try:
+                return self.k[grid](*a, **kw)
+            finally:
+                _IN_LAUNCH[0] -= 1
 
         return run
 

@@ -32,6 +32,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch._library.triton import set_wrap_triton_enabled
 from torch.library import triton_op, wrap_triton
 
 from .._inputs import RowLayout, Shard
@@ -164,6 +165,7 @@ def _stats_kernel(
     BETA_IS_ONE: tl.constexpr,
     WRITE_META: tl.constexpr,
 ):
+    inv_beta = tl.cast(inv_beta, tl.float32)  # under torch.compile, Inductor passes Python floats as fp64
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     x_row = X + _row_offset(row, n_inner, s_outer, s_inner)
@@ -230,6 +232,7 @@ def _epilogue_kernel(
     BETA_IS_ONE: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
+    gamma, beta, inv_beta = tl.cast(gamma, tl.float32), tl.cast(beta, tl.float32), tl.cast(inv_beta, tl.float32)
     if HAS_META:  # global vocab size: the largest vocab_end of the ranks' metadata records
         meta_off = n_rows * splits * _ST_WIDTH
         vs = tl.load(PARTS + meta_off + _MT_END).to(tl.int32, bitcast=True)
@@ -298,6 +301,7 @@ def _grad_kernel(
     inv_beta,
     BLOCK: tl.constexpr,
 ):
+    inv_beta = tl.cast(inv_beta, tl.float32)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     p = REC + row * _GP_WIDTH
@@ -355,6 +359,7 @@ def _fused_kernel(
     BETA_IS_ONE: tl.constexpr,
     GAMMA_ZERO: tl.constexpr,
 ):
+    gamma, beta, inv_beta = tl.cast(gamma, tl.float32), tl.cast(beta, tl.float32), tl.cast(inv_beta, tl.float32)
     row = tl.program_id(0).to(tl.int64)
     x_row = X + _row_offset(row, n_inner, xs_outer, xs_inner)
     o_row = OUT + _row_offset(row, n_inner, os_outer, os_inner)
@@ -441,10 +446,9 @@ def _warps(block: int) -> int:
     return 8 if block >= 4096 else 4
 
 
-# ------------------------------------------------------------------ ops (torch.library.triton_op)
+# ------------------------------------------------------------------ ops (torch.library.triton_op, below)
 
 
-@triton_op("tofu_kernels::triton_row_stats", mutates_args={"stats"})
 def _row_stats_op(x: torch.Tensor, labels: torch.Tensor, stats: torch.Tensor, n_rows: int, splits: int,
                   n_inner: int, s_outer: int, s_inner: int, n_valid: int, vocab_start: int, chunk: int,
                   block: int, ignore_index: int, beta: float, write_meta: bool, meta_vocab_end: int,
@@ -456,7 +460,6 @@ def _row_stats_op(x: torch.Tensor, labels: torch.Tensor, stats: torch.Tensor, n_
                             BETA_IS_ONE=beta == 1.0, WRITE_META=write_meta, num_warps=_warps(block))
 
 
-@triton_op("tofu_kernels::triton_epilogue", mutates_args={"loss", "ce", "rec", "red"})
 def _epilogue_op(parts: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor, ce: torch.Tensor,
                  rec: torch.Tensor, red: torch.Tensor, n_rows: int, splits: int, world: int, rank_stride: int,
                  has_meta: bool, vocab_size: int, ignore_index: int, gamma: float, beta: float,
@@ -468,7 +471,6 @@ def _epilogue_op(parts: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor, 
                 BETA_IS_ONE=beta == 1.0, BLOCK_R=EPILOGUE_ROWS, num_warps=8)
 
 
-@triton_op("tofu_kernels::triton_grad", mutates_args={"out"})
 def _grad_op(x: torch.Tensor, out: torch.Tensor, labels: torch.Tensor, rec: torch.Tensor, upstream: torch.Tensor,
              scale: torch.Tensor, up_stride: int, n_rows: int, n_inner: int, xs_outer: int, xs_inner: int,
              os_outer: int, os_inner: int, n_valid: int, width: int, vocab_start: int, beta: float) -> None:
@@ -480,7 +482,6 @@ def _grad_op(x: torch.Tensor, out: torch.Tensor, labels: torch.Tensor, rec: torc
                                         BLOCK=block, num_warps=_warps(block))
 
 
-@triton_op("tofu_kernels::triton_grad_inplace", mutates_args={"x"})
 def _grad_inplace_op(x: torch.Tensor, labels: torch.Tensor, rec: torch.Tensor, upstream: torch.Tensor,
                      scale: torch.Tensor, up_stride: int, n_rows: int, n_inner: int, s_outer: int, s_inner: int,
                      n_valid: int, width: int, vocab_start: int, beta: float) -> None:
@@ -492,7 +493,6 @@ def _grad_inplace_op(x: torch.Tensor, labels: torch.Tensor, rec: torch.Tensor, u
                                         BLOCK=block, num_warps=_warps(block))
 
 
-@triton_op("tofu_kernels::triton_fused", mutates_args={"out", "loss", "ce", "red"})
 def _fused_op(x: torch.Tensor, out: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor, ce: torch.Tensor,
               red: torch.Tensor, n_rows: int, n_inner: int, xs_outer: int, xs_inner: int, os_outer: int,
               os_inner: int, width: int, ignore_index: int, gamma: float, beta: float, mean: bool) -> None:
@@ -510,7 +510,6 @@ def _fused_op(x: torch.Tensor, out: torch.Tensor, labels: torch.Tensor, loss: to
     _launch(_reduce_kernel, red)[(1,)](loss, ce, scale, red, n_rows, BLOCK_R=EPILOGUE_ROWS, num_warps=8)
 
 
-@triton_op("tofu_kernels::triton_rescale", mutates_args={"out"})
 def _rescale_op(out: torch.Tensor, grad_out: torch.Tensor, n_rows: int, n_inner: int, os_outer: int,
                 os_inner: int, width: int) -> None:
     block = _pow2_block(width, BWD_BLOCK)
@@ -521,7 +520,30 @@ def _rescale_op(out: torch.Tensor, grad_out: torch.Tensor, n_rows: int, n_inner:
                                                             width, tiles, BLOCK=block, num_warps=_warps(block))
 
 
+# Registered as torch ops (torch.compile traces them); eager calls take the functions
+# directly (_run). The op of each: name, the arguments it writes.
+triton_op("tofu_kernels::triton_row_stats", _row_stats_op, mutates_args={"stats"})
+triton_op("tofu_kernels::triton_epilogue", _epilogue_op, mutates_args={"loss", "ce", "rec", "red"})
+triton_op("tofu_kernels::triton_grad", _grad_op, mutates_args={"out"})
+triton_op("tofu_kernels::triton_grad_inplace", _grad_inplace_op, mutates_args={"x"})
+triton_op("tofu_kernels::triton_fused", _fused_op, mutates_args={"out", "loss", "ce", "red"})
+triton_op("tofu_kernels::triton_rescale", _rescale_op, mutates_args={"out"})
+
 OPS = torch.ops.tofu_kernels
+
+
+def _run(op, impl, *args) -> None:
+    """Call a registered op where torch.compile or fake tensors need it, else its body
+    directly: in eager mode the custom-op dispatch costs tens of microseconds per call,
+    more than a kernel at small shard widths (benchmarks/NOTES.md)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    t = args[0]
+    if torch.compiler.is_compiling() or t.is_meta or is_fake(t):
+        op(*args)
+    else:
+        with set_wrap_triton_enabled(False):
+            impl(*args)
 
 
 # ------------------------------------------------------------------ Backend interface
@@ -534,7 +556,7 @@ def row_stats(x: torch.Tensor, lay: RowLayout, labels: torch.Tensor, shard: Shar
     splits = num_splits(lay.n_rows, n_valid, block, TARGET_PROGRAMS)
     chunk = split_chunk(n_valid, splits, block)
     data = torch.empty(lay.n_rows * splits + int(meta), len(Stat), dtype=torch.float32, device=x.device)
-    OPS.triton_row_stats(x, labels, data, lay.n_rows, splits, lay.n_inner, lay.s_outer, lay.s_inner, n_valid,
+    _run(OPS.triton_row_stats, _row_stats_op, x, labels, data, lay.n_rows, splits, lay.n_inner, lay.s_outer, lay.s_inner, n_valid,
                          shard.vocab_start, chunk, block, ignore_index, beta, meta, shard.vocab_end, lay.width)
     return Partials(data, lay.n_rows, splits, has_meta=meta)
 
@@ -546,7 +568,7 @@ def epilogue(parts: Partials, labels: torch.Tensor, params: TOFUParams, vocab_si
     ce = torch.empty(n, dtype=torch.float32, device=dev)
     rec = torch.empty(n, len(GradParam), dtype=torch.float32, device=dev)
     red = torch.empty(3, dtype=torch.float32, device=dev)
-    OPS.triton_epilogue(parts.data, labels, loss, ce, rec, red, n, parts.splits, parts.world, parts.rank_stride,
+    _run(OPS.triton_epilogue, _epilogue_op, parts.data, labels, loss, ce, rec, red, n, parts.splits, parts.world, parts.rank_stride,
                         parts.has_meta, 0 if vocab_size is None else vocab_size, params.ignore_index,
                         params.gamma, params.beta, int(reduction))
     return Epilogue(loss, ce, rec, red[0], red[1], red[2:3])
@@ -557,10 +579,10 @@ def grad(x, lay: RowLayout, out, out_lay: RowLayout, labels, grad_rec, upstream,
     assert out_lay.n_inner == lay.n_inner, "out must share x's row grouping"
     up, up_stride = upstream_of(upstream)
     if out is x:
-        OPS.triton_grad_inplace(x, labels, grad_rec, up, scale, up_stride, lay.n_rows, lay.n_inner, lay.s_outer,
+        _run(OPS.triton_grad_inplace, _grad_inplace_op, x, labels, grad_rec, up, scale, up_stride, lay.n_rows, lay.n_inner, lay.s_outer,
                                 lay.s_inner, shard.n_valid, lay.width, shard.vocab_start, beta)
     else:
-        OPS.triton_grad(x, out, labels, grad_rec, up, scale, up_stride, lay.n_rows, lay.n_inner, lay.s_outer,
+        _run(OPS.triton_grad, _grad_op, x, out, labels, grad_rec, up, scale, up_stride, lay.n_rows, lay.n_inner, lay.s_outer,
                         lay.s_inner, out_lay.s_outer, out_lay.s_inner, shard.n_valid, lay.width, shard.vocab_start,
                         beta)
 
@@ -570,14 +592,14 @@ def fused(x, lay: RowLayout, out, out_lay: RowLayout, labels, params: TOFUParams
     loss = torch.empty(n, dtype=torch.float32, device=dev)
     ce = torch.empty(n, dtype=torch.float32, device=dev)
     red = torch.empty(3, dtype=torch.float32, device=dev)
-    OPS.triton_fused(x, out, labels, loss, ce, red, n, lay.n_inner, lay.s_outer, lay.s_inner, out_lay.s_outer,
+    _run(OPS.triton_fused, _fused_op, x, out, labels, loss, ce, red, n, lay.n_inner, lay.s_outer, lay.s_inner, out_lay.s_outer,
                      out_lay.s_inner, lay.width, params.ignore_index, params.gamma, params.beta,
                      reduction == Reduction.MEAN)
     return Epilogue(loss, ce, None, red[0], red[1], red[2:3])
 
 
 def rescale(out, out_lay: RowLayout, grad_out: torch.Tensor) -> None:
-    OPS.triton_rescale(out, upstream_of(grad_out)[0], out_lay.n_rows, out_lay.n_inner, out_lay.s_outer, out_lay.s_inner,
+    _run(OPS.triton_rescale, _rescale_op, out, upstream_of(grad_out)[0], out_lay.n_rows, out_lay.n_inner, out_lay.s_outer, out_lay.s_inner,
                        out_lay.width)
 
 
