@@ -181,7 +181,7 @@ def megatron_tp2_cases(rank: int, world: int, device: str, backend: str) -> None
     pytest.importorskip("megatron.core")
     import megatron_patch
 
-    from .megatron_utils import causal_mask, init_megatron_cpu, tiny_gpt
+    from .megatron_utils import assert_ce_mode_matches_megatron, causal_mask, init_megatron_cpu, tiny_gpt
 
     dev = _device(device)
     how = _stage_all_gather_through_host_if_needed(dev)
@@ -219,21 +219,7 @@ def megatron_tp2_cases(rank: int, world: int, device: str, backend: str) -> None
 
     # CE mode (gamma 0, beta 1) in fp32: parameter gradients equal Megatron's own loss
     model = tiny_gpt(world, dtype=torch.float32, vocab=vocab, seq=s, hidden=64).to(dev)
-
-    def grads():
-        model.zero_grad(set_to_none=True)
-        per_token = model(ids, pos, mask, labels=labels)
-        ((per_token * loss_mask).sum() / loss_mask.sum()).backward()
-        return per_token.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    ref_loss, ref_grads = grads()
-    megatron_patch.apply("tofu", gamma=0.0, beta=1.0, backend=backend)
-    got_loss, got_grads = grads()
-    megatron_patch.revert()
-    assert_loss_close(got_loss.cpu(), ref_loss.cpu())
-    assert got_grads.keys() == ref_grads.keys() and len(got_grads) > 4
-    for name, grad in got_grads.items():
-        assert_grad_close(grad.cpu(), ref_grads[name].double().cpu(), torch.float32), name
+    assert_ce_mode_matches_megatron(model, ids, pos, mask, labels, loss_mask, backend)
 
 
 def _gpu_backends():

@@ -13,8 +13,14 @@ import megatron_patch  # noqa: E402
 import tofu_kernels as tk  # noqa: E402
 
 from .dist_utils import run_distributed  # noqa: E402
-from .helpers import assert_grad_close, assert_loss_close  # noqa: E402
-from .megatron_utils import causal_mask, gather_vocab, init_megatron_cpu, tiny_gpt  # noqa: E402
+from .helpers import assert_loss_close  # noqa: E402
+from .megatron_utils import (  # noqa: E402
+    assert_ce_mode_matches_megatron,
+    causal_mask,
+    gather_vocab,
+    init_megatron_cpu,
+    tiny_gpt,
+)
 
 TP = 2
 
@@ -71,21 +77,7 @@ def gradient_cases(rank: int, world: int) -> None:
             ids, pos, mask, labels = _batch(96, seed=2)
             loss_mask = torch.ones_like(labels, dtype=torch.float32)
             loss_mask[:, :3] = 0  # SFT-style prompt tokens
-
-            def grads():
-                model.zero_grad(set_to_none=True)
-                loss = model(ids, pos, mask, labels=labels)
-                ((loss * loss_mask).sum() / loss_mask.sum()).backward()
-                return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-            ref_loss, ref_grads = grads()
-            megatron_patch.apply("tofu", gamma=0.0, beta=1.0, backend=backend)
-            loss, got = grads()
-            megatron_patch.revert()
-            assert_loss_close(loss, ref_loss)
-            assert got.keys() == ref_grads.keys() and len(got) > 4
-            for name, g in got.items():
-                assert_grad_close(g, ref_grads[name].double(), torch.float32), name
+            assert_ce_mode_matches_megatron(model, ids, pos, mask, labels, loss_mask, backend)
 
 
 def bert_t5_cases(rank: int, world: int) -> None:

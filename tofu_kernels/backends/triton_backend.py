@@ -143,6 +143,28 @@ def _finalize(m, s1, sb, zt, label, ignore_index, vocab_size, gamma, beta, inv_b
     return loss, ce, g, m, log_sb, qt_m1
 
 
+@triton.jit
+def _row_slice_stats(x_row, lo, hi, span, active, inv_beta, BLOCK: tl.constexpr, BETA_IS_ONE: tl.constexpr):
+    """(m, S1, Sb) of columns [lo, hi) of one row in BLOCK-wide tiles (``span`` >= hi - lo
+    columns visited): an online max and two fp32 sums; nothing is read unless ``active``."""
+    m = -float("inf")
+    s1 = 0.0
+    sb = 0.0
+    for start in range(0, span, BLOCK):
+        cols = lo + start + tl.arange(0, BLOCK)
+        z = tl.load(x_row + cols, mask=(cols < hi) & active, other=-float("inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        # An all -inf prefix keeps m = -inf: shift by 0 instead so exp() stays 0, not NaN.
+        shift = tl.where(m_new == -float("inf"), 0.0, m_new)
+        s1 = s1 * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), axis=0)
+        if not BETA_IS_ONE:
+            sb = sb * tl.exp((m - shift) * inv_beta) + tl.sum(tl.exp((z - shift) * inv_beta), axis=0)
+        m = m_new
+    if BETA_IS_ONE:
+        sb = s1
+    return m, s1, sb
+
+
 # ------------------------------------------------------------------ two-pass path
 
 
@@ -173,22 +195,7 @@ def _stats_kernel(
     active = label != ignore_index  # ignored rows are not read; the epilogue masks them
     lo = split * chunk
     hi = tl.minimum(lo + chunk, n_valid)
-    m = -float("inf")
-    s1 = 0.0
-    sb = 0.0
-    for start in range(0, chunk, BLOCK):
-        cols = lo + start + tl.arange(0, BLOCK)
-        z = tl.load(x_row + cols, mask=(cols < hi) & active, other=-float("inf"))
-        z = z.to(tl.float32)
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        # An all -inf prefix keeps m = -inf: shift by 0 instead so exp() stays 0, not NaN.
-        shift = tl.where(m_new == -float("inf"), 0.0, m_new)
-        s1 = s1 * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), axis=0)
-        if not BETA_IS_ONE:
-            sb = sb * tl.exp((m - shift) * inv_beta) + tl.sum(tl.exp((z - shift) * inv_beta), axis=0)
-        m = m_new
-    if BETA_IS_ONE:
-        sb = s1
+    m, s1, sb = _row_slice_stats(x_row, lo, hi, chunk, active, inv_beta, BLOCK, BETA_IS_ONE)
     t = label - vocab_start
     hit = active & (t >= lo) & (t < hi)
     zt = tl.load(x_row + t, mask=hit, other=0.0).to(tl.float32)
@@ -365,20 +372,8 @@ def _fused_kernel(
     o_row = OUT + _row_offset(row, n_inner, os_outer, os_inner)
     label = tl.load(LABELS + row).to(tl.int64)
     active = label != ignore_index
-    m = -float("inf")
-    s1 = 0.0
-    sb = 0.0
-    for start in range(0, n_valid, BLOCK):  # pass 1: the statistics
-        cols = start + tl.arange(0, BLOCK)
-        z = tl.load(x_row + cols, mask=(cols < n_valid) & active, other=-float("inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        shift = tl.where(m_new == -float("inf"), 0.0, m_new)
-        s1 = s1 * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), axis=0)
-        if not BETA_IS_ONE:
-            sb = sb * tl.exp((m - shift) * inv_beta) + tl.sum(tl.exp((z - shift) * inv_beta), axis=0)
-        m = m_new
-    if BETA_IS_ONE:
-        sb = s1
+    # pass 1: the statistics
+    m, s1, sb = _row_slice_stats(x_row, 0, n_valid, n_valid, active, inv_beta, BLOCK, BETA_IS_ONE)
     hit = active & (label >= 0) & (label < n_valid)
     zt = tl.load(x_row + label, mask=hit, other=0.0).to(tl.float32)
     loss, ce, g, mm, log_sb, qt_m1 = _finalize(m, s1, sb, zt, label, ignore_index, n_valid, gamma, beta,
