@@ -3,7 +3,8 @@
 The fixture (`pretrain_gpt.py`, `gpt_builders.py`, `model_provider.py` of Megatron-LM
 core_v0.19.0, unmodified) is read from the project's shared folder, never copied here.
 `TOFU_MEGATRON_LM_DIR` names it explicitly; otherwise it is looked for beside this
-checkout, or beside the repository this checkout was cloned from.
+checkout, or beside the repository this checkout was cloned from
+(`benchmarks/megatron_lm_check.find_fixture`).
 
 The harness runs the fixture's `forward_step` / `loss_func` inside Megatron's real
 pipeline schedules on CPU (gloo). Megatron hard-codes CUDA in a few places that have
@@ -27,28 +28,13 @@ FIXTURE_NAME = "megatron-lm-core_v0.19.0"
 FILES = ("pretrain_gpt.py", "gpt_builders.py", "model_provider.py")
 
 
-def _candidates():
-    env = os.environ.get("TOFU_MEGATRON_LM_DIR")
-    if env:
-        yield Path(env)
-    roots = [ROOT]
-    try:
-        url = subprocess.run(["git", "-C", str(ROOT), "config", "--get", "remote.origin.url"],
-                             capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        url = ""
-    if url and Path(url).is_dir():  # a local clone: look beside the repository it came from
-        roots.append(Path(url).resolve())
-    for root in roots:
-        for parent in [root, *root.parents]:
-            yield parent / "shared" / "fixtures" / FIXTURE_NAME
-
-
 def find_fixture() -> Path | None:
-    for path in _candidates():
-        if all((path / f).is_file() for f in FILES):
-            return path
-    return None
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from megatron_lm_check import find_fixture as locate  # the one locator, shared with the GPU check
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return locate()
 
 
 FIXTURE = find_fixture()

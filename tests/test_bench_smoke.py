@@ -46,7 +46,12 @@ def test_gpu_check_script_cpu_smoke(tmp_path):
                             "bench_loss.md", "bench_loss.png", "bench_loss.json"])
     assert len(files) <= 8  # what the device tool brings back
     megatron_lm = (out / "megatron_lm.md").read_text()
-    assert "Result: OK" in megatron_lm and "LanguageModule.compute_language_model_loss is TOFU" in megatron_lm
+    from .megatron_lm import FIXTURE
+
+    if FIXTURE is None:  # a clone without the project's shared fixtures: said, not faked
+        assert "not run" in megatron_lm and "was not found" in megatron_lm
+    else:
+        assert "Result: OK" in megatron_lm and "LanguageModule.compute_language_model_loss is TOFU" in megatron_lm
 
 
 def test_megatron_log_parser():
