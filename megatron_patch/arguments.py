@@ -18,10 +18,10 @@ import warnings
 
 from tofu_kernels.params import BACKENDS, DEFAULT_BETA, DEFAULT_GAMMA, beta_error, gamma_error
 
+from ._hooks import original, unwrap, wrap
 from .patch import LOSS_TYPES, apply
 from .reporting import CE_KEY
 
-_HOOKED = "_tofu_hook_original"
 # Modules that call parse_args through a module-level name (imported there by name in
 # some Megatron-LM versions); megatron.training.arguments itself is handled first.
 _PARSE_ARGS_USERS = ("megatron.training.initialize", "megatron.training.training")
@@ -89,16 +89,6 @@ def apply_from_args(args: argparse.Namespace) -> None:
         print(f"megatron_patch: {what}", flush=True)
 
 
-def _wrap(module, name, make):
-    fn = getattr(module, name, None)
-    if fn is None or hasattr(fn, _HOOKED):
-        return fn
-    wrapper = make(fn)
-    setattr(wrapper, _HOOKED, fn)
-    setattr(module, name, wrapper)
-    return wrapper
-
-
 def install_hooks() -> None:
     """Let unmodified Megatron-LM scripts accept the flags and apply the patch."""
     try:
@@ -134,9 +124,9 @@ def install_hooks() -> None:
 
         return parse_args
 
-    _wrap(arguments, "add_megatron_arguments", make_add)
-    original_parse = getattr(arguments.parse_args, _HOOKED, arguments.parse_args)
-    wrapped_parse = _wrap(arguments, "parse_args", make_parse)
+    wrap(arguments, "add_megatron_arguments", make_add)
+    original_parse = original(arguments.parse_args)
+    wrapped_parse = wrap(arguments, "parse_args", make_parse)
     for mod_name in _PARSE_ARGS_USERS:
         try:
             mod = importlib.import_module(mod_name)
@@ -154,6 +144,4 @@ def remove_hooks() -> None:
         except ImportError:
             continue
         for name in ("add_megatron_arguments", "parse_args"):
-            fn = getattr(mod, name, None)
-            if fn is not None and hasattr(fn, _HOOKED):
-                setattr(mod, name, getattr(fn, _HOOKED))
+            unwrap(mod, name)

@@ -29,11 +29,12 @@ import warnings
 
 import torch
 
+from ._hooks import unwrap, wrap
+
 CE_KEY = "lm cross entropy"
 LOSS_KEY = "lm loss"
 _ATTR = "_tofu_cross_entropy"
 _SCHEDULES = "megatron.core.pipeline_parallel.schedules"
-_HOOKED = "_tofu_reporting_original"
 
 
 def attach_cross_entropy(loss: torch.Tensor, ce: torch.Tensor) -> None:
@@ -106,7 +107,6 @@ def _make_forward_step_calc_loss(original):
 
         return original(model, output_tensor, loss_func, *args, **kwargs)
 
-    setattr(forward_step_calc_loss, _HOOKED, original)
     return forward_step_calc_loss
 
 
@@ -118,12 +118,9 @@ def install() -> bool:
         schedules = importlib.import_module(_SCHEDULES)
     except ImportError:
         return False
-    fn = getattr(schedules, "forward_step_calc_loss", None)
-    if fn is None:
+    if wrap(schedules, "forward_step_calc_loss", _make_forward_step_calc_loss) is None:
         _warn_once("no-hook", f"{_SCHEDULES}.forward_step_calc_loss not found; {CE_KEY!r} is not reported")
         return False
-    if not hasattr(fn, _HOOKED):
-        schedules.forward_step_calc_loss = _make_forward_step_calc_loss(fn)
     return True
 
 
@@ -132,6 +129,5 @@ def uninstall() -> None:
     import sys
 
     schedules = sys.modules.get(_SCHEDULES)
-    fn = getattr(schedules, "forward_step_calc_loss", None)
-    if fn is not None and hasattr(fn, _HOOKED):
-        schedules.forward_step_calc_loss = getattr(fn, _HOOKED)
+    if schedules is not None:
+        unwrap(schedules, "forward_step_calc_loss")

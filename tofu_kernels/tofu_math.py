@@ -4,9 +4,10 @@ Every backend computes, in one read of the logits, the per-row statistics record
 :class:`Stat` (m, S1, Sb, z_t), merges partial records with :func:`combine_stats` (vocab
 splits inside one kernel, or tensor-parallel ranks), and turns the merged record into the
 loss, the focal weight and the backward's per-row record :class:`GradParam` with
-:func:`finalize_stats`. These O(N) functions are plain torch, shared by the torch and
-Triton backends; ``csrc/tofu_math.cuh`` is their CUDA twin (same records, same formulas;
-``tests/test_cuda_ext.py`` ties the two together).
+:func:`finalize_stats`. These O(N) functions are plain torch: the torch backend's
+epilogue (:func:`epilogue_in_torch`); the Triton kernels write the same formulas
+(``triton_backend._finalize``) and ``csrc/tofu_math.cuh`` is their CUDA twin (same
+records, same formulas; ``tests/test_cuda_ext.py`` ties the two together).
 
 The float64 specification the tests compare against is elsewhere
 (:mod:`tofu_kernels.reference`); nothing in the fast path imports it.
@@ -88,8 +89,8 @@ class Reduction(IntEnum):
 
 
 class RowResult(NamedTuple):
-    """Per-row outputs of :func:`finalize_stats` (fp32, shape [N]), in the field order of
-    the CUDA epilogue's output ``[len(RowResult), N]`` (``tofu::rowout``)."""
+    """Per-row outputs of :func:`finalize_stats` (fp32, shape [N]); ``tofu::RowOut`` in
+    ``csrc/tofu_math.cuh`` has the same fields in the same order."""
 
     loss: torch.Tensor  # -g * beta * log q_t; 0 for ignored rows, NaN for invalid labels
     ce: torch.Tensor  # plain cross entropy LSE(z) - z_t (for logging perplexity)
@@ -188,8 +189,8 @@ class Partials(NamedTuple):
     ``data`` is flat fp32: rank ``w`` (tensor-parallel ranks, 1 on a single device) starts
     at ``w * rank_stride`` floats and holds ``n_rows * splits`` records, row-major
     (``splits`` column chunks per row), followed under tensor parallelism by one metadata
-    record (``vocab_parallel._META_FIELDS`` as int32 bits). Every part of a row is merged
-    by the epilogue, in a fixed order.
+    record (:class:`Meta`, int32 bits). Every part of a row is merged by the epilogue, in a
+    fixed order.
     """
 
     data: torch.Tensor
@@ -199,20 +200,20 @@ class Partials(NamedTuple):
     rank_stride: int = 0  # floats between ranks' blocks
     has_meta: bool = False  # a metadata record follows each rank's records
 
-    def records(self) -> torch.Tensor:
-        """``[world, n_rows, splits, len(Stat)]`` view of the records."""
+    def _blocks(self) -> torch.Tensor:
+        """``[world, records per rank, len(Stat)]`` view of ``data``."""
         width = len(Stat)
         stride = self.rank_stride or (self.n_rows * self.splits + int(self.has_meta)) * width
-        return self.data.view(-1)[: self.world * stride].view(self.world, stride // width, width)[
-            :, : self.n_rows * self.splits
-        ].reshape(self.world, self.n_rows, self.splits, width)
+        return self.data.view(-1)[: self.world * stride].view(self.world, stride // width, width)
+
+    def records(self) -> torch.Tensor:
+        """``[world, n_rows, splits, len(Stat)]`` view of the statistics records."""
+        rec = self._blocks()[:, : self.n_rows * self.splits]
+        return rec.reshape(self.world, self.n_rows, self.splits, len(Stat))
 
     def metas(self) -> torch.Tensor:
-        """``[world, len(Meta)]`` int32: every rank's metadata record."""
-        width = len(Stat)
-        stride = self.rank_stride or (self.n_rows * self.splits + 1) * width
-        meta = self.data.view(-1)[: self.world * stride].view(self.world, stride // width, width)
-        return meta[:, self.n_rows * self.splits].contiguous().view(torch.int32)
+        """``[world, len(Meta)]`` int32: every rank's metadata record (``has_meta`` only)."""
+        return self._blocks()[:, self.n_rows * self.splits].contiguous().view(torch.int32)
 
 
 class Epilogue(NamedTuple):

@@ -95,18 +95,17 @@ def check_shards(parts: Partials, explicit: bool) -> int:
     """Host check of the gathered metadata records: equal widths (default layout), equal
     token counts, and rank ranges that tile [0, V) without gaps or overlaps. Returns the
     global vocab size (one host sync; eager mode only)."""
-    names = {Meta.VOCAB_START: "vocab_start", Meta.VOCAB_END: "vocab_end", Meta.WIDTH: "width", Meta.ROWS: "rows"}
-    rows = [{names[f]: r[f] for f in Meta} for r in parts.metas().tolist()]
-    widths = [r["width"] for r in rows]
+    rows = parts.metas().tolist()
+    widths = [r[Meta.WIDTH] for r in rows]
     if not explicit and len(set(widths)) > 1:
         raise ValueError(
             f"vocab_parallel_tofu_loss: logits shard widths differ across ranks ({widths}); "
             "pass vocab_start/vocab_end for uneven shards"
         )
-    counts = [r["rows"] for r in rows]
+    counts = [r[Meta.ROWS] for r in rows]
     if len(set(counts)) > 1:
         raise ValueError(f"vocab_parallel_tofu_loss: token counts differ across ranks ({counts})")
-    spans = [(r["vocab_start"], r["vocab_end"]) for r in rows]
+    spans = [(r[Meta.VOCAB_START], r[Meta.VOCAB_END]) for r in rows]
     expect = 0
     for start, end in sorted(spans):
         if start != expect:

@@ -1,8 +1,10 @@
-"""The GPU backends' launch policy (Triton and CUDA), written once."""
+"""What the GPU backends (Triton and CUDA) share: launch policy, output buffers, upstream."""
 
 from __future__ import annotations
 
 import torch
+
+from ..tofu_math import GradParam
 
 
 def cdiv(a: int, b: int) -> int:
@@ -32,3 +34,12 @@ def upstream_of(upstream: torch.Tensor) -> tuple[torch.Tensor, int]:
     if up.dtype != torch.float32:
         up = up.float()
     return up, (0 if up.numel() == 1 else up.stride(0))
+
+
+def epilogue_buffers(n_rows: int, device: torch.device, with_rec: bool):
+    """The outputs an epilogue (or the fused forward) writes: per-row loss and cross entropy,
+    the backward's record (or None), and ``red`` fp32 [3] = reduced loss, reduced cross
+    entropy, scale."""
+    f32 = dict(dtype=torch.float32, device=device)
+    rec = torch.empty(n_rows, len(GradParam), **f32) if with_rec else None
+    return torch.empty(n_rows, **f32), torch.empty(n_rows, **f32), rec, torch.empty(3, **f32)

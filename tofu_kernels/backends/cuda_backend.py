@@ -15,8 +15,8 @@ import torch
 
 from .._inputs import RowLayout, Shard
 from ..params import TOFUParams
-from ..tofu_math import Epilogue, GradParam, Partials, Reduction, Stat
-from ._common import num_splits, split_chunk, upstream_of
+from ..tofu_math import Epilogue, Partials, Reduction, Stat
+from ._common import epilogue_buffers, num_splits, split_chunk, upstream_of
 
 try:
     from .. import _C  # registers torch.ops.tofu_kernels.*
@@ -55,11 +55,8 @@ def row_stats(x, lay: RowLayout, labels, shard: Shard, beta: float, ignore_index
 
 
 def epilogue(parts: Partials, labels, params: TOFUParams, vocab_size: int | None, reduction: Reduction) -> Epilogue:
-    n, dev = parts.n_rows, parts.data.device
-    loss = torch.empty(n, dtype=torch.float32, device=dev)
-    ce = torch.empty(n, dtype=torch.float32, device=dev)
-    rec = torch.empty(n, len(GradParam), dtype=torch.float32, device=dev)
-    red = torch.empty(3, dtype=torch.float32, device=dev)
+    n = parts.n_rows
+    loss, ce, rec, red = epilogue_buffers(n, parts.data.device, with_rec=True)
     OPS.epilogue(parts.data, labels, loss, ce, rec, red, n, parts.splits, parts.world, parts.rank_stride,
                  parts.has_meta, 0 if vocab_size is None else vocab_size, params.ignore_index, params.gamma,
                  params.beta, int(reduction))
@@ -78,10 +75,8 @@ def grad(x, lay: RowLayout, out, out_lay: RowLayout, labels, grad_rec, upstream,
 
 
 def fused(x, lay: RowLayout, out, out_lay: RowLayout, labels, params: TOFUParams, reduction: Reduction) -> Epilogue:
-    n, dev = lay.n_rows, x.device
-    loss = torch.empty(n, dtype=torch.float32, device=dev)
-    ce = torch.empty(n, dtype=torch.float32, device=dev)
-    red = torch.empty(3, dtype=torch.float32, device=dev)
+    n = lay.n_rows
+    loss, ce, _, red = epilogue_buffers(n, x.device, with_rec=False)
     mean = reduction == Reduction.MEAN
     if out is x:
         OPS.fused_inplace(x, labels, loss, ce, red, lay.n_inner, lay.s_outer, lay.s_inner, params.ignore_index,

@@ -38,7 +38,7 @@ from torch.library import triton_op, wrap_triton
 from .._inputs import RowLayout, Shard
 from ..params import TOFUParams
 from ..tofu_math import Epilogue, GradParam, Meta, Partials, Reduction, Stat
-from ._common import cdiv, num_splits, split_chunk, upstream_of
+from ._common import cdiv, epilogue_buffers, num_splits, split_chunk, upstream_of
 
 NAME = "triton"
 
@@ -558,11 +558,8 @@ def row_stats(x: torch.Tensor, lay: RowLayout, labels: torch.Tensor, shard: Shar
 
 def epilogue(parts: Partials, labels: torch.Tensor, params: TOFUParams, vocab_size: int | None,
              reduction: Reduction) -> Epilogue:
-    n, dev = parts.n_rows, parts.data.device
-    loss = torch.empty(n, dtype=torch.float32, device=dev)
-    ce = torch.empty(n, dtype=torch.float32, device=dev)
-    rec = torch.empty(n, len(GradParam), dtype=torch.float32, device=dev)
-    red = torch.empty(3, dtype=torch.float32, device=dev)
+    n = parts.n_rows
+    loss, ce, rec, red = epilogue_buffers(n, parts.data.device, with_rec=True)
     _run(OPS.triton_epilogue, _epilogue_op, parts.data, labels, loss, ce, rec, red, n, parts.splits, parts.world, parts.rank_stride,
                         parts.has_meta, 0 if vocab_size is None else vocab_size, params.ignore_index,
                         params.gamma, params.beta, int(reduction))
@@ -583,10 +580,8 @@ def grad(x, lay: RowLayout, out, out_lay: RowLayout, labels, grad_rec, upstream,
 
 
 def fused(x, lay: RowLayout, out, out_lay: RowLayout, labels, params: TOFUParams, reduction: Reduction) -> Epilogue:
-    n, dev = lay.n_rows, x.device
-    loss = torch.empty(n, dtype=torch.float32, device=dev)
-    ce = torch.empty(n, dtype=torch.float32, device=dev)
-    red = torch.empty(3, dtype=torch.float32, device=dev)
+    n = lay.n_rows
+    loss, ce, _, red = epilogue_buffers(n, x.device, with_rec=False)
     _run(OPS.triton_fused, _fused_op, x, out, labels, loss, ce, red, n, lay.n_inner, lay.s_outer, lay.s_inner, out_lay.s_outer,
                      out_lay.s_inner, lay.width, params.ignore_index, params.gamma, params.beta,
                      reduction == Reduction.MEAN)
