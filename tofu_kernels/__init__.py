@@ -2,9 +2,11 @@
 
     import tofu_kernels as tk
     loss = tk.tofu_loss(logits, labels, gamma=3.0, beta=0.8)
+    loss = tk.linear_tofu_loss(hidden, lm_head.weight, labels)  # never builds the logits
 """
 
 from .backends import BACKENDS, extension_loaded
+from .linear import LinearTOFULoss, linear_tofu_loss
 from .loss import TOFULoss, tofu_loss, vocab_parallel_tofu_loss
 from .params import DEFAULT_BETA, DEFAULT_GAMMA, DEFAULT_IGNORE_INDEX, TOFUParams
 from .reference import authors_tofu_loss, tofu_loss_reference
@@ -17,11 +19,13 @@ __all__ = [
     "DEFAULT_BETA",
     "DEFAULT_GAMMA",
     "DEFAULT_IGNORE_INDEX",
+    "LinearTOFULoss",
     "TOFULoss",
     "TOFUParams",
     "authors_tofu_loss",
     "extension_loaded",
     "focal_weight",
+    "linear_tofu_loss",
     "tofu_loss",
     "tofu_loss_reference",
     "vocab_parallel_tofu_loss",
