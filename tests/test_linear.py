@@ -1,0 +1,263 @@
+"""linear_tofu_loss: TOFU of hidden @ weight.T without the N x V logits.
+
+Oracle: float64 autograd through the materialised logits of the same (rounded) inputs.
+Yardstick: the materialised path in the inputs' dtype (F.linear, then tofu_loss), whose
+only extra error is the rounding of the logits and gradients to that dtype; ours must be
+as close to the oracle as it is, within the extra roundings chunking adds to dW.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import tofu_kernels as tk
+from tofu_kernels.linear import default_chunk_size
+
+from .helpers import assert_grad_close, assert_loss_close, make_logits, reference
+
+BACKENDS = ["torch", "triton"]
+
+
+def _inputs(n, d, v, dtype, seed=0, ignored=(3, 10, 11)):
+    g = torch.Generator().manual_seed(seed)
+    h = (torch.randn(n, d, generator=g, dtype=torch.float64)).to(dtype)
+    w = (torch.randn(v, d, generator=g, dtype=torch.float64) * (2.0 / math.sqrt(d))).to(dtype)
+    labels = torch.randint(0, v, (n,), generator=g)
+    for i in ignored:
+        if i < n:
+            labels[i] = -100
+    return h, w, labels
+
+
+def _oracle(h, w, labels, reduction, upstream, normalizer=None, **kw):
+    """fp64 (loss, dh, dw) through the materialised logits of the rounded inputs."""
+    h64, w64 = h.double().requires_grad_(), w.double().requires_grad_()
+    per_token, _ = tk.tofu_loss_reference(h64 @ w64.t(), labels, **kw)
+    valid = (labels != kw.get("ignore_index", -100)).sum().clamp(min=1)
+    if reduction == "none":
+        loss = per_token
+    elif reduction == "sum":
+        loss = per_token.sum()
+    else:
+        loss = per_token.sum() / (normalizer if normalizer is not None else valid)
+    (loss * upstream.double()).sum().backward()
+    return loss.detach(), h64.grad, w64.grad
+
+
+def _materialised(h, w, labels, reduction, upstream, backend, **kw):
+    hx, wx = h.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = tk.tofu_loss(torch.nn.functional.linear(hx, wx), labels, reduction=reduction, backend=backend, **kw)
+    (loss * upstream).sum().backward()
+    return loss.detach(), hx.grad, wx.grad
+
+
+def _ours(h, w, labels, reduction, upstream, backend, **kw):
+    hx, wx = h.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = tk.linear_tofu_loss(hx, wx, labels, reduction=reduction, backend=backend, **kw)
+    (loss * upstream).sum().backward()
+    return loss.detach(), hx.grad, wx.grad
+
+
+def _rel(a, ref):
+    return ((a.double() - ref).norm() / ref.norm().clamp(min=1e-300)).item()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_matches_materialised_logits(dtype, reduction, backend):
+    # ragged: 37 tokens in chunks of 8 (last chunk 5), D = 24, V = 101
+    h, w, labels = _inputs(37, 24, 101, dtype)
+    upstream = torch.randn(37) if reduction == "none" else torch.tensor(1.7)
+    ref_loss, ref_dh, ref_dw = _oracle(h, w, labels, reduction, upstream)
+    mat = _materialised(h, w, labels, reduction, upstream, backend)
+    ours = _ours(h, w, labels, reduction, upstream, backend, chunk_size=8)
+    chunks = math.ceil(37 / 8)
+    eps = torch.finfo(dtype).eps
+    # loss: fp32 statistics of logits rounded to the dtype, as the materialised path
+    loss_err, mat_loss_err = _rel(ours[0], ref_loss), _rel(mat[0], ref_loss)
+    assert loss_err <= 2 * mat_loss_err + 1e-6, (loss_err, mat_loss_err)
+    # dhidden: one GEMM per row with fp32 accumulation, like the materialised path
+    dh_err, mat_dh_err = _rel(ours[1], ref_dh), _rel(mat[1], ref_dh)
+    assert dh_err <= 2 * mat_dh_err + 4 * eps, (dh_err, mat_dh_err)
+    # dweight: one rounding per chunk instead of one
+    dw_err, mat_dw_err = _rel(ours[2], ref_dw), _rel(mat[2], ref_dw)
+    assert dw_err <= 2 * math.sqrt(chunks) * mat_dw_err + 4 * eps, (dw_err, mat_dw_err)
+    assert ours[1].dtype == ours[2].dtype == dtype
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("regime", ["confident", "near_one", "hopeless", "tiny"])
+def test_regimes_through_an_identity_head(regime, backend):
+    # weight = I (D = V) makes the logits exactly the hidden states, so the kernels'
+    # per-element tolerance of test_loss applies to dhidden at confident and hopeless tokens
+    v = 67
+    for dtype in (torch.float32, torch.bfloat16):
+        z, labels = make_logits((19,), v, dtype, regime=regime)
+        labels[5] = -100
+        upstream = torch.randn(19)
+        ref_loss, ref_grad, _ = reference(z, labels, upstream, gamma=3.0, beta=0.8)
+        _, torch_fp32, _ = reference(z, labels, upstream, compute_dtype=torch.float32)  # what fp32 resolves
+        hx = z.clone().requires_grad_()
+        eye = torch.eye(v, dtype=dtype)
+        loss = tk.linear_tofu_loss(hx, eye, labels, reduction="none", backend=backend, chunk_size=7)
+        (loss * upstream).sum().backward()
+        assert_loss_close(loss.detach(), ref_loss)
+        assert_grad_close(hx.grad, ref_grad, dtype, torch_fp32=torch_fp32)
+        # the mean path (gradient in the forward) on the same rows
+        hm = z.clone().requires_grad_()
+        lm = tk.linear_tofu_loss(hm, eye, labels, backend=backend, chunk_size=7)
+        lm.backward()
+        count = (labels != -100).sum()
+        assert_loss_close(lm.detach(), ref_loss.sum() / count)
+        mean_up = torch.full((19,), 1.0 / count.item())
+        _, ref_mean_grad, _ = reference(z, labels, mean_up)
+        _, fp32_mean_grad, _ = reference(z, labels, mean_up, compute_dtype=torch.float32)
+        assert_grad_close(hm.grad, ref_mean_grad, dtype, torch_fp32=fp32_mean_grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_leading_shape_ignored_and_empty(backend):
+    h, w, labels = _inputs(3 * 13, 16, 50, torch.float32)
+    h3, l3 = h.view(3, 13, 16), labels.view(3, 13)
+    per_token = tk.linear_tofu_loss(h3, w, l3, reduction="none", backend=backend, chunk_size=5)
+    assert per_token.shape == (3, 13)
+    ref, _, _ = _oracle(h, w, labels, "none", torch.ones(39))
+    assert_loss_close(per_token.detach().reshape(-1), ref)
+    assert (per_token.view(-1)[labels == -100] == 0).all()
+    # all ignored: mean is 0 with zero gradients (both paths)
+    hx, wx = h.clone().requires_grad_(), w.clone().requires_grad_()
+    none = torch.full_like(labels, -100)
+    loss = tk.linear_tofu_loss(hx, wx, none, backend=backend, chunk_size=8)
+    loss.backward()
+    assert loss.item() == 0.0 and (hx.grad == 0).all() and (wx.grad == 0).all()
+    # zero tokens
+    h0 = torch.zeros(0, 16, requires_grad=True)
+    w0 = w.clone().requires_grad_()
+    loss0 = tk.linear_tofu_loss(h0, w0, torch.zeros(0, dtype=torch.long), backend=backend)
+    loss0.backward()
+    assert loss0.item() == 0.0 and (w0.grad == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_normalizer_and_accumulation(backend):
+    # two micro-batches normalised by the whole batch's token count equal one batch
+    h, w, labels = _inputs(30, 16, 60, torch.float32)
+    total = (labels != -100).sum().item()
+    whole = _ours(h, w, labels, "mean", torch.tensor(1.0), backend, chunk_size=8)
+    wx = w.clone().requires_grad_()
+    dh = []
+    for sl in (slice(0, 13), slice(13, 30)):
+        hx = h[sl].clone().requires_grad_()
+        tk.linear_tofu_loss(hx, wx, labels[sl], normalizer=torch.tensor(total), backend=backend,
+                            chunk_size=8).backward()
+        dh.append(hx.grad)
+    torch.testing.assert_close(torch.cat(dh), whole[1], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(wx.grad, whole[2], rtol=1e-5, atol=1e-7)
+    # the oracle with that normaliser, and the two-pass path (no gradient wanted) agrees
+    ref_loss, _, _ = _oracle(h, w, labels, "mean", torch.tensor(1.0), normalizer=7.5)
+    with torch.no_grad():
+        got = tk.linear_tofu_loss(h, w, labels, normalizer=7.5, backend=backend, chunk_size=8)
+    assert_loss_close(got, ref_loss)
+    with pytest.raises(ValueError, match="normalizer goes with reduction='mean'"):
+        tk.linear_tofu_loss(h, w, labels, reduction="sum", normalizer=3)
+    with pytest.raises(ValueError, match="positive finite"):
+        tk.linear_tofu_loss(h, w, labels, normalizer=0)
+
+
+def test_upstream_gradient_and_partial_requires_grad():
+    h, w, labels = _inputs(21, 12, 40, torch.float32)
+    ref_loss, ref_dh, ref_dw = _oracle(h, w, labels, "mean", torch.tensor(-2.5))
+    # upstream -2.5: the gradients made in the forward are rescaled in the backward
+    _, dh, dw = _ours(h, w, labels, "mean", torch.tensor(-2.5), "torch", chunk_size=4)
+    torch.testing.assert_close(dh.double(), ref_dh, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(dw.double(), ref_dw, rtol=1e-5, atol=1e-8)
+    # only one of the two wants a gradient
+    hx = h.clone().requires_grad_()
+    tk.linear_tofu_loss(hx, w, labels, chunk_size=4).backward()
+    torch.testing.assert_close(hx.grad.double(), ref_dh / -2.5, rtol=1e-5, atol=1e-8)
+    wx = w.clone().requires_grad_()
+    tk.linear_tofu_loss(h, wx, labels, chunk_size=4).backward()
+    torch.testing.assert_close(wx.grad.double(), ref_dw / -2.5, rtol=1e-5, atol=1e-8)
+
+
+def test_deterministic_and_module():
+    h, w, labels = _inputs(33, 16, 70, torch.bfloat16)
+    a = _ours(h, w, labels, "mean", torch.tensor(1.0), "torch")
+    b = _ours(h, w, labels, "mean", torch.tensor(1.0), "torch")
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    mod = tk.LinearTOFULoss(gamma=2.0, beta=0.9, chunk_size=16)
+    assert "chunk_size=16" in repr(mod)
+    got = mod(h, w, labels)
+    want = tk.linear_tofu_loss(h, w, labels, gamma=2.0, beta=0.9, chunk_size=16)
+    assert torch.equal(got, want)
+    _, ce = tk.linear_tofu_loss(h, w, labels, gamma=0.0, beta=1.0, return_ce=True)
+    ce_ref = torch.nn.functional.cross_entropy((h.double() @ w.double().t()), labels, ignore_index=-100)
+    assert abs(ce.item() - ce_ref.item()) < 1e-2  # bf16 logits
+
+
+def test_second_backward_raises_and_errors():
+    h, w, labels = _inputs(9, 8, 20, torch.float32)
+    hx = h.clone().requires_grad_()
+    loss = tk.linear_tofu_loss(hx, w, labels)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="handed out already"):
+        loss.backward()
+    with pytest.raises(TypeError, match="one dtype"):
+        tk.linear_tofu_loss(h, w.double(), labels)
+    with pytest.raises(ValueError, match="D = weight.shape"):
+        tk.linear_tofu_loss(h[:, :5], w, labels)
+    with pytest.raises(ValueError, match="labels must have the shape"):
+        tk.linear_tofu_loss(h, w, labels[:4])
+    with pytest.raises(ValueError, match="chunk_size"):
+        tk.linear_tofu_loss(h, w, labels, chunk_size=0)
+    bad = labels.clone()
+    bad[2] = 20
+    with pytest.raises(ValueError, match="outside"):
+        tk.linear_tofu_loss(h, w, bad)
+    with pytest.raises(ValueError, match="gamma"):
+        tk.linear_tofu_loss(h, w, labels, gamma=-1.0)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any operation produces (numel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_no_n_by_v_temporaries(reduction):
+    # N x V = 96 x 200 = 19200 elements; one chunk 16 x 200 = 3200; W is 200 x 24 = 4800
+    n, d, v, chunk = 96, 24, 200, 16
+    h, w, labels = _inputs(n, d, v, torch.float32)
+    hx, wx = h.clone().requires_grad_(), w.clone().requires_grad_()
+    up = torch.randn(n) if reduction == "none" else torch.tensor(1.0)
+    with _LargestTensor() as mode:
+        loss = tk.linear_tofu_loss(hx, wx, labels, reduction=reduction, chunk_size=chunk, backend="torch")
+        (loss * up).sum().backward()
+    assert mode.largest <= max(chunk * v, v * d, n * d), mode.largest
+    # the materialised path does build one (the check can fail)
+    with _LargestTensor() as mode:
+        tk.tofu_loss(torch.nn.functional.linear(h, w), labels, backend="torch")
+    assert mode.largest >= n * v
+
+
+def test_default_chunk_size():
+    # 128 MiB of logits: 512 rows of a 128256-column bf16 vocabulary
+    assert default_chunk_size(8192, 128256, 2) == 512
+    assert default_chunk_size(100, 128256, 2) == 100
+    assert default_chunk_size(10**6, 10**7, 4) == 64
+    assert default_chunk_size(8192, 32000, 4) % 64 == 0
