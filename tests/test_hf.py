@@ -1,0 +1,235 @@
+"""Hugging Face entry points on tiny randomly initialised models (no downloads).
+
+Oracle: the float64 reference on the model's own logits after the authors' label shift;
+the authors' formulation as a second oracle where it is finite. Parameter gradients are
+compared with autograd through that reference.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tofu_kernels as tk
+
+transformers = pytest.importorskip("transformers")
+from tofu_kernels import hf  # noqa: E402
+
+VOCAB = 97
+FAMILIES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+}
+
+
+def _tiny(family: str, seed: int = 0):
+    config_cls, model_cls = FAMILIES[family]
+    cfg = config_cls(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, head_dim=8)
+    torch.manual_seed(seed)
+    return model_cls(cfg).float().train()
+
+
+def _batch(b=2, t=11, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (b, t), generator=g)
+    labels = ids.clone()
+    labels[0, :3] = -100  # a prompt
+    labels[1, -2:] = -100  # padding
+    return ids, labels
+
+
+def _reference_loss(logits, labels, num_items=None, gamma=3.0, beta=0.8):
+    """fp64 TOFU after the shift: mean over non-ignored tokens, or sum / num_items."""
+    target = hf.shift_labels(labels)
+    per_token, _ = tk.tofu_loss_reference(logits.double(), target, gamma=gamma, beta=beta)
+    n = (target != -100).sum() if num_items is None else num_items
+    return per_token.sum() / n
+
+
+def _reference_grads(model, ids, labels, num_items=None):
+    model.zero_grad()
+    _reference_loss(model(input_ids=ids).logits, labels, num_items).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    return grads
+
+
+def _assert_grads(model, want, rtol=2e-4):
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[name], rtol=rtol, atol=1e-6, msg=name)
+
+
+def test_shift_labels():
+    labels = torch.tensor([[5, 6, 7], [-100, 1, 2]])
+    assert hf.shift_labels(labels).tolist() == [[6, 7, -100], [1, 2, -100]]
+
+
+@pytest.mark.parametrize("num_items", [None, 13])
+def test_loss_func_matches_reference_and_authors(num_items):
+    model = _tiny("llama")
+    ids, labels = _batch()
+    logits = model(input_ids=ids).logits.detach().requires_grad_()
+    fn = hf.tofu_loss_func(3.0, 0.8)
+    outputs = transformers.modeling_outputs.CausalLMOutputWithPast(logits=logits)
+    ni = None if num_items is None else torch.tensor(num_items)
+    loss = fn(outputs, labels, num_items_in_batch=ni)
+    loss.backward()
+    x = logits.detach().double().requires_grad_()
+    ref = _reference_loss(x, labels, num_items)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item())
+    torch.testing.assert_close(logits.grad.double(), x.grad, rtol=1e-4, atol=1e-9)
+    # the authors' code (finite here): the same number
+    target = hf.shift_labels(labels)
+    authors = tk.authors_tofu_loss(logits.detach(), target, 3.0, 0.8).sum()
+    authors = authors / ((target != -100).sum() if num_items is None else num_items)
+    assert abs(loss.item() - authors.item()) <= 1e-5 * abs(authors.item())
+    # a dict works too, and bf16 logits are used as they are (no fp32 copy is made)
+    assert fn({"logits": logits.detach()}, labels, num_items_in_batch=ni).item() == pytest.approx(loss.item())
+
+
+def test_two_micro_batches_equal_one_batch():
+    model = _tiny("qwen2")
+    ids, labels = _batch(b=4, t=9)
+    fn = hf.tofu_loss_func(2.0, 0.9)
+    whole = fn(model(input_ids=ids), labels)
+    whole.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    total = (hf.shift_labels(labels) != -100).sum()
+    parts = [fn(model(input_ids=ids[s]), labels[s], num_items_in_batch=total) for s in (slice(0, 1), slice(1, 4))]
+    for p in parts:
+        p.backward()
+    assert abs(sum(p.item() for p in parts) - whole.item()) <= 1e-5 * whole.item()
+    _assert_grads(model, want, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("fused_linear", [False, True])
+def test_apply_tofu_loss_and_gradients(family, fused_linear):
+    model = _tiny(family)
+    ids, labels = _batch()
+    want = _reference_grads(model, ids, labels)
+    with torch.no_grad():
+        ref = _reference_loss(model(input_ids=ids).logits, labels)
+    hf.apply_tofu(model, 3.0, 0.8, fused_linear=fused_linear, chunk_size=5)
+    out = model(input_ids=ids, labels=labels)
+    assert (out.logits is None) == fused_linear
+    assert abs(out.loss.item() - ref.item()) <= 1e-5 * ref.item()
+    out.loss.backward()
+    _assert_grads(model, want)
+    # gradient accumulation the transformers way: num_items_in_batch through the forward
+    model.zero_grad()
+    total = (hf.shift_labels(labels) != -100).sum()
+    for s in (slice(0, 1), slice(1, 2)):
+        model(input_ids=ids[s], labels=labels[s], num_items_in_batch=total).loss.backward()
+    _assert_grads(model, want)
+    # evaluation keeps the logits (and the TOFU loss); return_dict=False gives a tuple
+    model.eval()
+    with torch.no_grad():
+        ev = model(input_ids=ids, labels=labels)
+        assert ev.logits is not None and abs(ev.loss.item() - ref.item()) <= 1e-5 * ref.item()
+    model.train()
+    tup = model(input_ids=ids, labels=labels, return_dict=False)
+    assert isinstance(tup, tuple) and abs(tup[0].item() - ref.item()) <= 1e-5 * ref.item()
+    # revert: the model's own cross entropy again
+    hf.revert_tofu(model)
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=labels)
+        ce = torch.nn.functional.cross_entropy(out.logits.reshape(-1, VOCAB), hf.shift_labels(labels).reshape(-1))
+    assert out.logits is not None and abs(out.loss.item() - ce.item()) <= 1e-6 * ce.item()
+    assert "forward" not in model.__dict__ and "_loss_function" not in model.__dict__
+
+
+def test_apply_twice_replaces_and_unsupported_models_are_refused():
+    model = _tiny("mistral")
+    ids, labels = _batch()
+    hf.apply_tofu(model, 3.0, 0.8, fused_linear=True)
+    hf.apply_tofu(model, 0.0, 1.0)  # CE mode, not fused: replaces the first settings
+    assert "forward" not in model.__dict__
+    out = model(input_ids=ids, labels=labels)
+    ce = torch.nn.functional.cross_entropy(out.logits.reshape(-1, VOCAB), hf.shift_labels(labels).reshape(-1))
+    assert abs(out.loss.item() - ce.item()) <= 1e-5 * ce.item()
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2))
+    with pytest.raises(ValueError, match="GPT2LMHeadModel is not supported.*LlamaForCausalLM"):
+        hf.apply_tofu(gpt2)
+    with pytest.raises(ValueError, match="gamma"):
+        hf.apply_tofu(model, gamma=-1.0)
+    with pytest.raises(ValueError, match="beta"):
+        hf.tofu_loss_func(beta=0.0)
+    with pytest.raises(ValueError, match="logits is None"):
+        hf.tofu_loss_func()({"logits": None}, labels)
+
+
+def _word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(VOCAB - 3)}
+    vocab.update({"<pad>": VOCAB - 3, "<eos>": VOCAB - 2, "<unk>": VOCAB - 1})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                                unk_token="<unk>")
+
+
+def _dataset(n=32):
+    datasets = pytest.importorskip("datasets")
+    return datasets.Dataset.from_dict(
+        {"text": [" ".join(f"w{(3 * i + j) % 40}" for j in range(12)) for i in range(n)]})
+
+
+def _losses(trainer):
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def test_trl_sft_trainer_trains_with_our_loss_func(tmp_path):
+    trl = pytest.importorskip("trl")
+    model = _tiny("qwen3")
+    calls = []
+    fn = hf.tofu_loss_func(3.0, 0.8)
+
+    def counted(outputs, labels, num_items_in_batch=None):
+        calls.append(num_items_in_batch)
+        return fn(outputs, labels, num_items_in_batch=num_items_in_batch)
+
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=10, per_device_train_batch_size=4,
+                         gradient_accumulation_steps=2, learning_rate=5e-3, logging_steps=1, report_to=[],
+                         save_strategy="no", use_cpu=True, max_length=16, disable_tqdm=True)
+    with pytest.warns(FutureWarning, match="compute_loss_func"):  # TRL 1.16 deprecates it; it still works
+        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=_dataset(), processing_class=_word_tokenizer(),
+                                 compute_loss_func=counted)
+    trainer.train()
+    losses = _losses(trainer)
+    assert len(losses) == 10 and len(calls) == 20
+    assert all(c is not None for c in calls), "the trainer passes num_items_in_batch"
+    assert losses[-1] < 0.85 * losses[0], losses
+
+
+def test_trainer_with_apply_tofu_fused_linear(tmp_path, monkeypatch):
+    fused_calls = []
+
+    def counted(*a, **k):
+        fused_calls.append(k["normalizer"])
+        return tk.linear_tofu_loss(*a, **k)
+
+    monkeypatch.setattr(hf, "linear_tofu_loss", counted)
+    model = _tiny("llama")
+    hf.apply_tofu(model, 3.0, 0.8, fused_linear=True)
+    tok = _word_tokenizer()
+    ds = _dataset().map(lambda r: tok(r["text"]), remove_columns=["text"])
+    collator = transformers.DataCollatorForLanguageModeling(tok, mlm=False)
+    seen = []
+    hook = model.model.register_forward_hook(lambda m, i, o: seen.append(o.last_hidden_state.shape))
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=4,
+                                          gradient_accumulation_steps=2, learning_rate=5e-3, logging_steps=1,
+                                          report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=ds, data_collator=collator)
+    trainer.train()
+    hook.remove()
+    losses = _losses(trainer)
+    assert len(losses) == 8 and losses[-1] < 0.85 * losses[0], losses
+    assert len(seen) == 16  # our forward ran the backbone once per micro-batch
+    assert len(fused_calls) == 16 and all(c is not None for c in fused_calls)  # fused, with num_items_in_batch
