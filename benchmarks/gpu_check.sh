@@ -11,8 +11,9 @@
 #   device run: bash benchmarks/gpu_check.sh        # carry=[".whl"]; results come back from $OUT
 #   bash benchmarks/gpu_check.sh --cpu-smoke        # here: the same steps, tiny, no GPU
 #
-# Files under $OUT (the device tool brings back 8 at most): summary.txt build.log
-# gpu_tests.log megatron_lm.md bench_megatron_step.md bench_loss.md bench_loss.png bench_loss.json
+# Files under $OUT (the device tool brings back 8 at most): summary.txt gpu_tests.log
+# megatron_lm.md bench_megatron_step.md bench_fused_linear.md bench_loss.md bench_loss.json
+# bench_loss.png; build.log only when the build failed (then bench_loss.png is dropped).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SMOKE=0
@@ -67,11 +68,12 @@ else
   BUILD=(env TOFU_BUILD_CUDA=1 "$PYTHON" setup.py build_ext --inplace)
 fi
 step build 180 build.log -- "${BUILD[@]}"
+case " ${FAILED[*]:-} " in *" build "*) ;; *) rm -f "$OUT/build.log";; esac  # kept when it failed
 "$PYTHON" -c "import tofu_kernels as tk; print('CUDA extension loaded:', tk.extension_loaded())" 2>&1 | tee -a "$OUT/summary.txt"
 
 # gpu-marked tests (skipped with their reason in smoke mode) + the extension's CPU tests.
 export TOFU_GPU_NOTES="$OUT/summary.txt"  # the TP tests say there how the all-gather ran under gloo
-step gpu_tests 200 gpu_tests.log -- "$PYTHON" -m pytest -q -rs -m gpu tests/test_gpu.py tests/test_gpu_tp.py \
+step gpu_tests 200 gpu_tests.log -- "$PYTHON" -m pytest -q -rs -m gpu tests/test_gpu.py tests/test_gpu_tp.py tests/test_linear.py \
   tests/test_cuda_ext.py -p no:cacheprovider
 tail -n 3 "$OUT/gpu_tests.log" >>"$OUT/summary.txt"
 
@@ -87,6 +89,12 @@ step megatron_step 120 megatron_step.log -- "$PYTHON" benchmarks/bench_megatron_
 grep -E "PASS|MISS" "$OUT/bench_megatron_step.md" >>"$OUT/summary.txt" 2>/dev/null
 rm -f "$OUT/megatron_step.log"
 
+# The model's last layer and its loss: fused linear + TOFU against matmul + loss, CCE, Liger.
+step fused_linear 120 fused_linear.log -- "$PYTHON" benchmarks/bench_fused_linear.py --out "$OUT" \
+  $([ $SMOKE = 1 ] && echo --cpu-smoke)
+grep -E "PASS|MISS|n\.a\." "$OUT/bench_fused_linear.md" >>"$OUT/summary.txt" 2>/dev/null
+rm -f "$OUT/fused_linear.log" "$OUT/bench_fused_linear.json"
+
 # The loss benchmark at full sizes, within what is left (the targets' shapes run first).
 if [ $SMOKE = 1 ]; then BENCH_ARGS=(--cpu-smoke --tokens 8 --vocab 256 --reps 2); else
   BENCH_ARGS=(--time-budget $(( $(left) - 60 > 30 ? $(left) - 60 : 30 ))); fi
@@ -94,5 +102,7 @@ step bench 600 bench.log -- "$PYTHON" benchmarks/bench_loss.py --out "$OUT" "${B
 grep -E "PASS|MISS|n\.a\." "$OUT/bench_loss.md" >>"$OUT/summary.txt" 2>/dev/null
 rm -f "$OUT/bench.log"  # the table is in bench_loss.md
 
+# at most 8 files come back: a failed build's log displaces the plot
+[ "$(ls "$OUT" | wc -l)" -gt 8 ] && rm -f "$OUT/bench_loss.png"
 say "done in $(( $(date +%s) - START ))s; failed: ${FAILED[*]:-none}"
 [ ${#FAILED[@]} -eq 0 ]

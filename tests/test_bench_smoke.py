@@ -39,11 +39,11 @@ def test_gpu_check_script_cpu_smoke(tmp_path):
     summary = (out / "summary.txt").read_text()
     assert res.returncode == 0, summary + res.stderr[-2000:]
     assert "failed: none" in summary
-    for step in ("build", "gpu_tests", "megatron_lm", "megatron_step", "bench"):
+    for step in ("build", "gpu_tests", "megatron_lm", "megatron_step", "fused_linear", "bench"):
         assert f"OK {step}" in summary
     files = sorted(p.name for p in out.iterdir())
-    assert files == sorted(["summary.txt", "build.log", "gpu_tests.log", "megatron_lm.md", "bench_megatron_step.md",
-                            "bench_loss.md", "bench_loss.png", "bench_loss.json"])
+    assert files == sorted(["summary.txt", "gpu_tests.log", "megatron_lm.md", "bench_megatron_step.md",
+                            "bench_fused_linear.md", "bench_loss.md", "bench_loss.png", "bench_loss.json"])
     assert len(files) <= 8  # what the device tool brings back
     megatron_lm = (out / "megatron_lm.md").read_text()
     from .megatron_lm import FIXTURE
@@ -52,6 +52,22 @@ def test_gpu_check_script_cpu_smoke(tmp_path):
         assert "not run" in megatron_lm and "was not found" in megatron_lm
     else:
         assert "Result: OK" in megatron_lm and "LanguageModule.compute_language_model_loss is TOFU" in megatron_lm
+
+
+def test_bench_fused_linear_cpu_smoke(tmp_path):
+    """bench_fused_linear.py's CPU mode: every implementation ran, the table is written."""
+    import subprocess
+
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_fused_linear.py"), "--cpu-smoke",
+                          "--reps", "2", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    md = (tmp_path / "bench_fused_linear.md").read_text()
+    assert "NOT a performance result" in md and "CPU (no GPU)" in md
+    names = {line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ") and "---" not in line}
+    assert {"ours fused TOFU", "ours fused TOFU [chunk 16]", "ours fused CE", "matmul + ours TOFU",
+            "matmul + authors TOFU", "matmul + torch CE (fp32)"} <= names
+    assert "Error" not in md
+    assert "[6/6" in res.stdout  # progress line per implementation
 
 
 def test_megatron_log_parser():

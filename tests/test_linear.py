@@ -261,3 +261,36 @@ def test_default_chunk_size():
     assert default_chunk_size(100, 128256, 2) == 100
     assert default_chunk_size(10**6, 10**7, 4) == 64
     assert default_chunk_size(8192, 32000, 4) % 64 == 0
+
+
+def _gpu_backends():
+    return ("triton",) + (("cuda",) if tk.extension_loaded() else ())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gpu_matches_materialised_and_stays_small(reduction):
+    # a ragged chunking over a vocabulary that crosses the CUDA kernels' 4096-column tile
+    n, d, v, chunk = 300, 64, 5003, 128
+    for backend in _gpu_backends():
+        for dtype in (torch.bfloat16, torch.float32):
+            h, w, labels = _inputs(n, d, v, dtype)
+            h, w, labels = h.cuda(), w.cuda(), labels.cuda()
+            up = torch.randn(n, device="cuda") if reduction == "none" else torch.tensor(1.0, device="cuda")
+            ref = _oracle(h.cpu(), w.cpu(), labels.cpu(), reduction, up.cpu())
+            mat = _materialised(h, w, labels, reduction, up, backend)
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            ours = _ours(h, w, labels, reduction, up, backend, chunk_size=chunk)
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - base
+            eps = torch.finfo(dtype).eps
+            for i, extra in ((0, 1e-6), (1, 4 * eps), (2, 4 * eps)):
+                sqrt_k = math.sqrt(math.ceil(n / chunk)) if i == 2 else 1.0
+                err, mat_err = _rel(ours[i].cpu(), ref[i]), _rel(mat[i].cpu(), ref[i])
+                assert err <= 2 * sqrt_k * mat_err + extra, (backend, dtype, i, err, mat_err)
+            # the gradients, one logits chunk and its records; never N x V
+            elt = h.element_size()
+            allowed = (n * d + v * d) * elt * 2 + chunk * v * elt + (4 << 20)
+            assert peak <= allowed and peak < n * v * elt + (n * d + v * d) * elt, (peak, allowed)
