@@ -37,6 +37,7 @@ import torch
 
 from ._inputs import Shard, check_label_range, host_checks_allowed, row_layout
 from .backends import Backend, get_backend
+from .loss import _LossModule, empty_loss
 from .params import DEFAULT_BETA, DEFAULT_GAMMA, DEFAULT_IGNORE_INDEX, TOFUParams
 from .tofu_math import Reduction, reduce_rows
 
@@ -254,11 +255,7 @@ def linear_tofu_loss(
     else:
         chunk = chunk_size
     if n == 0:
-        zero = (h.sum() + weight.sum()) * 0.0
-        per_token = torch.zeros(labels.shape, dtype=torch.float32, device=h.device)
-        loss = per_token + zero if reduction == "none" else zero.float()
-        ce = per_token if reduction == "none" else zero.detach().float()
-        return (loss, ce) if return_ce else loss
+        return empty_loss(labels, params, hidden, weight)
     wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     fused = wants_grad and reduction != "none"
     loss, ce = _LinearTOFUFunction.apply(h, weight, flat, params, be, chunk, fused, normalizer)
@@ -267,7 +264,7 @@ def linear_tofu_loss(
     return (loss, ce) if return_ce else loss
 
 
-class LinearTOFULoss(torch.nn.Module):
+class LinearTOFULoss(_LossModule):
     """``nn.Module`` wrapper of :func:`linear_tofu_loss`: ``forward(hidden, weight, labels)``."""
 
     def __init__(
@@ -280,18 +277,10 @@ class LinearTOFULoss(torch.nn.Module):
         backend: str = "auto",
         chunk_size: int | None = None,
     ):
-        super().__init__()
-        self.params = TOFUParams(gamma, beta, ignore_index, reduction, backend)
+        super().__init__(TOFUParams(gamma, beta, ignore_index, reduction, backend), chunk_size=chunk_size)
         self.chunk_size = chunk_size
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         p = self.params
         return linear_tofu_loss(hidden, weight, labels, gamma=p.gamma, beta=p.beta, ignore_index=p.ignore_index,
                                 reduction=p.reduction, backend=p.backend, chunk_size=self.chunk_size)
-
-    def extra_repr(self) -> str:
-        p = self.params
-        return (
-            f"gamma={p.gamma}, beta={p.beta}, ignore_index={p.ignore_index}, reduction={p.reduction!r}, "
-            f"backend={p.backend!r}, chunk_size={self.chunk_size}"
-        )

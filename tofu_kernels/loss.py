@@ -131,14 +131,19 @@ def _tofu(logits: torch.Tensor, labels: torch.Tensor, params: TOFUParams, tp: Te
     # The one place that decides whether host-synchronising checks run for this call.
     check = params.check_inputs and host_checks_allowed(labels)
     fused = _grad_in_forward(logits, params, shard, tp)
-    n_rows = labels.numel()
-    if n_rows == 0:  # nothing to launch: zeros of the right shapes, a zero gradient
-        zero = logits.sum() * 0.0
-        per_token = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)
-        loss = per_token + zero if params.reduction == "none" else zero.float()
-        ce = per_token if params.reduction == "none" else zero.detach().float()
-        return (loss, ce) if params.return_ce else loss
+    if labels.numel() == 0:
+        return empty_loss(labels, params, logits)
     loss, ce = _TOFUFunction.apply(logits, labels, params, backend, shard, tp, check, fused)
+    return (loss, ce) if params.return_ce else loss
+
+
+def empty_loss(labels: torch.Tensor, params: TOFUParams, *inputs: torch.Tensor):
+    """The result for zero tokens, nothing launched: zeros of the right shapes (fp32), and
+    a zero gradient for every input that requires one."""
+    zero = sum(t.sum() for t in inputs) * 0.0
+    per_token = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
+    loss = per_token + zero if params.reduction == "none" else zero.float()
+    ce = per_token if params.reduction == "none" else zero.detach().float()
     return (loss, ce) if params.return_ce else loss
 
 
@@ -250,7 +255,22 @@ def vocab_parallel_tofu_loss(
     return _tofu(logits_shard, labels, params, TensorParallel(group, vocab_start, vocab_end))
 
 
-class TOFULoss(torch.nn.Module):
+class _LossModule(torch.nn.Module):
+    """Shared by the loss modules: the keywords fixed at construction, one repr."""
+
+    def __init__(self, params: TOFUParams, **extra):
+        super().__init__()
+        self.params = params
+        self._extra = extra
+
+    def extra_repr(self) -> str:
+        p = self.params
+        fields = [f"gamma={p.gamma}", f"beta={p.beta}", f"ignore_index={p.ignore_index}",
+                  f"reduction={p.reduction!r}", f"backend={p.backend!r}"]
+        return ", ".join(fields + [f"{k}={v!r}" for k, v in self._extra.items()])
+
+
+class TOFULoss(_LossModule):
     """``nn.Module`` wrapper of :func:`tofu_loss`; same keywords, fixed at construction."""
 
     def __init__(
@@ -263,15 +283,7 @@ class TOFULoss(torch.nn.Module):
         backend: str = "auto",
         inplace_backward: bool = False,
     ):
-        super().__init__()
-        self.params = TOFUParams(gamma, beta, ignore_index, reduction, backend, inplace_backward)
+        super().__init__(TOFUParams(gamma, beta, ignore_index, reduction, backend, inplace_backward))
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return _tofu(logits, labels, self.params, None)
-
-    def extra_repr(self) -> str:
-        p = self.params
-        return (
-            f"gamma={p.gamma}, beta={p.beta}, ignore_index={p.ignore_index}, "
-            f"reduction={p.reduction!r}, backend={p.backend!r}"
-        )
