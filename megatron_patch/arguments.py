@@ -61,6 +61,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Once per process. Megatron parses its arguments several times per run (in-process
+    restart, validation, fault tolerance), and Python's own once-per-location rule resets
+    whenever any import changes the warning filters (transformers' does)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
 def apply_from_args(args: argparse.Namespace) -> None:
     """Apply (or, for cross_entropy, leave untouched) according to parsed arguments.
 
@@ -73,11 +85,10 @@ def apply_from_args(args: argparse.Namespace) -> None:
         apply("tofu", args.tofu_gamma, args.tofu_beta, args.tofu_backend)
         if getattr(args, "cross_entropy_loss_fusion", False):
             impl = getattr(args, "cross_entropy_fusion_impl", "native")
-            warnings.warn(
+            _warn_once(
                 "megatron_patch: --loss-type tofu replaces Megatron's cross entropy, so "
                 f"--cross-entropy-loss-fusion (--cross-entropy-fusion-impl {impl}) has no effect: "
-                "the TOFU kernels are fused already",
-                stacklevel=2,
+                "the TOFU kernels are fused already"
             )
         what = (f"--loss-type tofu (gamma={args.tofu_gamma}, beta={args.tofu_beta}, "
                 f"backend={args.tofu_backend}): LanguageModule.compute_language_model_loss is TOFU; "
