@@ -294,3 +294,101 @@ def test_gpu_matches_materialised_and_stays_small(reduction):
             elt = h.element_size()
             allowed = (n * d + v * d) * elt * 2 + chunk * v * elt + (4 << 20)
             assert peak <= allowed and peak < n * v * elt + (n * d + v * d) * elt, (peak, allowed)
+
+
+# ---------------------------------------------------------------- vocabulary parallel
+
+
+def vocab_parallel_linear_cases(rank: int, world: int) -> None:
+    """Each rank holds rows [rank * Vr, (rank + 1) * Vr) of the weight; against the fp64
+    oracle on the full weight: the loss (identical on every rank), dhidden (all-reduced),
+    this rank's dweight rows; one collective each way."""
+    import torch.distributed as dist
+
+    from tofu_kernels import vocab_parallel
+
+    vr = 23
+    for backend in BACKENDS:
+        for dtype, reduction in ((torch.float32, "none"), (torch.float32, "mean"), (torch.bfloat16, "mean"),
+                                 (torch.float32, "sum")):
+            h, w, labels = _inputs(29, 16, vr * world, dtype, seed=5)
+            for r in range(world):  # targets on every shard's first and last row
+                labels[2 * r], labels[2 * r + 1] = r * vr, (r + 1) * vr - 1
+            upstream = torch.randn(29, generator=torch.Generator().manual_seed(9)) if reduction == "none" \
+                else torch.tensor(1.3)
+            ref_loss, ref_dh, ref_dw = _oracle(h, w, labels, reduction, upstream)
+            rows = slice(rank * vr, (rank + 1) * vr)
+            hx, wx = h.clone().requires_grad_(), w[rows].clone().requires_grad_()
+            calls = {"all_gather": 0, "all_reduce": 0}
+            gather, reduce_ = vocab_parallel._all_gather, dist.all_reduce
+
+            def counting_gather(*a, **k):
+                calls["all_gather"] += 1
+                return gather(*a, **k)
+
+            def counting_reduce(*a, **k):
+                calls["all_reduce"] += 1
+                return reduce_(*a, **k)
+
+            vocab_parallel._all_gather, dist.all_reduce = counting_gather, counting_reduce
+            try:
+                loss = tk.vocab_parallel_linear_tofu_loss(hx, wx, labels, reduction=reduction, backend=backend,
+                                                          chunk_size=8)
+                (loss * upstream).sum().backward()
+            finally:
+                vocab_parallel._all_gather, dist.all_reduce = gather, reduce_
+            assert calls == {"all_gather": 1, "all_reduce": 1}, calls
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            assert _rel(loss.detach(), ref_loss) <= tol
+            assert _rel(hx.grad, ref_dh) <= tol, _rel(hx.grad, ref_dh)
+            assert _rel(wx.grad, ref_dw[rows]) <= tol, _rel(wx.grad, ref_dw[rows])
+            parts = [torch.empty_like(loss) for _ in range(world)]
+            dist.all_gather(parts, loss.detach().contiguous())
+            assert all(torch.equal(p, parts[0]) for p in parts), "loss differs across ranks"
+
+    # uneven shards with padding rows: rank 0 holds 40 real rows, the others 17; every
+    # local shard is 48 rows, padded with large weights that must not contribute
+    sizes = [40] + [17] * (world - 1)
+    starts = [sum(sizes[:r]) for r in range(world)]
+    v = sum(sizes)
+    h, w, labels = _inputs(21, 12, v, torch.float32, seed=6)
+    labels[0], labels[1] = v - 1, starts[-1]
+    ref_loss, ref_dh, ref_dw = _oracle(h, w, labels, "mean", torch.tensor(1.0))
+    local = torch.full((48, 12), 30.0)
+    local[: sizes[rank]] = w[starts[rank] : starts[rank] + sizes[rank]]
+    hx, wx = h.clone().requires_grad_(), local.requires_grad_()
+    loss = tk.vocab_parallel_linear_tofu_loss(hx, wx, labels, backend="torch", chunk_size=5,
+                                              vocab_start=starts[rank], vocab_end=starts[rank] + sizes[rank])
+    loss.backward()
+    assert _rel(loss.detach(), ref_loss) <= 1e-5
+    assert _rel(hx.grad, ref_dh) <= 1e-5
+    assert _rel(wx.grad[: sizes[rank]], ref_dw[starts[rank] : starts[rank] + sizes[rank]]) <= 1e-5
+    assert (wx.grad[sizes[rank]:] == 0).all(), "padding rows got gradient"
+    # reduce_hidden_grad=False: each rank's part; their sum is dhidden
+    hx = h.clone().requires_grad_()
+    tk.vocab_parallel_linear_tofu_loss(hx, local, labels, backend="torch", vocab_start=starts[rank],
+                                       vocab_end=starts[rank] + sizes[rank], reduce_hidden_grad=False).backward()
+    part = hx.grad.clone()
+    dist.all_reduce(part)
+    assert _rel(part, ref_dh) <= 1e-5
+    # a label outside the global vocabulary is caught (the shard ranges tile [0, v))
+    bad = labels.clone()
+    bad[3] = v
+    with pytest.raises(ValueError, match="outside"):
+        tk.vocab_parallel_linear_tofu_loss(h, local, bad, vocab_start=starts[rank],
+                                           vocab_end=starts[rank] + sizes[rank])
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_vocab_parallel_linear(world):
+    from .dist_utils import run_distributed
+
+    run_distributed(world, vocab_parallel_linear_cases)
+
+
+def test_vocab_parallel_linear_world_one_is_linear():
+    # no process group: the single-device function, bitwise
+    h, w, labels = _inputs(17, 8, 31, torch.float32)
+    a = tk.vocab_parallel_linear_tofu_loss(h, w, labels, reduction="none", chunk_size=4)
+    b = tk.linear_tofu_loss(h, w, labels, reduction="none", chunk_size=4)
+    assert torch.equal(a, b)

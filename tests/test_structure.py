@@ -42,6 +42,15 @@ def test_public_functions_are_keyword_only_after_labels_in_one_order():
     assert shared == [n for n in list(parallel)[2:] if n in single], "shared keywords in different orders"
     assert shared == ["gamma", "beta", "ignore_index", "reduction", "backend", "inplace_backward",
                       "return_ce", "check_inputs"]
+    # the fused linear functions: three positional inputs, then the same keywords in the same order
+    for fn in (tk.linear_tofu_loss, tk.vocab_parallel_linear_tofu_loss):
+        sig = inspect.signature(fn).parameters
+        kinds = [p.kind for p in sig.values()]
+        assert kinds[:3] == [inspect.Parameter.POSITIONAL_OR_KEYWORD] * 3
+        assert all(k == inspect.Parameter.KEYWORD_ONLY for k in kinds[3:])
+        assert [n for n in list(sig)[3:] if n in single] == [n for n in shared if n != "inplace_backward"]
+    assert [n for n in inspect.signature(tk.vocab_parallel_linear_tofu_loss).parameters if n in parallel][-3:] == \
+        ["group", "vocab_start", "vocab_end"]
     x, y = torch.randn(3, 5), torch.tensor([0, 1, 2])
     with pytest.raises(TypeError):
         tk.tofu_loss(x, y, 3.0)  # a positional gamma is refused, not misread
@@ -52,7 +61,7 @@ def test_public_functions_are_keyword_only_after_labels_in_one_order():
 def test_defaults_are_written_once():
     defaults = {"gamma": P.DEFAULT_GAMMA, "beta": P.DEFAULT_BETA, "ignore_index": P.DEFAULT_IGNORE_INDEX}
     for fn in (tk.tofu_loss, tk.vocab_parallel_tofu_loss, tk.TOFULoss, tk.tofu_loss_reference,
-               tk.authors_tofu_loss):
+               tk.authors_tofu_loss, tk.linear_tofu_loss, tk.vocab_parallel_linear_tofu_loss, tk.LinearTOFULoss):
         sig = inspect.signature(fn).parameters
         for name, value in defaults.items():
             assert sig[name].default == value, (fn.__name__, name)

@@ -6,7 +6,7 @@
 """
 
 from .backends import BACKENDS, extension_loaded
-from .linear import LinearTOFULoss, linear_tofu_loss
+from .linear import LinearTOFULoss, linear_tofu_loss, vocab_parallel_linear_tofu_loss
 from .loss import TOFULoss, tofu_loss, vocab_parallel_tofu_loss
 from .params import DEFAULT_BETA, DEFAULT_GAMMA, DEFAULT_IGNORE_INDEX, TOFUParams
 from .reference import authors_tofu_loss, tofu_loss_reference
@@ -28,5 +28,6 @@ __all__ = [
     "linear_tofu_loss",
     "tofu_loss",
     "tofu_loss_reference",
+    "vocab_parallel_linear_tofu_loss",
     "vocab_parallel_tofu_loss",
 ]

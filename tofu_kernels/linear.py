@@ -22,6 +22,14 @@ two passes (reduction "none", or no gradient wanted; 4 GEMMs when a gradient is 
     backward:   z = h_c @ W.T again; backend.grad(z -> z) with the per-token upstream
                 gradient; GEMMs 2 and 3 as above
 
+vocabulary parallel (:func:`vocab_parallel_linear_tofu_loss`, weight sharded ``[V/tp, D]``):
+    the two-pass way on this rank's shard, with the tensor-parallel protocol of
+    :mod:`tofu_kernels.vocab_parallel`: every chunk's statistics records land in one
+    ``[N, 4]`` buffer, ONE all-gather for all of them, one epilogue; the backward
+    recomputes the shard's logits per chunk and all-reduces dhidden (the one collective
+    of a column-parallel linear's backward; ``reduce_hidden_grad=False`` leaves it to the
+    caller, e.g. Megatron's copy-to-tensor-parallel region).
+
 Precision: GEMMs accumulate in fp32 (cuBLAS / CPU BLAS) and round once to the inputs'
 dtype; the TOFU statistics are fp32 in the kernels. dW is the sum over chunks of one GEMM
 each, accumulated in dW's dtype: ceil(N / C) roundings instead of one (bf16: a relative
@@ -34,18 +42,20 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 
 from ._inputs import Shard, check_label_range, host_checks_allowed, row_layout
 from .backends import Backend, get_backend
 from .loss import _LossModule, empty_loss
 from .params import DEFAULT_BETA, DEFAULT_GAMMA, DEFAULT_IGNORE_INDEX, TOFUParams
-from .tofu_math import Reduction, reduce_rows
+from .tofu_math import Partials, Reduction, Stat, combine_stats
+from .vocab_parallel import TensorParallel, all_gather_stats, check_shards, meta_record
 
-__all__ = ["LinearTOFULoss", "linear_tofu_loss", "default_chunk_size"]
+__all__ = ["LinearTOFULoss", "default_chunk_size", "linear_tofu_loss", "vocab_parallel_linear_tofu_loss"]
 
 # The logits chunk's budget: 128 MiB, e.g. 512 rows of a 128256-column bf16 vocabulary.
 CHUNK_BYTES = 128 << 20
-_N_INPUTS = 8  # arguments of _LinearTOFUFunction.forward after ctx
+_N_INPUTS = 11  # arguments of _LinearTOFUFunction.forward after ctx
 
 
 def default_chunk_size(n_rows: int, vocab: int, element_size: int) -> int:
@@ -64,21 +74,23 @@ def _chunks(n: int, c: int):
 class _LinearTOFUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, params: TOFUParams, backend: Backend, chunk: int, fused: bool,
-                normalizer: float | None):
-        n, v = hidden.shape[0], weight.shape[0]
-        shard = Shard(0, v)
+                normalizer: float | None, shard: Shard, tp: TensorParallel | None, reduce_dh: bool):
+        n, width = hidden.shape[0], weight.shape[0]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         reduction = Reduction[params.reduction.upper()]
-        count = None
-        if params.check_inputs and host_checks_allowed(labels):
-            check_label_range(labels, params.ignore_index, v)
-            count = int((labels != params.ignore_index).sum())  # the same host sync
-        zbuf = torch.empty(min(chunk, n), v, dtype=hidden.dtype, device=hidden.device)
+        check = params.check_inputs and host_checks_allowed(labels)
+        zbuf = torch.empty(min(chunk, n), width, dtype=hidden.dtype, device=hidden.device)
         ctx.params, ctx.backend, ctx.chunk, ctx.fused, ctx.shard = params, backend, chunk, fused, shard
+        ctx.tp, ctx.reduce_dh = tp, reduce_dh
+        ctx.set_materialize_grads(False)
         if fused:
-            # reduction mean/sum, a gradient wanted: loss and both gradients now
-            if reduction == Reduction.MEAN and normalizer is None and count is None:
-                count = int((labels != params.ignore_index).sum())
+            # whole rows on one device, reduction mean/sum, a gradient wanted: the loss and
+            # both gradients now
+            count = None
+            if check:
+                check_label_range(labels, params.ignore_index, width)
+            if reduction == Reduction.MEAN and normalizer is None:
+                count = int((labels != params.ignore_index).sum())  # one host sync, for alpha
             if reduction != Reduction.MEAN:
                 alpha = 1.0
             else:
@@ -100,32 +112,35 @@ class _LinearTOFUFunction(torch.autograd.Function):
             ctx.grads = [dh, dw]
             ce = ce * alpha
             ctx.mark_non_differentiable(ce)
-            ctx.set_materialize_grads(False)
             return loss * alpha, ce
-        # two passes: per-token loss now, the gradient (if any) recomputed in the backward
-        losses, ces, recs = [], [], []
+        # two passes: every chunk's statistics into one [N, len(Stat)] buffer (and this
+        # rank's metadata record under tensor parallelism), then one epilogue
+        data = torch.empty(n + int(tp is not None), len(Stat), dtype=torch.float32, device=hidden.device)
         for r0, r1 in _chunks(n, chunk):
             z = torch.mm(hidden[r0:r1], weight.t(), out=zbuf[: r1 - r0])
             x, lay = row_layout(z)
-            parts = backend.row_stats(x, lay, labels[r0:r1], shard, params.beta, params.ignore_index, False)
-            epi = backend.epilogue(parts, labels[r0:r1], params, v, Reduction.NONE)
-            losses.append(epi.loss)
-            ces.append(epi.ce)
-            recs.append(epi.grad_rec)
+            rec = backend.row_stats(x, lay, labels[r0:r1], shard, params.beta, params.ignore_index, False).records()[0]
+            data[r0:r1] = rec[:, 0] if rec.shape[1] == 1 else combine_stats(rec, params.beta, dim=1)
         del zbuf
-        per_token, per_token_ce = torch.cat(losses), torch.cat(ces)
-        if reduction == Reduction.NONE:
-            loss, ce = per_token, per_token_ce
-            scale = torch.ones((), dtype=torch.float32, device=hidden.device)
-        elif normalizer is not None:
-            scale = torch.full((), 1.0 / normalizer, dtype=torch.float32, device=hidden.device)
-            loss, ce = per_token.sum() * scale, per_token_ce.sum() * scale
+        vocab_size = shard.vocab_end
+        parts = Partials(data, n, 1, has_meta=tp is not None)
+        if tp is not None:
+            data[n] = meta_record(shard, width, n, data.device)
+            parts, vocab_size = all_gather_stats(parts, tp), None  # the one collective
+        if check:
+            global_v = shard.vocab_end if tp is None else check_shards(parts, tp.explicit)
+            check_label_range(labels, params.ignore_index, global_v)
+        if normalizer is None:
+            epi = backend.epilogue(parts, labels, params, vocab_size, reduction)
+            scale = epi.scale
+            loss, ce = (epi.loss, epi.ce) if reduction == Reduction.NONE else (epi.loss_red, epi.ce_red)
         else:
-            loss, ce, scale = reduce_rows(per_token, per_token_ce, labels, params.ignore_index, reduction)
+            epi = backend.epilogue(parts, labels, params, vocab_size, Reduction.SUM)
+            scale = torch.full((), 1.0 / normalizer, dtype=torch.float32, device=hidden.device)
+            loss, ce = epi.loss_red * scale, epi.ce_red * scale
         if need_h or need_w:
-            ctx.save_for_backward(hidden, weight, labels, torch.cat(recs), scale)
+            ctx.save_for_backward(hidden, weight, labels, epi.grad_rec, scale)
         ctx.mark_non_differentiable(ce)
-        ctx.set_materialize_grads(False)
         return loss, ce
 
     @staticmethod
@@ -146,12 +161,12 @@ class _LinearTOFUFunction(torch.autograd.Function):
             return (grads[0], grads[1]) + (None,) * (_N_INPUTS - 2)
         hidden, weight, labels, grad_rec, scale = ctx.saved_tensors
         params, backend, chunk, shard = ctx.params, ctx.backend, ctx.chunk, ctx.shard
-        n, v = hidden.shape[0], weight.shape[0]
+        n, width = hidden.shape[0], weight.shape[0]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dh = torch.empty_like(hidden) if need_h else None
         dw = torch.empty_like(weight) if need_w else None
         upstream = grad_loss.reshape(-1).float()
-        zbuf = torch.empty(min(chunk, n), v, dtype=hidden.dtype, device=hidden.device)
+        zbuf = torch.empty(min(chunk, n), width, dtype=hidden.dtype, device=hidden.device)
         for i, (r0, r1) in enumerate(_chunks(n, chunk)):
             z = torch.mm(hidden[r0:r1], weight.t(), out=zbuf[: r1 - r0])
             x, lay = row_layout(z)
@@ -161,6 +176,8 @@ class _LinearTOFUFunction(torch.autograd.Function):
                 torch.mm(z, weight, out=dh[r0:r1])
             if dw is not None:
                 dw.addmm_(z.t(), hidden[r0:r1], beta=0.0 if i == 0 else 1.0)
+        if dh is not None and ctx.tp is not None and ctx.reduce_dh:
+            dist.all_reduce(dh, group=ctx.tp.group)  # every rank's shard contributes to dhidden
         return (dh, dw) + (None,) * (_N_INPUTS - 2)
 
 
@@ -232,8 +249,65 @@ def linear_tofu_loss(
         (a Python loop over chunks).
     """
     params = TOFUParams(gamma, beta, ignore_index, reduction, backend, False, return_ce, check_inputs)
+    return _linear(hidden, weight, labels, params, chunk_size, normalizer, None, True)
+
+
+def vocab_parallel_linear_tofu_loss(
+    hidden: torch.Tensor,
+    weight_shard: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    gamma: float = DEFAULT_GAMMA,
+    beta: float = DEFAULT_BETA,
+    ignore_index: int = DEFAULT_IGNORE_INDEX,
+    reduction: str = "mean",
+    backend: str = "auto",
+    return_ce: bool = False,
+    check_inputs: bool = True,
+    chunk_size: int | None = None,
+    normalizer: float | torch.Tensor | None = None,
+    group=None,
+    vocab_start: int | None = None,
+    vocab_end: int | None = None,
+    reduce_hidden_grad: bool = True,
+):
+    """:func:`linear_tofu_loss` with the output layer's weight sharded over the vocabulary.
+
+    Args:
+        hidden: ``[..., D]``, identical on every rank of ``group``.
+        weight_shard: ``[Vr, D]`` this rank's rows of the weight (Megatron's
+            column-parallel output layer), same dtype as ``hidden``.
+        labels: ``[...]`` global ids (identical on all ranks) or ``ignore_index``.
+        gamma ... normalizer: as in :func:`linear_tofu_loss`.
+        group, vocab_start, vocab_end: as in :func:`tofu_kernels.vocab_parallel_tofu_loss`
+            (rows ``[vocab_end - vocab_start, Vr)`` of the shard are padding).
+        reduce_hidden_grad: all-reduce ``hidden``'s gradient over ``group`` in the backward
+            (each rank's shard contributes a part). False when the caller reduces it, as
+            Megatron's copy-to-tensor-parallel region does.
+
+    One all-gather in the forward (4 fp32 per token and a metadata record), the logits of
+    the shard recomputed in the backward (4 GEMMs on the shard), one all-reduce of
+    ``hidden``'s gradient. The loss is identical on every rank; ``weight_shard`` gets its
+    rows' gradient (0 in padding rows).
+    """
+    params = TOFUParams(gamma, beta, ignore_index, reduction, backend, False, return_ce, check_inputs)
+    return _linear(hidden, weight_shard, labels, params, chunk_size, normalizer,
+                   TensorParallel(group, vocab_start, vocab_end), reduce_hidden_grad)
+
+
+def _linear(hidden, weight, labels, params: TOFUParams, chunk_size, normalizer, tp: TensorParallel | None,
+            reduce_dh: bool):
+    """Shared body of linear_tofu_loss and vocab_parallel_linear_tofu_loss."""
     _check_linear(hidden, weight, labels)
     be = get_backend(params.backend, hidden.device)
+    width = weight.shape[0]
+    if tp is None:
+        shard = Shard(0, width)
+    else:
+        world, rank = tp.world_and_rank()
+        shard = tp.local_shard(width, rank)
+        if world == 1:
+            tp = None
     d = hidden.shape[-1]
     h = hidden.reshape(-1, d)
     if not h.is_contiguous():
@@ -243,13 +317,13 @@ def linear_tofu_loss(
         flat = flat.to(torch.int64).contiguous()
     n = h.shape[0]
     if normalizer is not None:
-        if reduction != "mean":
-            raise ValueError(f"linear_tofu_loss: normalizer goes with reduction='mean', got {reduction!r}")
+        if params.reduction != "mean":
+            raise ValueError(f"linear_tofu_loss: normalizer goes with reduction='mean', got {params.reduction!r}")
         normalizer = float(normalizer.item() if torch.is_tensor(normalizer) else normalizer)
         if not (math.isfinite(normalizer) and normalizer > 0):
             raise ValueError(f"linear_tofu_loss: normalizer must be a positive finite number, got {normalizer}")
     if chunk_size is None:
-        chunk = default_chunk_size(n, weight.shape[0], weight.element_size())
+        chunk = default_chunk_size(n, width, weight.element_size())
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"linear_tofu_loss: chunk_size must be a positive int, got {chunk_size!r}")
     else:
@@ -257,11 +331,11 @@ def linear_tofu_loss(
     if n == 0:
         return empty_loss(labels, params, hidden, weight)
     wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    fused = wants_grad and reduction != "none"
-    loss, ce = _LinearTOFUFunction.apply(h, weight, flat, params, be, chunk, fused, normalizer)
-    if reduction == "none":
+    fused = wants_grad and params.reduction != "none" and tp is None and shard == Shard(0, width)
+    loss, ce = _LinearTOFUFunction.apply(h, weight, flat, params, be, chunk, fused, normalizer, shard, tp, reduce_dh)
+    if params.reduction == "none":
         loss, ce = loss.view(labels.shape), ce.view(labels.shape)
-    return (loss, ce) if return_ce else loss
+    return (loss, ce) if params.return_ce else loss
 
 
 class LinearTOFULoss(_LossModule):

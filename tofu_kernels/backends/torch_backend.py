@@ -15,7 +15,8 @@ import torch
 
 from .._inputs import RowLayout, Shard
 from ..params import TOFUParams
-from ..tofu_math import Epilogue, GradParam, Meta, Partials, Reduction, Stat, epilogue_in_torch, row_coef
+from ..tofu_math import Epilogue, GradParam, Partials, Reduction, Stat, epilogue_in_torch, row_coef
+from ..vocab_parallel import meta_record
 
 NAME = "torch"
 # 4 Mi fp32 elements = 16 MiB per temporary; a chunk holds at most a handful of them.
@@ -58,9 +59,7 @@ def row_stats(x: torch.Tensor, lay: RowLayout, labels: torch.Tensor, shard: Shar
     n_valid = shard.n_valid
     data = torch.zeros(lay.n_rows + int(meta), len(Stat), dtype=torch.float32, device=x.device)
     if meta:
-        fields = {Meta.VOCAB_START: shard.vocab_start, Meta.VOCAB_END: shard.vocab_end, Meta.WIDTH: lay.width,
-                  Meta.ROWS: lay.n_rows}
-        data[lay.n_rows] = torch.tensor([fields[f] for f in Meta], dtype=torch.int32).view(torch.float32)
+        data[lay.n_rows] = meta_record(shard, lay.width, lay.n_rows, x.device)
     stats = data[: lay.n_rows]
     if n_valid == 0:  # a shard holding only padding columns: (-inf, 0, 0, 0)
         stats[:, Stat.M] = -torch.inf
