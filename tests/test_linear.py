@@ -299,16 +299,22 @@ def test_gpu_matches_materialised_and_stays_small(reduction):
 # ---------------------------------------------------------------- vocabulary parallel
 
 
-def vocab_parallel_linear_cases(rank: int, world: int) -> None:
+def vocab_parallel_linear_cases(rank: int, world: int, device: str = "cpu", backends: tuple = tuple(BACKENDS)) -> None:
     """Each rank holds rows [rank * Vr, (rank + 1) * Vr) of the weight; against the fp64
     oracle on the full weight: the loss (identical on every rank), dhidden (all-reduced),
-    this rank's dweight rows; one collective each way."""
+    this rank's dweight rows; one collective each way. ``device="cuda"``: every process on
+    the one GPU (tests/test_gpu_tp.py's harness stages gloo's all-gather if it must)."""
     import torch.distributed as dist
 
     from tofu_kernels import vocab_parallel
 
-    vr = 23
-    for backend in BACKENDS:
+    if device == "cuda":
+        from .test_gpu_tp import _device, _stage_all_gather_through_host_if_needed
+
+        _stage_all_gather_through_host_if_needed(_device(device))
+    dev = torch.device(device)
+    vr = 23 if device == "cpu" else 4099  # on the GPU a shard crosses a 4096-column tile
+    for backend in backends:
         for dtype, reduction in ((torch.float32, "none"), (torch.float32, "mean"), (torch.bfloat16, "mean"),
                                  (torch.float32, "sum")):
             h, w, labels = _inputs(29, 16, vr * world, dtype, seed=5)
@@ -318,7 +324,7 @@ def vocab_parallel_linear_cases(rank: int, world: int) -> None:
                 else torch.tensor(1.3)
             ref_loss, ref_dh, ref_dw = _oracle(h, w, labels, reduction, upstream)
             rows = slice(rank * vr, (rank + 1) * vr)
-            hx, wx = h.clone().requires_grad_(), w[rows].clone().requires_grad_()
+            hx, wx = h.to(dev, copy=True).requires_grad_(), w[rows].to(dev, copy=True).requires_grad_()
             calls = {"all_gather": 0, "all_reduce": 0}
             gather, reduce_ = vocab_parallel._all_gather, dist.all_reduce
 
@@ -332,19 +338,22 @@ def vocab_parallel_linear_cases(rank: int, world: int) -> None:
 
             vocab_parallel._all_gather, dist.all_reduce = counting_gather, counting_reduce
             try:
-                loss = tk.vocab_parallel_linear_tofu_loss(hx, wx, labels, reduction=reduction, backend=backend,
-                                                          chunk_size=8)
-                (loss * upstream).sum().backward()
+                loss = tk.vocab_parallel_linear_tofu_loss(hx, wx, labels.to(dev), reduction=reduction,
+                                                          backend=backend, chunk_size=8)
+                (loss * upstream.to(dev)).sum().backward()
             finally:
                 vocab_parallel._all_gather, dist.all_reduce = gather, reduce_
             assert calls == {"all_gather": 1, "all_reduce": 1}, calls
             tol = 1e-5 if dtype == torch.float32 else 2e-2
-            assert _rel(loss.detach(), ref_loss) <= tol
-            assert _rel(hx.grad, ref_dh) <= tol, _rel(hx.grad, ref_dh)
-            assert _rel(wx.grad, ref_dw[rows]) <= tol, _rel(wx.grad, ref_dw[rows])
+            loss = loss.detach().cpu()
+            assert _rel(loss, ref_loss) <= tol
+            assert _rel(hx.grad.cpu(), ref_dh) <= tol, _rel(hx.grad.cpu(), ref_dh)
+            assert _rel(wx.grad.cpu(), ref_dw[rows]) <= tol, _rel(wx.grad.cpu(), ref_dw[rows])
             parts = [torch.empty_like(loss) for _ in range(world)]
-            dist.all_gather(parts, loss.detach().contiguous())
+            dist.all_gather(parts, loss.contiguous())
             assert all(torch.equal(p, parts[0]) for p in parts), "loss differs across ranks"
+    if device != "cpu":
+        return
 
     # uneven shards with padding rows: rank 0 holds 40 real rows, the others 17; every
     # local shard is 48 rows, padded with large weights that must not contribute
@@ -384,6 +393,14 @@ def test_vocab_parallel_linear(world):
     from .dist_utils import run_distributed
 
     run_distributed(world, vocab_parallel_linear_cases)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world", [2, 4])
+def test_gpu_vocab_parallel_linear(world):
+    from .dist_utils import run_distributed
+
+    run_distributed(world, vocab_parallel_linear_cases, device="cuda", backends=_gpu_backends())
 
 
 def test_vocab_parallel_linear_world_one_is_linear():
