@@ -48,8 +48,8 @@ from ._inputs import Shard, check_label_range, host_checks_allowed, row_layout
 from .backends import Backend, get_backend
 from .loss import _LossModule, empty_loss
 from .params import DEFAULT_BETA, DEFAULT_GAMMA, DEFAULT_IGNORE_INDEX, TOFUParams
-from .tofu_math import Partials, Reduction, Stat, combine_stats
-from .vocab_parallel import TensorParallel, all_gather_stats, check_shards, meta_record
+from .tofu_math import Partials, Reduction, Stat, combine_stats, meta_record
+from .vocab_parallel import TensorParallel, all_gather_stats, check_shards
 
 __all__ = ["LinearTOFULoss", "default_chunk_size", "linear_tofu_loss", "vocab_parallel_linear_tofu_loss"]
 
@@ -125,7 +125,7 @@ class _LinearTOFUFunction(torch.autograd.Function):
         vocab_size = shard.vocab_end
         parts = Partials(data, n, 1, has_meta=tp is not None)
         if tp is not None:
-            data[n] = meta_record(shard, width, n, data.device)
+            data[n] = meta_record(shard.vocab_start, shard.vocab_end, width, n, data.device)
             parts, vocab_size = all_gather_stats(parts, tp), None  # the one collective
         if check:
             global_v = shard.vocab_end if tp is None else check_shards(parts, tp.explicit)

@@ -88,6 +88,13 @@ class Reduction(IntEnum):
     MEAN = 2
 
 
+def meta_record(vocab_start: int, vocab_end: int, width: int, rows: int, device) -> torch.Tensor:
+    """One rank's :class:`Meta` record as one fp32 statistics record (int32 bits), as the GPU
+    statistics kernels write it after their records."""
+    fields = {Meta.VOCAB_START: vocab_start, Meta.VOCAB_END: vocab_end, Meta.WIDTH: width, Meta.ROWS: rows}
+    return torch.tensor([fields[f] for f in Meta], dtype=torch.int32, device=device).view(torch.float32)
+
+
 class RowResult(NamedTuple):
     """Per-row outputs of :func:`finalize_stats` (fp32, shape [N]); ``tofu::RowOut`` in
     ``csrc/tofu_math.cuh`` has the same fields in the same order."""

@@ -71,14 +71,6 @@ class TensorParallel:
         return Shard(start, end - start)
 
 
-def meta_record(shard: Shard, width: int, rows: int, device) -> torch.Tensor:
-    """This rank's :class:`~tofu_kernels.tofu_math.Meta` record as one fp32 statistics
-    record (int32 bits), as the GPU statistics kernels write it after their records."""
-    fields = {Meta.VOCAB_START: shard.vocab_start, Meta.VOCAB_END: shard.vocab_end, Meta.WIDTH: width,
-              Meta.ROWS: rows}
-    return torch.tensor([fields[f] for f in Meta], dtype=torch.int32, device=device).view(torch.float32)
-
-
 def _all_gather(out: torch.Tensor, inp: torch.Tensor, group) -> None:
     # torch >= 2.12 names it all_gather_single (all_gather_into_tensor is deprecated).
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor

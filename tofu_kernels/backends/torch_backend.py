@@ -15,8 +15,7 @@ import torch
 
 from .._inputs import RowLayout, Shard
 from ..params import TOFUParams
-from ..tofu_math import Epilogue, GradParam, Partials, Reduction, Stat, epilogue_in_torch, row_coef
-from ..vocab_parallel import meta_record
+from ..tofu_math import Epilogue, GradParam, Partials, Reduction, Stat, epilogue_in_torch, meta_record, row_coef
 
 NAME = "torch"
 # 4 Mi fp32 elements = 16 MiB per temporary; a chunk holds at most a handful of them.
@@ -59,7 +58,7 @@ def row_stats(x: torch.Tensor, lay: RowLayout, labels: torch.Tensor, shard: Shar
     n_valid = shard.n_valid
     data = torch.zeros(lay.n_rows + int(meta), len(Stat), dtype=torch.float32, device=x.device)
     if meta:
-        data[lay.n_rows] = meta_record(shard, lay.width, lay.n_rows, x.device)
+        data[lay.n_rows] = meta_record(shard.vocab_start, shard.vocab_end, lay.width, lay.n_rows, x.device)
     stats = data[: lay.n_rows]
     if n_valid == 0:  # a shard holding only padding columns: (-inf, 0, 0, 0)
         stats[:, Stat.M] = -torch.inf
