@@ -200,6 +200,19 @@ def test_deterministic_and_module():
     assert abs(ce.item() - ce_ref.item()) < 1e-2  # bf16 logits
 
 
+def test_autocast_runs_the_gemms_in_the_autocast_dtype():
+    # as nn.Linear under autocast: the result of the bf16-cast inputs, gradients in fp32
+    h, w, labels = _inputs(19, 16, 45, torch.float32)
+    want = _ours(h.bfloat16(), w.bfloat16(), labels, "mean", torch.tensor(1.0), "torch", chunk_size=8)
+    hx, wx = h.clone().requires_grad_(), w.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = tk.linear_tofu_loss(hx, wx, labels, chunk_size=8)
+    loss.backward()
+    assert torch.equal(loss.detach(), want[0])
+    assert hx.grad.dtype == wx.grad.dtype == torch.float32
+    assert torch.equal(hx.grad, want[1].float()) and torch.equal(wx.grad, want[2].float())
+
+
 def test_second_backward_raises_and_errors():
     h, w, labels = _inputs(9, 8, 20, torch.float32)
     hx = h.clone().requires_grad_()

@@ -245,8 +245,9 @@ def linear_tofu_loss(
 
     Returns:
         fp32 loss (scalar, or ``labels``' shape for ``"none"``), or ``(loss, ce)``.
-        Gradients flow into ``hidden`` and ``weight`` in their dtype. Eager mode only
-        (a Python loop over chunks).
+        Gradients flow into ``hidden`` and ``weight`` in their dtype. Under autocast both
+        are cast to the autocast dtype first, as ``nn.Linear`` would. Eager mode only (a
+        Python loop over chunks).
     """
     params = TOFUParams(gamma, beta, ignore_index, reduction, backend, False, return_ce, check_inputs)
     return _linear(hidden, weight, labels, params, chunk_size, normalizer, None, True)
@@ -298,6 +299,13 @@ def vocab_parallel_linear_tofu_loss(
 def _linear(hidden, weight, labels, params: TOFUParams, chunk_size, normalizer, tp: TensorParallel | None,
             reduce_dh: bool):
     """Shared body of linear_tofu_loss and vocab_parallel_linear_tofu_loss."""
+    if isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type):
+        # what nn.Linear does under autocast: the GEMMs in the autocast dtype (the casts are
+        # differentiable: gradients come back in the inputs' own dtypes)
+        dt = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dt), weight.to(dt)
+        with torch.autocast(hidden.device.type, enabled=False):
+            return _linear(hidden, weight, labels, params, chunk_size, normalizer, tp, reduce_dh)
     _check_linear(hidden, weight, labels)
     be = get_backend(params.backend, hidden.device)
     width = weight.shape[0]
