@@ -185,6 +185,21 @@ def test_upstream_gradient_and_partial_requires_grad():
     torch.testing.assert_close(wx.grad.double(), ref_dw / -2.5, rtol=1e-5, atol=1e-8)
 
 
+def test_strided_weight_and_hidden():
+    # a weight stored transposed (a tied embedding seen as [V, D]) and a strided hidden view:
+    # the same result as contiguous inputs, upstream gradient != 1 (the backward rescales)
+    h, w, labels = _inputs(20, 12, 33, torch.float32)
+    want = _ours(h, w, labels, "mean", torch.tensor(0.7), "torch", chunk_size=6)
+    wt = w.t().contiguous().t().requires_grad_()  # [V, D] with strides (1, V)
+    hs = torch.cat([h, h], dim=1)[:, :12].detach().requires_grad_()  # rows 24 apart
+    assert not wt.is_contiguous() and not hs.is_contiguous()
+    loss = tk.linear_tofu_loss(hs, wt, labels, chunk_size=6)
+    (loss * 0.7).backward()
+    torch.testing.assert_close(loss.detach(), want[0])
+    torch.testing.assert_close(hs.grad, want[1])
+    torch.testing.assert_close(wt.grad, want[2])
+
+
 def test_deterministic_and_module():
     h, w, labels = _inputs(33, 16, 70, torch.bfloat16)
     a = _ours(h, w, labels, "mean", torch.tensor(1.0), "torch")

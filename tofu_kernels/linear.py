@@ -66,6 +66,12 @@ def default_chunk_size(n_rows: int, vocab: int, element_size: int) -> int:
     return max(1, min(rows, n_rows))
 
 
+def _dense_like(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous buffer for ``t``'s gradient, whatever ``t``'s strides (e.g. a transposed,
+    tied weight): the GEMMs write it and the backend's rescale walks it row by row."""
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
 def _chunks(n: int, c: int):
     for r0 in range(0, n, c):
         yield r0, min(r0 + c, n)
@@ -95,8 +101,8 @@ class _LinearTOFUFunction(torch.autograd.Function):
                 alpha = 1.0
             else:
                 alpha = 1.0 / (normalizer if normalizer is not None else max(count, 1))
-            dh = torch.empty_like(hidden) if need_h else None
-            dw = torch.empty_like(weight) if need_w else None
+            dh = _dense_like(hidden) if need_h else None
+            dw = _dense_like(weight) if need_w else None
             loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
             ce = torch.zeros((), dtype=torch.float32, device=hidden.device)
             for i, (r0, r1) in enumerate(_chunks(n, chunk)):
@@ -163,8 +169,8 @@ class _LinearTOFUFunction(torch.autograd.Function):
         params, backend, chunk, shard = ctx.params, ctx.backend, ctx.chunk, ctx.shard
         n, width = hidden.shape[0], weight.shape[0]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dh = torch.empty_like(hidden) if need_h else None
-        dw = torch.empty_like(weight) if need_w else None
+        dh = _dense_like(hidden) if need_h else None
+        dw = _dense_like(weight) if need_w else None
         upstream = grad_loss.reshape(-1).float()
         zbuf = torch.empty(min(chunk, n), width, dtype=hidden.dtype, device=hidden.device)
         for i, (r0, r1) in enumerate(_chunks(n, chunk)):
