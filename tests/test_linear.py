@@ -437,3 +437,27 @@ def test_vocab_parallel_linear_world_one_is_linear():
     a = tk.vocab_parallel_linear_tofu_loss(h, w, labels, reduction="none", chunk_size=4)
     b = tk.linear_tofu_loss(h, w, labels, reduction="none", chunk_size=4)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_cuda_ops_through_the_linear_path_on_meta(reduction):
+    # the CUDA backend's ops, as linear_tofu_loss calls them, traced on meta tensors (their
+    # fakes check arity and types): per chunk one fused op, or row_stats then grad; one
+    # epilogue for all rows; the backward's rescales
+    if not tk.extension_loaded():
+        pytest.skip("CUDA extension not built (no nvcc / CPU-only torch)")
+    from .test_launches import OpCounter
+
+    h = torch.empty(10, 16, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.empty(5000, 16, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.empty(10, device="meta", dtype=torch.long)
+    seed = torch.ones(10, device="meta") if reduction == "none" else torch.ones((), device="meta")
+    with OpCounter() as ops:
+        loss = tk.linear_tofu_loss(h, w, labels, reduction=reduction, backend="cuda", check_inputs=False,
+                                   chunk_size=4)
+        loss.backward(seed)
+    if reduction == "sum":
+        assert ops.ours == ["fused_inplace"] * 3 + ["rescale"] * 2, ops.ours
+    else:
+        assert ops.ours == ["row_stats"] * 3 + ["epilogue"] + ["grad_inplace"] * 3, ops.ours
+    assert h.grad.shape == h.shape and w.grad.shape == w.shape

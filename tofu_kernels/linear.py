@@ -305,12 +305,13 @@ def vocab_parallel_linear_tofu_loss(
 def _linear(hidden, weight, labels, params: TOFUParams, chunk_size, normalizer, tp: TensorParallel | None,
             reduce_dh: bool):
     """Shared body of linear_tofu_loss and vocab_parallel_linear_tofu_loss."""
-    if isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type):
+    dev = hidden.device.type if isinstance(hidden, torch.Tensor) else None
+    if dev is not None and torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
         # what nn.Linear does under autocast: the GEMMs in the autocast dtype (the casts are
         # differentiable: gradients come back in the inputs' own dtypes)
-        dt = torch.get_autocast_dtype(hidden.device.type)
+        dt = torch.get_autocast_dtype(dev)
         hidden, weight = hidden.to(dt), weight.to(dt)
-        with torch.autocast(hidden.device.type, enabled=False):
+        with torch.autocast(dev, enabled=False):
             return _linear(hidden, weight, labels, params, chunk_size, normalizer, tp, reduce_dh)
     _check_linear(hidden, weight, labels)
     be = get_backend(params.backend, hidden.device)
