@@ -64,6 +64,11 @@ def assert_loss_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
     assert (err <= bound).all(), f"loss error {err.max().item():.3e} (worst at {err.argmax().item()})"
 
 
+def gpu_backends() -> tuple[str, ...]:
+    """The backends a GPU test runs: Triton, and the CUDA extension where it is built."""
+    return ("triton",) + (("cuda",) if tk.extension_loaded() else ())
+
+
 def make_logits(shape, vocab, dtype, regime="random", labels=None, scale=3.0):
     """Logits [*shape, vocab] and labels [*shape] with the target probability set by regime.
 

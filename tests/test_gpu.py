@@ -13,13 +13,9 @@ import torch
 
 import tofu_kernels as tk
 
-from .helpers import DTYPES, assert_grad_close, assert_loss_close, make_logits, reference, run
+from .helpers import DTYPES, assert_grad_close, assert_loss_close, gpu_backends, make_logits, reference, run
 
 pytestmark = pytest.mark.gpu
-
-
-def gpu_backends():
-    return ["triton"] + (["cuda"] if tk.extension_loaded() else [])
 
 
 def test_cuda_extension_loaded_on_gpu_machine():

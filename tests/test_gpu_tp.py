@@ -29,7 +29,7 @@ import tofu_kernels as tk
 from tofu_kernels import vocab_parallel
 
 from .dist_utils import run_distributed
-from .helpers import assert_grad_close, assert_loss_close, make_logits, reference
+from .helpers import assert_grad_close, assert_loss_close, gpu_backends, make_logits, reference
 
 COLLECTIVES = ["all_gather_single", "all_gather_into_tensor", "all_gather", "all_reduce", "broadcast",
                "reduce_scatter_tensor", "all_to_all_single", "barrier", "reduce"]
@@ -222,16 +222,12 @@ def megatron_tp2_cases(rank: int, world: int, device: str, backend: str) -> None
     assert_ce_mode_matches_megatron(model, ids, pos, mask, labels, loss_mask, backend)
 
 
-def _gpu_backends():
-    return ("triton",) + (("cuda",) if tk.extension_loaded() else ())
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("world", [2, 4])
 def test_vocab_parallel_on_one_gpu(world):
     if not tk.extension_loaded():
         pytest.fail("gpu_check.sh builds the CUDA extension; it must load on the GPU machine")
-    run_distributed(world, vocab_parallel_cases, device="cuda", backends=_gpu_backends(),
+    run_distributed(world, vocab_parallel_cases, device="cuda", backends=gpu_backends(),
                     dtypes=("bfloat16", "float32"))
 
 

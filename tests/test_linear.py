@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import tofu_kernels as tk
 from tofu_kernels.linear import default_chunk_size
 
-from .helpers import assert_grad_close, assert_loss_close, make_logits, reference
+from .helpers import assert_grad_close, assert_loss_close, gpu_backends, make_logits, reference
 
 BACKENDS = ["torch", "triton"]
 
@@ -291,16 +291,12 @@ def test_default_chunk_size():
     assert default_chunk_size(8192, 32000, 4) % 64 == 0
 
 
-def _gpu_backends():
-    return ("triton",) + (("cuda",) if tk.extension_loaded() else ())
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_gpu_matches_materialised_and_stays_small(reduction):
     # a ragged chunking over a vocabulary that crosses the CUDA kernels' 4096-column tile
     n, d, v, chunk = 300, 64, 5003, 128
-    for backend in _gpu_backends():
+    for backend in gpu_backends():
         for dtype in (torch.bfloat16, torch.float32):
             h, w, labels = _inputs(n, d, v, dtype)
             h, w, labels = h.cuda(), w.cuda(), labels.cuda()
@@ -428,7 +424,7 @@ def test_vocab_parallel_linear(world):
 def test_gpu_vocab_parallel_linear(world):
     from .dist_utils import run_distributed
 
-    run_distributed(world, vocab_parallel_linear_cases, device="cuda", backends=_gpu_backends())
+    run_distributed(world, vocab_parallel_linear_cases, device="cuda", backends=gpu_backends())
 
 
 def test_vocab_parallel_linear_world_one_is_linear():

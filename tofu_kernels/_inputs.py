@@ -31,6 +31,14 @@ def check_tensors(logits: torch.Tensor, labels: torch.Tensor) -> None:
         )
 
 
+def flat_labels(labels: torch.Tensor) -> torch.Tensor:
+    """``labels`` as the kernels read them: one contiguous int64 row (copied only if needed)."""
+    flat = labels.reshape(-1)
+    if flat.dtype != torch.int64 or not flat.is_contiguous():
+        flat = flat.to(torch.int64).contiguous()
+    return flat
+
+
 def host_checks_allowed(t: torch.Tensor) -> bool:
     """Host-synchronising checks only on real tensors in eager mode.
 

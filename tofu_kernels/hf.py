@@ -52,10 +52,13 @@ class _Config:
     backend: str
     chunk_size: int | None = None
 
+    def targets(self, labels, shifted, device) -> torch.Tensor:
+        """The target of every position: ``shifted`` as given, else ``labels`` shifted."""
+        return (shift_labels(labels, self.ignore_index) if shifted is None else shifted).to(device)
+
     def loss_on_logits(self, logits, labels, num_items_in_batch=None, shifted=None) -> torch.Tensor:
         """TOFU of ``[..., V]`` logits against (shifted) labels, with HF's normalisation."""
-        target = shift_labels(labels, self.ignore_index) if shifted is None else shifted
-        target = target.to(logits.device)
+        target = self.targets(labels, shifted, logits.device)
         kw = dict(gamma=self.gamma, beta=self.beta, ignore_index=self.ignore_index, backend=self.backend)
         if num_items_in_batch is None:
             return tofu_loss(logits, target, reduction="mean", **kw)
@@ -69,8 +72,7 @@ class _Config:
 
     def loss_on_hidden(self, hidden, weight, labels, num_items_in_batch=None, shifted=None) -> torch.Tensor:
         """The same loss from the last hidden states and the output layer's weight."""
-        target = shift_labels(labels, self.ignore_index) if shifted is None else shifted
-        target = target.to(hidden.device)
+        target = self.targets(labels, shifted, hidden.device)
         return linear_tofu_loss(hidden, weight, target, gamma=self.gamma, beta=self.beta,
                                 ignore_index=self.ignore_index, reduction="mean", backend=self.backend,
                                 chunk_size=self.chunk_size, normalizer=num_items_in_batch)
@@ -138,11 +140,10 @@ def _tofu_forward(self, input_ids=None, attention_mask=None, position_ids=None, 
     outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                          **kwargs)
+    keep_all = isinstance(logits_to_keep, int) and logits_to_keep == 0
+    if shifted is None and not keep_all:
+        raise ValueError("apply_tofu(fused_linear=True): labels with logits_to_keep need shift_labels")
     hidden = _keep_last(outputs.last_hidden_state, logits_to_keep)
-    if shifted is None:
-        labels = labels if isinstance(logits_to_keep, int) and logits_to_keep == 0 else None
-        if labels is None:
-            raise ValueError("apply_tofu(fused_linear=True): labels with logits_to_keep need shift_labels")
     loss = cfg.loss_on_hidden(hidden, self.lm_head.weight, labels, num_items, shifted=shifted)
     out = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
                                  hidden_states=outputs.hidden_states, attentions=outputs.attentions)

@@ -13,12 +13,13 @@ gradient in the forward (reduction "mean"/"sum" and a gradient wanted; 3 GEMMs):
                 dW  += alpha * z.T @ h_c            GEMM 3, accumulated in dW's dtype
     backward:   backend.rescale(dh, dW)             times the upstream gradient; nothing
                                                     on the device when it is 1
-    ``alpha`` is the mean's 1 / (non-ignored tokens), folded into the GEMMs (counted once,
-    with the label check, on the host).
+    ``alpha`` is the mean's 1 / (non-ignored tokens), folded into the GEMMs (counted on
+    the host: one sync per call, beside the label check's).
 
 two passes (reduction "none", or no gradient wanted; 4 GEMMs when a gradient is wanted):
-    forward:    z = h_c @ W.T; backend.row_stats + backend.epilogue per chunk; the
-                logits chunk is dropped, the backward keeps one fp32 record per row
+    forward:    z = h_c @ W.T and backend.row_stats per chunk, the splits merged into one
+                [N, 4] buffer; one backend.epilogue for all rows; the logits chunk is
+                dropped, the backward keeps one fp32 record per row
     backward:   z = h_c @ W.T again; backend.grad(z -> z) with the per-token upstream
                 gradient; GEMMs 2 and 3 as above
 
@@ -44,12 +45,12 @@ import math
 import torch
 import torch.distributed as dist
 
-from ._inputs import Shard, check_label_range, host_checks_allowed, row_layout
+from ._inputs import Shard, check_label_range, flat_labels, host_checks_allowed, row_layout
 from .backends import Backend, get_backend
 from .loss import _LossModule, empty_loss
 from .params import DEFAULT_BETA, DEFAULT_GAMMA, DEFAULT_IGNORE_INDEX, TOFUParams
 from .tofu_math import Partials, Reduction, Stat, combine_stats, meta_record
-from .vocab_parallel import TensorParallel, all_gather_stats, check_shards
+from .vocab_parallel import TensorParallel, all_gather_stats, check_shards, resolve
 
 __all__ = ["LinearTOFULoss", "default_chunk_size", "linear_tofu_loss", "vocab_parallel_linear_tofu_loss"]
 
@@ -72,9 +73,15 @@ def _dense_like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
 
-def _chunks(n: int, c: int):
-    for r0 in range(0, n, c):
-        yield r0, min(r0 + c, n)
+def _logit_chunks(hidden: torch.Tensor, weight: torch.Tensor, chunk: int):
+    """Yield ``(i, r0, r1, z, lay)``: the logits ``z = hidden[r0:r1] @ weight.T`` of each
+    chunk of rows, all in one reused ``[chunk, V]`` buffer (GEMM 1), and their row layout."""
+    n = hidden.shape[0]
+    buf = torch.empty(min(chunk, n), weight.shape[0], dtype=hidden.dtype, device=hidden.device)
+    for i, r0 in enumerate(range(0, n, chunk)):
+        r1 = min(r0 + chunk, n)
+        z = torch.mm(hidden[r0:r1], weight.t(), out=buf[: r1 - r0])
+        yield (i, r0, r1) + row_layout(z)
 
 
 class _LinearTOFUFunction(torch.autograd.Function):
@@ -85,7 +92,6 @@ class _LinearTOFUFunction(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         reduction = Reduction[params.reduction.upper()]
         check = params.check_inputs and host_checks_allowed(labels)
-        zbuf = torch.empty(min(chunk, n), width, dtype=hidden.dtype, device=hidden.device)
         ctx.params, ctx.backend, ctx.chunk, ctx.fused, ctx.shard = params, backend, chunk, fused, shard
         ctx.tp, ctx.reduce_dh = tp, reduce_dh
         ctx.set_materialize_grads(False)
@@ -105,10 +111,8 @@ class _LinearTOFUFunction(torch.autograd.Function):
             dw = _dense_like(weight) if need_w else None
             loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
             ce = torch.zeros((), dtype=torch.float32, device=hidden.device)
-            for i, (r0, r1) in enumerate(_chunks(n, chunk)):
-                z = torch.mm(hidden[r0:r1], weight.t(), out=zbuf[: r1 - r0])
-                x, lay = row_layout(z)
-                epi = backend.fused(x, lay, x, lay, labels[r0:r1], params, Reduction.SUM)
+            for i, r0, r1, z, lay in _logit_chunks(hidden, weight, chunk):
+                epi = backend.fused(z, lay, z, lay, labels[r0:r1], params, Reduction.SUM)
                 loss += epi.loss_red
                 ce += epi.ce_red
                 if dh is not None:
@@ -122,12 +126,9 @@ class _LinearTOFUFunction(torch.autograd.Function):
         # two passes: every chunk's statistics into one [N, len(Stat)] buffer (and this
         # rank's metadata record under tensor parallelism), then one epilogue
         data = torch.empty(n + int(tp is not None), len(Stat), dtype=torch.float32, device=hidden.device)
-        for r0, r1 in _chunks(n, chunk):
-            z = torch.mm(hidden[r0:r1], weight.t(), out=zbuf[: r1 - r0])
-            x, lay = row_layout(z)
-            rec = backend.row_stats(x, lay, labels[r0:r1], shard, params.beta, params.ignore_index, False).records()[0]
+        for _, r0, r1, z, lay in _logit_chunks(hidden, weight, chunk):
+            rec = backend.row_stats(z, lay, labels[r0:r1], shard, params.beta, params.ignore_index, False).records()[0]
             data[r0:r1] = rec[:, 0] if rec.shape[1] == 1 else combine_stats(rec, params.beta, dim=1)
-        del zbuf
         vocab_size = shard.vocab_end
         parts = Partials(data, n, 1, has_meta=tp is not None)
         if tp is not None:
@@ -167,17 +168,13 @@ class _LinearTOFUFunction(torch.autograd.Function):
             return (grads[0], grads[1]) + (None,) * (_N_INPUTS - 2)
         hidden, weight, labels, grad_rec, scale = ctx.saved_tensors
         params, backend, chunk, shard = ctx.params, ctx.backend, ctx.chunk, ctx.shard
-        n, width = hidden.shape[0], weight.shape[0]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dh = _dense_like(hidden) if need_h else None
         dw = _dense_like(weight) if need_w else None
         upstream = grad_loss.reshape(-1).float()
-        zbuf = torch.empty(min(chunk, n), width, dtype=hidden.dtype, device=hidden.device)
-        for i, (r0, r1) in enumerate(_chunks(n, chunk)):
-            z = torch.mm(hidden[r0:r1], weight.t(), out=zbuf[: r1 - r0])
-            x, lay = row_layout(z)
+        for i, r0, r1, z, lay in _logit_chunks(hidden, weight, chunk):
             up = upstream if upstream.numel() == 1 else upstream[r0:r1]
-            backend.grad(x, lay, x, lay, labels[r0:r1], grad_rec[r0:r1], up, scale, shard, params.beta)
+            backend.grad(z, lay, z, lay, labels[r0:r1], grad_rec[r0:r1], up, scale, shard, params.beta)
             if dh is not None:
                 torch.mm(z, weight, out=dh[r0:r1])
             if dw is not None:
@@ -316,20 +313,12 @@ def _linear(hidden, weight, labels, params: TOFUParams, chunk_size, normalizer, 
     _check_linear(hidden, weight, labels)
     be = get_backend(params.backend, hidden.device)
     width = weight.shape[0]
-    if tp is None:
-        shard = Shard(0, width)
-    else:
-        world, rank = tp.world_and_rank()
-        shard = tp.local_shard(width, rank)
-        if world == 1:
-            tp = None
+    shard, tp = resolve(tp, width)
     d = hidden.shape[-1]
     h = hidden.reshape(-1, d)
     if not h.is_contiguous():
         h = h.contiguous()
-    flat = labels.reshape(-1)
-    if flat.dtype != torch.int64 or not flat.is_contiguous():
-        flat = flat.to(torch.int64).contiguous()
+    flat = flat_labels(labels)
     n = h.shape[0]
     if normalizer is not None:
         if params.reduction != "mean":
@@ -367,7 +356,6 @@ class LinearTOFULoss(_LossModule):
         chunk_size: int | None = None,
     ):
         super().__init__(TOFUParams(gamma, beta, ignore_index, reduction, backend), chunk_size=chunk_size)
-        self.chunk_size = chunk_size
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         p = self.params

@@ -32,13 +32,14 @@ from ._inputs import (
     check_label_range,
     check_tensors,
     dense_layout,
+    flat_labels,
     host_checks_allowed,
     row_layout,
 )
 from .backends import Backend, get_backend
 from .params import DEFAULT_BETA, DEFAULT_GAMMA, DEFAULT_IGNORE_INDEX, TOFUParams
 from .tofu_math import Reduction
-from .vocab_parallel import TensorParallel, all_gather_stats, check_shards
+from .vocab_parallel import TensorParallel, all_gather_stats, check_shards, resolve
 
 _N_INPUTS = 8  # arguments of _TOFUFunction.forward after ctx
 
@@ -48,36 +49,34 @@ class _TOFUFunction(torch.autograd.Function):
     def forward(ctx, logits, labels, params: TOFUParams, backend: Backend, shard: Shard,
                 tp: TensorParallel | None, check: bool, fused: bool):
         x, lay = row_layout(logits)
-        flat_labels = labels.reshape(-1)
-        if flat_labels.dtype != torch.int64 or not flat_labels.is_contiguous():
-            flat_labels = flat_labels.to(torch.int64).contiguous()
+        flat = flat_labels(labels)
         reduction = Reduction[params.reduction.upper()]
         ctx.lay, ctx.shape, ctx.params, ctx.backend, ctx.shard = lay, logits.shape, params, backend, shard
         ctx.fused = fused
         if fused:
             if check:
-                check_label_range(flat_labels, params.ignore_index, shard.vocab_end)
+                check_label_range(flat, params.ignore_index, shard.vocab_end)
             if params.inplace_backward:
                 out, out_lay = x, lay
             else:
                 out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
                 out_lay = dense_layout(lay)
-            epi = backend.fused(x, lay, out, out_lay, flat_labels, params, reduction)
+            epi = backend.fused(x, lay, out, out_lay, flat, params, reduction)
             if params.inplace_backward:
                 # The logits now hold the gradient: any later use of them through
                 # autograd fails loudly instead of reading the overwritten values.
                 torch.autograd.graph.increment_version(x)
             ctx.grad_buf, ctx.out_lay = out, out_lay
         else:
-            parts = backend.row_stats(x, lay, flat_labels, shard, params.beta, params.ignore_index, tp is not None)
+            parts = backend.row_stats(x, lay, flat, shard, params.beta, params.ignore_index, tp is not None)
             vocab_size = shard.vocab_end
             if tp is not None:
                 parts, vocab_size = all_gather_stats(parts, tp), None  # the epilogue reads V from the ranks
             if check:
                 global_v = shard.vocab_end if tp is None else check_shards(parts, tp.explicit)
-                check_label_range(flat_labels, params.ignore_index, global_v)
-            epi = backend.epilogue(parts, flat_labels, params, vocab_size, reduction)
-            ctx.save_for_backward(x, flat_labels, epi.grad_rec, epi.scale)
+                check_label_range(flat, params.ignore_index, global_v)
+            epi = backend.epilogue(parts, flat, params, vocab_size, reduction)
+            ctx.save_for_backward(x, flat, epi.grad_rec, epi.scale)
         if reduction == Reduction.NONE:
             loss, ce = epi.loss.view(labels.shape), epi.ce.view(labels.shape)
         else:
@@ -102,13 +101,13 @@ class _TOFUFunction(torch.autograd.Function):
             ctx.grad_buf = None
             ctx.backend.rescale(out, ctx.out_lay, grad_loss)
             return (out.view(ctx.shape),) + (None,) * (_N_INPUTS - 1)
-        x, flat_labels, grad_rec, scale = ctx.saved_tensors
+        x, flat, grad_rec, scale = ctx.saved_tensors
         if params.inplace_backward:
             out, out_lay = x, lay
         else:
             out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
             out_lay = dense_layout(lay)
-        ctx.backend.grad(x, lay, out, out_lay, flat_labels, grad_rec, grad_loss, scale, ctx.shard, params.beta)
+        ctx.backend.grad(x, lay, out, out_lay, flat, grad_rec, grad_loss, scale, ctx.shard, params.beta)
         if params.inplace_backward:
             # The logits now hold the gradient: make a second backward through the
             # same graph fail loudly instead of reading the overwritten values.
@@ -120,14 +119,7 @@ def _tofu(logits: torch.Tensor, labels: torch.Tensor, params: TOFUParams, tp: Te
     """Shared body of tofu_loss and vocab_parallel_tofu_loss."""
     check_tensors(logits, labels)
     backend = get_backend(params.backend, logits.device)
-    width = logits.shape[-1]
-    if tp is None:
-        shard = Shard(0, width)
-    else:
-        world, rank = tp.world_and_rank()
-        shard = tp.local_shard(width, rank)
-        if world == 1:
-            tp = None  # nothing to merge: no communication at all
+    shard, tp = resolve(tp, logits.shape[-1])
     # The one place that decides whether host-synchronising checks run for this call.
     check = params.check_inputs and host_checks_allowed(labels)
     fused = _grad_in_forward(logits, params, shard, tp)
@@ -261,13 +253,15 @@ class _LossModule(torch.nn.Module):
     def __init__(self, params: TOFUParams, **extra):
         super().__init__()
         self.params = params
-        self._extra = extra
+        self._extra = tuple(extra)
+        for name, value in extra.items():  # e.g. chunk_size: an attribute, shown in the repr
+            setattr(self, name, value)
 
     def extra_repr(self) -> str:
         p = self.params
         fields = [f"gamma={p.gamma}", f"beta={p.beta}", f"ignore_index={p.ignore_index}",
                   f"reduction={p.reduction!r}", f"backend={p.backend!r}"]
-        return ", ".join(fields + [f"{k}={v!r}" for k, v in self._extra.items()])
+        return ", ".join(fields + [f"{k}={getattr(self, k)!r}" for k in self._extra])
 
 
 class TOFULoss(_LossModule):

@@ -71,6 +71,16 @@ class TensorParallel:
         return Shard(start, end - start)
 
 
+def resolve(tp: TensorParallel | None, width: int) -> tuple[Shard, TensorParallel | None]:
+    """This rank's :class:`Shard` of a local row ``width`` wide, and ``tp`` itself, or None
+    when there is nothing to merge (no tensor parallelism, or a world of one: no
+    communication at all)."""
+    if tp is None:
+        return Shard(0, width), None
+    world, rank = tp.world_and_rank()
+    return tp.local_shard(width, rank), (tp if world > 1 else None)
+
+
 def _all_gather(out: torch.Tensor, inp: torch.Tensor, group) -> None:
     # torch >= 2.12 names it all_gather_single (all_gather_into_tensor is deprecated).
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
