@@ -41,24 +41,26 @@ FIXTURE = find_fixture()
 SKIP_REASON = (f"Megatron-LM fixture {FIXTURE_NAME} not found (set TOFU_MEGATRON_LM_DIR to the folder "
                f"holding {', '.join(FILES)})")
 
-# A tiny GPT, as a user would ask for one on the command line (no TE, no fused CUDA ops).
-TINY = [
+# A tiny GPT, as a user would ask for one on the command line (no TE, no fused CUDA ops),
+# and the mock data of the pretraining tests (the SFT tests bring their own data flags).
+TINY_MODEL = [
     "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "8",
     "--max-position-embeddings", "8", "--micro-batch-size", "2", "--global-batch-size", "4",
-    "--train-iters", "2", "--lr", "1e-4", "--mock-data", "--tokenizer-type", "NullTokenizer",
-    "--vocab-size", "96", "--transformer-impl", "local", "--use-cpu-initialization",
+    "--train-iters", "2", "--lr", "1e-4", "--transformer-impl", "local", "--use-cpu-initialization",
     "--hidden-dropout", "0", "--attention-dropout", "0", "--no-gradient-accumulation-fusion",
     "--no-persist-layer-norm", "--no-masked-softmax-fusion", "--no-bias-gelu-fusion",
     "--no-bias-dropout-fusion", "--no-rope-fusion",
 ]
+MOCK_DATA = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "96"]
+TINY = TINY_MODEL + MOCK_DATA
 VOCAB, BATCH, SEQ = 96, 2, 8
 
 
-def launch(*argv: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`python -m megatron_patch.launch <fixture>/pretrain_gpt.py argv...`, as a user runs it."""
+def launch(*argv: str, script: str = "pretrain_gpt.py", timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python -m megatron_patch.launch <fixture>/<script> argv...`, as a user runs it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default"}
     return subprocess.run(
-        [sys.executable, "-m", "megatron_patch.launch", str(FIXTURE / "pretrain_gpt.py"), *argv],
+        [sys.executable, "-m", "megatron_patch.launch", str(FIXTURE / script), *argv],
         capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT,
     )
 
@@ -93,37 +95,60 @@ def cpu_harness() -> None:
     arguments.get_device_arch_version = lambda: 9  # Hopper, as on the GPU machines
     schedules.torch = _TorchWithCudaCountersOnCPU()
     allow_torch_norm_with_sequence_parallel()
+    # HybridStack builds its final norm with TENorm whatever the spec; without Transformer
+    # Engine that is Megatron's torch norm (the spec's layers are local already).
+    from megatron.core.models.hybrid import hybrid_block
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    hybrid_block.TENorm = WrappedTorchNorm
     sys.path.insert(0, str(FIXTURE))
 
 
-def setup(*argv: str):
+# The two entry points of Megatron-LM: the script, its builder module and function.
+SCRIPTS = {
+    "gpt": ("pretrain_gpt.py", "gpt_builders", "gpt_builder"),
+    "hybrid": ("pretrain_hybrid.py", "hybrid_builders", "hybrid_builder"),
+}
+# HybridModel with the local-layer stack spec of tests/hybrid_local_spec.py.
+HYBRID = ["--spec", "tests.hybrid_local_spec", "hybrid_stack_spec", "--hybrid-layer-pattern", "*-*-"]
+
+
+def setup(*argv: str, base: list[str] = TINY, model: str = "gpt"):
     """Parse `argv` with Megatron's own parser (through the launcher's hooks), set up the
-    parallel state and build the model with the fixture's own builder. Returns
-    (args, model, pretrain_gpt module)."""
+    parallel state and build the model with the fixture's own builder (`model`: "gpt" for
+    pretrain_gpt.py's GPTModel, "hybrid" for pretrain_hybrid.py's HybridModel; pass
+    `HYBRID` or your own `--spec`/`--hybrid-layer-pattern` for the latter). Returns
+    (args, model, the training script's module)."""
+    import importlib
+
     import megatron_patch
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
     from megatron.training.arguments import parse_and_validate_args
     from megatron.training.global_vars import unset_global_variables
 
+    script, builders, builder = SCRIPTS[model]
     unset_global_variables()
     ps.destroy_model_parallel()
     megatron_patch.install_hooks()
-    sys.argv = ["pretrain_gpt.py", *TINY, *argv]
+    sys.argv = [script, *base, *argv]
     args = parse_and_validate_args(args_defaults={"tokenizer_type": "GPT2BPETokenizer"})
     ps.initialize_model_parallel(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
     )
     tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
-    import pretrain_gpt
-    from gpt_builders import gpt_builder
+    module = importlib.import_module(script[:-3])
+    # pretrain_hybrid.py's forward_step reads a module global `args` on the packed-sequence
+    # (--sft) path without get_args(); run as a script it finds the one its __main__ block
+    # assigns, imported here it would not: give it the same object.
+    module.args = args
+    build = getattr(importlib.import_module(builders), builder)
     from model_provider import model_provider
 
     torch.manual_seed(0)
-    model = model_provider(gpt_builder, pre_process=ps.is_pipeline_first_stage(),
-                           post_process=ps.is_pipeline_last_stage())
-    return args, model, pretrain_gpt
+    net = model_provider(build, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+    return args, net, module
 
 
 def batches(n: int, seed: int) -> list[dict]:

@@ -1,0 +1,249 @@
+"""Supervised fine-tuning with Megatron-LM's own scripts and data pipeline, --loss-type tofu.
+
+The flags are the README's: its multi-node SFT command is read from README.md, the flags
+that only make sense on a GPU cluster (parallel sizes, Transformer Engine, bf16, the
+distributed optimizer, checkpoints) are swapped for this machine's, and everything else
+(the loss flags, --sft, the SFTTokenizer and its prompt format, the data flags) is run
+as written. A drift between the README and what runs here fails these tests.
+
+Data: a chat jsonl and a Hugging Face tokenizer written by the test (tests/sft_data.py),
+read by Megatron's SFTTokenizer / SFTDataset through the training script's own dataset
+provider and Megatron's data loader, fed through the script's forward_step / loss_func
+inside Megatron's pipeline schedule (get_batch with its TP broadcast and packed-sequence
+flattening included), TP = 2 on gloo, for pretrain_gpt.py (GPTModel) and
+pretrain_hybrid.py (HybridModel). Megatron's local attention refuses packed sequences
+(only Transformer Engine's takes them); here the packed micro-batch reaches the model as
+a block-diagonal causal mask (sft_data.PackedAsMask), the attention TE computes; the
+loss path is untouched.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+pytest.importorskip("megatron.core", reason="megatron-core is installed by make test")
+
+import megatron_patch  # noqa: E402
+import tofu_kernels as tk  # noqa: E402
+from megatron_patch.reporting import CE_KEY, LOSS_KEY  # noqa: E402
+
+from . import readme  # noqa: E402
+from .dist_utils import run_distributed  # noqa: E402
+from .helpers import assert_grad_close, assert_loss_close  # noqa: E402
+from .megatron_lm import (  # noqa: E402
+    FIXTURE,
+    HYBRID,
+    SKIP_REASON,
+    TINY_MODEL,
+    cpu_harness,
+    launch,
+    reduce_like_megatron,
+    setup,
+)
+from .megatron_utils import gather_vocab  # noqa: E402
+from .sft_data import CONVERSATIONS, PackedAsMask, assistant_text, megatron_data, write_chat_jsonl, write_tokenizer  # noqa: E402
+
+pytestmark = pytest.mark.skipif(FIXTURE is None, reason=SKIP_REASON)
+
+# Flags of the README's command that belong to a GPU cluster, with their number of values;
+# the CPU runs replace them (TP = 2, local layers, fp32, no checkpoints).
+CLUSTER_FLAGS = {
+    "--tensor-model-parallel-size": 1, "--pipeline-model-parallel-size": 1, "--sequence-parallel": 0,
+    "--transformer-impl": 1, "--bf16": 0, "--use-distributed-optimizer": 0,
+    "--pretrained-checkpoint": 1, "--load": 1, "--save": 1, "--save-interval": 1,
+}
+# This machine's: the tiny model, TP = 2, sequences of 48 tokens, two micro-batches of two,
+# and Megatron's data loader in the process (its workers would be spawned processes here).
+CPU_FLAGS = [*TINY_MODEL, "--tensor-model-parallel-size", "2", "--seq-length", "48",
+             "--max-position-embeddings", "48", "--num-workers", "0", "--split", "75,25,0",
+             "--eval-iters", "1", "--eval-interval", "2"]
+
+
+def readme_sft_command() -> list[str]:
+    """The README's multi-node SFT command, as argv."""
+    return next(c for c in readme.commands(readme.code_block("Multi-node")) if "pretrain_gpt.py" in c)
+
+
+def readme_sft_flags(data: Path, tokenizer: Path) -> list[str]:
+    """The README's SFT flags without the cluster's, with $DATA and $TOKENIZER filled in."""
+    args, out, i = readme.script_arguments(readme_sft_command(), "pretrain_gpt.py"), [], 0
+    while i < len(args):
+        if args[i] in CLUSTER_FLAGS:
+            i += 1 + CLUSTER_FLAGS[args[i]]
+            continue
+        out.append(args[i].replace("$DATA", str(data)).replace("$TOKENIZER", str(tokenizer)))
+        i += 1
+    assert not [a for a in out if "$" in a], f"README SFT flags with an unknown variable: {out}"
+    return out
+
+
+def _value(flags: list[str], name: str) -> str:
+    return flags[flags.index(name) + 1]
+
+
+def _sft_files(tmp: str, rank: int) -> tuple[Path, Path]:
+    tmp = Path(tmp)
+    if rank == 0:
+        write_tokenizer(tmp / "tokenizer")
+        write_chat_jsonl(tmp / "chat.jsonl")
+    dist.barrier()
+    return tmp / "chat.jsonl", tmp / "tokenizer"
+
+
+# ------------------------------------------------------------ the README's command
+
+
+def test_readme_sft_command_uses_megatrons_sft_tokenizer():
+    """Wherever the README passes --sft it passes the tokenizer Megatron's SFT dataset needs."""
+    text = readme.README.read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    sft = [c for b in blocks for c in readme.commands(b) if "--sft" in c]
+    assert sft, "the README shows no --sft command"
+    for argv in sft:
+        assert _value(argv, "--tokenizer-type") == "SFTTokenizer", argv
+        assert "--sft-tokenizer-prompt-format" in argv and "--no-create-attention-mask-in-dataloader" in argv, argv
+        assert "--save" not in argv or "--save-interval" in argv, argv  # Megatron asserts otherwise
+
+
+@pytest.mark.parametrize("script", ["pretrain_gpt.py", "pretrain_hybrid.py"])
+def test_launcher_takes_the_readme_sft_command(tmp_path, script):
+    """The README's flags, all of them (cluster sizes aside), through the launcher and
+    Megatron's parser, up to Megatron's own CUDA stop on this machine."""
+    data, tok = write_chat_jsonl(tmp_path / "chat.jsonl"), write_tokenizer(tmp_path / "tokenizer")
+    args = readme.script_arguments(readme_sft_command(), "pretrain_gpt.py")
+    subst = {"$DATA": str(data), "$TOKENIZER": str(tok), "$BASE": str(tmp_path / "base"), "$OUT": str(tmp_path / "out")}
+    args = [subst.get(a, a) for a in args]
+    for name in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size"):  # one process here
+        args[args.index(name) + 1] = "1"
+    args.remove("--sequence-parallel")
+    extra = HYBRID if script == "pretrain_hybrid.py" else []
+    out = launch(*TINY_MODEL, *args, *extra, script=script)
+    assert "Megatron requires CUDA" in out.stderr, out.stderr[-3000:]
+    assert "megatron_patch: --loss-type tofu (gamma=3.0, beta=0.8, backend=auto)" in out.stdout
+    dump = dict(re.findall(r"^  (\w+) \.+ (.*)$", out.stdout, re.M))
+    assert (dump["sft"], dump["tokenizer_type"], dump["create_attention_mask_in_dataloader"]) == ("True", "SFTTokenizer", "False")
+    assert dump["sft_tokenizer_prompt_format"] == _value(args, "--sft-tokenizer-prompt-format")
+
+
+# ------------------------------------------------------------ SFT batches through Megatron's schedule
+
+
+def _logits_recorder(net) -> list[dict]:
+    """Record each output-layer call's logits (fp64 copy, before the loss's in-place
+    backward overwrites them) and the gradient that reaches them."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+
+    records = []
+    layer = next(m for name, m in net.named_modules() if name.endswith("output_layer") and isinstance(m, ColumnParallelLinear))
+
+    def hook(_module, _inputs, output):
+        logits = output[0]
+        rec = {"logits": logits.detach().double().clone(), "grad": None}
+        if logits.requires_grad:
+            logits.register_hook(lambda g: rec.__setitem__("grad", g.detach().double().clone()))
+        records.append(rec)
+
+    layer.register_forward_hook(hook)
+    return records
+
+
+def _step(script, net, data, forward_only=False):
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    net.zero_grad(set_to_none=True)
+    return get_forward_backward_func()(
+        forward_step_func=script.forward_step, data_iterator=iter(data), model=[net],
+        num_microbatches=2, seq_length=48, micro_batch_size=2, forward_only=forward_only,
+    )
+
+
+def _run(flags, model):
+    """Build the model from ``flags``, wrap it, and run one step on Megatron's SFT batches."""
+    args, net, script = setup(*flags, base=[], model=model)
+    wrapped = PackedAsMask(net)
+    records = _logits_recorder(net)
+    data = megatron_data(script, n_micro=2)
+    reports = _step(script, wrapped, data)
+    return args, wrapped, records, reports, data
+
+
+def _check_step(args, wrapped, records, reports, gamma, beta):
+    """Every micro-batch against fp64 on the gathered logits: the per-token loss, the two
+    reported entries, and the logits gradient Megatron's schedule asks for."""
+    from megatron.core import parallel_state as ps
+
+    from megatron.training.global_vars import get_tokenizer
+
+    group = ps.get_tensor_model_parallel_group()
+    pad = get_tokenizer().pad
+    total = sum(float(c["loss_mask"].sum()) for c in wrapped.calls)
+    assert len(wrapped.calls) == len(records) == len(reports) == 2
+    for call, rec, rep in zip(wrapped.calls, records, reports):
+        assert call["packed"], "--sft hands the model packed sequences (cu_seqlens)"
+        labels, mask = call["labels"], call["loss_mask"].double()
+        assert labels.shape == (1, 96)  # two packed samples of 48, flattened by Megatron's get_batch
+        # the loss mask is exactly the assistant tokens: not the masked prompt (-100), not padding
+        assert torch.equal(mask.bool(), (labels != -100) & (labels != pad))
+        assert 0 < mask.sum() < mask.numel()
+        full = gather_vocab(rec["logits"], group).transpose(0, 1)  # [b, s, V], fp64
+        leaf = full.clone().requires_grad_(True)
+        tofu, ce = tk.tofu_loss_reference(leaf, labels, gamma=gamma, beta=beta)
+        per_token = call["output"].detach()
+        assert torch.equal(per_token[labels == -100], torch.zeros_like(per_token[labels == -100]))
+        assert_loss_close(per_token.double(), tofu.detach())
+        n = mask.sum()
+        assert rep[LOSS_KEY][1] == rep[CE_KEY][1] == n  # the assistant tokens, counted once
+        torch.testing.assert_close(rep[LOSS_KEY][0].double(), (tofu * mask).sum().detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(rep[CE_KEY][0].double(), (ce * mask).sum(), rtol=1e-5, atol=1e-6)
+        # Megatron's schedule: loss_func's masked sum, divided by its tokens and the number
+        # of micro-batches, unless --calculate-per-token-loss (then the sum itself).
+        scale = 1.0 if args.calculate_per_token_loss else 1.0 / (float(n) * 2)
+        ((tofu * mask).sum() * scale).backward()
+        grad = gather_vocab(rec["grad"], group).transpose(0, 1)
+        assert torch.equal(grad[mask == 0], torch.zeros_like(grad[mask == 0]))  # prompt and padding: exactly 0
+        assert_grad_close(grad.float(), leaf.grad, torch.float32)
+    return total
+
+
+def sft_step_cases(rank: int, world: int, tmp: str, model: str) -> None:
+    """TP = 2: a Megatron cross-entropy step, a TOFU step (the README's flags) and a TOFU step
+    with --calculate-per-token-loss, on the same weights and Megatron-built SFT batches."""
+    cpu_harness()
+    data, tok = _sft_files(tmp, rank)
+    flags = [*readme_sft_flags(data, tok), *CPU_FLAGS, *(HYBRID if model == "hybrid" else [])]
+    gamma, beta = float(_value(flags, "--tofu-gamma")), float(_value(flags, "--tofu-beta"))
+
+    args, wrapped, _, reports, batches = _run([*flags, "--loss-type", "cross_entropy"], model)
+    assert all(set(r) == {LOSS_KEY} for r in reports)  # Megatron untouched
+    megatron_ce = reduce_like_megatron(reports)[LOSS_KEY]
+    if rank == 0:  # what the prompt format trains on: the assistant turns of the first two lines
+        from megatron.training.global_vars import get_tokenizer
+
+        first = batches[0]  # get_batch flattened it in place: [1, 2 x 48]
+        kept = first["labels"][first["loss_mask"].bool()].tolist()
+        assert get_tokenizer().detokenize(kept) == assistant_text(CONVERSATIONS[0]) + assistant_text(CONVERSATIONS[1])
+
+    results = {}
+    for extra in ([], ["--calculate-per-token-loss"]):
+        args, wrapped, records, reports, _ = _run([*flags, *extra], model)
+        assert args.loss_type == "tofu" and args.calculate_per_token_loss == bool(extra)
+        _check_step(args, wrapped, records, reports, gamma, beta)
+        results[bool(extra)] = reduce_like_megatron(reports)
+        # 'lm cross entropy' of the TOFU run is Megatron's own 'lm loss' of the CE run
+        torch.testing.assert_close(results[bool(extra)][CE_KEY], megatron_ce, rtol=2e-5, atol=1e-6)
+    # the report is normalised over the assistant tokens of the whole batch either way
+    torch.testing.assert_close(results[True][LOSS_KEY], results[False][LOSS_KEY])
+    megatron_patch.revert()
+    megatron_patch.remove_hooks()
+
+
+@pytest.mark.parametrize("model", ["gpt", "hybrid"])
+def test_sft_batches_through_megatrons_schedule(tmp_path, model):
+    run_distributed(2, sft_step_cases, tmp=str(tmp_path), model=model)
