@@ -10,8 +10,8 @@ The harness runs the fixture's `forward_step` / `loss_func` inside Megatron's re
 pipeline schedules on CPU (gloo). Megatron hard-codes CUDA in a few places that have
 nothing to do with the loss; the harness stands in for exactly those, in the test
 process only: `torch.cuda.current_device`, `Tensor.cuda`, `torch.cuda.synchronize`, the
-GPU-architecture probe of argument validation, and the one `device="cuda"` token counter
-of the schedules.
+GPU-architecture probe of argument validation, and the `device="cuda"` counters of the
+schedules and of the evaluation loop.
 """
 
 from __future__ import annotations
@@ -65,8 +65,9 @@ def launch(*argv: str, script: str = "pretrain_gpt.py", timeout: int = 300) -> s
     )
 
 
-class _TorchWithCudaCountersOnCPU:
-    """`torch` as Megatron's schedules see it, with `zeros(device="cuda")` on the CPU."""
+class _TorchWithCudaTensorsOnCPU:
+    """`torch` as Megatron's schedules and its evaluation loop see it: the small counters
+    they create with `device="cuda"` are made on the CPU."""
 
     def __getattr__(self, name):
         return getattr(torch, name)
@@ -75,11 +76,15 @@ class _TorchWithCudaCountersOnCPU:
     def zeros(*args, device=None, **kwargs):
         return torch.zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)
 
+    @staticmethod
+    def tensor(*args, device=None, **kwargs):
+        return torch.tensor(*args, device="cpu" if device == "cuda" else device, **kwargs)
+
 
 def cpu_harness() -> None:
     """Call once in a gloo worker, before Megatron parses arguments."""
     from megatron.core.pipeline_parallel import schedules
-    from megatron.training import arguments
+    from megatron.training import arguments, training
 
     from .megatron_utils import allow_torch_norm_with_sequence_parallel
 
@@ -93,7 +98,7 @@ def cpu_harness() -> None:
     torch.Tensor.cuda = lambda self, *a, **k: self
     torch.cuda.synchronize = lambda *a, **k: None
     arguments.get_device_arch_version = lambda: 9  # Hopper, as on the GPU machines
-    schedules.torch = _TorchWithCudaCountersOnCPU()
+    schedules.torch = training.torch = _TorchWithCudaTensorsOnCPU()
     allow_torch_norm_with_sequence_parallel()
     # HybridStack builds its final norm with TENorm whatever the spec; without Transformer
     # Engine that is Megatron's torch norm (the spec's layers are local already).

@@ -76,19 +76,16 @@ def assistant_text(conversation: list[dict]) -> str:
     return "".join(m["content"].strip() + "\n" for m in conversation if m["role"] == "assistant")
 
 
-def megatron_data(script_module, n_micro: int, split: int = 0) -> list[dict]:
-    """``n_micro`` micro-batches of split ``split`` (0 train, 1 validation), built by the training
+def megatron_iterators(script_module):
+    """(train, validation) iterators over Megatron's data loaders, built by the training
     script's own ``train_valid_test_datasets_provider`` (SFTDataset with ``--sft``) and
-    Megatron's ``build_pretraining_data_loader``, on the ranks where Megatron builds data
-    (tensor-parallel rank 0); an empty list elsewhere (Megatron's ``get_batch`` broadcasts)."""
+    Megatron's ``build_pretraining_data_loader``; None on the ranks where Megatron builds no
+    data (tensor-parallel rank > 0: Megatron's ``get_batch`` broadcasts from rank 0)."""
     from megatron.training.datasets.data_samplers import build_pretraining_data_loader
     from megatron.training.training import build_train_valid_test_datasets
 
     datasets = build_train_valid_test_datasets(script_module.train_valid_test_datasets_provider)
-    if datasets[split] is None:
-        return []
-    loader = iter(build_pretraining_data_loader(datasets[split], 0))
-    return [next(loader) for _ in range(n_micro)]
+    return tuple(None if ds is None else iter(build_pretraining_data_loader(ds, 0)) for ds in datasets[:2])
 
 
 class PackedAsMask(torch.nn.Module):
