@@ -27,7 +27,17 @@ import tofu_kernels as tk  # noqa: E402
 from megatron_patch.reporting import CE_KEY, LOSS_KEY  # noqa: E402
 
 from .dist_utils import run_distributed  # noqa: E402
-from .megatron_lm import FIXTURE, SKIP_REASON, batches, cpu_harness, launch, reduce_like_megatron, setup, train_reports  # noqa: E402
+from .megatron_lm import (  # noqa: E402
+    FIXTURE,
+    HYBRID,
+    SKIP_REASON,
+    batches,
+    cpu_harness,
+    launch,
+    reduce_like_megatron,
+    setup,
+    train_reports,
+)
 from .megatron_utils import gather_vocab  # noqa: E402
 
 pytestmark = pytest.mark.skipif(FIXTURE is None, reason=SKIP_REASON)
@@ -128,7 +138,15 @@ def _check_reports(reports, independent):
         torch.testing.assert_close(rep[CE_KEY][0].double(), ce, rtol=2e-5, atol=1e-5)
 
 
-def tp_report_cases(rank: int, world: int) -> None:
+def _model_flags(model: str, mtp: bool = False) -> list[str]:
+    """pretrain_gpt.py's GPTModel needs nothing more; pretrain_hybrid.py's HybridModel its
+    spec and pattern (with an MTP depth after the pattern's '/')."""
+    if model == "gpt":
+        return ["--mtp-num-layers", "1", "--position-embedding-type", "rope"] if mtp else []
+    return HYBRID[:-1] + (["*-*-/*-", "--position-embedding-type", "rope"] if mtp else [HYBRID[-1]])
+
+
+def tp_report_cases(rank: int, world: int, model: str = "gpt") -> None:
     """TP = 2: plain, --calculate-per-token-loss, --sequence-parallel; and Megatron's own CE."""
     cpu_harness()
     from megatron.core.models.common.language_module.language_module import LanguageModule
@@ -137,14 +155,15 @@ def tp_report_cases(rank: int, world: int) -> None:
     original_loss = LanguageModule.__dict__["compute_language_model_loss"]
     original_calc = schedules.forward_step_calc_loss
     data = batches(3, seed=11)
-    args, model, pg = setup(*MEGATRON_CE, "--tensor-model-parallel-size", "2")
+    kind, flags = model, _model_flags(model)
+    args, model, pg = setup(*MEGATRON_CE, "--tensor-model-parallel-size", "2", *flags, model=kind)
     assert LanguageModule.__dict__["compute_language_model_loss"] is original_loss
     assert schedules.forward_step_calc_loss is original_calc
     megatron_reports = train_reports(model, pg, data)
     assert all(set(r) == {LOSS_KEY} for r in megatron_reports)  # untouched: no extra entry
     megatron_ce = reduce_like_megatron(megatron_reports)[LOSS_KEY]
     for extra in ([], ["--calculate-per-token-loss"], ["--sequence-parallel"]):
-        args, model, pg = setup(*TOFU, "--tensor-model-parallel-size", "2", *extra)
+        args, model, pg = setup(*TOFU, "--tensor-model-parallel-size", "2", *flags, *extra, model=kind)
         assert args.calculate_per_token_loss == ("--calculate-per-token-loss" in extra)
         reports = train_reports(model, pg, data)
         _check_reports(reports, _independent(model, data, 2.0, 0.7))
@@ -174,7 +193,7 @@ def dp_report_cases(rank: int, world: int) -> None:
     megatron_patch.remove_hooks()
 
 
-def mtp_cases(rank: int, world: int) -> None:
+def mtp_cases(rank: int, world: int, model: str = "gpt") -> None:
     """An MTP head: its loss goes through TOFU too; in CE mode its tracked value is Megatron's."""
     cpu_harness()
     from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
@@ -192,13 +211,14 @@ def mtp_cases(rank: int, world: int) -> None:
         for name, flags in (("megatron", MEGATRON_CE), ("ce_mode", CE_MODE), ("tofu", TOFU)):
             MTPLossLoggingHelper.clean_metrics_in_tracker()
             calls.clear()
-            args, model, pg = setup(*flags, "--tensor-model-parallel-size", "2", "--mtp-num-layers", "1",
-                                    "--position-embedding-type", "rope")
-            reports = train_reports(model, pg, data)
+            args, net, pg = setup(*flags, "--tensor-model-parallel-size", "2", *_model_flags(model, mtp=True),
+                                  model=model)
+            assert args.mtp_num_layers == 1
+            reports = train_reports(net, pg, data)
             tracked[name] = (MTPLossLoggingHelper.tracker["loss_values"].clone(), reduce_like_megatron(reports))
             assert len(calls) == (0 if name == "megatron" else 2 * len(data))  # main head + MTP head
             if name == "tofu":
-                _check_reports(reports, _independent(model, data, 2.0, 0.7))
+                _check_reports(reports, _independent(net, data, 2.0, 0.7))
     finally:
         megatron_patch.patch.vocab_parallel_tofu_loss = real
     mtp_megatron, rep_megatron = tracked["megatron"]
@@ -250,3 +270,10 @@ def pp_cases(rank: int, world: int) -> None:
                          ids=["tp2", "dp2", "mtp", "pp2"])
 def test_fixture_reports_cross_entropy_beside_tofu(cases):
     run_distributed(2, cases)
+
+
+@pytest.mark.parametrize("cases", [tp_report_cases, mtp_cases], ids=["tp2", "mtp"])
+def test_hybrid_fixture_reports_cross_entropy_beside_tofu(cases):
+    """The same through pretrain_hybrid.py's HybridModel (Megatron's recommended model):
+    pattern *-*- (attention, MLP: GPT blocks of local layers), MTP as the pattern's /*- part."""
+    run_distributed(2, cases, model="hybrid")

@@ -306,3 +306,66 @@ def sft_learning_cases(rank: int, world: int, tmp: str, model: str) -> None:
 @pytest.mark.parametrize("model", ["gpt", "hybrid"])
 def test_sft_steps_lower_the_cross_entropy(tmp_path, model):
     run_distributed(2, sft_learning_cases, tmp=str(tmp_path), model=model)
+
+
+# ------------------------------------------------------------ a model built outside Megatron-LM
+
+
+def _masked_token_loss(loss_mask, output_tensor, check_for_nan_in_loss=True):
+    """A loss_func of the shape Megatron-Bridge's SFT step binds (``partial(loss, loss_mask,
+    check_for_nan_in_loss=...)``): masked sum, token count, {'lm loss': [sum, count]}."""
+    losses, mask = output_tensor.view(-1).float(), loss_mask.view(-1).float()
+    loss = (losses * mask).sum()
+    if check_for_nan_in_loss:
+        assert torch.isfinite(loss)
+    n = mask.sum().to(torch.int)
+    return loss, n, {LOSS_KEY: torch.cat([loss.detach().view(1), n.view(1)])}
+
+
+def provider_built_cases(rank: int, world: int) -> None:
+    """Megatron-Bridge and NeMo build the GPTModel themselves from a TransformerConfig (no
+    Megatron-LM arguments) and train it through megatron.core's schedule with their own
+    forward step: apply() before the model is built is all it takes; the loss is TOFU, the
+    report gains 'lm cross entropy', and training lowers it."""
+    from functools import partial
+
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from .megatron_lm import BATCH, SEQ, batches
+    from .megatron_utils import init_megatron_cpu, tiny_gpt
+
+    cpu_harness()  # the schedule's cuda counters on the CPU
+    init_megatron_cpu(world)
+    megatron_patch.apply("tofu", gamma=3.0, beta=0.8, backend="torch")
+    model = tiny_gpt(world)
+    data = batches(2, seed=5)
+
+    def forward_step(data_iterator, net):
+        b = next(data_iterator)
+        out = net(b["tokens"], b["position_ids"], b["attention_mask"], labels=b["labels"])
+        return out, partial(_masked_token_loss, b["loss_mask"], check_for_nan_in_loss=True)
+
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    ce = []
+    for step in range(20):
+        model.zero_grad(set_to_none=True)
+        reports = get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(data), model=[model],
+                                              num_microbatches=2, seq_length=SEQ, micro_batch_size=BATCH)
+        assert all(set(r) == {LOSS_KEY, CE_KEY} for r in reports)
+        if step == 0:  # TOFU of the gathered logits, fp64, over the masked tokens
+            with torch.no_grad():
+                for rep, d in zip(reports, data):
+                    shard = model(d["tokens"], d["position_ids"], d["attention_mask"])
+                    full = gather_vocab(shard, ps.get_tensor_model_parallel_group()).double()
+                    tofu, _ = tk.tofu_loss_reference(full, d["labels"], gamma=3.0, beta=0.8)
+                    torch.testing.assert_close(rep[LOSS_KEY][0].double(), (tofu * d["loss_mask"]).sum(),
+                                               rtol=1e-5, atol=1e-6)
+        opt.step()
+        ce.append(float(reduce_like_megatron(reports)[CE_KEY]))
+    assert sum(ce[-3:]) < 0.8 * sum(ce[:3]), ce
+    megatron_patch.revert()
+
+
+def test_a_provider_built_model_trains_tofu():
+    run_distributed(2, provider_built_cases)
