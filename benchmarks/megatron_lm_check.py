@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -48,6 +49,14 @@ COMMON = [
     "--no-gradient-accumulation-fusion", "--no-persist-layer-norm", "--no-masked-softmax-fusion",
     "--no-bias-gelu-fusion", "--no-bias-dropout-fusion", "--no-rope-fusion", "--log-interval", "1",
     "--split", "98,2,0",
+]
+# SFT (the README's --sft flags): packed conversations, which only Transformer Engine's
+# attention takes; a small model, the test tokenizer's vocabulary (tests/sft_data.py).
+SFT_MODEL = [
+    "--num-layers", "4", "--hidden-size", "1024", "--num-attention-heads", "16", "--seq-length", "1024",
+    "--max-position-embeddings", "1024", "--micro-batch-size", "2", "--global-batch-size", "4", "--bf16",
+    "--lr", "1e-4", "--transformer-impl", "transformer_engine", "--seed", "1234", "--log-interval", "1",
+    "--split", "90,10,0", "--num-workers", "0",
 ]
 RUNS = {
     "cross_entropy": ["--loss-type", "cross_entropy"],
@@ -139,14 +148,13 @@ def ensure_dataset_helpers() -> str:
     return f"wrote a no-op {folder}/Makefile (the wheel ships helpers_cpp prebuilt, without its Makefile)"
 
 
-def run(fixture: Path, loss: str, smoke: bool, iters: int, log_path: Path, timeout: float) -> dict:
-    model = CPU_MODEL if smoke else GPU_MODEL
-    eval_args = ["--train-iters", str(iters), "--eval-interval", str(iters), "--eval-iters", "2"]
+def run(fixture: Path, name: str, flags: list[str], log_path: Path, timeout: float) -> dict:
+    """One `torchrun ... -m megatron_patch.launch <fixture>/pretrain_gpt.py flags`, its log parsed."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
-           "-m", "megatron_patch.launch", str(fixture / "pretrain_gpt.py"), *RUNS[loss], *model, *COMMON, *eval_args]
+           "-m", "megatron_patch.launch", str(fixture / "pretrain_gpt.py"), *flags]
     env = {**os.environ, "CUDA_DEVICE_MAX_CONNECTIONS": "1", "OMP_NUM_THREADS": "4", "PYTHONUNBUFFERED": "1"}
     t0 = time.time()
-    print(f"[megatron_lm_check] {loss}: {' '.join(cmd[5:])}", flush=True)
+    print(f"[megatron_lm_check] {name}: {' '.join(cmd[5:])}", flush=True)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
         text, rc = proc.stdout + proc.stderr, proc.returncode
@@ -156,17 +164,34 @@ def run(fixture: Path, loss: str, smoke: bool, iters: int, log_path: Path, timeo
     log_path.write_text(text)
     res = parse_log(text)
     res.update(rc=rc, wall_s=time.time() - t0)
-    print(f"[megatron_lm_check] {loss}: exit {rc} in {res['wall_s']:.0f} s, {len(res['iters'])} iterations logged",
+    print(f"[megatron_lm_check] {name}: exit {rc} in {res['wall_s']:.0f} s, {len(res['iters'])} iterations logged",
           flush=True)
     return res
+
+
+def pretrain_flags(loss: str, smoke: bool, iters: int) -> list[str]:
+    eval_args = ["--train-iters", str(iters), "--eval-interval", str(iters), "--eval-iters", "2"]
+    return [*RUNS[loss], *(CPU_MODEL if smoke else GPU_MODEL), *COMMON, *eval_args]
+
+
+def sft_flags(loss: str, data: Path, tokenizer: Path, iters: int) -> list[str]:
+    """The README's SFT command (its loss, --sft, tokenizer and data flags, read from README.md
+    as the tests do) on one GPU with Transformer Engine, a small model and packed sequences."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from tests import readme
+    finally:
+        sys.path.remove(str(ROOT))
+    eval_args = ["--train-iters", str(iters), "--eval-interval", str(iters), "--eval-iters", "2"]
+    return [*readme.sft_flags(data, tokenizer), *RUNS[loss][:2], *SFT_MODEL, *eval_args]
 
 
 def _fmt(v, spec=".4f"):
     return "-" if v is None else format(v, spec)
 
 
-def report(results: dict, warmup: int, smoke: bool, gpu: str) -> tuple[str, bool]:
-    lines = [f"# Megatron-LM pretrain_gpt.py (core_v0.19.0) through megatron_patch.launch on {gpu}", ""]
+def report(results: dict, warmup: int, smoke: bool, title: str) -> tuple[str, bool]:
+    lines = [title, ""]
     ok = True
     if smoke:
         lines.append("CPU smoke: Megatron stops at its own CUDA check after parsing; NOT a training result.")
@@ -236,18 +261,51 @@ def main(argv=None) -> int:
     results, logs = {}, []
     for loss in RUNS:
         log = args.out / f"megatron_lm_{loss}.log"
-        results[loss] = run(fixture, loss, args.smoke, args.iters, log, args.timeout)
+        results[loss] = run(fixture, loss, pretrain_flags(loss, args.smoke, args.iters), log, args.timeout)
         logs.append((loss, log))
-    md, ok = report(results, args.warmup, args.smoke, gpu)
+    title = f"# Megatron-LM pretrain_gpt.py (core_v0.19.0) through megatron_patch.launch on {gpu}"
+    md, ok = report(results, args.warmup, args.smoke, title)
     md = md.replace("\n\n|", f"\n\nMegatron's dataset helpers: {helpers}.\n\n|", 1)
-    # one file: the table, then the tail of each log (the device brings back few files)
-    for loss, log in logs:
+    sft_md, sft_ok = sft(fixture, args, logs)
+    md, ok = md + sft_md, ok and sft_ok
+    # one file: the tables, then the tail of each log
+    for name, log in logs:
         tail = "\n".join(log.read_text().splitlines()[-40:])
-        md += f"\n## {loss}: last 40 lines of the log\n\n```\n{tail}\n```\n"
+        md += f"\n## {name}: last 40 lines of the log\n\n```\n{tail}\n```\n"
         log.unlink()
     (args.out / "megatron_lm.md").write_text(md)
     print(md.split("\n## ")[0])
     return 0 if ok else 1
+
+
+def sft(fixture: Path, args, logs: list) -> tuple[str, bool]:
+    """The README's SFT command both ways, where it can run: a GPU with Transformer Engine
+    (only its attention takes --sft's packed sequences). Elsewhere it says why it did not run."""
+    import importlib.util
+
+    head = "\n## SFT: the README's --sft command (SFTTokenizer, packed conversations)\n\n"
+    if args.smoke:
+        return head + "not run: CPU smoke (tests/test_megatron_sft.py runs SFT batches on the CPU)\n", True
+    if importlib.util.find_spec("transformer_engine") is None:
+        return head + ("not run: needs Transformer Engine (megatron-core's local attention refuses packed "
+                       "sequences, and --sft always packs)\n"), True
+    sys.path.insert(0, str(ROOT))
+    try:
+        from tests.sft_data import write_chat_jsonl, write_tokenizer
+    finally:
+        sys.path.remove(str(ROOT))
+    data_dir = args.out / "sft_data"
+    data_dir.mkdir(exist_ok=True)
+    data = write_chat_jsonl(data_dir / "chat.jsonl", repeat=64, per_line=8)
+    tok = write_tokenizer(data_dir / "tokenizer")
+    results = {}
+    for loss in RUNS:
+        log = args.out / f"megatron_lm_sft_{loss}.log"
+        results[loss] = run(fixture, f"sft {loss}", sft_flags(loss, data, tok, args.iters), log, args.timeout)
+        logs.append((f"sft {loss}", log))
+    md, ok = report(results, args.warmup, False, head.strip())
+    shutil.rmtree(data_dir, ignore_errors=True)
+    return "\n" + md, ok
 
 
 if __name__ == "__main__":

@@ -40,3 +40,34 @@ def commands(block: str) -> list[list[str]]:
 def script_arguments(argv: list[str], script: str) -> list[str]:
     """The arguments after ``script`` in a launcher command line."""
     return argv[argv.index(script) + 1:]
+
+
+# Flags of the README's SFT command that belong to a GPU cluster, with their number of
+# values; runs elsewhere replace them (parallel sizes, Transformer Engine, bf16, the
+# distributed optimizer, checkpoints).
+CLUSTER_FLAGS = {
+    "--tensor-model-parallel-size": 1, "--pipeline-model-parallel-size": 1, "--sequence-parallel": 0,
+    "--transformer-impl": 1, "--bf16": 0, "--use-distributed-optimizer": 0,
+    "--pretrained-checkpoint": 1, "--load": 1, "--save": 1, "--save-interval": 1,
+}
+
+
+def sft_command() -> list[str]:
+    """The README's multi-node Megatron SFT command, as argv."""
+    return next(c for c in commands(code_block("Multi-node")) if "pretrain_gpt.py" in c)
+
+
+def sft_flags(data, tokenizer) -> list[str]:
+    """The README's SFT flags without the cluster's, with $DATA and $TOKENIZER filled in:
+    the loss flags, --sft, the tokenizer and its prompt format, the data flags."""
+    args, out, i = script_arguments(sft_command(), "pretrain_gpt.py"), [], 0
+    while i < len(args):
+        if args[i] in CLUSTER_FLAGS:
+            i += 1 + CLUSTER_FLAGS[args[i]]
+            continue
+        out.append(args[i].replace("$DATA", str(data)).replace("$TOKENIZER", str(tokenizer)))
+        i += 1
+    unknown = [a for a in out if "$" in a]
+    if unknown:
+        raise ValueError(f"README SFT flags with an unknown variable: {unknown}")
+    return out

@@ -62,12 +62,13 @@ def write_tokenizer(path: Path) -> Path:
     return path
 
 
-def write_chat_jsonl(path: Path, repeat: int = 4) -> Path:
-    """The conversations above, ``repeat`` times, one ``{"messages": [...]}`` per line."""
+def write_chat_jsonl(path: Path, repeat: int = 4, per_line: int = 1) -> Path:
+    """The conversations above, ``repeat`` times, as ``{"messages": [...]}`` lines of
+    ``per_line`` conversations each (Megatron's SFTDataset packs one line into a sample)."""
+    convs = [c for _ in range(repeat) for c in CONVERSATIONS]
     with open(path, "w") as f:
-        for _ in range(repeat):
-            for conv in CONVERSATIONS:
-                f.write(json.dumps({"messages": conv}) + "\n")
+        for i in range(0, len(convs), per_line):
+            f.write(json.dumps({"messages": [m for c in convs[i:i + per_line] for m in c]}) + "\n")
     return path
 
 

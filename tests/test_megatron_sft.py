@@ -59,36 +59,11 @@ from .sft_data import (  # noqa: E402
 
 pytestmark = pytest.mark.skipif(FIXTURE is None, reason=SKIP_REASON)
 
-# Flags of the README's command that belong to a GPU cluster, with their number of values;
-# the CPU runs replace them (TP = 2, local layers, fp32, no checkpoints).
-CLUSTER_FLAGS = {
-    "--tensor-model-parallel-size": 1, "--pipeline-model-parallel-size": 1, "--sequence-parallel": 0,
-    "--transformer-impl": 1, "--bf16": 0, "--use-distributed-optimizer": 0,
-    "--pretrained-checkpoint": 1, "--load": 1, "--save": 1, "--save-interval": 1,
-}
 # This machine's: the tiny model, TP = 2, sequences of 48 tokens, two micro-batches of two,
 # and Megatron's data loader in the process (its workers would be spawned processes here).
 CPU_FLAGS = [*TINY_MODEL, "--tensor-model-parallel-size", "2", "--seq-length", "48",
              "--max-position-embeddings", "48", "--num-workers", "0", "--split", "75,25,0",
              "--eval-iters", "1", "--eval-interval", "2"]
-
-
-def readme_sft_command() -> list[str]:
-    """The README's multi-node SFT command, as argv."""
-    return next(c for c in readme.commands(readme.code_block("Multi-node")) if "pretrain_gpt.py" in c)
-
-
-def readme_sft_flags(data: Path, tokenizer: Path) -> list[str]:
-    """The README's SFT flags without the cluster's, with $DATA and $TOKENIZER filled in."""
-    args, out, i = readme.script_arguments(readme_sft_command(), "pretrain_gpt.py"), [], 0
-    while i < len(args):
-        if args[i] in CLUSTER_FLAGS:
-            i += 1 + CLUSTER_FLAGS[args[i]]
-            continue
-        out.append(args[i].replace("$DATA", str(data)).replace("$TOKENIZER", str(tokenizer)))
-        i += 1
-    assert not [a for a in out if "$" in a], f"README SFT flags with an unknown variable: {out}"
-    return out
 
 
 def _value(flags: list[str], name: str) -> str:
@@ -124,7 +99,7 @@ def test_launcher_takes_the_readme_sft_command(tmp_path, script):
     """The README's flags, all of them (cluster sizes aside), through the launcher and
     Megatron's parser, up to Megatron's own CUDA stop on this machine."""
     data, tok = write_chat_jsonl(tmp_path / "chat.jsonl"), write_tokenizer(tmp_path / "tokenizer")
-    args = readme.script_arguments(readme_sft_command(), "pretrain_gpt.py")
+    args = readme.script_arguments(readme.sft_command(), "pretrain_gpt.py")
     subst = {"$DATA": str(data), "$TOKENIZER": str(tok), "$BASE": str(tmp_path / "base"), "$OUT": str(tmp_path / "out")}
     args = [subst.get(a, a) for a in args]
     for name in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size"):  # one process here
@@ -227,7 +202,7 @@ def sft_step_cases(rank: int, world: int, tmp: str, model: str) -> None:
     with --calculate-per-token-loss, on the same weights and Megatron-built SFT batches."""
     cpu_harness()
     data, tok = _sft_files(tmp, rank)
-    flags = [*readme_sft_flags(data, tok), *CPU_FLAGS, *(HYBRID if model == "hybrid" else [])]
+    flags = [*readme.sft_flags(data, tok), *CPU_FLAGS, *(HYBRID if model == "hybrid" else [])]
     gamma, beta = float(_value(flags, "--tofu-gamma")), float(_value(flags, "--tofu-beta"))
 
     args, wrapped, _, reports, batches = _run([*flags, "--loss-type", "cross_entropy"], model)
@@ -273,7 +248,7 @@ def sft_learning_cases(rank: int, world: int, tmp: str, model: str) -> None:
     from megatron.training.training import evaluate_and_print_results
 
     data, tok = _sft_files(tmp, rank)
-    flags = [*readme_sft_flags(data, tok), *CPU_FLAGS, "--train-iters", str(STEPS), "--eval-interval", str(STEPS),
+    flags = [*readme.sft_flags(data, tok), *CPU_FLAGS, "--train-iters", str(STEPS), "--eval-interval", str(STEPS),
              *(HYBRID if model == "hybrid" else [])]
     args, net, script = setup(*flags, base=[], model=model)
     wrapped = PackedAsMask(net)
@@ -369,3 +344,38 @@ def provider_built_cases(rank: int, world: int) -> None:
 
 def test_a_provider_built_model_trains_tofu():
     run_distributed(2, provider_built_cases)
+
+
+# ------------------------------------------------------------ the GPU check's SFT step
+
+
+def _gpu_check():
+    import sys
+
+    sys.path.insert(0, str(readme.README.parent / "benchmarks"))
+    try:
+        import megatron_lm_check
+    finally:
+        sys.path.pop(0)
+    return megatron_lm_check
+
+
+def test_gpu_check_sft_runs_the_readme_flags_or_says_why_not(tmp_path):
+    """benchmarks/megatron_lm_check.py's SFT step: the README's flags with Transformer Engine
+    on one GPU (parsed here by the launcher up to Megatron's CUDA stop); without Transformer
+    Engine it reports 'not run' with the reason, and that is no failure."""
+    import importlib.util
+    from argparse import Namespace
+
+    check = _gpu_check()
+    data, tok = write_chat_jsonl(tmp_path / "chat.jsonl", per_line=8), write_tokenizer(tmp_path / "tokenizer")
+    flags = check.sft_flags("tofu", data, tok, iters=3)
+    assert flags[:len(readme.sft_flags(data, tok))] == readme.sft_flags(data, tok)
+    assert _value(flags, "--transformer-impl") == "transformer_engine" and "--sft" in flags
+    out = launch(*flags)
+    assert "Megatron requires CUDA" in out.stderr, out.stderr[-3000:]
+    dump = dict(re.findall(r"^  (\w+) \.+ (.*)$", out.stdout, re.M))
+    assert (dump["sft"], dump["loss_type"], dump["transformer_impl"]) == ("True", "tofu", "transformer_engine")
+    if importlib.util.find_spec("transformer_engine") is None:
+        md, ok = check.sft(FIXTURE, Namespace(smoke=False, out=tmp_path, iters=3, warmup=1, timeout=30), [])
+        assert ok and "not run: needs Transformer Engine" in md
