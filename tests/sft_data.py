@@ -44,20 +44,25 @@ CONVERSATIONS = [
 ]
 
 
-def write_tokenizer(path: Path) -> Path:
-    """A character-level Hugging Face tokenizer saved at ``path`` (AutoTokenizer loads it)."""
+def write_tokenizer(path: Path, nemotron: bool = True) -> Path:
+    """A character-level Hugging Face tokenizer saved at ``path`` (AutoTokenizer loads it).
+
+    ``nemotron=False`` leaves out Nemotron's special tokens and any unk or pad token, as a
+    Llama 3 tokenizer does (its EOS then doubles as padding in Megatron's ``default`` format).
+    """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     chars = sorted(set(string.printable) - set("\x0b\x0c\r"))
-    vocab = {t: i for i, t in enumerate(SPECIAL + WORDS + chars)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    special = SPECIAL if nemotron else ["<s>", "</s>"]
+    vocab = {t: i for i, t in enumerate(special + WORDS + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>" if nemotron else None))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("|".join(WORDS) + r"|[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    tok.add_special_tokens(SPECIAL)
+    tok.add_special_tokens(special)
+    extra = {"unk_token": "<unk>", "pad_token": "<pad>"} if nemotron else {}
     PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-        chat_template=CHAT_TEMPLATE,
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", chat_template=CHAT_TEMPLATE, **extra,
     ).save_pretrained(path)
     return path
 

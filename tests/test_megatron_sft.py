@@ -114,6 +114,40 @@ def test_launcher_takes_the_readme_sft_command(tmp_path, script):
     assert dump["sft_tokenizer_prompt_format"] == _value(args, "--sft-tokenizer-prompt-format")
 
 
+def _readme_prompt_formats() -> dict[str, bool]:
+    """The README's prompt-format table: format -> whether it masks the prompt."""
+    text = readme.README.read_text()
+    rows = re.findall(r"^\| `([a-z0-9-]+)`[^|]*\| ([^|]+) \|", text, re.M)
+    formats = {name: "not masked" not in what for name, what in rows if name.startswith(("nemotron", "default", "identity"))}
+    assert set(formats) == {"nemotron-h-aligned", "nemotron-nano-v2", "default", "identity"}, formats
+    return formats
+
+
+def test_prompt_formats_train_what_the_readme_says(tmp_path):
+    """Megatron's SFTTokenizer on a conversation, per prompt format: the README's table says
+    which formats mask the system and user turns; with a tokenizer like Llama 3's (no
+    Nemotron tokens, no pad token) the masking formats have no pad id and `default` pads
+    with EOS."""
+    from megatron.core.tokenizers.text.libraries.sft_tokenizer import IGNORE_INDEX, SFTTokenizer
+
+    tok_dir, llama_like = write_tokenizer(tmp_path / "tok"), write_tokenizer(tmp_path / "llama_like", nemotron=False)
+    conv = CONVERSATIONS[2]
+    for fmt, masks in _readme_prompt_formats().items():
+        tok = SFTTokenizer(str(tok_dir), fmt)
+        tokens, target = tok.tokenize_conversation(conv, return_target=True, add_generation_prompt=False)
+        kept = tok.ids_to_text([int(t) for t in target if t != IGNORE_INDEX])
+        if masks:
+            assert (target == IGNORE_INDEX).any() and "list two colours" not in kept, (fmt, kept)
+            assert kept.replace("<SPECIAL_12>\n", "") == assistant_text(conv), (fmt, kept)
+        else:
+            assert (target == tokens).all() and "list two colours" in kept, (fmt, kept)
+        other = SFTTokenizer(str(llama_like), fmt)
+        if fmt.startswith("nemotron"):
+            assert other.pad_id is None, fmt  # SFTDataset cannot pad: fails at the first batch
+        elif fmt == "default":
+            assert other.pad_id == other.eod  # EOS masked as padding
+
+
 # ------------------------------------------------------------ SFT batches through Megatron's schedule
 
 
@@ -236,7 +270,7 @@ def test_sft_batches_through_megatrons_schedule(tmp_path, model):
 
 # ------------------------------------------------------------ a few SFT steps learn
 
-STEPS = 30
+STEPS = 20
 
 
 def sft_learning_cases(rank: int, world: int, tmp: str, model: str) -> None:
