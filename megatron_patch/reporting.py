@@ -62,13 +62,20 @@ def _warn_once(key: str, message: str) -> None:
 
 
 def _loss_mask(loss_func, ce: torch.Tensor) -> torch.Tensor | None:
-    """The loss mask bound as the first argument of a ``partial(loss_func, loss_mask, ...)``."""
+    """The loss mask bound as the first argument of a ``partial(loss_func, loss_mask, ...)``,
+    also where a schedule wraps that partial (the combined 1F1B schedule of
+    ``--overlap-moe-expert-parallel-comm`` hands over a ``ScheduleNode``'s ``forward``,
+    whose ``forward_func`` is the script's partial)."""
     fn = loss_func
-    while isinstance(fn, functools.partial):
-        if fn.args and isinstance(fn.args[0], torch.Tensor) and fn.args[0].numel() == ce.numel():
-            return fn.args[0]
-        fn = fn.func
-    return None
+    while True:
+        if isinstance(fn, functools.partial):
+            if fn.args and isinstance(fn.args[0], torch.Tensor) and fn.args[0].numel() == ce.numel():
+                return fn.args[0]
+            fn = fn.func
+        elif callable(getattr(getattr(fn, "__self__", None), "forward_func", None)):
+            fn = fn.__self__.forward_func
+        else:
+            return None
 
 
 def _with_cross_entropy(outputs, loss_func, ce: torch.Tensor):
