@@ -11,6 +11,7 @@ pytest.importorskip("megatron.core", reason="megatron-core is installed by make 
 
 import megatron_patch  # noqa: E402
 import tofu_kernels as tk  # noqa: E402
+from tofu_kernels.params import TOFUParams  # noqa: E402
 
 from .dist_utils import run_distributed  # noqa: E402
 from .helpers import assert_loss_close  # noqa: E402
@@ -47,15 +48,15 @@ def loss_cases(rank: int, world: int) -> None:
             assert torch.equal(full, full.to(dtype).float()), "logits are not model-dtype values"
             megatron_patch.apply("tofu", gamma=3.0, beta=0.8, backend="torch")
             seen = []
-            real = megatron_patch.patch.vocab_parallel_tofu_loss
+            real = megatron_patch.patch.loss_of_logits
 
-            def spy(logits, *a, **k):
-                seen.append((logits.dtype, logits.data_ptr(), k["inplace_backward"]))
-                return real(logits, *a, **k)
+            def spy(logits, labels, params, tp):
+                seen.append((logits.dtype, logits.data_ptr(), params.inplace_backward))
+                return real(logits, labels, params, tp)
 
-            megatron_patch.patch.vocab_parallel_tofu_loss = spy
+            megatron_patch.patch.loss_of_logits = spy
             loss = model(ids, pos, mask, labels=labels)
-            megatron_patch.patch.vocab_parallel_tofu_loss = real
+            megatron_patch.patch.loss_of_logits = real
             # model-dtype logits consumed as they are (no .float() copy), grad in place
             assert seen and seen[0][0] == dtype and seen[0][2] is True
             assert loss.shape == labels.shape and loss.dtype == torch.float32
@@ -217,7 +218,8 @@ def test_megatron_parser_accepts_flags_and_applies(monkeypatch, hooked):
                   "--tofu-backend", "torch", "--num-layers", "2")
     assert (args.loss_type, args.tofu_gamma, args.tofu_beta, args.tofu_backend) == ("tofu", 2.5, 0.7, "torch")
     assert args.num_layers == 2  # Megatron's own flags still parse
-    assert megatron_patch.config() == megatron_patch.patch.TOFUConfig(2.5, 0.7, "torch")
+    assert megatron_patch.config() == TOFUParams(gamma=2.5, beta=0.7, backend="torch", reduction="none",
+                                                 inplace_backward=True, return_ce=True)
     assert cls.__dict__["compute_language_model_loss"] is not original
 
 
