@@ -240,7 +240,7 @@ def main(argv=None) -> int:
         logs.append((loss, log))
     md, ok = report(results, args.warmup, args.smoke, gpu)
     md = md.replace("\n\n|", f"\n\nMegatron's dataset helpers: {helpers}.\n\n|", 1)
-    # one file: the table, then the tail of each log (the device brings back few files)
+    # one file to read: the table, then the tail of each log
     for loss, log in logs:
         tail = "\n".join(log.read_text().splitlines()[-40:])
         md += f"\n## {loss}: last 40 lines of the log\n\n```\n{tail}\n```\n"
