@@ -3,7 +3,7 @@
 ``tofu_loss`` and ``vocab_parallel_tofu_loss`` (``loss.py``) run it once over a logits
 tensor; the fused linear losses (``linear.py``) run it over chunks of logits they compute
 themselves (a chunk at a time with the gradient in the forward, all chunks' records at
-once otherwise). The steps, in order (docs/design.md section 3):
+once otherwise). The steps, in order (docs/design.md sections 3 and 5):
 
 :func:`plan`, once per call, before any kernel
     the backend; this rank's shard and the tensor-parallel group (None when there is no
@@ -27,7 +27,7 @@ two passes (any upstream gradient; the only way under tensor parallelism):
                           gradient into :func:`grad_buffer`
 
 Every non-tensor setting travels as the call's :class:`~tofu_kernels.params.TOFUParams`,
-handed to the backend unpacked by nothing in between. A reuse: anything that produces
+handed on unchanged: the backend is the first to unpack it. A reuse: anything that produces
 logits chunk by chunk (a model's output layer, say) plans once, feeds :func:`chunk_stats`
 or :func:`fused` per chunk, and calls :func:`grad` per chunk with its own upstream
 gradient, keeping its GEMMs and its own gradient buffers.

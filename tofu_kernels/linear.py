@@ -7,29 +7,30 @@ through, both the core's (:mod:`tofu_kernels.core`), each chunk handled as a log
 
 gradient in the forward (reduction "mean"/"sum" and a gradient wanted; 3 GEMMs):
     per chunk:  z = h_c @ W.T                       GEMM 1, into one reused buffer
-                backend.fused(z -> z)               loss and dL/dz, in place, while each
+                core.fused(z -> z)                  loss and dL/dz, in place, while each
                                                     row is on chip (upstream gradient 1)
                 dh_c = alpha * z @ W                GEMM 2, straight into dhidden
                 dW  += alpha * z.T @ h_c            GEMM 3, accumulated in dW's dtype
-    backward:   backend.rescale(dh, dW)             times the upstream gradient; nothing
+    backward:   core.rescale(dh, dW)                times the upstream gradient; nothing
                                                     on the device when it is 1
     ``alpha`` is the mean's 1 / (non-ignored tokens), folded into the GEMMs (counted on
     the host: one sync per call, beside the label check's).
 
 two passes (reduction "none", or no gradient wanted; 4 GEMMs when a gradient is wanted):
-    forward:    z = h_c @ W.T and backend.row_stats per chunk, the splits merged into one
-                [N, 4] buffer; one backend.epilogue for all rows; the logits chunk is
+    forward:    z = h_c @ W.T per chunk into core.chunk_stats (the splits merged into one
+                [N, 4] buffer); one core.finish for all rows; the logits chunk is
                 dropped, the backward keeps one fp32 record per row
-    backward:   z = h_c @ W.T again; backend.grad(z -> z) with the per-token upstream
+    backward:   z = h_c @ W.T again; core.grad(z -> z) with the per-token upstream
                 gradient; GEMMs 2 and 3 as above
 
 vocabulary parallel (:func:`vocab_parallel_linear_tofu_loss`, weight sharded ``[V/tp, D]``):
     the two-pass way on this rank's shard, with the tensor-parallel protocol of
     :mod:`tofu_kernels.vocab_parallel`: every chunk's statistics records land in one
-    ``[N, 4]`` buffer, ONE all-gather for all of them, one epilogue; the backward
-    recomputes the shard's logits per chunk and all-reduces dhidden (the one collective
-    of a column-parallel linear's backward; ``reduce_hidden_grad=False`` leaves it to the
-    caller, e.g. Megatron's copy-to-tensor-parallel region).
+    ``[N, 4]`` buffer with this rank's metadata record, ONE all-gather for all of them,
+    one epilogue; the backward recomputes the shard's logits per chunk and all-reduces
+    dhidden (the one collective of a column-parallel linear's backward;
+    ``reduce_hidden_grad=False`` leaves it to the caller, e.g. Megatron's
+    copy-to-tensor-parallel region).
 
 Precision: GEMMs accumulate in fp32 (cuBLAS / CPU BLAS) and round once to the inputs'
 dtype; the TOFU statistics are fp32 in the kernels. dW is the sum over chunks of one GEMM
