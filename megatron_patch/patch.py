@@ -63,6 +63,14 @@ def _tp_group(module):
     return group
 
 
+def vocab_parallel_tofu_loss(logits: torch.Tensor, labels: torch.Tensor, params: TOFUParams, group):
+    """The patch's one call into tofu_kernels per loss (tests count calls through this name):
+    logits ``[s, b, V/tp]`` against labels ``[b, s]`` under ``params`` over the tensor-parallel
+    ``group``; returns the per-token loss and cross entropy ``[b, s]``."""
+    # [s, b, V/tp] seen as [b, s, V/tp]: a strided view, read without a copy.
+    return loss_of_logits(logits.transpose(0, 1), labels, params, TensorParallel(group))
+
+
 def tofu_compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """TOFU replacement: labels ``[b, s]``, logits ``[s, b, V/tp]`` -> fp32 loss ``[b, s]``.
 
@@ -74,8 +82,7 @@ def tofu_compute_language_model_loss(self, labels: torch.Tensor, logits: torch.T
     params = _State.unchecked if _State.checked else _State.params
     if params is None:  # reverted while something still holds this function: Megatron's loss
         return _language_module().__dict__["compute_language_model_loss"](self, labels, logits)
-    # [s, b, V/tp] seen as [b, s, V/tp]: a strided view, read without a copy.
-    loss, ce = loss_of_logits(logits.transpose(0, 1), labels, params, TensorParallel(_tp_group(self)))
+    loss, ce = vocab_parallel_tofu_loss(logits, labels, params, _tp_group(self))
     _State.checked = True
     reporting.attach_cross_entropy(loss, ce)
     return loss
