@@ -1,4 +1,4 @@
-# make demo   TOFU vs cross entropy SFT through Megatron-Core, TP=2 (CPU: ~6 min on 2 cores)
+# make demo   TOFU vs cross entropy SFT through Megatron-Core, TP=2 (CPU: ~5 min on 2 cores)
 # make test   create .venv (Python 3.12), install pinned deps + this package, run all tests
 # make bench  run the loss benchmark (CPU: tiny shapes, not a performance result)
 SHELL := /bin/bash

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Bring what the GPU machine lacks (it has no network) into .whl/ (git-ignored), to be
-# carried with `carry=[".whl"]`: the wheels of megatron-core, liger-kernel and
-# cut-cross-entropy, and a copy of the Megatron-LM training scripts the GPU check runs
-# (the project's fixture: read from the shared folder, never committed here).
+# Bring what a GPU machine without network lacks into .whl/ (git-ignored), to be copied
+# there with the checkout: the wheels of megatron-core, liger-kernel and cut-cross-entropy,
+# and a copy of the Megatron-LM training scripts the GPU check runs (the project's fixture:
+# read from the shared folder, never committed here). benchmarks/gpu_check.sh installs them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}

@@ -268,7 +268,7 @@ def main(argv=None) -> int:
     md = md.replace("\n\n|", f"\n\nMegatron's dataset helpers: {helpers}.\n\n|", 1)
     sft_md, sft_ok = sft(fixture, args, logs)
     md, ok = md + sft_md, ok and sft_ok
-    # one file: the tables, then the tail of each log
+    # one file to read: the tables, then the tail of each log
     for name, log in logs:
         tail = "\n".join(log.read_text().splitlines()[-40:])
         md += f"\n## {name}: last 40 lines of the log\n\n```\n{tail}\n```\n"

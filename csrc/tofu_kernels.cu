@@ -158,8 +158,7 @@ __device__ __forceinline__ Stats thread_stats(const T* xr, int64_t lo, int64_t h
 // read). Vectors are visited from the last to the first when `Reverse`.
 template <typename T, int NThreads, bool Reverse>
 __device__ __forceinline__ void write_grad(const T* xr, T* orow, int64_t lo, int64_t hi, int64_t valid_hi,
-                                           int64_t t, float coef, float m, float log2_sb, float qt_m1,
-                                           float ib) {
+                                           int64_t t, const RowGrad& r, float ib) {
   constexpr int V = Vec<T>::N;
   int64_t tail_start = lo;
   if (aligned16(xr + lo) && aligned16(orow + lo)) {
@@ -177,13 +176,13 @@ __device__ __forceinline__ void write_grad(const T* xr, T* orow, int64_t lo, int
       float gv[V];
 #pragma unroll
       for (int j = 0; j < V; ++j)
-        gv[j] = c0 + j < valid_hi ? grad_elem(z[j], c0 + j == t, coef, m, log2_sb, qt_m1, ib) : 0.f;
+        gv[j] = c0 + j < valid_hi ? grad_elem(z[j], c0 + j == t, r, ib) : 0.f;
       store_vec(orow + c0, gv);
     }
     tail_start = lo + n_vec * V;
   }
   for (int64_t c = tail_start + threadIdx.x; c < hi; c += NThreads) {
-    const float g = c < valid_hi ? grad_elem(to_float(xr[c]), c == t, coef, m, log2_sb, qt_m1, ib) : 0.f;
+    const float g = c < valid_hi ? grad_elem(to_float(xr[c]), c == t, r, ib) : 0.f;
     orow[c] = from_float<T>(g);
   }
 }
@@ -274,9 +273,9 @@ __global__ void __launch_bounds__(kEpilogueThreads) epilogue_kernel(const float*
   acc_n = block_sum<kEpilogueThreads>(acc_n, si);
   if (threadIdx.x == 0) {
     const float scale = a.reduction == reduction::kMean ? 1.f / static_cast<float>(max(acc_n, 1)) : 1.f;
-    red[0] = acc_loss * scale;
-    red[1] = acc_ce * scale;
-    red[2] = scale;
+    red[reduced::kLoss] = acc_loss * scale;
+    red[reduced::kCe] = acc_ce * scale;
+    red[reduced::kScale] = scale;
   }
 }
 
@@ -291,16 +290,15 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(const T* x, T* out, cons
   const int64_t lo = int64_t(blockIdx.y) * kTileCols;
   const int64_t hi = min(lo + kTileCols, a.width);
   const float* p = rec + row * gparam::kWidth;
-  const float coef = upstream[row * a.up_stride] * scale[0] * p[gparam::kG];
-  const float m = p[gparam::kM], qt_m1 = p[gparam::kQtM1];
-  const float log2_sb = p[gparam::kLogSb] * kLog2e;
+  const RowGrad r{upstream[row * a.up_stride] * scale[0] * p[gparam::kG], p[gparam::kM], p[gparam::kLogSb] * kLog2e,
+                  p[gparam::kQtM1]};
   const float ib = kLog2e / a.beta;
   int64_t t = labels[row] - a.vocab_start;
   if (t < 0 || t >= a.n_valid) t = -1;  // target on another rank, or in padding
   // coef == 0 (ignored or loss-masked token): write zeros without reading.
-  const int64_t valid_hi = coef != 0.f ? min(hi, a.n_valid) : lo;
+  const int64_t valid_hi = r.coef != 0.f ? min(hi, a.n_valid) : lo;
   write_grad<T, kThreads, false>(x + row_offset(row, l, false), out + row_offset(row, l, true), lo, hi, valid_hi,
-                                 t, coef, m, log2_sb, qt_m1, ib);
+                                 t, r, ib);
 }
 
 // ------------------------------------------------------------------ gradient in the forward
@@ -312,7 +310,8 @@ __global__ void __launch_bounds__(kEpilogueThreads) count_kernel(const int64_t* 
   for (int64_t r = threadIdx.x; r < n_rows; r += kEpilogueThreads) n += labels[r] != a.ignore_index;
   __shared__ int si[kEpilogueThreads / 32];
   n = block_sum<kEpilogueThreads>(n, si);
-  if (threadIdx.x == 0) red[2] = a.reduction == reduction::kMean ? 1.f / static_cast<float>(max(n, 1)) : 1.f;
+  if (threadIdx.x == 0)
+    red[reduced::kScale] = a.reduction == reduction::kMean ? 1.f / static_cast<float>(max(n, 1)) : 1.f;
 }
 
 // One block per whole row: statistics, loss, then the gradient for an upstream of 1.
@@ -330,21 +329,17 @@ __global__ void __launch_bounds__(kFusedThreads) fused_kernel(const T* x, T* out
   Stats st = thread_stats<T, BetaOne, kFusedThreads>(xr, 0, active ? width : 0, ib);
   st = block_merge<BetaOne, kFusedThreads>(st, ib);
   const bool hit = active && label >= 0 && label < width;
-  __shared__ float sh[4];  // coef, m, log2 Sb, q_t - 1 of this row
+  __shared__ RowGrad row_grad;  // thread 0 finalizes the row, every thread writes its gradient
   if (threadIdx.x == 0) {
     const float zt = hit ? to_float(xr[label]) : 0.f;
     const RowOut o = finalize_row(st, zt, label, a.ignore_index, width, a.gamma, a.beta);
     loss[row] = o.loss;
     ce[row] = o.ce;
-    sh[0] = red[2] * o.g;
-    sh[1] = o.m;
-    sh[2] = o.log_sb * kLog2e;
-    sh[3] = o.qt_m1;
+    row_grad = RowGrad{red[reduced::kScale] * o.g, o.m, o.log_sb * kLog2e, o.qt_m1};
   }
   __syncthreads();
-  const float coef = sh[0];
-  write_grad<T, kFusedThreads, true>(xr, orow, 0, width, coef != 0.f ? width : 0, hit ? label : -1, coef, sh[1],
-                                     sh[2], sh[3], ib);
+  const RowGrad r = row_grad;
+  write_grad<T, kFusedThreads, true>(xr, orow, 0, width, r.coef != 0.f ? width : 0, hit ? label : -1, r, ib);
 }
 
 __global__ void __launch_bounds__(kEpilogueThreads) reduce_kernel(const float* __restrict__ loss,
@@ -359,9 +354,9 @@ __global__ void __launch_bounds__(kEpilogueThreads) reduce_kernel(const float* _
   acc_loss = block_sum<kEpilogueThreads>(acc_loss, sf);
   acc_ce = block_sum<kEpilogueThreads>(acc_ce, sf);
   if (threadIdx.x == 0) {
-    const float scale = red[2];
-    red[0] = acc_loss * scale;
-    red[1] = acc_ce * scale;
+    const float scale = red[reduced::kScale];
+    red[reduced::kLoss] = acc_loss * scale;
+    red[reduced::kCe] = acc_ce * scale;
   }
 }
 

@@ -8,8 +8,10 @@
 
 namespace tofu {
 
-// Launch policy, owned here and read by Python from the extension module
-// (tofu_kernels._C.THREADS, .TILE_COLS, .TARGET_BLOCKS).
+// Launch policy of both GPU backends, defined here: the extension module exports
+// THREADS, TILE_COLS, TARGET_BLOCKS, EPILOGUE_THREADS and RESCALE_BLOCKS, which the Triton
+// backend's launch policy reads (tofu_kernels/backends/gpu.py; a test compares its
+// defaults, used where the extension is not built, with this file).
 constexpr int kThreads = 256;     // threads per block: statistics, gradient, rescale
 constexpr int kVecBytes = 16;     // one vector load / store per thread
 constexpr int kUnroll = 2;        // vectors in flight per thread in the streaming loops
@@ -64,17 +66,17 @@ struct GradArgs {
 cudaError_t launch_row_stats(DType dt, const void* x, const int64_t* labels, float* stats,
                              int64_t n_rows, int splits, const RowLayoutArgs& l, const StatsArgs& a,
                              cudaStream_t s);
-// One block: loss, ce [n_rows]; rec [n_rows, gparam::kWidth]; red [3] = reduced loss,
-// reduced ce, scale (1 / token count for a mean, else 1).
+// One block: loss, ce [n_rows]; rec [n_rows, gparam::kWidth]; red [reduced::kWidth] = the
+// reduced loss and ce, and the scale (1 / token count for a mean, else 1).
 cudaError_t launch_epilogue(const float* parts, const int64_t* labels, float* loss, float* ce, float* rec,
                             float* red, const PartsArgs& p, const LossArgs& a, cudaStream_t s);
 // rec: fp32 [n_rows, gparam::kWidth]; upstream fp32; scale fp32 [1]; out may alias x.
 cudaError_t launch_grad(DType dt, const void* x, void* out, const int64_t* labels, const float* rec,
                         const float* upstream, const float* scale, int64_t n_rows, const RowLayoutArgs& l,
                         const GradArgs& a, cudaStream_t s);
-// Gradient in the forward, whole rows (n_valid = width): the count of tokens (scale into
-// red[2]), one block per row writing loss, ce and the gradient for an upstream of 1
-// (out may alias x), then the reductions into red[0], red[1].
+// Gradient in the forward, whole rows (n_valid = width): the count of tokens (the scale
+// into red[reduced::kScale]), one block per row writing loss, ce and the gradient for an
+// upstream of 1 (out may alias x), then the reduced loss and ce into red.
 cudaError_t launch_fused(DType dt, const void* x, void* out, const int64_t* labels, float* loss, float* ce,
                          float* red, int64_t n_rows, int64_t width, const RowLayoutArgs& l, const LossArgs& a,
                          cudaStream_t s);

@@ -16,8 +16,8 @@
 
 namespace tofu {
 
-// fp32 record layouts, mirrored from tofu_kernels/tofu_math.py (Stat, GradParam, Meta,
-// Reduction); tests/test_cuda_ext.py::test_record_layouts_agree checks the two agree.
+// fp32 record layouts, mirrored from tofu_kernels/records.py (Stat, GradParam, Meta,
+// Reduced, Reduction); tests/test_cuda_ext.py::test_record_layouts_agree checks the two agree.
 namespace stat {  // statistics of (part of) a row: [..., kWidth]
 enum : int { kM = 0, kS1 = 1, kSb = 2, kZt = 3, kWidth = 4 };
 }
@@ -26,6 +26,9 @@ enum : int { kG = 0, kM = 1, kLogSb = 2, kQtM1 = 3, kWidth = 4 };
 }
 namespace meta {  // a rank's metadata record (int32 bits), after its statistics records
 enum : int { kVocabStart = 0, kVocabEnd = 1, kWidth = 2, kRows = 3 };
+}
+namespace reduced {  // the reduced outputs of a forward: [kWidth]
+enum : int { kLoss = 0, kCe = 1, kScale = 2, kWidth = 3 };
 }
 namespace reduction {  // reduction= as the kernels see it
 enum : int { kNone = 0, kSum = 1, kMean = 2 };
@@ -83,13 +86,20 @@ TOFU_HD void update(Stats& st, const float (&z)[K], float inv_beta_log2e) {
   st.sb = BetaOne ? s1 : sb;
 }
 
+// What the gradient of one row needs, per row: the GradParam record with every per-row
+// factor folded in fp32 (coef = upstream * scale * g) and log Sb pre-scaled for exp2.
+struct RowGrad {
+  float coef;     // upstream * scale * g
+  float m;        // the global row max
+  float log2_sb;  // log(Sb) * log2(e)
+  float qt_m1;    // q_t - 1 = expm1(log q_t)
+};
+
 // Gradient of one element: coef * (q_j - [j == t]) with q_j = exp((z - m)/beta - log Sb)
-// and the target column taking the precomputed q_t - 1 = expm1(log q_t); coef = upstream *
-// scale * g, folded in fp32 by the caller; log2_sb = log(Sb) * log2(e).
-TOFU_HD float grad_elem(float z, bool is_target, float coef, float m, float log2_sb,
-                        float qt_m1, float inv_beta_log2e) {
-  const float q = is_target ? qt_m1 : exp2f((z - m) * inv_beta_log2e - log2_sb);
-  return coef * q;
+// and the target column taking the precomputed q_t - 1.
+TOFU_HD float grad_elem(float z, bool is_target, const RowGrad& r, float inv_beta_log2e) {
+  const float q = is_target ? r.qt_m1 : exp2f((z - r.m) * inv_beta_log2e - r.log2_sb);
+  return r.coef * q;
 }
 
 // Focal weight g(p) from log p, finite everywhere (see tofu_math.focal_weight):

@@ -1,9 +1,10 @@
 // Torch custom-op registration for the TOFU CUDA kernels (namespace tofu_kernels).
 //
-// Ops write, wrappers allocate: every op writes into tensors the Python wrapper
+// Ops write, wrappers allocate: every op writes into tensors the Python adaptor
 // allocated, and the schemas mark them mutated (Tensor(a!)), so torch.compile and
-// CUDA-graph capture see the true data flow. Fake (meta) implementations are in
-// tofu_kernels/backends/cuda_backend.py. Importing tofu_kernels._C registers the ops.
+// CUDA-graph capture see the true data flow. The Triton ops take the same arguments; the
+// fake (meta) implementation of each op, with the same buffer checks as here, is in
+// tofu_kernels/backends/gpu.py. Importing tofu_kernels._C registers the ops.
 
 #include <Python.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -28,11 +29,15 @@ void check_cuda(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "tofu_kernels: ", what, " launch failed: ", cudaGetErrorString(err));
 }
 
-void check_common(const at::Tensor& x, const at::Tensor& labels, int64_t n_rows) {
-  TORCH_CHECK(x.is_cuda(), "tofu_kernels: logits must be a CUDA tensor");
+void check_labels(const at::Tensor& labels, int64_t n_rows) {
   TORCH_CHECK(labels.is_cuda() && labels.scalar_type() == at::kLong && labels.is_contiguous() &&
                   labels.numel() == n_rows,
               "tofu_kernels: labels must be a contiguous int64 CUDA tensor with one entry per row");
+}
+
+void check_common(const at::Tensor& x, const at::Tensor& labels, int64_t n_rows) {
+  TORCH_CHECK(x.is_cuda(), "tofu_kernels: logits must be a CUDA tensor");
+  check_labels(labels, n_rows);
   TORCH_CHECK(x.dim() == 0 || x.stride(-1) == 1 || x.size(-1) <= 1, "tofu_kernels: vocab dim must have stride 1");
 }
 
@@ -59,16 +64,14 @@ void row_stats(const at::Tensor& x, const at::Tensor& labels, at::Tensor& stats,
 void epilogue(const at::Tensor& parts, const at::Tensor& labels, at::Tensor& loss, at::Tensor& ce, at::Tensor& rec,
               at::Tensor& red, int64_t n_rows, int64_t splits, int64_t world, int64_t rank_stride, bool has_meta,
               int64_t vocab_size, int64_t ignore_index, double gamma, double beta, int64_t reduction) {
-  TORCH_CHECK(labels.is_cuda() && labels.scalar_type() == at::kLong && labels.is_contiguous() &&
-                  labels.numel() == n_rows,
-              "tofu_kernels: labels must be a contiguous int64 CUDA tensor with one entry per row");
+  check_labels(labels, n_rows);
   const int64_t per_rank = n_rows * splits * tofu::stat::kWidth + (has_meta ? tofu::stat::kWidth : 0);
   TORCH_CHECK(world >= 1 && (world == 1 || rank_stride >= per_rank), "tofu_kernels: bad partial-statistics layout");
   check_f32(parts, world == 1 ? per_rank : world * rank_stride, "parts");
   check_f32(loss, n_rows, "loss");
   check_f32(ce, n_rows, "ce");
   check_f32(rec, n_rows * tofu::gparam::kWidth, "rec");
-  check_f32(red, 3, "red");
+  check_f32(red, tofu::reduced::kWidth, "red");
   TORCH_CHECK(reduction >= tofu::reduction::kNone && reduction <= tofu::reduction::kMean, "tofu_kernels: bad reduction");
   if (n_rows == 0) return;
   const c10::cuda::CUDAGuard guard(parts.device());
@@ -123,7 +126,7 @@ void fused(const at::Tensor& x, at::Tensor& out, const at::Tensor& labels, at::T
   TORCH_CHECK(out.scalar_type() == x.scalar_type() && out.is_cuda(), "tofu_kernels: out must match logits");
   check_f32(loss, n_rows, "loss");
   check_f32(ce, n_rows, "ce");
-  check_f32(red, 3, "red");
+  check_f32(red, tofu::reduced::kWidth, "red");
   TORCH_CHECK(n_rows > 0, "tofu_kernels: fused needs at least one row");
   const c10::cuda::CUDAGuard guard(x.device());
   const tofu::RowLayoutArgs l{n_inner, xs_outer, xs_inner, os_outer, os_inner};
@@ -192,15 +195,17 @@ TORCH_LIBRARY_IMPL(tofu_kernels, CUDA, m) {
 }
 
 // A Python module named _C so that `import tofu_kernels._C` loads the library (and the
-// static registrations above) the ordinary way. It also carries the launch constants
-// (tofu_kernels.h), so Python's launch policy reads them from C++ instead of copying them.
+// static registrations above) the ordinary way. It also carries the launch constants of
+// tofu_kernels.h, which the Python launch policy of both GPU backends reads.
 static struct PyModuleDef tofu_module = {PyModuleDef_HEAD_INIT, "_C", "TOFU CUDA kernels (torch ops)", -1, nullptr};
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* m = PyModule_Create(&tofu_module);
   if (m == nullptr) return nullptr;
   if (PyModule_AddIntConstant(m, "THREADS", tofu::kThreads) < 0 ||
       PyModule_AddIntConstant(m, "TILE_COLS", static_cast<long>(tofu::kTileCols)) < 0 ||
-      PyModule_AddIntConstant(m, "TARGET_BLOCKS", static_cast<long>(tofu::kTargetBlocks)) < 0) {
+      PyModule_AddIntConstant(m, "TARGET_BLOCKS", static_cast<long>(tofu::kTargetBlocks)) < 0 ||
+      PyModule_AddIntConstant(m, "EPILOGUE_THREADS", tofu::kEpilogueThreads) < 0 ||
+      PyModule_AddIntConstant(m, "RESCALE_BLOCKS", tofu::kRescaleBlocks) < 0) {
     Py_DECREF(m);
     return nullptr;
   }

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import os
 import random
@@ -235,6 +236,13 @@ def report(results: dict, curves: dict, args, out: Path, elapsed: float) -> str:
     ]
     text = "\n".join(lines + verdict) + "\n"
     (out / "demo_results.md").write_text(text)
+    # the same numbers for programs (tests/test_demo.py reads the committed result's direction)
+    settings = {k: getattr(args, k) for k in ("tp", "device", "tofu_gamma", "tofu_beta", "pretrain_iters", "sft_iters",
+                                              "samples", "prompts_per_category", "seed")}
+    data = {"settings": {**settings, "elapsed_s": round(elapsed)}, "results": results, "curves": curves,
+            "more_diversity": more_div, "less_forgetting": less_forget,
+            "sft_data": {"answer_entropy": DATA_ANSWER_ENTROPY, "rare_share": DATA_RARE_SHARE}}
+    (out / "demo_results.json").write_text(json.dumps(data, indent=1) + "\n")
     try:
         import matplotlib
 

@@ -11,13 +11,14 @@ happen downstream in the training script's ``loss_func``. We patch the class att
 
 from __future__ import annotations
 
+import dataclasses
 import threading
-from dataclasses import dataclass
 
 import torch
 
-from tofu_kernels import vocab_parallel_tofu_loss
-from tofu_kernels.params import BACKENDS, DEFAULT_BETA, DEFAULT_GAMMA, check_hyperparameters
+from tofu_kernels.loss import loss_of_logits
+from tofu_kernels.params import DEFAULT_BETA, DEFAULT_GAMMA, TOFUParams
+from tofu_kernels.vocab_parallel import TensorParallel
 
 from . import reporting
 
@@ -25,18 +26,14 @@ LOSS_TYPES = ("cross_entropy", "tofu")
 _TARGET = "megatron.core.models.common.language_module.language_module.LanguageModule"
 
 
-@dataclass(frozen=True)
-class TOFUConfig:
-    gamma: float
-    beta: float
-    backend: str
-
-
 class _State:
     lock = threading.Lock()
     original = None  # Megatron's own function object, while patched
-    config: TOFUConfig | None = None
-    checked = False  # host-side input checks run on the first call only (no per-step sync)
+    # The loss's settings, made once by apply(): the first call's runs the host-side input
+    # checks, every later call's does not (no per-step host sync).
+    params: TOFUParams | None = None
+    unchecked: TOFUParams | None = None
+    checked = False
 
 
 def _language_module():
@@ -66,6 +63,14 @@ def _tp_group(module):
     return group
 
 
+def vocab_parallel_tofu_loss(logits: torch.Tensor, labels: torch.Tensor, params: TOFUParams, group):
+    """The patch's one call into tofu_kernels per loss (tests count calls through this name):
+    logits ``[s, b, V/tp]`` against labels ``[b, s]`` under ``params`` over the tensor-parallel
+    ``group``; returns the per-token loss and cross entropy ``[b, s]``."""
+    # [s, b, V/tp] seen as [b, s, V/tp]: a strided view, read without a copy.
+    return loss_of_logits(logits.transpose(0, 1), labels, params, TensorParallel(group))
+
+
 def tofu_compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """TOFU replacement: labels ``[b, s]``, logits ``[s, b, V/tp]`` -> fp32 loss ``[b, s]``.
 
@@ -74,16 +79,10 @@ def tofu_compute_language_model_loss(self, labels: torch.Tensor, logits: torch.T
     backward (the logits are dead after the loss, as in Megatron's own CE). The per-token
     cross entropy rides on the returned tensor (``reporting.cross_entropy_of``).
     """
-    cfg = _State.config
-    if cfg is None:  # reverted while something still holds this function: Megatron's loss
+    params = _State.unchecked if _State.checked else _State.params
+    if params is None:  # reverted while something still holds this function: Megatron's loss
         return _language_module().__dict__["compute_language_model_loss"](self, labels, logits)
-    check = not _State.checked
-    # [s, b, V/tp] seen as [b, s, V/tp]: a strided view, read without a copy.
-    loss, ce = vocab_parallel_tofu_loss(
-        logits.transpose(0, 1), labels, gamma=cfg.gamma, beta=cfg.beta, group=_tp_group(self),
-        backend=cfg.backend, inplace_backward=True, reduction="none", return_ce=True,
-        check_inputs=check,
-    )
+    loss, ce = vocab_parallel_tofu_loss(logits, labels, params, _tp_group(self))
     _State.checked = True
     reporting.attach_cross_entropy(loss, ce)
     return loss
@@ -106,16 +105,17 @@ def apply(
     if loss_type == "cross_entropy":
         revert()
         return
-    check_hyperparameters(gamma, beta)
-    if backend not in BACKENDS:
-        raise ValueError(f"megatron_patch: backend must be one of {BACKENDS}, got {backend!r}")
+    # Megatron's loss entry returns per-token losses; the logits are dead after it, so the
+    # gradient goes into their storage; the cross entropy rides along for the reports.
+    params = TOFUParams(gamma=gamma, beta=beta, backend=backend, reduction="none", inplace_backward=True,
+                        return_ce=True)
     cls = _language_module()
     with _State.lock:
         current = cls.__dict__["compute_language_model_loss"]
         if not getattr(current, "_tofu_patched", False):
             _State.original = current
             cls.compute_language_model_loss = tofu_compute_language_model_loss
-        _State.config = TOFUConfig(float(gamma), float(beta), backend)
+        _State.params, _State.unchecked = params, dataclasses.replace(params, check_inputs=False)
         _State.checked = False
         reporting.install()
 
@@ -126,14 +126,15 @@ def revert() -> None:
     with _State.lock:
         if _State.original is not None:
             _language_module().compute_language_model_loss = _State.original
-        _State.original, _State.config = None, None
+        _State.original, _State.params, _State.unchecked = None, None, None
         _State.checked = False
         reporting.uninstall()
 
 
 def is_applied() -> bool:
-    return _State.config is not None
+    return _State.params is not None
 
 
-def config() -> TOFUConfig | None:
-    return _State.config
+def config() -> TOFUParams | None:
+    """The settings the patched loss runs with (None while not applied)."""
+    return _State.params

@@ -27,24 +27,31 @@ def test_bench_cpu_smoke(tmp_path):
     assert "[1/1" in res.stdout  # progress line per configuration
 
 
-def test_gpu_check_script_cpu_smoke(tmp_path):
-    """benchmarks/gpu_check.sh --cpu-smoke: every step of the GPU run, tiny, no GPU."""
+GPU_CHECK = ROOT / "benchmarks" / "gpu_check.sh"
+STEPS = ("build", "gpu_tests", "megatron_lm", "megatron_step", "fused_linear", "bench")
+
+
+def _gpu_check(*args, timeout=600):
     import os
     import subprocess
 
+    return subprocess.run(["bash", str(GPU_CHECK), *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHON": sys.executable})
+
+
+def test_gpu_check_script_cpu_smoke(tmp_path):
+    """benchmarks/gpu_check.sh --cpu-smoke: every step of the GPU run, tiny, no GPU."""
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
-    res = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--cpu-smoke"],
-                         capture_output=True, text=True, timeout=600, env=env)
+    res = _gpu_check("--cpu-smoke", "--out", str(out))
     summary = (out / "summary.txt").read_text()
     assert res.returncode == 0, summary + res.stderr[-2000:]
     assert "failed: none" in summary
-    for step in ("build", "gpu_tests", "megatron_lm", "megatron_step", "fused_linear", "bench"):
+    for step in STEPS:
         assert f"OK {step}" in summary
     files = sorted(p.name for p in out.iterdir())
-    assert files == sorted(["summary.txt", "gpu_tests.log", "megatron_lm.md", "bench_megatron_step.md",
-                            "bench_fused_linear.md", "bench_loss.md", "bench_loss.png", "bench_loss.json"])
-    assert len(files) <= 8  # what the device tool brings back
+    logs = [f"{step}.log" for step in STEPS]
+    assert files == sorted(["summary.txt", *logs, "megatron_lm.md", "bench_megatron_step.md", "bench_fused_linear.md",
+                            "bench_fused_linear.json", "bench_loss.md", "bench_loss.png", "bench_loss.json"])
     megatron_lm = (out / "megatron_lm.md").read_text()
     from .megatron_lm import FIXTURE
 
@@ -52,6 +59,25 @@ def test_gpu_check_script_cpu_smoke(tmp_path):
         assert "not run" in megatron_lm and "was not found" in megatron_lm
     else:
         assert "Result: OK" in megatron_lm and "LanguageModule.compute_language_model_loss is TOFU" in megatron_lm
+
+
+def test_gpu_check_options(tmp_path):
+    """The script's options: documented by --help, refused when unknown, and obeyed: a
+    budget spent before a step skips it (and the run fails), --skip skips without failing."""
+    res = _gpu_check("--help", timeout=30)
+    assert res.returncode == 0
+    for option in ("--out DIR", "--budget SECONDS", "--skip", "--bench-args", "--cpu-smoke", *STEPS):
+        assert option in res.stdout, option
+    for bad in (["--frobnicate"], ["--skip", "lunch"], ["--budget", "ten"]):
+        res = _gpu_check(*bad, timeout=30)
+        assert res.returncode == 2 and "gpu_check.sh:" in res.stderr, (bad, res.stderr)
+    out = tmp_path / "spent"
+    res = _gpu_check("--cpu-smoke", "--out", str(out), "--budget", "0", "--skip", "bench", timeout=120)
+    summary = (out / "summary.txt").read_text()
+    assert res.returncode == 1, summary
+    for step in STEPS[:-1]:
+        assert f"SKIP {step}: time budget spent" in summary
+    assert "SKIP bench: --skip" in summary and "START" not in summary
 
 
 def test_bench_fused_linear_cpu_smoke(tmp_path):

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 import tofu_kernels as tk
-from tofu_kernels.tofu_math import GradParam, Meta, Reduction, Stat, finalize_stats
+from tofu_kernels.records import GradParam, Meta, Reduced, Reduction, Stat
+from tofu_kernels.tofu_math import finalize_stats
 
 ROOT = Path(__file__).resolve().parent.parent
 NVCC = shutil.which("nvcc") or (Path("/usr/local/cuda/bin/nvcc").exists() or None)
@@ -197,16 +198,16 @@ def _ptr(t: torch.Tensor):
 
 
 def test_record_layouts_agree(harness):
-    """csrc/tofu_math.cuh mirrors tofu_math.Stat, GradParam, Meta and Reduction field for field."""
+    """csrc/tofu_math.cuh mirrors records.Stat, GradParam, Meta, Reduced and Reduction field for field."""
     buf = (ctypes.c_int * 64)()
     got = list(buf[: harness.tofu_layouts(buf)])
     expect = [int(f) for f in Stat] + [len(Stat)] + [int(f) for f in GradParam] + [len(GradParam)]
-    expect += [int(f) for f in Meta] + [int(f) for f in Reduction]
+    expect += [int(f) for f in Meta] + [int(f) for f in Reduced] + [len(Reduced)] + [int(f) for f in Reduction]
     assert got == expect
     # the C++ names follow the Python ones (kLogSb <-> LOG_SB, kVocabEnd <-> VOCAB_END)
     header = (ROOT / "csrc" / "tofu_math.cuh").read_text()
     for ns, names, width in (("stat", Stat, True), ("gparam", GradParam, True), ("meta", Meta, False),
-                             ("reduction", Reduction, False)):
+                             ("reduced", Reduced, True), ("reduction", Reduction, False)):
         enum = re.search(rf"namespace {ns} \{{.*?enum : int \{{([^}}]*)\}}", header, re.S).group(1)
         cxx = [e.split("=")[0].strip()[1:].lower() for e in enum.split(",")]
         py = [f.name.replace("_", "").lower() for f in names] + (["width"] if width else [])
@@ -217,12 +218,14 @@ def test_record_layouts_agree(harness):
 def test_launch_constants_come_from_the_extension():
     """Python's launch policy uses the C++ constants (csrc/tofu_kernels.h), not copies."""
     from tofu_kernels import _C
-    from tofu_kernels.backends import cuda_backend
+    from tofu_kernels.backends import gpu
 
     header = (ROOT / "csrc" / "tofu_kernels.h").read_text()
     assert f"kTileCols = {_C.TILE_COLS};" in header and f"kTargetBlocks = {_C.TARGET_BLOCKS};" in header
     assert f"kThreads = {_C.THREADS};" in header
-    assert (cuda_backend.TILE_COLS, cuda_backend.TARGET_BLOCKS) == (_C.TILE_COLS, _C.TARGET_BLOCKS)
+    assert f"kEpilogueThreads = {_C.EPILOGUE_THREADS};" in header and f"kRescaleBlocks = {_C.RESCALE_BLOCKS};" in header
+    assert (gpu.TILE_COLS, gpu.TARGET_BLOCKS) == (_C.TILE_COLS, _C.TARGET_BLOCKS)
+    assert (gpu.EPILOGUE_THREADS, gpu.RESCALE_BLOCKS) == (_C.EPILOGUE_THREADS, _C.RESCALE_BLOCKS)
 
 
 @pytest.mark.parametrize("beta", [0.5, 0.8, 1.0, 1.5])

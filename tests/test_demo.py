@@ -1,5 +1,8 @@
-"""A shortened `make demo` end to end: pretrain, two SFT runs (CE, TOFU), table and plot."""
+"""`make demo`: its committed result says what the README says (TOFU kept more diversity among
+valid answers than cross entropy), and a shortened run goes end to end (pretrain, two SFT
+runs, results, table and plot)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -7,12 +10,35 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("megatron.core", reason="megatron-core is installed by make test")
-
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "examples" / "results"
+MODELS = ["pre-SFT", "SFT cross_entropy", "SFT tofu"]
+
+
+def test_committed_result_tofu_keeps_more_diversity():
+    """The committed run (examples/results/demo_results.json): TOFU's answer entropy and rare
+    share exceed cross entropy's, and the committed table shows those same numbers."""
+    data = json.loads((RESULTS / "demo_results.json").read_text())
+    results = data["results"]
+    assert list(results) == MODELS
+    ce, tofu = results["SFT cross_entropy"], results["SFT tofu"]
+    assert tofu["answer_entropy"] > ce["answer_entropy"], (tofu["answer_entropy"], ce["answer_entropy"])
+    assert tofu["rare_share"] > ce["rare_share"], (tofu["rare_share"], ce["rare_share"])
+    assert data["more_diversity"] is True
+    assert (data["settings"]["tofu_gamma"], data["settings"]["tofu_beta"]) == (3.0, 0.8)
+    table = (RESULTS / "demo_results.md").read_text()
+    for name in MODELS:  # columns 6 and 7 of the table: answer entropy, rare share of valid
+        row = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        assert cells[5:7] == [f"{results[name]['answer_entropy']:.3f}", f"{results[name]['rare_share']:.3f}"], name
 
 
 def test_demo_short_run(tmp_path):
+    pytest.importorskip("megatron.core", reason="megatron-core is installed by make test")
+    _short_run(tmp_path)
+
+
+def _short_run(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -22,9 +48,14 @@ def test_demo_short_run(tmp_path):
         capture_output=True, text=True, timeout=600, env=env,
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    data = json.loads((tmp_path / "demo_results.json").read_text())
+    assert list(data["results"]) == MODELS and list(data["curves"]) == ["cross_entropy", "tofu"]
+    for r in data["results"].values():
+        assert {"answer_entropy", "rare_share", "rare_coverage", "valid", "sft_ce", "broad_ce"} <= set(r)
+    assert isinstance(data["more_diversity"], bool) and isinstance(data["less_forgetting"], bool)
     text = (tmp_path / "demo_results.md").read_text()
     rows = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ") and "---" not in line]
-    assert rows == ["model", "pre-SFT", "SFT cross_entropy", "SFT tofu"]
+    assert rows == ["model", *MODELS]
     assert "Diversity: TOFU" in text and "Forgetting:" in text and "Quality:" in text
     assert (tmp_path / "demo_curves.png").stat().st_size > 10_000
     assert "[sft tofu] eval @ 6" in out.stdout and "[pretrain] iter" in out.stdout  # progress

@@ -19,7 +19,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tofu_kernels as tk
-from tofu_kernels.backends import triton_backend
+from tofu_kernels.backends import triton_ops
 
 from .dist_utils import run_distributed
 
@@ -61,7 +61,7 @@ class OpCounter(TorchDispatchMode):
 def triton_launches(monkeypatch):
     """Count the Triton kernel launches of the backend."""
     launches: list[str] = []
-    real = triton_backend._launch
+    real = triton_ops._launch
 
     def counting(kernel, t):
         k = real(kernel, t)
@@ -82,7 +82,7 @@ def triton_launches(monkeypatch):
 
         return Counted()
 
-    monkeypatch.setattr(triton_backend, "_launch", counting)
+    monkeypatch.setattr(triton_ops, "_launch", counting)
     return launches
 
 
@@ -140,13 +140,13 @@ def tp_cases(rank: int, world: int) -> None:
     import torch.distributed as dist
 
     launches: list[str] = []
-    real = triton_backend._launch
+    real = triton_ops._launch
 
     def counting(kernel, t):
         k = real(kernel, t)
         return None if k is None else _CountedLaunch(k, launches, kernel)
 
-    triton_backend._launch = counting
+    triton_ops._launch = counting
     collectives = []
     real_gather = dist.all_gather_single if hasattr(dist, "all_gather_single") else dist.all_gather_into_tensor
     name = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
@@ -159,7 +159,7 @@ def tp_cases(rank: int, world: int) -> None:
             loss = tk.vocab_parallel_tofu_loss(x, labels, backend="triton", check_inputs=False)
             loss.backward(seed)
     finally:
-        triton_backend._launch = real
+        triton_ops._launch = real
         setattr(dist, name, real_gather)
     assert len(launches) == 3 and len(collectives) == 1 and len(ops.collectives) == 1, (launches, collectives)
     assert ops.torch_ops == [], f"torch operations around the kernels: {ops.torch_ops}"

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import tofu_kernels as tk
-from tofu_kernels.backends import triton_backend
+from tofu_kernels.backends import triton_ops
 
 from .helpers import DTYPES, assert_grad_close, assert_loss_close, make_logits, reference, run
 
@@ -25,12 +25,12 @@ BETAS = [0.5, 0.8, 1.0, 1.5]
 def tiling(request, monkeypatch):
     """Triton tile/split configurations (the torch backend ignores them)."""
     if request.param == "many_tiles":  # one program loops over several 64-wide tiles
-        monkeypatch.setattr(triton_backend, "FWD_BLOCK", 64)
-        monkeypatch.setattr(triton_backend, "BWD_BLOCK", 64)
-        monkeypatch.setattr(triton_backend, "TARGET_PROGRAMS", 1)
+        monkeypatch.setattr(triton_ops, "FWD_BLOCK", 64)
+        monkeypatch.setattr(triton_ops, "BWD_BLOCK", 64)
+        monkeypatch.setattr(triton_ops, "TARGET_PROGRAMS", 1)
     elif request.param == "many_splits":  # each row split over programs, merged after
-        monkeypatch.setattr(triton_backend, "FWD_BLOCK", 32)
-        monkeypatch.setattr(triton_backend, "TARGET_PROGRAMS", 4096)
+        monkeypatch.setattr(triton_ops, "FWD_BLOCK", 32)
+        monkeypatch.setattr(triton_ops, "TARGET_PROGRAMS", 4096)
     return request.param
 
 
@@ -319,22 +319,26 @@ def test_grad_in_forward_on_sbv_view_in_place(backend):
 
 
 def test_grad_in_forward_used_by_default_only_where_possible():
-    from tofu_kernels.loss import _grad_in_forward
+    from tofu_kernels import core
     from tofu_kernels.params import TOFUParams
-    from tofu_kernels._inputs import Shard
+    from tofu_kernels.vocab_parallel import TensorParallel
 
     x = torch.randn(3, 10, requires_grad=True)
-    whole = Shard(0, 10)
-    assert _grad_in_forward(x, TOFUParams(), whole, None)
-    assert not _grad_in_forward(x, TOFUParams(reduction="none"), whole, None)  # per-token upstream
-    assert not _grad_in_forward(x, TOFUParams(grad_in_forward=False), whole, None)
-    assert not _grad_in_forward(x.detach(), TOFUParams(), whole, None)  # no gradient wanted
-    assert not _grad_in_forward(x, TOFUParams(), Shard(0, 8), None)  # padding columns
+    labels = torch.tensor([0, 1, 2])
+
+    def path(params, t=x, tp=None):  # the core's plan decides the path, once per call
+        return core.plan(params, labels, t.shape[-1], t.device, tp, (t,)).grad_in_forward
+
+    assert path(TOFUParams())
+    assert not path(TOFUParams(reduction="none"))  # per-token upstream
+    assert not path(TOFUParams(grad_in_forward=False))
+    assert not path(TOFUParams(), x.detach())  # no gradient wanted
+    assert not path(TOFUParams(), tp=TensorParallel(vocab_start=0, vocab_end=8))  # padding columns
     with torch.no_grad():
-        assert not _grad_in_forward(x, TOFUParams(), whole, None)
+        assert not path(TOFUParams())
     for bad in (TOFUParams(reduction="none", grad_in_forward=True),):
         with pytest.raises(ValueError, match="grad_in_forward=True needs"):
-            _grad_in_forward(x, bad, whole, None)
+            path(bad)
 
 
 def test_module_wrapper():

@@ -11,6 +11,7 @@ pytest.importorskip("megatron.core", reason="megatron-core is installed by make 
 
 import megatron_patch  # noqa: E402
 import tofu_kernels as tk  # noqa: E402
+from tofu_kernels.params import TOFUParams  # noqa: E402
 
 from .dist_utils import run_distributed  # noqa: E402
 from .helpers import assert_loss_close  # noqa: E402
@@ -49,9 +50,9 @@ def loss_cases(rank: int, world: int) -> None:
             seen = []
             real = megatron_patch.patch.vocab_parallel_tofu_loss
 
-            def spy(logits, *a, **k):
-                seen.append((logits.dtype, logits.data_ptr(), k["inplace_backward"]))
-                return real(logits, *a, **k)
+            def spy(logits, labels, params, group):
+                seen.append((logits.dtype, logits.data_ptr(), params.inplace_backward))
+                return real(logits, labels, params, group)
 
             megatron_patch.patch.vocab_parallel_tofu_loss = spy
             loss = model(ids, pos, mask, labels=labels)
@@ -217,7 +218,8 @@ def test_megatron_parser_accepts_flags_and_applies(monkeypatch, hooked):
                   "--tofu-backend", "torch", "--num-layers", "2")
     assert (args.loss_type, args.tofu_gamma, args.tofu_beta, args.tofu_backend) == ("tofu", 2.5, 0.7, "torch")
     assert args.num_layers == 2  # Megatron's own flags still parse
-    assert megatron_patch.config() == megatron_patch.patch.TOFUConfig(2.5, 0.7, "torch")
+    assert megatron_patch.config() == TOFUParams(gamma=2.5, beta=0.7, backend="torch", reduction="none",
+                                                 inplace_backward=True, return_ce=True)
     assert cls.__dict__["compute_language_model_loss"] is not original
 
 

@@ -1,11 +1,14 @@
 """The package's shape, held by tests: the backend interface, one parameter object, the
-public signatures, the defaults written once, and a fast path that never imports the spec."""
+public signatures, the defaults written once, a fast path that never imports the spec, one
+orchestration core (each step called from one place), no private imports between modules,
+and launch constants defined once per language and tied together."""
 
 from __future__ import annotations
 
 import ast
 import inspect
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -129,3 +132,197 @@ def test_fast_path_never_imports_the_reference():
         if path.name in ("__init__.py", "reference.py") and path.parent == PKG:
             continue  # the package root re-exports the reference for users
         assert not any(n.endswith("reference") for n in _imported_modules(path)), path.relative_to(ROOT)
+
+
+# ----------------------------------------------------------------- defaults: no literal copies
+
+DEFAULT_NAMES = {"gamma": P.DEFAULT_GAMMA, "beta": P.DEFAULT_BETA, "ignore_index": P.DEFAULT_IGNORE_INDEX,
+                 "ignore-index": P.DEFAULT_IGNORE_INDEX}
+
+
+def _number(node: ast.AST):
+    try:
+        v = ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return None
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _named_values(node: ast.AST):
+    """(name, value node) pairs a default could be written as: a keyword argument, an
+    assignment (tuples element by element; attributes by their last name), a parameter
+    default, a dict entry with a string key, and argparse's ``add_argument("--tofu-gamma",
+    default=...)`` (the option string names the value)."""
+    if isinstance(node, ast.keyword) and node.arg:
+        yield node.arg, node.value
+    elif isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+        for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+            targets, values = [target], [node.value]
+            if isinstance(target, ast.Tuple) and isinstance(node.value, ast.Tuple):
+                targets, values = target.elts, node.value.elts
+            for t, v in zip(targets, values):
+                name = t.id if isinstance(t, ast.Name) else t.attr if isinstance(t, ast.Attribute) else None
+                if name:
+                    yield name, v
+    elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+        a = node.args
+        positional = a.posonlyargs + a.args
+        yield from ((arg.arg, d) for arg, d in zip(positional[len(positional) - len(a.defaults):], a.defaults))
+        yield from ((arg.arg, d) for arg, d in zip(a.kwonlyargs, a.kw_defaults) if d is not None)
+    elif isinstance(node, ast.Dict):
+        yield from ((k.value, v) for k, v in zip(node.keys, node.values)
+                    if isinstance(k, ast.Constant) and isinstance(k.value, str))
+    if isinstance(node, ast.Call):
+        labels = [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+        for kw in node.keywords:
+            if kw.arg == "default":
+                yield from ((label, kw.value) for label in labels)
+
+
+def default_literals(source: str) -> list[tuple[int, str]]:
+    """Where ``source``'s code (not its docstrings) writes gamma, beta or ignore_index's
+    default value as a number, in any spelling (``3``, ``3.0``, ``3e0``, ``.8``, ``0.80``)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        for name, value in _named_values(node):
+            for key, default in DEFAULT_NAMES.items():
+                if key in name.lower() and _number(value) == default:
+                    found.append((getattr(node, "lineno", getattr(value, "lineno", 0)), name))
+    return found
+
+
+@pytest.mark.parametrize("src", [
+    "f(gamma=3)", "f(x, gamma=3.0)", "gamma = 3.0", "f(beta=.8)", "def f(beta: float = 0.80): pass",
+    "def f(*, gamma=3e0): pass", "x = {'beta': 8e-1}", "self.tofu_gamma = 3.", "GAMMA, BETA = 3, 0.8",
+    "def f(ignore_index=-100): pass", "p.add_argument('--tofu-gamma', type=float, default=3.0)",
+    "cfg.beta: float = 0.8",
+])
+def test_default_literal_detector_catches_every_spelling(src):
+    assert default_literals(src), src
+
+
+@pytest.mark.parametrize("src", [
+    "f(gamma=DEFAULT_GAMMA)", "f(gamma=0.0, beta=1.0)", "x = 3.0", "f(beta=0.5)", '"""tofu_loss(gamma=3.0)"""',
+    "p.add_argument('--tofu-gamma', default=DEFAULT_GAMMA)",
+])
+def test_default_literal_detector_passes_other_code(src):
+    assert not default_literals(src), src
+
+
+def test_default_values_are_written_in_params_only():
+    """gamma=3.0, beta=0.8, ignore_index=-100 as literals in the shipped code: params.py only
+    (everything else names DEFAULT_GAMMA / DEFAULT_BETA / DEFAULT_IGNORE_INDEX)."""
+    for path in sorted([*PKG.rglob("*.py"), *(ROOT / "megatron_patch").rglob("*.py")]):
+        if path == PKG / "params.py":
+            continue
+        assert not default_literals(path.read_text()), f"{path.relative_to(ROOT)} writes a default"
+
+
+# ----------------------------------------------------------------- one core, one caller each
+
+
+def _calls(name: str) -> list[str]:
+    """``file:function`` of every call of ``name`` (as a bare name or an attribute) in the package."""
+    where = []
+    for path in sorted(PKG.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Call):
+                    f = node.func
+                    if (isinstance(f, ast.Name) and f.id == name) or (isinstance(f, ast.Attribute) and f.attr == name):
+                        where.append(f"{path.relative_to(PKG)}:{fn.name}")
+    return where
+
+
+@pytest.mark.parametrize("name,caller", [
+    ("all_gather_stats", "core.py:finish"),  # the one collective
+    ("check_shards", "core.py:finish"),
+    ("host_checks_allowed", "core.py:plan"),  # whether host-synchronising checks run
+    ("meta_record", "core.py:chunk_stats"),
+    ("_grad_in_forward", "core.py:plan"),  # the rule for the path: gradient in the forward or two passes
+    ("get_backend", "core.py:plan"),
+    ("resolve", "core.py:plan"),  # this rank's shard and the tensor-parallel group
+    ("dense_layout", "core.py:grad_buffer"),  # the gradient's own buffer
+])
+def test_each_orchestration_step_has_one_caller_in_the_core(name, caller):
+    assert _calls(name) == [caller]
+
+
+def _private_imports(path: Path) -> list[str]:
+    """Names starting with ``_`` imported from another module of the package (a private
+    module itself, like ``_inputs`` or the extension ``_C``, may be imported)."""
+    bad = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level > 0:
+            base = path.parent
+            for _ in range(node.level - 1):
+                base = base.parent
+            if node.module:
+                base = base.joinpath(*node.module.split("."))
+            for alias in node.names:
+                is_module = (base / f"{alias.name}.py").exists() or (base / alias.name).is_dir() or alias.name == "_C"
+                if alias.name.startswith("_") and not is_module:
+                    bad.append(f"from {'.' * node.level}{node.module or ''} import {alias.name}")
+    return bad
+
+
+def test_no_private_imports_between_modules():
+    for path in sorted(PKG.rglob("*.py")):
+        assert not _private_imports(path), (path.relative_to(ROOT), _private_imports(path))
+
+
+def test_loss_and_linear_are_siblings_over_the_core():
+    """The linear loss does not borrow from the logits loss (nor the other way round): both
+    call the core."""
+    for path, other in ((PKG / "linear.py", "loss"), (PKG / "loss.py", "linear")):
+        imported = _imported_modules(path)
+        assert not any(n in (f".{other}", f"tofu_kernels.{other}") for n in imported), (path.name, imported)
+        assert ".core" in imported or "core" in imported
+
+
+# ----------------------------------------------------------------- launch constants, once per language
+
+
+def _header_constants() -> dict[str, int]:
+    header = (ROOT / "csrc" / "tofu_kernels.h").read_text()
+    return {name: int(value) for name, value in re.findall(r"constexpr\s+\w+\s+(k\w+)\s*=\s*(\d+);", header)}
+
+
+def test_launch_constants_tied_to_the_header():
+    """csrc/tofu_kernels.h defines the launch constants; Python reads them from the extension
+    where it is built, and its defaults for elsewhere equal the header's values."""
+    from tofu_kernels.backends import gpu, triton_ops
+
+    header = _header_constants()
+    cxx = {"TILE_COLS": "kTileCols", "TARGET_BLOCKS": "kTargetBlocks", "EPILOGUE_THREADS": "kEpilogueThreads",
+           "RESCALE_BLOCKS": "kRescaleBlocks"}
+    assert set(gpu.HEADER_DEFAULTS) == set(cxx)
+    for name, value in gpu.HEADER_DEFAULTS.items():
+        assert header[cxx[name]] == value, name
+        expect = getattr(gpu.EXTENSION, name) if gpu.EXTENSION is not None else value
+        assert getattr(gpu, name) == expect, name
+    # the Triton launch policy is the same constants, not copies of them
+    assert triton_ops.FWD_BLOCK == triton_ops.BWD_BLOCK == gpu.TILE_COLS
+    assert (triton_ops.TARGET_PROGRAMS, triton_ops.EPILOGUE_ROWS, triton_ops.RESCALE_PROGRAMS) == (
+        gpu.TARGET_BLOCKS, gpu.EPILOGUE_THREADS, gpu.RESCALE_BLOCKS)
+    source = (PKG / "backends" / "triton_ops.py").read_text()
+    for name in ("FWD_BLOCK", "BWD_BLOCK", "TARGET_PROGRAMS", "EPILOGUE_ROWS", "RESCALE_PROGRAMS"):
+        assert re.search(rf"^{name} = gpu\.\w+$", source, re.M), f"triton_ops.{name} is not read from gpu.py"
+
+
+def test_gpu_ops_share_one_schema_and_one_fake_each():
+    """The Triton ops take the CUDA ops' arguments (csrc/tofu_ops.cpp) and every op has its
+    own fake (gpu.FAKES), with the schema's arity."""
+    from tofu_kernels.backends import gpu
+
+    cpp = (ROOT / "csrc" / "tofu_ops.cpp").read_text()
+    schemas = dict(re.findall(r'"(\w+)\((.*?)\) -> \(\)"', " ".join(cpp.replace('"\n      "', "").split())))
+    assert set(schemas) == set(gpu.FAKES)
+    for name, fake in gpu.FAKES.items():
+        cxx_args = [a.split()[-1] for a in schemas[name].split(",")]
+        assert list(inspect.signature(fake).parameters) == cxx_args, name
+        triton = getattr(torch.ops.tofu_kernels, f"triton_{name}").default._schema
+        assert [a.name for a in triton.arguments] == cxx_args, name

@@ -1,4 +1,5 @@
-"""Tensor validation and the strided row layout shared by every backend (written once)."""
+"""Tensor validation of every entry point and the strided row layout every backend reads
+(each written once)."""
 
 from __future__ import annotations
 
@@ -9,25 +10,51 @@ import torch
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def check_tensors(logits: torch.Tensor, labels: torch.Tensor) -> None:
-    if not isinstance(logits, torch.Tensor) or not isinstance(labels, torch.Tensor):
-        raise TypeError("tofu_loss: logits and labels must be torch.Tensor")
-    if logits.dtype not in _FLOAT_DTYPES:
-        raise TypeError(
-            f"tofu_loss: logits must be float32, bfloat16 or float16, got {logits.dtype}"
-        )
+def _check_common(fn: str, named: dict[str, object], x_name: str, labels_shape_rule: str) -> None:
+    """The rules every entry point shares, in one order: all tensors, the floating input's
+    dtype, the labels' dtype, the labels' shape (the input's without its last dim), one
+    device. ``named``: the arguments by name, the floating input ``x_name`` first and the
+    labels last."""
+    if not all(isinstance(t, torch.Tensor) for t in named.values()):
+        names = list(named)
+        listed = " and ".join(names) if len(names) == 2 else ", ".join(names[:-1]) + " and " + names[-1]
+        raise TypeError(f"{fn}: {listed} must be torch.Tensor")
+    x, labels = named[x_name], named["labels"]
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{fn}: {x_name} must be float32, bfloat16 or float16, got {x.dtype}")
     if labels.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"tofu_loss: labels must be int64 or int32, got {labels.dtype}")
-    if logits.dim() < 1 or logits.shape[:-1] != labels.shape:
+        raise TypeError(f"{fn}: labels must be int64 or int32, got {labels.dtype}")
+    if x.dim() < 1 or x.shape[:-1] != labels.shape:
         raise ValueError(
-            "tofu_loss: labels must have the shape of logits without its last (vocab) "
-            f"dim: logits {tuple(logits.shape)} vs labels {tuple(labels.shape)}"
+            f"{fn}: labels must have the shape of {x_name} without its last {labels_shape_rule}: "
+            f"{x_name} {tuple(x.shape)} vs labels {tuple(labels.shape)}"
         )
+    if len({t.device for t in named.values()}) > 1:
+        where = ", ".join(f"{name} on {t.device}" for name, t in named.items())
+        raise ValueError(f"{fn}: {where}: they must be on one device")
+
+
+def check_tensors(logits: torch.Tensor, labels: torch.Tensor) -> None:
+    """The logits and labels of :func:`tofu_kernels.tofu_loss` (and its vocab-parallel twin)."""
+    _check_common("tofu_loss", {"logits": logits, "labels": labels}, "logits", "(vocab) dim")
     if logits.shape[-1] == 0:
         raise ValueError("tofu_loss: logits have an empty vocab dimension")
-    if logits.device != labels.device:
+
+
+def check_linear_tensors(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> None:
+    """The inputs of :func:`tofu_kernels.linear_tofu_loss` (and its vocab-parallel twin)."""
+    _check_common("linear_tofu_loss", {"hidden": hidden, "weight": weight, "labels": labels}, "hidden", "dim")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(
+            f"linear_tofu_loss: weight ({weight.dtype}) and hidden ({hidden.dtype}) must have one dtype "
+            "(nothing is cast silently)"
+        )
+    if weight.dim() != 2 or weight.shape[0] == 0:
+        raise ValueError(f"linear_tofu_loss: weight must be [V, D] with V > 0, got {tuple(weight.shape)}")
+    if hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
-            f"tofu_loss: logits on {logits.device} but labels on {labels.device}"
+            f"linear_tofu_loss: hidden must be [..., D] with D = weight.shape[1] = {weight.shape[1]}, "
+            f"got {tuple(hidden.shape)}"
         )
 
 

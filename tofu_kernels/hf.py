@@ -23,14 +23,14 @@ micro-batches equals one big batch (``transformers``' convention).
 
 from __future__ import annotations
 
+import dataclasses
 import types
-from dataclasses import dataclass
 
 import torch
 
-from .linear import linear_tofu_loss
-from .loss import tofu_loss
-from .params import DEFAULT_BETA, DEFAULT_GAMMA, DEFAULT_IGNORE_INDEX, check_hyperparameters
+from .linear import loss_of_hidden
+from .loss import loss_of_logits
+from .params import DEFAULT_BETA, DEFAULT_GAMMA, DEFAULT_IGNORE_INDEX, TOFUParams
 
 __all__ = ["SUPPORTED_MODELS", "apply_tofu", "revert_tofu", "shift_labels", "tofu_loss_func"]
 
@@ -44,38 +44,43 @@ def shift_labels(labels: torch.Tensor, ignore_index: int = DEFAULT_IGNORE_INDEX)
     return torch.nn.functional.pad(labels[..., 1:], (0, 1), value=ignore_index)
 
 
-@dataclass(frozen=True)
-class _Config:
-    gamma: float
-    beta: float
-    ignore_index: int
-    backend: str
-    chunk_size: int | None = None
+@dataclasses.dataclass(frozen=True)
+class _HFLoss:
+    """The TOFU loss with Hugging Face's label shift and normalisation, for one
+    :class:`TOFUParams` (reduction "mean"), made once by :func:`tofu_loss_func` or
+    :func:`apply_tofu`."""
+
+    params: TOFUParams
+    chunk_size: int | None = None  # the fused linear path's rows per logits chunk
+
+    # The sum over a micro-batch, divided afterwards by the whole batch's token count: the
+    # two-pass path takes the 1/n as its upstream gradient for free (the gradient-in-the-
+    # forward path would need one more pass over the gradient to apply it).
+    summed: TOFUParams = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        summed = dataclasses.replace(self.params, reduction="sum", grad_in_forward=False)
+        object.__setattr__(self, "summed", summed)
 
     def targets(self, labels, shifted, device) -> torch.Tensor:
         """The target of every position: ``shifted`` as given, else ``labels`` shifted."""
-        return (shift_labels(labels, self.ignore_index) if shifted is None else shifted).to(device)
+        return (shift_labels(labels, self.params.ignore_index) if shifted is None else shifted).to(device)
 
-    def loss_on_logits(self, logits, labels, num_items_in_batch=None, shifted=None) -> torch.Tensor:
+    def on_logits(self, logits, labels, num_items_in_batch=None, shifted=None) -> torch.Tensor:
         """TOFU of ``[..., V]`` logits against (shifted) labels, with HF's normalisation."""
         target = self.targets(labels, shifted, logits.device)
-        kw = dict(gamma=self.gamma, beta=self.beta, ignore_index=self.ignore_index, backend=self.backend)
         if num_items_in_batch is None:
-            return tofu_loss(logits, target, reduction="mean", **kw)
+            return loss_of_logits(logits, target, self.params)
         n = num_items_in_batch
         if torch.is_tensor(n):
             n = n.to(logits.device)
-        # The sum over this micro-batch divided by the whole batch's token count. The
-        # two-pass path takes the 1/n as its upstream gradient for free (the gradient-in-
-        # the-forward path would need one more pass over the gradient to apply it).
-        return tofu_loss(logits, target, reduction="sum", grad_in_forward=False, **kw) / n
+        return loss_of_logits(logits, target, self.summed) / n
 
-    def loss_on_hidden(self, hidden, weight, labels, num_items_in_batch=None, shifted=None) -> torch.Tensor:
+    def on_hidden(self, hidden, weight, labels, num_items_in_batch=None, shifted=None) -> torch.Tensor:
         """The same loss from the last hidden states and the output layer's weight."""
         target = self.targets(labels, shifted, hidden.device)
-        return linear_tofu_loss(hidden, weight, target, gamma=self.gamma, beta=self.beta,
-                                ignore_index=self.ignore_index, reduction="mean", backend=self.backend,
-                                chunk_size=self.chunk_size, normalizer=num_items_in_batch)
+        return loss_of_hidden(hidden, weight, target, self.params, chunk_size=self.chunk_size,
+                              normalizer=num_items_in_batch)
 
 
 def tofu_loss_func(
@@ -91,16 +96,15 @@ def tofu_loss_func(
     The function takes ``(outputs, labels, num_items_in_batch=None)``: ``outputs.logits``
     ``[B, T, V]`` (any float dtype, used as is), unshifted ``labels`` ``[B, T]``.
     """
-    check_hyperparameters(gamma, beta)
-    cfg = _Config(float(gamma), float(beta), int(ignore_index), backend)
+    loss = _HFLoss(TOFUParams(gamma=gamma, beta=beta, ignore_index=ignore_index, backend=backend))
 
     def compute_loss_func(outputs, labels, num_items_in_batch=None):
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
         if logits is None:
             raise ValueError("tofu_loss_func: outputs.logits is None (a fused LM head?); the loss needs the logits")
-        return cfg.loss_on_logits(logits, labels, num_items_in_batch)
+        return loss.on_logits(logits, labels, num_items_in_batch)
 
-    compute_loss_func.tofu_config = cfg
+    compute_loss_func.tofu_params = loss.params
     return compute_loss_func
 
 
@@ -126,7 +130,7 @@ def _tofu_forward(self, input_ids=None, attention_mask=None, position_ids=None, 
     Only in training with labels; otherwise (generation, evaluation, no labels) the
     class's own forward runs, with the TOFU loss on its logits.
     """
-    cfg: _Config = self._tofu_config
+    loss: _HFLoss = self._tofu_loss
     shifted = kwargs.get("shift_labels")
     if not (self.training and (labels is not None or shifted is not None)):
         return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
@@ -144,8 +148,7 @@ def _tofu_forward(self, input_ids=None, attention_mask=None, position_ids=None, 
     if shifted is None and not keep_all:
         raise ValueError("apply_tofu(fused_linear=True): labels with logits_to_keep need shift_labels")
     hidden = _keep_last(outputs.last_hidden_state, logits_to_keep)
-    loss = cfg.loss_on_hidden(hidden, self.lm_head.weight, labels, num_items, shifted=shifted)
-    out = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
+    out = CausalLMOutputWithPast(loss=loss.on_hidden(hidden, self.lm_head.weight, labels, num_items, shifted=shifted), logits=None, past_key_values=outputs.past_key_values,
                                  hidden_states=outputs.hidden_states, attentions=outputs.attentions)
     return out.to_tuple() if return_dict is False else out
 
@@ -172,7 +175,7 @@ def apply_tofu(
     Note: TRL's ``SFTTrainer`` computes its loss from its own fused LM head and does not
     read ``model(...).loss``; give it ``compute_loss_func=tofu_loss_func(...)`` instead.
     """
-    check_hyperparameters(gamma, beta)
+    loss = _HFLoss(TOFUParams(gamma=gamma, beta=beta, ignore_index=ignore_index, backend=backend), chunk_size)
     name = _supported_name(model)
     if name is None:
         raise ValueError(
@@ -184,12 +187,11 @@ def apply_tofu(
     if fused_linear and not (isinstance(head, torch.nn.Linear) and head.bias is None):
         raise ValueError(f"apply_tofu(fused_linear=True): {name}.lm_head must be nn.Linear without bias, got {head}")
     revert_tofu(model)
-    cfg = _Config(float(gamma), float(beta), int(ignore_index), backend, chunk_size)
-    model._tofu_config = cfg
+    model._tofu_loss = loss
 
     def loss_function(logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=None,
                       shift_labels=None, **_):
-        return cfg.loss_on_logits(logits, labels, num_items_in_batch, shifted=shift_labels)
+        return loss.on_logits(logits, labels, num_items_in_batch, shifted=shift_labels)
 
     model.loss_function = loss_function  # transformers' setter: model._loss_function
     if fused_linear:
@@ -199,9 +201,9 @@ def apply_tofu(
 
 def revert_tofu(model):
     """Undo :func:`apply_tofu` (nothing to do if it was not applied); returns ``model``."""
-    if getattr(model, "_tofu_config", None) is None:
+    if getattr(model, "_tofu_loss", None) is None:
         return model
-    del model._tofu_config
+    del model._tofu_loss
     model.__dict__.pop("_loss_function", None)
     if "forward" in model.__dict__ and getattr(model.__dict__["forward"], "__func__", None) is _tofu_forward:
         del model.__dict__["forward"]

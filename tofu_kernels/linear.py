@@ -3,33 +3,34 @@
 For a model's last layer the logits are the memory: 8192 tokens x 128256 columns in bf16
 are 2 GB, their gradient another 2 GB. Here the rows go through in chunks of ``C`` tokens;
 only one ``[C, V]`` logits chunk exists at a time (docs/design.md section 8). Two ways
-through, both with the backends of :mod:`tofu_kernels.loss`:
+through, both the core's (:mod:`tofu_kernels.core`), each chunk handled as a logits tensor:
 
 gradient in the forward (reduction "mean"/"sum" and a gradient wanted; 3 GEMMs):
     per chunk:  z = h_c @ W.T                       GEMM 1, into one reused buffer
-                backend.fused(z -> z)               loss and dL/dz, in place, while each
+                core.fused(z -> z)                  loss and dL/dz, in place, while each
                                                     row is on chip (upstream gradient 1)
                 dh_c = alpha * z @ W                GEMM 2, straight into dhidden
                 dW  += alpha * z.T @ h_c            GEMM 3, accumulated in dW's dtype
-    backward:   backend.rescale(dh, dW)             times the upstream gradient; nothing
+    backward:   core.rescale(dh, dW)                times the upstream gradient; nothing
                                                     on the device when it is 1
     ``alpha`` is the mean's 1 / (non-ignored tokens), folded into the GEMMs (counted on
     the host: one sync per call, beside the label check's).
 
 two passes (reduction "none", or no gradient wanted; 4 GEMMs when a gradient is wanted):
-    forward:    z = h_c @ W.T and backend.row_stats per chunk, the splits merged into one
-                [N, 4] buffer; one backend.epilogue for all rows; the logits chunk is
+    forward:    z = h_c @ W.T per chunk into core.chunk_stats (the splits merged into one
+                [N, 4] buffer); one core.finish for all rows; the logits chunk is
                 dropped, the backward keeps one fp32 record per row
-    backward:   z = h_c @ W.T again; backend.grad(z -> z) with the per-token upstream
+    backward:   z = h_c @ W.T again; core.grad(z -> z) with the per-token upstream
                 gradient; GEMMs 2 and 3 as above
 
 vocabulary parallel (:func:`vocab_parallel_linear_tofu_loss`, weight sharded ``[V/tp, D]``):
     the two-pass way on this rank's shard, with the tensor-parallel protocol of
     :mod:`tofu_kernels.vocab_parallel`: every chunk's statistics records land in one
-    ``[N, 4]`` buffer, ONE all-gather for all of them, one epilogue; the backward
-    recomputes the shard's logits per chunk and all-reduces dhidden (the one collective
-    of a column-parallel linear's backward; ``reduce_hidden_grad=False`` leaves it to the
-    caller, e.g. Megatron's copy-to-tensor-parallel region).
+    ``[N, 4]`` buffer with this rank's metadata record, ONE all-gather for all of them,
+    one epilogue; the backward recomputes the shard's logits per chunk and all-reduces
+    dhidden (the one collective of a column-parallel linear's backward;
+    ``reduce_hidden_grad=False`` leaves it to the caller, e.g. Megatron's
+    copy-to-tensor-parallel region).
 
 Precision: GEMMs accumulate in fp32 (cuBLAS / CPU BLAS) and round once to the inputs'
 dtype; the TOFU statistics are fp32 in the kernels. dW is the sum over chunks of one GEMM
@@ -45,18 +46,18 @@ import math
 import torch
 import torch.distributed as dist
 
-from ._inputs import Shard, check_label_range, flat_labels, host_checks_allowed, row_layout
-from .backends import Backend, get_backend
-from .loss import _LossModule, empty_loss
+from . import core
+from ._inputs import check_linear_tensors, flat_labels, row_layout
 from .params import DEFAULT_BETA, DEFAULT_GAMMA, DEFAULT_IGNORE_INDEX, TOFUParams
-from .tofu_math import Partials, Reduction, Stat, combine_stats, meta_record
-from .vocab_parallel import TensorParallel, all_gather_stats, check_shards, resolve
+from .records import Reduction
+from .vocab_parallel import TensorParallel
 
-__all__ = ["LinearTOFULoss", "default_chunk_size", "linear_tofu_loss", "vocab_parallel_linear_tofu_loss"]
+__all__ = ["LinearTOFULoss", "default_chunk_size", "linear_tofu_loss", "logit_chunks", "loss_of_hidden",
+           "vocab_parallel_linear_tofu_loss"]
 
 # The logits chunk's budget: 128 MiB, e.g. 512 rows of a 128256-column bf16 vocabulary.
 CHUNK_BYTES = 128 << 20
-_N_INPUTS = 11  # arguments of _LinearTOFUFunction.forward after ctx
+_N_INPUTS = 7  # arguments of _LinearTOFUFunction.forward after ctx
 
 
 def default_chunk_size(n_rows: int, vocab: int, element_size: int) -> int:
@@ -67,13 +68,7 @@ def default_chunk_size(n_rows: int, vocab: int, element_size: int) -> int:
     return max(1, min(rows, n_rows))
 
 
-def _dense_like(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous buffer for ``t``'s gradient, whatever ``t``'s strides (e.g. a transposed,
-    tied weight): the GEMMs write it and the backend's rescale walks it row by row."""
-    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
-
-
-def _logit_chunks(hidden: torch.Tensor, weight: torch.Tensor, chunk: int):
+def logit_chunks(hidden: torch.Tensor, weight: torch.Tensor, chunk: int):
     """Yield ``(i, r0, r1, z, lay)``: the logits ``z = hidden[r0:r1] @ weight.T`` of each
     chunk of rows, all in one reused ``[chunk, V]`` buffer (GEMM 1), and their row layout."""
     n = hidden.shape[0]
@@ -86,33 +81,26 @@ def _logit_chunks(hidden: torch.Tensor, weight: torch.Tensor, chunk: int):
 
 class _LinearTOFUFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, params: TOFUParams, backend: Backend, chunk: int, fused: bool,
-                normalizer: float | None, shard: Shard, tp: TensorParallel | None, reduce_dh: bool):
-        n, width = hidden.shape[0], weight.shape[0]
+    def forward(ctx, hidden, weight, labels, plan: core.Plan, chunk: int, normalizer: float | None,
+                reduce_dh: bool):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        reduction = Reduction[params.reduction.upper()]
-        check = params.check_inputs and host_checks_allowed(labels)
-        ctx.params, ctx.backend, ctx.chunk, ctx.fused, ctx.shard = params, backend, chunk, fused, shard
-        ctx.tp, ctx.reduce_dh = tp, reduce_dh
+        params, reduction = plan.params, plan.reduction
+        ctx.plan, ctx.chunk, ctx.reduce_dh = plan, chunk, reduce_dh
         ctx.set_materialize_grads(False)
-        if fused:
-            # whole rows on one device, reduction mean/sum, a gradient wanted: the loss and
-            # both gradients now
-            count = None
-            if check:
-                check_label_range(labels, params.ignore_index, width)
-            if reduction == Reduction.MEAN and normalizer is None:
-                count = int((labels != params.ignore_index).sum())  # one host sync, for alpha
+        if plan.grad_in_forward:
+            # the loss and both gradients now, chunk by chunk
             if reduction != Reduction.MEAN:
                 alpha = 1.0
-            else:
-                alpha = 1.0 / (normalizer if normalizer is not None else max(count, 1))
-            dh = _dense_like(hidden) if need_h else None
-            dw = _dense_like(weight) if need_w else None
+            elif normalizer is not None:
+                alpha = 1.0 / normalizer
+            else:  # one host sync, for alpha
+                alpha = 1.0 / max(int((labels != params.ignore_index).sum()), 1)
+            dh = core.new_grad(hidden) if need_h else None
+            dw = core.new_grad(weight) if need_w else None
             loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
             ce = torch.zeros((), dtype=torch.float32, device=hidden.device)
-            for i, r0, r1, z, lay in _logit_chunks(hidden, weight, chunk):
-                epi = backend.fused(z, lay, z, lay, labels[r0:r1], params, Reduction.SUM)
+            for i, r0, r1, z, lay in logit_chunks(hidden, weight, chunk):
+                epi = core.fused(plan, z, lay, z, lay, labels[r0:r1], Reduction.SUM)
                 loss += epi.loss_red
                 ce += epi.ce_red
                 if dh is not None:
@@ -123,26 +111,15 @@ class _LinearTOFUFunction(torch.autograd.Function):
             ce = ce * alpha
             ctx.mark_non_differentiable(ce)
             return loss * alpha, ce
-        # two passes: every chunk's statistics into one [N, len(Stat)] buffer (and this
-        # rank's metadata record under tensor parallelism), then one epilogue
-        data = torch.empty(n + int(tp is not None), len(Stat), dtype=torch.float32, device=hidden.device)
-        for _, r0, r1, z, lay in _logit_chunks(hidden, weight, chunk):
-            rec = backend.row_stats(z, lay, labels[r0:r1], shard, params.beta, params.ignore_index, False).records()[0]
-            data[r0:r1] = rec[:, 0] if rec.shape[1] == 1 else combine_stats(rec, params.beta, dim=1)
-        vocab_size = shard.vocab_end
-        parts = Partials(data, n, 1, has_meta=tp is not None)
-        if tp is not None:
-            data[n] = meta_record(shard.vocab_start, shard.vocab_end, width, n, data.device)
-            parts, vocab_size = all_gather_stats(parts, tp), None  # the one collective
-        if check:
-            global_v = shard.vocab_end if tp is None else check_shards(parts, tp.explicit)
-            check_label_range(labels, params.ignore_index, global_v)
+        # two passes: every chunk's statistics into one buffer, then one epilogue
+        chunks = (c[1:] for c in logit_chunks(hidden, weight, chunk))
+        parts = core.chunk_stats(plan, chunks, labels, hidden.shape[0])
         if normalizer is None:
-            epi = backend.epilogue(parts, labels, params, vocab_size, reduction)
+            epi = core.finish(plan, parts, labels, reduction)
             scale = epi.scale
             loss, ce = (epi.loss, epi.ce) if reduction == Reduction.NONE else (epi.loss_red, epi.ce_red)
         else:
-            epi = backend.epilogue(parts, labels, params, vocab_size, Reduction.SUM)
+            epi = core.finish(plan, parts, labels, Reduction.SUM)
             scale = torch.full((), 1.0 / normalizer, dtype=torch.float32, device=hidden.device)
             loss, ce = epi.loss_red * scale, epi.ce_red * scale
         if need_h or need_w:
@@ -154,7 +131,8 @@ class _LinearTOFUFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_ce):
         if grad_loss is None:
             return (None,) * _N_INPUTS
-        if ctx.fused:
+        plan = ctx.plan
+        if plan.grad_in_forward:
             if ctx.grads is None:
                 raise RuntimeError(
                     "linear_tofu_loss: the gradients were computed in the forward and have been handed out "
@@ -163,56 +141,23 @@ class _LinearTOFUFunction(torch.autograd.Function):
             grads, ctx.grads = ctx.grads, None
             for g in grads:
                 if g is not None:
-                    g2, lay = row_layout(g)
-                    ctx.backend.rescale(g2, lay, grad_loss)
+                    core.rescale(plan, *row_layout(g), grad_loss)
             return (grads[0], grads[1]) + (None,) * (_N_INPUTS - 2)
         hidden, weight, labels, grad_rec, scale = ctx.saved_tensors
-        params, backend, chunk, shard = ctx.params, ctx.backend, ctx.chunk, ctx.shard
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dh = _dense_like(hidden) if need_h else None
-        dw = _dense_like(weight) if need_w else None
+        dh = core.new_grad(hidden) if need_h else None
+        dw = core.new_grad(weight) if need_w else None
         upstream = grad_loss.reshape(-1).float()
-        for i, r0, r1, z, lay in _logit_chunks(hidden, weight, chunk):
+        for i, r0, r1, z, lay in logit_chunks(hidden, weight, ctx.chunk):
             up = upstream if upstream.numel() == 1 else upstream[r0:r1]
-            backend.grad(z, lay, z, lay, labels[r0:r1], grad_rec[r0:r1], up, scale, shard, params.beta)
+            core.grad(plan, z, lay, z, lay, labels[r0:r1], grad_rec[r0:r1], up, scale)
             if dh is not None:
                 torch.mm(z, weight, out=dh[r0:r1])
             if dw is not None:
                 dw.addmm_(z.t(), hidden[r0:r1], beta=0.0 if i == 0 else 1.0)
-        if dh is not None and ctx.tp is not None and ctx.reduce_dh:
-            dist.all_reduce(dh, group=ctx.tp.group)  # every rank's shard contributes to dhidden
+        if dh is not None and plan.tp is not None and ctx.reduce_dh:
+            dist.all_reduce(dh, group=plan.tp.group)  # every rank's shard contributes to dhidden
         return (dh, dw) + (None,) * (_N_INPUTS - 2)
-
-
-def _check_linear(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> None:
-    if not all(isinstance(t, torch.Tensor) for t in (hidden, weight, labels)):
-        raise TypeError("linear_tofu_loss: hidden, weight and labels must be torch.Tensor")
-    if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"linear_tofu_loss: hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(
-            f"linear_tofu_loss: weight ({weight.dtype}) and hidden ({hidden.dtype}) must have one dtype "
-            "(nothing is cast silently)"
-        )
-    if labels.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"linear_tofu_loss: labels must be int64 or int32, got {labels.dtype}")
-    if weight.dim() != 2 or weight.shape[0] == 0:
-        raise ValueError(f"linear_tofu_loss: weight must be [V, D] with V > 0, got {tuple(weight.shape)}")
-    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"linear_tofu_loss: hidden must be [..., D] with D = weight.shape[1] = {weight.shape[1]}, "
-            f"got {tuple(hidden.shape)}"
-        )
-    if hidden.shape[:-1] != labels.shape:
-        raise ValueError(
-            "linear_tofu_loss: labels must have the shape of hidden without its last dim: "
-            f"hidden {tuple(hidden.shape)} vs labels {tuple(labels.shape)}"
-        )
-    if not (hidden.device == weight.device == labels.device):
-        raise ValueError(
-            f"linear_tofu_loss: hidden ({hidden.device}), weight ({weight.device}) and labels "
-            f"({labels.device}) must be on one device"
-        )
 
 
 def linear_tofu_loss(
@@ -252,8 +197,9 @@ def linear_tofu_loss(
         are cast to the autocast dtype first, as ``nn.Linear`` would. Eager mode only (a
         Python loop over chunks).
     """
-    params = TOFUParams(gamma, beta, ignore_index, reduction, backend, False, return_ce, check_inputs)
-    return _linear(hidden, weight, labels, params, chunk_size, normalizer, None, True)
+    params = TOFUParams(gamma=gamma, beta=beta, ignore_index=ignore_index, reduction=reduction, backend=backend,
+                        return_ce=return_ce, check_inputs=check_inputs)
+    return loss_of_hidden(hidden, weight, labels, params, chunk_size=chunk_size, normalizer=normalizer)
 
 
 def vocab_parallel_linear_tofu_loss(
@@ -294,14 +240,18 @@ def vocab_parallel_linear_tofu_loss(
     ``hidden``'s gradient. The loss is identical on every rank; ``weight_shard`` gets its
     rows' gradient (0 in padding rows).
     """
-    params = TOFUParams(gamma, beta, ignore_index, reduction, backend, False, return_ce, check_inputs)
-    return _linear(hidden, weight_shard, labels, params, chunk_size, normalizer,
-                   TensorParallel(group, vocab_start, vocab_end), reduce_hidden_grad)
+    params = TOFUParams(gamma=gamma, beta=beta, ignore_index=ignore_index, reduction=reduction, backend=backend,
+                        return_ce=return_ce, check_inputs=check_inputs)
+    return loss_of_hidden(hidden, weight_shard, labels, params, chunk_size=chunk_size, normalizer=normalizer,
+                          tp=TensorParallel(group, vocab_start, vocab_end), reduce_hidden_grad=reduce_hidden_grad)
 
 
-def _linear(hidden, weight, labels, params: TOFUParams, chunk_size, normalizer, tp: TensorParallel | None,
-            reduce_dh: bool):
-    """Shared body of linear_tofu_loss and vocab_parallel_linear_tofu_loss."""
+def loss_of_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, params: TOFUParams, *,
+                   chunk_size: int | None = None, normalizer: float | torch.Tensor | None = None,
+                   tp: TensorParallel | None = None, reduce_hidden_grad: bool = True):
+    """The TOFU loss of ``hidden @ weight.T`` under ``params`` (``weight`` this rank's
+    ``[V/tp, D]`` rows with ``tp``): what :func:`linear_tofu_loss` and
+    :func:`vocab_parallel_linear_tofu_loss` return, with their keywords."""
     dev = hidden.device.type if isinstance(hidden, torch.Tensor) else None
     if dev is not None and torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
         # what nn.Linear does under autocast: the GEMMs in the autocast dtype (the casts are
@@ -309,16 +259,13 @@ def _linear(hidden, weight, labels, params: TOFUParams, chunk_size, normalizer, 
         dt = torch.get_autocast_dtype(dev)
         hidden, weight = hidden.to(dt), weight.to(dt)
         with torch.autocast(dev, enabled=False):
-            return _linear(hidden, weight, labels, params, chunk_size, normalizer, tp, reduce_dh)
-    _check_linear(hidden, weight, labels)
-    be = get_backend(params.backend, hidden.device)
+            return loss_of_hidden(hidden, weight, labels, params, chunk_size=chunk_size, normalizer=normalizer,
+                                  tp=tp, reduce_hidden_grad=reduce_hidden_grad)
+    check_linear_tensors(hidden, weight, labels)
     width = weight.shape[0]
-    shard, tp = resolve(tp, width)
-    d = hidden.shape[-1]
-    h = hidden.reshape(-1, d)
+    h = hidden.reshape(-1, hidden.shape[-1])
     if not h.is_contiguous():
         h = h.contiguous()
-    flat = flat_labels(labels)
     n = h.shape[0]
     if normalizer is not None:
         if params.reduction != "mean":
@@ -332,17 +279,17 @@ def _linear(hidden, weight, labels, params: TOFUParams, chunk_size, normalizer, 
         raise ValueError(f"linear_tofu_loss: chunk_size must be a positive int, got {chunk_size!r}")
     else:
         chunk = chunk_size
+    flat = flat_labels(labels)
+    plan = core.plan(params, flat, width, hidden.device, tp, (hidden, weight))
     if n == 0:
-        return empty_loss(labels, params, hidden, weight)
-    wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    fused = wants_grad and params.reduction != "none" and tp is None and shard == Shard(0, width)
-    loss, ce = _LinearTOFUFunction.apply(h, weight, flat, params, be, chunk, fused, normalizer, shard, tp, reduce_dh)
-    if params.reduction == "none":
+        return core.empty_loss(labels, params, hidden, weight)
+    loss, ce = _LinearTOFUFunction.apply(h, weight, flat, plan, chunk, normalizer, reduce_hidden_grad)
+    if plan.reduction == Reduction.NONE:
         loss, ce = loss.view(labels.shape), ce.view(labels.shape)
     return (loss, ce) if params.return_ce else loss
 
 
-class LinearTOFULoss(_LossModule):
+class LinearTOFULoss(core.LossModule):
     """``nn.Module`` wrapper of :func:`linear_tofu_loss`: ``forward(hidden, weight, labels)``."""
 
     def __init__(
@@ -355,9 +302,8 @@ class LinearTOFULoss(_LossModule):
         backend: str = "auto",
         chunk_size: int | None = None,
     ):
-        super().__init__(TOFUParams(gamma, beta, ignore_index, reduction, backend), chunk_size=chunk_size)
+        super().__init__(TOFUParams(gamma=gamma, beta=beta, ignore_index=ignore_index, reduction=reduction,
+                                    backend=backend), chunk_size=chunk_size)
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        p = self.params
-        return linear_tofu_loss(hidden, weight, labels, gamma=p.gamma, beta=p.beta, ignore_index=p.ignore_index,
-                                reduction=p.reduction, backend=p.backend, chunk_size=self.chunk_size)
+        return loss_of_hidden(hidden, weight, labels, self.params, chunk_size=self.chunk_size)

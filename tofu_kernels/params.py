@@ -1,9 +1,11 @@
 """The loss's settings: defaults, the validity rules, and the one frozen object carrying them.
 
-Everything that is not a tensor travels from the public API (``tofu_loss``,
-``vocab_parallel_tofu_loss``, ``TOFULoss``, Megatron's ``--tofu-gamma/--tofu-beta``) to the
-kernels' arguments as one :class:`TOFUParams`. The defaults and the gamma/beta rule are
-written here and nowhere else.
+Everything that is not a tensor travels from where it is set (the public functions'
+keywords, ``TOFULoss``, Megatron's ``--tofu-gamma/--tofu-beta``, the Hugging Face entry
+points) to the kernels' arguments as one :class:`TOFUParams`, made and validated once
+there and handed on unchanged (core -> backend -> op). The defaults and the rules are
+written here and nowhere else; Megatron's argument parser applies the gamma/beta rules to
+its flags (``gamma_error``, ``beta_error``) so that a bad flag is refused at parse time.
 """
 
 from __future__ import annotations
@@ -38,20 +40,13 @@ def beta_error(beta) -> str | None:
     return None
 
 
-def check_hyperparameters(gamma, beta) -> None:
-    """Raise ValueError naming the bad hyper-parameter."""
-    for err in (gamma_error(gamma), beta_error(beta)):
-        if err:
-            raise ValueError(f"tofu_loss: {err}")
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TOFUParams:
-    """Every non-tensor argument of one loss call, validated once at construction.
+    """Every non-tensor argument of a loss call, validated once at construction (keywords
+    only: ``TOFUParams(gamma=3.0, beta=0.8)``).
 
     ``check_inputs`` is the request; whether host-side checks actually run is decided
-    once per call by :func:`tofu_kernels._inputs.host_checks_allowed` (never under
-    torch.compile or CUDA-graph capture).
+    once per call by the core (never under torch.compile or CUDA-graph capture).
     """
 
     gamma: float = DEFAULT_GAMMA
@@ -62,10 +57,12 @@ class TOFUParams:
     inplace_backward: bool = False
     return_ce: bool = False
     check_inputs: bool = True
-    grad_in_forward: bool | None = None  # None: wherever possible (loss.py)
+    grad_in_forward: bool | None = None  # None: wherever possible (core.py)
 
     def __post_init__(self):
-        check_hyperparameters(self.gamma, self.beta)
+        for err in (gamma_error(self.gamma), beta_error(self.beta)):
+            if err:
+                raise ValueError(f"tofu_loss: {err}")
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"tofu_loss: reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
         if self.backend not in BACKENDS:

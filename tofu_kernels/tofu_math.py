@@ -1,13 +1,13 @@
 """The TOFU math of the fast path, in one place (docs/design.md section 2).
 
 Every backend computes, in one read of the logits, the per-row statistics record
-:class:`Stat` (m, S1, Sb, z_t), merges partial records with :func:`combine_stats` (vocab
-splits inside one kernel, or tensor-parallel ranks), and turns the merged record into the
-loss, the focal weight and the backward's per-row record :class:`GradParam` with
-:func:`finalize_stats`. These O(N) functions are plain torch: the torch backend's
-epilogue (:func:`epilogue_in_torch`); the Triton kernels write the same formulas
-(``triton_backend._finalize``) and ``csrc/tofu_math.cuh`` is their CUDA twin (same
-records, same formulas; ``tests/test_cuda_ext.py`` ties the two together).
+(:class:`~tofu_kernels.records.Stat`: m, S1, Sb, z_t), merges partial records with
+:func:`combine_stats` (vocab splits inside one kernel, or tensor-parallel ranks), and turns
+the merged record into the loss, the focal weight and the backward's per-row record with
+:func:`finalize_stats`. Here they are plain torch, which the torch backend runs; the Triton
+kernels write the same formulas (``triton_kernels._finalize``) and ``csrc/tofu_math.cuh`` is
+their CUDA twin (same records, same formulas; ``tests/test_cuda_ext.py`` ties the two
+together). The records themselves are named in :mod:`tofu_kernels.records`.
 
 The float64 specification the tests compare against is elsewhere
 (:mod:`tofu_kernels.reference`); nothing in the fast path imports it.
@@ -16,83 +16,13 @@ The float64 specification the tests compare against is elsewhere
 from __future__ import annotations
 
 import math
-from enum import IntEnum
 from typing import NamedTuple
 
 import torch
 
-__all__ = [
-    "Stat",
-    "GradParam",
-    "Meta",
-    "Reduction",
-    "RowResult",
-    "Partials",
-    "Epilogue",
-    "focal_weight",
-    "combine_stats",
-    "finalize_stats",
-    "reduce_rows",
-    "epilogue_in_torch",
-    "row_coef",
-]
+from .records import Stat
 
-
-class Stat(IntEnum):
-    """Fields of the fp32 statistics record ``[..., len(Stat)]`` of one row (or part of it).
-
-    ``M = max_j z_j`` over the columns seen, ``S1 = sum_j exp(z_j - m)``,
-    ``SB = sum_j exp((z_j - m) / beta)``, ``ZT`` the target logit (0 when the target is not
-    among the columns). A part that saw no column is ``(-inf, 0, 0, 0)``.
-    Mirrored in ``csrc/tofu_math.cuh`` (namespace ``tofu::stat``).
-    """
-
-    M = 0
-    S1 = 1
-    SB = 2
-    ZT = 3
-
-
-class GradParam(IntEnum):
-    """Fields of the fp32 per-row record ``[N, len(GradParam)]`` the backward kernel reads.
-
-    ``G`` the focal weight (0 for ignored rows), ``M`` the global row max,
-    ``LOG_SB = log Sb`` (so ``q_j = exp((z_j - m) / beta - log Sb)``) and
-    ``QT_M1 = q_t - 1 = expm1(log q_t)``. The gradient kernel folds ``coef = upstream_i *
-    scale * G`` in fp32 itself (``scale`` = 1 / token count for a mean, else 1).
-    Mirrored in ``csrc/tofu_math.cuh`` (namespace ``tofu::gparam``).
-    """
-
-    G = 0
-    M = 1
-    LOG_SB = 2
-    QT_M1 = 3
-
-
-class Meta(IntEnum):
-    """Fields of a rank's metadata record under tensor parallelism: one ``len(Stat)``-wide
-    record of int32 bits sent in the same all-gather as the statistics (mirrored in
-    ``csrc/tofu_math.cuh``, namespace ``tofu::meta``)."""
-
-    VOCAB_START = 0
-    VOCAB_END = 1
-    WIDTH = 2
-    ROWS = 3
-
-
-class Reduction(IntEnum):
-    """``reduction=`` as the kernels see it."""
-
-    NONE = 0
-    SUM = 1
-    MEAN = 2
-
-
-def meta_record(vocab_start: int, vocab_end: int, width: int, rows: int, device) -> torch.Tensor:
-    """One rank's :class:`Meta` record as one fp32 statistics record (int32 bits), as the GPU
-    statistics kernels write it after their records."""
-    fields = {Meta.VOCAB_START: vocab_start, Meta.VOCAB_END: vocab_end, Meta.WIDTH: width, Meta.ROWS: rows}
-    return torch.tensor([fields[f] for f in Meta], dtype=torch.int32, device=device).view(torch.float32)
+__all__ = ["RowResult", "combine_stats", "finalize_stats", "focal_weight"]
 
 
 class RowResult(NamedTuple):
@@ -188,85 +118,3 @@ def finalize_stats(
         log_sb=log_sb,
         qt_m1=torch.where(keep, torch.expm1(log_qt), 0.0),
     )
-
-
-class Partials(NamedTuple):
-    """Partial :class:`Stat` records of every row as the statistics kernels leave them.
-
-    ``data`` is flat fp32: rank ``w`` (tensor-parallel ranks, 1 on a single device) starts
-    at ``w * rank_stride`` floats and holds ``n_rows * splits`` records, row-major
-    (``splits`` column chunks per row), followed under tensor parallelism by one metadata
-    record (:class:`Meta`, int32 bits). Every part of a row is merged by the epilogue, in a
-    fixed order.
-    """
-
-    data: torch.Tensor
-    n_rows: int
-    splits: int
-    world: int = 1
-    rank_stride: int = 0  # floats between ranks' blocks
-    has_meta: bool = False  # a metadata record follows each rank's records
-
-    def _blocks(self) -> torch.Tensor:
-        """``[world, records per rank, len(Stat)]`` view of ``data``."""
-        width = len(Stat)
-        stride = self.rank_stride or (self.n_rows * self.splits + int(self.has_meta)) * width
-        return self.data.view(-1)[: self.world * stride].view(self.world, stride // width, width)
-
-    def records(self) -> torch.Tensor:
-        """``[world, n_rows, splits, len(Stat)]`` view of the statistics records."""
-        rec = self._blocks()[:, : self.n_rows * self.splits]
-        return rec.reshape(self.world, self.n_rows, self.splits, len(Stat))
-
-    def metas(self) -> torch.Tensor:
-        """``[world, len(Meta)]`` int32: every rank's metadata record (``has_meta`` only)."""
-        return self._blocks()[:, self.n_rows * self.splits].contiguous().view(torch.int32)
-
-
-class Epilogue(NamedTuple):
-    """What the forward's O(N) step leaves: per-row loss and cross entropy ``[N]``, the
-    backward's record ``[N, len(GradParam)]``, and fp32 scalars: the reduced loss and
-    cross entropy (sum, or mean over non-ignored tokens; unused for ``"none"``) and
-    ``scale`` (1 / token count for a mean, else 1)."""
-
-    loss: torch.Tensor
-    ce: torch.Tensor
-    grad_rec: torch.Tensor
-    loss_red: torch.Tensor
-    ce_red: torch.Tensor
-    scale: torch.Tensor
-
-
-def reduce_rows(loss: torch.Tensor, ce: torch.Tensor, labels: torch.Tensor, ignore_index: int,
-                reduction: Reduction) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(reduced loss, reduced ce, scale) of per-row values, on the device (no host sync).
-
-    A mean divides by the number of non-ignored tokens, at least 1: all ignored gives 0
-    with a zero gradient.
-    """
-    if reduction == Reduction.MEAN:
-        count = (labels != ignore_index).sum().clamp(min=1).to(torch.float32)
-        scale = 1.0 / count
-    else:
-        scale = torch.ones((), dtype=torch.float32, device=loss.device)
-    return loss.sum() * scale, ce.sum() * scale, scale
-
-
-def epilogue_in_torch(parts: Partials, labels: torch.Tensor, gamma: float, beta: float, ignore_index: int,
-                      vocab_size: int | None, reduction: Reduction) -> Epilogue:
-    """The forward's O(N) step as torch operations (the torch backend's; the GPU backends
-    run it as one kernel): merge every part of each row, finalize, reduce."""
-    rec = parts.records()
-    merged = combine_stats(rec.permute(1, 0, 2, 3).reshape(parts.n_rows, -1, len(Stat)), beta, dim=1)
-    if vocab_size is None:  # tensor parallel: the global size from the ranks' metadata
-        vocab_size = parts.metas()[:, Meta.VOCAB_END].amax().to(torch.int64)
-    res = finalize_stats(merged, labels, gamma, beta, ignore_index, vocab_size)
-    loss_red, ce_red, scale = reduce_rows(res.loss, res.ce, labels, ignore_index, reduction)
-    fields = {GradParam.G: res.g, GradParam.M: res.m, GradParam.LOG_SB: res.log_sb, GradParam.QT_M1: res.qt_m1}
-    grad_rec = torch.stack([fields[f] for f in GradParam], dim=1)
-    return Epilogue(res.loss, res.ce, grad_rec, loss_red, ce_red, scale)
-
-
-def row_coef(upstream: torch.Tensor, scale: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``coef_i = upstream_i * scale * g_i`` in fp32 (``upstream`` a scalar or ``[N]``)."""
-    return upstream.reshape(-1).float() * scale * g

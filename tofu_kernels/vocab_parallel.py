@@ -2,7 +2,7 @@
 
 Each rank holds a contiguous slice of the vocabulary (Megatron's layout: rank r holds
 global columns [r * Vr, (r + 1) * Vr), or an explicit [vocab_start, vocab_end) for
-uneven or padded shards). The loss (``loss.py``) computes each rank's row statistics
+uneven or padded shards). The loss (``core.py``) computes each rank's row statistics
 with the same backend kernels as the single-device path, :func:`all_gather_stats`
 exchanges them in ONE all-gather, and every rank's epilogue merges them in the same
 order, so that every rank computes the same loss; the backward needs no collective
@@ -16,7 +16,7 @@ beats two or three. Per rank it receives (tp - 1) * 16 B/token; a ring all-reduc
 2 (tp - 1) / tp * 4 B/token per 4-byte field, i.e. 24 (tp - 1) / tp B/token for
 Megatron's three, so bytes are equal at tp = 2.5 and ours is larger above (tp = 8:
 112 vs 21 B/token, still ~2 MB at 16K tokens): latency, not volume, is the cost here.
-The metadata record (``tofu_math.Meta``: each rank's vocab_start, vocab_end, width and
+The metadata record (``records.Meta``: each rank's vocab_start, vocab_end, width and
 rows as int32 bits) rides in the same collective: the epilogue reads the global vocab size
 from it on the device, and mismatched shards are caught without a second collective.
 """
@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from ._inputs import Shard
-from .tofu_math import Meta, Partials, Stat
+from .records import Meta, Partials, Stat
 
 assert len(Meta) == len(Stat), "the metadata record travels as one statistics record"
 

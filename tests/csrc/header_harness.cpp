@@ -34,12 +34,13 @@ extern "C" {
 
 // The record layouts as the kernels see them: stat::{kM, kS1, kSb, kZt, kWidth},
 // gparam::{kG, kM, kLogSb, kQtM1, kWidth}, meta::{kVocabStart, kVocabEnd, kWidth, kRows},
-// reduction::{kNone, kSum, kMean}.
+// reduced::{kLoss, kCe, kScale, kWidth}, reduction::{kNone, kSum, kMean}.
 int tofu_layouts(int* out) {
   const int v[] = {tofu::stat::kM,        tofu::stat::kS1,        tofu::stat::kSb,      tofu::stat::kZt,
                    tofu::stat::kWidth,    tofu::gparam::kG,       tofu::gparam::kM,     tofu::gparam::kLogSb,
                    tofu::gparam::kQtM1,   tofu::gparam::kWidth,   tofu::meta::kVocabStart, tofu::meta::kVocabEnd,
-                   tofu::meta::kWidth,    tofu::meta::kRows,      tofu::reduction::kNone, tofu::reduction::kSum,
+                   tofu::meta::kWidth,    tofu::meta::kRows,      tofu::reduced::kLoss, tofu::reduced::kCe,
+                   tofu::reduced::kScale, tofu::reduced::kWidth,  tofu::reduction::kNone, tofu::reduction::kSum,
                    tofu::reduction::kMean};
   const int n = sizeof(v) / sizeof(v[0]);
   for (int k = 0; k < n; ++k) out[k] = v[k];
@@ -66,7 +67,7 @@ void tofu_grad_row(const float* z, int n, int t, float coef, float m, float log_
                    float beta, float* out) {
   const float ib = tofu::kLog2e / beta;
   for (int j = 0; j < n; ++j)
-    out[j] = tofu::grad_elem(z[j], j == t, coef, m, log_sb * tofu::kLog2e, qt_m1, ib);
+    out[j] = tofu::grad_elem(z[j], j == t, tofu::RowGrad{coef, m, log_sb * tofu::kLog2e, qt_m1}, ib);
 }
 
 }  // extern "C"

@@ -4,6 +4,11 @@ A backend is a module (``torch_backend``, ``triton_backend``, ``cuda_backend``) 
 satisfies :class:`Backend`. Each is imported once, when the package is imported, and one
 that cannot be (no Triton, no compiled extension) is recorded with the reason: the torch
 backend works without the others, and under torch.compile dispatch is a dict lookup.
+
+The two GPU backends have one shape: kernels (``triton_kernels.py``; ``csrc/tofu_kernels.cu``),
+their torch ops with one schema for both (``triton_ops.py``; ``csrc/tofu_ops.cpp``), and one
+adaptor from the ops to this interface (``gpu.py``), which also holds the ops' fakes and the
+launch constants.
 """
 
 from __future__ import annotations
@@ -16,17 +21,17 @@ import torch
 
 from .._inputs import RowLayout, Shard
 from ..params import BACKENDS, TOFUParams
-from ..tofu_math import Epilogue, Partials, Reduction
+from ..records import Epilogue, Partials, Reduction
 
 __all__ = ["BACKENDS", "Backend", "extension_loaded", "get_backend"]
 
 
 @runtime_checkable
 class Backend(Protocol):
-    """What the autograd Function calls, for every backend (see ``loss.py`` for the order).
+    """What the core calls, for every backend (``core.py`` holds the order).
 
-    Records are fp32 and named in :mod:`tofu_kernels.tofu_math` (``Stat``, ``GradParam``,
-    ``Meta``). ``x`` is read through ``lay`` (two strides per row, vocab stride 1) and never
+    Records are fp32 and named in :mod:`tofu_kernels.records` (``Stat``, ``GradParam``,
+    ``Meta``, ``Reduced``); the settings arrive as the call's :class:`TOFUParams`. ``x`` is read through ``lay`` (two strides per row, vocab stride 1) and never
     written, except where ``out is x`` (in-place gradient). The GPU backends run each
     method as one kernel (``fused``: a few), with no torch operations around them.
     """
@@ -37,8 +42,7 @@ class Backend(Protocol):
         """(True, "") if the backend runs on ``device``, else (False, why not)."""
 
     def row_stats(
-        self, x: torch.Tensor, lay: RowLayout, labels: torch.Tensor, shard: Shard, beta: float,
-        ignore_index: int, meta: bool,
+        self, x: torch.Tensor, lay: RowLayout, labels: torch.Tensor, shard: Shard, params: TOFUParams, meta: bool,
     ) -> Partials:
         """Partial statistics over the shard's ``n_valid`` columns of each row; with
         ``meta``, this rank's metadata record after them (tensor parallelism)."""
@@ -52,7 +56,7 @@ class Backend(Protocol):
 
     def grad(
         self, x: torch.Tensor, lay: RowLayout, out: torch.Tensor, out_lay: RowLayout, labels: torch.Tensor,
-        grad_rec: torch.Tensor, upstream: torch.Tensor, scale: torch.Tensor, shard: Shard, beta: float,
+        grad_rec: torch.Tensor, upstream: torch.Tensor, scale: torch.Tensor, shard: Shard, params: TOFUParams,
     ) -> None:
         """Write ``coef * (softmax(z / beta) - onehot)`` into ``out``, 0 in padding columns,
         ``coef = upstream_i * scale * g_i`` (``upstream`` a scalar or one value per row)."""
@@ -99,9 +103,8 @@ def extension_loaded() -> bool:
 
 
 def get_backend(name: str, device: torch.device) -> Backend:
-    """Resolve ``backend=`` for tensors on ``device``; clear error if unavailable."""
-    if name not in BACKENDS:
-        raise ValueError(f"tofu_loss: backend must be one of {BACKENDS}, got {name!r}")
+    """Resolve ``backend=`` (a name :class:`TOFUParams` has validated) for tensors on
+    ``device``; clear error if unavailable."""
     if name == "auto":
         if device.type == "cuda":
             for candidate in ("cuda", "triton"):

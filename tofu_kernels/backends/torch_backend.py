@@ -2,9 +2,10 @@
 
 Same interface and numerics contract as the Triton and CUDA backends (fp32 statistics,
 closed-form gradient), processed in row chunks so the only temporaries are a few fp32
-copies of one chunk (``CHUNK_ELEMS`` elements), never N x V. The O(N) epilogue is
-``tofu_math.epilogue_in_torch``; "gradient in the forward" runs the same two passes
-eagerly (there is no on-chip row to keep on a CPU), so it serves to test the path.
+copies of one chunk (``CHUNK_ELEMS`` elements), never N x V. The O(N) epilogue is the math
+of :mod:`tofu_kernels.tofu_math` in torch operations (the GPU backends run it as one
+kernel); "gradient in the forward" runs the same two passes eagerly (there is no on-chip
+row to keep on a CPU), so it serves to test the path.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import torch
 
 from .._inputs import RowLayout, Shard
 from ..params import TOFUParams
-from ..tofu_math import Epilogue, GradParam, Partials, Reduction, Stat, epilogue_in_torch, meta_record, row_coef
+from ..records import Epilogue, GradParam, Meta, Partials, Reduction, Stat
+from ..tofu_math import combine_stats, finalize_stats
 
 NAME = "torch"
 # 4 Mi fp32 elements = 16 MiB per temporary; a chunk holds at most a handful of them.
@@ -51,14 +53,17 @@ def _target_cols(labels: torch.Tensor, shard: Shard):
     return local.clamp(0, max(shard.n_valid - 1, 0)).unsqueeze(1), hit
 
 
-def row_stats(x: torch.Tensor, lay: RowLayout, labels: torch.Tensor, shard: Shard, beta: float,
-              ignore_index: int, meta: bool) -> Partials:
+def row_stats(x: torch.Tensor, lay: RowLayout, labels: torch.Tensor, shard: Shard, params: TOFUParams,
+              meta: bool) -> Partials:
     """``[N, 1, len(Stat)]`` statistics over columns [0, n_valid) of each row, plus this
     rank's metadata record when ``meta`` (tensor parallelism)."""
-    n_valid = shard.n_valid
+    n_valid, beta = shard.n_valid, params.beta
     data = torch.zeros(lay.n_rows + int(meta), len(Stat), dtype=torch.float32, device=x.device)
-    if meta:
-        data[lay.n_rows] = meta_record(shard.vocab_start, shard.vocab_end, lay.width, lay.n_rows, x.device)
+    if meta:  # int32 bits, field by field, as the GPU statistics kernels write it
+        record = data[lay.n_rows].view(torch.int32)
+        for field, value in ((Meta.VOCAB_START, shard.vocab_start), (Meta.VOCAB_END, shard.vocab_end),
+                             (Meta.WIDTH, lay.width), (Meta.ROWS, lay.n_rows)):
+            record[field] = value
     stats = data[: lay.n_rows]
     if n_valid == 0:  # a shard holding only padding columns: (-inf, 0, 0, 0)
         stats[:, Stat.M] = -torch.inf
@@ -78,16 +83,30 @@ def row_stats(x: torch.Tensor, lay: RowLayout, labels: torch.Tensor, shard: Shar
 
 def epilogue(parts: Partials, labels: torch.Tensor, params: TOFUParams, vocab_size: int | None,
              reduction: Reduction) -> Epilogue:
-    return epilogue_in_torch(parts, labels, params.gamma, params.beta, params.ignore_index, vocab_size, reduction)
+    """Merge every part of each row, finalize, reduce: on the device, no host sync. A mean
+    divides by the number of non-ignored tokens, at least 1 (all ignored: 0, zero gradient)."""
+    rec = parts.records()
+    merged = combine_stats(rec.permute(1, 0, 2, 3).reshape(parts.n_rows, -1, len(Stat)), params.beta, dim=1)
+    if vocab_size is None:  # tensor parallel: the global size from the ranks' metadata
+        vocab_size = parts.metas()[:, Meta.VOCAB_END].amax().to(torch.int64)
+    res = finalize_stats(merged, labels, params.gamma, params.beta, params.ignore_index, vocab_size)
+    if reduction == Reduction.MEAN:
+        scale = 1.0 / (labels != params.ignore_index).sum().clamp(min=1).to(torch.float32)
+    else:
+        scale = torch.ones((), dtype=torch.float32, device=res.loss.device)
+    fields = {GradParam.G: res.g, GradParam.M: res.m, GradParam.LOG_SB: res.log_sb, GradParam.QT_M1: res.qt_m1}
+    grad_rec = torch.stack([fields[f] for f in GradParam], dim=1)
+    return Epilogue(res.loss, res.ce, grad_rec, res.loss.sum() * scale, res.ce.sum() * scale, scale)
 
 
 def grad(x: torch.Tensor, lay: RowLayout, out: torch.Tensor, out_lay: RowLayout, labels: torch.Tensor,
-         grad_rec: torch.Tensor, upstream: torch.Tensor, scale: torch.Tensor, shard: Shard, beta: float) -> None:
+         grad_rec: torch.Tensor, upstream: torch.Tensor, scale: torch.Tensor, shard: Shard,
+         params: TOFUParams) -> None:
     """Write ``coef * (softmax(z/beta) - onehot)`` into ``out`` (may alias ``x``), with
     ``coef = upstream_i * scale * g_i`` folded in fp32; padding columns get 0."""
     assert out_lay.n_inner == lay.n_inner, "out must share x's row grouping"
-    n_valid = shard.n_valid
-    coef_all = row_coef(upstream, scale, grad_rec[:, GradParam.G]).expand(lay.n_rows)
+    n_valid, beta = shard.n_valid, params.beta
+    coef_all = (upstream.reshape(-1).float() * scale * grad_rec[:, GradParam.G]).expand(lay.n_rows)
     for (r0, r1, block), (_, _, out_block) in zip(_row_blocks(x, lay), _row_blocks(out, out_lay)):
         rec = grad_rec[r0:r1]
         coef = coef_all[r0:r1]
@@ -105,10 +124,9 @@ def fused(x: torch.Tensor, lay: RowLayout, out: torch.Tensor, out_lay: RowLayout
           params: TOFUParams, reduction: Reduction) -> Epilogue:
     """Loss and gradient (for an upstream gradient of 1) in the forward, whole rows."""
     shard = Shard(0, lay.width)
-    epi = epilogue(row_stats(x, lay, labels, shard, params.beta, params.ignore_index, False), labels, params,
-                   lay.width, reduction)
+    epi = epilogue(row_stats(x, lay, labels, shard, params, False), labels, params, lay.width, reduction)
     one = torch.ones((), dtype=torch.float32, device=x.device)
-    grad(x, lay, out, out_lay, labels, epi.grad_rec, one, epi.scale, shard, params.beta)
+    grad(x, lay, out, out_lay, labels, epi.grad_rec, one, epi.scale, shard, params)
     return epi._replace(grad_rec=None)
 
 
