@@ -43,12 +43,12 @@ import torch
 from ._inputs import RowLayout, Shard, check_label_range, dense_layout, host_checks_allowed
 from .backends import Backend, get_backend
 from .params import TOFUParams
-from .records import Epilogue, Partials, Reduction, Stat, meta_record
+from .records import Epilogue, Metric, Partials, Reduction, Stat, TokenMetrics, meta_record
 from .tofu_math import combine_stats
 from .vocab_parallel import TensorParallel, all_gather_stats, check_shards, resolve
 
 __all__ = ["LossModule", "Plan", "chunk_stats", "empty_loss", "finish", "fused", "grad", "grad_buffer", "new_grad",
-           "plan", "rescale", "row_stats"]
+           "plan", "rescale", "results", "row_stats"]
 
 
 @dataclass(frozen=True)
@@ -181,6 +181,16 @@ def grad(p: Plan, x: torch.Tensor, lay: RowLayout, out: torch.Tensor, out_lay: R
 # ------------------------------------------------------------------ what every entry point shares
 
 
+def results(params: TOFUParams, loss: torch.Tensor, ce: torch.Tensor, metrics: torch.Tensor | None, shape):
+    """What a loss call returns: ``loss``, then ``ce`` with ``return_ce``, then the
+    :class:`TokenMetrics` (per token, in ``shape``) with ``return_metrics``; a tuple when
+    more than the loss."""
+    out = (loss,) + ((ce,) if params.return_ce else ())
+    if params.return_metrics:
+        out += (TokenMetrics.of(metrics, shape),)
+    return out if len(out) > 1 else loss
+
+
 def empty_loss(labels: torch.Tensor, params: TOFUParams, *inputs: torch.Tensor):
     """The result for zero tokens, nothing launched: zeros of the right shapes (fp32), and
     a zero gradient for every input that requires one."""
@@ -188,7 +198,8 @@ def empty_loss(labels: torch.Tensor, params: TOFUParams, *inputs: torch.Tensor):
     per_token = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
     loss = per_token + zero if params.reduction == "none" else zero.float()
     ce = per_token if params.reduction == "none" else zero.detach().float()
-    return (loss, ce) if params.return_ce else loss
+    metrics = torch.zeros(0, len(Metric), dtype=torch.float32, device=labels.device)
+    return results(params, loss, ce, metrics, labels.shape)
 
 
 class LossModule(torch.nn.Module):
