@@ -44,7 +44,7 @@ def test_public_functions_are_keyword_only_after_labels_in_one_order():
     shared = [n for n in list(single)[2:] if n in parallel]
     assert shared == [n for n in list(parallel)[2:] if n in single], "shared keywords in different orders"
     assert shared == ["gamma", "beta", "ignore_index", "reduction", "backend", "inplace_backward",
-                      "return_ce", "check_inputs"]
+                      "return_ce", "return_metrics", "check_inputs"]
     # the fused linear functions: three positional inputs, then the same keywords in the same order
     for fn in (tk.linear_tofu_loss, tk.vocab_parallel_linear_tofu_loss):
         sig = inspect.signature(fn).parameters

@@ -112,8 +112,7 @@ class _LinearTOFUFunction(torch.autograd.Function):
             ctx.grads = [dh, dw]
             ce = ce * alpha
             met = None if metrics[0] is None else metrics[0] if len(metrics) == 1 else torch.cat(metrics)
-            ctx.mark_non_differentiable(*(t for t in (ce, met) if t is not None))
-            return loss * alpha, ce, met
+            return core.outputs(ctx, loss * alpha, ce, met)
         # two passes: every chunk's statistics into one buffer, then one epilogue
         chunks = (c[1:] for c in logit_chunks(hidden, weight, chunk))
         parts = core.chunk_stats(plan, chunks, labels, hidden.shape[0])
@@ -127,11 +126,10 @@ class _LinearTOFUFunction(torch.autograd.Function):
             loss, ce = epi.loss_red * scale, epi.ce_red * scale
         if need_h or need_w:
             ctx.save_for_backward(hidden, weight, labels, epi.grad_rec, scale)
-        ctx.mark_non_differentiable(*(t for t in (ce, epi.metrics) if t is not None))
-        return loss, ce, epi.metrics
+        return core.outputs(ctx, loss, ce, epi.metrics)
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_ce, _grad_metrics):
+    def backward(ctx, grad_loss, *_):  # the cross entropy and the metrics have no gradient
         if grad_loss is None:
             return (None,) * _N_INPUTS
         plan = ctx.plan
@@ -289,7 +287,7 @@ def loss_of_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     plan = core.plan(params, flat, width, hidden.device, tp, (hidden, weight))
     if n == 0:
         return core.empty_loss(labels, params, hidden, weight)
-    loss, ce, metrics = _LinearTOFUFunction.apply(h, weight, flat, plan, chunk, normalizer, reduce_hidden_grad)
+    loss, ce, *metrics = _LinearTOFUFunction.apply(h, weight, flat, plan, chunk, normalizer, reduce_hidden_grad)
     if plan.reduction == Reduction.NONE:
         loss, ce = loss.view(labels.shape), ce.view(labels.shape)
     return core.results(params, loss, ce, metrics, labels.shape)

@@ -38,12 +38,11 @@ class _TOFUFunction(torch.autograd.Function):
             loss, ce = epi.loss.view(shape), epi.ce.view(shape)
         else:
             loss, ce = epi.loss_red, epi.ce_red
-        ctx.mark_non_differentiable(*(t for t in (ce, epi.metrics) if t is not None))
         ctx.set_materialize_grads(False)  # no zeros kernel for the cross entropy's (absent) gradient
-        return loss, ce, epi.metrics
+        return core.outputs(ctx, loss, ce, epi.metrics)
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_ce, _grad_metrics):
+    def backward(ctx, grad_loss, *_):  # the cross entropy and the metrics have no gradient
         if grad_loss is None:
             return (None,) * _N_INPUTS
         plan, lay = ctx.plan, ctx.lay
@@ -73,7 +72,7 @@ def loss_of_logits(logits: torch.Tensor, labels: torch.Tensor, params: TOFUParam
     plan = core.plan(params, flat, logits.shape[-1], logits.device, tp, (logits,))
     if labels.numel() == 0:
         return core.empty_loss(labels, params, logits)
-    loss, ce, metrics = _TOFUFunction.apply(logits, flat, labels.shape, plan)
+    loss, ce, *metrics = _TOFUFunction.apply(logits, flat, labels.shape, plan)
     return core.results(params, loss, ce, metrics, labels.shape)
 
 

@@ -90,7 +90,7 @@ def combine_stats(stats: torch.Tensor, beta: float, dim: int, ent: torch.Tensor 
     if ent is None:
         return out
     # each part's accumulator moved to the common max; an empty part (m_r = -inf) adds 0
-    moved = torch.where(m == -math.inf, 0.0, scale * (ent + (m - safe) * s1))
+    moved = scale * (ent + torch.where(m == -math.inf, 0.0, m - safe) * s1)
     return out, moved.sum(dim)
 
 

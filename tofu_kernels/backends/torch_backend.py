@@ -59,7 +59,7 @@ def row_stats(x: torch.Tensor, lay: RowLayout, labels: torch.Tensor, shard: Shar
     rank's metadata record when ``meta`` (tensor parallelism), plus the entropy plane with
     ``params.return_metrics``."""
     n_valid, beta = shard.n_valid, params.beta
-    parts = Partials(torch.zeros(0), lay.n_rows, 1, has_meta=meta, ent=params.return_metrics)
+    parts = Partials(x, lay.n_rows, 1, has_meta=meta, ent=params.return_metrics)
     parts = parts._replace(data=torch.zeros(parts.per_rank(), dtype=torch.float32, device=x.device))
     data = parts.data[: (lay.n_rows + int(meta)) * len(Stat)].view(-1, len(Stat))
     ent = parts.ents()[0, :, 0] if parts.ent else None
