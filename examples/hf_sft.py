@@ -91,6 +91,10 @@ def main(argv=None) -> int:
 
         # 3. transformers: the model's own loss is TOFU, without the logits
         model, tokenizer = load()
+        if peft_config is not None:  # apply_tofu works on the PeftModel too
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
         apply_tofu(model, args.gamma, args.beta, fused_linear=True)
         tokens = Dataset.from_dict({"text": texts}).map(lambda r: tokenizer(r["text"]), remove_columns=["text"])
         trainer = transformers.Trainer(
