@@ -67,6 +67,28 @@ def _assert_grads(model, want: dict, rtol=2e-4) -> None:
         torch.testing.assert_close(g, want[name], rtol=rtol, atol=1e-6, msg=name)
 
 
+def _compute_loss_matches_fp64(trainer, base):
+    """``trainer.compute_loss`` on one batch with ``num_items_in_batch`` (what Trainer passes):
+    the loss and every trainable gradient against autograd through the fp64 reference of
+    ``base`` (the causal LM). Returns the batch, its count, the gradients and the loss."""
+    model = trainer.model
+    batch = _batch(trainer)
+    n = (hf.shift_labels(batch["labels"]) != -100).sum()
+    model.train()
+    model.zero_grad()
+    _reference(base, batch, n).backward()
+    want = _grads(model)
+    assert all(g.abs().sum() > 0 for g in want.values())
+    model.zero_grad()
+    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=n)
+    loss.backward()
+    with torch.no_grad():
+        ref = _reference(base, batch, n)
+    assert abs(loss.item() - ref.item()) <= 2e-5 * ref.item()
+    _assert_grads(model, want)
+    return batch, n, want, ref
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One short run shared by the tests below: 12 steps of 2 micro-batches, counted."""
@@ -139,19 +161,7 @@ def test_loss_and_gradients_equal_fp64_and_accumulation_equals_one_batch(tmp_pat
     normalised by the whole batch's count give the big batch's gradient."""
     model = _tiny("llama")
     trainer = _trainer(model, tmp_path, per_device_train_batch_size=6)
-    batch = _batch(trainer)
-    n = (hf.shift_labels(batch["labels"]) != -100).sum()
-    model.train()
-    model.zero_grad()
-    _reference(model, batch, n).backward()
-    want = _grads(model)
-    model.zero_grad()
-    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=n)
-    with torch.no_grad():
-        ref = _reference(model, batch, n)
-    assert abs(loss.item() - ref.item()) <= 2e-5 * ref.item()
-    loss.backward()
-    _assert_grads(model, want)
+    batch, n, want, ref = _compute_loss_matches_fp64(trainer, model)
     model.zero_grad()
     total = 0.0
     for part in (slice(0, 2), slice(2, 6)):
@@ -178,20 +188,7 @@ def test_lora_adapter_gradients_equal_fp64(tmp_path, family):
     assert trainable and all("lora_" in n for n in trainable), trainable
     base = model.get_base_model()
     assert not base.lm_head.weight.requires_grad
-    batch = _batch(trainer)
-    n = (hf.shift_labels(batch["labels"]) != -100).sum()
-    model.train()
-    model.zero_grad()
-    _reference(base, batch, n).backward()
-    want = _grads(model)
-    assert all(g.abs().sum() > 0 for g in want.values())
-    model.zero_grad()
-    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=n)
-    loss.backward()
-    with torch.no_grad():
-        ref = _reference(base, batch, n)
-    assert abs(loss.item() - ref.item()) <= 2e-5 * ref.item()
-    _assert_grads(model, want)
+    batch, n, want, ref = _compute_loss_matches_fp64(trainer, base)
     # apply_tofu on the PeftModel: model(..., labels=...).loss through the adapters' forward
     hf.revert_tofu(model)
     hf.apply_tofu(model, fused_linear=True)
