@@ -166,7 +166,6 @@ def tofu_output_type():
         top1: torch.Tensor | None = None
         label_mask: torch.Tensor | None = None
 
-    TOFUCausalLMOutput.__module__ = __name__
     return TOFUCausalLMOutput
 
 
