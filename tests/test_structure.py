@@ -240,6 +240,7 @@ def _calls(name: str) -> list[str]:
 @pytest.mark.parametrize("name,caller", [
     ("all_gather_stats", "core.py:finish"),  # the one collective
     ("check_shards", "core.py:finish"),
+    ("exchange_meta", "core.py:finish"),  # the checked calls' 16-byte metadata exchange
     ("host_checks_allowed", "core.py:plan"),  # whether host-synchronising checks run
     ("meta_record", "core.py:chunk_stats"),
     ("_grad_in_forward", "core.py:plan"),  # the rule for the path: gradient in the forward or two passes
