@@ -84,6 +84,13 @@ def tofu_compute_language_model_loss(self, labels: torch.Tensor, logits: torch.T
         return _language_module().__dict__["compute_language_model_loss"](self, labels, logits)
     loss, ce = vocab_parallel_tofu_loss(logits, labels, params, _tp_group(self))
     _State.checked = True
+    # The per-token loss is a view of the kernels' flat output. Megatron's combined 1F1B
+    # schedule (--overlap-moe-expert-parallel-comm) replaces a view by a new tensor
+    # (make_viewless), which would drop the attached cross entropy: return a tensor that is
+    # not a view, made by Megatron's own zero-copy function.
+    from megatron.core.utils import make_viewless_tensor
+
+    loss = make_viewless_tensor(loss, requires_grad=loss.requires_grad, keep_graph=True)
     reporting.attach_cross_entropy(loss, ce)
     return loss
 

@@ -277,3 +277,43 @@ def test_hybrid_fixture_reports_cross_entropy_beside_tofu(cases):
     """The same through pretrain_hybrid.py's HybridModel (Megatron's recommended model):
     pattern *-*- (attention, MLP: GPT blocks of local layers), MTP as the pattern's /*- part."""
     run_distributed(2, cases, model="hybrid")
+
+
+class _NoStreamEvent:
+    """A CUDA event's interface where there is no GPU: nothing to wait for or record."""
+
+    def wait(self, stream=None):
+        pass
+
+    def record(self, stream=None):
+        pass
+
+
+def moe_overlap_cases(rank: int, world: int) -> None:
+    """With --overlap-moe-expert-parallel-comm Megatron's combined 1F1B schedule passes the
+    model's output through a ScheduleNode (make_viewless) and hands forward_step_calc_loss a
+    ScheduleNode wrapping the script's loss_func (combined_1f1b.py): the report still gains
+    'lm cross entropy', equal to the plain path's. Megatron's own pieces, emulating only the
+    CUDA streams; a real MoE run with expert parallelism needs GPUs."""
+    cpu_harness()
+    from megatron.core.pipeline_parallel import schedules
+    from megatron.core.pipeline_parallel.utils import ScheduleNode, make_viewless
+    from megatron.core.utils import get_model_config
+
+    data = batches(1, seed=3)
+    args, model, pg = setup(*TOFU, "--tensor-model-parallel-size", "2")
+    plain = train_reports(model, pg, data, forward_only=True)[0]
+    output_tensor, loss_func = pg.forward_step(iter(data), model)
+    node = ScheduleNode(loss_func, lambda: None, _NoStreamEvent(), name="loss_func")
+    store = []
+    schedules.forward_step_calc_loss(model, make_viewless(output_tensor), node.forward, get_model_config(model), None,
+                                     False, 1, store, cp_group_size=1, is_last_stage=True)
+    assert set(store[0]) == {LOSS_KEY, CE_KEY}, store
+    torch.testing.assert_close(store[0][CE_KEY], plain[CE_KEY])
+    torch.testing.assert_close(store[0][LOSS_KEY], plain[LOSS_KEY])
+    megatron_patch.revert()
+    megatron_patch.remove_hooks()
+
+
+def test_moe_overlap_schedule_keeps_the_cross_entropy_report():
+    run_distributed(2, moe_overlap_cases)
