@@ -64,6 +64,8 @@ class _Checked(argparse.Action):
         try:
             setattr(namespace, self.dest, self.convert(values))
         except ValueError as e:
+            if not getattr(parser, "exit_on_error", True):  # the parser's owner handles errors
+                raise argparse.ArgumentError(self, str(e)) from None
             parser.exit(2, f"{parser.prog}: error: argument {option_string}: {e}\n")
 
 
