@@ -110,10 +110,11 @@ def extension_status() -> str:
     source checkout that shadows the installed package (Python run from the checkout's
     root imports its folder first)."""
     import json
+    import os
     from importlib import metadata
     from pathlib import Path
 
-    pkg = Path(__file__).resolve().parent.parent
+    pkg = Path(os.path.realpath(__file__)).parent.parent
     mod, why = _load("cuda")
     if mod is not None:
         from .. import _C
@@ -128,7 +129,7 @@ def extension_status() -> str:
     if (pkg.parent / "setup.py").is_file():  # a source checkout
         try:
             dist = metadata.distribution("tofu-kernels")
-            installed = Path(dist.locate_file("tofu_kernels")).resolve()
+            installed = Path(os.path.realpath(dist.locate_file("tofu_kernels")))
         except (metadata.PackageNotFoundError, TypeError):
             installed = None
         if installed is not None and installed != pkg and installed.is_dir():
