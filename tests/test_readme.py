@@ -147,3 +147,92 @@ def test_every_shell_command_is_run_or_explained():
                 assert (ROOT / path).is_file(), where
                 if "::" in where:
                     assert f"def {where.split('::')[1].split(' ')[0]}(" in (ROOT / path).read_text(), where
+
+
+# ------------------------------------------------------------ numbers quoted in the README
+
+GPU_RESULTS = ROOT / "benchmarks" / "results" / "gpu"
+RUN3 = GPU_RESULTS / "2026-11-27b-h100" / "run3_bench" / "bench_loss.md"  # this version's kernels
+FIRST = GPU_RESULTS / "2026-11-27-h100" / "bench_loss.md"  # the first version's run, every baseline
+# README benchmark table rows -> (results file, implementation as the file names it)
+TABLE_ROWS = {
+    "**ours, CUDA, TOFU** (gradient in the forward)": (RUN3, "ours-cuda TOFU"),
+    "ours, CUDA, TOFU two-pass (Megatron's path)": (RUN3, "ours-cuda TOFU two-pass"),
+    "ours, Triton, TOFU": (RUN3, "ours-triton TOFU"),
+    "ours, CUDA, CE mode (gamma 0, beta 1)": (RUN3, "ours-cuda CE"),
+    "Liger CE": (RUN3, "Liger CE"),
+    "TOFU composed of two Liger CE calls": (RUN3, "composed TOFU (Liger CE x2)"),
+    "Megatron `vocab_parallel_cross_entropy`": (RUN3, "Megatron vocab_parallel_cross_entropy"),
+    "authors' TOFU (PyTorch; first version's run)": (FIRST, "authors TOFU (PyTorch)"),
+}
+
+
+def _md_rows(path) -> dict[tuple[int, int, str], dict[str, str]]:
+    """A benchmark markdown table: (N, V, implementation) -> {column: cell}."""
+    rows, header = {}, None
+    for line in path.read_text().splitlines():
+        if not line.startswith("|"):
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0] == "N":
+            header = cells
+        elif header and cells[0].isdigit():
+            rec = dict(zip(header, cells))
+            rows[int(rec["N"]), int(rec["V"]), rec["implementation"]] = rec
+    return rows
+
+
+def _median(cell: str) -> float:
+    return float(cell.split()[0])
+
+
+def test_benchmark_table_is_the_results_files():
+    """Every cell of the README's H100 table: the fwd+bwd median, the graph-replayed time
+    and the share of copy bandwidth, as the results file has them."""
+    text = readme.README.read_text()
+    table = text[text.index("| implementation (ms, fwd+bwd) |"):]
+    lines = table.split("\n\n")[0].splitlines()
+    shapes = [tuple(int(x) for x in c.split(" x ")) for c in lines[0].strip("|").split("|")[1:]]
+    files = {path: _md_rows(path) for path, _ in TABLE_ROWS.values()}
+    seen = set()
+    for line in lines[2:]:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        path, impl = TABLE_ROWS[cells[0]]
+        seen.add(cells[0])
+        for (n, v), cell in zip(shapes, cells[1:]):
+            rec = files[path][n, v, impl]
+            nums = re.findall(r"[\d.]+", cell.replace("**", ""))
+            # to the README's two decimals (the file has three)
+            assert abs(float(nums[0]) - _median(rec["fwd+bwd ms"])) <= 0.0051, (impl, n, v, cell, rec["fwd+bwd ms"])
+            if "replayed" in cell:
+                assert abs(float(nums[1]) - _median(rec["graph fwd+bwd ms"])) <= 0.0051, (impl, n, v, cell)
+            if "%" in cell:
+                assert f"({rec['copy'].rstrip('%')} %)" in cell, (impl, n, v, cell, rec["copy"])
+    assert seen == set(TABLE_ROWS)
+
+
+def _ratios(path, slow: str, fast: tuple[str, ...], shapes=None) -> list[float]:
+    rows = _md_rows(path)
+    out = []
+    for n, v, impl in rows:
+        if impl == slow and (shapes is None or (n, v) in shapes):
+            out.append(_median(rows[n, v, slow]["fwd+bwd ms"])
+                       / min(_median(rows[n, v, f]["fwd+bwd ms"]) for f in fast if (n, v, f) in rows))
+    return out
+
+
+def test_speedups_and_step_numbers_are_the_results_files():
+    text = " ".join(readme.README.read_text().split())
+    shapes = {(4096, 16032), (16384, 16032), (16384, 32064), (16384, 128256)}  # the table's
+    meg = _ratios(RUN3, "Megatron vocab_parallel_cross_entropy", ("ours-cuda TOFU",), shapes)
+    assert f"Ours is {int(min(meg))}-{round(max(meg))}x Megatron's cross entropy in the same run" in text, meg
+    authors = _ratios(FIRST, "authors TOFU (PyTorch)", ("ours-cuda TOFU", "ours-triton TOFU"))
+    assert f"{min(authors):.1f}-{max(authors):.1f}x the authors' loss" in text, authors
+    step = (GPU_RESULTS / "2026-11-27b-h100" / "bench_megatron_step.md").read_text()
+    native = re.search(r"\| Megatron native CE \| ([\d.]+) .*?\| (\d+) \|", step)
+    tofu = re.search(r"\| TOFU \(gamma 3, beta 0.8\) \| ([\d.]+) .*?\| (\d+) \|", step)
+    assert (f"TOFU took {float(tofu[1]):.1f} ms per step against {float(native[1]):.1f} for Megatron's native "
+            f"cross entropy, with {tofu[2]} vs {native[2]} MiB") in text
+    lm = (GPU_RESULTS / "2026-11-27b-h100" / "megatron_lm.md").read_text()
+    ms = {k: float(v) for k, v in re.findall(r"^\| (cross_entropy|tofu) \| 0 \| \d+ \| ([\d.]+) \|", lm, re.M)}
+    assert f"at {ms['tofu'] / ms['cross_entropy']:.2f}x the cross-entropy step time" in text
