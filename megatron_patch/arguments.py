@@ -1,4 +1,5 @@
-"""``--loss-type {cross_entropy,tofu} --tofu-gamma --tofu-beta --tofu-backend``.
+"""``--loss-type {cross_entropy,tofu} --tofu-gamma --tofu-beta --tofu-backend --tofu-fused-output
+--tofu-chunk-size``.
 
 ``add_arguments(parser)`` works as Megatron's ``extra_args_provider``.
 ``install_hooks()`` makes every Megatron-LM entry point accept the flags and apply the
@@ -71,7 +72,18 @@ class _Checked(argparse.Action):
 
 # The TOFU settings' flags and their defaults. They parse to None when not given (so that
 # apply_from_args can tell a stray flag), and apply_from_args fills in the default.
-_SETTINGS = {"tofu_gamma": DEFAULT_GAMMA, "tofu_beta": DEFAULT_BETA, "tofu_backend": "auto"}
+_SETTINGS = {"tofu_gamma": DEFAULT_GAMMA, "tofu_beta": DEFAULT_BETA, "tofu_backend": "auto",
+             "tofu_fused_output": False, "tofu_chunk_size": None}
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise ValueError(f"not an integer: {text!r}") from None
+    if v < 1:
+        raise ValueError(f"must be a positive integer, got {text}")
+    return v
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -91,6 +103,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--tofu-backend", action=_Checked, convert=_one_of(BACKENDS), default=None,
                    metavar="{" + ",".join(BACKENDS) + "}",
                    help="kernel backend (default auto: CUDA extension, else Triton)")
+    g.add_argument("--tofu-fused-output", action="store_const", const=True, default=None,
+                   help="GPTModel / HybridModel output layer and TOFU loss as one step: the logits "
+                        "[s, b, V/tp] and their gradient are never built (recomputed in blocks)")
+    g.add_argument("--tofu-chunk-size", action=_Checked, convert=_positive_int, default=None, metavar="TOKENS",
+                   help="with --tofu-fused-output: tokens per logits block (default: a 128 MiB block)")
     return parser
 
 
@@ -108,7 +125,8 @@ def apply_from_args(args: argparse.Namespace) -> None:
             setattr(args, name, default)
     loss_type = getattr(args, "loss_type", "cross_entropy")
     if loss_type == "tofu":
-        apply("tofu", args.tofu_gamma, args.tofu_beta, args.tofu_backend)
+        apply("tofu", args.tofu_gamma, args.tofu_beta, args.tofu_backend, fused_output=args.tofu_fused_output,
+              chunk_size=args.tofu_chunk_size)
         if getattr(args, "cross_entropy_loss_fusion", False):
             impl = getattr(args, "cross_entropy_fusion_impl", "native")
             warn_once(
@@ -119,6 +137,8 @@ def apply_from_args(args: argparse.Namespace) -> None:
         what = (f"--loss-type tofu (gamma={args.tofu_gamma}, beta={args.tofu_beta}, "
                 f"backend={args.tofu_backend}): LanguageModule.compute_language_model_loss is TOFU; "
                 f"'{CE_KEY}' is reported beside 'lm loss'")
+        if args.tofu_fused_output:
+            what += "; --tofu-fused-output: the output layer and the loss run as one step, without the logits"
     else:
         apply("cross_entropy")
         what = "--loss-type cross_entropy: Megatron's loss is untouched"
