@@ -136,8 +136,8 @@ def test_fused_equals_unfused(world, model, cases):
 
 
 def other_cases(rank: int, world: int) -> None:
-    """bf16 (Megatron's Float16Module), and pipeline parallelism (1F1B, the loss on the
-    last of 2 stages)."""
+    """bf16 (Megatron's Float16Module), pipeline parallelism (1F1B, the loss on the last
+    of 2 stages), and gradient accumulation fusion."""
     cpu_harness()
     data = batches(3, seed=29)
     from megatron.core.transformer.module import Float16Module
@@ -146,10 +146,42 @@ def other_cases(rank: int, world: int) -> None:
     _compare(args, Float16Module(net.config, net), pg, data, dtype=torch.bfloat16)  # as Megatron's get_model wraps it
     args, net, pg = setup(*COMMON, "--pipeline-model-parallel-size", "2")
     _compare(args, net, pg, data)
+    main_grad_case(batches(2, seed=31))  # fresh: the pipeline run rewrote its batches in place
     megatron_patch.remove_hooks()
 
 
-def test_fused_bf16_and_pipeline_parallel():
+class _Fp32WgradAccumulation:
+    """What Megatron's gradient accumulation fusion calls (apex's CUDA module
+    fused_weight_gradient_mlp_cuda): main_grad += grad_output.T @ input in fp32; a CPU
+    stand-in with the same contract."""
+
+    @staticmethod
+    def wgrad_gemm_accum_fp32(inp, grad_output, main_grad):
+        main_grad.add_((grad_output.t().double() @ inp.double()).float())
+
+
+def main_grad_case(data) -> None:
+    """Gradient accumulation fusion: the output weight's gradient lands in its fp32
+    main_grad, added by the fused GEMM Megatron's linear layer uses, on both paths alike."""
+    from megatron.core.tensor_parallel import layers
+
+    layers.fused_weight_gradient_mlp_cuda = _Fp32WgradAccumulation
+    args, net, pg = setup(*COMMON, "--tensor-model-parallel-size", "2", "--untie-embeddings-and-output-weights")
+    layer = net.output_layer
+    layer.gradient_accumulation_fusion = True
+    w = layer.weight
+    sums = []
+    for fused in (False, True):
+        w.main_grad, w.grad_added_to_main_grad = torch.zeros(w.shape, dtype=torch.float32), False
+        megatron_patch.apply("tofu", GAMMA, BETA, "torch", fused_output=fused, chunk_size=CHUNK)
+        _run(net, pg, data)
+        assert w.grad_added_to_main_grad and w.main_grad.abs().sum() > 0
+        sums.append(w.main_grad.clone())
+    megatron_patch.revert()
+    assert_grad_close(sums[1], sums[0].double(), torch.float32)
+
+
+def test_fused_bf16_pipeline_parallel_and_main_grad():
     run_distributed(2, other_cases)
 
 
