@@ -39,7 +39,7 @@ import threading
 
 import torch
 
-from tofu_kernels.linear import WeightGradSink, loss_of_hidden
+from tofu_kernels.linear import WeightGradSink, default_chunk_size, loss_of_hidden
 from tofu_kernels.vocab_parallel import TensorParallel
 
 from ._hooks import unwrap, warn_once, wrap
@@ -78,13 +78,23 @@ def fused_loss(hidden_states: torch.Tensor, output_layer, output_weight: torch.T
         hidden = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=True, group=group)
     else:  # identity; backward: all-reduce of every shard's part of dhidden
         hidden = copy_to_tensor_model_parallel_region(hidden_states, group=group)
-    loss, ce = loss_of_hidden(hidden, weight, labels.t(), _State.params_of(), chunk_size=_State.chunk_size,
+    tokens = labels.numel()
+    chunk = _State.chunk_size or fused_chunk_rows(tokens, weight.shape[0], weight.element_size())
+    loss, ce = loss_of_hidden(hidden, weight, labels.t(), _State.params_of(), chunk_size=chunk,
                               tp=TensorParallel(group), reduce_hidden_grad=False,
                               weight_grad=_main_grad_sink(output_layer, weight))
     # rows are [s, b] like the hidden states; Megatron's loss is [b, s] (a new tensor, not a view)
     loss, ce = loss.t().contiguous(), ce.t().contiguous()
     _State.attach(loss, ce)
     return loss
+
+
+def fused_chunk_rows(tokens: int, width: int, element_size: int) -> int:
+    """Rows per logits block: the fused linear loss's default (a 128 MiB block), and at most
+    a sixteenth of the micro-batch (whole 64-row tiles), so that the block stays under 1/16
+    of the logits it replaces whatever the micro-batch (docs/design.md section 9)."""
+    sixteenth = max(64, -(-tokens // 16 // 64) * 64)
+    return min(default_chunk_size(tokens, width, element_size), sixteenth)
 
 
 def _main_grad_sink(output_layer, weight: torch.Tensor) -> WeightGradSink | None:
