@@ -129,8 +129,8 @@ def tp_cases(rank: int, world: int, model: str, cases: list[list[str]]) -> None:
 
 
 @pytest.mark.parametrize("world,model,cases", [
-    (2, "gpt", CASES["gpt"]), (2, "hybrid", CASES["hybrid"]), (4, "gpt", [[], ["--sequence-parallel"]]),
-], ids=["tp2-gpt", "tp2-hybrid", "tp4-gpt"])
+    (1, "gpt", [[]]), (2, "gpt", CASES["gpt"]), (2, "hybrid", CASES["hybrid"]), (4, "gpt", [[], ["--sequence-parallel"]]),
+], ids=["tp1-gpt", "tp2-gpt", "tp2-hybrid", "tp4-gpt"])
 def test_fused_equals_unfused(world, model, cases):
     run_distributed(world, tp_cases, model=model, cases=cases)
 
