@@ -4,11 +4,15 @@
     TOFU_BUILD_CUDA=0 pip install .         # never build it (pure Python: torch + Triton backends)
     TOFU_BUILD_CUDA=1 pip install --no-build-isolation .   # build it or fail with the reason
 
-``--no-build-isolation`` lets the build see the installed torch (an isolated build would
-download another one). ``TORCH_CUDA_ARCH_LIST`` is honoured (default "9.0", Hopper; no
-GPU is needed to build). Without a toolchain, the pure-Python package installs and the
-message below says why the extension was skipped.
+``--no-build-isolation`` lets the build see the installed torch: pip's default, isolated
+build environment holds only setuptools and wheel, so there the extension is skipped.
+``TORCH_CUDA_ARCH_LIST`` is honoured (default "9.0", Hopper; no GPU is needed to build).
+Where the extension is skipped, the pure-Python package installs; pip shows the reason
+only with ``-v``, so it is also written into the package (``tofu_kernels/_build_info.json``),
+where ``tofu_kernels.extension_status()`` reads it.
 """
+
+import json
 
 import os
 import shutil
@@ -42,12 +46,19 @@ def _cuda_home() -> str | None:
     return next((c for c in candidates if _is_toolkit(c)), None)
 
 
+def _record(built: bool, why: str) -> None:
+    """What this build did about the extension, installed with the package (package data)."""
+    with open(os.path.join(HERE, "tofu_kernels", "_build_info.json"), "w") as f:
+        json.dump({"cuda_extension": "built" if built else "not built", "reason": why}, f)
+
+
 def cuda_extensions():
     mode = os.environ.get("TOFU_BUILD_CUDA", "auto").strip().lower()
     if mode not in ("0", "1", "auto"):
         raise SystemExit(f"TOFU_BUILD_CUDA must be 0, 1 or auto, got {mode!r}")
     if mode == "0":
         _log("TOFU_BUILD_CUDA=0: not building the CUDA extension")
+        _record(False, "TOFU_BUILD_CUDA=0 at build time")
         return [], {}
     reasons = []
     try:
@@ -67,6 +78,7 @@ def cuda_extensions():
         if mode == "1":
             raise SystemExit(f"TOFU_BUILD_CUDA=1 but {msg}")
         _log(f"{msg}. Installing the pure-Python package (torch and Triton backends).")
+        _record(False, msg)
         return [], {}
 
     # torch's cpp_extension reads these at import time.
@@ -88,6 +100,7 @@ def cuda_extensions():
             "nvcc": ["-O3", "-lineinfo"],
         },
     )
+    _record(True, f"built with {cuda_home}/bin/nvcc for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
     return [ext], {"build_ext": BuildExtension}
 
 

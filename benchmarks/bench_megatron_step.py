@@ -4,14 +4,18 @@
     python benchmarks/bench_megatron_step.py --cpu-smoke          # CPU: tiny, proves the harness runs
 
 One GPTModel (local layer spec, bf16 parameters and logits, TP = 1), the same weights and
-batch for every variant; a step is forward + loss + backward of the masked mean loss, as
-Megatron's schedules run it (the optimizer's step is the same for every loss and left
-out). Variants: Megatron's native `vocab_parallel_cross_entropy`, Megatron's fused cross
-entropy (`cross_entropy_loss_fusion`, native impl), TOFU through megatron_patch, and TOFU
-in CE mode (gamma 0, beta 1). Timing: CUDA events around each step, median and 20/80 %
-quantiles after warm-up. Peak extra memory: the allocator's peak during a step minus what
-was allocated before it (weights, gradients from the previous step, the batch).
-Targets (H100, bf16): a TOFU step no slower and no larger than the native CE step.
+batch for every variant, at micro-batch 1 and 4; a step is forward + loss + backward of the
+masked mean loss, as Megatron's schedules run it (the optimizer's step is the same for
+every loss and left out). Variants: Megatron's native `vocab_parallel_cross_entropy`,
+Megatron's fused cross entropy (`cross_entropy_loss_fusion`, native impl), TOFU through
+megatron_patch, TOFU in CE mode (gamma 0, beta 1), and both with the fused output layer
+(`--tofu-fused-output`: no logits tensor). Timing: CUDA events around each step, median
+and 20/80 % quantiles after warm-up. Peak extra memory: the allocator's peak during a step
+minus what was allocated before it (weights, gradients from the previous step, the batch).
+The first step's plain cross entropy (masked mean) must agree across the TOFU variants.
+Targets (H100/H200, bf16): a TOFU step no slower and no larger than the native CE step;
+the fused output's peak at most unfused TOFU's minus 90 % of the logits' bytes, its time
+at most 1.05x; fused CE mode faster and smaller than Megatron's native CE.
 """
 
 from __future__ import annotations
@@ -30,8 +34,10 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-GPU_SHAPE = dict(num_layers=4, hidden=2048, heads=16, vocab=128256, seq=4096, batch=1)
-CPU_SHAPE = dict(num_layers=2, hidden=64, heads=4, vocab=512, seq=64, batch=2)
+GPU_SHAPE = dict(num_layers=4, hidden=2048, heads=16, vocab=128256, seq=4096, batches=(1, 4))
+CPU_SHAPE = dict(num_layers=2, hidden=64, heads=4, vocab=512, seq=64, batches=(2,))
+TOFU, TOFU_CE = "TOFU (gamma 3, beta 0.8)", "TOFU CE mode (gamma 0, beta 1)"
+FUSED, FUSED_CE = "TOFU fused output (gamma 3, beta 0.8)", "TOFU fused output, CE mode"
 
 
 def init(device: str) -> None:
@@ -80,24 +86,29 @@ def variants():
         megatron_patch.revert()
         model.config.cross_entropy_loss_fusion = True
 
-    def tofu(model):
-        model.config.cross_entropy_loss_fusion = False
-        megatron_patch.apply("tofu", gamma=3.0, beta=0.8)
+    def tofu(gamma, beta, fused_output):
+        def setup(model):
+            model.config.cross_entropy_loss_fusion = False
+            megatron_patch.apply("tofu", gamma=gamma, beta=beta, fused_output=fused_output)
 
-    def tofu_ce(model):
-        model.config.cross_entropy_loss_fusion = False
-        megatron_patch.apply("tofu", gamma=0.0, beta=1.0)
+        return setup
 
-    return {"Megatron native CE": native, "Megatron fused CE": fused, "TOFU (gamma 3, beta 0.8)": tofu,
-            "TOFU CE mode (gamma 0, beta 1)": tofu_ce}
+    return {"Megatron native CE": native, "Megatron fused CE": fused, TOFU: tofu(3.0, 0.8, False),
+            TOFU_CE: tofu(0.0, 1.0, False), FUSED: tofu(3.0, 0.8, True), FUSED_CE: tofu(0.0, 1.0, True)}
 
 
 def measure(model, batch, device: str, warmup: int, reps: int):
     ids, pos, mask, labels, loss_mask = batch
 
+    import megatron_patch
+
+    ces = []
+
     def step():
         per_token = model(ids, pos, mask, labels=labels)
         loss = (per_token.float() * loss_mask).sum() / loss_mask.sum()
+        ce = megatron_patch.cross_entropy_of(per_token)  # TOFU: the plain CE rides along
+        ces.append(float(((per_token if ce is None else ce).float() * loss_mask).sum() / loss_mask.sum()))
         loss.backward()
         return loss.detach()
 
@@ -123,7 +134,7 @@ def measure(model, batch, device: str, warmup: int, reps: int):
             losses.append(step())
             times.append((time.perf_counter() - t0) * 1e3)
     q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
-    return statistics.median(times), q[0], q[3], peak, float(losses[0])
+    return statistics.median(times), q[0], q[3], peak, float(losses[0]), ces[0]
 
 
 def main(argv=None) -> int:
@@ -139,7 +150,34 @@ def main(argv=None) -> int:
         args.warmup, args.reps = 1, 2
     init(device)
     model = build(shape, device)
-    b, s, v = shape["batch"], shape["seq"], shape["vocab"]
+    s, v = shape["seq"], shape["vocab"]
+    gpu = torch.cuda.get_device_name() if device == "cuda" else "CPU (no GPU)"
+    lines = [f"# Megatron-Core GPT training step on {gpu}", "",
+             f"GPTModel {shape['num_layers']} layers, hidden {shape['hidden']}, vocab {v}, sequence {s}, bf16, "
+             f"local layer spec, TP = 1; step = forward + loss + backward ({args.warmup} warm-up, median of "
+             f"{args.reps}). `first CE`: the first step's plain cross entropy (masked mean), equal for every "
+             "variant on the same weights and batch.", ""]
+    if device == "cpu":
+        lines += ["**CPU smoke run: NOT a performance result.**", ""]
+    targets = []
+    for b in shape["batches"]:
+        rows = run_batch(model, b, s, v, device, args)
+        lines += table(rows, b, s, v)
+        targets += check(rows, b, s, v) if device == "cuda" else []
+    if targets:
+        lines += ["", "## Targets", "", "| target | value | result |", "|---|---|---|", *targets]
+    import megatron_patch
+
+    megatron_patch.revert()
+    md = "\n".join(lines) + "\n"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_megatron_step.md").write_text(md)
+    print(md)
+    dist.destroy_process_group()
+    return 0
+
+
+def run_batch(model, b: int, s: int, v: int, device: str, args) -> dict:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, v, (b, s), generator=g).to(device)
     labels = torch.randint(0, v, (b, s), generator=g).to(device)
@@ -147,10 +185,9 @@ def main(argv=None) -> int:
     mask = torch.triu(torch.ones(s, s, device=device, dtype=torch.bool), diagonal=1)[None, None]
     loss_mask = torch.ones(b, s, device=device)
     batch = (ids, pos, mask, labels, loss_mask)
-    gpu = torch.cuda.get_device_name() if device == "cuda" else "CPU (no GPU)"
     rows = {}
     for name, setup in variants().items():
-        if device == "cpu" and "fused" in name:
+        if device == "cpu" and name == "Megatron fused CE":
             rows[name] = "skipped on CPU (torch.compile'd)"
             continue
         setup(model)
@@ -162,38 +199,48 @@ def main(argv=None) -> int:
         model.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.empty_cache()
-        print(f"[bench_megatron_step] {name}: {rows[name]}", flush=True)
-    import megatron_patch
+        print(f"[bench_megatron_step] micro-batch {b}, {name}: {rows[name]}", flush=True)
+    return rows
 
-    megatron_patch.revert()
-    lines = [f"# Megatron-Core GPT training step on {gpu}", "",
-             f"GPTModel {shape['num_layers']} layers, hidden {shape['hidden']}, vocab {v}, sequence {s}, "
-             f"micro-batch {b}, bf16, local layer spec, TP = 1; step = forward + loss + backward "
-             f"({args.warmup} warm-up, median of {args.reps}).", ""]
-    if device == "cpu":
-        lines += ["**CPU smoke run: NOT a performance result.**", ""]
-    lines += ["| loss | ms/step (q20-q80) | peak extra MiB | first loss | vs native CE time |", "|---|---|---|---|---|"]
+
+def table(rows: dict, b: int, s: int, v: int) -> list[str]:
+    lines = [f"### micro-batch {b} (logits: {b * s * v * 2 / 2**20:.0f} MiB in bf16)", "",
+             "| loss | ms/step (q20-q80) | peak extra MiB | first loss | first CE | vs native CE time |",
+             "|---|---|---|---|---|---|"]
     native = rows.get("Megatron native CE")
     for name, r in rows.items():
         if isinstance(r, str):
-            lines.append(f"| {name} | {r} | | | |")
+            lines.append(f"| {name} | {r} | | | | |")
             continue
         ratio = f"{r[0] / native[0]:.3f}x" if isinstance(native, tuple) else "-"
         peak = "-" if r[3] is None else f"{r[3]:.0f}"
-        lines.append(f"| {name} | {r[0]:.2f} ({r[1]:.2f}-{r[2]:.2f}) | {peak} | {r[4]:.4f} | {ratio} |")
-    tofu = rows.get("TOFU (gamma 3, beta 0.8)")
-    if device == "cuda" and isinstance(tofu, tuple) and isinstance(native, tuple):
-        lines += ["", "## Targets", "", "| target | value | result |", "|---|---|---|",
-                  f"| TOFU step time <= native CE step time | {tofu[0]:.2f} vs {native[0]:.2f} ms | "
-                  f"{'PASS' if tofu[0] <= native[0] else 'MISS'} |",
-                  f"| TOFU peak memory <= native CE peak memory | {tofu[3]:.0f} vs {native[3]:.0f} MiB | "
-                  f"{'PASS' if tofu[3] <= native[3] else 'MISS'} |"]
-    md = "\n".join(lines) + "\n"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_megatron_step.md").write_text(md)
-    print(md)
-    dist.destroy_process_group()
-    return 0
+        lines.append(f"| {name} | {r[0]:.2f} ({r[1]:.2f}-{r[2]:.2f}) | {peak} | {r[4]:.4f} | {r[5]:.6f} | {ratio} |")
+    return lines + [""]
+
+
+def check(rows: dict, b: int, s: int, v: int) -> list[str]:
+    """The targets, PASS or MISS, for one micro-batch size."""
+    native, tofu, ce_mode = rows.get("Megatron native CE"), rows.get(TOFU), rows.get(FUSED_CE)
+    fused = rows.get(FUSED)
+    out = []
+
+    def row(what, value, ok):
+        out.append(f"| micro-batch {b}: {what} | {value} | {'PASS' if ok else 'MISS'} |")
+
+    if isinstance(tofu, tuple) and isinstance(native, tuple):
+        row("TOFU step time <= native CE", f"{tofu[0]:.2f} vs {native[0]:.2f} ms", tofu[0] <= native[0])
+        row("TOFU peak memory <= native CE", f"{tofu[3]:.0f} vs {native[3]:.0f} MiB", tofu[3] <= native[3])
+    if isinstance(fused, tuple) and isinstance(tofu, tuple):
+        logits = b * s * v * 2 / 2**20
+        row("fused peak <= unfused TOFU - 90 % of the logits", f"{fused[3]:.0f} vs {tofu[3] - 0.9 * logits:.0f} MiB",
+            fused[3] <= tofu[3] - 0.9 * logits)
+        row("fused step time <= 1.05x unfused TOFU", f"{fused[0] / tofu[0]:.3f}x", fused[0] <= 1.05 * tofu[0])
+        row("first CE equal, fused vs unfused TOFU", f"{fused[5]:.6f} vs {tofu[5]:.6f}",
+            abs(fused[5] - tofu[5]) <= 1e-3 * abs(tofu[5]))
+    if isinstance(ce_mode, tuple) and isinstance(native, tuple):
+        row("fused CE mode faster than native CE", f"{ce_mode[0]:.2f} vs {native[0]:.2f} ms", ce_mode[0] < native[0])
+        row("fused CE mode smaller than native CE", f"{ce_mode[3]:.0f} vs {native[3]:.0f} MiB", ce_mode[3] < native[3])
+    return out
 
 
 if __name__ == "__main__":

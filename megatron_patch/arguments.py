@@ -1,4 +1,5 @@
-"""``--loss-type {cross_entropy,tofu} --tofu-gamma --tofu-beta --tofu-backend``.
+"""``--loss-type {cross_entropy,tofu} --tofu-gamma --tofu-beta --tofu-backend --tofu-fused-output
+--tofu-chunk-size``.
 
 ``add_arguments(parser)`` works as Megatron's ``extra_args_provider``.
 ``install_hooks()`` makes every Megatron-LM entry point accept the flags and apply the
@@ -14,11 +15,10 @@ import argparse
 import functools
 import importlib
 import os
-import warnings
 
 from tofu_kernels.params import BACKENDS, DEFAULT_BETA, DEFAULT_GAMMA, beta_error, gamma_error
 
-from ._hooks import original, unwrap, wrap
+from ._hooks import first_time, original, unwrap, warn_once, wrap
 from .patch import LOSS_TYPES, apply
 from .reporting import CE_KEY
 
@@ -27,65 +27,109 @@ from .reporting import CE_KEY
 _PARSE_ARGS_USERS = ("megatron.training.initialize", "megatron.training.training")
 
 
-def _float_arg(rule, name: str):
-    """argparse type from a validity rule of tofu_kernels.params (gamma_error, beta_error)."""
+def _number(rule):
+    """Text -> float, checked by a validity rule of tofu_kernels.params (gamma_error, beta_error)."""
 
-    def parse(text: str) -> float:
+    def convert(text: str) -> float:
         try:
             v = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+            raise ValueError(f"not a number: {text!r}") from None
         err = rule(v)
         if err:
-            raise argparse.ArgumentTypeError(err.replace(repr(v), text))
+            raise ValueError(err.replace(repr(v), text))
         return v
 
-    parse.__name__ = name
-    return parse
+    return convert
+
+
+def _one_of(choices: tuple[str, ...]):
+    def convert(text: str) -> str:
+        if text not in choices:
+            raise ValueError(f"invalid choice: {text!r} (choose from {', '.join(choices)})")
+        return text
+
+    return convert
+
+
+class _Checked(argparse.Action):
+    """Stores the flag's value as ``convert`` makes it. A bad value ends the program with one
+    line naming the flag (exit status 2, as argparse's own errors), without the usage text
+    argparse prints first: Megatron's runs to hundreds of lines above the one that matters."""
+
+    def __init__(self, option_strings, dest, convert=None, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.convert = convert
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            setattr(namespace, self.dest, self.convert(values))
+        except ValueError as e:
+            if not getattr(parser, "exit_on_error", True):  # the parser's owner handles errors
+                raise argparse.ArgumentError(self, str(e)) from None
+            parser.exit(2, f"{parser.prog}: error: argument {option_string}: {e}\n")
+
+
+# The TOFU settings' flags and their defaults. They parse to None when not given (so that
+# apply_from_args can tell a stray flag), and apply_from_args fills in the default.
+_SETTINGS = {"tofu_gamma": DEFAULT_GAMMA, "tofu_beta": DEFAULT_BETA, "tofu_backend": "auto",
+             "tofu_fused_output": False, "tofu_chunk_size": None}
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise ValueError(f"not an integer: {text!r}") from None
+    if v < 1:
+        raise ValueError(f"must be a positive integer, got {text}")
+    return v
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the TOFU flags (a no-op if they are already there). Returns the parser."""
+    """Add the TOFU flags (a no-op if they are already there). Returns the parser.
+    ``apply_from_args`` fills in the defaults of the ``--tofu-*`` flags not given."""
     if any("--loss-type" in a.option_strings for a in parser._actions):
         return parser
     g = parser.add_argument_group("TOFU loss (tofu-kernels)")
-    g.add_argument("--loss-type", choices=LOSS_TYPES, default="cross_entropy",
+    g.add_argument("--loss-type", action=_Checked, convert=_one_of(LOSS_TYPES), default="cross_entropy",
+                   metavar="{" + ",".join(LOSS_TYPES) + "}",
                    help="language-model loss: Megatron's cross entropy (default, untouched) "
                         "or the Tempered Focal loss")
-    g.add_argument("--tofu-gamma", type=_float_arg(gamma_error, "gamma"), default=DEFAULT_GAMMA,
+    g.add_argument("--tofu-gamma", action=_Checked, convert=_number(gamma_error), default=None,
                    help=f"TOFU focal exponent gamma >= 0 (default {DEFAULT_GAMMA})")
-    g.add_argument("--tofu-beta", type=_float_arg(beta_error, "beta"), default=DEFAULT_BETA,
+    g.add_argument("--tofu-beta", action=_Checked, convert=_number(beta_error), default=None,
                    help=f"TOFU softmax temperature beta > 0 (default {DEFAULT_BETA})")
-    g.add_argument("--tofu-backend", choices=BACKENDS, default="auto",
+    g.add_argument("--tofu-backend", action=_Checked, convert=_one_of(BACKENDS), default=None,
+                   metavar="{" + ",".join(BACKENDS) + "}",
                    help="kernel backend (default auto: CUDA extension, else Triton)")
+    g.add_argument("--tofu-fused-output", action="store_const", const=True, default=None,
+                   help="GPTModel / HybridModel output layer and TOFU loss as one step: the logits "
+                        "[s, b, V/tp] and their gradient are never built (recomputed in blocks)")
+    g.add_argument("--tofu-chunk-size", action=_Checked, convert=_positive_int, default=None, metavar="TOKENS",
+                   help="with --tofu-fused-output: tokens per logits block (default: a 128 MiB block)")
     return parser
 
 
-_WARNED: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    """Once per process. Megatron parses its arguments several times per run (in-process
-    restart, validation, fault tolerance), and Python's own once-per-location rule resets
-    whenever any import changes the warning filters (transformers' does)."""
-    if message not in _WARNED:
-        _WARNED.add(message)
-        warnings.warn(message, stacklevel=3)
-
-
 def apply_from_args(args: argparse.Namespace) -> None:
-    """Apply (or, for cross_entropy, leave untouched) according to parsed arguments.
+    """Apply (or, for cross_entropy, leave untouched) according to parsed arguments, after
+    filling in the defaults of the ``--tofu-*`` flags not given.
 
-    Says on rank 0 what it did (one line), and warns where a Megatron flag is
-    superseded by the TOFU loss (``--cross-entropy-loss-fusion``), so nothing is
-    silently ignored.
+    Says on rank 0 what it did (one line, once per process), and warns (once) where a flag
+    has no effect: ``--tofu-*`` without ``--loss-type tofu``, and Megatron's
+    ``--cross-entropy-loss-fusion``, superseded by the TOFU loss; nothing is silently ignored.
     """
+    given = [f"--{name.replace('_', '-')}" for name in _SETTINGS if getattr(args, name, None) is not None]
+    for name, default in _SETTINGS.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, default)
     loss_type = getattr(args, "loss_type", "cross_entropy")
     if loss_type == "tofu":
-        apply("tofu", args.tofu_gamma, args.tofu_beta, args.tofu_backend)
+        apply("tofu", args.tofu_gamma, args.tofu_beta, args.tofu_backend, fused_output=args.tofu_fused_output,
+              chunk_size=args.tofu_chunk_size)
         if getattr(args, "cross_entropy_loss_fusion", False):
             impl = getattr(args, "cross_entropy_fusion_impl", "native")
-            _warn_once(
+            warn_once(
                 "megatron_patch: --loss-type tofu replaces Megatron's cross entropy, so "
                 f"--cross-entropy-loss-fusion (--cross-entropy-fusion-impl {impl}) has no effect: "
                 "the TOFU kernels are fused already"
@@ -93,10 +137,15 @@ def apply_from_args(args: argparse.Namespace) -> None:
         what = (f"--loss-type tofu (gamma={args.tofu_gamma}, beta={args.tofu_beta}, "
                 f"backend={args.tofu_backend}): LanguageModule.compute_language_model_loss is TOFU; "
                 f"'{CE_KEY}' is reported beside 'lm loss'")
+        if args.tofu_fused_output:
+            what += "; --tofu-fused-output: the output layer and the loss run as one step, without the logits"
     else:
         apply("cross_entropy")
         what = "--loss-type cross_entropy: Megatron's loss is untouched"
-    if getattr(args, "rank", int(os.environ.get("RANK", "0"))) == 0:
+        if given:
+            warn_once(f"megatron_patch: {' '.join(given)} given without --loss-type tofu: no effect, "
+                       "Megatron's cross entropy is used (add --loss-type tofu for the TOFU loss)")
+    if getattr(args, "rank", int(os.environ.get("RANK", "0"))) == 0 and first_time(what):
         print(f"megatron_patch: {what}", flush=True)
 
 

@@ -7,6 +7,8 @@ through 0.19 (same signature in all; the TP group moved from ``pg_collection.tp`
 the model dtype and returns the unreduced fp32 loss ``[b, s]``; masking and averaging
 happen downstream in the training script's ``loss_func``. We patch the class attribute
 (where every caller looks it up), keep the original, and restore it on ``revert()``.
+With ``fused_output=True`` the output layer and the loss of GPTModel and HybridModel run
+as one step without the logits (``fused_output.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from tofu_kernels.loss import loss_of_logits
 from tofu_kernels.params import DEFAULT_BETA, DEFAULT_GAMMA, TOFUParams
 from tofu_kernels.vocab_parallel import TensorParallel
 
+from . import fused_output as _fused
 from . import reporting
 
 LOSS_TYPES = ("cross_entropy", "tofu")
@@ -34,6 +37,7 @@ class _State:
     params: TOFUParams | None = None
     unchecked: TOFUParams | None = None
     checked = False
+    fused_output = False
 
 
 def _language_module():
@@ -79,11 +83,19 @@ def tofu_compute_language_model_loss(self, labels: torch.Tensor, logits: torch.T
     backward (the logits are dead after the loss, as in Megatron's own CE). The per-token
     cross entropy rides on the returned tensor (``reporting.cross_entropy_of``).
     """
-    params = _State.unchecked if _State.checked else _State.params
+    if isinstance(logits, _fused.DeferredLogits):  # HybridModel's output step, fused
+        return _fused.fused_loss_of_deferred(logits, labels, self.config)
+    params = _call_params()
     if params is None:  # reverted while something still holds this function: Megatron's loss
         return _language_module().__dict__["compute_language_model_loss"](self, labels, logits)
     loss, ce = vocab_parallel_tofu_loss(logits, labels, params, _tp_group(self))
-    _State.checked = True
+    # The per-token loss is a view of the kernels' flat output. Megatron's combined 1F1B
+    # schedule (--overlap-moe-expert-parallel-comm) replaces a view by a new tensor
+    # (make_viewless), which would drop the attached cross entropy: return a tensor that is
+    # not a view, made by Megatron's own zero-copy function.
+    from megatron.core.utils import make_viewless_tensor
+
+    loss = make_viewless_tensor(loss, requires_grad=loss.requires_grad, keep_graph=True)
     reporting.attach_cross_entropy(loss, ce)
     return loss
 
@@ -91,14 +103,25 @@ def tofu_compute_language_model_loss(self, labels: torch.Tensor, logits: torch.T
 tofu_compute_language_model_loss._tofu_patched = True  # marker: applying twice is a no-op
 
 
+def _call_params() -> TOFUParams | None:
+    """This call's settings: the first call after apply() checks its inputs on the host
+    (labels in range, shards), every later one does not (no per-step host sync)."""
+    params = _State.unchecked if _State.checked else _State.params
+    _State.checked = params is not None
+    return params
+
+
 def apply(
-    loss_type: str = "tofu", gamma: float = DEFAULT_GAMMA, beta: float = DEFAULT_BETA, backend: str = "auto"
+    loss_type: str = "tofu", gamma: float = DEFAULT_GAMMA, beta: float = DEFAULT_BETA, backend: str = "auto",
+    fused_output: bool = False, chunk_size: int | None = None,
 ) -> None:
     """Make Megatron-Core compute ``loss_type`` in every LanguageModule.
 
     ``"tofu"`` installs the TOFU loss with ``gamma``/``beta``/``backend`` (again: updates
     them) and the cross-entropy reporting of ``reporting.py``; ``"cross_entropy"``
-    restores Megatron's own loss path untouched.
+    restores Megatron's own loss path untouched. ``fused_output``: GPTModel's and
+    HybridModel's output layer and loss as one step without the logits (``chunk_size``
+    tokens per logits block; default a 128 MiB block), see ``fused_output.py``.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"megatron_patch: loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
@@ -109,6 +132,8 @@ def apply(
     # gradient goes into their storage; the cross entropy rides along for the reports.
     params = TOFUParams(gamma=gamma, beta=beta, backend=backend, reduction="none", inplace_backward=True,
                         return_ce=True)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"megatron_patch: chunk_size must be a positive int, got {chunk_size!r}")
     cls = _language_module()
     with _State.lock:
         current = cls.__dict__["compute_language_model_loss"]
@@ -118,6 +143,10 @@ def apply(
         _State.params, _State.unchecked = params, dataclasses.replace(params, check_inputs=False)
         _State.checked = False
         reporting.install()
+        _fused.uninstall()
+        if fused_output:
+            _fused.install(_call_params, reporting.attach_cross_entropy, chunk_size)
+        _State.fused_output = bool(fused_output)
 
 
 def revert() -> None:
@@ -127,8 +156,9 @@ def revert() -> None:
         if _State.original is not None:
             _language_module().compute_language_model_loss = _State.original
         _State.original, _State.params, _State.unchecked = None, None, None
-        _State.checked = False
+        _State.checked, _State.fused_output = False, False
         reporting.uninstall()
+        _fused.uninstall()
 
 
 def is_applied() -> bool:

@@ -24,12 +24,10 @@ cannot be found, nothing is reported and one warning says why.
 from __future__ import annotations
 
 import functools
-import threading
-import warnings
 
 import torch
 
-from ._hooks import unwrap, wrap
+from ._hooks import unwrap, warn_once, wrap
 
 CE_KEY = "lm cross entropy"
 LOSS_KEY = "lm loss"
@@ -49,16 +47,8 @@ def cross_entropy_of(output_tensor: torch.Tensor) -> torch.Tensor | None:
     return getattr(output_tensor, _ATTR, None)
 
 
-_warned: set[str] = set()
-_lock = threading.Lock()
-
-
 def _warn_once(key: str, message: str) -> None:
-    with _lock:
-        if key in _warned:
-            return
-        _warned.add(key)
-    warnings.warn(f"megatron_patch: {message}", stacklevel=3)
+    warn_once(f"megatron_patch: {message}", key=f"reporting:{key}")
 
 
 def _loss_mask(loss_func, ce: torch.Tensor) -> torch.Tensor | None:

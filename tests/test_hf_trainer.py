@@ -333,19 +333,3 @@ def test_gpu_qlora_4bit_trains_and_matches_reference(tmp_path):
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
 
-
-def test_readme_trainer_snippet_runs(tmp_path, monkeypatch):
-    """The README's first Hugging Face block, as a TRL user pastes it: run with a tiny model,
-    tokenizer and dataset in its namespace and its SFTConfig shrunk (2 steps, CPU, fp32)."""
-    from . import readme
-
-    block = readme.code_block("Hugging Face / TRL", "python")
-    assert "TOFUSFTTrainer(" in block and 'trl.SFTConfig(output_dir="out")' in block
-    monkeypatch.chdir(tmp_path)
-    block = block.replace('trl.SFTConfig(output_dir="out")', "tiny_config")
-    namespace = {"model": _tiny("qwen3"), "tokenizer": _word_tokenizer(), "dataset": _dataset(8),
-                 "tiny_config": _args(tmp_path, max_steps=2)}
-    exec(compile(block, "README.md", "exec"), namespace)
-    trainer = namespace["trainer"]
-    assert isinstance(trainer, hf.TOFUSFTTrainer) and trainer.state.global_step == 2
-    assert (trainer.tofu_params.gamma, trainer.tofu_params.beta) == (tk.DEFAULT_GAMMA, tk.DEFAULT_BETA)

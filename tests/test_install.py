@@ -1,6 +1,7 @@
 """`pip install .` without a CUDA toolkit yields a working pure-Python package."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,29 @@ def test_install_without_cuda_toolkit_is_pure_python(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                          env={**os.environ, "PYTHONPATH": str(target)})
     assert out.returncode == 0 and out.stdout.startswith("ok"), out.stdout + out.stderr[-3000:]
+
+    # The installed package knows why it has no extension (pip shows it only with -v) ...
+    status = _status(target, cwd=tmp_path)
+    assert f"tofu_kernels imported from {target / 'tofu_kernels'}" in status, status
+    assert "its build did not build the extension: the CUDA extension cannot be built: no CUDA toolkit found" in status
+    # ... and Python started in a source checkout's root imports the checkout instead: said so.
+    checkout = tmp_path / "checkout"
+    shutil.copytree(ROOT / "tofu_kernels", checkout / "tofu_kernels",
+                    ignore=shutil.ignore_patterns("_C*", "_build_info.json", "__pycache__"))
+    shutil.copy(ROOT / "setup.py", checkout / "setup.py")
+    status = _status(target, cwd=checkout)
+    assert f"tofu_kernels imported from {checkout / 'tofu_kernels'}" in status, status
+    assert f"this source checkout shadows the installed package in {target}" in status, status
+
+
+def _status(target, cwd) -> str:
+    """tk.extension_status() in a fresh interpreter that finds the package installed in ``target``."""
+    code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in "
+            "getattr(f, '__module__', '')]; import tofu_kernels as tk; print(tk.extension_status())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd,
+                         env={**os.environ, "PYTHONPATH": str(target)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.strip()
 
 
 def test_forced_build_without_toolkit_fails_with_reason(tmp_path):

@@ -248,6 +248,20 @@ def test_inplace_backward(backend, dtype):
     assert torch.equal(x.detach(), leaf.grad)  # storage now holds the gradient
 
 
+def test_inplace_backward_refuses_a_leaf():
+    """A leaf that requires grad is the user's own tensor (a parameter, an input): writing
+    its gradient into it would silently change its values."""
+    logits, labels = make_logits((4,), 30, torch.float32)
+    leaf = logits.clone().requires_grad_()
+    for fn in (lambda: tk.tofu_loss(leaf, labels, inplace_backward=True),
+               lambda: tk.TOFULoss(inplace_backward=True)(leaf, labels),
+               lambda: tk.vocab_parallel_tofu_loss(leaf, labels, inplace_backward=True)):
+        with pytest.raises(ValueError, match="inplace_backward=True would overwrite the values of `logits`"):
+            fn()
+    assert torch.equal(leaf.detach(), logits) and leaf.grad is None
+    tk.tofu_loss(leaf.detach(), labels, inplace_backward=True)  # no gradient wanted: nothing is written
+
+
 @pytest.mark.parametrize("grad_in_forward,match", [(False, "modified by an inplace operation"),
                                                    (None, "computed in the forward")])
 def test_second_backward_fails_loudly(grad_in_forward, match):

@@ -159,8 +159,12 @@ def _logits_recorder(net) -> list[dict]:
     records = []
     layer = next(m for name, m in net.named_modules() if name.endswith("output_layer") and isinstance(m, ColumnParallelLinear))
 
+    from megatron_patch.fused_output import DeferredLogits
+
     def hook(_module, _inputs, output):
         logits = output[0]
+        if isinstance(logits, DeferredLogits):  # --tofu-fused-output: no logits exist
+            return
         rec = {"logits": logits.detach().double().clone(), "grad": None}
         if logits.requires_grad:
             logits.register_hook(lambda g: rec.__setitem__("grad", g.detach().double().clone()))
@@ -259,6 +263,12 @@ def sft_step_cases(rank: int, world: int, tmp: str, model: str) -> None:
         torch.testing.assert_close(results[bool(extra)][CE_KEY], megatron_ce, rtol=2e-5, atol=1e-6)
     # the report is normalised over the assistant tokens of the whole batch either way
     torch.testing.assert_close(results[True][LOSS_KEY], results[False][LOSS_KEY])
+    # the output layer and the loss as one step (--tofu-fused-output): the same reports
+    args, wrapped, records, reports, _ = _run([*flags, "--tofu-fused-output", "--tofu-chunk-size", "16"], model)
+    assert records == []  # the output layer never made logits
+    fused = reduce_like_megatron(reports)
+    torch.testing.assert_close(fused[LOSS_KEY], results[False][LOSS_KEY], rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(fused[CE_KEY], megatron_ce, rtol=2e-5, atol=1e-6)
     megatron_patch.revert()
     megatron_patch.remove_hooks()
 

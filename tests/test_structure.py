@@ -86,6 +86,8 @@ def test_megatron_flags_use_the_same_defaults_and_rule():
     import megatron_patch
 
     args = megatron_patch.add_arguments(argparse.ArgumentParser()).parse_args([])
+    assert (args.tofu_gamma, args.tofu_beta) == (None, None)  # not given: apply_from_args fills them in
+    megatron_patch.apply_from_args(args)  # --loss-type cross_entropy: Megatron untouched
     assert (args.tofu_gamma, args.tofu_beta) == (P.DEFAULT_GAMMA, P.DEFAULT_BETA)
     sig = inspect.signature(megatron_patch.apply).parameters
     assert (sig["gamma"].default, sig["beta"].default) == (P.DEFAULT_GAMMA, P.DEFAULT_BETA)
@@ -240,6 +242,7 @@ def _calls(name: str) -> list[str]:
 @pytest.mark.parametrize("name,caller", [
     ("all_gather_stats", "core.py:finish"),  # the one collective
     ("check_shards", "core.py:finish"),
+    ("exchange_meta", "core.py:finish"),  # the checked calls' 16-byte metadata exchange
     ("host_checks_allowed", "core.py:plan"),  # whether host-synchronising checks run
     ("meta_record", "core.py:chunk_stats"),
     ("_grad_in_forward", "core.py:plan"),  # the rule for the path: gradient in the forward or two passes

@@ -7,6 +7,8 @@ vocabulary. Each test spawns the processes once and runs a group of cases inside
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -130,20 +132,27 @@ def check_cases(rank: int, world: int) -> None:
     vr = 8
     labels = torch.randint(0, vr * world, (5,))
     full, _ = make_logits((5,), vr * world, torch.float32, labels=labels)
-    for backend in ("torch", "triton"):
+    for backend, check in (("torch", False), ("triton", False), ("torch", True)):
         shard = full[:, rank * vr : (rank + 1) * vr].clone().requires_grad_()
         for k, fn in originals.items():
             setattr(dist, k, counting(fn))
         try:
             counts["n"] = 0
-            loss = tk.vocab_parallel_tofu_loss(shard, labels, backend=backend, reduction="sum")
-            assert counts["n"] == 1, f"forward issued {counts['n']} collectives"
+            loss = tk.vocab_parallel_tofu_loss(shard, labels, backend=backend, reduction="sum", check_inputs=check)
+            # one all-gather of the statistics; a checked call exchanges the ranks' 16-byte
+            # metadata records first
+            assert counts["n"] == 1 + check, f"forward issued {counts['n']} collectives"
             counts["n"] = 0
             loss.backward()
             assert counts["n"] == 0, f"backward issued {counts['n']} collectives"
         finally:
             for k, fn in originals.items():
                 setattr(dist, k, fn)
+
+    # token counts that differ across ranks: the same error on every rank, no abort in the
+    # all-gather (whose sizes would not match), and the group still works afterwards
+    with pytest.raises(ValueError, match=re.escape(f"token counts differ across ranks ({[5 + r for r in range(world)]})")):
+        tk.vocab_parallel_tofu_loss(torch.randn(5 + rank, vr), torch.randint(0, vr * world, (5 + rank,)))
 
     # shard widths that disagree across ranks (default layout)
     bad_width = torch.randn(5, vr + (rank == 1))

@@ -5,7 +5,7 @@
     loss = tk.linear_tofu_loss(hidden, lm_head.weight, labels)  # never builds the logits
 """
 
-from .backends import BACKENDS, extension_loaded
+from .backends import BACKENDS, extension_loaded, extension_status
 from .linear import LinearTOFULoss, linear_tofu_loss, vocab_parallel_linear_tofu_loss
 from .loss import TOFULoss, tofu_loss, vocab_parallel_tofu_loss
 from .params import DEFAULT_BETA, DEFAULT_GAMMA, DEFAULT_IGNORE_INDEX, TOFUParams
@@ -26,6 +26,7 @@ __all__ = [
     "TokenMetrics",
     "authors_tofu_loss",
     "extension_loaded",
+    "extension_status",
     "focal_weight",
     "linear_tofu_loss",
     "tofu_loss",

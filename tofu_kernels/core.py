@@ -19,8 +19,9 @@ gradient in the forward (a scalar upstream gradient, whole rows on one device):
 
 two passes (any upstream gradient; the only way under tensor parallelism):
     :func:`row_stats` / :func:`chunk_stats`   one read of the logits -> partial records
-    :func:`finish`        under tensor parallelism the one all-gather and the shard
-                          check, then the label check against the global vocabulary;
+    :func:`finish`        under tensor parallelism the one all-gather of the statistics
+                          (where inputs are checked, after a 16-byte exchange of the
+                          ranks' metadata: shard, token-count and label checks); then
                           the epilogue (loss, cross entropy, the backward's record,
                           the reduction: one kernel on the GPU backends)
     :func:`grad`          in the backward: one read of the logits, one write of the
@@ -45,7 +46,7 @@ from .backends import Backend, get_backend
 from .params import TOFUParams
 from .records import Epilogue, Metric, Partials, Reduction, Stat, TokenMetrics, meta_record
 from .tofu_math import combine_stats
-from .vocab_parallel import TensorParallel, all_gather_stats, check_shards, resolve
+from .vocab_parallel import TensorParallel, all_gather_stats, check_shards, exchange_meta, resolve
 
 __all__ = ["LossModule", "Plan", "chunk_stats", "empty_loss", "finish", "fused", "grad", "grad_buffer", "new_grad",
            "outputs", "plan", "rescale", "results", "row_stats"]
@@ -171,14 +172,15 @@ def chunk_stats(p: Plan, chunks: Iterable[tuple[int, int, torch.Tensor, RowLayou
 
 
 def finish(p: Plan, parts: Partials, labels: torch.Tensor, reduction: Reduction) -> Epilogue:
-    """From this rank's partial records to the loss: under tensor parallelism the one
-    all-gather and the check of the ranks' shards (whose global vocabulary the label check
-    then uses), then the epilogue."""
+    """From this rank's partial records to the loss: under tensor parallelism, where inputs
+    are checked, the ranks' metadata records gathered and checked first (shards, token
+    counts; the label check then uses the global vocabulary), then the one all-gather of the
+    statistics; then the epilogue."""
     vocab_size = p.shard.vocab_end
     if p.tp is not None:
+        if p.check:  # the ranks' records first: a mismatch is the same error on every rank
+            check_label_range(labels, p.params.ignore_index, check_shards(exchange_meta(parts, p.tp), p.tp.explicit))
         parts, vocab_size = all_gather_stats(parts, p.tp), None  # the epilogue reads V from the ranks
-        if p.check:
-            check_label_range(labels, p.params.ignore_index, check_shards(parts, p.tp.explicit))
     return p.backend.epilogue(parts, labels, p.params, vocab_size, reduction)
 
 

@@ -42,6 +42,8 @@ roundings and larger GEMMs.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -52,12 +54,24 @@ from .params import DEFAULT_BETA, DEFAULT_GAMMA, DEFAULT_IGNORE_INDEX, TOFUParam
 from .records import Reduction
 from .vocab_parallel import TensorParallel
 
-__all__ = ["LinearTOFULoss", "default_chunk_size", "linear_tofu_loss", "logit_chunks", "loss_of_hidden",
-           "vocab_parallel_linear_tofu_loss"]
+__all__ = ["LinearTOFULoss", "WeightGradSink", "default_chunk_size", "linear_tofu_loss", "logit_chunks",
+           "loss_of_hidden", "vocab_parallel_linear_tofu_loss"]
 
 # The logits chunk's budget: 128 MiB, e.g. 512 rows of a 128256-column bf16 vocabulary.
 CHUNK_BYTES = 128 << 20
-_N_INPUTS = 7  # arguments of _LinearTOFUFunction.forward after ctx
+_N_INPUTS = 8  # arguments of _LinearTOFUFunction.forward after ctx
+
+
+@dataclass(frozen=True)
+class WeightGradSink:
+    """Where the weight's gradient goes instead of autograd (two-pass path only): the
+    backward calls ``add(dlogits, hidden)`` per chunk, meaning ``grad += dlogits.T @ hidden``
+    into the caller's own buffer (e.g. Megatron's fp32 ``main_grad``, accumulated chunk by
+    chunk without rounding through the weight's dtype), and hands autograd ``returned()``
+    for the weight (None, or a placeholder the caller's hooks expect)."""
+
+    add: Callable[[torch.Tensor, torch.Tensor], None]
+    returned: Callable[[], torch.Tensor | None]
 
 
 def default_chunk_size(n_rows: int, vocab: int, element_size: int) -> int:
@@ -82,10 +96,10 @@ def logit_chunks(hidden: torch.Tensor, weight: torch.Tensor, chunk: int):
 class _LinearTOFUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, plan: core.Plan, chunk: int, normalizer: float | None,
-                reduce_dh: bool):
+                reduce_dh: bool, sink: WeightGradSink | None):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         params, reduction = plan.params, plan.reduction
-        ctx.plan, ctx.chunk, ctx.reduce_dh = plan, chunk, reduce_dh
+        ctx.plan, ctx.chunk, ctx.reduce_dh, ctx.sink = plan, chunk, reduce_dh, sink
         ctx.set_materialize_grads(False)
         if plan.grad_in_forward:
             # the loss and both gradients now, chunk by chunk
@@ -145,9 +159,9 @@ class _LinearTOFUFunction(torch.autograd.Function):
                     core.rescale(plan, *row_layout(g), grad_loss)
             return (grads[0], grads[1]) + (None,) * (_N_INPUTS - 2)
         hidden, weight, labels, grad_rec, scale = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_h, need_w, sink = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.sink
         dh = core.new_grad(hidden) if need_h else None
-        dw = core.new_grad(weight) if need_w else None
+        dw = core.new_grad(weight) if need_w and sink is None else None
         upstream = grad_loss.reshape(-1).float()
         for i, r0, r1, z, lay in logit_chunks(hidden, weight, ctx.chunk):
             up = upstream if upstream.numel() == 1 else upstream[r0:r1]
@@ -156,8 +170,12 @@ class _LinearTOFUFunction(torch.autograd.Function):
                 torch.mm(z, weight, out=dh[r0:r1])
             if dw is not None:
                 dw.addmm_(z.t(), hidden[r0:r1], beta=0.0 if i == 0 else 1.0)
+            elif need_w:
+                sink.add(z, hidden[r0:r1])
         if dh is not None and plan.tp is not None and ctx.reduce_dh:
             dist.all_reduce(dh, group=plan.tp.group)  # every rank's shard contributes to dhidden
+        if need_w and sink is not None:
+            dw = sink.returned()
         return (dh, dw) + (None,) * (_N_INPUTS - 2)
 
 
@@ -252,10 +270,13 @@ def vocab_parallel_linear_tofu_loss(
 
 def loss_of_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, params: TOFUParams, *,
                    chunk_size: int | None = None, normalizer: float | torch.Tensor | None = None,
-                   tp: TensorParallel | None = None, reduce_hidden_grad: bool = True):
+                   tp: TensorParallel | None = None, reduce_hidden_grad: bool = True,
+                   weight_grad: WeightGradSink | None = None):
     """The TOFU loss of ``hidden @ weight.T`` under ``params`` (``weight`` this rank's
     ``[V/tp, D]`` rows with ``tp``): what :func:`linear_tofu_loss` and
-    :func:`vocab_parallel_linear_tofu_loss` return, with their keywords."""
+    :func:`vocab_parallel_linear_tofu_loss` return, with their keywords; ``weight_grad``
+    sends the weight's gradient to a :class:`WeightGradSink` (reduction "none" only: the
+    two-pass path)."""
     dev = hidden.device.type if isinstance(hidden, torch.Tensor) else None
     if dev is not None and torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
         # what nn.Linear does under autocast: the GEMMs in the autocast dtype (the casts are
@@ -264,7 +285,7 @@ def loss_of_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
         hidden, weight = hidden.to(dt), weight.to(dt)
         with torch.autocast(dev, enabled=False):
             return loss_of_hidden(hidden, weight, labels, params, chunk_size=chunk_size, normalizer=normalizer,
-                                  tp=tp, reduce_hidden_grad=reduce_hidden_grad)
+                                  tp=tp, reduce_hidden_grad=reduce_hidden_grad, weight_grad=weight_grad)
     check_linear_tensors(hidden, weight, labels)
     width = weight.shape[0]
     h = hidden.reshape(-1, hidden.shape[-1])
@@ -283,11 +304,14 @@ def loss_of_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
         raise ValueError(f"linear_tofu_loss: chunk_size must be a positive int, got {chunk_size!r}")
     else:
         chunk = chunk_size
+    if weight_grad is not None and params.reduction != "none":
+        raise ValueError("linear_tofu_loss: weight_grad goes with reduction='none' (the two-pass path)")
     flat = flat_labels(labels)
     plan = core.plan(params, flat, width, hidden.device, tp, (hidden, weight))
     if n == 0:
         return core.empty_loss(labels, params, hidden, weight)
-    loss, ce, *metrics = _LinearTOFUFunction.apply(h, weight, flat, plan, chunk, normalizer, reduce_hidden_grad)
+    loss, ce, *metrics = _LinearTOFUFunction.apply(h, weight, flat, plan, chunk, normalizer, reduce_hidden_grad,
+                                                   weight_grad)
     if plan.reduction == Reduction.NONE:
         loss, ce = loss.view(labels.shape), ce.view(labels.shape)
     return core.results(params, loss, ce, metrics, labels.shape)

@@ -68,6 +68,12 @@ def loss_of_logits(logits: torch.Tensor, labels: torch.Tensor, params: TOFUParam
     """The TOFU loss of ``logits`` ``[..., V]`` (``[..., V/tp]`` with ``tp``) under
     ``params``: what :func:`tofu_loss` and :func:`vocab_parallel_tofu_loss` return."""
     check_tensors(logits, labels)
+    if params.inplace_backward and logits.is_leaf and logits.requires_grad:
+        raise ValueError(
+            "tofu_loss: inplace_backward=True would overwrite the values of `logits`, a leaf tensor that "
+            "requires grad (a parameter or an input you hold); pass inplace_backward=False, or logits "
+            "computed by the model (dead after the loss)"
+        )
     flat = flat_labels(labels)
     plan = core.plan(params, flat, logits.shape[-1], logits.device, tp, (logits,))
     if labels.numel() == 0:

@@ -14,11 +14,13 @@ rank's (m, S1, Sb) before any sum can be formed, and the payload is tiny (16 B/t
 16 KiB at 1K tokens, 1 MiB at 64K), so the step is latency-bound and one collective
 beats two or three. Per rank it receives (tp - 1) * 16 B/token; a ring all-reduce moves
 2 (tp - 1) / tp * 4 B/token per 4-byte field, i.e. 24 (tp - 1) / tp B/token for
-Megatron's three, so bytes are equal at tp = 2.5 and ours is larger above (tp = 8:
-112 vs 21 B/token, still ~2 MB at 16K tokens): latency, not volume, is the cost here.
-The metadata record (``records.Meta``: each rank's vocab_start, vocab_end, width and
-rows as int32 bits) rides in the same collective: the epilogue reads the global vocab size
-from it on the device, and mismatched shards are caught without a second collective.
+Megatron's three, so the bytes would be equal at tp = 1.5 and ours are more at every
+real tp (tp = 2: 16 vs 12 B/token; tp = 8: 112 vs 21, 1.75 MiB at 16K tokens): latency,
+not volume, is the cost here. The metadata record (``records.Meta``: each rank's
+vocab_start, vocab_end, width and rows as int32 bits) rides in the same collective: the
+epilogue reads the global vocab size from it on the device. Calls that check their inputs
+exchange the metadata records alone first (:func:`exchange_meta`, 16 B per rank), because
+the statistics' all-gather needs equal token counts before it can run.
 """
 
 from __future__ import annotations
@@ -101,11 +103,23 @@ def all_gather_stats(parts: Partials, tp: TensorParallel) -> Partials:
     return parts._replace(data=gathered, world=world, rank_stride=data.numel())
 
 
-def check_shards(parts: Partials, explicit: bool) -> int:
-    """Host check of the gathered metadata records: equal widths (default layout), equal
-    token counts, and rank ranges that tile [0, V) without gaps or overlaps. Returns the
-    global vocab size (one host sync; eager mode only)."""
-    rows = parts.metas().tolist()
+def exchange_meta(parts: Partials, tp: TensorParallel) -> torch.Tensor:
+    """Every rank's metadata record ``[world, len(Meta)]`` int32, gathered on its own before
+    the statistics (16 B per rank): the statistics' all-gather needs equal token counts on
+    every rank, so the check that they are equal must not ride in it. Only calls that check
+    their inputs pay this second, tiny collective."""
+    mine = parts.metas().reshape(-1)  # this rank's record (parts before the all-gather)
+    out = torch.empty(dist.get_world_size(tp.group) * mine.numel(), dtype=mine.dtype, device=mine.device)
+    _all_gather(out, mine, tp.group)
+    return out.view(-1, len(Meta))
+
+
+def check_shards(metas: torch.Tensor, explicit: bool) -> int:
+    """Host check of every rank's metadata record (:func:`exchange_meta`): equal widths
+    (default layout), equal token counts, and rank ranges that tile [0, V) without gaps or
+    overlaps. Every rank sees the same records, so every rank raises the same error.
+    Returns the global vocab size (one host sync; eager mode only)."""
+    rows = metas.tolist()
     widths = [r[Meta.WIDTH] for r in rows]
     if not explicit and len(set(widths)) > 1:
         raise ValueError(

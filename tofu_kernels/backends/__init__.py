@@ -23,7 +23,7 @@ from .._inputs import RowLayout, Shard
 from ..params import BACKENDS, TOFUParams
 from ..records import Epilogue, Partials, Reduction
 
-__all__ = ["BACKENDS", "Backend", "extension_loaded", "get_backend"]
+__all__ = ["BACKENDS", "Backend", "extension_loaded", "extension_status", "get_backend"]
 
 
 @runtime_checkable
@@ -97,9 +97,45 @@ def _load(name: str) -> tuple[ModuleType | None, str]:
 
 
 def extension_loaded() -> bool:
-    """True when the compiled CUDA extension imported (it can load without a GPU)."""
+    """True when the compiled CUDA extension imported (it can load without a GPU).
+    :func:`extension_status` says from which file, or why not."""
     mod, _ = _load("cuda")
     return mod is not None
+
+
+def extension_status() -> str:
+    """One line: the compiled extension's file, or why it did not load. The reasons: the
+    import error; what the build of the imported package recorded (e.g. pip's isolated
+    build, where torch is not importable, skips it); and whether this ``tofu_kernels`` is a
+    source checkout that shadows the installed package (Python run from the checkout's
+    root imports its folder first)."""
+    import json
+    import os
+    from importlib import metadata
+    from pathlib import Path
+
+    pkg = Path(os.path.realpath(__file__)).parent.parent
+    mod, why = _load("cuda")
+    if mod is not None:
+        from .. import _C
+
+        return f"loaded: {_C.__file__}"
+    notes = [f"not loaded ({why})", f"tofu_kernels imported from {pkg}"]
+    info = pkg / "_build_info.json"
+    if info.is_file():
+        rec = json.loads(info.read_text())
+        if rec.get("cuda_extension") != "built":
+            notes.append(f"its build did not build the extension: {rec.get('reason')}")
+    if (pkg.parent / "setup.py").is_file():  # a source checkout
+        try:
+            dist = metadata.distribution("tofu-kernels")
+            installed = Path(os.path.realpath(dist.locate_file("tofu_kernels")))
+        except (metadata.PackageNotFoundError, TypeError):
+            installed = None
+        if installed is not None and installed != pkg and installed.is_dir():
+            notes.append(f"this source checkout shadows the installed package in {installed.parent} "
+                         "(Python puts the current directory first): run from another directory")
+    return "; ".join(notes)
 
 
 def get_backend(name: str, device: torch.device) -> Backend:
@@ -114,7 +150,8 @@ def get_backend(name: str, device: torch.device) -> Backend:
         return _load("torch")[0]
     mod, why = _load(name)
     if mod is None:
-        raise RuntimeError(f"tofu_loss: backend {name!r} is unavailable ({why})")
+        raise RuntimeError(f"tofu_loss: backend {name!r} is unavailable: "
+                           f"{extension_status() if name == 'cuda' else why}")
     ok, why = mod.available(device)
     if not ok:
         raise RuntimeError(f"tofu_loss: backend {name!r} is unavailable: {why}")
