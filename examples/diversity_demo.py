@@ -167,6 +167,7 @@ def diversity(model, args, temperature: float = 1.0) -> dict:
         "rare_share": rare_valid / max(valid, 1),
         "answer_entropy": sum(answer_entropy) / len(answer_entropy),
         "valid": valid / total,
+        "misspelled": sum(s not in VALID for ss in samples for s in ss) / total,  # not a word of any category
         "answers": Counter(s for ss in samples for s in ss),
     }
 
@@ -282,35 +283,41 @@ def report(results: dict, curves: dict, args, out: Path, elapsed: float) -> str:
             "more_diversity": more_div, "less_forgetting": less_forget,
             "sft_data": {"answer_entropy": DATA_ANSWER_ENTROPY, "rare_share": DATA_RARE_SHARE}}
     (out / "demo_results.json").write_text(json.dumps(data, indent=1) + "\n")
+    plt = pyplot()
+    if plt is None:
+        return text + "matplotlib not installed: no plot\n"
+    keys = [("sft_ce", "SFT held-out CE (quality)"), ("broad_ce", "broad-corpus CE (forgetting)"),
+            ("answer_entropy", "answer entropy (valid samples)"), ("rare_share", "rare share of valid samples"),
+            ("valid", "valid samples")]
+    fig, axes = plt.subplots(1, 5, figsize=(22, 4))
+    for ax, (k, title) in zip(axes, keys):
+        for name, curve in curves.items():
+            ax.plot([c["iter"] for c in curve], [c[k] for c in curve], marker="o", label=name)
+        ax.axhline(results["pre-SFT"][k], color="gray", linestyle=":", label="pre-SFT")
+        data_ref = {"answer_entropy": DATA_ANSWER_ENTROPY, "rare_share": DATA_RARE_SHARE}.get(k)
+        if data_ref is not None:
+            ax.axhline(data_ref, color="green", linestyle="--", label="SFT data")
+            ax.legend(fontsize=8)
+        ax.set(title=title, xlabel="SFT iteration")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(lines[0], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "demo_curves.png", dpi=100)
+    plt.close(fig)
+    return text + f"plot: {out / 'demo_curves.png'}\n"
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None where matplotlib is not installed."""
     try:
         import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        keys = [("sft_ce", "SFT held-out CE (quality)"), ("broad_ce", "broad-corpus CE (forgetting)"),
-                ("answer_entropy", "answer entropy (valid samples)"), ("rare_share", "rare share of valid samples"),
-                ("valid", "valid samples")]
-        fig, axes = plt.subplots(1, 5, figsize=(22, 4))
-        for ax, (k, title) in zip(axes, keys):
-            for name, curve in curves.items():
-                ax.plot([c["iter"] for c in curve], [c[k] for c in curve], marker="o", label=name)
-            ax.axhline(results["pre-SFT"][k], color="gray", linestyle=":", label="pre-SFT")
-            data_ref = {"answer_entropy": DATA_ANSWER_ENTROPY, "rare_share": DATA_RARE_SHARE}.get(k)
-            if data_ref is not None:
-                ax.axhline(data_ref, color="green", linestyle="--", label="SFT data")
-                ax.legend(fontsize=8)
-            ax.set(title=title, xlabel="SFT iteration")
-            ax.grid(alpha=0.3)
-        axes[0].legend()
-        fig.suptitle(lines[0], fontsize=9)
-        fig.tight_layout()
-        fig.savefig(out / "demo_curves.png", dpi=100)
-        plt.close(fig)
-        text += f"plot: {out / 'demo_curves.png'}\n"
     except ImportError:
-        text += "matplotlib not installed: no plot\n"
-    return text
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 LOCAL_OUT = ROOT / "examples" / "results" / "local"  # git-ignored: a run never dirties the checkout
