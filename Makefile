@@ -32,7 +32,7 @@ DEMO_ARGS ?=
 STUDY_ARGS ?=
 TORCHRUN_TP2 = set -o pipefail; OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore $(PY) -m torch.distributed.run --standalone \
     --nproc-per-node 2
-QUIET = 2>&1 | { grep -vE "DEPRECATED|cpp_extension" || true; }
+QUIET = 2>&1 | { grep --line-buffered -vE "DEPRECATED|cpp_extension" || true; }
 
 demo: venv
 	$(TORCHRUN_TP2) examples/diversity_demo.py --out $(OUT) $(DEMO_ARGS) $(QUIET)
