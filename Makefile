@@ -1,5 +1,5 @@
 # make demo   TOFU vs cross entropy SFT through Megatron-Core, TP=2 (CPU: ~5 min on 2 cores)
-# make study  the seeded gamma/beta study against cross entropy sampled hotter (CPU: ~30 min on 2 cores)
+# make study  seeded gamma/beta study vs cross entropy sampled hotter (CPU: ~15 CPU-min per rank, 22-31 min on a busy 2-core machine)
 # make test   create .venv (Python 3.12), install pinned deps + this package, run all tests
 # make bench  run the loss benchmark (CPU: tiny shapes, not a performance result)
 SHELL := /bin/bash

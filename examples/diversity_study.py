@@ -24,7 +24,7 @@ seed's numbers, means and spreads, paired differences, frontier gaps), study_res
 (the tables) and study_frontier.png (answer entropy against valid-sample share and against
 held-out SFT CE). `make study OUT=examples/results` replaces the committed results.
 
-    torchrun --standalone --nproc-per-node 2 examples/diversity_study.py         # CPU, ~30 min
+    torchrun --standalone --nproc-per-node 2 examples/diversity_study.py   # CPU: ~15 CPU-min per rank
     torchrun --standalone --nproc-per-node 2 examples/diversity_study.py --device cuda   # 2 GPUs
 
 `--device cuda` runs this same code (the demo's functions, NCCL instead of gloo, and the
