@@ -122,3 +122,17 @@ def test_sampling_follows_the_temperature(monkeypatch):
         assert sum(counts) == n  # one letter, then EOS
         freq = torch.tensor(counts) / n
         assert (freq - p).abs().max() < 0.03, (t, freq, p)  # 4000 draws: sd of a share <= 0.008
+
+
+def test_cuda_scale_up_is_the_same_script_with_a_larger_model():
+    """--device cuda changes only the defaults (GPU_SCALE); flags given explicitly still win,
+    and a grid without the cross-entropy cell is refused."""
+    import diversity_study as study
+
+    cpu, gpu = study.parse_args([]), study.parse_args(["--device", "cuda"])
+    assert (cpu.num_layers, cpu.hidden_size, cpu.sft_iters) == (2, 128, 600)
+    assert {k: getattr(gpu, k) for k in study.GPU_SCALE} == study.GPU_SCALE
+    assert study.parse_args(["--device", "cuda", "--num-layers", "4"]).num_layers == 4
+    assert vars(cpu).keys() == vars(gpu).keys()
+    with pytest.raises(SystemExit):
+        study.parse_args(["--gammas", "1", "3"])
