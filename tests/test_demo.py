@@ -35,6 +35,15 @@ def test_committed_result_tofu_keeps_more_diversity():
         assert cells[5:7] == [f"{results[name]['answer_entropy']:.3f}", f"{results[name]['rare_share']:.3f}"], name
 
 
+def test_readme_quotes_the_committed_demo():
+    """The README's demo table is the committed run's table, row for row."""
+    table = (RESULTS / "demo_results.md").read_text().splitlines()
+    readme = (ROOT / "README.md").read_text().splitlines()
+    for name in MODELS:
+        row = next(line for line in table if line.startswith(f"| {name} |"))
+        assert row in readme, name
+
+
 def test_make_demo_and_study_write_to_a_git_ignored_folder():
     """`make demo` / `make study` leave the checkout clean: the scripts' default output folder and
     make's OUT are examples/results/local/, which git ignores; OUT=examples/results is the

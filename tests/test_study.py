@@ -136,3 +136,31 @@ def test_cuda_scale_up_is_the_same_script_with_a_larger_model():
     assert vars(cpu).keys() == vars(gpu).keys()
     with pytest.raises(SystemExit):
         study.parse_args(["--gammas", "1", "3"])
+
+
+def _readme_rows(heading: str) -> dict[str, list[str]]:
+    """The first cell -> the other cells of every table row in the README section ``heading``."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index(f"\n## {heading}\n"):]
+    section = section[: section.index("\n## ", 4)]
+    return {cells[0]: cells[1:] for cells in ([c.strip() for c in line.split("|")[1:-1]]
+            for line in section.splitlines() if line.startswith("| ") and "---" not in line)}
+
+
+def test_readme_quotes_the_committed_study():
+    """README 'What TOFU does, measured': its tables are the committed study's numbers."""
+    data = json.loads((ROOT / "examples" / "results" / "study_results.json").read_text())
+    readme = _readme_rows("What TOFU does, measured")
+    keys = ["valid", "misspelled", "answer_entropy", "rare_share", "sft_ce", "broad_ce"]
+    for row in data["rows"][1:]:  # pre-SFT is left out of the README
+        assert readme[row["name"]] == [f"{row[k]['mean']:.3f} ± {row[k]['sd']:.3f}" for k in keys], row["name"]
+    quoted = [name for name in readme if " - " in name and name != "a - b"]
+    assert len(quoted) == 5
+    for name in quoted:
+        a, b = name.split(" (")[0].split(" - ")
+        pair = next(p for p in data["pairs"] if (p["a"], p["b"]) == (a, b))
+        cells = []
+        for k in ("valid", "misspelled", "answer_entropy", "sft_ce", "broad_ce"):
+            pos = sum(v > 0 for v in pair[k]["per_seed"])
+            cells.append(f"{pair[k]['mean']:+.3f} ± {pair[k]['sd']:.3f} ({pos}/{len(pair[k]['per_seed'])})")
+        assert readme[name] == cells, name
