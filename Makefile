@@ -1,4 +1,5 @@
 # make demo   TOFU vs cross entropy SFT through Megatron-Core, TP=2 (CPU: ~5 min on 2 cores)
+# make study  seeded gamma/beta study vs cross entropy sampled hotter (CPU: ~15 CPU-min per rank, 22-31 min on a busy 2-core machine)
 # make test   create .venv (Python 3.12), install pinned deps + this package, run all tests
 # make bench  run the loss benchmark (CPU: tiny shapes, not a performance result)
 SHELL := /bin/bash
@@ -8,7 +9,7 @@ PY := $(VENV)/bin/python
 PYTHON312 ?= $(shell for p in "$$(pyenv root 2>/dev/null)/versions/3.12.1/bin/python3" python3.12 python3; do \
     "$$p" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null && { echo "$$p"; break; }; done)
 
-.PHONY: demo test bench venv clean
+.PHONY: demo study test bench venv clean
 
 venv: $(VENV)/.installed
 
@@ -24,10 +25,20 @@ $(VENV)/.installed: requirements-dev.txt pyproject.toml setup.py $(wildcard csrc
 	$(PY) -c "import tofu_kernels as tk; print('CUDA extension loaded:', tk.extension_loaded())"
 	touch $@
 
+# Output goes to the git-ignored OUT; `make demo OUT=examples/results` (or study) replaces
+# the committed results on purpose.
+OUT ?= examples/results/local
 DEMO_ARGS ?=
+STUDY_ARGS ?=
+TORCHRUN_TP2 = set -o pipefail; OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore $(PY) -m torch.distributed.run --standalone \
+    --nproc-per-node 2
+QUIET = 2>&1 | { grep --line-buffered -vE "DEPRECATED|cpp_extension" || true; }
+
 demo: venv
-	set -o pipefail; OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore $(PY) -m torch.distributed.run --standalone \
-	    --nproc-per-node 2 examples/diversity_demo.py $(DEMO_ARGS) 2>&1 | { grep -vE "DEPRECATED|cpp_extension" || true; }
+	$(TORCHRUN_TP2) examples/diversity_demo.py --out $(OUT) $(DEMO_ARGS) $(QUIET)
+
+study: venv
+	$(TORCHRUN_TP2) examples/diversity_study.py --out $(OUT) $(STUDY_ARGS) $(QUIET)
 
 test: venv
 	$(PY) -m pytest -q tests

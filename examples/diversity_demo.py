@@ -22,20 +22,28 @@ Reported for the pre-SFT model and both runs:
     torchrun --standalone --nproc-per-node 2 examples/diversity_demo.py          # CPU
     torchrun --standalone --nproc-per-node 2 examples/diversity_demo.py --device cuda \\
         --num-layers 8 --hidden-size 512 --pretrain-iters 3000 --sft-iters 1000   # GPUs
+
+Output (demo_results.md/.json, demo_curves.png) goes to examples/results/local/, which git
+ignores; the committed run in examples/results/ changes only with `--out examples/results`
+(`make demo OUT=examples/results`). Numbers differ slightly between machines (CPU kernels,
+thread counts): `make study` (examples/diversity_study.py) measures the spread over seeds.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import os
+import platform
 import random
 import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -83,9 +91,10 @@ def sft_set(n: int, rng: random.Random) -> list[dict]:
 
 
 @torch.no_grad()
-def sample_responses(model, prompts: list[str], k: int, max_new: int, device: str, seed: int):
-    """k samples per prompt at temperature 1 (identical on every TP rank), and the
-    next-token entropy at the first response position."""
+def sample_responses(model, prompts: list[str], k: int, max_new: int, device: str, seed: int,
+                     temperature: float = 1.0):
+    """k samples per prompt from softmax(logits / temperature) (identical on every TP
+    rank), and the entropy of that same distribution at the first response position."""
     gen = torch.Generator().manual_seed(seed)
     rows = [[sft.BOS] + list(p.encode()) + [sft.SEP] for p in prompts for _ in range(k)]
     width = max(map(len, rows))
@@ -100,7 +109,7 @@ def sample_responses(model, prompts: list[str], k: int, max_new: int, device: st
         logits = sft.full_logits(model, tokens, device).cpu()
         pos = torch.tensor(start) + step - 1
         nxt = logits[torch.arange(len(rows)), pos].float()
-        probs = torch.softmax(nxt, dim=-1)
+        probs = torch.softmax(nxt / temperature, dim=-1)  # x / 1.0 == x: T = 1 is plain sampling
         if step == 0:
             entropy = (-(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)).tolist()
         choice = torch.multinomial(probs, 1, generator=gen).squeeze(1)
@@ -132,13 +141,13 @@ def distinct_n(texts: list[str], n: int) -> float:
     return len(set(grams)) / max(len(grams), 1)
 
 
-def diversity(model, args, device: str) -> dict:
+def diversity(model, args, temperature: float = 1.0) -> dict:
     prompts, cats = [], []
     for c in CATEGORIES:
         for p in PROMPTS[: args.prompts_per_category]:
             prompts.append(p.format(c=c))
             cats.append(c)
-    samples, entropy = sample_responses(model, prompts, args.samples, 10, device, args.seed)
+    samples, entropy = sample_responses(model, prompts, args.samples, 10, args.device, args.seed, temperature)
     valid = sum(s in CATEGORIES[c] for ss, c in zip(samples, cats) for s in ss)
     total = sum(map(len, samples))
     rare_seen = rare_total = rare_valid = 0
@@ -158,34 +167,64 @@ def diversity(model, args, device: str) -> dict:
         "rare_share": rare_valid / max(valid, 1),
         "answer_entropy": sum(answer_entropy) / len(answer_entropy),
         "valid": valid / total,
+        "misspelled": sum(s not in VALID for ss in samples for s in ss) / total,  # not a word of any category
         "answers": Counter(s for ss in samples for s in ss),
     }
 
 
-def evaluate(model, sft_eval, broad_eval, args, device) -> dict:
-    ce, acc = sft.evaluate_ce(model, sft_eval, device)
-    broad_ce, _ = sft.evaluate_ce(model, broad_eval, device)
-    return {"sft_ce": ce, "sft_acc": acc, "broad_ce": broad_ce, **diversity(model, args, device)}
+class Data(NamedTuple):
+    broad_train: sft.Batches
+    broad_eval: sft.Batches
+    sft_train: sft.Batches
+    sft_eval: sft.Batches
 
 
-def finetune(name, model, state, sft_train, sft_eval, broad_eval, args, device, log):
-    """SFT from the pre-SFT weights with ``name``'s loss; curves every eval_interval."""
+def make_data(args) -> Data:
+    """The four data sets, all drawn from ``args.seed``."""
+    rng = random.Random(args.seed)
+    batches = functools.partial(sft.Batches.from_records, seq_len=args.seq_length)
+    return Data(batches(broad_corpus(4000, rng)), batches(broad_corpus(256, rng)),
+                batches(sft_set(2000, rng)), batches(sft_set(256, rng)))
+
+
+def evaluate(model, data: Data, args, temperature: float = 1.0) -> dict:
+    """Quality, diversity and forgetting of the distribution softmax(logits / temperature):
+    the held-out cross entropies are those of the distribution that is sampled."""
+    ce, acc = sft.evaluate_ce(model, data.sft_eval, args.device, temperature=temperature)
+    broad_ce, _ = sft.evaluate_ce(model, data.broad_eval, args.device, temperature=temperature)
+    return {"sft_ce": ce, "sft_acc": acc, "broad_ce": broad_ce, **diversity(model, args, temperature)}
+
+
+def pretrain(args, data: Data, log) -> tuple[torch.nn.Module, dict]:
+    """The model, pretrained on the broad corpus with cross entropy, and a copy of its weights
+    (the checkpoint every SFT run starts from)."""
+    model = sft.build_model(args)
+    log(f"pretraining on the broad corpus: {args.pretrain_iters} iterations, TP={args.tp} on {args.device}")
+    pre = copy.copy(args)
+    pre.train_iters, pre.lr, pre.loss_type = args.pretrain_iters, args.pretrain_lr, "cross_entropy"
+    sft.train(pre, model, data.broad_train, log=lambda m: log(f"[pretrain] {m}"))
+    return model, copy.deepcopy(model.state_dict())
+
+
+def finetune(name, loss: tuple, model, state, data: Data, args, log):
+    """SFT from the pre-SFT weights ``state``; curves every eval_interval.
+
+    ``loss``: ``("cross_entropy",)`` (Megatron's own loss) or ``("tofu", gamma, beta)``,
+    as ``megatron_patch.apply`` takes them. Every run draws the same batches.
+    """
     model.load_state_dict(state)
-    if name == "tofu":
-        megatron_patch.apply("tofu", args.tofu_gamma, args.tofu_beta, args.tofu_backend)
-    else:
-        megatron_patch.apply("cross_entropy")
+    megatron_patch.apply(*loss, backend=args.tofu_backend)
     run = copy.copy(args)
-    run.lr, run.loss_type = args.sft_lr, name
+    run.lr, run.loss_type = args.sft_lr, loss[0]
     optimizer = sft.make_optimizer(run, model)
-    gen = torch.Generator().manual_seed(args.seed + 1)  # identical batches for both runs
+    gen = torch.Generator().manual_seed(args.seed + 1)  # identical batches for every run
     curve, done = [], 0
     while done < args.sft_iters:
         run.train_iters = min(args.eval_interval, args.sft_iters - done)
-        sft.train(run, model, sft_train, log=lambda m: log(f"[sft {name}] {m}"),
+        sft.train(run, model, data.sft_train, log=lambda m: log(f"[sft {name}] {m}"),
                   optimizer=optimizer, gen=gen, start=done)
         done += run.train_iters
-        ev = evaluate(model, sft_eval, broad_eval, args, device)
+        ev = evaluate(model, data, args)
         curve.append({"iter": done, **{k: v for k, v in ev.items() if k != "answers"}})
         log(f"[sft {name}] eval @ {done}: sft CE {ev['sft_ce']:.3f}, broad CE {ev['broad_ce']:.3f}, "
             f"valid {ev['valid']:.2f}, answer entropy {ev['answer_entropy']:.3f}, rare share {ev['rare_share']:.3f}")
@@ -239,43 +278,54 @@ def report(results: dict, curves: dict, args, out: Path, elapsed: float) -> str:
     # the same numbers for programs (tests/test_demo.py reads the committed result's direction)
     settings = {k: getattr(args, k) for k in ("tp", "device", "tofu_gamma", "tofu_beta", "pretrain_iters", "sft_iters",
                                               "samples", "prompts_per_category", "seed")}
-    data = {"settings": {**settings, "elapsed_s": round(elapsed)}, "results": results, "curves": curves,
+    data = {"settings": {**settings, "elapsed_s": round(elapsed)}, "machine": machine(args),
+            "results": results, "curves": curves,
             "more_diversity": more_div, "less_forgetting": less_forget,
             "sft_data": {"answer_entropy": DATA_ANSWER_ENTROPY, "rare_share": DATA_RARE_SHARE}}
     (out / "demo_results.json").write_text(json.dumps(data, indent=1) + "\n")
+    plt = pyplot()
+    if plt is None:
+        return text + "matplotlib not installed: no plot\n"
+    keys = [("sft_ce", "SFT held-out CE (quality)"), ("broad_ce", "broad-corpus CE (forgetting)"),
+            ("answer_entropy", "answer entropy (valid samples)"), ("rare_share", "rare share of valid samples"),
+            ("valid", "valid samples")]
+    fig, axes = plt.subplots(1, 5, figsize=(22, 4))
+    for ax, (k, title) in zip(axes, keys):
+        for name, curve in curves.items():
+            ax.plot([c["iter"] for c in curve], [c[k] for c in curve], marker="o", label=name)
+        ax.axhline(results["pre-SFT"][k], color="gray", linestyle=":", label="pre-SFT")
+        data_ref = {"answer_entropy": DATA_ANSWER_ENTROPY, "rare_share": DATA_RARE_SHARE}.get(k)
+        if data_ref is not None:
+            ax.axhline(data_ref, color="green", linestyle="--", label="SFT data")
+            ax.legend(fontsize=8)
+        ax.set(title=title, xlabel="SFT iteration")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(lines[0], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "demo_curves.png", dpi=100)
+    plt.close(fig)
+    return text + f"plot: {out / 'demo_curves.png'}\n"
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None where matplotlib is not installed."""
     try:
         import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        keys = [("sft_ce", "SFT held-out CE (quality)"), ("broad_ce", "broad-corpus CE (forgetting)"),
-                ("answer_entropy", "answer entropy (valid samples)"), ("rare_share", "rare share of valid samples"),
-                ("valid", "valid samples")]
-        fig, axes = plt.subplots(1, 5, figsize=(22, 4))
-        for ax, (k, title) in zip(axes, keys):
-            for name, curve in curves.items():
-                ax.plot([c["iter"] for c in curve], [c[k] for c in curve], marker="o", label=name)
-            ax.axhline(results["pre-SFT"][k], color="gray", linestyle=":", label="pre-SFT")
-            data_ref = {"answer_entropy": DATA_ANSWER_ENTROPY, "rare_share": DATA_RARE_SHARE}.get(k)
-            if data_ref is not None:
-                ax.axhline(data_ref, color="green", linestyle="--", label="SFT data")
-                ax.legend(fontsize=8)
-            ax.set(title=title, xlabel="SFT iteration")
-            ax.grid(alpha=0.3)
-        axes[0].legend()
-        fig.suptitle(lines[0], fontsize=9)
-        fig.tight_layout()
-        fig.savefig(out / "demo_curves.png", dpi=100)
-        plt.close(fig)
-        text += f"plot: {out / 'demo_curves.png'}\n"
     except ImportError:
-        text += "matplotlib not installed: no plot\n"
-    return text
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+LOCAL_OUT = ROOT / "examples" / "results" / "local"  # git-ignored: a run never dirties the checkout
+COMMITTED_OUT = ROOT / "examples" / "results"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The model, training, sampling and output flags the demo and the study share."""
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--tp", type=int, default=None)
     p.add_argument("--num-layers", type=int, default=2)
@@ -287,46 +337,90 @@ def main(argv=None) -> int:
     p.add_argument("--pretrain-lr", type=float, default=2e-3)
     p.add_argument("--sft-iters", type=int, default=600)
     p.add_argument("--sft-lr", type=float, default=1e-3)
-    p.add_argument("--eval-interval", type=int, default=150)
     p.add_argument("--log-interval", type=int, default=100)
     p.add_argument("--samples", type=int, default=48, help="samples per prompt")
     p.add_argument("--prompts-per-category", type=int, default=4)
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per rank, pinned whatever OMP_NUM_THREADS says: the thread count "
+                        "changes the floating-point sums, hence the numbers (benchmarks/NOTES.md)")
     p.add_argument("--bf16", action="store_true")
-    p.add_argument("--out", type=Path, default=ROOT / "examples" / "results")
-    megatron_patch.add_arguments(p)
-    args = p.parse_args(argv)
+    p.add_argument("--out", type=Path, default=LOCAL_OUT,
+                   help=f"output folder (default: {LOCAL_OUT.relative_to(ROOT)}, git-ignored; "
+                        f"{COMMITTED_OUT.relative_to(ROOT)} replaces the committed results)")
+    return megatron_patch.add_arguments(p)
+
+
+class Log:
+    """Rank 0's progress lines, stamped with the seconds since the start."""
+
+    def __init__(self, rank0: bool):
+        self.rank0, self.t0 = rank0, time.time()
+
+    def __call__(self, msg: str) -> None:
+        if self.rank0:
+            print(f"[{self.elapsed():6.1f}s] {msg}", flush=True)
+
+    def elapsed(self) -> float:
+        return time.time() - self.t0
+
+
+def start(args) -> Log:
+    """Process group and Megatron state, with what makes a rerun give the same numbers pinned
+    (threads per rank, deterministic kernels)."""
+    torch.set_num_threads(args.threads)
+    if args.device == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+    torch.use_deterministic_algorithms(True, warn_only=True)
     args.tp = args.tp or int(os.environ.get("WORLD_SIZE", "1"))
-    t0 = time.time()
+    log = Log(rank0=True)
     sft.init_parallel(args.tp, args.device)
-    rank0 = dist.get_rank() == 0
+    log.rank0 = dist.get_rank() == 0
+    return log
 
-    def log(msg):
-        if rank0:
-            print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
 
-    rng = random.Random(args.seed)
-    broad_train = sft.Batches.from_records(broad_corpus(4000, rng), args.seq_length)
-    broad_eval = sft.Batches.from_records(broad_corpus(256, rng), args.seq_length)
-    sft_train = sft.Batches.from_records(sft_set(2000, rng), args.seq_length)
-    sft_eval = sft.Batches.from_records(sft_set(256, rng), args.seq_length)
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
 
-    model = sft.build_model(args)
-    log(f"pretraining on the broad corpus: {args.pretrain_iters} iterations, TP={args.tp} on {args.device}")
-    pre = copy.copy(args)
-    pre.train_iters, pre.lr, pre.loss_type = args.pretrain_iters, args.pretrain_lr, "cross_entropy"
-    sft.train(pre, model, broad_train, log=lambda m: log(f"[pretrain] {m}"))
-    state = copy.deepcopy(model.state_dict())  # the one checkpoint both SFT runs start from
-    results = {"pre-SFT": evaluate(model, sft_eval, broad_eval, args, args.device)}
+
+def machine(args) -> dict:
+    """What the numbers depend on besides the seed and the flags (they differ between machines)."""
+    return {"cpu": _cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads_per_rank": args.threads, "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None}
+
+
+def where(out: Path, target: str) -> str:
+    """The closing line: where the results went, and how the committed ones are replaced."""
+    committed = COMMITTED_OUT.relative_to(ROOT)
+    if out.resolve() == COMMITTED_OUT.resolve():
+        return f"results written to {out}: these are the COMMITTED results (see git diff before committing)"
+    return (f"results written to {out} (the committed results in {committed}/ are unchanged; "
+            f"`make {target} OUT={committed}` or --out {committed} replaces them)")
+
+
+def main(argv=None) -> int:
+    p = add_arguments(argparse.ArgumentParser(description=__doc__,
+                                              formatter_class=argparse.RawDescriptionHelpFormatter))
+    p.add_argument("--eval-interval", type=int, default=150)
+    p.add_argument("--seed", type=int, default=1234)
+    args = p.parse_args(argv)
+    log = start(args)
+    data = make_data(args)
+    model, state = pretrain(args, data, log)
+    results = {"pre-SFT": evaluate(model, data, args)}
     curves = {}
-    for name in ("cross_entropy", "tofu"):
+    for name, loss in (("cross_entropy", ("cross_entropy",)), ("tofu", ("tofu", args.tofu_gamma, args.tofu_beta))):
         log(f"fine-tuning with --loss-type {name}: {args.sft_iters} iterations")
-        results[f"SFT {name}"], curves[name] = finetune(
-            name, model, state, sft_train, sft_eval, broad_eval, args, args.device, log)
-    if rank0:
+        results[f"SFT {name}"], curves[name] = finetune(name, loss, model, state, data, args, log)
+    if dist.get_rank() == 0:
         args.out.mkdir(parents=True, exist_ok=True)
         print()
-        print(report(results, curves, args, args.out, time.time() - t0), flush=True)
+        print(report(results, curves, args, args.out, log.elapsed()), flush=True)
+        print(where(args.out, "demo"), flush=True)
     dist.barrier()
     dist.destroy_process_group()
     return 0

@@ -180,11 +180,12 @@ def full_logits(model, tokens: torch.Tensor, device: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_ce(model, data: Batches, device: str, batch: int = 32) -> tuple[float, float]:
-    """Masked mean cross entropy and next-token accuracy over ``data``."""
+def evaluate_ce(model, data: Batches, device: str, batch: int = 32, temperature: float = 1.0) -> tuple[float, float]:
+    """Masked mean cross entropy of softmax(logits / temperature) and next-token accuracy
+    over ``data``."""
     tot, acc, n = 0.0, 0.0, 0.0
     for tokens, lm in data.chunks(batch):
-        logits = full_logits(model, tokens, device)
+        logits = full_logits(model, tokens, device) / temperature
         labels = tokens[:, 1:].to(device)
         ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
         lm = lm.to(device)

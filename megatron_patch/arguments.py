@@ -15,6 +15,7 @@ import argparse
 import functools
 import importlib
 import os
+import weakref
 
 from tofu_kernels.params import BACKENDS, DEFAULT_BETA, DEFAULT_GAMMA, beta_error, gamma_error
 
@@ -52,10 +53,24 @@ def _one_of(choices: tuple[str, ...]):
     return convert
 
 
+# Which --tofu-* flags a parse was given, per parsed namespace (kept beside it rather than
+# in it: Megatron prints every attribute of its arguments).
+_GIVEN: dict[int, set[str]] = {}
+
+
+def _mark_given(namespace, dest: str) -> None:
+    key = id(namespace)
+    if key not in _GIVEN:
+        _GIVEN[key] = set()
+        weakref.finalize(namespace, _GIVEN.pop, key, None)
+    _GIVEN[key].add(dest)
+
+
 class _Checked(argparse.Action):
-    """Stores the flag's value as ``convert`` makes it. A bad value ends the program with one
-    line naming the flag (exit status 2, as argparse's own errors), without the usage text
-    argparse prints first: Megatron's runs to hundreds of lines above the one that matters."""
+    """Stores the flag's value as ``convert`` makes it (``nargs=0``: ``const``) and notes that
+    it was given. A bad value ends the program with one line naming the flag (exit status 2,
+    as argparse's own errors), without the usage text argparse prints first: Megatron's runs
+    to hundreds of lines above the one that matters."""
 
     def __init__(self, option_strings, dest, convert=None, **kwargs):
         super().__init__(option_strings, dest, **kwargs)
@@ -63,17 +78,16 @@ class _Checked(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         try:
-            setattr(namespace, self.dest, self.convert(values))
+            setattr(namespace, self.dest, self.const if self.nargs == 0 else self.convert(values))
         except ValueError as e:
             if not getattr(parser, "exit_on_error", True):  # the parser's owner handles errors
                 raise argparse.ArgumentError(self, str(e)) from None
             parser.exit(2, f"{parser.prog}: error: argument {option_string}: {e}\n")
+        _mark_given(namespace, self.dest)
 
 
-# The TOFU settings' flags and their defaults. They parse to None when not given (so that
-# apply_from_args can tell a stray flag), and apply_from_args fills in the default.
-_SETTINGS = {"tofu_gamma": DEFAULT_GAMMA, "tofu_beta": DEFAULT_BETA, "tofu_backend": "auto",
-             "tofu_fused_output": False, "tofu_chunk_size": None}
+# The TOFU settings' flags (apply_from_args warns when any is given without --loss-type tofu)
+_SETTINGS = ("tofu_gamma", "tofu_beta", "tofu_backend", "tofu_fused_output", "tofu_chunk_size")
 
 
 def _positive_int(text: str) -> int:
@@ -87,8 +101,7 @@ def _positive_int(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the TOFU flags (a no-op if they are already there). Returns the parser.
-    ``apply_from_args`` fills in the defaults of the ``--tofu-*`` flags not given."""
+    """Add the TOFU flags (a no-op if they are already there). Returns the parser."""
     if any("--loss-type" in a.option_strings for a in parser._actions):
         return parser
     g = parser.add_argument_group("TOFU loss (tofu-kernels)")
@@ -96,14 +109,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    metavar="{" + ",".join(LOSS_TYPES) + "}",
                    help="language-model loss: Megatron's cross entropy (default, untouched) "
                         "or the Tempered Focal loss")
-    g.add_argument("--tofu-gamma", action=_Checked, convert=_number(gamma_error), default=None,
+    g.add_argument("--tofu-gamma", action=_Checked, convert=_number(gamma_error), default=DEFAULT_GAMMA,
                    help=f"TOFU focal exponent gamma >= 0 (default {DEFAULT_GAMMA})")
-    g.add_argument("--tofu-beta", action=_Checked, convert=_number(beta_error), default=None,
+    g.add_argument("--tofu-beta", action=_Checked, convert=_number(beta_error), default=DEFAULT_BETA,
                    help=f"TOFU softmax temperature beta > 0 (default {DEFAULT_BETA})")
-    g.add_argument("--tofu-backend", action=_Checked, convert=_one_of(BACKENDS), default=None,
+    g.add_argument("--tofu-backend", action=_Checked, convert=_one_of(BACKENDS), default="auto",
                    metavar="{" + ",".join(BACKENDS) + "}",
                    help="kernel backend (default auto: CUDA extension, else Triton)")
-    g.add_argument("--tofu-fused-output", action="store_const", const=True, default=None,
+    g.add_argument("--tofu-fused-output", action=_Checked, nargs=0, const=True, default=False,
                    help="GPTModel / HybridModel output layer and TOFU loss as one step: the logits "
                         "[s, b, V/tp] and their gradient are never built (recomputed in blocks)")
     g.add_argument("--tofu-chunk-size", action=_Checked, convert=_positive_int, default=None, metavar="TOKENS",
@@ -112,17 +125,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def apply_from_args(args: argparse.Namespace) -> None:
-    """Apply (or, for cross_entropy, leave untouched) according to parsed arguments, after
-    filling in the defaults of the ``--tofu-*`` flags not given.
+    """Apply (or, for cross_entropy, leave untouched) according to parsed arguments.
 
     Says on rank 0 what it did (one line, once per process), and warns (once) where a flag
     has no effect: ``--tofu-*`` without ``--loss-type tofu``, and Megatron's
     ``--cross-entropy-loss-fusion``, superseded by the TOFU loss; nothing is silently ignored.
     """
-    given = [f"--{name.replace('_', '-')}" for name in _SETTINGS if getattr(args, name, None) is not None]
-    for name, default in _SETTINGS.items():
-        if getattr(args, name, None) is None:
-            setattr(args, name, default)
+    given = [f"--{name.replace('_', '-')}" for name in _SETTINGS if name in _GIVEN.get(id(args), ())]
     loss_type = getattr(args, "loss_type", "cross_entropy")
     if loss_type == "tofu":
         apply("tofu", args.tofu_gamma, args.tofu_beta, args.tofu_backend, fused_output=args.tofu_fused_output,

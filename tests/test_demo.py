@@ -2,8 +2,10 @@
 valid answers than cross entropy), and a shortened run goes end to end (pretrain, two SFT
 runs, results, table and plot)."""
 
+import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +33,40 @@ def test_committed_result_tofu_keeps_more_diversity():
         row = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
         cells = [c.strip() for c in row.split("|")[1:-1]]
         assert cells[5:7] == [f"{results[name]['answer_entropy']:.3f}", f"{results[name]['rare_share']:.3f}"], name
+
+
+def test_readme_quotes_the_committed_demo():
+    """The README's demo table is the committed run's table, row for row."""
+    table = (RESULTS / "demo_results.md").read_text().splitlines()
+    readme = (ROOT / "README.md").read_text().splitlines()
+    for name in MODELS:
+        row = next(line for line in table if line.startswith(f"| {name} |"))
+        assert row in readme, name
+
+
+def test_make_demo_and_study_write_to_a_git_ignored_folder():
+    """`make demo` / `make study` leave the checkout clean: the scripts' default output folder and
+    make's OUT are examples/results/local/, which git ignores; OUT=examples/results is the
+    deliberate way to replace the committed results."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    import diversity_demo as demo
+
+    assert demo.add_arguments(argparse.ArgumentParser()).parse_args([]).out == demo.LOCAL_OUT
+    assert demo.LOCAL_OUT == RESULTS / "local"
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    for target, script in (("demo", "diversity_demo.py"), ("study", "diversity_study.py")):
+        for extra, out in (([], "examples/results/local"), (["OUT=examples/results"], "examples/results")):
+            # -n: print the recipe only; -o: take the virtualenv as made
+            dry = subprocess.run(["make", "-n", "-o", ".venv/.installed", target, *extra], cwd=ROOT,
+                                 capture_output=True, text=True, timeout=60)
+            assert dry.returncode == 0, dry.stderr
+            assert f"examples/{script} --out {out} " in dry.stdout, dry.stdout
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    for name in ("demo_results.md", "demo_curves.png", "study_results.json"):
+        ignored = subprocess.run(["git", "check-ignore", "-q", str(demo.LOCAL_OUT / name)], cwd=ROOT)
+        assert ignored.returncode == 0, f"{name} in {demo.LOCAL_OUT} is not git-ignored"
 
 
 def test_demo_short_run(tmp_path):

@@ -88,6 +88,7 @@ NOT_HERE = {
 COMMANDS = {
     "make demo": "tests/test_demo.py (the demo's code path, shortened; make demo itself takes 5 minutes)",
     "make test": "CI (.ci/run runs it)",
+    "make study": "tests/test_study.py (the study's code path on a tiny grid; make study itself takes ~15 CPU-minutes per rank)",
     "make bench": "tests/test_bench_smoke.py",
     "pip install --no-build-isolation .": "tests/test_install.py (pip builds this checkout; the CI venv installs it so)",
     "pip install .": "tests/test_install.py",
