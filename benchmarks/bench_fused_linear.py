@@ -1,6 +1,6 @@
 """Fused linear + loss benchmark: the model's last layer and its loss, forward + backward.
 
-    python benchmarks/bench_fused_linear.py              # GPU: N=8192 D=4096 V=128256 bf16
+    python benchmarks/bench_fused_linear.py              # GPU: N=8192 D=4096 bf16, V=128256 and 16032
     python benchmarks/bench_fused_linear.py --cpu-smoke  # tiny, proves the harness runs
     python benchmarks/bench_fused_linear.py --tokens 4096 --hidden 4096 --vocab 151936
 
@@ -10,10 +10,13 @@ Each implementation computes ``loss(hidden @ weight.T, labels)`` and the gradien
 allocates, the two gradients included; ``hidden``'s and ``weight``'s gradient alone are
 ``N*D`` and ``V*D`` elements), the GEMM throughput that time implies (3 GEMMs of
 ``2*N*D*V`` flops; the fused TOFU with reduction "mean" does exactly 3), and PASS/MISS
-against the targets (docs/design.md section 8):
+against the targets (docs/design.md section 8), judged at the full vocabulary (128256):
 
   ours fused linear_tofu_loss   time <= 1.05 x (matmul + ours), peak extra <= 1.2 GiB,
                                 at least 1.35 x faster than Cut Cross-Entropy
+
+The second vocabulary (16032: a 128256-column vocabulary over TP = 8, the width one rank's
+output layer has) is measured side by side, one table per vocabulary, with no target.
 
 Implementations (each where importable; the table says which were not):
   ours fused TOFU [chunk c]      tofu_kernels.linear_tofu_loss (default chunk, and a sweep)
@@ -46,6 +49,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_loss import DTYPES, gpu_name, make_timer  # noqa: E402
 
 TIME_RATIO, PEAK_GIB, CCE_SPEEDUP = 1.05, 1.2, 1.35
+TARGET_VOCAB, TP_SHARD_VOCAB = 128256, 16032  # the full vocabulary, and its shard at TP = 8
 
 
 @dataclass
@@ -127,9 +131,11 @@ def bench(name, fn, n, d, v, dtype, device, tbench) -> Row:
     return row
 
 
-def targets(rows: list[Row], device: str) -> list[str]:
+def targets(rows: list[Row], device: str, v: int) -> list[str]:
     if device != "cuda":
         return ["n.a. (CPU smoke run: the targets are judged on a GPU)"]
+    if v != TARGET_VOCAB:
+        return [f"n.a. (the targets are judged at V = {TARGET_VOCAB}; this table is for comparison)"]
     by = {r.name: r for r in rows if r.both}
     ours, mat, cce = by.get("ours fused TOFU"), by.get("matmul + ours TOFU"), by.get("Cut Cross-Entropy")
     out = []
@@ -151,12 +157,20 @@ def targets(rows: list[Row], device: str) -> list[str]:
     return out
 
 
-def to_markdown(rows, n, d, v, dtype, device, missing, notes) -> str:
-    flops = 3 * 2 * n * d * v
-    lines = [f"# Fused linear + loss: N={n} D={d} V={v} {dtype}, forward + backward", "",
+def to_markdown(tables, n, d, dtype, device, missing, notes) -> str:
+    """``tables``: (V, rows) per vocabulary, one section each."""
+    lines = [f"# Fused linear + loss: N={n} D={d} {dtype}, forward + backward", "",
              f"Device: **{gpu_name()}**; torch {torch.__version__}.",
-             "CPU smoke run: NOT a performance result." if device == "cpu" else "", "",
-             "| implementation | fwd+bwd ms (q20-q80) | TFLOP/s (3 GEMMs) | peak extra GiB |",
+             "CPU smoke run: NOT a performance result." if device == "cpu" else ""]
+    for v, rows in tables:
+        lines += ["", f"## V = {v}", ""] + _table(rows, n, d, v, device)
+    lines += ["", f"Not available: {', '.join(missing) if missing else 'none'}."] + notes
+    return "\n".join(lines) + "\n"
+
+
+def _table(rows, n, d, v, device) -> list[str]:
+    flops = 3 * 2 * n * d * v
+    lines = ["| implementation | fwd+bwd ms (q20-q80) | TFLOP/s (3 GEMMs) | peak extra GiB |",
              "|---|---|---|---|"]
     for r in rows:
         if r.error:
@@ -165,9 +179,7 @@ def to_markdown(rows, n, d, v, dtype, device, missing, notes) -> str:
         med, lo, hi = r.both
         peak = "" if r.peak_gib is None else f"{r.peak_gib:.3f}"
         lines.append(f"| {r.name} | {med:.2f} ({lo:.2f}-{hi:.2f}) | {flops / (med * 1e-3) / 1e12:.0f} | {peak} |")
-    lines += ["", "Targets:", ""] + [f"- {t}" for t in targets(rows, device)]
-    lines += ["", f"Not available: {', '.join(missing) if missing else 'none'}."] + notes
-    return "\n".join(lines) + "\n"
+    return lines + ["", "Targets:", ""] + [f"- {t}" for t in targets(rows, device, v)]
 
 
 def main(argv=None) -> int:
@@ -175,7 +187,8 @@ def main(argv=None) -> int:
     p.add_argument("--cpu-smoke", action="store_true", help="tiny CPU shapes even if a GPU exists")
     p.add_argument("--tokens", type=int, default=None)
     p.add_argument("--hidden", type=int, default=None)
-    p.add_argument("--vocab", type=int, default=None)
+    p.add_argument("--vocab", type=int, nargs="+", default=None,
+                   help=f"vocabulary widths, one table each (GPU default: {TARGET_VOCAB} {TP_SHARD_VOCAB})")
     p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     p.add_argument("--gamma", type=float, default=3.0)
     p.add_argument("--beta", type=float, default=0.8)
@@ -191,7 +204,7 @@ def main(argv=None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     n = args.tokens or (8192 if device == "cuda" else 48)
     d = args.hidden or (4096 if device == "cuda" else 32)
-    v = args.vocab or (128256 if device == "cuda" else 300)
+    vocabs = args.vocab or ([TARGET_VOCAB, TP_SHARD_VOCAB] if device == "cuda" else [300])
     if args.chunk_sweep is None:
         args.chunk_sweep = [256, 1024] if device == "cuda" else [16]
     dtype = DTYPES[args.dtype]
@@ -201,23 +214,29 @@ def main(argv=None) -> int:
     impls, missing = make_impls(device, args)
     if args.impl:
         impls = [i for i in impls if any(s in i[0] for s in args.impl)]
-    print(f"device: {gpu_name()}; N={n} D={d} V={v} {args.dtype}; {len(impls)} implementations; "
-          f"not available: {missing or 'none'}", flush=True)
-    rows, t0 = [], time.time()
-    for k, (name, fn) in enumerate(impls, 1):
-        r = bench(name, fn, n, d, v, dtype, device, tbench)
-        rows.append(r)
-        status = r.error or f"fwd+bwd {r.both[0]:.2f} ms, peak extra {r.peak_gib if r.peak_gib is not None else '-'} GiB"
-        print(f"[{k}/{len(impls)} {time.time() - t0:6.1f}s] {name}: {status}", flush=True)
+    print(f"device: {gpu_name()}; N={n} D={d} V={' '.join(map(str, vocabs))} {args.dtype}; {len(impls)} "
+          f"implementations; not available: {missing or 'none'}", flush=True)
+    tables, t0 = [], time.time()
+    for v in vocabs:
+        rows = []
+        for k, (name, fn) in enumerate(impls, 1):
+            r = bench(name, fn, n, d, v, dtype, device, tbench)
+            rows.append(r)
+            status = r.error or (f"fwd+bwd {r.both[0]:.2f} ms, peak extra "
+                                 f"{r.peak_gib if r.peak_gib is not None else '-'} GiB")
+            print(f"[{k}/{len(impls)} V={v} {time.time() - t0:6.1f}s] {name}: {status}", flush=True)
+        tables.append((v, rows))
     notes = []
     if device == "cuda":
         notes.append(f"\nPeak extra includes the gradients of hidden ({n * d * dtype.itemsize / 2**30:.3f} GiB) "
-                     f"and weight ({v * d * dtype.itemsize / 2**30:.3f} GiB).")
-    md = to_markdown(rows, n, d, v, args.dtype, device, missing, notes)
+                     f"and weight (V x {d} x {dtype.itemsize} B: "
+                     + ", ".join(f"{v * d * dtype.itemsize / 2**30:.3f} GiB at V = {v}" for v in vocabs) + ").")
+    md = to_markdown(tables, n, d, args.dtype, device, missing, notes)
     (out / "bench_fused_linear.md").write_text(md)
     (out / "bench_fused_linear.json").write_text(json.dumps(
-        {"gpu": gpu_name(), "torch": torch.__version__, "n": n, "d": d, "v": v, "dtype": args.dtype,
-         "rows": [{"impl": r.name, "both": r.both, "peak_gib": r.peak_gib, "error": r.error} for r in rows]},
+        {"gpu": gpu_name(), "torch": torch.__version__, "n": n, "d": d, "dtype": args.dtype,
+         "tables": [{"v": v, "rows": [{"impl": r.name, "both": r.both, "peak_gib": r.peak_gib, "error": r.error}
+                                      for r in rows]} for v, rows in tables]},
         indent=1))
     print()
     print(md)

@@ -5,7 +5,7 @@
 # benchmark, the fused linear benchmark and the loss benchmark; logs and results in one folder.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STEPS="build gpu_tests megatron_lm megatron_step fused_linear bench"
+STEPS="build gpu_tests megatron_lm megatron_step fused_linear sft_step bench"
 
 usage() {
   cat <<USAGE
@@ -28,7 +28,8 @@ Before a run on a machine without network: bash benchmarks/fetch_wheels.sh (here
 the wheels and the Megatron-LM scripts it needs into .whl/; bring that folder along with the
 checkout. Files in DIR: summary.txt (what ran, what passed, the headline numbers) and per step
 its log (STEP.log) and results: megatron_lm.md, bench_megatron_step.md, bench_fused_linear.md
-and .json, bench_loss.md, .json and .png.
+and .json (V 128256 and the TP = 8 shard, 16032), bench_sft_step.md and .json (TOFUSFTTrainer vs
+SFTTrainer + compute_loss_func), bench_loss.md, .json and .png.
 USAGE
 }
 
@@ -103,8 +104,8 @@ step build 180 build.log -- "${BUILD[@]}"
 
 # gpu-marked tests (skipped with their reason in smoke mode) + the extension's CPU tests.
 export TOFU_GPU_NOTES="$OUT/summary.txt"  # the TP tests say there how the all-gather ran under gloo
-step gpu_tests 280 gpu_tests.log -- "$PYTHON" -m pytest -q -rs -m gpu tests/test_gpu.py tests/test_gpu_tp.py tests/test_linear.py \
-  tests/test_cuda_ext.py -p no:cacheprovider
+step gpu_tests 320 gpu_tests.log -- "$PYTHON" -m pytest -q -rs -m gpu tests/test_gpu.py tests/test_gpu_tp.py tests/test_linear.py \
+  tests/test_cuda_ext.py tests/test_metrics.py tests/test_hf_trainer.py -p no:cacheprovider
 tail -n 3 "$OUT/gpu_tests.log" >>"$OUT/summary.txt"
 
 # Megatron-LM's own pretrain_gpt.py through the launcher, cross entropy vs TOFU.
@@ -118,9 +119,13 @@ step megatron_step 120 megatron_step.log -- "$PYTHON" benchmarks/bench_megatron_
 grep -E "PASS|MISS" "$OUT/bench_megatron_step.md" >>"$OUT/summary.txt" 2>/dev/null
 
 # The model's last layer and its loss: fused linear + TOFU against matmul + loss, CCE, Liger.
-step fused_linear 120 fused_linear.log -- "$PYTHON" benchmarks/bench_fused_linear.py --out "$OUT" \
+step fused_linear 240 fused_linear.log -- "$PYTHON" benchmarks/bench_fused_linear.py --out "$OUT" \
   $([ $SMOKE = 1 ] && echo --cpu-smoke)
 grep -E "PASS|MISS|n\.a\." "$OUT/bench_fused_linear.md" >>"$OUT/summary.txt" 2>/dev/null
+
+step sft_step 240 sft_step.log -- "$PYTHON" benchmarks/bench_sft_step.py --out "$OUT" \
+  $([ $SMOKE = 1 ] && echo --cpu-smoke)
+grep -E "PASS|MISS|n\.a\." "$OUT/bench_sft_step.md" >>"$OUT/summary.txt" 2>/dev/null
 
 # The loss benchmark at full sizes (the targets' shapes run first), within the budget if any.
 BENCH_ARGS=()

@@ -21,6 +21,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "tofu_kernels.h"
 #include "tofu_math.cuh"
 
@@ -76,7 +78,7 @@ __device__ __forceinline__ int64_t row_offset(int64_t row, const RowLayoutArgs& 
          (row % l.n_inner) * (out ? l.os_inner : l.xs_inner);
 }
 
-template <bool BetaOne>
+template <bool BetaOne, bool Ent>
 __device__ __forceinline__ Stats shfl_merge(Stats s, float ib) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
@@ -84,22 +86,23 @@ __device__ __forceinline__ Stats shfl_merge(Stats s, float ib) {
     o.m = __shfl_xor_sync(0xffffffffu, s.m, off);
     o.s1 = __shfl_xor_sync(0xffffffffu, s.s1, off);
     o.sb = __shfl_xor_sync(0xffffffffu, s.sb, off);
-    s = merge<BetaOne>(s, o, ib);
+    o.e = Ent ? __shfl_xor_sync(0xffffffffu, s.e, off) : 0.f;
+    s = merge<BetaOne, Ent>(s, o, ib);
   }
   return s;
 }
 
 // Merge every thread's statistics in a fixed order; the result is valid in warp 0.
-template <bool BetaOne, int NThreads>
+template <bool BetaOne, bool Ent, int NThreads>
 __device__ __forceinline__ Stats block_merge(Stats st, float ib) {
   __shared__ Stats smem[NThreads / 32];
-  st = shfl_merge<BetaOne>(st, ib);
+  st = shfl_merge<BetaOne, Ent>(st, ib);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) smem[warp] = st;
   __syncthreads();
   if (warp == 0) {
     st = lane < NThreads / 32 ? smem[lane] : empty_stats();
-    st = shfl_merge<BetaOne>(st, ib);
+    st = shfl_merge<BetaOne, Ent>(st, ib);
   }
   return st;
 }
@@ -122,8 +125,9 @@ __device__ __forceinline__ A block_sum(A v, A* smem) {
   return v;
 }
 
-// One thread's statistics over columns [lo, hi) of a row, NThreads threads per row slice.
-template <typename T, bool BetaOne, int NThreads>
+// One thread's statistics over columns [lo, hi) of a row, NThreads threads per row slice
+// (with Ent also the entropy accumulator).
+template <typename T, bool BetaOne, bool Ent, int NThreads>
 __device__ __forceinline__ Stats thread_stats(const T* xr, int64_t lo, int64_t hi, float ib) {
   constexpr int V = Vec<T>::N;
   Stats st = empty_stats();
@@ -137,18 +141,18 @@ __device__ __forceinline__ Stats thread_stats(const T* xr, int64_t lo, int64_t h
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) load_vec(base + (i + u * NThreads) * V, z[u]);
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) update<V, BetaOne>(st, z[u], ib);
+      for (int u = 0; u < kUnroll; ++u) update<V, BetaOne, Ent>(st, z[u], ib);
     }
     for (; i < n_vec; i += NThreads) {
       float z[V];
       load_vec(base + i * V, z);
-      update<V, BetaOne>(st, z, ib);
+      update<V, BetaOne, Ent>(st, z, ib);
     }
     tail_start = lo + n_vec * V;
   }
   for (int64_t c = tail_start + threadIdx.x; c < hi; c += NThreads) {
     float z[1] = {to_float(xr[c])};
-    update<1, BetaOne>(st, z, ib);
+    update<1, BetaOne, Ent>(st, z, ib);
   }
   return st;
 }
@@ -190,7 +194,8 @@ __device__ __forceinline__ void write_grad(const T* xr, T* orow, int64_t lo, int
 // ------------------------------------------------------------------ two-pass path
 
 // grid (rows, splits): block (row, split) covers columns [split*chunk, min(+chunk, n_valid)).
-template <typename T, bool BetaOne>
+// With Ent (metrics) the entropy plane follows the records (and the meta record).
+template <typename T, bool BetaOne, bool Ent>
 __global__ void __launch_bounds__(kThreads) row_stats_kernel(const T* __restrict__ x,
                                                              const int64_t* __restrict__ labels,
                                                              float* __restrict__ stats,
@@ -204,8 +209,8 @@ __global__ void __launch_bounds__(kThreads) row_stats_kernel(const T* __restrict
   // The last split can start past the row's end (e.g. 5 tiles over 4 splits of 2): empty.
   const int64_t hi = active ? max(lo, min(lo + a.chunk, a.n_valid)) : lo;
   const float ib = kLog2e / a.beta;
-  Stats st = thread_stats<T, BetaOne, kThreads>(xr, lo, hi, ib);
-  st = block_merge<BetaOne, kThreads>(st, ib);
+  Stats st = thread_stats<T, BetaOne, Ent, kThreads>(xr, lo, hi, ib);
+  st = block_merge<BetaOne, Ent, kThreads>(st, ib);
   if (threadIdx.x == 0) {
     const int64_t t = label - a.vocab_start;
     const float zt = (active && t >= lo && t < hi) ? to_float(xr[t]) : 0.f;
@@ -214,6 +219,10 @@ __global__ void __launch_bounds__(kThreads) row_stats_kernel(const T* __restrict
     out[stat::kS1] = st.s1;
     out[stat::kSb] = st.sb;
     out[stat::kZt] = zt;
+    if (Ent) {
+      const int64_t parts = int64_t(gridDim.x) * gridDim.y;
+      stats[(parts + (a.write_meta ? 1 : 0)) * stat::kWidth + row * gridDim.y + split] = st.e;
+    }
     if (a.write_meta && row == 0 && split == 0) {  // this rank's meta record, int32 bits
       float* mr = stats + int64_t(gridDim.x) * gridDim.y * stat::kWidth;
       mr[meta::kVocabStart] = __int_as_float(static_cast<int>(a.vocab_start));
@@ -225,13 +234,14 @@ __global__ void __launch_bounds__(kThreads) row_stats_kernel(const T* __restrict
 }
 
 // One block: every row's parts merged (ranks, then splits: a fixed order), finalized, the
-// per-row outputs written, and the sums reduced in a fixed order.
-template <bool BetaOne>
+// per-row outputs written, and the sums reduced in a fixed order. With Ent the entropy
+// plane of each rank is merged too and met [n_rows, metric::kWidth] written.
+template <bool BetaOne, bool Ent>
 __global__ void __launch_bounds__(kEpilogueThreads) epilogue_kernel(const float* __restrict__ parts,
                                                                     const int64_t* __restrict__ labels,
                                                                     float* __restrict__ loss, float* __restrict__ ce,
                                                                     float* __restrict__ rec, float* __restrict__ red,
-                                                                    PartsArgs p, LossArgs a) {
+                                                                    float* __restrict__ met, PartsArgs p, LossArgs a) {
   const float ib = kLog2e / a.beta;
   int64_t vocab_size = p.vocab_size;
   if (p.has_meta) {  // the global vocab size: the largest vocab_end of the ranks
@@ -241,6 +251,7 @@ __global__ void __launch_bounds__(kEpilogueThreads) epilogue_kernel(const float*
       vs = max(vs, __float_as_int(parts[w * p.rank_stride + meta_off + meta::kVocabEnd]));
     vocab_size = vs;
   }
+  const int64_t ent_off = (p.n_rows * p.splits + (p.has_meta ? 1 : 0)) * stat::kWidth;
   float acc_loss = 0.f, acc_ce = 0.f;
   int acc_n = 0;
   for (int64_t r = threadIdx.x; r < p.n_rows; r += kEpilogueThreads) {
@@ -249,12 +260,18 @@ __global__ void __launch_bounds__(kEpilogueThreads) epilogue_kernel(const float*
     for (int64_t w = 0; w < p.world; ++w) {
       for (int64_t s = 0; s < p.splits; ++s) {
         const float* q = parts + w * p.rank_stride + (r * p.splits + s) * stat::kWidth;
-        st = merge<BetaOne>(st, Stats{q[stat::kM], q[stat::kS1], q[stat::kSb]}, ib);
+        const float e = Ent ? parts[w * p.rank_stride + ent_off + r * p.splits + s] : 0.f;
+        st = merge<BetaOne, Ent>(st, Stats{q[stat::kM], q[stat::kS1], q[stat::kSb], e}, ib);
         zt += q[stat::kZt];
       }
     }
     const int64_t label = labels[r];
     const RowOut o = finalize_row(st, zt, label, a.ignore_index, vocab_size, a.gamma, a.beta);
+    if (Ent) {
+      const RowMetrics mt = row_metrics(st, zt, label, a.ignore_index, vocab_size);
+      met[r * metric::kWidth + metric::kEntropy] = mt.entropy;
+      met[r * metric::kWidth + metric::kTop1] = mt.top1;
+    }
     loss[r] = o.loss;
     ce[r] = o.ce;
     float* q = rec + r * gparam::kWidth;
@@ -314,20 +331,21 @@ __global__ void __launch_bounds__(kEpilogueThreads) count_kernel(const int64_t* 
     red[reduced::kScale] = a.reduction == reduction::kMean ? 1.f / static_cast<float>(max(n, 1)) : 1.f;
 }
 
-// One block per whole row: statistics, loss, then the gradient for an upstream of 1.
-template <typename T, bool BetaOne>
+// One block per whole row: statistics, loss, then the gradient for an upstream of 1 (with
+// Ent also the row's metrics into met).
+template <typename T, bool BetaOne, bool Ent>
 __global__ void __launch_bounds__(kFusedThreads) fused_kernel(const T* x, T* out, const int64_t* __restrict__ labels,
                                                               float* __restrict__ loss, float* __restrict__ ce,
-                                                              const float* __restrict__ red, int64_t width,
-                                                              RowLayoutArgs l, LossArgs a) {
+                                                              const float* __restrict__ red, float* __restrict__ met,
+                                                              int64_t width, RowLayoutArgs l, LossArgs a) {
   const int64_t row = blockIdx.x;
   const T* xr = x + row_offset(row, l, false);
   T* orow = out + row_offset(row, l, true);
   const int64_t label = labels[row];
   const bool active = label != a.ignore_index;
   const float ib = kLog2e / a.beta;
-  Stats st = thread_stats<T, BetaOne, kFusedThreads>(xr, 0, active ? width : 0, ib);
-  st = block_merge<BetaOne, kFusedThreads>(st, ib);
+  Stats st = thread_stats<T, BetaOne, Ent, kFusedThreads>(xr, 0, active ? width : 0, ib);
+  st = block_merge<BetaOne, Ent, kFusedThreads>(st, ib);
   const bool hit = active && label >= 0 && label < width;
   __shared__ RowGrad row_grad;  // thread 0 finalizes the row, every thread writes its gradient
   if (threadIdx.x == 0) {
@@ -335,6 +353,11 @@ __global__ void __launch_bounds__(kFusedThreads) fused_kernel(const T* x, T* out
     const RowOut o = finalize_row(st, zt, label, a.ignore_index, width, a.gamma, a.beta);
     loss[row] = o.loss;
     ce[row] = o.ce;
+    if (Ent) {
+      const RowMetrics mt = row_metrics(st, zt, label, a.ignore_index, width);
+      met[row * metric::kWidth + metric::kEntropy] = mt.entropy;
+      met[row * metric::kWidth + metric::kTop1] = mt.top1;
+    }
     row_grad = RowGrad{red[reduced::kScale] * o.g, o.m, o.log_sb * kLog2e, o.qt_m1};
   }
   __syncthreads();
@@ -389,6 +412,15 @@ __global__ void __launch_bounds__(kThreads) rescale_kernel(T* out, const float* 
 
 // ------------------------------------------------------------------ launchers
 
+// Two run-time flags as compile-time ones: f(std::integral_constant<bool, a>, <bool, b>).
+template <typename F>
+cudaError_t by_flags(bool a, bool b, F&& f) {
+  using T = std::true_type;
+  using U = std::false_type;
+  if (a) return b ? f(T{}, T{}) : f(T{}, U{});
+  return b ? f(U{}, T{}) : f(U{}, U{});
+}
+
 template <typename F>
 cudaError_t by_dtype(DType dt, F&& f) {
   switch (dt) {
@@ -406,21 +438,21 @@ cudaError_t launch_row_stats(DType dt, const void* x, const int64_t* labels, flo
   const dim3 grid(static_cast<unsigned>(n_rows), static_cast<unsigned>(splits));
   return by_dtype(dt, [&](auto zero) {
     using T = decltype(zero);
-    if (a.beta == 1.0f)
-      row_stats_kernel<T, true><<<grid, kThreads, 0, s>>>(static_cast<const T*>(x), labels, stats, l, a);
-    else
-      row_stats_kernel<T, false><<<grid, kThreads, 0, s>>>(static_cast<const T*>(x), labels, stats, l, a);
-    return cudaGetLastError();
+    const T* xt = static_cast<const T*>(x);
+    return by_flags(a.beta == 1.0f, a.write_ent, [&](auto beta_one, auto ent) {
+      row_stats_kernel<T, beta_one.value, ent.value><<<grid, kThreads, 0, s>>>(xt, labels, stats, l, a);
+      return cudaGetLastError();
+    });
   });
 }
 
 cudaError_t launch_epilogue(const float* parts, const int64_t* labels, float* loss, float* ce, float* rec, float* red,
-                            const PartsArgs& p, const LossArgs& a, cudaStream_t s) {
-  if (a.beta == 1.0f)
-    epilogue_kernel<true><<<1, kEpilogueThreads, 0, s>>>(parts, labels, loss, ce, rec, red, p, a);
-  else
-    epilogue_kernel<false><<<1, kEpilogueThreads, 0, s>>>(parts, labels, loss, ce, rec, red, p, a);
-  return cudaGetLastError();
+                            float* met, const PartsArgs& p, const LossArgs& a, cudaStream_t s) {
+  return by_flags(a.beta == 1.0f, met != nullptr, [&](auto beta_one, auto ent) {
+    epilogue_kernel<beta_one.value, ent.value><<<1, kEpilogueThreads, 0, s>>>(parts, labels, loss, ce, rec, red, met,
+                                                                              p, a);
+    return cudaGetLastError();
+  });
 }
 
 cudaError_t launch_grad(DType dt, const void* x, void* out, const int64_t* labels, const float* rec,
@@ -437,7 +469,8 @@ cudaError_t launch_grad(DType dt, const void* x, void* out, const int64_t* label
 }
 
 cudaError_t launch_fused(DType dt, const void* x, void* out, const int64_t* labels, float* loss, float* ce, float* red,
-                         int64_t n_rows, int64_t width, const RowLayoutArgs& l, const LossArgs& a, cudaStream_t s) {
+                         float* met, int64_t n_rows, int64_t width, const RowLayoutArgs& l, const LossArgs& a,
+                         cudaStream_t s) {
   count_kernel<<<1, kEpilogueThreads, 0, s>>>(labels, red, n_rows, a);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
@@ -445,13 +478,11 @@ cudaError_t launch_fused(DType dt, const void* x, void* out, const int64_t* labe
     using T = decltype(zero);
     const T* xt = static_cast<const T*>(x);
     T* ot = static_cast<T*>(out);
-    if (a.beta == 1.0f)
-      fused_kernel<T, true><<<static_cast<unsigned>(n_rows), kFusedThreads, 0, s>>>(xt, ot, labels, loss, ce, red,
-                                                                                    width, l, a);
-    else
-      fused_kernel<T, false><<<static_cast<unsigned>(n_rows), kFusedThreads, 0, s>>>(xt, ot, labels, loss, ce, red,
-                                                                                     width, l, a);
-    return cudaGetLastError();
+    return by_flags(a.beta == 1.0f, met != nullptr, [&](auto beta_one, auto ent) {
+      fused_kernel<T, beta_one.value, ent.value><<<static_cast<unsigned>(n_rows), kFusedThreads, 0, s>>>(
+          xt, ot, labels, loss, ce, red, met, width, l, a);
+      return cudaGetLastError();
+    });
   });
   if (err != cudaSuccess) return err;
   reduce_kernel<<<1, kEpilogueThreads, 0, s>>>(loss, ce, red, n_rows);

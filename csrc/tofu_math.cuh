@@ -17,7 +17,7 @@
 namespace tofu {
 
 // fp32 record layouts, mirrored from tofu_kernels/records.py (Stat, GradParam, Meta,
-// Reduced, Reduction); tests/test_cuda_ext.py::test_record_layouts_agree checks the two agree.
+// Reduced, Reduction, Metric); tests/test_cuda_ext.py::test_record_layouts_agree checks the two agree.
 namespace stat {  // statistics of (part of) a row: [..., kWidth]
 enum : int { kM = 0, kS1 = 1, kSb = 2, kZt = 3, kWidth = 4 };
 }
@@ -33,57 +33,72 @@ enum : int { kLoss = 0, kCe = 1, kScale = 2, kWidth = 3 };
 namespace reduction {  // reduction= as the kernels see it
 enum : int { kNone = 0, kSum = 1, kMean = 2 };
 }
+namespace metric {  // the optional per-row metrics: [N, kWidth]
+enum : int { kEntropy = 0, kTop1 = 1, kWidth = 2 };
+}
 
 // log2(e): the kernels use exp2 on pre-scaled arguments (ex2.approx on the SFU).
 constexpr float kLog2e = 1.4426950408889634f;
 
 // Running statistics of a set of columns of one row, in fp32:
-//   m = max z,  s1 = sum exp(z - m),  sb = sum exp((z - m) / beta).
-// An empty set is {-inf, 0, 0}.
+//   m = max z,  s1 = sum exp(z - m),  sb = sum exp((z - m) / beta),
+//   e = sum exp(z - m) (z - m)   (the entropy accumulator; only with Ent, else left 0).
+// An empty set is {-inf, 0, 0, 0}.
 struct Stats {
   float m;
   float s1;
   float sb;
+  float e;
 };
 
-TOFU_HD Stats empty_stats() { return {-INFINITY, 0.f, 0.f}; }
+TOFU_HD Stats empty_stats() { return {-INFINITY, 0.f, 0.f, 0.f}; }
 
 // Merge two partial statistics: warp/block reductions, vocab splits, TP ranks.
 // inv_beta_log2e = log2(e) / beta. With BetaOne, sb mirrors s1 (1 exponential/element).
-template <bool BetaOne>
+// With Ent, e = sum_r exp(m_r - M) (e_r + (m_r - M) s1_r) (an empty part adds 0).
+template <bool BetaOne, bool Ent = false>
 TOFU_HD Stats merge(Stats a, Stats b, float inv_beta_log2e) {
   const float m = fmaxf(a.m, b.m);
-  if (m == -INFINITY) return a;  // both empty: keep {-inf, 0, 0}, never exp(-inf + inf)
+  if (m == -INFINITY) return a;  // both empty: keep {-inf, 0, 0, 0}, never exp(-inf + inf)
   const float da = a.m - m, db = b.m - m;
+  const float ea = exp2f(da * kLog2e), eb = exp2f(db * kLog2e);
   Stats r;
   r.m = m;
-  r.s1 = a.s1 * exp2f(da * kLog2e) + b.s1 * exp2f(db * kLog2e);
+  r.s1 = a.s1 * ea + b.s1 * eb;
   r.sb = BetaOne ? r.s1 : a.sb * exp2f(da * inv_beta_log2e) + b.sb * exp2f(db * inv_beta_log2e);
+  r.e = Ent ? ea * (a.e + (a.m == -INFINITY ? 0.f : da) * a.s1) + eb * (b.e + (b.m == -INFINITY ? 0.f : db) * b.s1)
+            : 0.f;
   return r;
 }
 
 // Fold K new values (masked ones are -inf) into st: one max over the K values, one
-// rescale of the running sums only when the max grew, then K (or 2K) exponentials.
-template <int K, bool BetaOne>
+// rescale of the running sums only when the max grew, then K (or 2K) exponentials; with
+// Ent the entropy terms exp(d) * d from the same exponentials (-inf columns add 0).
+template <int K, bool BetaOne, bool Ent = false>
 TOFU_HD void update(Stats& st, const float (&z)[K], float inv_beta_log2e) {
   float bm = st.m;
 #pragma unroll
   for (int k = 0; k < K; ++k) bm = fmaxf(bm, z[k]);
   if (bm == -INFINITY) return;
-  float s1 = st.s1, sb = st.sb;
+  float s1 = st.s1, sb = st.sb, e = st.e;
   if (bm > st.m) {  // st.m = -inf gives exp2(-inf) = 0: the empty sums stay 0
-    s1 *= exp2f((st.m - bm) * kLog2e);
+    const float a = exp2f((st.m - bm) * kLog2e);
+    if (Ent) e = st.m == -INFINITY ? 0.f : a * (e + (st.m - bm) * s1);  // with the old s1
+    s1 *= a;
     if (!BetaOne) sb *= exp2f((st.m - bm) * inv_beta_log2e);
   }
 #pragma unroll
   for (int k = 0; k < K; ++k) {
     const float d = z[k] - bm;
-    s1 += exp2f(d * kLog2e);
+    const float x = exp2f(d * kLog2e);
+    s1 += x;
+    if (Ent) e += x * fmaxf(d, -3.402823466e+38f);
     if (!BetaOne) sb += exp2f(d * inv_beta_log2e);
   }
   st.m = bm;
   st.s1 = s1;
   st.sb = BetaOne ? s1 : sb;
+  st.e = Ent ? e : 0.f;
 }
 
 // What the gradient of one row needs, per row: the GradParam record with every per-row
@@ -141,6 +156,19 @@ TOFU_HD RowOut finalize_row(Stats st, float zt, int64_t label, int64_t ignore_in
   o.log_sb = log_sb;
   o.qt_m1 = expm1f(log_qt);
   return o;
+}
+
+// The metrics of one row from its merged statistics (tofu_math.row_metrics): the entropy of
+// the untempered softmax log(s1) - e / s1, and top-1 (the target logit is the row max).
+// Ignored rows give zeros, invalid labels NaN (as finalize_row).
+struct RowMetrics {
+  float entropy, top1;
+};
+
+TOFU_HD RowMetrics row_metrics(Stats st, float zt, int64_t label, int64_t ignore_index, int64_t vocab_size) {
+  if (label == ignore_index) return {0.f, 0.f};
+  if (label < 0 || label >= vocab_size) return {NAN, NAN};
+  return {logf(st.s1) - st.e / st.s1, zt >= st.m ? 1.f : 0.f};
 }
 
 }  // namespace tofu

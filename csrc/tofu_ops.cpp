@@ -46,39 +46,55 @@ void check_f32(const at::Tensor& t, int64_t numel, const char* name) {
               "tofu_kernels: ", name, " must be a contiguous float32 CUDA tensor of ", numel, " elements");
 }
 
+// Floats of one rank's partial statistics (records.Partials.per_rank): the records, the
+// meta record under TP, the entropy plane with metrics.
+int64_t parts_per_rank(int64_t n_rows, int64_t splits, bool has_meta, bool has_ent) {
+  return (n_rows * splits + (has_meta ? 1 : 0)) * tofu::stat::kWidth + (has_ent ? n_rows * splits : 0);
+}
+
+// The optional metrics output: [n_rows, metric::kWidth] fp32, or nullptr.
+float* metrics_out(const std::optional<at::Tensor>& met, int64_t n_rows) {
+  if (!met.has_value()) return nullptr;
+  check_f32(*met, n_rows * tofu::metric::kWidth, "met");
+  return met->data_ptr<float>();
+}
+
 void row_stats(const at::Tensor& x, const at::Tensor& labels, at::Tensor& stats, int64_t n_rows, int64_t splits,
                int64_t n_inner, int64_t s_outer, int64_t s_inner, int64_t n_valid, int64_t vocab_start, int64_t chunk,
-               int64_t ignore_index, double beta, bool write_meta, int64_t meta_vocab_end, int64_t meta_width) {
+               int64_t ignore_index, double beta, bool write_meta, int64_t meta_vocab_end, int64_t meta_width,
+               bool write_ent) {
   check_common(x, labels, n_rows);
   TORCH_CHECK(n_rows > 0 && splits > 0 && splits <= 65535 && chunk > 0, "tofu_kernels: bad split configuration");
-  check_f32(stats, (n_rows * splits + (write_meta ? 1 : 0)) * tofu::stat::kWidth, "stats");
+  check_f32(stats, parts_per_rank(n_rows, splits, write_meta, write_ent), "stats");
   const c10::cuda::CUDAGuard guard(x.device());
   const tofu::RowLayoutArgs l{n_inner, s_outer, s_inner, 0, 0};
   const tofu::StatsArgs a{n_valid, vocab_start, chunk, ignore_index, static_cast<float>(beta), write_meta,
-                          meta_vocab_end, meta_width};
+                          meta_vocab_end, meta_width, write_ent};
   check_cuda(tofu::launch_row_stats(dtype_of(x), x.data_ptr(), labels.data_ptr<int64_t>(), stats.data_ptr<float>(),
                                     n_rows, static_cast<int>(splits), l, a, c10::cuda::getCurrentCUDAStream()),
              "row_stats");
 }
 
 void epilogue(const at::Tensor& parts, const at::Tensor& labels, at::Tensor& loss, at::Tensor& ce, at::Tensor& rec,
-              at::Tensor& red, int64_t n_rows, int64_t splits, int64_t world, int64_t rank_stride, bool has_meta,
-              int64_t vocab_size, int64_t ignore_index, double gamma, double beta, int64_t reduction) {
+              at::Tensor& red, const std::optional<at::Tensor>& met, int64_t n_rows, int64_t splits, int64_t world,
+              int64_t rank_stride, bool has_meta, int64_t vocab_size, int64_t ignore_index, double gamma, double beta,
+              int64_t reduction) {
   check_labels(labels, n_rows);
-  const int64_t per_rank = n_rows * splits * tofu::stat::kWidth + (has_meta ? tofu::stat::kWidth : 0);
+  const int64_t per_rank = parts_per_rank(n_rows, splits, has_meta, met.has_value());
   TORCH_CHECK(world >= 1 && (world == 1 || rank_stride >= per_rank), "tofu_kernels: bad partial-statistics layout");
   check_f32(parts, world == 1 ? per_rank : world * rank_stride, "parts");
   check_f32(loss, n_rows, "loss");
   check_f32(ce, n_rows, "ce");
   check_f32(rec, n_rows * tofu::gparam::kWidth, "rec");
   check_f32(red, tofu::reduced::kWidth, "red");
+  float* met_ptr = metrics_out(met, n_rows);
   TORCH_CHECK(reduction >= tofu::reduction::kNone && reduction <= tofu::reduction::kMean, "tofu_kernels: bad reduction");
   if (n_rows == 0) return;
   const c10::cuda::CUDAGuard guard(parts.device());
   const tofu::PartsArgs p{n_rows, splits, world, rank_stride, has_meta, vocab_size};
   const tofu::LossArgs a{ignore_index, static_cast<float>(gamma), static_cast<float>(beta), static_cast<int>(reduction)};
   check_cuda(tofu::launch_epilogue(parts.data_ptr<float>(), labels.data_ptr<int64_t>(), loss.data_ptr<float>(),
-                                   ce.data_ptr<float>(), rec.data_ptr<float>(), red.data_ptr<float>(), p, a,
+                                   ce.data_ptr<float>(), rec.data_ptr<float>(), red.data_ptr<float>(), met_ptr, p, a,
                                    c10::cuda::getCurrentCUDAStream()),
              "epilogue");
 }
@@ -119,29 +135,31 @@ void grad_inplace(at::Tensor& x, const at::Tensor& labels, const at::Tensor& rec
 }
 
 void fused(const at::Tensor& x, at::Tensor& out, const at::Tensor& labels, at::Tensor& loss, at::Tensor& ce,
-           at::Tensor& red, int64_t n_inner, int64_t xs_outer, int64_t xs_inner, int64_t os_outer, int64_t os_inner,
-           int64_t ignore_index, double gamma, double beta, bool mean) {
+           at::Tensor& red, const std::optional<at::Tensor>& met, int64_t n_inner, int64_t xs_outer, int64_t xs_inner,
+           int64_t os_outer, int64_t os_inner, int64_t ignore_index, double gamma, double beta, bool mean) {
   const int64_t n_rows = labels.numel();
   check_common(x, labels, n_rows);
   TORCH_CHECK(out.scalar_type() == x.scalar_type() && out.is_cuda(), "tofu_kernels: out must match logits");
   check_f32(loss, n_rows, "loss");
   check_f32(ce, n_rows, "ce");
   check_f32(red, tofu::reduced::kWidth, "red");
+  float* met_ptr = metrics_out(met, n_rows);
   TORCH_CHECK(n_rows > 0, "tofu_kernels: fused needs at least one row");
   const c10::cuda::CUDAGuard guard(x.device());
   const tofu::RowLayoutArgs l{n_inner, xs_outer, xs_inner, os_outer, os_inner};
   const tofu::LossArgs a{ignore_index, static_cast<float>(gamma), static_cast<float>(beta),
                          mean ? tofu::reduction::kMean : tofu::reduction::kSum};
   check_cuda(tofu::launch_fused(dtype_of(x), x.data_ptr(), out.data_ptr(), labels.data_ptr<int64_t>(),
-                                loss.data_ptr<float>(), ce.data_ptr<float>(), red.data_ptr<float>(), n_rows, x.size(-1),
-                                l, a, c10::cuda::getCurrentCUDAStream()),
+                                loss.data_ptr<float>(), ce.data_ptr<float>(), red.data_ptr<float>(), met_ptr, n_rows,
+                                x.size(-1), l, a, c10::cuda::getCurrentCUDAStream()),
              "fused");
 }
 
 void fused_inplace(at::Tensor& x, const at::Tensor& labels, at::Tensor& loss, at::Tensor& ce, at::Tensor& red,
-                   int64_t n_inner, int64_t s_outer, int64_t s_inner, int64_t ignore_index, double gamma, double beta,
-                   bool mean) {
-  fused(x, x, labels, loss, ce, red, n_inner, s_outer, s_inner, s_outer, s_inner, ignore_index, gamma, beta, mean);
+                   const std::optional<at::Tensor>& met, int64_t n_inner, int64_t s_outer, int64_t s_inner,
+                   int64_t ignore_index, double gamma, double beta, bool mean) {
+  fused(x, x, labels, loss, ce, red, met, n_inner, s_outer, s_inner, s_outer, s_inner, ignore_index, gamma, beta,
+        mean);
 }
 
 void rescale(at::Tensor& out, const at::Tensor& grad_out, int64_t n_rows, int64_t n_inner, int64_t s_outer,
@@ -162,11 +180,11 @@ TORCH_LIBRARY(tofu_kernels, m) {
   m.def(
       "row_stats(Tensor x, Tensor labels, Tensor(a!) stats, int n_rows, int splits, int n_inner, int s_outer, "
       "int s_inner, int n_valid, int vocab_start, int chunk, int ignore_index, float beta, bool write_meta, "
-      "int meta_vocab_end, int meta_width) -> ()");
+      "int meta_vocab_end, int meta_width, bool write_ent) -> ()");
   m.def(
       "epilogue(Tensor parts, Tensor labels, Tensor(a!) loss, Tensor(b!) ce, Tensor(c!) rec, Tensor(d!) red, "
-      "int n_rows, int splits, int world, int rank_stride, bool has_meta, int vocab_size, int ignore_index, "
-      "float gamma, float beta, int reduction) -> ()");
+      "Tensor(e!)? met, int n_rows, int splits, int world, int rank_stride, bool has_meta, int vocab_size, "
+      "int ignore_index, float gamma, float beta, int reduction) -> ()");
   m.def(
       "grad(Tensor x, Tensor(a!) out, Tensor labels, Tensor rec, Tensor upstream, Tensor scale, int up_stride, "
       "int n_inner, int xs_outer, int xs_inner, int os_outer, int os_inner, int n_valid, int vocab_start, "
@@ -176,11 +194,11 @@ TORCH_LIBRARY(tofu_kernels, m) {
       "int n_inner, int s_outer, int s_inner, int n_valid, int vocab_start, float beta) -> ()");
   m.def(
       "fused(Tensor x, Tensor(a!) out, Tensor labels, Tensor(b!) loss, Tensor(c!) ce, Tensor(d!) red, "
-      "int n_inner, int xs_outer, int xs_inner, int os_outer, int os_inner, int ignore_index, float gamma, "
-      "float beta, bool mean) -> ()");
+      "Tensor(e!)? met, int n_inner, int xs_outer, int xs_inner, int os_outer, int os_inner, int ignore_index, "
+      "float gamma, float beta, bool mean) -> ()");
   m.def(
-      "fused_inplace(Tensor(a!) x, Tensor labels, Tensor(b!) loss, Tensor(c!) ce, Tensor(d!) red, int n_inner, "
-      "int s_outer, int s_inner, int ignore_index, float gamma, float beta, bool mean) -> ()");
+      "fused_inplace(Tensor(a!) x, Tensor labels, Tensor(b!) loss, Tensor(c!) ce, Tensor(d!) red, Tensor(e!)? met, "
+      "int n_inner, int s_outer, int s_inner, int ignore_index, float gamma, float beta, bool mean) -> ()");
   m.def("rescale(Tensor(a!) out, Tensor grad_out, int n_rows, int n_inner, int s_outer, int s_inner) -> ()");
 }
 

@@ -1,12 +1,16 @@
-"""TOFU with Hugging Face: TRL's SFTTrainer and transformers' Trainer.
+"""TOFU with Hugging Face: TRL's SFTTrainer (TOFUSFTTrainer) and transformers' Trainer.
 
     python examples/hf_sft.py                                  # tiny Qwen3 built here, CPU ok
+    python examples/hf_sft.py --lora                           # LoRA adapters (peft), as in the paper
     python examples/hf_sft.py --model Qwen/Qwen3-0.6B --steps 50   # a real checkpoint
 
-Two ways, both printed with their loss curve:
-  1. TRL SFTTrainer(compute_loss_func=tofu_loss_func(gamma, beta)): the paper's setup.
-  2. transformers Trainer on a model whose own loss is TOFU (apply_tofu), with
-     fused_linear=True: the training forward never builds the [batch, seq, vocab] logits.
+Three ways, each printed with its loss curve and time per step:
+  1. TOFUSFTTrainer(tofu_gamma, tofu_beta): TRL's SFTTrainer with TOFU as its loss, one
+     forward per step, the loss from the last hidden states (never the [batch, seq, vocab]
+     logits), TRL's entropy / mean_token_accuracy from the same kernels. The main way.
+  2. TRL SFTTrainer(compute_loss_func=tofu_loss_func(gamma, beta)): the paper's original
+     setup; in TRL 1.16 it costs a second (no-grad) forward per step and the full logits.
+  3. transformers Trainer on a model whose own loss is TOFU (apply_tofu, fused_linear=True).
 Without --model, a randomly initialised 2-layer Qwen3 and a word-level tokenizer are built
 in memory (no downloads) and trained on a repetitive toy corpus, so the loss must fall.
 """
@@ -15,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 
 import torch
 import transformers
 import trl
 from datasets import Dataset
 
-from tofu_kernels.hf import apply_tofu, tofu_loss_func
+from tofu_kernels.hf import TOFUSFTTrainer, apply_tofu, tofu_loss_func
 
 
 def tiny_model_and_tokenizer():
@@ -45,6 +50,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--gamma", type=float, default=3.0)
     p.add_argument("--beta", type=float, default=0.8)
+    p.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) instead of every weight")
     args = p.parse_args(argv)
 
     def load():
@@ -53,35 +59,55 @@ def main(argv=None) -> int:
         return (transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16),
                 transformers.AutoTokenizer.from_pretrained(args.model))
 
+    peft_config = None
+    if args.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                 "down_proj"])
     texts = [" ".join(f"w{(3 * i + j) % 40}" for j in range(12)) for i in range(64)]
-    common = dict(max_steps=args.steps, per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                  learning_rate=5e-3 if args.model is None else 1e-5, logging_steps=1, report_to=[],
-                  save_strategy="no", disable_tqdm=True, use_cpu=not torch.cuda.is_available())
+    lr = (5e-3 if args.model is None else 1e-5) * (4 if args.lora else 1)
+    common = dict(max_steps=args.steps, per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=lr,
+                  logging_steps=1, report_to=[], save_strategy="no", disable_tqdm=True,
+                  use_cpu=not torch.cuda.is_available())
     curves = {}
     with tempfile.TemporaryDirectory() as out:
-        # 1. TRL: the paper's compute_loss_func, on the model's logits
-        model, tokenizer = load()
-        trainer = trl.SFTTrainer(
-            model=model, processing_class=tokenizer, train_dataset=Dataset.from_dict({"text": texts}),
-            args=trl.SFTConfig(output_dir=out, max_length=32, **common),
-            compute_loss_func=tofu_loss_func(args.gamma, args.beta),
-        )
-        trainer.train()
-        curves["TRL SFTTrainer + tofu_loss_func"] = trainer.state.log_history
+        sft = trl.SFTConfig(output_dir=out, max_length=32, **common)
 
-        # 2. transformers: the model's own loss is TOFU, without the logits
+        # 1. TRL, the main way: TOFU as SFTTrainer's loss, one forward per step, no logits
         model, tokenizer = load()
+        trainer = TOFUSFTTrainer(model=model, processing_class=tokenizer, args=sft, peft_config=peft_config,
+                                 train_dataset=Dataset.from_dict({"text": texts}),
+                                 tofu_gamma=args.gamma, tofu_beta=args.beta)
+        curves["TOFUSFTTrainer"] = trainer.train().metrics, trainer.state.log_history
+
+        # 2. TRL with the paper's compute_loss_func: the model's logits, plus TRL's extra forward
+        model, tokenizer = load()
+        trainer = trl.SFTTrainer(model=model, processing_class=tokenizer, args=sft, peft_config=peft_config,
+                                 train_dataset=Dataset.from_dict({"text": texts}),
+                                 compute_loss_func=tofu_loss_func(args.gamma, args.beta))
+        curves["SFTTrainer + tofu_loss_func"] = trainer.train().metrics, trainer.state.log_history
+
+        # 3. transformers: the model's own loss is TOFU, without the logits
+        model, tokenizer = load()
+        if peft_config is not None:  # apply_tofu works on the PeftModel too
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
         apply_tofu(model, args.gamma, args.beta, fused_linear=True)
         tokens = Dataset.from_dict({"text": texts}).map(lambda r: tokenizer(r["text"]), remove_columns=["text"])
         trainer = transformers.Trainer(
             model=model, train_dataset=tokens, args=transformers.TrainingArguments(output_dir=out, **common),
             data_collator=transformers.DataCollatorForLanguageModeling(tokenizer, mlm=False),
         )
-        trainer.train()
-        curves["Trainer + apply_tofu(fused_linear=True)"] = trainer.state.log_history
-    for name, history in curves.items():
-        losses = [h["loss"] for h in history if "loss" in h]
-        print(f"{name}: TOFU loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps")
+        curves["Trainer + apply_tofu(fused_linear=True)"] = trainer.train().metrics, trainer.state.log_history
+    for name, (metrics, history) in curves.items():
+        logs = [h for h in history if "loss" in h]
+        ms = 1e3 * metrics["train_runtime"] / max(len(logs), 1)
+        acc = f", token accuracy {logs[-1]['mean_token_accuracy']:.2f}" if "mean_token_accuracy" in logs[-1] else ""
+        print(f"{name}: TOFU loss {logs[0]['loss']:.3f} -> {logs[-1]['loss']:.3f} over {len(logs)} steps "
+              f"({ms:.0f} ms/step{acc})")
     return 0
 
 

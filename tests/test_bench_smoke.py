@@ -28,7 +28,7 @@ def test_bench_cpu_smoke(tmp_path):
 
 
 GPU_CHECK = ROOT / "benchmarks" / "gpu_check.sh"
-STEPS = ("build", "gpu_tests", "megatron_lm", "megatron_step", "fused_linear", "bench")
+STEPS = ("build", "gpu_tests", "megatron_lm", "megatron_step", "fused_linear", "sft_step", "bench")
 
 
 def _gpu_check(*args, timeout=600):
@@ -51,7 +51,10 @@ def test_gpu_check_script_cpu_smoke(tmp_path):
     files = sorted(p.name for p in out.iterdir())
     logs = [f"{step}.log" for step in STEPS]
     assert files == sorted(["summary.txt", *logs, "megatron_lm.md", "bench_megatron_step.md", "bench_fused_linear.md",
-                            "bench_fused_linear.json", "bench_loss.md", "bench_loss.png", "bench_loss.json"])
+                            "bench_fused_linear.json", "bench_sft_step.md", "bench_sft_step.json", "bench_loss.md",
+                            "bench_loss.png", "bench_loss.json"])
+    sft = (out / "bench_sft_step.md").read_text()
+    assert "| TOFUSFTTrainer |" in sft and "| SFTTrainer + tofu_loss_func |" in sft
     megatron_lm = (out / "megatron_lm.md").read_text()
     from .megatron_lm import FIXTURE
 
@@ -93,7 +96,8 @@ def test_bench_fused_linear_cpu_smoke(tmp_path):
     assert {"ours fused TOFU", "ours fused TOFU [chunk 16]", "ours fused CE", "matmul + ours TOFU",
             "matmul + authors TOFU", "matmul + torch CE (fp32)"} <= names
     assert "Error" not in md
-    assert "[6/6" in res.stdout  # progress line per implementation
+    assert "[6/6 V=300" in res.stdout  # progress line per implementation and vocabulary
+    assert "## V = 300" in md and md.count("## V = ") == 1
 
 
 def test_megatron_log_parser():

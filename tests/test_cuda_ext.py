@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import tofu_kernels as tk
-from tofu_kernels.records import GradParam, Meta, Reduced, Reduction, Stat
+from tofu_kernels.records import GradParam, Meta, Metric, Reduced, Reduction, Stat
 from tofu_kernels.tofu_math import finalize_stats
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,11 +45,11 @@ def test_ops_registered_with_mutation_schemas():
     ops = torch.ops.tofu_kernels
     written = {
         "row_stats": {"stats"},
-        "epilogue": {"loss", "ce", "rec", "red"},
+        "epilogue": {"loss", "ce", "rec", "red", "met"},
         "grad": {"out"},
         "grad_inplace": {"x"},
-        "fused": {"out", "loss", "ce", "red"},
-        "fused_inplace": {"x", "loss", "ce", "red"},
+        "fused": {"out", "loss", "ce", "red", "met"},
+        "fused_inplace": {"x", "loss", "ce", "red", "met"},
         "rescale": {"out"},
     }
     for name, expect in written.items():
@@ -184,6 +184,8 @@ def harness(tmp_path_factory):
     h = ctypes.CDLL(str(lib))
     f32p = ctypes.POINTER(ctypes.c_float)
     h.tofu_row_stats.argtypes = [f32p, ctypes.c_int, ctypes.c_float, ctypes.c_int, f32p]
+    h.tofu_row_stats_ent.argtypes = [f32p, ctypes.c_int, ctypes.c_float, ctypes.c_int, f32p]
+    h.tofu_row_metrics.argtypes = [ctypes.c_float] * 5 + [ctypes.c_longlong] * 3 + [f32p]
     h.tofu_focal_weight.argtypes = [ctypes.c_float, ctypes.c_float]
     h.tofu_focal_weight.restype = ctypes.c_float
     h.tofu_finalize_row.argtypes = [ctypes.c_float] * 4 + [ctypes.c_longlong] * 3 + [ctypes.c_float] * 2 + [f32p]
@@ -203,11 +205,12 @@ def test_record_layouts_agree(harness):
     got = list(buf[: harness.tofu_layouts(buf)])
     expect = [int(f) for f in Stat] + [len(Stat)] + [int(f) for f in GradParam] + [len(GradParam)]
     expect += [int(f) for f in Meta] + [int(f) for f in Reduced] + [len(Reduced)] + [int(f) for f in Reduction]
+    expect += [int(f) for f in Metric] + [len(Metric)]
     assert got == expect
     # the C++ names follow the Python ones (kLogSb <-> LOG_SB, kVocabEnd <-> VOCAB_END)
     header = (ROOT / "csrc" / "tofu_math.cuh").read_text()
     for ns, names, width in (("stat", Stat, True), ("gparam", GradParam, True), ("meta", Meta, False),
-                             ("reduced", Reduced, True), ("reduction", Reduction, False)):
+                             ("reduced", Reduced, True), ("reduction", Reduction, False), ("metric", Metric, True)):
         enum = re.search(rf"namespace {ns} \{{.*?enum : int \{{([^}}]*)\}}", header, re.S).group(1)
         cxx = [e.split("=")[0].strip()[1:].lower() for e in enum.split(",")]
         py = [f.name.replace("_", "").lower() for f in names] + (["width"] if width else [])
@@ -238,6 +241,36 @@ def test_header_row_stats(harness, beta, n, parts):
     m = zd.max()
     expect = torch.stack([m, (zd - m).exp().sum(), ((zd - m) / beta).exp().sum()])
     torch.testing.assert_close(out.double(), expect, rtol=2e-6, atol=0)
+
+
+@pytest.mark.parametrize("beta", [0.8, 1.0])
+@pytest.mark.parametrize("n,parts", [(1, 1), (37, 3), (1000, 7), (1000, 64)])
+def test_header_entropy_accumulator_and_metrics(harness, beta, n, parts):
+    """The metrics' switch on: the same statistics, plus E = sum exp(z - m)(z - m) through the
+    online rescaling and the merges (parts of 8-wide vectors, -inf columns among them), and
+    the row metrics against fp64 (a confident, a hopeless and an ignored row)."""
+    z = torch.randn(n, dtype=torch.float32) * 4
+    if n > 10:
+        z[3] = -math.inf  # a masked column: adds 0 to E, never 0 * -inf
+    plain, ent = torch.empty(3, dtype=torch.float32), torch.empty(4, dtype=torch.float32)
+    harness.tofu_row_stats(_ptr(z), n, beta, parts, _ptr(plain))
+    harness.tofu_row_stats_ent(_ptr(z), n, beta, parts, _ptr(ent))
+    assert torch.equal(ent[:3], plain), "the entropy accumulator changes the plain statistics"
+    zd = z.double()
+    m = zd.max()
+    d = zd - m
+    e_ref = (d.exp() * torch.where(torch.isinf(d), 0.0, d)).sum()
+    assert ent[3].item() == pytest.approx(e_ref.item(), rel=2e-5, abs=1e-6)
+    lp = torch.log_softmax(zd, 0)
+    h_ref = -(lp.exp() * torch.where(torch.isinf(lp), 0.0, lp)).sum()
+    out = torch.empty(2, dtype=torch.float32)
+    for label, zt, want in ((int(zd.argmax()), float(m), 1.0), (0, float(m) - 40.0, 0.0)):
+        harness.tofu_row_metrics(*ent.tolist(), zt, label, -100, n, _ptr(out))
+        assert out[0].item() == pytest.approx(h_ref.item(), rel=2e-5, abs=2e-6) and out[1].item() == want
+    harness.tofu_row_metrics(*ent.tolist(), float(m), -100, -100, n, _ptr(out))
+    assert out.tolist() == [0.0, 0.0]
+    harness.tofu_row_metrics(*ent.tolist(), float(m), n, -100, n, _ptr(out))
+    assert all(math.isnan(v) for v in out.tolist())
 
 
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0, 3.0, 4.5])

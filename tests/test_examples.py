@@ -22,7 +22,8 @@ def test_vocab_parallel_example_torchrun():
 
 
 def test_hf_sft_example_runs_as_written():
-    """The README's Hugging Face / TRL example: both trainers train with TOFU (loss falls)."""
+    """The README's Hugging Face / TRL example: the three ways train with TOFU (loss falls),
+    TOFUSFTTrainer first, with TRL's token accuracy logged."""
     import pytest
 
     pytest.importorskip("trl")
@@ -30,7 +31,8 @@ def test_hf_sft_example_runs_as_written():
                          timeout=600, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     lines = [line for line in out.stdout.splitlines() if "TOFU loss" in line]
-    assert len(lines) == 2, out.stdout[-2000:]
+    assert len(lines) == 3 and lines[0].startswith("TOFUSFTTrainer:") and "token accuracy" in lines[0], \
+        out.stdout[-2000:]
     for line in lines:
         first, last = (float(x) for x in line.split("TOFU loss ")[1].split(" over")[0].split(" -> "))
         assert last < 0.8 * first, line

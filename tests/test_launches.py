@@ -10,6 +10,8 @@ Counted here without a GPU:
 Budgets (docs/design.md section 3): two-pass 3 kernels (statistics, epilogue, gradient),
 gradient in the forward 4 (count, fused, reduce; the rescale in the backward); no torch
 operation around them. With tensor parallelism the one all-gather is added, nothing else.
+The metrics (``return_metrics=True``) are a compile-time switch of the same kernels: the
+same counts with them, and the plain path's unchanged.
 """
 
 from __future__ import annotations
@@ -94,20 +96,21 @@ CASES = {  # (reduction, grad_in_forward) -> kernels per forward + backward
 }
 
 
-def _fwd_bwd(x, labels, backend, reduction, grad_in_forward):
-    loss = tk.tofu_loss(x, labels, backend=backend, reduction=reduction, grad_in_forward=grad_in_forward,
-                        check_inputs=False)
-    return loss
+def _fwd_bwd(x, labels, backend, reduction, grad_in_forward, metrics=False, **kw):
+    out = tk.tofu_loss(x, labels, backend=backend, reduction=reduction, grad_in_forward=grad_in_forward,
+                       check_inputs=False, return_metrics=metrics, **kw)
+    return out[0] if metrics else out
 
 
+@pytest.mark.parametrize("metrics", [False, True])
 @pytest.mark.parametrize("case", list(CASES), ids=[f"{r}-gif={g}" for r, g in CASES])
-def test_triton_kernels_and_no_torch_glue(case, triton_launches):
+def test_triton_kernels_and_no_torch_glue(case, metrics, triton_launches):
     reduction, grad_in_forward = case
     x = torch.randn(6, 100, requires_grad=True)
     labels = torch.randint(0, 100, (6,))
     seed = torch.ones(6) if reduction == "none" else torch.ones(())
     with OpCounter() as ops:
-        _fwd_bwd(x, labels, "triton", reduction, grad_in_forward).backward(seed)
+        _fwd_bwd(x, labels, "triton", reduction, grad_in_forward, metrics).backward(seed)
     assert len(triton_launches) == CASES[case], triton_launches
     assert ops.torch_ops == [], f"torch operations around the kernels: {ops.torch_ops}"
 
@@ -117,9 +120,10 @@ CUDA_KERNELS = {"row_stats": 1, "epilogue": 1, "grad": 1, "grad_inplace": 1, "fu
                 "rescale": 1}
 
 
+@pytest.mark.parametrize("metrics", [False, True])
 @pytest.mark.parametrize("inplace", [False, True])
 @pytest.mark.parametrize("case", list(CASES), ids=[f"{r}-gif={g}" for r, g in CASES])
-def test_cuda_kernels_and_no_torch_glue(case, inplace):
+def test_cuda_kernels_and_no_torch_glue(case, inplace, metrics):
     if not tk.extension_loaded():
         pytest.skip("CUDA extension not built (no nvcc / CPU-only torch)")
     reduction, grad_in_forward = case
@@ -128,8 +132,7 @@ def test_cuda_kernels_and_no_torch_glue(case, inplace):
     seed = torch.ones(6, device="meta") if reduction == "none" else torch.ones((), device="meta")
     x = leaf.view(6, 5000) if inplace else leaf  # a non-leaf whose storage may take the gradient
     with OpCounter() as ops:
-        loss = tk.tofu_loss(x, labels, backend="cuda", reduction=reduction, grad_in_forward=grad_in_forward,
-                            check_inputs=False, inplace_backward=inplace)
+        loss = _fwd_bwd(x, labels, "cuda", reduction, grad_in_forward, metrics, inplace_backward=inplace)
         loss.backward(seed)
     assert sum(CUDA_KERNELS[o] for o in ops.ours) == CASES[case], ops.ours
     assert ops.torch_ops == [], f"torch operations around the kernels: {ops.torch_ops}"

@@ -61,6 +61,11 @@ RUN = {
         "replace": {'trl.SFTConfig(output_dir="out")': 'trl.SFTConfig(output_dir="out", use_cpu=True)'},  # bf16 default
     },
     "apply_tofu(model, gamma=3.0, beta=0.8, fused_linear=True)": {"prelude": _HF_PRELUDE},
+    "tofu_beta=0.8)   # the paper's values (and the defaults)": {
+        "prelude": _HF_PRELUDE,
+        "replace": {'trl.SFTConfig(output_dir="out")': 'trl.SFTConfig(output_dir="out", use_cpu=True, max_steps=2)'},
+        "after": "assert trainer.state.global_step == 2\n",
+    },
     "megatron_patch.apply(loss_type=\"tofu\", gamma=3.0, beta=0.8, backend=\"auto\")": {
         # Megatron-LM's parser reads sys.argv: a tiny model's flags and the TOFU flags
         "prelude": f"import sys\nsys.argv = ['pretrain_gpt.py', *{TINY!r}, '--loss-type', 'tofu']\n",
@@ -76,6 +81,7 @@ NOT_HERE = {
     "AutoBridge.import_ckpt(": "tests/test_megatron_sft.py::test_a_provider_built_model_trains_tofu",
     "from megatron.bridge.recipes.llama import llama31_8b_sft_config":
         "tests/test_megatron_sft.py::test_a_provider_built_model_trains_tofu",
+    'bnb_4bit_quant_type="nf4"': "tests/test_hf_trainer.py::test_lora_adapter_gradients_equal_fp64",
 }
 
 # Shell commands: the test that runs each (its flags, its script), or why it cannot run here.
@@ -91,6 +97,8 @@ COMMANDS = {
     "torchrun --nproc-per-node 2 examples/vocab_parallel.py": "tests/test_examples.py::test_vocab_parallel_example_torchrun",
     "torchrun --nproc-per-node 8 examples/vocab_parallel.py --cuda": "GPUs (the CPU twin: tests/test_examples.py)",
     "python examples/hf_sft.py": "tests/test_examples.py::test_hf_sft_example_runs_as_written",
+    "python examples/hf_sft.py --lora": "tests/test_hf_trainer.py::test_lora_adapter_gradients_equal_fp64 (the "
+                                        "LoRA path of both trainers, on CPU; the example adds nothing to it)",
     "python examples/hf_sft.py --model Qwen/Qwen3-0.6B": "downloads a checkpoint (tests/test_examples.py runs the tiny one)",
     "export CUDA_DEVICE_MAX_CONNECTIONS=1": "part of the multi-node command",
     "torchrun --nnodes 2": "tests/test_megatron_sft.py (the command's flags, read from the README, on CPU)",

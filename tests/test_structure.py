@@ -44,7 +44,7 @@ def test_public_functions_are_keyword_only_after_labels_in_one_order():
     shared = [n for n in list(single)[2:] if n in parallel]
     assert shared == [n for n in list(parallel)[2:] if n in single], "shared keywords in different orders"
     assert shared == ["gamma", "beta", "ignore_index", "reduction", "backend", "inplace_backward",
-                      "return_ce", "check_inputs"]
+                      "return_ce", "return_metrics", "check_inputs"]
     # the fused linear functions: three positional inputs, then the same keywords in the same order
     for fn in (tk.linear_tofu_loss, tk.vocab_parallel_linear_tofu_loss):
         sig = inspect.signature(fn).parameters
@@ -327,3 +327,24 @@ def test_gpu_ops_share_one_schema_and_one_fake_each():
         assert list(inspect.signature(fake).parameters) == cxx_args, name
         triton = getattr(torch.ops.tofu_kernels, f"triton_{name}").default._schema
         assert [a.name for a in triton.arguments] == cxx_args, name
+
+
+def test_hugging_face_paths_share_one_forward():
+    """TOFUSFTTrainer reaches the loss only through the model's forward (apply_tofu's, with
+    tofu_metrics=True), and that forward only through _HFLoss.on_hidden: one mechanism."""
+    assert [c for c in _calls("loss_of_hidden") if not c.startswith("linear.py:")] == ["hf.py:on_hidden"]
+    assert _calls("on_hidden") == ["hf.py:_tofu_forward"]
+    trainer = (PKG / "hf_trainer.py").read_text()
+    assert "tofu_metrics=True" in trainer and "linear_tofu_loss(" not in trainer and "loss_of_hidden" not in trainer
+    assert _calls("apply_tofu") == ["hf_trainer.py:__init__"]
+
+
+def test_metrics_math_written_once_per_language():
+    """The entropy and top-1 rules: tofu_math.row_metrics (torch), triton_kernels._metrics,
+    tofu::row_metrics (CUDA); the accumulator's merge in combine_stats / _merge / tofu::merge."""
+    assert sorted(set(_calls("row_metrics"))) == ["backends/torch_backend.py:epilogue"]
+    assert sorted(set(_calls("entropy_terms"))) == ["backends/torch_backend.py:row_stats"]
+    assert sorted(set(_calls("_metrics"))) == ["backends/triton_kernels.py:epilogue_kernel",
+                                              "backends/triton_kernels.py:fused_kernel"]
+    cu = (ROOT / "csrc" / "tofu_kernels.cu").read_text()
+    assert cu.count("row_metrics(") == 2 and "logf(st.s1)" not in cu  # both kernels call the header's rule

@@ -9,6 +9,7 @@ from .backends import BACKENDS, extension_loaded, extension_status
 from .linear import LinearTOFULoss, linear_tofu_loss, vocab_parallel_linear_tofu_loss
 from .loss import TOFULoss, tofu_loss, vocab_parallel_tofu_loss
 from .params import DEFAULT_BETA, DEFAULT_GAMMA, DEFAULT_IGNORE_INDEX, TOFUParams
+from .records import TokenMetrics
 from .reference import authors_tofu_loss, tofu_loss_reference
 from .tofu_math import focal_weight
 
@@ -22,6 +23,7 @@ __all__ = [
     "LinearTOFULoss",
     "TOFULoss",
     "TOFUParams",
+    "TokenMetrics",
     "authors_tofu_loss",
     "extension_loaded",
     "extension_status",

@@ -44,12 +44,12 @@ import torch
 from ._inputs import RowLayout, Shard, check_label_range, dense_layout, host_checks_allowed
 from .backends import Backend, get_backend
 from .params import TOFUParams
-from .records import Epilogue, Partials, Reduction, Stat, meta_record
+from .records import Epilogue, Metric, Partials, Reduction, Stat, TokenMetrics, meta_record
 from .tofu_math import combine_stats
 from .vocab_parallel import TensorParallel, all_gather_stats, check_shards, exchange_meta, resolve
 
 __all__ = ["LossModule", "Plan", "chunk_stats", "empty_loss", "finish", "fused", "grad", "grad_buffer", "new_grad",
-           "plan", "rescale", "row_stats"]
+           "outputs", "plan", "rescale", "results", "row_stats"]
 
 
 @dataclass(frozen=True)
@@ -149,14 +149,26 @@ def chunk_stats(p: Plan, chunks: Iterable[tuple[int, int, torch.Tensor, RowLayou
     """The statistics of logits that arrive in chunks ``(r0, r1, z, lay)`` (rows
     ``[r0, r1)``, each chunk's buffer free for reuse once the next is asked for): every
     chunk's records merged into one ``[n_rows, len(Stat)]`` buffer, followed under tensor
-    parallelism by this rank's metadata record, for one :func:`finish`."""
-    data = torch.empty(n_rows + int(p.tp is not None), len(Stat), dtype=torch.float32, device=labels.device)
+    parallelism by this rank's metadata record (and by the entropy plane with metrics), for
+    one :func:`finish`."""
+    out = Partials(labels, n_rows, 1, has_meta=p.tp is not None, ent=p.params.return_metrics)
+    out = out._replace(data=torch.empty(out.per_rank(), dtype=torch.float32, device=labels.device))
+    data = out.data[: (n_rows + int(out.has_meta)) * len(Stat)].view(-1, len(Stat))
+    ent = out.ents()[0, :, 0] if out.ent else None
     for r0, r1, z, lay in chunks:
-        rec = p.backend.row_stats(z, lay, labels[r0:r1], p.shard, p.params, False).records()[0]
-        data[r0:r1] = rec[:, 0] if rec.shape[1] == 1 else combine_stats(rec, p.params.beta, dim=1)
+        parts = p.backend.row_stats(z, lay, labels[r0:r1], p.shard, p.params, False)
+        rec = parts.records()[0]
+        if rec.shape[1] == 1:
+            data[r0:r1] = rec[:, 0]
+            if ent is not None:
+                ent[r0:r1] = parts.ents()[0, :, 0]
+        elif ent is None:
+            data[r0:r1] = combine_stats(rec, p.params.beta, dim=1)
+        else:
+            data[r0:r1], ent[r0:r1] = combine_stats(rec, p.params.beta, 1, parts.ents()[0])
     if p.tp is not None:
         data[n_rows] = meta_record(p.shard.vocab_start, p.shard.vocab_end, p.width, n_rows, labels.device)
-    return Partials(data, n_rows, 1, has_meta=p.tp is not None)
+    return out
 
 
 def finish(p: Plan, parts: Partials, labels: torch.Tensor, reduction: Reduction) -> Epilogue:
@@ -183,6 +195,26 @@ def grad(p: Plan, x: torch.Tensor, lay: RowLayout, out: torch.Tensor, out_lay: R
 # ------------------------------------------------------------------ what every entry point shares
 
 
+def outputs(ctx, loss: torch.Tensor, ce: torch.Tensor, metrics: torch.Tensor | None) -> tuple:
+    """An autograd Function's outputs: the loss, the cross entropy and, only where asked
+    for, the metrics (no ``None`` output: torch.compile traces a fixed tuple of tensors);
+    all but the loss non-differentiable."""
+    out = (loss, ce) if metrics is None else (loss, ce, metrics)
+    ctx.mark_non_differentiable(*out[1:])
+    return out
+
+
+def results(params: TOFUParams, loss: torch.Tensor, ce: torch.Tensor, metrics, shape):
+    """What a loss call returns: ``loss``, then ``ce`` with ``return_ce``, then the
+    :class:`TokenMetrics` (per token, in ``shape``) with ``return_metrics``; a tuple when
+    more than the loss. ``metrics``: the ``[N, len(Metric)]`` records, or a list holding
+    them (a Function's trailing outputs)."""
+    out = (loss,) + ((ce,) if params.return_ce else ())
+    if params.return_metrics:
+        out += (TokenMetrics.of(metrics[0] if isinstance(metrics, list) else metrics, shape),)
+    return out if len(out) > 1 else loss
+
+
 def empty_loss(labels: torch.Tensor, params: TOFUParams, *inputs: torch.Tensor):
     """The result for zero tokens, nothing launched: zeros of the right shapes (fp32), and
     a zero gradient for every input that requires one."""
@@ -190,7 +222,8 @@ def empty_loss(labels: torch.Tensor, params: TOFUParams, *inputs: torch.Tensor):
     per_token = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
     loss = per_token + zero if params.reduction == "none" else zero.float()
     ce = per_token if params.reduction == "none" else zero.detach().float()
-    return (loss, ce) if params.return_ce else loss
+    metrics = torch.zeros(0, len(Metric), dtype=torch.float32, device=labels.device)
+    return results(params, loss, ce, metrics, labels.shape)
 
 
 class LossModule(torch.nn.Module):

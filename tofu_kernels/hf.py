@@ -1,17 +1,23 @@
 """Hugging Face entry points: ``transformers.Trainer`` / TRL ``SFTTrainer`` and causal LMs.
 
-Two ways in, both with the paper's label convention (the logits at position ``i`` predict
+Three ways in, all with the paper's label convention (the logits at position ``i`` predict
 ``labels[i + 1]``: the labels are padded with one ``ignore_index`` on the right and their
 first column dropped, as ``transformers``' own causal-LM loss does):
 
+* :class:`TOFUSFTTrainer` (``tofu_kernels.hf_trainer``, imported from here on first use):
+  TRL's ``SFTTrainer`` with TOFU as its loss, one forward per step through the model's
+  root forward, the loss from the last hidden states and the LM head's weight (never the
+  logits) and TRL's ``entropy`` / ``mean_token_accuracy`` from the same kernels.
+* :func:`apply_tofu` makes a causal LM's own loss TOFU (``model(..., labels=...).loss``);
+  with ``fused_linear=True`` the training forward never builds the logits
+  (:func:`tofu_kernels.linear_tofu_loss` on the last hidden states); the same forward,
+  called with ``tofu_metrics=True``, is what :class:`TOFUSFTTrainer` runs.
+  :func:`revert_tofu` undoes it.
 * :func:`tofu_loss_func` returns a ``compute_loss_func(outputs, labels,
   num_items_in_batch=None)`` for ``Trainer(compute_loss_func=...)`` and
   ``SFTTrainer(compute_loss_func=...)``, the signature of the authors' code. It runs on
-  ``outputs.logits`` as they are (bf16 stays bf16: no fp32 copy).
-* :func:`apply_tofu` makes a causal LM's own loss TOFU (``model(..., labels=...).loss``);
-  with ``fused_linear=True`` the training forward never builds the logits
-  (:func:`tofu_kernels.linear_tofu_loss` on the last hidden states). :func:`revert_tofu`
-  undoes it.
+  ``outputs.logits`` as they are (bf16 stays bf16: no fp32 copy). In TRL 1.16 that path
+  runs a second, no-grad forward per step for TRL's metrics.
 
 Normalisation: without ``num_items_in_batch`` the loss is the mean over the micro-batch's
 non-ignored (shifted) tokens; with it, the sum divided by ``num_items_in_batch``, the
@@ -24,19 +30,33 @@ micro-batches equals one big batch (``transformers``' convention).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import types
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from .linear import loss_of_hidden
 from .loss import loss_of_logits
 from .params import DEFAULT_BETA, DEFAULT_GAMMA, DEFAULT_IGNORE_INDEX, TOFUParams
 
-__all__ = ["SUPPORTED_MODELS", "apply_tofu", "revert_tofu", "shift_labels", "tofu_loss_func"]
+__all__ = ["SUPPORTED_MODELS", "TOFUSFTTrainer", "apply_tofu", "revert_tofu", "shift_labels", "tofu_loss_func"]
 
 # Causal-LM classes whose forward is backbone -> lm_head (nn.Linear, no bias) -> loss, with
-# no logit scaling or soft-capping: the structure the fused forward reproduces.
-SUPPORTED_MODELS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+# no logit scaling or soft-capping: the structure the fused forward reproduces. The MoE
+# ones (last two) add the router's load-balancing loss, as their own forward does.
+SUPPORTED_MODELS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                    "MixtralForCausalLM", "Qwen3MoeForCausalLM")
+
+
+def __getattr__(name: str):
+    # TOFUSFTTrainer subclasses trl.SFTTrainer: importing it imports TRL, so only on first use.
+    if name == "TOFUSFTTrainer":
+        from .hf_trainer import TOFUSFTTrainer
+
+        return TOFUSFTTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def shift_labels(labels: torch.Tensor, ignore_index: int = DEFAULT_IGNORE_INDEX) -> torch.Tensor:
@@ -57,10 +77,13 @@ class _HFLoss:
     # two-pass path takes the 1/n as its upstream gradient for free (the gradient-in-the-
     # forward path would need one more pass over the gradient to apply it).
     summed: TOFUParams = dataclasses.field(init=False)
+    # The same loss with the per-token metrics (TOFUSFTTrainer's entropy and accuracy).
+    with_metrics: TOFUParams = dataclasses.field(init=False)
 
     def __post_init__(self):
         summed = dataclasses.replace(self.params, reduction="sum", grad_in_forward=False)
         object.__setattr__(self, "summed", summed)
+        object.__setattr__(self, "with_metrics", dataclasses.replace(self.params, return_metrics=True))
 
     def targets(self, labels, shifted, device) -> torch.Tensor:
         """The target of every position: ``shifted`` as given, else ``labels`` shifted."""
@@ -76,11 +99,12 @@ class _HFLoss:
             n = n.to(logits.device)
         return loss_of_logits(logits, target, self.summed) / n
 
-    def on_hidden(self, hidden, weight, labels, num_items_in_batch=None, shifted=None) -> torch.Tensor:
-        """The same loss from the last hidden states and the output layer's weight."""
-        target = self.targets(labels, shifted, hidden.device)
-        return loss_of_hidden(hidden, weight, target, self.params, chunk_size=self.chunk_size,
-                              normalizer=num_items_in_batch)
+    def on_hidden(self, hidden, weight, target, num_items_in_batch=None, metrics=False):
+        """The same loss from the last hidden states and the output layer's weight, against
+        the ``target`` of every position (:meth:`targets`); with ``metrics``,
+        ``(loss, TokenMetrics)``."""
+        return loss_of_hidden(hidden, weight, target, self.with_metrics if metrics else self.params,
+                              chunk_size=self.chunk_size, normalizer=num_items_in_batch)
 
 
 def tofu_loss_func(
@@ -123,33 +147,93 @@ def _keep_last(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
     return hidden[:, logits_to_keep, :]
 
 
-def _tofu_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                  inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
-    """The supported causal LMs' forward with the loss taken from the hidden states.
-
-    Only in training with labels; otherwise (generation, evaluation, no labels) the
-    class's own forward runs, with the TOFU loss on its logits.
-    """
-    loss: _HFLoss = self._tofu_loss
-    shifted = kwargs.get("shift_labels")
-    if not (self.training and (labels is not None or shifted is not None)):
-        return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
-                                  position_ids=position_ids, past_key_values=past_key_values,
-                                  inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
-                                  logits_to_keep=logits_to_keep, **kwargs)
+@functools.cache
+def tofu_output_type():
+    """``TOFUCausalLMOutput``: what the fused forward returns (made on first use: transformers
+    is imported lazily). ``CausalLMOutputWithPast``'s fields (``logits`` None, no cache)
+    plus ``aux_loss`` and ``router_logits`` (MoE) and, with ``tofu_metrics=True``,
+    ``lm_loss`` (the TOFU loss alone; ``loss`` adds the weighted router loss, as the model's
+    own forward does), ``entropy`` and ``top1`` per position (fp32, 0 where the target is
+    ignored) and ``label_mask`` (the target is not ignored)."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    return_dict = kwargs.pop("return_dict", None)
-    num_items = kwargs.get("num_items_in_batch")
-    outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                         **kwargs)
+    @dataclasses.dataclass
+    class TOFUCausalLMOutput(CausalLMOutputWithPast):
+        aux_loss: torch.Tensor | None = None
+        router_logits: tuple | None = None
+        lm_loss: torch.Tensor | None = None
+        entropy: torch.Tensor | None = None
+        top1: torch.Tensor | None = None
+        label_mask: torch.Tensor | None = None
+
+    return TOFUCausalLMOutput
+
+
+def _named(model, args: tuple, kwargs: dict) -> dict:
+    """The forward's arguments by name: positional ones bound through the class forward's
+    own signature (whatever it calls its cache argument: ``past_key_values`` up to
+    transformers 5.23, ``cache`` from 5.24), keywords as given."""
+    if args:
+        bound = inspect.signature(type(model).forward).bind_partial(model, *args)
+        kwargs = {**dict(list(bound.arguments.items())[1:]), **kwargs}
+    return kwargs
+
+
+def _router_loss(model, outputs, attention_mask) -> torch.Tensor:
+    """The MoE load-balancing loss, as Mixtral's and Qwen3-MoE's own forwards compute it."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    return load_balancing_loss_func(outputs.router_logits, model.num_experts, model.num_experts_per_tok,
+                                    attention_mask)
+
+
+def _tofu_forward(self, *args, tofu_metrics: bool = False, **kwargs):
+    """The supported causal LMs' forward with the loss taken from the hidden states.
+
+    In training with labels, or with ``tofu_metrics=True`` (training or evaluation, labels
+    required; what :class:`TOFUSFTTrainer` calls): the backbone, then
+    :func:`~tofu_kernels.linear_tofu_loss` on its last hidden states and ``lm_head.weight``,
+    with the per-token metrics for ``tofu_metrics``. Otherwise (generation, evaluation, no
+    labels) the class's own forward runs, with the TOFU loss on its logits. Every argument
+    the caller gives (the cache under either name included) reaches the backbone or the
+    class's forward unchanged.
+    """
+    loss: _HFLoss = self._tofu_loss
+    kw = _named(self, args, kwargs)
+    labels, shifted = kw.get("labels"), kw.get("shift_labels")
+    if not (tofu_metrics or (self.training and (labels is not None or shifted is not None))):
+        return type(self).forward(self, **kw)
+    if labels is None and shifted is None:
+        raise ValueError("apply_tofu: tofu_metrics=True needs labels (or shift_labels)")
+    for name in ("labels", "shift_labels"):
+        kw.pop(name, None)
+    return_dict = kw.pop("return_dict", None)
+    num_items = kw.pop("num_items_in_batch", None)
+    logits_to_keep = kw.pop("logits_to_keep", 0)
     keep_all = isinstance(logits_to_keep, int) and logits_to_keep == 0
     if shifted is None and not keep_all:
         raise ValueError("apply_tofu(fused_linear=True): labels with logits_to_keep need shift_labels")
+    router = kw.get("output_router_logits")
+    router = getattr(self.config, "output_router_logits", False) if router is None else router
+    if router:
+        kw["output_router_logits"] = True
+    outputs = self.model(**kw)
     hidden = _keep_last(outputs.last_hidden_state, logits_to_keep)
-    out = CausalLMOutputWithPast(loss=loss.on_hidden(hidden, self.lm_head.weight, labels, num_items, shifted=shifted), logits=None, past_key_values=outputs.past_key_values,
-                                 hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+    target = loss.targets(labels, shifted, hidden.device)
+    weight = self.lm_head.weight
+    if isinstance(weight, DTensor):  # FSDP2 shards it: the loss needs every row, as TRL's fused head does
+        weight = weight.full_tensor()
+    result = loss.on_hidden(hidden, weight, target, num_items, metrics=tofu_metrics)
+    lm_loss, metrics = result if tofu_metrics else (result, None)
+    aux = _router_loss(self, outputs, kw.get("attention_mask")) if router else None
+    total = lm_loss if aux is None else lm_loss + self.router_aux_loss_coef * aux.to(lm_loss.device)
+    extra = {}
+    if metrics is not None:
+        extra = dict(lm_loss=lm_loss, entropy=metrics.entropy, top1=metrics.top1,
+                     label_mask=target != loss.params.ignore_index)
+    out = tofu_output_type()(loss=total, logits=None, hidden_states=outputs.hidden_states,
+                             attentions=outputs.attentions, aux_loss=aux,
+                             router_logits=getattr(outputs, "router_logits", None) if router else None, **extra)
     return out.to_tuple() if return_dict is False else out
 
 
@@ -162,20 +246,33 @@ def apply_tofu(
     ignore_index: int = DEFAULT_IGNORE_INDEX,
     backend: str = "auto",
     chunk_size: int | None = None,
+    params: TOFUParams | None = None,
 ):
     """Make ``model(..., labels=labels).loss`` the TOFU loss; returns ``model``.
 
-    Supported: :data:`SUPPORTED_MODELS` (Llama, Mistral, Qwen2, Qwen3 causal LMs and their
-    subclasses). ``fused_linear=True``: in training with labels the forward returns
-    ``logits=None`` and the loss comes from :func:`~tofu_kernels.linear_tofu_loss` on the
-    last hidden states (extra memory one ``[chunk_size, V]`` block instead of the
-    ``[B, T, V]`` logits and their gradient); evaluation and generation are unchanged.
-    Applying again replaces the settings; :func:`revert_tofu` restores the model's loss.
+    Supported: :data:`SUPPORTED_MODELS` (Llama, Mistral, Qwen2, Qwen3, Mixtral and Qwen3-MoE
+    causal LMs and their subclasses), also inside a PEFT ``PeftModel`` (apply it to the
+    model itself or to the ``PeftModel``: the base model's forward is the one replaced, so
+    the adapters' hooks and the wrappers' forwards still run). ``fused_linear=True``: in
+    training with labels the forward returns ``logits=None`` and the loss comes from
+    :func:`~tofu_kernels.linear_tofu_loss` on the last hidden states (extra memory one
+    ``[chunk_size, V]`` block instead of the ``[B, T, V]`` logits and their gradient);
+    evaluation and generation are unchanged; called with ``tofu_metrics=True`` it also
+    returns the per-token entropy and top-1 (what :class:`TOFUSFTTrainer` logs). ``params``:
+    a ready :class:`~tofu_kernels.TOFUParams` instead of ``gamma``, ``beta``,
+    ``ignore_index`` and ``backend`` (reduction "mean"). Applying again replaces the
+    settings; :func:`revert_tofu` restores the model's loss.
 
     Note: TRL's ``SFTTrainer`` computes its loss from its own fused LM head and does not
-    read ``model(...).loss``; give it ``compute_loss_func=tofu_loss_func(...)`` instead.
+    read ``model(...).loss``; use :class:`TOFUSFTTrainer` (or
+    ``compute_loss_func=tofu_loss_func(...)``, one extra forward per step) instead.
     """
-    loss = _HFLoss(TOFUParams(gamma=gamma, beta=beta, ignore_index=ignore_index, backend=backend), chunk_size)
+    if params is None:
+        params = TOFUParams(gamma=gamma, beta=beta, ignore_index=ignore_index, backend=backend)
+    elif params.reduction != "mean" or params.return_ce or params.return_metrics:
+        raise ValueError("apply_tofu: params must have reduction 'mean' and neither return_ce nor return_metrics")
+    loss = _HFLoss(params, chunk_size)
+    model = _base_model(model)
     name = _supported_name(model)
     if name is None:
         raise ValueError(
@@ -195,16 +292,26 @@ def apply_tofu(
 
     model.loss_function = loss_function  # transformers' setter: model._loss_function
     if fused_linear:
-        model.forward = types.MethodType(_tofu_forward, model)
+        # the class forward's signature (generate() validates its keyword arguments against it)
+        forward = functools.wraps(type(model).forward)(functools.partial(_tofu_forward, model))
+        forward.tofu_forward = True
+        model.forward = forward
     return model
+
+
+def _base_model(model):
+    """The causal LM itself: ``model``, or the one inside a PEFT ``PeftModel``."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) and type(model).__name__.startswith("Peft") else model
 
 
 def revert_tofu(model):
     """Undo :func:`apply_tofu` (nothing to do if it was not applied); returns ``model``."""
-    if getattr(model, "_tofu_loss", None) is None:
+    base = _base_model(model)
+    if getattr(base, "_tofu_loss", None) is None:
         return model
-    del model._tofu_loss
-    model.__dict__.pop("_loss_function", None)
-    if "forward" in model.__dict__ and getattr(model.__dict__["forward"], "__func__", None) is _tofu_forward:
-        del model.__dict__["forward"]
+    del base._tofu_loss
+    base.__dict__.pop("_loss_function", None)
+    if getattr(base.__dict__.get("forward"), "tofu_forward", False):
+        del base.__dict__["forward"]
     return model

@@ -113,18 +113,20 @@ class _LinearTOFUFunction(torch.autograd.Function):
             dw = core.new_grad(weight) if need_w else None
             loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
             ce = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            metrics = []
             for i, r0, r1, z, lay in logit_chunks(hidden, weight, chunk):
                 epi = core.fused(plan, z, lay, z, lay, labels[r0:r1], Reduction.SUM)
                 loss += epi.loss_red
                 ce += epi.ce_red
+                metrics.append(epi.metrics)
                 if dh is not None:
                     dh[r0:r1].addmm_(z, weight, beta=0.0, alpha=alpha)
                 if dw is not None:
                     dw.addmm_(z.t(), hidden[r0:r1], beta=0.0 if i == 0 else 1.0, alpha=alpha)
             ctx.grads = [dh, dw]
             ce = ce * alpha
-            ctx.mark_non_differentiable(ce)
-            return loss * alpha, ce
+            met = None if metrics[0] is None else metrics[0] if len(metrics) == 1 else torch.cat(metrics)
+            return core.outputs(ctx, loss * alpha, ce, met)
         # two passes: every chunk's statistics into one buffer, then one epilogue
         chunks = (c[1:] for c in logit_chunks(hidden, weight, chunk))
         parts = core.chunk_stats(plan, chunks, labels, hidden.shape[0])
@@ -138,11 +140,10 @@ class _LinearTOFUFunction(torch.autograd.Function):
             loss, ce = epi.loss_red * scale, epi.ce_red * scale
         if need_h or need_w:
             ctx.save_for_backward(hidden, weight, labels, epi.grad_rec, scale)
-        ctx.mark_non_differentiable(ce)
-        return loss, ce
+        return core.outputs(ctx, loss, ce, epi.metrics)
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_ce):
+    def backward(ctx, grad_loss, *_):  # the cross entropy and the metrics have no gradient
         if grad_loss is None:
             return (None,) * _N_INPUTS
         plan = ctx.plan
@@ -189,6 +190,7 @@ def linear_tofu_loss(
     reduction: str = "mean",
     backend: str = "auto",
     return_ce: bool = False,
+    return_metrics: bool = False,
     check_inputs: bool = True,
     chunk_size: int | None = None,
     normalizer: float | torch.Tensor | None = None,
@@ -199,8 +201,9 @@ def linear_tofu_loss(
         hidden: ``[..., D]`` float32/bfloat16/float16 (the last hidden states).
         weight: ``[V, D]`` the output layer's weight, same dtype (no bias).
         labels: ``[...]`` (``hidden``'s leading shape) target ids or ``ignore_index``.
-        gamma, beta, ignore_index, reduction, backend, return_ce, check_inputs: as in
-            :func:`tofu_kernels.tofu_loss`.
+        gamma, beta, ignore_index, reduction, backend, return_ce, return_metrics,
+            check_inputs: as in :func:`tofu_kernels.tofu_loss` (the metrics: per-token
+            entropy and top-1 of the logits ``hidden @ weight.T``, made in the same pass).
         chunk_size: tokens per chunk (default :func:`default_chunk_size`: a 128 MiB
             logits chunk). Extra memory is one ``[chunk, V]`` logits chunk, plus, for
             reduction "mean"/"sum", the two gradients (computed in the forward).
@@ -210,13 +213,13 @@ def linear_tofu_loss(
             GEMMs, so the backward has nothing to rescale.
 
     Returns:
-        fp32 loss (scalar, or ``labels``' shape for ``"none"``), or ``(loss, ce)``.
-        Gradients flow into ``hidden`` and ``weight`` in their dtype. Under autocast both
+        fp32 loss (scalar, or ``labels``' shape for ``"none"``), followed by ``ce`` and the
+        metrics where asked for (as :func:`tofu_kernels.tofu_loss`). Gradients flow into ``hidden`` and ``weight`` in their dtype. Under autocast both
         are cast to the autocast dtype first, as ``nn.Linear`` would. Eager mode only (a
         Python loop over chunks).
     """
     params = TOFUParams(gamma=gamma, beta=beta, ignore_index=ignore_index, reduction=reduction, backend=backend,
-                        return_ce=return_ce, check_inputs=check_inputs)
+                        return_ce=return_ce, return_metrics=return_metrics, check_inputs=check_inputs)
     return loss_of_hidden(hidden, weight, labels, params, chunk_size=chunk_size, normalizer=normalizer)
 
 
@@ -231,6 +234,7 @@ def vocab_parallel_linear_tofu_loss(
     reduction: str = "mean",
     backend: str = "auto",
     return_ce: bool = False,
+    return_metrics: bool = False,
     check_inputs: bool = True,
     chunk_size: int | None = None,
     normalizer: float | torch.Tensor | None = None,
@@ -259,7 +263,7 @@ def vocab_parallel_linear_tofu_loss(
     rows' gradient (0 in padding rows).
     """
     params = TOFUParams(gamma=gamma, beta=beta, ignore_index=ignore_index, reduction=reduction, backend=backend,
-                        return_ce=return_ce, check_inputs=check_inputs)
+                        return_ce=return_ce, return_metrics=return_metrics, check_inputs=check_inputs)
     return loss_of_hidden(hidden, weight_shard, labels, params, chunk_size=chunk_size, normalizer=normalizer,
                           tp=TensorParallel(group, vocab_start, vocab_end), reduce_hidden_grad=reduce_hidden_grad)
 
@@ -306,10 +310,11 @@ def loss_of_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     plan = core.plan(params, flat, width, hidden.device, tp, (hidden, weight))
     if n == 0:
         return core.empty_loss(labels, params, hidden, weight)
-    loss, ce = _LinearTOFUFunction.apply(h, weight, flat, plan, chunk, normalizer, reduce_hidden_grad, weight_grad)
+    loss, ce, *metrics = _LinearTOFUFunction.apply(h, weight, flat, plan, chunk, normalizer, reduce_hidden_grad,
+                                                   weight_grad)
     if plan.reduction == Reduction.NONE:
         loss, ce = loss.view(labels.shape), ce.view(labels.shape)
-    return (loss, ce) if params.return_ce else loss
+    return core.results(params, loss, ce, metrics, labels.shape)
 
 
 class LinearTOFULoss(core.LossModule):

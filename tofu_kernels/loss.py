@@ -38,12 +38,11 @@ class _TOFUFunction(torch.autograd.Function):
             loss, ce = epi.loss.view(shape), epi.ce.view(shape)
         else:
             loss, ce = epi.loss_red, epi.ce_red
-        ctx.mark_non_differentiable(ce)
         ctx.set_materialize_grads(False)  # no zeros kernel for the cross entropy's (absent) gradient
-        return loss, ce
+        return core.outputs(ctx, loss, ce, epi.metrics)
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_ce):
+    def backward(ctx, grad_loss, *_):  # the cross entropy and the metrics have no gradient
         if grad_loss is None:
             return (None,) * _N_INPUTS
         plan, lay = ctx.plan, ctx.lay
@@ -79,8 +78,8 @@ def loss_of_logits(logits: torch.Tensor, labels: torch.Tensor, params: TOFUParam
     plan = core.plan(params, flat, logits.shape[-1], logits.device, tp, (logits,))
     if labels.numel() == 0:
         return core.empty_loss(labels, params, logits)
-    loss, ce = _TOFUFunction.apply(logits, flat, labels.shape, plan)
-    return (loss, ce) if params.return_ce else loss
+    loss, ce, *metrics = _TOFUFunction.apply(logits, flat, labels.shape, plan)
+    return core.results(params, loss, ce, metrics, labels.shape)
 
 
 def tofu_loss(
@@ -94,6 +93,7 @@ def tofu_loss(
     backend: str = "auto",
     inplace_backward: bool = False,
     return_ce: bool = False,
+    return_metrics: bool = False,
     check_inputs: bool = True,
     grad_in_forward: bool | None = None,
 ):
@@ -115,6 +115,10 @@ def tofu_loss(
             after the loss). Off by default: inputs are never modified otherwise.
         return_ce: also return the plain cross entropy ``LSE(z) - z_t``, reduced the same
             way and detached, for logging perplexity next to the TOFU loss.
+        return_metrics: also return a :class:`~tofu_kernels.records.TokenMetrics` per token
+            (``labels``' shape, fp32, detached, 0 at ignored tokens): ``entropy`` of the
+            untempered softmax and ``top1`` (1.0 where the target logit is the row max), made
+            in the same pass (one more fp32 accumulator per row, no more exponentials).
         check_inputs: raise on labels outside ``[0, V)`` (one host sync, eager mode
             only). Without the check, or under torch.compile / CUDA-graph capture, such
             tokens get a NaN loss and gradient.
@@ -127,12 +131,13 @@ def tofu_loss(
             True: required, an error where impossible.
 
     Returns:
-        fp32 loss (scalar, or ``labels``' shape for ``"none"``), or ``(loss, ce)``.
+        fp32 loss (scalar, or ``labels``' shape for ``"none"``), followed by ``ce`` with
+        ``return_ce`` and the metrics with ``return_metrics`` (a tuple when either is asked).
         The gradient has the logits' dtype.
     """
     params = TOFUParams(gamma=gamma, beta=beta, ignore_index=ignore_index, reduction=reduction, backend=backend,
-                        inplace_backward=inplace_backward, return_ce=return_ce, check_inputs=check_inputs,
-                        grad_in_forward=grad_in_forward)
+                        inplace_backward=inplace_backward, return_ce=return_ce, return_metrics=return_metrics,
+                        check_inputs=check_inputs, grad_in_forward=grad_in_forward)
     return loss_of_logits(logits, labels, params)
 
 
@@ -147,6 +152,7 @@ def vocab_parallel_tofu_loss(
     backend: str = "auto",
     inplace_backward: bool = False,
     return_ce: bool = False,
+    return_metrics: bool = False,
     check_inputs: bool = True,
     group=None,
     vocab_start: int | None = None,
@@ -157,9 +163,10 @@ def vocab_parallel_tofu_loss(
     Args:
         logits_shard: ``[..., Vr]`` this rank's columns (fp32/bf16/fp16, strided views ok).
         labels: ``[...]`` global ids (identical on all ranks) or ``ignore_index``.
-        gamma, beta, ignore_index, reduction, backend, inplace_backward, return_ce: as in
-            :func:`tofu_loss` (the same keywords in the same order); ``reduction``
-            defaults to ``"none"``, what Megatron's loss entry returns.
+        gamma, beta, ignore_index, reduction, backend, inplace_backward, return_ce,
+            return_metrics: as in :func:`tofu_loss` (the same keywords in the same order);
+            ``reduction`` defaults to ``"none"``, what Megatron's loss entry returns; the
+            metrics' extra accumulator travels in the same all-gather (4 B more per token).
         check_inputs: host checks in eager mode (labels in ``[0, V)``, shard ranges
             tiling ``[0, V)``, equal widths and token counts); without them invalid
             labels give NaN.
@@ -175,7 +182,8 @@ def vocab_parallel_tofu_loss(
         on every rank; the gradient flows into this rank's shard only.
     """
     params = TOFUParams(gamma=gamma, beta=beta, ignore_index=ignore_index, reduction=reduction, backend=backend,
-                        inplace_backward=inplace_backward, return_ce=return_ce, check_inputs=check_inputs)
+                        inplace_backward=inplace_backward, return_ce=return_ce, return_metrics=return_metrics,
+                        check_inputs=check_inputs)
     return loss_of_logits(logits_shard, labels, params, TensorParallel(group, vocab_start, vocab_end))
 
 

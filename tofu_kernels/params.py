@@ -56,6 +56,7 @@ class TOFUParams:
     backend: str = "auto"
     inplace_backward: bool = False
     return_ce: bool = False
+    return_metrics: bool = False  # per-token entropy and top-1 (records.TokenMetrics)
     check_inputs: bool = True
     grad_in_forward: bool | None = None  # None: wherever possible (core.py)
 
@@ -77,6 +78,7 @@ class TOFUParams:
         object.__setattr__(self, "ignore_index", ignore_index)
         object.__setattr__(self, "inplace_backward", bool(self.inplace_backward))
         object.__setattr__(self, "return_ce", bool(self.return_ce))
+        object.__setattr__(self, "return_metrics", bool(self.return_metrics))
         object.__setattr__(self, "check_inputs", bool(self.check_inputs))
         if self.grad_in_forward is not None:
             object.__setattr__(self, "grad_in_forward", bool(self.grad_in_forward))

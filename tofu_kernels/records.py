@@ -2,8 +2,8 @@
 
 Every backend reads and writes these layouts: the Triton kernels as compile-time field
 offsets, the CUDA kernels through ``csrc/tofu_math.cuh`` (namespaces ``tofu::stat``,
-``tofu::gparam``, ``tofu::meta``, ``tofu::reduced``, ``tofu::reduction``; a test compares
-the two field by field). A record is a row of an fp32 tensor whose last dimension is the
+``tofu::gparam``, ``tofu::meta``, ``tofu::reduced``, ``tofu::reduction``, ``tofu::metric``;
+a test compares the two field by field). A record is a row of an fp32 tensor whose last dimension is the
 record's length; a field is an index into it.
 
 The math that fills them is :mod:`tofu_kernels.tofu_math`.
@@ -16,7 +16,8 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Epilogue", "GradParam", "Meta", "Partials", "Reduced", "Reduction", "Stat", "meta_record"]
+__all__ = ["Epilogue", "GradParam", "Meta", "Metric", "Partials", "Reduced", "Reduction", "Stat", "TokenMetrics",
+           "meta_record"]
 
 
 class Stat(IntEnum):
@@ -28,6 +29,19 @@ class Stat(IntEnum):
     """
 
     M, S1, SB, ZT = 0, 1, 2, 3
+
+
+class Metric(IntEnum):
+    """The optional per-row metrics (``return_metrics=True``): ``[N, len(Metric)]`` fp32.
+
+    ``ENTROPY`` of the untempered softmax, ``-sum_j p_j log p_j = log S1 - E / S1`` with the
+    one extra accumulator ``E = sum_j exp(z_j - m) (z_j - m)`` of the statistics pass (the
+    entropy plane of :class:`Partials`); ``TOP1`` 1.0 when the target logit equals the row
+    max (the target is a most likely token; ties count), else 0.0. Both 0 for ignored rows,
+    NaN for invalid labels.
+    """
+
+    ENTROPY, TOP1 = 0, 1
 
 
 class GradParam(IntEnum):
@@ -74,7 +88,10 @@ class Partials(NamedTuple):
     ``data`` is flat fp32: rank ``w`` (tensor-parallel ranks, 1 on a single device) starts
     at ``w * rank_stride`` floats and holds ``n_rows * splits`` records, row-major
     (``splits`` column chunks per row), followed under tensor parallelism by one metadata
-    record (:class:`Meta`). Every part of a row is merged by the epilogue, in a fixed order.
+    record (:class:`Meta`), followed with ``ent`` (metrics asked for) by the entropy plane:
+    ``n_rows * splits`` fp32 accumulators ``E = sum_j exp(z_j - m) (z_j - m)`` of the same
+    parts (so the one all-gather carries them too; without metrics nothing is written or
+    sent). Every part of a row is merged by the epilogue, in a fixed order.
     """
 
     data: torch.Tensor
@@ -83,12 +100,22 @@ class Partials(NamedTuple):
     world: int = 1
     rank_stride: int = 0  # floats between ranks' blocks
     has_meta: bool = False  # a metadata record follows each rank's records
+    ent: bool = False  # the entropy plane follows (metrics)
+
+    def per_rank(self) -> int:
+        """Floats of one rank's block: records, metadata record, entropy plane."""
+        parts = self.n_rows * self.splits
+        return (parts + int(self.has_meta)) * len(Stat) + parts * int(self.ent)
+
+    def _ranks(self) -> torch.Tensor:
+        """``[world, floats per rank]`` view of ``data``."""
+        stride = self.rank_stride or self.per_rank()
+        return self.data.view(-1)[: self.world * stride].view(self.world, stride)
 
     def _blocks(self) -> torch.Tensor:
-        """``[world, records per rank, len(Stat)]`` view of ``data``."""
-        width = len(Stat)
-        stride = self.rank_stride or (self.n_rows * self.splits + int(self.has_meta)) * width
-        return self.data.view(-1)[: self.world * stride].view(self.world, stride // width, width)
+        """``[world, records per rank, len(Stat)]`` view of the records (and metadata)."""
+        n = (self.n_rows * self.splits + int(self.has_meta)) * len(Stat)
+        return self._ranks()[:, :n].reshape(self.world, -1, len(Stat))
 
     def records(self) -> torch.Tensor:
         """``[world, n_rows, splits, len(Stat)]`` view of the statistics records."""
@@ -99,12 +126,19 @@ class Partials(NamedTuple):
         """``[world, len(Meta)]`` int32: every rank's metadata record (``has_meta`` only)."""
         return self._blocks()[:, self.n_rows * self.splits].contiguous().view(torch.int32)
 
+    def ents(self) -> torch.Tensor:
+        """``[world, n_rows, splits]`` view of the entropy plane (``ent`` only)."""
+        start = (self.n_rows * self.splits + int(self.has_meta)) * len(Stat)
+        return self._ranks()[:, start:start + self.n_rows * self.splits].reshape(self.world, self.n_rows,
+                                                                                 self.splits)
+
 
 class Epilogue(NamedTuple):
     """What the forward's O(N) step leaves: per-row loss and cross entropy ``[N]``, the
     backward's record ``[N, len(GradParam)]`` (None where the gradient was made in the
-    forward), and the :class:`Reduced` values as one-element views (``scale`` keeps its
-    dimension: the gradient kernels read it as a tensor)."""
+    forward), the :class:`Reduced` values as one-element views (``scale`` keeps its
+    dimension: the gradient kernels read it as a tensor), and the :class:`Metric` records
+    ``[N, len(Metric)]`` (None unless metrics were asked for)."""
 
     loss: torch.Tensor
     ce: torch.Tensor
@@ -112,8 +146,25 @@ class Epilogue(NamedTuple):
     loss_red: torch.Tensor
     ce_red: torch.Tensor
     scale: torch.Tensor
+    metrics: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, loss: torch.Tensor, ce: torch.Tensor, grad_rec: torch.Tensor | None, red: torch.Tensor) -> Epilogue:
+    def of(cls, loss: torch.Tensor, ce: torch.Tensor, grad_rec: torch.Tensor | None, red: torch.Tensor,
+           metrics: torch.Tensor | None = None) -> Epilogue:
         """From the per-row outputs and the fp32 ``[len(Reduced)]`` buffer a kernel wrote."""
-        return cls(loss, ce, grad_rec, red[Reduced.LOSS], red[Reduced.CE], red[Reduced.SCALE:])
+        return cls(loss, ce, grad_rec, red[Reduced.LOSS], red[Reduced.CE], red[Reduced.SCALE:], metrics)
+
+
+class TokenMetrics(NamedTuple):
+    """What ``return_metrics=True`` adds to a loss's result, per token (``labels``' shape,
+    fp32, no gradient): the entropy of the untempered next-token distribution and ``top1``,
+    1.0 where the target is a most likely token (their sums over non-ignored tokens are
+    TRL's ``entropy`` and ``mean_token_accuracy`` numerators). 0 at ignored tokens."""
+
+    entropy: torch.Tensor
+    top1: torch.Tensor
+
+    @classmethod
+    def of(cls, metrics: torch.Tensor, shape) -> TokenMetrics:
+        """Views of a ``[N, len(Metric)]`` record tensor, in ``shape``."""
+        return cls(metrics[:, Metric.ENTROPY].view(shape), metrics[:, Metric.TOP1].view(shape))

@@ -20,9 +20,9 @@ from typing import NamedTuple
 
 import torch
 
-from .records import Stat
+from .records import Metric, Stat
 
-__all__ = ["RowResult", "combine_stats", "finalize_stats", "focal_weight"]
+__all__ = ["RowResult", "combine_stats", "entropy_terms", "finalize_stats", "focal_weight", "row_metrics"]
 
 
 class RowResult(NamedTuple):
@@ -61,12 +61,21 @@ def focal_weight(log_p: torch.Tensor, gamma: float) -> torch.Tensor:
     return torch.exp(gamma * torch.log(om)) * (1.0 + gamma * pr)
 
 
-def combine_stats(stats: torch.Tensor, beta: float, dim: int) -> torch.Tensor:
+def entropy_terms(d: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """The entropy accumulator's terms ``exp(z_j - m) (z_j - m)`` from ``d = z_j - m`` and
+    ``e = exp(d)``: no new exponential. ``d = -inf`` (a -inf logit, a masked column) gives 0,
+    the limit, never ``0 * -inf``."""
+    return e * d.clamp(min=-torch.finfo(d.dtype).max)
+
+
+def combine_stats(stats: torch.Tensor, beta: float, dim: int, ent: torch.Tensor | None = None):
     """Merge partial :class:`Stat` records along ``dim`` (vocab splits or TP ranks).
 
     ``M = max m_r``, ``S1 = sum S1_r exp(m_r - M)``, ``Sb = sum Sb_r exp((m_r - M)/beta)``,
     ``z_t = sum zt_r``. A part that saw no column (m_r = -inf, S = 0) contributes 0.
-    The result drops ``dim``.
+    The result drops ``dim``. With ``ent`` (the parts' entropy accumulators
+    ``E_r = sum exp(z - m_r) (z - m_r)``, ``stats``' shape without the last dim), also the
+    merged ``E = sum exp(m_r - M) (E_r + (m_r - M) S1_r)``: returns ``(stats, E)``.
     """
     m, s1, sb, zt = (stats[..., f] for f in Stat)
     big_m = m.amax(dim=dim, keepdim=True)
@@ -77,7 +86,12 @@ def combine_stats(stats: torch.Tensor, beta: float, dim: int) -> torch.Tensor:
         out_sb = out_s1
     else:
         out_sb = (sb * torch.exp((m - safe) / beta)).sum(dim)
-    return torch.stack([big_m.squeeze(dim), out_s1, out_sb, zt.sum(dim)], dim=-1)
+    out = torch.stack([big_m.squeeze(dim), out_s1, out_sb, zt.sum(dim)], dim=-1)
+    if ent is None:
+        return out
+    # each part's accumulator moved to the common max; an empty part (m_r = -inf) adds 0
+    moved = scale * (ent + torch.where(m == -math.inf, 0.0, m - safe) * s1)
+    return out, moved.sum(dim)
 
 
 def finalize_stats(
@@ -118,3 +132,22 @@ def finalize_stats(
         log_sb=log_sb,
         qt_m1=torch.where(keep, torch.expm1(log_qt), 0.0),
     )
+
+
+def row_metrics(stats: torch.Tensor, ent: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+                vocab_size: int | torch.Tensor) -> torch.Tensor:
+    """The :class:`~tofu_kernels.records.Metric` records ``[N, len(Metric)]`` from merged
+    statistics and entropy accumulators: entropy ``log S1 - E / S1`` (of the untempered
+    softmax: ``-sum p log p`` with ``log p_j = (z_j - m) - log S1``), and top-1 ``z_t == m``
+    (one compare: the target logit is the row max). 0 for ignored rows, NaN for invalid
+    labels (as :func:`finalize_stats`)."""
+    m, s1, zt = stats[..., Stat.M], stats[..., Stat.S1], stats[..., Stat.ZT]
+    ignored = labels == ignore_index
+    invalid = ~ignored & ((labels < 0) | (labels >= vocab_size))
+    keep = ~(ignored | invalid)
+    s1 = torch.where(keep, s1, 1.0)
+    entropy = torch.log(s1) - torch.where(keep, ent, 0.0) / s1
+    top1 = (zt >= m).to(torch.float32)
+    fields = {Metric.ENTROPY: entropy, Metric.TOP1: top1}
+    out = torch.stack([fields[f] for f in Metric], dim=-1)
+    return torch.where(invalid.unsqueeze(-1), math.nan, torch.where(keep.unsqueeze(-1), out, 0.0))

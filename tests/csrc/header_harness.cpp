@@ -7,8 +7,9 @@ namespace {
 
 // Mirror of the kernels' data flow: `parts` independent partial statistics (threads /
 // splits / ranks), each folding its values in vectors of 8 (masked lanes = -inf), then
-// merged pairwise in a fixed order like the warp/block reduction.
-template <bool BetaOne>
+// merged pairwise in a fixed order like the warp/block reduction (with Ent, the entropy
+// accumulator too).
+template <bool BetaOne, bool Ent = false>
 tofu::Stats stats_of(const float* z, int n, float beta, int parts) {
   const float ib = tofu::kLog2e / beta;
   tofu::Stats total = tofu::empty_stats();
@@ -21,9 +22,9 @@ tofu::Stats stats_of(const float* z, int n, float beta, int parts) {
         const int j = i + k;
         v[k] = (j < n && j < (p + 1) * per) ? z[j] : -INFINITY;
       }
-      tofu::update<8, BetaOne>(st, v, ib);
+      tofu::update<8, BetaOne, Ent>(st, v, ib);
     }
-    total = tofu::merge<BetaOne>(total, st, ib);
+    total = tofu::merge<BetaOne, Ent>(total, st, ib);
   }
   return total;
 }
@@ -34,14 +35,15 @@ extern "C" {
 
 // The record layouts as the kernels see them: stat::{kM, kS1, kSb, kZt, kWidth},
 // gparam::{kG, kM, kLogSb, kQtM1, kWidth}, meta::{kVocabStart, kVocabEnd, kWidth, kRows},
-// reduced::{kLoss, kCe, kScale, kWidth}, reduction::{kNone, kSum, kMean}.
+// reduced::{kLoss, kCe, kScale, kWidth}, reduction::{kNone, kSum, kMean},
+// metric::{kEntropy, kTop1, kWidth}.
 int tofu_layouts(int* out) {
   const int v[] = {tofu::stat::kM,        tofu::stat::kS1,        tofu::stat::kSb,      tofu::stat::kZt,
                    tofu::stat::kWidth,    tofu::gparam::kG,       tofu::gparam::kM,     tofu::gparam::kLogSb,
                    tofu::gparam::kQtM1,   tofu::gparam::kWidth,   tofu::meta::kVocabStart, tofu::meta::kVocabEnd,
                    tofu::meta::kWidth,    tofu::meta::kRows,      tofu::reduced::kLoss, tofu::reduced::kCe,
                    tofu::reduced::kScale, tofu::reduced::kWidth,  tofu::reduction::kNone, tofu::reduction::kSum,
-                   tofu::reduction::kMean};
+                   tofu::reduction::kMean, tofu::metric::kEntropy, tofu::metric::kTop1, tofu::metric::kWidth};
   const int n = sizeof(v) / sizeof(v[0]);
   for (int k = 0; k < n; ++k) out[k] = v[k];
   return n;
@@ -52,6 +54,25 @@ void tofu_row_stats(const float* z, int n, float beta, int parts, float* out) {
   out[0] = st.m;
   out[1] = st.s1;
   out[2] = st.sb;
+}
+
+// The statistics with the entropy accumulator (the metrics' compile-time switch on):
+// out = {m, s1, sb, e}.
+void tofu_row_stats_ent(const float* z, int n, float beta, int parts, float* out) {
+  const tofu::Stats st =
+      beta == 1.0f ? stats_of<true, true>(z, n, beta, parts) : stats_of<false, true>(z, n, beta, parts);
+  out[0] = st.m;
+  out[1] = st.s1;
+  out[2] = st.sb;
+  out[3] = st.e;
+}
+
+// out = {entropy, top1} of one row's merged statistics.
+void tofu_row_metrics(float m, float s1, float sb, float e, float zt, long long label, long long ignore_index,
+                      long long vocab_size, float* out) {
+  const tofu::RowMetrics r = tofu::row_metrics({m, s1, sb, e}, zt, label, ignore_index, vocab_size);
+  out[0] = r.entropy;
+  out[1] = r.top1;
 }
 
 float tofu_focal_weight(float log_p, float gamma) { return tofu::focal_weight(log_p, gamma); }

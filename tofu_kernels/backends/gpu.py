@@ -21,7 +21,7 @@ import torch
 
 from .._inputs import RowLayout, Shard
 from ..params import TOFUParams
-from ..records import Epilogue, GradParam, Partials, Reduced, Reduction, Stat
+from ..records import Epilogue, GradParam, Metric, Partials, Reduced, Reduction
 
 try:
     from .. import _C as EXTENSION  # registers torch.ops.tofu_kernels.* (the CUDA ops)
@@ -85,21 +85,27 @@ def _labels(labels: torch.Tensor, n_rows: int) -> None:
 
 
 def _fake_row_stats(x, labels, stats, n_rows, splits, n_inner, s_outer, s_inner, n_valid, vocab_start, chunk,
-                    ignore_index, beta, write_meta, meta_vocab_end, meta_width) -> None:
+                    ignore_index, beta, write_meta, meta_vocab_end, meta_width, write_ent) -> None:
     _labels(labels, n_rows)
     _check(n_rows > 0 and 0 < splits <= 65535 and chunk > 0, "bad split configuration")
-    _f32(stats, (n_rows * splits + int(write_meta)) * len(Stat), "stats")
+    _f32(stats, Partials(stats, n_rows, splits, has_meta=write_meta, ent=write_ent).per_rank(), "stats")
 
 
-def _fake_epilogue(parts, labels, loss, ce, rec, red, n_rows, splits, world, rank_stride, has_meta, vocab_size,
+def _metrics_out(met, n_rows: int) -> None:
+    if met is not None:
+        _f32(met, n_rows * len(Metric), "met")
+
+
+def _fake_epilogue(parts, labels, loss, ce, rec, red, met, n_rows, splits, world, rank_stride, has_meta, vocab_size,
                    ignore_index, gamma, beta, reduction) -> None:
     _labels(labels, n_rows)
-    per_rank = (n_rows * splits + int(has_meta)) * len(Stat)
+    per_rank = Partials(parts, n_rows, splits, has_meta=has_meta, ent=met is not None).per_rank()
     _check(world >= 1 and (world == 1 or rank_stride >= per_rank), "bad partial-statistics layout")
     _f32(parts, per_rank if world == 1 else world * rank_stride, "parts")
     for t, numel, name in ((loss, n_rows, "loss"), (ce, n_rows, "ce"), (rec, n_rows * len(GradParam), "rec"),
                            (red, len(Reduced), "red")):
         _f32(t, numel, name)
+    _metrics_out(met, n_rows)
     _check(reduction in tuple(Reduction), "bad reduction")
 
 
@@ -121,19 +127,21 @@ def _fake_grad_inplace(x, labels, rec, upstream, scale, up_stride, n_inner, s_ou
                vocab_start, beta)
 
 
-def _fake_fused(x, out, labels, loss, ce, red, n_inner, xs_outer, xs_inner, os_outer, os_inner, ignore_index, gamma,
-                beta, mean) -> None:
+def _fake_fused(x, out, labels, loss, ce, red, met, n_inner, xs_outer, xs_inner, os_outer, os_inner, ignore_index,
+                gamma, beta, mean) -> None:
     n_rows = labels.numel()
     _labels(labels, n_rows)
     _check(out.dtype == x.dtype, "out must match logits")
     for t, numel, name in ((loss, n_rows, "loss"), (ce, n_rows, "ce"), (red, len(Reduced), "red")):
         _f32(t, numel, name)
+    _metrics_out(met, n_rows)
     _check(n_rows > 0, "fused needs at least one row")
 
 
-def _fake_fused_inplace(x, labels, loss, ce, red, n_inner, s_outer, s_inner, ignore_index, gamma, beta, mean) -> None:
-    _fake_fused(x, x, labels, loss, ce, red, n_inner, s_outer, s_inner, s_outer, s_inner, ignore_index, gamma, beta,
-                mean)
+def _fake_fused_inplace(x, labels, loss, ce, red, met, n_inner, s_outer, s_inner, ignore_index, gamma, beta,
+                        mean) -> None:
+    _fake_fused(x, x, labels, loss, ce, red, met, n_inner, s_outer, s_inner, s_outer, s_inner, ignore_index, gamma,
+                beta, mean)
 
 
 def _fake_rescale(out, grad_out, n_rows, n_inner, s_outer, s_inner) -> None:
@@ -161,12 +169,14 @@ def register_fakes(prefix: str) -> None:
 # ------------------------------------------------------------------ the adaptor
 
 
-def _outputs(n_rows: int, device: torch.device, with_rec: bool):
+def _outputs(n_rows: int, device: torch.device, with_rec: bool, with_metrics: bool):
     """What an epilogue (or the fused forward) writes: per-row loss and cross entropy, the
-    backward's record (or None), and the :class:`Reduced` values."""
+    backward's record (or None), the :class:`Reduced` values and the :class:`Metric`
+    records (or None)."""
     f32 = dict(dtype=torch.float32, device=device)
     rec = torch.empty(n_rows, len(GradParam), **f32) if with_rec else None
-    return torch.empty(n_rows, **f32), torch.empty(n_rows, **f32), rec, torch.empty(len(Reduced), **f32)
+    met = torch.empty(n_rows, len(Metric), **f32) if with_metrics else None
+    return torch.empty(n_rows, **f32), torch.empty(n_rows, **f32), rec, torch.empty(len(Reduced), **f32), met
 
 
 class GPUBackend:
@@ -180,19 +190,20 @@ class GPUBackend:
     def row_stats(self, x: torch.Tensor, lay: RowLayout, labels: torch.Tensor, shard: Shard, params: TOFUParams,
                   meta: bool) -> Partials:
         splits, chunk = self.stats_split(lay.n_rows, shard.n_valid)
-        data = torch.empty(lay.n_rows * splits + int(meta), len(Stat), dtype=torch.float32, device=x.device)
+        parts = Partials(x, lay.n_rows, splits, has_meta=meta, ent=params.return_metrics)
+        data = torch.empty(parts.per_rank(), dtype=torch.float32, device=x.device)
         self.ops.row_stats(x, labels, data, lay.n_rows, splits, lay.n_inner, lay.s_outer, lay.s_inner, shard.n_valid,
                            shard.vocab_start, chunk, params.ignore_index, params.beta, meta, shard.vocab_end,
-                           lay.width)
-        return Partials(data, lay.n_rows, splits, has_meta=meta)
+                           lay.width, parts.ent)
+        return parts._replace(data=data)
 
     def epilogue(self, parts: Partials, labels: torch.Tensor, params: TOFUParams, vocab_size: int | None,
                  reduction: Reduction) -> Epilogue:
-        loss, ce, rec, red = _outputs(parts.n_rows, parts.data.device, with_rec=True)
-        self.ops.epilogue(parts.data, labels, loss, ce, rec, red, parts.n_rows, parts.splits, parts.world,
+        loss, ce, rec, red, met = _outputs(parts.n_rows, parts.data.device, with_rec=True, with_metrics=parts.ent)
+        self.ops.epilogue(parts.data, labels, loss, ce, rec, red, met, parts.n_rows, parts.splits, parts.world,
                           parts.rank_stride, parts.has_meta, 0 if vocab_size is None else vocab_size,
                           params.ignore_index, params.gamma, params.beta, int(reduction))
-        return Epilogue.of(loss, ce, rec, red)
+        return Epilogue.of(loss, ce, rec, red, met)
 
     def grad(self, x: torch.Tensor, lay: RowLayout, out: torch.Tensor, out_lay: RowLayout, labels: torch.Tensor,
              grad_rec: torch.Tensor, upstream: torch.Tensor, scale: torch.Tensor, shard: Shard,
@@ -208,15 +219,15 @@ class GPUBackend:
 
     def fused(self, x: torch.Tensor, lay: RowLayout, out: torch.Tensor, out_lay: RowLayout, labels: torch.Tensor,
               params: TOFUParams, reduction: Reduction) -> Epilogue:
-        loss, ce, _, red = _outputs(lay.n_rows, x.device, with_rec=False)
+        loss, ce, _, red, met = _outputs(lay.n_rows, x.device, with_rec=False, with_metrics=params.return_metrics)
         mean = reduction == Reduction.MEAN
         if out is x:
-            self.ops.fused_inplace(x, labels, loss, ce, red, lay.n_inner, lay.s_outer, lay.s_inner,
+            self.ops.fused_inplace(x, labels, loss, ce, red, met, lay.n_inner, lay.s_outer, lay.s_inner,
                                    params.ignore_index, params.gamma, params.beta, mean)
         else:
-            self.ops.fused(x, out, labels, loss, ce, red, lay.n_inner, lay.s_outer, lay.s_inner, out_lay.s_outer,
+            self.ops.fused(x, out, labels, loss, ce, red, met, lay.n_inner, lay.s_outer, lay.s_inner, out_lay.s_outer,
                            out_lay.s_inner, params.ignore_index, params.gamma, params.beta, mean)
-        return Epilogue.of(loss, ce, None, red)
+        return Epilogue.of(loss, ce, None, red, met)
 
     def rescale(self, out: torch.Tensor, out_lay: RowLayout, grad_out: torch.Tensor) -> None:
         self.ops.rescale(out, upstream_of(grad_out)[0], out_lay.n_rows, out_lay.n_inner, out_lay.s_outer,

@@ -17,7 +17,7 @@ import torch
 from .._inputs import RowLayout, Shard
 from ..params import TOFUParams
 from ..records import Epilogue, GradParam, Meta, Partials, Reduction, Stat
-from ..tofu_math import combine_stats, finalize_stats
+from ..tofu_math import combine_stats, entropy_terms, finalize_stats, row_metrics
 
 NAME = "torch"
 # 4 Mi fp32 elements = 16 MiB per temporary; a chunk holds at most a handful of them.
@@ -56,9 +56,13 @@ def _target_cols(labels: torch.Tensor, shard: Shard):
 def row_stats(x: torch.Tensor, lay: RowLayout, labels: torch.Tensor, shard: Shard, params: TOFUParams,
               meta: bool) -> Partials:
     """``[N, 1, len(Stat)]`` statistics over columns [0, n_valid) of each row, plus this
-    rank's metadata record when ``meta`` (tensor parallelism)."""
+    rank's metadata record when ``meta`` (tensor parallelism), plus the entropy plane with
+    ``params.return_metrics``."""
     n_valid, beta = shard.n_valid, params.beta
-    data = torch.zeros(lay.n_rows + int(meta), len(Stat), dtype=torch.float32, device=x.device)
+    parts = Partials(x, lay.n_rows, 1, has_meta=meta, ent=params.return_metrics)
+    parts = parts._replace(data=torch.zeros(parts.per_rank(), dtype=torch.float32, device=x.device))
+    data = parts.data[: (lay.n_rows + int(meta)) * len(Stat)].view(-1, len(Stat))
+    ent = parts.ents()[0, :, 0] if parts.ent else None
     if meta:  # int32 bits, field by field, as the GPU statistics kernels write it
         record = data[lay.n_rows].view(torch.int32)
         for field, value in ((Meta.VOCAB_START, shard.vocab_start), (Meta.VOCAB_END, shard.vocab_end),
@@ -72,31 +76,38 @@ def row_stats(x: torch.Tensor, lay: RowLayout, labels: torch.Tensor, shard: Shar
             z = block.reshape(r1 - r0, lay.width)[:, :n_valid].float()
             m = z.amax(dim=1)
             e = z - m.unsqueeze(1)
-            s1 = e.exp().sum(dim=1)
+            ex = e.exp()
+            s1 = ex.sum(dim=1)
+            if ent is not None:
+                ent[r0:r1] = entropy_terms(e, ex).sum(dim=1)
             sb = s1 if beta == 1.0 else e.div_(beta).exp_().sum(dim=1)
             col, hit = _target_cols(labels[r0:r1], shard)
             zt = torch.where(hit, z.gather(1, col).squeeze(1), 0.0)
             for field, value in ((Stat.M, m), (Stat.S1, s1), (Stat.SB, sb), (Stat.ZT, zt)):
                 stats[r0:r1, field] = value
-    return Partials(data, lay.n_rows, 1, has_meta=meta)
+    return parts
 
 
 def epilogue(parts: Partials, labels: torch.Tensor, params: TOFUParams, vocab_size: int | None,
              reduction: Reduction) -> Epilogue:
     """Merge every part of each row, finalize, reduce: on the device, no host sync. A mean
     divides by the number of non-ignored tokens, at least 1 (all ignored: 0, zero gradient)."""
-    rec = parts.records()
-    merged = combine_stats(rec.permute(1, 0, 2, 3).reshape(parts.n_rows, -1, len(Stat)), params.beta, dim=1)
+    rec = parts.records().permute(1, 0, 2, 3).reshape(parts.n_rows, -1, len(Stat))
+    if parts.ent:
+        merged, ent = combine_stats(rec, params.beta, 1, parts.ents().permute(1, 0, 2).reshape(parts.n_rows, -1))
+    else:
+        merged, ent = combine_stats(rec, params.beta, dim=1), None
     if vocab_size is None:  # tensor parallel: the global size from the ranks' metadata
         vocab_size = parts.metas()[:, Meta.VOCAB_END].amax().to(torch.int64)
     res = finalize_stats(merged, labels, params.gamma, params.beta, params.ignore_index, vocab_size)
+    metrics = None if ent is None else row_metrics(merged, ent, labels, params.ignore_index, vocab_size)
     if reduction == Reduction.MEAN:
         scale = 1.0 / (labels != params.ignore_index).sum().clamp(min=1).to(torch.float32)
     else:
         scale = torch.ones((), dtype=torch.float32, device=res.loss.device)
     fields = {GradParam.G: res.g, GradParam.M: res.m, GradParam.LOG_SB: res.log_sb, GradParam.QT_M1: res.qt_m1}
     grad_rec = torch.stack([fields[f] for f in GradParam], dim=1)
-    return Epilogue(res.loss, res.ce, grad_rec, res.loss.sum() * scale, res.ce.sum() * scale, scale)
+    return Epilogue(res.loss, res.ce, grad_rec, res.loss.sum() * scale, res.ce.sum() * scale, scale, metrics)
 
 
 def grad(x: torch.Tensor, lay: RowLayout, out: torch.Tensor, out_lay: RowLayout, labels: torch.Tensor,

@@ -31,7 +31,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..records import GradParam, Meta, Reduced, Reduction, Stat
+from ..records import GradParam, Meta, Metric, Reduced, Reduction, Stat
 
 # Record fields (tofu_kernels.records) as compile-time constants.
 _ST_M, _ST_S1, _ST_SB, _ST_ZT = (tl.constexpr(int(f)) for f in Stat)
@@ -40,6 +40,9 @@ _GP_G, _GP_M, _GP_LOG_SB, _GP_QT_M1 = (tl.constexpr(int(f)) for f in GradParam)
 _GP_WIDTH = tl.constexpr(len(GradParam))
 _MT_START, _MT_END, _MT_WIDTH, _MT_ROWS = (tl.constexpr(int(f)) for f in Meta)
 _RD_LOSS, _RD_CE, _RD_SCALE = (tl.constexpr(int(f)) for f in Reduced)
+_MX_ENTROPY, _MX_TOP1 = (tl.constexpr(int(f)) for f in Metric)
+_MX_WIDTH = tl.constexpr(len(Metric))
+_FLT_MAX = tl.constexpr(3.4028234663852886e38)
 _MEAN = tl.constexpr(int(Reduction.MEAN))
 
 
@@ -62,18 +65,38 @@ def _expm1(x):
 
 
 @triton.jit
-def _merge(m, s1, sb, m2, s12, sb2, inv_beta, BETA_IS_ONE: tl.constexpr):
-    """Merge two partial statistics (scalars or vectors); empty parts are (-inf, 0, 0)."""
+def _merge(m, s1, sb, e, m2, s12, sb2, e2, inv_beta, BETA_IS_ONE: tl.constexpr, ENT: tl.constexpr):
+    """Merge two partial statistics (scalars or vectors); empty parts are (-inf, 0, 0, 0).
+    With ENT also the entropy accumulators: E = sum_r exp(m_r - M) (E_r + (m_r - M) S1_r)."""
     new_m = tl.maximum(m, m2)
     shift = tl.where(new_m == -float("inf"), 0.0, new_m)
     a = tl.exp(m - shift)
     b = tl.exp(m2 - shift)
+    if ENT:  # before s1 changes; an empty part (a or b = 0, E = S1 = 0) adds 0, never -inf * 0
+        e = (a * (e + tl.where(m == -float("inf"), 0.0, m - shift) * s1)
+             + b * (e2 + tl.where(m2 == -float("inf"), 0.0, m2 - shift) * s12))
     s1 = s1 * a + s12 * b
     if BETA_IS_ONE:
         sb = s1
     else:
         sb = sb * tl.exp((m - shift) * inv_beta) + sb2 * tl.exp((m2 - shift) * inv_beta)
-    return new_m, s1, sb
+    return new_m, s1, sb, e
+
+
+@triton.jit
+def _metrics(m, s1, zt, e, label, ignore_index, vocab_size):
+    """Entropy log S1 - E / S1 and top-1 (z_t == m) of a merged row
+    (tofu_math.row_metrics): 0 for ignored rows, NaN for invalid labels."""
+    ignored = label == ignore_index
+    invalid = (~ignored) & ((label < 0) | (label >= vocab_size))
+    keep = ~(ignored | invalid)
+    s1 = tl.where(keep, s1, 1.0)
+    entropy = tl.log(s1) - tl.where(keep, e, 0.0) / s1
+    top1 = tl.where(zt >= m, 1.0, 0.0)
+    nan = float("nan")
+    entropy = tl.where(invalid, nan, tl.where(keep, entropy, 0.0))
+    top1 = tl.where(invalid, nan, tl.where(keep, top1, 0.0))
+    return entropy, top1
 
 
 @triton.jit
@@ -111,25 +134,35 @@ def _finalize(m, s1, sb, zt, label, ignore_index, vocab_size, gamma, beta, inv_b
 
 
 @triton.jit
-def _row_slice_stats(x_row, lo, hi, span, active, inv_beta, BLOCK: tl.constexpr, BETA_IS_ONE: tl.constexpr):
-    """(m, S1, Sb) of columns [lo, hi) of one row in BLOCK-wide tiles (``span`` >= hi - lo
-    columns visited): an online max and two fp32 sums; nothing is read unless ``active``."""
+def _row_slice_stats(x_row, lo, hi, span, active, inv_beta, BLOCK: tl.constexpr, BETA_IS_ONE: tl.constexpr,
+                     ENT: tl.constexpr):
+    """(m, S1, Sb, E) of columns [lo, hi) of one row in BLOCK-wide tiles (``span`` >= hi - lo
+    columns visited): an online max and two fp32 sums, and with ENT the entropy accumulator
+    E = sum exp(z - m) (z - m) from the same exponentials (0 otherwise); nothing is read
+    unless ``active``."""
     m = -float("inf")
     s1 = 0.0
     sb = 0.0
+    e = 0.0
     for start in range(0, span, BLOCK):
         cols = lo + start + tl.arange(0, BLOCK)
         z = tl.load(x_row + cols, mask=(cols < hi) & active, other=-float("inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(z, axis=0))
         # An all -inf prefix keeps m = -inf: shift by 0 instead so exp() stays 0, not NaN.
         shift = tl.where(m_new == -float("inf"), 0.0, m_new)
-        s1 = s1 * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), axis=0)
+        a = tl.exp(m - shift)
+        d = z - shift
+        ex = tl.exp(d)
+        if ENT:  # moved to the new max (with the old S1), then this tile's terms; -inf columns add 0
+            e = a * (e + tl.where(m == -float("inf"), 0.0, m - shift) * s1)
+            e += tl.sum(ex * tl.maximum(d, -_FLT_MAX), axis=0)
+        s1 = s1 * a + tl.sum(ex, axis=0)
         if not BETA_IS_ONE:
-            sb = sb * tl.exp((m - shift) * inv_beta) + tl.sum(tl.exp((z - shift) * inv_beta), axis=0)
+            sb = sb * tl.exp((m - shift) * inv_beta) + tl.sum(tl.exp(d * inv_beta), axis=0)
         m = m_new
     if BETA_IS_ONE:
         sb = s1
-    return m, s1, sb
+    return m, s1, sb, e
 
 
 # ------------------------------------------------------------------ two-pass path
@@ -153,6 +186,7 @@ def stats_kernel(
     BLOCK: tl.constexpr,
     BETA_IS_ONE: tl.constexpr,
     WRITE_META: tl.constexpr,
+    WRITE_ENT: tl.constexpr,  # metrics: the entropy plane after the records (records.Partials)
 ):
     inv_beta = tl.cast(inv_beta, tl.float32)  # under torch.compile, Inductor passes Python floats as fp64
     row = tl.program_id(0).to(tl.int64)
@@ -162,7 +196,7 @@ def stats_kernel(
     active = label != ignore_index  # ignored rows are not read; the epilogue masks them
     lo = split * chunk
     hi = tl.minimum(lo + chunk, n_valid)
-    m, s1, sb = _row_slice_stats(x_row, lo, hi, chunk, active, inv_beta, BLOCK, BETA_IS_ONE)
+    m, s1, sb, e = _row_slice_stats(x_row, lo, hi, chunk, active, inv_beta, BLOCK, BETA_IS_ONE, WRITE_ENT)
     t = label - vocab_start
     hit = active & (t >= lo) & (t < hi)
     zt = tl.load(x_row + t, mask=hit, other=0.0).to(tl.float32)
@@ -172,6 +206,9 @@ def stats_kernel(
     tl.store(out + _ST_S1, s1)
     tl.store(out + _ST_SB, sb)
     tl.store(out + _ST_ZT, zt)
+    if WRITE_ENT:
+        n_parts = tl.num_programs(0).to(tl.int64) * n_splits
+        tl.store(STATS + (n_parts + WRITE_META) * _ST_WIDTH + row * n_splits + split, e)
     if WRITE_META:
         if (row == 0) & (split == 0):  # this rank's metadata record, as int32 bits
             meta = STATS + tl.num_programs(0).to(tl.int64) * n_splits * _ST_WIDTH
@@ -191,6 +228,7 @@ def epilogue_kernel(
     CE,  # fp32 [rows]
     REC,  # fp32 [rows, len(GradParam)]
     RED,  # fp32 [len(Reduced)]
+    MET,  # fp32 [rows, len(Metric)] (HAS_ENT)
     n_rows,
     splits,
     world,
@@ -205,8 +243,10 @@ def epilogue_kernel(
     GAMMA_ZERO: tl.constexpr,
     BETA_IS_ONE: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    HAS_ENT: tl.constexpr,  # metrics: PARTS carries the entropy plane, MET is written
 ):
     gamma, beta, inv_beta = tl.cast(gamma, tl.float32), tl.cast(beta, tl.float32), tl.cast(inv_beta, tl.float32)
+    ent_off = (n_rows * splits + HAS_META) * _ST_WIDTH
     if HAS_META:  # global vocab size: the largest vocab_end of the ranks' metadata records
         meta_off = n_rows * splits * _ST_WIDTH
         vs = tl.load(PARTS + meta_off + _MT_END).to(tl.int32, bitcast=True)
@@ -225,6 +265,7 @@ def epilogue_kernel(
         s1 = tl.zeros([BLOCK_R], dtype=tl.float32)
         sb = tl.zeros([BLOCK_R], dtype=tl.float32)
         zt = tl.zeros([BLOCK_R], dtype=tl.float32)
+        e = tl.zeros([BLOCK_R], dtype=tl.float32)
         for w in range(0, world):
             for s in range(0, splits):
                 rec = PARTS + w * rank_stride + (rows * splits + s) * _ST_WIDTH
@@ -232,10 +273,17 @@ def epilogue_kernel(
                 ps1 = tl.load(rec + _ST_S1, mask=ok, other=0.0)
                 psb = tl.load(rec + _ST_SB, mask=ok, other=0.0)
                 zt += tl.load(rec + _ST_ZT, mask=ok, other=0.0)
-                m, s1, sb = _merge(m, s1, sb, pm, ps1, psb, inv_beta, BETA_IS_ONE)
+                pe = 0.0
+                if HAS_ENT:
+                    pe = tl.load(PARTS + w * rank_stride + ent_off + rows * splits + s, mask=ok, other=0.0)
+                m, s1, sb, e = _merge(m, s1, sb, e, pm, ps1, psb, pe, inv_beta, BETA_IS_ONE, HAS_ENT)
         label = tl.load(LABELS + rows, mask=ok, other=ignore_index).to(tl.int64)
         loss, ce, g, mm, log_sb, qt_m1 = _finalize(m, s1, sb, zt, label, ignore_index, vs, gamma, beta,
                                                    inv_beta, GAMMA_ZERO)
+        if HAS_ENT:
+            entropy, top1 = _metrics(m, s1, zt, e, label, ignore_index, vs)
+            tl.store(MET + rows * _MX_WIDTH + _MX_ENTROPY, entropy, mask=ok)
+            tl.store(MET + rows * _MX_WIDTH + _MX_TOP1, top1, mask=ok)
         tl.store(LOSS + rows, loss, mask=ok)
         tl.store(CE + rows, ce, mask=ok)
         rec_out = REC + rows * _GP_WIDTH
@@ -312,12 +360,14 @@ def fused_kernel(
     LOSS,  # fp32 [rows]
     CE,  # fp32 [rows]
     SCALE,  # fp32 [1] from count_kernel
+    MET,  # fp32 [rows, len(Metric)] (ENT)
     n_inner, xs_outer, xs_inner, os_outer, os_inner,  # row layouts of X and OUT (RowLayout)
     n_valid, width,  # whole rows: n_valid == width
     ignore_index, gamma, beta, inv_beta,
     BLOCK: tl.constexpr,
     BETA_IS_ONE: tl.constexpr,
     GAMMA_ZERO: tl.constexpr,
+    ENT: tl.constexpr,  # metrics: the entropy accumulator, MET written
 ):
     gamma, beta, inv_beta = tl.cast(gamma, tl.float32), tl.cast(beta, tl.float32), tl.cast(inv_beta, tl.float32)
     row = tl.program_id(0).to(tl.int64)
@@ -326,11 +376,15 @@ def fused_kernel(
     label = tl.load(LABELS + row).to(tl.int64)
     active = label != ignore_index
     # pass 1: the statistics
-    m, s1, sb = _row_slice_stats(x_row, 0, n_valid, n_valid, active, inv_beta, BLOCK, BETA_IS_ONE)
+    m, s1, sb, e = _row_slice_stats(x_row, 0, n_valid, n_valid, active, inv_beta, BLOCK, BETA_IS_ONE, ENT)
     hit = active & (label >= 0) & (label < n_valid)
     zt = tl.load(x_row + label, mask=hit, other=0.0).to(tl.float32)
     loss, ce, g, mm, log_sb, qt_m1 = _finalize(m, s1, sb, zt, label, ignore_index, n_valid, gamma, beta,
                                                inv_beta, GAMMA_ZERO)
+    if ENT:
+        entropy, top1 = _metrics(m, s1, zt, e, label, ignore_index, n_valid)
+        tl.store(MET + row * _MX_WIDTH + _MX_ENTROPY, entropy)
+        tl.store(MET + row * _MX_WIDTH + _MX_TOP1, top1)
     tl.store(LOSS + row, loss)
     tl.store(CE + row, ce)
     coef = tl.load(SCALE) * g

@@ -67,23 +67,24 @@ def _launch(kernel, t: torch.Tensor):
 
 def _row_stats(x: torch.Tensor, labels: torch.Tensor, stats: torch.Tensor, n_rows: int, splits: int, n_inner: int,
                s_outer: int, s_inner: int, n_valid: int, vocab_start: int, chunk: int, ignore_index: int, beta: float,
-               write_meta: bool, meta_vocab_end: int, meta_width: int) -> None:
+               write_meta: bool, meta_vocab_end: int, meta_width: int, write_ent: bool) -> None:
     block = _pow2_block(n_valid, FWD_BLOCK)
     k = _launch(K.stats_kernel, stats)
     if k is not None:
         k[(n_rows, splits)](x, labels, stats, n_inner, s_outer, s_inner, n_valid, vocab_start, chunk, ignore_index,
                             1.0 / beta, meta_vocab_end, meta_width, BLOCK=block, BETA_IS_ONE=beta == 1.0,
-                            WRITE_META=write_meta, num_warps=_warps(block))
+                            WRITE_META=write_meta, WRITE_ENT=write_ent, num_warps=_warps(block))
 
 
 def _epilogue(parts: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor, ce: torch.Tensor, rec: torch.Tensor,
-              red: torch.Tensor, n_rows: int, splits: int, world: int, rank_stride: int, has_meta: bool,
-              vocab_size: int, ignore_index: int, gamma: float, beta: float, reduction: int) -> None:
+              red: torch.Tensor, met: torch.Tensor | None, n_rows: int, splits: int, world: int, rank_stride: int,
+              has_meta: bool, vocab_size: int, ignore_index: int, gamma: float, beta: float, reduction: int) -> None:
     k = _launch(K.epilogue_kernel, red)
     if k is not None:
-        k[(1,)](parts, labels, loss, ce, rec, red, n_rows, splits, world, rank_stride, vocab_size, ignore_index,
-                gamma, beta, 1.0 / beta, HAS_META=has_meta, REDUCTION=reduction, GAMMA_ZERO=gamma == 0.0,
-                BETA_IS_ONE=beta == 1.0, BLOCK_R=EPILOGUE_ROWS, num_warps=8)
+        k[(1,)](parts, labels, loss, ce, rec, red, red if met is None else met, n_rows, splits, world, rank_stride,
+                vocab_size, ignore_index, gamma, beta, 1.0 / beta, HAS_META=has_meta, REDUCTION=reduction,
+                GAMMA_ZERO=gamma == 0.0, BETA_IS_ONE=beta == 1.0, BLOCK_R=EPILOGUE_ROWS, HAS_ENT=met is not None,
+                num_warps=8)
 
 
 def _grad(x: torch.Tensor, out: torch.Tensor, labels: torch.Tensor, rec: torch.Tensor, upstream: torch.Tensor,
@@ -106,8 +107,8 @@ def _grad_inplace(x: torch.Tensor, labels: torch.Tensor, rec: torch.Tensor, upst
 
 
 def _fused(x: torch.Tensor, out: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor, ce: torch.Tensor,
-           red: torch.Tensor, n_inner: int, xs_outer: int, xs_inner: int, os_outer: int, os_inner: int,
-           ignore_index: int, gamma: float, beta: float, mean: bool) -> None:
+           red: torch.Tensor, met: torch.Tensor | None, n_inner: int, xs_outer: int, xs_inner: int, os_outer: int,
+           os_inner: int, ignore_index: int, gamma: float, beta: float, mean: bool) -> None:
     """The count kernel writes the scale first; the fused kernel reads it, the reduce kernel
     sums the per-row outputs with it."""
     count = _launch(K.count_kernel, red)
@@ -118,16 +119,17 @@ def _fused(x: torch.Tensor, out: torch.Tensor, labels: torch.Tensor, loss: torch
     count[(1,)](labels, scale, n_rows, ignore_index, MEAN=mean, BLOCK_R=EPILOGUE_ROWS, num_warps=8)
     block = _pow2_block(width, FUSED_BLOCK)
     _launch(K.fused_kernel, out)[(n_rows,)](
-        x, out, labels, loss, ce, scale, n_inner, xs_outer, xs_inner, os_outer, os_inner, width, width,
-        ignore_index, gamma, beta, 1.0 / beta, BLOCK=block, BETA_IS_ONE=beta == 1.0, GAMMA_ZERO=gamma == 0.0,
-        num_warps=16 if block >= 8192 else 8)
+        x, out, labels, loss, ce, scale, loss if met is None else met, n_inner, xs_outer, xs_inner, os_outer,
+        os_inner, width, width, ignore_index, gamma, beta, 1.0 / beta, BLOCK=block, BETA_IS_ONE=beta == 1.0,
+        GAMMA_ZERO=gamma == 0.0, ENT=met is not None, num_warps=16 if block >= 8192 else 8)
     _launch(K.reduce_kernel, red)[(1,)](loss, ce, scale, red, n_rows, BLOCK_R=EPILOGUE_ROWS, num_warps=8)
 
 
 def _fused_inplace(x: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor, ce: torch.Tensor, red: torch.Tensor,
-                   n_inner: int, s_outer: int, s_inner: int, ignore_index: int, gamma: float, beta: float,
-                   mean: bool) -> None:
-    _fused(x, x, labels, loss, ce, red, n_inner, s_outer, s_inner, s_outer, s_inner, ignore_index, gamma, beta, mean)
+                   met: torch.Tensor | None, n_inner: int, s_outer: int, s_inner: int, ignore_index: int, gamma: float,
+                   beta: float, mean: bool) -> None:
+    _fused(x, x, labels, loss, ce, red, met, n_inner, s_outer, s_inner, s_outer, s_inner, ignore_index, gamma, beta,
+           mean)
 
 
 def _rescale(out: torch.Tensor, grad_out: torch.Tensor, n_rows: int, n_inner: int, s_outer: int,
@@ -163,9 +165,9 @@ def _register(name: str, body, mutates: set[str]):
 
 
 row_stats = _register("row_stats", _row_stats, {"stats"})
-epilogue = _register("epilogue", _epilogue, {"loss", "ce", "rec", "red"})
+epilogue = _register("epilogue", _epilogue, {"loss", "ce", "rec", "red", "met"})
 grad = _register("grad", _grad, {"out"})
 grad_inplace = _register("grad_inplace", _grad_inplace, {"x"})
-fused = _register("fused", _fused, {"out", "loss", "ce", "red"})
-fused_inplace = _register("fused_inplace", _fused_inplace, {"x", "loss", "ce", "red"})
+fused = _register("fused", _fused, {"out", "loss", "ce", "red", "met"})
+fused_inplace = _register("fused_inplace", _fused_inplace, {"x", "loss", "ce", "red", "met"})
 rescale = _register("rescale", _rescale, {"out"})
