@@ -126,6 +126,56 @@ def _imported_modules(path: Path) -> set[str]:
     return names
 
 
+def _package_import_graph(package: Path) -> dict[str, set[str]]:
+    """module -> the package's modules it imports (relative imports, at any depth of the file:
+    lazy imports inside functions count), by dotted name below the package."""
+    def module_of(path: Path) -> str:
+        parts = path.relative_to(package).with_suffix("").parts
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    modules = {module_of(p): p for p in package.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        base = name.split(".") if path.name == "__init__.py" and name else name.split(".")[:-1]
+        base = [b for b in base if b]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.ImportFrom) and node.level > 0):
+                continue
+            anchor = base[:len(base) - (node.level - 1)] if node.level > 1 else base
+            stem = anchor + (node.module.split(".") if node.module else [])
+            for alias in node.names:  # "from . import x" may name a module
+                if alias.name == "_C" and not node.module:
+                    continue  # the compiled CUDA extension: no Python source, imports nothing back
+                for cand in (".".join(stem + [alias.name]), ".".join(stem)):
+                    if cand in modules and cand != name:
+                        targets.add(cand)
+                        break
+        graph[name] = targets
+    return graph
+
+
+@pytest.mark.parametrize("package", ["tofu_kernels", "megatron_patch"])
+def test_no_import_cycles(package):
+    """The modules form layers: no module imports (even lazily) one that imports it back."""
+    graph = _package_import_graph(ROOT / package)
+    assert sum(map(len, graph.values())) > 5  # the graph was read
+    state: dict[str, int] = {}
+
+    def visit(node, stack):
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                raise AssertionError(f"import cycle: {' -> '.join(stack[stack.index(nxt):] + [nxt])}")
+            if nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+
+
 def test_fast_path_never_imports_the_reference():
     """reference.py is the fp64 oracle: kernels, backends, autograd and TP code do not use it."""
     for path in PKG.rglob("*.py"):
@@ -332,11 +382,11 @@ def test_gpu_ops_share_one_schema_and_one_fake_each():
 def test_hugging_face_paths_share_one_forward():
     """TOFUSFTTrainer reaches the loss only through the model's forward (apply_tofu's, with
     tofu_metrics=True), and that forward only through _HFLoss.on_hidden: one mechanism."""
-    assert [c for c in _calls("loss_of_hidden") if not c.startswith("linear.py:")] == ["hf.py:on_hidden"]
-    assert _calls("on_hidden") == ["hf.py:_tofu_forward"]
-    trainer = (PKG / "hf_trainer.py").read_text()
+    assert [c for c in _calls("loss_of_hidden") if not c.startswith("linear.py:")] == ["hf/models.py:on_hidden"]
+    assert _calls("on_hidden") == ["hf/models.py:_tofu_forward"]
+    trainer = (PKG / "hf" / "trainer.py").read_text()
     assert "tofu_metrics=True" in trainer and "linear_tofu_loss(" not in trainer and "loss_of_hidden" not in trainer
-    assert _calls("apply_tofu") == ["hf_trainer.py:__init__"]
+    assert _calls("apply_tofu") == ["hf/trainer.py:__init__"]
 
 
 def test_metrics_math_written_once_per_language():

@@ -22,7 +22,7 @@ other than ``"nll"``, a ``compute_loss_func``) or, for ``compute_metrics`` /
 ``preprocess_logits_for_metrics``, falls back as TRL does: one extra no-grad forward with
 logits per evaluation step, said once.
 
-This module imports ``trl``; ``tofu_kernels.hf.TOFUSFTTrainer`` imports it on first use.
+This module imports ``trl``; ``tofu_kernels.hf.TOFUSFTTrainer`` imports this module on first use.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ import warnings
 import torch
 import trl
 
-from .hf import apply_tofu
-from .params import DEFAULT_BETA, DEFAULT_GAMMA, TOFUParams
+from ..params import DEFAULT_BETA, DEFAULT_GAMMA, TOFUParams
+from .models import apply_tofu
 
 __all__ = ["TOFUSFTTrainer"]
 

@@ -1,30 +1,8 @@
-"""Hugging Face entry points: ``transformers.Trainer`` / TRL ``SFTTrainer`` and causal LMs.
+"""``apply_tofu`` / ``revert_tofu`` and ``tofu_loss_func``: TOFU as a causal LM's own loss and
+as a ``compute_loss_func``; the fused forward :class:`~tofu_kernels.hf.TOFUSFTTrainer` runs.
 
-Three ways in, all with the paper's label convention (the logits at position ``i`` predict
-``labels[i + 1]``: the labels are padded with one ``ignore_index`` on the right and their
-first column dropped, as ``transformers``' own causal-LM loss does):
-
-* :class:`TOFUSFTTrainer` (``tofu_kernels.hf_trainer``, imported from here on first use):
-  TRL's ``SFTTrainer`` with TOFU as its loss, one forward per step through the model's
-  root forward, the loss from the last hidden states and the LM head's weight (never the
-  logits) and TRL's ``entropy`` / ``mean_token_accuracy`` from the same kernels.
-* :func:`apply_tofu` makes a causal LM's own loss TOFU (``model(..., labels=...).loss``);
-  with ``fused_linear=True`` the training forward never builds the logits
-  (:func:`tofu_kernels.linear_tofu_loss` on the last hidden states); the same forward,
-  called with ``tofu_metrics=True``, is what :class:`TOFUSFTTrainer` runs.
-  :func:`revert_tofu` undoes it.
-* :func:`tofu_loss_func` returns a ``compute_loss_func(outputs, labels,
-  num_items_in_batch=None)`` for ``Trainer(compute_loss_func=...)`` and
-  ``SFTTrainer(compute_loss_func=...)``, the signature of the authors' code. It runs on
-  ``outputs.logits`` as they are (bf16 stays bf16: no fp32 copy). In TRL 1.16 that path
-  runs a second, no-grad forward per step for TRL's metrics.
-
-Normalisation: without ``num_items_in_batch`` the loss is the mean over the micro-batch's
-non-ignored (shifted) tokens; with it, the sum divided by ``num_items_in_batch``, the
-number of such tokens in the whole accumulated batch, so gradient accumulation over
-micro-batches equals one big batch (``transformers``' convention).
-
-``transformers`` is imported lazily: the rest of the package does not need it.
+The label convention, the normalisation and the entry points are described in
+:mod:`tofu_kernels.hf`. ``transformers`` is imported lazily.
 """
 
 from __future__ import annotations
@@ -37,11 +15,11 @@ import types
 import torch
 from torch.distributed.tensor import DTensor
 
-from .linear import loss_of_hidden
-from .loss import loss_of_logits
-from .params import DEFAULT_BETA, DEFAULT_GAMMA, DEFAULT_IGNORE_INDEX, TOFUParams
+from ..linear import loss_of_hidden
+from ..loss import loss_of_logits
+from ..params import DEFAULT_BETA, DEFAULT_GAMMA, DEFAULT_IGNORE_INDEX, TOFUParams
 
-__all__ = ["SUPPORTED_MODELS", "TOFUSFTTrainer", "apply_tofu", "revert_tofu", "shift_labels", "tofu_loss_func"]
+__all__ = ["SUPPORTED_MODELS", "apply_tofu", "revert_tofu", "shift_labels", "tofu_loss_func"]
 
 # Causal-LM classes whose forward is backbone -> lm_head (nn.Linear, no bias) -> loss, with
 # no logit scaling or soft-capping: the structure the fused forward reproduces. The MoE
@@ -49,14 +27,6 @@ __all__ = ["SUPPORTED_MODELS", "TOFUSFTTrainer", "apply_tofu", "revert_tofu", "s
 SUPPORTED_MODELS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                     "MixtralForCausalLM", "Qwen3MoeForCausalLM")
 
-
-def __getattr__(name: str):
-    # TOFUSFTTrainer subclasses trl.SFTTrainer: importing it imports TRL, so only on first use.
-    if name == "TOFUSFTTrainer":
-        from .hf_trainer import TOFUSFTTrainer
-
-        return TOFUSFTTrainer
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def shift_labels(labels: torch.Tensor, ignore_index: int = DEFAULT_IGNORE_INDEX) -> torch.Tensor:
