@@ -202,7 +202,7 @@ def test_lora_adapter_gradients_equal_fp64(tmp_path, family):
     assert "forward" not in base.__dict__ and getattr(base, "_tofu_loss", None) is None
 
 
-def test_moe_router_loss_as_trl_adds_it(tmp_path):
+def test_moe_router_loss_as_trl_adds_it(tmp_path, monkeypatch):
     """A tiny Qwen3-MoE with router logits: the loss is TOFU plus the trainer's
     router_aux_loss_coef times the model's own load-balancing loss, as in TRL."""
     cfg = transformers.Qwen3MoeConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
@@ -223,6 +223,32 @@ def test_moe_router_loss_as_trl_adds_it(tmp_path):
         ref = _reference_loss(own.logits, batch["labels"]) + trainer.router_aux_loss_coef * own.aux_loss
     assert abs(loss.item() - ref.item()) <= 2e-5 * ref.item()
     assert trainer._metrics["train"]["aux_loss"][-1] == pytest.approx(own.aux_loss.item(), rel=1e-5)
+    # Inside accumulation over 2 micro-batches on 2 processes (TRL's arithmetic): the summed
+    # TOFU over num_items_in_batch times the process count, the router loss over the steps.
+    n = (hf.shift_labels(batch["labels"]) != -100).sum()
+    trainer.current_gradient_accumulation_steps = 2
+    monkeypatch.setattr(type(trainer.accelerator), "num_processes", property(lambda self: 2))
+    assert trainer.args.average_tokens_across_devices
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=3 * n)
+        ref = (_reference_loss(own.logits, batch["labels"], 3 * n) * 2
+               + trainer.router_aux_loss_coef * own.aux_loss / 2)
+    assert abs(loss.item() - ref.item()) <= 2e-5 * ref.item()
+
+
+def test_an_accumulated_batch_without_tokens_trains_nothing(tmp_path):
+    """num_items_in_batch 0 (every completion truncated away): loss 0, zero gradients, no error."""
+    model = _tiny("llama")
+    trainer = _trainer(model, tmp_path)
+    batch = _batch(trainer)
+    batch["labels"] = torch.full_like(batch["labels"], -100)
+    model.train()
+    model.zero_grad()
+    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(0))
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+    assert trainer._metrics["train"]["mean_token_accuracy"][-1] == 0.0
 
 
 def test_refusals_and_fallbacks(tmp_path):
@@ -238,9 +264,28 @@ def test_refusals_and_fallbacks(tmp_path):
         _trainer(model, tmp_path, tofu_gamma=2.0, tofu_params=tk.TOFUParams())
     with pytest.raises(ValueError, match="gamma"):
         _trainer(model, tmp_path, tofu_gamma=-1.0)
+    with pytest.raises(ValueError, match="compute_loss_func"):  # positionally, SFTTrainer's 7th argument
+        hf.TOFUSFTTrainer(model, _args(tmp_path), None, _dataset(), None, _word_tokenizer(), hf.tofu_loss_func())
+    with pytest.raises(ValueError, match="ignore_index must be -100"):
+        _trainer(model, tmp_path, tofu_params=tk.TOFUParams(ignore_index=-1))
+    with pytest.raises(ValueError, match="return_metrics"):
+        _trainer(model, tmp_path, tofu_params=tk.TOFUParams(return_metrics=True))
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2))
-    with pytest.raises(ValueError, match="GPT2LMHeadModel is not supported"):
-        _trainer(gpt2, tmp_path)
+    with pytest.raises(ValueError, match="^TOFUSFTTrainer: GPT2LMHeadModel is not supported"):
+        _trainer(gpt2, tmp_path)  # refused before the dataset is prepared
+    import transformers.integrations as integrations
+
+    with pytest.MonkeyPatch.context() as mp:  # ZeRO-3 partitions lm_head.weight
+        mp.setattr(integrations, "is_deepspeed_zero3_enabled", lambda: True)
+        with pytest.raises(ValueError, match="ZeRO-3"):
+            _trainer(model, tmp_path)
+        with pytest.raises(ValueError, match="^apply_tofu: DeepSpeed ZeRO-3"):
+            hf.apply_tofu(_tiny("llama"), fused_linear=True)
+    trainer = _trainer(model, tmp_path)
+    batch = {k: v for k, v in _batch(trainer).items() if k not in ("attention_mask", "position_ids")}
+    model.train()
+    with pytest.raises(ValueError, match="'attention_mask' or 'position_ids'"):
+        trainer.compute_loss(model, batch)
     # compute_metrics needs logits: said once, at construction; evaluation then works
     seen = []
     with pytest.warns(UserWarning, match="compute_metrics"):

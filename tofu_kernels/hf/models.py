@@ -19,7 +19,7 @@ from ..linear import loss_of_hidden
 from ..loss import loss_of_logits
 from ..params import DEFAULT_BETA, DEFAULT_GAMMA, DEFAULT_IGNORE_INDEX, TOFUParams
 
-__all__ = ["SUPPORTED_MODELS", "apply_tofu", "revert_tofu", "shift_labels", "tofu_loss_func"]
+__all__ = ["SUPPORTED_MODELS", "apply_tofu", "check_model", "revert_tofu", "shift_labels", "tofu_loss_func"]
 
 # Causal-LM classes whose forward is backbone -> lm_head (nn.Linear, no bias) -> loss, with
 # no logit scaling or soft-capping: the structure the fused forward reproduces. The MoE
@@ -72,9 +72,14 @@ class _HFLoss:
     def on_hidden(self, hidden, weight, target, num_items_in_batch=None, metrics=False):
         """The same loss from the last hidden states and the output layer's weight, against
         the ``target`` of every position (:meth:`targets`); with ``metrics``,
-        ``(loss, TokenMetrics)``."""
+        ``(loss, TokenMetrics)``. ``num_items_in_batch`` 0 (no token to train in the whole
+        accumulated batch, e.g. every completion truncated away) gives a loss of 0 with a zero
+        gradient (a division by it would give NaN)."""
+        n = num_items_in_batch
+        if n is not None and float(n) == 0:
+            n = 1  # the sum over no tokens is 0
         return loss_of_hidden(hidden, weight, target, self.with_metrics if metrics else self.params,
-                              chunk_size=self.chunk_size, normalizer=num_items_in_batch)
+                              chunk_size=self.chunk_size, normalizer=n)
 
 
 def tofu_loss_func(
@@ -243,16 +248,7 @@ def apply_tofu(
         raise ValueError("apply_tofu: params must have reduction 'mean' and neither return_ce nor return_metrics")
     loss = _HFLoss(params, chunk_size)
     model = _base_model(model)
-    name = _supported_name(model)
-    if name is None:
-        raise ValueError(
-            f"apply_tofu: {type(model).__name__} is not supported; supported causal LMs: "
-            f"{', '.join(SUPPORTED_MODELS)} (for another model, use "
-            "Trainer(compute_loss_func=tofu_kernels.hf.tofu_loss_func(...)))"
-        )
-    head = model.lm_head
-    if fused_linear and not (isinstance(head, torch.nn.Linear) and head.bias is None):
-        raise ValueError(f"apply_tofu(fused_linear=True): {name}.lm_head must be nn.Linear without bias, got {head}")
+    check_model(model, fused_linear, "apply_tofu")
     revert_tofu(model)
     model._tofu_loss = loss
 
@@ -267,6 +263,30 @@ def apply_tofu(
         forward.tofu_forward = True
         model.forward = forward
     return model
+
+
+def check_model(model, fused_linear: bool, who: str) -> None:
+    """Raise unless ``model`` (a causal LM or a ``PeftModel`` of one) is one the fused
+    forward reproduces: a :data:`SUPPORTED_MODELS` class (or subclass) whose ``lm_head`` is
+    ``nn.Linear`` without bias, its weight present (DeepSpeed ZeRO-3 partitions it)."""
+    model = _base_model(model)
+    name = _supported_name(model)
+    if name is None:
+        raise ValueError(
+            f"{who}: {type(model).__name__} is not supported; supported causal LMs: "
+            f"{', '.join(SUPPORTED_MODELS)} (for another model, use "
+            "Trainer(compute_loss_func=tofu_kernels.hf.tofu_loss_func(...)))"
+        )
+    if not fused_linear:
+        return
+    head = model.lm_head
+    if not (isinstance(head, torch.nn.Linear) and head.bias is None):
+        raise ValueError(f"{who}: {name}.lm_head must be nn.Linear without bias for the fused loss, got {head}")
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        raise ValueError(f"{who}: DeepSpeed ZeRO-3 partitions {name}.lm_head.weight, which the fused loss reads "
+                         "whole; use ZeRO-2, FSDP, or compute_loss_func=tofu_loss_func(...) on the logits")
 
 
 def _base_model(model):

@@ -32,8 +32,8 @@ import warnings
 import torch
 import trl
 
-from ..params import DEFAULT_BETA, DEFAULT_GAMMA, TOFUParams
-from .models import apply_tofu
+from ..params import DEFAULT_BETA, DEFAULT_GAMMA, DEFAULT_IGNORE_INDEX, TOFUParams
+from .models import apply_tofu, check_model
 
 __all__ = ["TOFUSFTTrainer"]
 
@@ -47,7 +47,17 @@ def trainer_params(gamma: float | None, beta: float | None, params: TOFUParams |
         raise ValueError("TOFUSFTTrainer: give tofu_params or tofu_gamma / tofu_beta, not both")
     if not isinstance(params, TOFUParams):
         raise TypeError(f"TOFUSFTTrainer: tofu_params must be a tofu_kernels.TOFUParams, got {type(params).__name__}")
+    if params.ignore_index != DEFAULT_IGNORE_INDEX:
+        raise ValueError(f"TOFUSFTTrainer: tofu_params.ignore_index must be {DEFAULT_IGNORE_INDEX}, the label TRL's "
+                         f"collators and the Trainer's token count use, got {params.ignore_index}")
+    if params.reduction != "mean" or params.return_ce or params.return_metrics:
+        raise ValueError("TOFUSFTTrainer: tofu_params must have reduction 'mean' and neither return_ce nor "
+                         "return_metrics (the trainer asks for the metrics itself)")
     return params
+
+
+_NO_LOSS_FUNC = ("TOFUSFTTrainer computes the TOFU loss itself: do not pass compute_loss_func (for the loss on "
+                 "the logits, use SFTTrainer(compute_loss_func=tofu_loss_func(...)))")
 
 
 class TOFUSFTTrainer(trl.SFTTrainer):
@@ -56,18 +66,24 @@ class TOFUSFTTrainer(trl.SFTTrainer):
     Takes everything ``SFTTrainer`` takes (``peft_config`` included: LoRA / QLoRA adapters,
     the LM head frozen) and, keyword-only: ``tofu_gamma``, ``tofu_beta`` (default: the
     paper's 3.0, 0.8) or ``tofu_params`` (a ready :class:`~tofu_kernels.TOFUParams`:
-    ``backend``, ``ignore_index``...), and ``tofu_chunk_size`` (tokens per logits chunk,
-    default a 128 MiB chunk). The model must be one of
-    :data:`~tofu_kernels.hf.SUPPORTED_MODELS` (or a subclass), as for ``apply_tofu``.
+    ``gamma``, ``beta``, ``backend``; ``ignore_index`` -100, the label TRL's collators use),
+    and ``tofu_chunk_size`` (tokens per logits chunk, default a 128 MiB chunk). The model
+    must be one of :data:`~tofu_kernels.hf.SUPPORTED_MODELS` (or a subclass), as for
+    ``apply_tofu``; DeepSpeed ZeRO-3 is refused (it partitions the LM head's weight).
     """
 
     def __init__(self, *args, tofu_gamma: float | None = None, tofu_beta: float | None = None,
                  tofu_params: TOFUParams | None = None, tofu_chunk_size: int | None = None, **kwargs):
         params = trainer_params(tofu_gamma, tofu_beta, tofu_params)
         if kwargs.get("compute_loss_func") is not None:
-            raise ValueError("TOFUSFTTrainer computes the TOFU loss itself: do not pass compute_loss_func "
-                             "(for the loss on the logits, use SFTTrainer(compute_loss_func=tofu_loss_func(...)))")
+            raise ValueError(_NO_LOSS_FUNC)
+        model = kwargs.get("model", args[0] if args else None)
+        if isinstance(model, torch.nn.Module):  # a model id is checked once loaded, by apply_tofu
+            check_model(model, True, "TOFUSFTTrainer")
         super().__init__(*args, **kwargs)
+        if self.compute_loss_func is not None:  # passed positionally
+            raise ValueError(_NO_LOSS_FUNC)
+        check_model(self.model, True, "TOFUSFTTrainer")  # the loaded model, and ZeRO-3 now that args are known
         if self.args.label_smoothing_factor > 0:
             raise ValueError("TOFUSFTTrainer: label_smoothing_factor > 0 needs the full logits and is not TOFU; "
                              "set it to 0")
@@ -117,8 +133,11 @@ class TOFUSFTTrainer(trl.SFTTrainer):
         if mode == "train":  # padding-free batches carry position_ids instead of an attention mask
             if "attention_mask" in inputs:
                 local = inputs["attention_mask"].sum()
-            else:
+            elif "position_ids" in inputs:
                 local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+            else:
+                raise ValueError("TOFUSFTTrainer: expected 'attention_mask' or 'position_ids' in the batch "
+                                 "(TRL's collators make one of them)")
             self._total_train_tokens += gather(local).sum().item() // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         if self.aux_loss_enabled:
