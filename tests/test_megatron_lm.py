@@ -125,6 +125,17 @@ def test_launcher_warns_that_tofu_replaces_cross_entropy_fusion(impl):
         assert "Transformer Engine cross entropy loss fusion is disabled" in out.stderr
 
 
+def test_launcher_cross_entropy_fusion_impl_alone_selects_nothing():
+    """README: `--cross-entropy-fusion-impl te` without `--cross-entropy-loss-fusion`: no
+    warning, no refusal; the run goes on to Megatron's CUDA check like any other."""
+    from .megatron_lm import TINY
+
+    out = launch("--loss-type", "tofu", *TINY, "--cross-entropy-fusion-impl", "te")
+    assert "Megatron requires CUDA" in out.stderr, out.stderr[-3000:]
+    assert "has no effect" not in out.stderr and "loss fusion is disabled" not in out.stderr
+    assert _dump(out.stdout)["cross_entropy_fusion_impl"] == "te"
+
+
 # ------------------------------------------------------------ the script's loss_func in Megatron's schedules
 
 
