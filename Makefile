@@ -40,8 +40,10 @@ demo: venv
 study: venv
 	$(TORCHRUN_TP2) examples/diversity_study.py --out $(OUT) $(STUDY_ARGS) $(QUIET)
 
+# test files run TEST_WORKERS at a time (each file's tests in order, in one worker)
+TEST_WORKERS ?= 2
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 bench: venv
 	$(PY) benchmarks/bench_loss.py
