@@ -173,6 +173,28 @@ def test_linear_metrics(backend, reduction, normalizer):
         assert metrics.top1.sum() >= 1
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_metrics_equal_trls_fused_head_with_ties(backend):
+    """bf16, two identical rows of the LM head (an exact tie at most tokens' maximum), the
+    target the first of the two at even tokens and the second at odd ones: top-1 equal to
+    TRL's own fused head token for token (its first-maximum rule), entropy to fp32
+    rounding."""
+    chunked = pytest.importorskip("trl.kernels.chunked_logprob", reason="TRL is installed by make test")
+    torch.manual_seed(0)
+    h = torch.randn(24, 32).bfloat16()
+    w = torch.randn(97, 32)
+    w[60] = w[7] = h.float().mean(0) * 8
+    w = w.bfloat16()
+    t = torch.where(torch.arange(24) % 2 == 0, 7, 60)
+    z = (h @ w.T).float()
+    assert torch.equal(z[:, 7], z[:, 60]) and (z.argmax(1) == 7).sum() >= 4  # the ties are there
+    _, entropy, _, _, top1 = chunked.ChunkedLogProbFunction.apply(h, w, None, t, 1.0, 32, None, 1.0,
+                                                                  ("entropy", "is_top1"))
+    _, m = tk.linear_tofu_loss(h, w, t, backend=backend, reduction="none", return_metrics=True, chunk_size=5)
+    assert torch.equal(m.top1, top1.float()) and m.top1[1::2].sum() == 0
+    torch.testing.assert_close(m.entropy, entropy, rtol=1e-5, atol=1e-5)
+
+
 def vocab_parallel_metrics_cases(rank: int, world: int) -> None:
     """The entropy plane travels in the one all-gather: every rank's metrics equal the
     single-device ones (and fp64)."""
