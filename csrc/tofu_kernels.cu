@@ -87,6 +87,7 @@ __device__ __forceinline__ Stats shfl_merge(Stats s, float ib) {
     o.s1 = __shfl_xor_sync(0xffffffffu, s.s1, off);
     o.sb = __shfl_xor_sync(0xffffffffu, s.sb, off);
     o.e = Ent ? __shfl_xor_sync(0xffffffffu, s.e, off) : 0.f;
+    o.before = Ent ? __shfl_xor_sync(0xffffffffu, s.before, off) : -INFINITY;
     s = merge<BetaOne, Ent>(s, o, ib);
   }
   return s;
@@ -126,9 +127,9 @@ __device__ __forceinline__ A block_sum(A v, A* smem) {
 }
 
 // One thread's statistics over columns [lo, hi) of a row, NThreads threads per row slice
-// (with Ent also the entropy accumulator).
+// (with Ent also the metrics' accumulators; t: the target's column in the row).
 template <typename T, bool BetaOne, bool Ent, int NThreads>
-__device__ __forceinline__ Stats thread_stats(const T* xr, int64_t lo, int64_t hi, float ib) {
+__device__ __forceinline__ Stats thread_stats(const T* xr, int64_t lo, int64_t hi, float ib, int64_t t) {
   constexpr int V = Vec<T>::N;
   Stats st = empty_stats();
   int64_t tail_start = lo;
@@ -141,18 +142,23 @@ __device__ __forceinline__ Stats thread_stats(const T* xr, int64_t lo, int64_t h
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) load_vec(base + (i + u * NThreads) * V, z[u]);
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) update<V, BetaOne, Ent>(st, z[u], ib);
+      for (int u = 0; u < kUnroll; ++u) {
+        update<V, BetaOne, Ent>(st, z[u], ib);
+        update_before<V, Ent>(st, z[u], lo + (i + u * NThreads) * V, t);
+      }
     }
     for (; i < n_vec; i += NThreads) {
       float z[V];
       load_vec(base + i * V, z);
       update<V, BetaOne, Ent>(st, z, ib);
+      update_before<V, Ent>(st, z, lo + i * V, t);
     }
     tail_start = lo + n_vec * V;
   }
   for (int64_t c = tail_start + threadIdx.x; c < hi; c += NThreads) {
     float z[1] = {to_float(xr[c])};
     update<1, BetaOne, Ent>(st, z, ib);
+    update_before<1, Ent>(st, z, c, t);
   }
   return st;
 }
@@ -194,7 +200,7 @@ __device__ __forceinline__ void write_grad(const T* xr, T* orow, int64_t lo, int
 // ------------------------------------------------------------------ two-pass path
 
 // grid (rows, splits): block (row, split) covers columns [split*chunk, min(+chunk, n_valid)).
-// With Ent (metrics) the entropy plane follows the records (and the meta record).
+// With Ent (metrics) the metrics plane follows the records (and the meta record).
 template <typename T, bool BetaOne, bool Ent>
 __global__ void __launch_bounds__(kThreads) row_stats_kernel(const T* __restrict__ x,
                                                              const int64_t* __restrict__ labels,
@@ -209,10 +215,10 @@ __global__ void __launch_bounds__(kThreads) row_stats_kernel(const T* __restrict
   // The last split can start past the row's end (e.g. 5 tiles over 4 splits of 2): empty.
   const int64_t hi = active ? max(lo, min(lo + a.chunk, a.n_valid)) : lo;
   const float ib = kLog2e / a.beta;
-  Stats st = thread_stats<T, BetaOne, Ent, kThreads>(xr, lo, hi, ib);
+  const int64_t t = label - a.vocab_start;
+  Stats st = thread_stats<T, BetaOne, Ent, kThreads>(xr, lo, hi, ib, t);
   st = block_merge<BetaOne, Ent, kThreads>(st, ib);
   if (threadIdx.x == 0) {
-    const int64_t t = label - a.vocab_start;
     const float zt = (active && t >= lo && t < hi) ? to_float(xr[t]) : 0.f;
     float* out = stats + (row * gridDim.y + split) * stat::kWidth;
     out[stat::kM] = st.m;
@@ -221,7 +227,9 @@ __global__ void __launch_bounds__(kThreads) row_stats_kernel(const T* __restrict
     out[stat::kZt] = zt;
     if (Ent) {
       const int64_t parts = int64_t(gridDim.x) * gridDim.y;
-      stats[(parts + (a.write_meta ? 1 : 0)) * stat::kWidth + row * gridDim.y + split] = st.e;
+      float* acc = stats + (parts + (a.write_meta ? 1 : 0)) * stat::kWidth + (row * gridDim.y + split) * macc::kWidth;
+      acc[macc::kE] = st.e;
+      acc[macc::kBefore] = st.before;
     }
     if (a.write_meta && row == 0 && split == 0) {  // this rank's meta record, int32 bits
       float* mr = stats + int64_t(gridDim.x) * gridDim.y * stat::kWidth;
@@ -234,7 +242,7 @@ __global__ void __launch_bounds__(kThreads) row_stats_kernel(const T* __restrict
 }
 
 // One block: every row's parts merged (ranks, then splits: a fixed order), finalized, the
-// per-row outputs written, and the sums reduced in a fixed order. With Ent the entropy
+// per-row outputs written, and the sums reduced in a fixed order. With Ent the metrics
 // plane of each rank is merged too and met [n_rows, metric::kWidth] written.
 template <bool BetaOne, bool Ent>
 __global__ void __launch_bounds__(kEpilogueThreads) epilogue_kernel(const float* __restrict__ parts,
@@ -260,8 +268,9 @@ __global__ void __launch_bounds__(kEpilogueThreads) epilogue_kernel(const float*
     for (int64_t w = 0; w < p.world; ++w) {
       for (int64_t s = 0; s < p.splits; ++s) {
         const float* q = parts + w * p.rank_stride + (r * p.splits + s) * stat::kWidth;
-        const float e = Ent ? parts[w * p.rank_stride + ent_off + r * p.splits + s] : 0.f;
-        st = merge<BetaOne, Ent>(st, Stats{q[stat::kM], q[stat::kS1], q[stat::kSb], e}, ib);
+        const float* acc = parts + w * p.rank_stride + ent_off + (r * p.splits + s) * macc::kWidth;
+        const float e = Ent ? acc[macc::kE] : 0.f, before = Ent ? acc[macc::kBefore] : -INFINITY;
+        st = merge<BetaOne, Ent>(st, Stats{q[stat::kM], q[stat::kS1], q[stat::kSb], e, before}, ib);
         zt += q[stat::kZt];
       }
     }
@@ -344,7 +353,7 @@ __global__ void __launch_bounds__(kFusedThreads) fused_kernel(const T* x, T* out
   const int64_t label = labels[row];
   const bool active = label != a.ignore_index;
   const float ib = kLog2e / a.beta;
-  Stats st = thread_stats<T, BetaOne, Ent, kFusedThreads>(xr, 0, active ? width : 0, ib);
+  Stats st = thread_stats<T, BetaOne, Ent, kFusedThreads>(xr, 0, active ? width : 0, ib, label);
   st = block_merge<BetaOne, Ent, kFusedThreads>(st, ib);
   const bool hit = active && label >= 0 && label < width;
   __shared__ RowGrad row_grad;  // thread 0 finalizes the row, every thread writes its gradient

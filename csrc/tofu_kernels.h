@@ -40,7 +40,7 @@ struct StatsArgs {
   float beta;
   bool write_meta;       // tensor parallelism: this rank's meta record after the stats
   int64_t meta_vocab_end, meta_width;
-  bool write_ent;        // metrics: the entropy plane after the records (and the meta record)
+  bool write_ent;        // metrics: the metrics plane after the records (and the meta record)
 };
 
 // The partial statistics the epilogue merges: rank w's block starts at w * rank_stride
@@ -69,7 +69,7 @@ cudaError_t launch_row_stats(DType dt, const void* x, const int64_t* labels, flo
                              cudaStream_t s);
 // One block: loss, ce [n_rows]; rec [n_rows, gparam::kWidth]; red [reduced::kWidth] = the
 // reduced loss and ce, and the scale (1 / token count for a mean, else 1); met
-// [n_rows, metric::kWidth] or nullptr (then parts has no entropy plane).
+// [n_rows, metric::kWidth] or nullptr (then parts has no metrics plane).
 cudaError_t launch_epilogue(const float* parts, const int64_t* labels, float* loss, float* ce, float* rec,
                             float* red, float* met, const PartsArgs& p, const LossArgs& a, cudaStream_t s);
 // rec: fp32 [n_rows, gparam::kWidth]; upstream fp32; scale fp32 [1]; out may alias x.

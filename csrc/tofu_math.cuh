@@ -17,7 +17,7 @@
 namespace tofu {
 
 // fp32 record layouts, mirrored from tofu_kernels/records.py (Stat, GradParam, Meta,
-// Reduced, Reduction, Metric); tests/test_cuda_ext.py::test_record_layouts_agree checks the two agree.
+// Reduced, Reduction, Metric, MetricAcc); tests/test_cuda_ext.py::test_record_layouts_agree checks the two agree.
 namespace stat {  // statistics of (part of) a row: [..., kWidth]
 enum : int { kM = 0, kS1 = 1, kSb = 2, kZt = 3, kWidth = 4 };
 }
@@ -36,30 +36,36 @@ enum : int { kNone = 0, kSum = 1, kMean = 2 };
 namespace metric {  // the optional per-row metrics: [N, kWidth]
 enum : int { kEntropy = 0, kTop1 = 1, kWidth = 2 };
 }
+namespace macc {  // the metrics' accumulators of one part of a row (the metrics plane)
+enum : int { kE = 0, kBefore = 1, kWidth = 2 };
+}
 
 // log2(e): the kernels use exp2 on pre-scaled arguments (ex2.approx on the SFU).
 constexpr float kLog2e = 1.4426950408889634f;
 
 // Running statistics of a set of columns of one row, in fp32:
 //   m = max z,  s1 = sum exp(z - m),  sb = sum exp((z - m) / beta),
-//   e = sum exp(z - m) (z - m)   (the entropy accumulator; only with Ent, else left 0).
-// An empty set is {-inf, 0, 0, 0}.
+//   e = sum exp(z - m) (z - m)   (the entropy accumulator; only with Ent, else left 0),
+//   before = max z over the columns before the target (only with Ent, else left -inf).
+// An empty set is {-inf, 0, 0, 0, -inf}.
 struct Stats {
   float m;
   float s1;
   float sb;
   float e;
+  float before;
 };
 
-TOFU_HD Stats empty_stats() { return {-INFINITY, 0.f, 0.f, 0.f}; }
+TOFU_HD Stats empty_stats() { return {-INFINITY, 0.f, 0.f, 0.f, -INFINITY}; }
 
 // Merge two partial statistics: warp/block reductions, vocab splits, TP ranks.
 // inv_beta_log2e = log2(e) / beta. With BetaOne, sb mirrors s1 (1 exponential/element).
-// With Ent, e = sum_r exp(m_r - M) (e_r + (m_r - M) s1_r) (an empty part adds 0).
+// With Ent, e = sum_r exp(m_r - M) (e_r + (m_r - M) s1_r) (an empty part adds 0) and
+// before = max_r before_r.
 template <bool BetaOne, bool Ent = false>
 TOFU_HD Stats merge(Stats a, Stats b, float inv_beta_log2e) {
   const float m = fmaxf(a.m, b.m);
-  if (m == -INFINITY) return a;  // both empty: keep {-inf, 0, 0, 0}, never exp(-inf + inf)
+  if (m == -INFINITY) return a;  // both empty (before <= m): keep a, never exp(-inf + inf)
   const float da = a.m - m, db = b.m - m;
   const float ea = exp2f(da * kLog2e), eb = exp2f(db * kLog2e);
   Stats r;
@@ -68,6 +74,7 @@ TOFU_HD Stats merge(Stats a, Stats b, float inv_beta_log2e) {
   r.sb = BetaOne ? r.s1 : a.sb * exp2f(da * inv_beta_log2e) + b.sb * exp2f(db * inv_beta_log2e);
   r.e = Ent ? ea * (a.e + (a.m == -INFINITY ? 0.f : da) * a.s1) + eb * (b.e + (b.m == -INFINITY ? 0.f : db) * b.s1)
             : 0.f;
+  r.before = Ent ? fmaxf(a.before, b.before) : -INFINITY;
   return r;
 }
 
@@ -99,6 +106,16 @@ TOFU_HD void update(Stats& st, const float (&z)[K], float inv_beta_log2e) {
   st.s1 = s1;
   st.sb = BetaOne ? s1 : sb;
   st.e = Ent ? e : 0.f;
+}
+
+// With Ent: fold K values of consecutive columns col0, col0 + 1, ... into st.before, those
+// before the target column t (the row's columns counted as the caller counts col0).
+template <int K, bool Ent>
+TOFU_HD void update_before(Stats& st, const float (&z)[K], int64_t col0, int64_t t) {
+  if (!Ent) return;
+#pragma unroll
+  for (int k = 0; k < K; ++k)
+    if (col0 + k < t) st.before = fmaxf(st.before, z[k]);
 }
 
 // What the gradient of one row needs, per row: the GradParam record with every per-row
@@ -159,7 +176,8 @@ TOFU_HD RowOut finalize_row(Stats st, float zt, int64_t label, int64_t ignore_in
 }
 
 // The metrics of one row from its merged statistics (tofu_math.row_metrics): the entropy of
-// the untempered softmax log(s1) - e / s1, and top-1 (the target logit is the row max).
+// the untempered softmax log(s1) - e / s1, and top-1 (the target is the row's first maximum:
+// zt == m and every column before it below m).
 // Ignored rows give zeros, invalid labels NaN (as finalize_row).
 struct RowMetrics {
   float entropy, top1;
@@ -168,7 +186,7 @@ struct RowMetrics {
 TOFU_HD RowMetrics row_metrics(Stats st, float zt, int64_t label, int64_t ignore_index, int64_t vocab_size) {
   if (label == ignore_index) return {0.f, 0.f};
   if (label < 0 || label >= vocab_size) return {NAN, NAN};
-  return {logf(st.s1) - st.e / st.s1, zt >= st.m ? 1.f : 0.f};
+  return {logf(st.s1) - st.e / st.s1, (zt >= st.m && zt > st.before) ? 1.f : 0.f};
 }
 
 }  // namespace tofu

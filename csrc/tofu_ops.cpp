@@ -47,9 +47,9 @@ void check_f32(const at::Tensor& t, int64_t numel, const char* name) {
 }
 
 // Floats of one rank's partial statistics (records.Partials.per_rank): the records, the
-// meta record under TP, the entropy plane with metrics.
+// meta record under TP, the metrics plane with metrics.
 int64_t parts_per_rank(int64_t n_rows, int64_t splits, bool has_meta, bool has_ent) {
-  return (n_rows * splits + (has_meta ? 1 : 0)) * tofu::stat::kWidth + (has_ent ? n_rows * splits : 0);
+  return (n_rows * splits + (has_meta ? 1 : 0)) * tofu::stat::kWidth + (has_ent ? n_rows * splits * tofu::macc::kWidth : 0);
 }
 
 // The optional metrics output: [n_rows, metric::kWidth] fp32, or nullptr.

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import tofu_kernels as tk
-from tofu_kernels.records import GradParam, Meta, Metric, Reduced, Reduction, Stat
+from tofu_kernels.records import GradParam, Meta, Metric, MetricAcc, Reduced, Reduction, Stat
 from tofu_kernels.tofu_math import finalize_stats
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -184,8 +184,8 @@ def harness(tmp_path_factory):
     h = ctypes.CDLL(str(lib))
     f32p = ctypes.POINTER(ctypes.c_float)
     h.tofu_row_stats.argtypes = [f32p, ctypes.c_int, ctypes.c_float, ctypes.c_int, f32p]
-    h.tofu_row_stats_ent.argtypes = [f32p, ctypes.c_int, ctypes.c_float, ctypes.c_int, f32p]
-    h.tofu_row_metrics.argtypes = [ctypes.c_float] * 5 + [ctypes.c_longlong] * 3 + [f32p]
+    h.tofu_row_stats_ent.argtypes = [f32p, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_longlong, f32p]
+    h.tofu_row_metrics.argtypes = [ctypes.c_float] * 6 + [ctypes.c_longlong] * 3 + [f32p]
     h.tofu_focal_weight.argtypes = [ctypes.c_float, ctypes.c_float]
     h.tofu_focal_weight.restype = ctypes.c_float
     h.tofu_finalize_row.argtypes = [ctypes.c_float] * 4 + [ctypes.c_longlong] * 3 + [ctypes.c_float] * 2 + [f32p]
@@ -200,17 +200,19 @@ def _ptr(t: torch.Tensor):
 
 
 def test_record_layouts_agree(harness):
-    """csrc/tofu_math.cuh mirrors records.Stat, GradParam, Meta, Reduced and Reduction field for field."""
+    """csrc/tofu_math.cuh mirrors records.Stat, GradParam, Meta, Reduced, Reduction, Metric and
+    MetricAcc field for field."""
     buf = (ctypes.c_int * 64)()
     got = list(buf[: harness.tofu_layouts(buf)])
     expect = [int(f) for f in Stat] + [len(Stat)] + [int(f) for f in GradParam] + [len(GradParam)]
     expect += [int(f) for f in Meta] + [int(f) for f in Reduced] + [len(Reduced)] + [int(f) for f in Reduction]
-    expect += [int(f) for f in Metric] + [len(Metric)]
+    expect += [int(f) for f in Metric] + [len(Metric)] + [int(f) for f in MetricAcc] + [len(MetricAcc)]
     assert got == expect
     # the C++ names follow the Python ones (kLogSb <-> LOG_SB, kVocabEnd <-> VOCAB_END)
     header = (ROOT / "csrc" / "tofu_math.cuh").read_text()
     for ns, names, width in (("stat", Stat, True), ("gparam", GradParam, True), ("meta", Meta, False),
-                             ("reduced", Reduced, True), ("reduction", Reduction, False), ("metric", Metric, True)):
+                             ("reduced", Reduced, True), ("reduction", Reduction, False), ("metric", Metric, True),
+                             ("macc", MetricAcc, True)):
         enum = re.search(rf"namespace {ns} \{{.*?enum : int \{{([^}}]*)\}}", header, re.S).group(1)
         cxx = [e.split("=")[0].strip()[1:].lower() for e in enum.split(",")]
         py = [f.name.replace("_", "").lower() for f in names] + (["width"] if width else [])
@@ -248,28 +250,45 @@ def test_header_row_stats(harness, beta, n, parts):
 def test_header_entropy_accumulator_and_metrics(harness, beta, n, parts):
     """The metrics' switch on: the same statistics, plus E = sum exp(z - m)(z - m) through the
     online rescaling and the merges (parts of 8-wide vectors, -inf columns among them), and
-    the row metrics against fp64 (a confident, a hopeless and an ignored row)."""
+    the row metrics against fp64 (a confident, a hopeless and an ignored row); top-1 is the
+    first maximum: with the row's maximum tied at two columns, only the first is top-1."""
     z = torch.randn(n, dtype=torch.float32) * 4
     if n > 10:
         z[3] = -math.inf  # a masked column: adds 0 to E, never 0 * -inf
-    plain, ent = torch.empty(3, dtype=torch.float32), torch.empty(4, dtype=torch.float32)
+    plain = torch.empty(3, dtype=torch.float32)
     harness.tofu_row_stats(_ptr(z), n, beta, parts, _ptr(plain))
-    harness.tofu_row_stats_ent(_ptr(z), n, beta, parts, _ptr(ent))
-    assert torch.equal(ent[:3], plain), "the entropy accumulator changes the plain statistics"
     zd = z.double()
     m = zd.max()
     d = zd - m
     e_ref = (d.exp() * torch.where(torch.isinf(d), 0.0, d)).sum()
-    assert ent[3].item() == pytest.approx(e_ref.item(), rel=2e-5, abs=1e-6)
     lp = torch.log_softmax(zd, 0)
     h_ref = -(lp.exp() * torch.where(torch.isinf(lp), 0.0, lp)).sum()
     out = torch.empty(2, dtype=torch.float32)
-    for label, zt, want in ((int(zd.argmax()), float(m), 1.0), (0, float(m) - 40.0, 0.0)):
-        harness.tofu_row_metrics(*ent.tolist(), zt, label, -100, n, _ptr(out))
-        assert out[0].item() == pytest.approx(h_ref.item(), rel=2e-5, abs=2e-6) and out[1].item() == want
-    harness.tofu_row_metrics(*ent.tolist(), float(m), -100, -100, n, _ptr(out))
+
+    def metrics_of(row: torch.Tensor, label: int) -> list[float]:
+        acc = torch.empty(5, dtype=torch.float32)
+        harness.tofu_row_stats_ent(_ptr(row), n, beta, parts, label, _ptr(acc))
+        harness.tofu_row_metrics(*acc.tolist(), float(row[label]) if 0 <= label < n else float(m), label, -100, n,
+                                 _ptr(out))
+        return acc, out.tolist()
+
+    top = int(zd.argmax())
+    acc, got = metrics_of(z, top)
+    assert torch.equal(acc[:3], plain), "the metrics' accumulators change the plain statistics"
+    assert acc[3].item() == pytest.approx(e_ref.item(), rel=2e-5, abs=1e-6)
+    assert acc[4].item() == (zd[:top].max().item() if top > 0 else -math.inf)  # exact: a max
+    assert got[0] == pytest.approx(h_ref.item(), rel=2e-5, abs=2e-6) and got[1] == 1.0
+    low = int(zd.argmin())
+    assert metrics_of(z, low)[1][1] == (1.0 if n == 1 else 0.0)
+    if n > 1:  # the maximum tied at a column before and after the first
+        tied = z.clone()
+        other = (top + n // 2) % n
+        first, second = sorted((top, other if other != 3 else (other + 1) % n))
+        tied[first] = tied[second] = z.max()
+        assert metrics_of(tied, first)[1][1] == 1.0 and metrics_of(tied, second)[1][1] == 0.0
+    metrics_of(z, -100)
     assert out.tolist() == [0.0, 0.0]
-    harness.tofu_row_metrics(*ent.tolist(), float(m), n, -100, n, _ptr(out))
+    metrics_of(z, n)
     assert all(math.isnan(v) for v in out.tolist())
 
 

@@ -2,7 +2,8 @@
 softmax and top-1, made by the loss's own statistics pass, against float64.
 
 Oracle: fp64 ``log_softmax`` of the same (already rounded) logits: entropy
-``-sum p log p``, top-1 ``z_t == max z``. Every backend that runs here (torch; Triton in
+``-sum p log p``, top-1 ``argmax z == t`` (the first maximum, as greedy decoding and TRL's
+``mean_token_accuracy`` count ties). Every backend that runs here (torch; Triton in
 its CPU interpreter, with tilings that split rows), both paths (two passes; gradient in the
 forward), the fused linear loss, and the vocab-parallel combine on gloo. The CUDA kernels
 run the same math (``tests/test_cuda_ext.py``: the host-compiled header, meta tracing) and
@@ -10,8 +11,9 @@ the GPU twin below.
 
 Tolerance: entropy ``|ours - ref| <= 2e-5 |ref| + 2e-5 * (1 + |m|)``: E accumulates
 ``exp(z - m)(z - m)`` in fp32 over the row (each term rounded, relative 1e-7 x |z - m| up to
-~100), the loss's own bound scaled by the logits' range. Top-1 exactly (ties do not occur
-in these logits; with ties every maximal target counts).
+~100), the loss's own bound scaled by the logits' range. Top-1 exactly, with rows whose
+maximum is tied at the target and at a column half a vocabulary away (another tile, split
+or tensor-parallel shard), before or after the target.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def reference_metrics(logits: torch.Tensor, labels: torch.Tensor, ignore_index: 
     lp = torch.log_softmax(z, dim=-1)
     entropy = -(lp.exp() * torch.where(torch.isinf(lp), 0.0, lp)).sum(-1)
     t = labels.clamp(min=0).unsqueeze(-1)
-    top1 = (z.gather(-1, t).squeeze(-1) >= z.amax(-1)).double()
+    top1 = (z.argmax(-1) == t.squeeze(-1)).double()  # the first maximum
     keep = labels != ignore_index
     return torch.where(keep, entropy, 0.0), torch.where(keep, top1, 0.0)
 
@@ -55,7 +57,9 @@ def assert_metrics_close(metrics: tk.TokenMetrics, logits: torch.Tensor, labels:
 
 def _hard_rows(shape, vocab, dtype, seed=0):
     """Random rows, then a confident row (p = 1 in fp32), a hopeless one (target 40 below
-    the max), a row with a -inf column (masked vocabulary) and ignored tokens."""
+    the max), a row with a -inf column (masked vocabulary), ignored tokens, and two rows
+    whose maximum is tied at the target and at a column half a vocabulary away (the
+    target first in one row, second in the other)."""
     torch.manual_seed(seed)
     logits, labels = make_logits(shape, vocab, dtype)
     flat, lab = logits.view(-1, vocab), labels.view(-1)
@@ -69,6 +73,13 @@ def _hard_rows(shape, vocab, dtype, seed=0):
     if n > 4:
         lab[4] = -100
     lab[-1] = -100 if n > 5 else lab[-1]
+    for r in (0, 5) if n > 6 else ():
+        t = int(lab[r])
+        other = (t + vocab // 2) % vocab
+        if (other > t) != (r == 0):  # row 0: the target first; row 5: the target second
+            t, other = other, t
+            lab[r] = t
+        flat[r, t] = flat[r, other] = flat[r].float().amax() + 1
     return logits, labels
 
 
@@ -95,6 +106,8 @@ def tiling(request, monkeypatch):
 @pytest.mark.parametrize("grad_in_forward,reduction", [(None, "mean"), (False, "none")])
 def test_metrics_match_fp64(backend, shape, vocab, grad_in_forward, reduction):
     logits, labels = _hard_rows(shape, vocab, torch.float32)
+    if labels.numel() > 6:  # the tied rows: the first maximum only
+        assert metrics_top1(logits, labels, backend)[[0, 5]].tolist() == [1.0, 0.0]
     x = logits.clone().requires_grad_()
     loss, ce, metrics = tk.tofu_loss(x, labels, backend=backend, reduction=reduction, return_ce=True,
                                      return_metrics=True, grad_in_forward=grad_in_forward)
@@ -106,6 +119,11 @@ def test_metrics_match_fp64(backend, shape, vocab, grad_in_forward, reduction):
                                    grad_in_forward=grad_in_forward)
     (plain.sum() if reduction == "none" else plain).backward()
     assert torch.equal(loss.detach(), plain.detach()) and torch.equal(ce, plain_ce) and torch.equal(x.grad, y.grad)
+
+
+def metrics_top1(logits, labels, backend):
+    _, m = tk.tofu_loss(logits, labels, backend=backend, reduction="none", return_metrics=True)
+    return m.top1.view(-1)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -155,6 +173,28 @@ def test_linear_metrics(backend, reduction, normalizer):
         assert metrics.top1.sum() >= 1
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_metrics_equal_trls_fused_head_with_ties(backend):
+    """bf16, two identical rows of the LM head (an exact tie at most tokens' maximum), the
+    target the first of the two at even tokens and the second at odd ones: top-1 equal to
+    TRL's own fused head token for token (its first-maximum rule), entropy to fp32
+    rounding."""
+    chunked = pytest.importorskip("trl.kernels.chunked_logprob", reason="TRL is installed by make test")
+    torch.manual_seed(0)
+    h = torch.randn(24, 32).bfloat16()
+    w = torch.randn(97, 32)
+    w[60] = w[7] = h.float().mean(0) * 8
+    w = w.bfloat16()
+    t = torch.where(torch.arange(24) % 2 == 0, 7, 60)
+    z = (h @ w.T).float()
+    assert torch.equal(z[:, 7], z[:, 60]) and (z.argmax(1) == 7).sum() >= 4  # the ties are there
+    _, entropy, _, _, top1 = chunked.ChunkedLogProbFunction.apply(h, w, None, t, 1.0, 32, None, 1.0,
+                                                                  ("entropy", "is_top1"))
+    _, m = tk.linear_tofu_loss(h, w, t, backend=backend, reduction="none", return_metrics=True, chunk_size=5)
+    assert torch.equal(m.top1, top1.float()) and m.top1[1::2].sum() == 0
+    torch.testing.assert_close(m.entropy, entropy, rtol=1e-5, atol=1e-5)
+
+
 def vocab_parallel_metrics_cases(rank: int, world: int) -> None:
     """The entropy plane travels in the one all-gather: every rank's metrics equal the
     single-device ones (and fp64)."""
@@ -163,6 +203,7 @@ def vocab_parallel_metrics_cases(rank: int, world: int) -> None:
         shard = logits[..., rank * 40:(rank + 1) * 40].clone().requires_grad_()
         loss, metrics = tk.vocab_parallel_tofu_loss(shard, labels, backend=backend, return_metrics=True)
         assert_metrics_close(metrics, logits, labels)
+        assert metrics.top1.view(-1)[[0, 5]].tolist() == [1.0, 0.0]  # ties across the shards
         _, single = tk.tofu_loss(logits, labels, backend=backend, reduction="none", return_metrics=True)
         torch.testing.assert_close(metrics.entropy, single.entropy, rtol=1e-6, atol=1e-6)
         assert torch.equal(metrics.top1, single.top1)

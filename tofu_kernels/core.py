@@ -149,7 +149,7 @@ def chunk_stats(p: Plan, chunks: Iterable[tuple[int, int, torch.Tensor, RowLayou
     """The statistics of logits that arrive in chunks ``(r0, r1, z, lay)`` (rows
     ``[r0, r1)``, each chunk's buffer free for reuse once the next is asked for): every
     chunk's records merged into one ``[n_rows, len(Stat)]`` buffer, followed under tensor
-    parallelism by this rank's metadata record (and by the entropy plane with metrics), for
+    parallelism by this rank's metadata record (and by the metrics plane with metrics), for
     one :func:`finish`."""
     out = Partials(labels, n_rows, 1, has_meta=p.tp is not None, ent=p.params.return_metrics)
     out = out._replace(data=torch.empty(out.per_rank(), dtype=torch.float32, device=labels.device))

@@ -117,8 +117,9 @@ def tofu_loss(
             way and detached, for logging perplexity next to the TOFU loss.
         return_metrics: also return a :class:`~tofu_kernels.records.TokenMetrics` per token
             (``labels``' shape, fp32, detached, 0 at ignored tokens): ``entropy`` of the
-            untempered softmax and ``top1`` (1.0 where the target logit is the row max), made
-            in the same pass (one more fp32 accumulator per row, no more exponentials).
+            untempered softmax and ``top1`` (1.0 where the target is the row's first maximum,
+            ``argmax == target``), made in the same pass (two more fp32 accumulators per
+            row, no more exponentials).
         check_inputs: raise on labels outside ``[0, V)`` (one host sync, eager mode
             only). Without the check, or under torch.compile / CUDA-graph capture, such
             tokens get a NaN loss and gradient.

@@ -2,7 +2,8 @@
 
 Every backend reads and writes these layouts: the Triton kernels as compile-time field
 offsets, the CUDA kernels through ``csrc/tofu_math.cuh`` (namespaces ``tofu::stat``,
-``tofu::gparam``, ``tofu::meta``, ``tofu::reduced``, ``tofu::reduction``, ``tofu::metric``;
+``tofu::gparam``, ``tofu::meta``, ``tofu::reduced``, ``tofu::reduction``, ``tofu::metric``,
+``tofu::macc``;
 a test compares the two field by field). A record is a row of an fp32 tensor whose last dimension is the
 record's length; a field is an index into it.
 
@@ -16,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Epilogue", "GradParam", "Meta", "Metric", "Partials", "Reduced", "Reduction", "Stat", "TokenMetrics",
+__all__ = ["Epilogue", "GradParam", "Meta", "Metric", "MetricAcc", "Partials", "Reduced", "Reduction", "Stat", "TokenMetrics",
            "meta_record"]
 
 
@@ -35,13 +36,26 @@ class Metric(IntEnum):
     """The optional per-row metrics (``return_metrics=True``): ``[N, len(Metric)]`` fp32.
 
     ``ENTROPY`` of the untempered softmax, ``-sum_j p_j log p_j = log S1 - E / S1`` with the
-    one extra accumulator ``E = sum_j exp(z_j - m) (z_j - m)`` of the statistics pass (the
-    entropy plane of :class:`Partials`); ``TOP1`` 1.0 when the target logit equals the row
-    max (the target is a most likely token; ties count), else 0.0. Both 0 for ignored rows,
-    NaN for invalid labels.
+    accumulator ``E`` of the statistics pass (:class:`MetricAcc`); ``TOP1`` 1.0 when the
+    target is the row's first maximum (``z_t == m`` and every column before the target is
+    below ``m``: ``argmax == target``, as greedy decoding and TRL's ``mean_token_accuracy``
+    count ties), else 0.0. Both 0 for ignored rows, NaN for invalid labels.
     """
 
     ENTROPY, TOP1 = 0, 1
+
+
+class MetricAcc(IntEnum):
+    """The metrics' accumulators of one part of a row (the metrics plane of
+    :class:`Partials`): ``[..., len(MetricAcc)]`` fp32.
+
+    ``E = sum_j exp(z_j - m) (z_j - m)`` over the part's columns (merged like ``S1``, moved to
+    the common max); ``BEFORE`` the largest logit among the part's columns before the target
+    (global column ``< label``; -inf if none), merged by max: the target is the first
+    maximum when ``z_t == m`` and ``BEFORE < m``.
+    """
+
+    E, BEFORE = 0, 1
 
 
 class GradParam(IntEnum):
@@ -88,10 +102,10 @@ class Partials(NamedTuple):
     ``data`` is flat fp32: rank ``w`` (tensor-parallel ranks, 1 on a single device) starts
     at ``w * rank_stride`` floats and holds ``n_rows * splits`` records, row-major
     (``splits`` column chunks per row), followed under tensor parallelism by one metadata
-    record (:class:`Meta`), followed with ``ent`` (metrics asked for) by the entropy plane:
-    ``n_rows * splits`` fp32 accumulators ``E = sum_j exp(z_j - m) (z_j - m)`` of the same
-    parts (so the one all-gather carries them too; without metrics nothing is written or
-    sent). Every part of a row is merged by the epilogue, in a fixed order.
+    record (:class:`Meta`), followed with ``ent`` (metrics asked for) by the metrics plane:
+    ``n_rows * splits`` :class:`MetricAcc` records of the same parts (so the one all-gather
+    carries them too; without metrics nothing is written or sent). Every part of a row is
+    merged by the epilogue, in a fixed order.
     """
 
     data: torch.Tensor
@@ -100,12 +114,12 @@ class Partials(NamedTuple):
     world: int = 1
     rank_stride: int = 0  # floats between ranks' blocks
     has_meta: bool = False  # a metadata record follows each rank's records
-    ent: bool = False  # the entropy plane follows (metrics)
+    ent: bool = False  # the metrics plane follows
 
     def per_rank(self) -> int:
-        """Floats of one rank's block: records, metadata record, entropy plane."""
+        """Floats of one rank's block: records, metadata record, metrics plane."""
         parts = self.n_rows * self.splits
-        return (parts + int(self.has_meta)) * len(Stat) + parts * int(self.ent)
+        return (parts + int(self.has_meta)) * len(Stat) + parts * len(MetricAcc) * int(self.ent)
 
     def _ranks(self) -> torch.Tensor:
         """``[world, floats per rank]`` view of ``data``."""
@@ -127,10 +141,10 @@ class Partials(NamedTuple):
         return self._blocks()[:, self.n_rows * self.splits].contiguous().view(torch.int32)
 
     def ents(self) -> torch.Tensor:
-        """``[world, n_rows, splits]`` view of the entropy plane (``ent`` only)."""
+        """``[world, n_rows, splits, len(MetricAcc)]`` view of the metrics plane (``ent`` only)."""
         start = (self.n_rows * self.splits + int(self.has_meta)) * len(Stat)
-        return self._ranks()[:, start:start + self.n_rows * self.splits].reshape(self.world, self.n_rows,
-                                                                                 self.splits)
+        n = self.n_rows * self.splits * len(MetricAcc)
+        return self._ranks()[:, start:start + n].reshape(self.world, self.n_rows, self.splits, len(MetricAcc))
 
 
 class Epilogue(NamedTuple):

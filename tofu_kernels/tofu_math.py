@@ -20,9 +20,9 @@ from typing import NamedTuple
 
 import torch
 
-from .records import Metric, Stat
+from .records import Metric, MetricAcc, Stat
 
-__all__ = ["RowResult", "combine_stats", "entropy_terms", "finalize_stats", "focal_weight", "row_metrics"]
+__all__ = ["RowResult", "before_target_max", "combine_stats", "entropy_terms", "finalize_stats", "focal_weight", "row_metrics"]
 
 
 class RowResult(NamedTuple):
@@ -68,14 +68,24 @@ def entropy_terms(d: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     return e * d.clamp(min=-torch.finfo(d.dtype).max)
 
 
+def before_target_max(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """:attr:`MetricAcc.BEFORE` of rows ``z[N, C]``: the largest logit among the columns
+    before each row's target column ``t[N]`` (relative to ``z``'s first column; any
+    integer: all columns count when ``t >= C``, none when ``t <= 0``), -inf if none."""
+    cols = torch.arange(z.shape[-1], device=z.device)
+    return torch.where(cols < t.unsqueeze(-1), z, -math.inf).amax(dim=-1)
+
+
 def combine_stats(stats: torch.Tensor, beta: float, dim: int, ent: torch.Tensor | None = None):
     """Merge partial :class:`Stat` records along ``dim`` (vocab splits or TP ranks).
 
     ``M = max m_r``, ``S1 = sum S1_r exp(m_r - M)``, ``Sb = sum Sb_r exp((m_r - M)/beta)``,
     ``z_t = sum zt_r``. A part that saw no column (m_r = -inf, S = 0) contributes 0.
-    The result drops ``dim``. With ``ent`` (the parts' entropy accumulators
-    ``E_r = sum exp(z - m_r) (z - m_r)``, ``stats``' shape without the last dim), also the
-    merged ``E = sum exp(m_r - M) (E_r + (m_r - M) S1_r)``: returns ``(stats, E)``.
+    The result drops ``dim``. With ``ent`` (the parts' :class:`MetricAcc` records, ``stats``'
+    shape with a last dim of ``len(MetricAcc)``), also the merged accumulators: returns
+    ``(stats, acc)`` with ``E = sum exp(m_r - M) (E_r + (m_r - M) S1_r)`` (each part's
+    ``E_r = sum exp(z - m_r) (z - m_r)`` moved to the common max) and ``BEFORE = max_r
+    BEFORE_r``.
     """
     m, s1, sb, zt = (stats[..., f] for f in Stat)
     big_m = m.amax(dim=dim, keepdim=True)
@@ -90,8 +100,9 @@ def combine_stats(stats: torch.Tensor, beta: float, dim: int, ent: torch.Tensor 
     if ent is None:
         return out
     # each part's accumulator moved to the common max; an empty part (m_r = -inf) adds 0
-    moved = scale * (ent + torch.where(m == -math.inf, 0.0, m - safe) * s1)
-    return out, moved.sum(dim)
+    moved = scale * (ent[..., MetricAcc.E] + torch.where(m == -math.inf, 0.0, m - safe) * s1)
+    fields = {MetricAcc.E: moved.sum(dim), MetricAcc.BEFORE: ent[..., MetricAcc.BEFORE].amax(dim)}
+    return out, torch.stack([fields[f] for f in MetricAcc], dim=-1)
 
 
 def finalize_stats(
@@ -137,17 +148,19 @@ def finalize_stats(
 def row_metrics(stats: torch.Tensor, ent: torch.Tensor, labels: torch.Tensor, ignore_index: int,
                 vocab_size: int | torch.Tensor) -> torch.Tensor:
     """The :class:`~tofu_kernels.records.Metric` records ``[N, len(Metric)]`` from merged
-    statistics and entropy accumulators: entropy ``log S1 - E / S1`` (of the untempered
-    softmax: ``-sum p log p`` with ``log p_j = (z_j - m) - log S1``), and top-1 ``z_t == m``
-    (one compare: the target logit is the row max). 0 for ignored rows, NaN for invalid
-    labels (as :func:`finalize_stats`)."""
+    statistics and :class:`~tofu_kernels.records.MetricAcc` records: entropy
+    ``log S1 - E / S1`` (of the untempered softmax: ``-sum p log p`` with
+    ``log p_j = (z_j - m) - log S1``), and top-1 ``z_t == m and BEFORE < m`` (the target is
+    the first maximum: ``argmax == target``). 0 for ignored rows, NaN for invalid labels (as
+    :func:`finalize_stats`)."""
     m, s1, zt = stats[..., Stat.M], stats[..., Stat.S1], stats[..., Stat.ZT]
+    ent, before = ent[..., MetricAcc.E], ent[..., MetricAcc.BEFORE]
     ignored = labels == ignore_index
     invalid = ~ignored & ((labels < 0) | (labels >= vocab_size))
     keep = ~(ignored | invalid)
     s1 = torch.where(keep, s1, 1.0)
     entropy = torch.log(s1) - torch.where(keep, ent, 0.0) / s1
-    top1 = (zt >= m).to(torch.float32)
+    top1 = ((zt >= m) & (zt > before)).to(torch.float32)
     fields = {Metric.ENTROPY: entropy, Metric.TOP1: top1}
     out = torch.stack([fields[f] for f in Metric], dim=-1)
     return torch.where(invalid.unsqueeze(-1), math.nan, torch.where(keep.unsqueeze(-1), out, 0.0))

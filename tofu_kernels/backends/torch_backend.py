@@ -16,8 +16,8 @@ import torch
 
 from .._inputs import RowLayout, Shard
 from ..params import TOFUParams
-from ..records import Epilogue, GradParam, Meta, Partials, Reduction, Stat
-from ..tofu_math import combine_stats, entropy_terms, finalize_stats, row_metrics
+from ..records import Epilogue, GradParam, Meta, MetricAcc, Partials, Reduction, Stat
+from ..tofu_math import before_target_max, combine_stats, entropy_terms, finalize_stats, row_metrics
 
 NAME = "torch"
 # 4 Mi fp32 elements = 16 MiB per temporary; a chunk holds at most a handful of them.
@@ -56,13 +56,15 @@ def _target_cols(labels: torch.Tensor, shard: Shard):
 def row_stats(x: torch.Tensor, lay: RowLayout, labels: torch.Tensor, shard: Shard, params: TOFUParams,
               meta: bool) -> Partials:
     """``[N, 1, len(Stat)]`` statistics over columns [0, n_valid) of each row, plus this
-    rank's metadata record when ``meta`` (tensor parallelism), plus the entropy plane with
+    rank's metadata record when ``meta`` (tensor parallelism), plus the metrics plane with
     ``params.return_metrics``."""
     n_valid, beta = shard.n_valid, params.beta
     parts = Partials(x, lay.n_rows, 1, has_meta=meta, ent=params.return_metrics)
     parts = parts._replace(data=torch.zeros(parts.per_rank(), dtype=torch.float32, device=x.device))
     data = parts.data[: (lay.n_rows + int(meta)) * len(Stat)].view(-1, len(Stat))
-    ent = parts.ents()[0, :, 0] if parts.ent else None
+    ent = parts.ents()[0, :, 0] if parts.ent else None  # [N, len(MetricAcc)]
+    if ent is not None:
+        ent[:, MetricAcc.BEFORE] = -torch.inf  # no column seen yet
     if meta:  # int32 bits, field by field, as the GPU statistics kernels write it
         record = data[lay.n_rows].view(torch.int32)
         for field, value in ((Meta.VOCAB_START, shard.vocab_start), (Meta.VOCAB_END, shard.vocab_end),
@@ -79,7 +81,8 @@ def row_stats(x: torch.Tensor, lay: RowLayout, labels: torch.Tensor, shard: Shar
             ex = e.exp()
             s1 = ex.sum(dim=1)
             if ent is not None:
-                ent[r0:r1] = entropy_terms(e, ex).sum(dim=1)
+                ent[r0:r1, MetricAcc.E] = entropy_terms(e, ex).sum(dim=1)
+                ent[r0:r1, MetricAcc.BEFORE] = before_target_max(z, labels[r0:r1] - shard.vocab_start)
             sb = s1 if beta == 1.0 else e.div_(beta).exp_().sum(dim=1)
             col, hit = _target_cols(labels[r0:r1], shard)
             zt = torch.where(hit, z.gather(1, col).squeeze(1), 0.0)
@@ -94,7 +97,8 @@ def epilogue(parts: Partials, labels: torch.Tensor, params: TOFUParams, vocab_si
     divides by the number of non-ignored tokens, at least 1 (all ignored: 0, zero gradient)."""
     rec = parts.records().permute(1, 0, 2, 3).reshape(parts.n_rows, -1, len(Stat))
     if parts.ent:
-        merged, ent = combine_stats(rec, params.beta, 1, parts.ents().permute(1, 0, 2).reshape(parts.n_rows, -1))
+        acc = parts.ents().permute(1, 0, 2, 3).reshape(parts.n_rows, -1, len(MetricAcc))
+        merged, ent = combine_stats(rec, params.beta, 1, acc)
     else:
         merged, ent = combine_stats(rec, params.beta, dim=1), None
     if vocab_size is None:  # tensor parallel: the global size from the ranks' metadata

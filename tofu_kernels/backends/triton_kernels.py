@@ -31,7 +31,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..records import GradParam, Meta, Metric, Reduced, Reduction, Stat
+from ..records import GradParam, Meta, Metric, MetricAcc, Reduced, Reduction, Stat
 
 # Record fields (tofu_kernels.records) as compile-time constants.
 _ST_M, _ST_S1, _ST_SB, _ST_ZT = (tl.constexpr(int(f)) for f in Stat)
@@ -42,6 +42,8 @@ _MT_START, _MT_END, _MT_WIDTH, _MT_ROWS = (tl.constexpr(int(f)) for f in Meta)
 _RD_LOSS, _RD_CE, _RD_SCALE = (tl.constexpr(int(f)) for f in Reduced)
 _MX_ENTROPY, _MX_TOP1 = (tl.constexpr(int(f)) for f in Metric)
 _MX_WIDTH = tl.constexpr(len(Metric))
+_MA_E, _MA_BEFORE = (tl.constexpr(int(f)) for f in MetricAcc)
+_MA_WIDTH = tl.constexpr(len(MetricAcc))
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
 _MEAN = tl.constexpr(int(Reduction.MEAN))
 
@@ -84,15 +86,15 @@ def _merge(m, s1, sb, e, m2, s12, sb2, e2, inv_beta, BETA_IS_ONE: tl.constexpr, 
 
 
 @triton.jit
-def _metrics(m, s1, zt, e, label, ignore_index, vocab_size):
-    """Entropy log S1 - E / S1 and top-1 (z_t == m) of a merged row
-    (tofu_math.row_metrics): 0 for ignored rows, NaN for invalid labels."""
+def _metrics(m, s1, zt, e, before, label, ignore_index, vocab_size):
+    """Entropy log S1 - E / S1 and top-1 (z_t == m, every column before the target below m)
+    of a merged row (tofu_math.row_metrics): 0 for ignored rows, NaN for invalid labels."""
     ignored = label == ignore_index
     invalid = (~ignored) & ((label < 0) | (label >= vocab_size))
     keep = ~(ignored | invalid)
     s1 = tl.where(keep, s1, 1.0)
     entropy = tl.log(s1) - tl.where(keep, e, 0.0) / s1
-    top1 = tl.where(zt >= m, 1.0, 0.0)
+    top1 = tl.where((zt >= m) & (zt > before), 1.0, 0.0)
     nan = float("nan")
     entropy = tl.where(invalid, nan, tl.where(keep, entropy, 0.0))
     top1 = tl.where(invalid, nan, tl.where(keep, top1, 0.0))
@@ -134,16 +136,18 @@ def _finalize(m, s1, sb, zt, label, ignore_index, vocab_size, gamma, beta, inv_b
 
 
 @triton.jit
-def _row_slice_stats(x_row, lo, hi, span, active, inv_beta, BLOCK: tl.constexpr, BETA_IS_ONE: tl.constexpr,
+def _row_slice_stats(x_row, lo, hi, span, active, t, inv_beta, BLOCK: tl.constexpr, BETA_IS_ONE: tl.constexpr,
                      ENT: tl.constexpr):
-    """(m, S1, Sb, E) of columns [lo, hi) of one row in BLOCK-wide tiles (``span`` >= hi - lo
-    columns visited): an online max and two fp32 sums, and with ENT the entropy accumulator
-    E = sum exp(z - m) (z - m) from the same exponentials (0 otherwise); nothing is read
-    unless ``active``."""
+    """(m, S1, Sb, E, BEFORE) of columns [lo, hi) of one row in BLOCK-wide tiles (``span`` >=
+    hi - lo columns visited): an online max and two fp32 sums, and with ENT the entropy
+    accumulator E = sum exp(z - m) (z - m) from the same exponentials and BEFORE, the max
+    of the columns before the target column ``t`` (records.MetricAcc; 0 and -inf
+    otherwise); nothing is read unless ``active``."""
     m = -float("inf")
     s1 = 0.0
     sb = 0.0
     e = 0.0
+    before = -float("inf")
     for start in range(0, span, BLOCK):
         cols = lo + start + tl.arange(0, BLOCK)
         z = tl.load(x_row + cols, mask=(cols < hi) & active, other=-float("inf")).to(tl.float32)
@@ -156,13 +160,14 @@ def _row_slice_stats(x_row, lo, hi, span, active, inv_beta, BLOCK: tl.constexpr,
         if ENT:  # moved to the new max (with the old S1), then this tile's terms; -inf columns add 0
             e = a * (e + tl.where(m == -float("inf"), 0.0, m - shift) * s1)
             e += tl.sum(ex * tl.maximum(d, -_FLT_MAX), axis=0)
+            before = tl.maximum(before, tl.max(tl.where(cols < t, z, -float("inf")), axis=0))
         s1 = s1 * a + tl.sum(ex, axis=0)
         if not BETA_IS_ONE:
             sb = sb * tl.exp((m - shift) * inv_beta) + tl.sum(tl.exp(d * inv_beta), axis=0)
         m = m_new
     if BETA_IS_ONE:
         sb = s1
-    return m, s1, sb, e
+    return m, s1, sb, e, before
 
 
 # ------------------------------------------------------------------ two-pass path
@@ -186,7 +191,7 @@ def stats_kernel(
     BLOCK: tl.constexpr,
     BETA_IS_ONE: tl.constexpr,
     WRITE_META: tl.constexpr,
-    WRITE_ENT: tl.constexpr,  # metrics: the entropy plane after the records (records.Partials)
+    WRITE_ENT: tl.constexpr,  # metrics: the metrics plane after the records (records.Partials)
 ):
     inv_beta = tl.cast(inv_beta, tl.float32)  # under torch.compile, Inductor passes Python floats as fp64
     row = tl.program_id(0).to(tl.int64)
@@ -196,8 +201,9 @@ def stats_kernel(
     active = label != ignore_index  # ignored rows are not read; the epilogue masks them
     lo = split * chunk
     hi = tl.minimum(lo + chunk, n_valid)
-    m, s1, sb, e = _row_slice_stats(x_row, lo, hi, chunk, active, inv_beta, BLOCK, BETA_IS_ONE, WRITE_ENT)
     t = label - vocab_start
+    m, s1, sb, e, before = _row_slice_stats(x_row, lo, hi, chunk, active, t, inv_beta, BLOCK, BETA_IS_ONE,
+                                            WRITE_ENT)
     hit = active & (t >= lo) & (t < hi)
     zt = tl.load(x_row + t, mask=hit, other=0.0).to(tl.float32)
     n_splits = tl.num_programs(1)
@@ -208,7 +214,9 @@ def stats_kernel(
     tl.store(out + _ST_ZT, zt)
     if WRITE_ENT:
         n_parts = tl.num_programs(0).to(tl.int64) * n_splits
-        tl.store(STATS + (n_parts + WRITE_META) * _ST_WIDTH + row * n_splits + split, e)
+        acc = STATS + (n_parts + WRITE_META) * _ST_WIDTH + (row * n_splits + split) * _MA_WIDTH
+        tl.store(acc + _MA_E, e)
+        tl.store(acc + _MA_BEFORE, before)
     if WRITE_META:
         if (row == 0) & (split == 0):  # this rank's metadata record, as int32 bits
             meta = STATS + tl.num_programs(0).to(tl.int64) * n_splits * _ST_WIDTH
@@ -243,7 +251,7 @@ def epilogue_kernel(
     GAMMA_ZERO: tl.constexpr,
     BETA_IS_ONE: tl.constexpr,
     BLOCK_R: tl.constexpr,
-    HAS_ENT: tl.constexpr,  # metrics: PARTS carries the entropy plane, MET is written
+    HAS_ENT: tl.constexpr,  # metrics: PARTS carries the metrics plane, MET is written
 ):
     gamma, beta, inv_beta = tl.cast(gamma, tl.float32), tl.cast(beta, tl.float32), tl.cast(inv_beta, tl.float32)
     ent_off = (n_rows * splits + HAS_META) * _ST_WIDTH
@@ -266,6 +274,7 @@ def epilogue_kernel(
         sb = tl.zeros([BLOCK_R], dtype=tl.float32)
         zt = tl.zeros([BLOCK_R], dtype=tl.float32)
         e = tl.zeros([BLOCK_R], dtype=tl.float32)
+        before = tl.full([BLOCK_R], -float("inf"), tl.float32)
         for w in range(0, world):
             for s in range(0, splits):
                 rec = PARTS + w * rank_stride + (rows * splits + s) * _ST_WIDTH
@@ -275,13 +284,15 @@ def epilogue_kernel(
                 zt += tl.load(rec + _ST_ZT, mask=ok, other=0.0)
                 pe = 0.0
                 if HAS_ENT:
-                    pe = tl.load(PARTS + w * rank_stride + ent_off + rows * splits + s, mask=ok, other=0.0)
+                    acc = PARTS + w * rank_stride + ent_off + (rows * splits + s) * _MA_WIDTH
+                    pe = tl.load(acc + _MA_E, mask=ok, other=0.0)
+                    before = tl.maximum(before, tl.load(acc + _MA_BEFORE, mask=ok, other=-float("inf")))
                 m, s1, sb, e = _merge(m, s1, sb, e, pm, ps1, psb, pe, inv_beta, BETA_IS_ONE, HAS_ENT)
         label = tl.load(LABELS + rows, mask=ok, other=ignore_index).to(tl.int64)
         loss, ce, g, mm, log_sb, qt_m1 = _finalize(m, s1, sb, zt, label, ignore_index, vs, gamma, beta,
                                                    inv_beta, GAMMA_ZERO)
         if HAS_ENT:
-            entropy, top1 = _metrics(m, s1, zt, e, label, ignore_index, vs)
+            entropy, top1 = _metrics(m, s1, zt, e, before, label, ignore_index, vs)
             tl.store(MET + rows * _MX_WIDTH + _MX_ENTROPY, entropy, mask=ok)
             tl.store(MET + rows * _MX_WIDTH + _MX_TOP1, top1, mask=ok)
         tl.store(LOSS + rows, loss, mask=ok)
@@ -367,7 +378,7 @@ def fused_kernel(
     BLOCK: tl.constexpr,
     BETA_IS_ONE: tl.constexpr,
     GAMMA_ZERO: tl.constexpr,
-    ENT: tl.constexpr,  # metrics: the entropy accumulator, MET written
+    ENT: tl.constexpr,  # metrics: the metrics' accumulators, MET written
 ):
     gamma, beta, inv_beta = tl.cast(gamma, tl.float32), tl.cast(beta, tl.float32), tl.cast(inv_beta, tl.float32)
     row = tl.program_id(0).to(tl.int64)
@@ -376,13 +387,14 @@ def fused_kernel(
     label = tl.load(LABELS + row).to(tl.int64)
     active = label != ignore_index
     # pass 1: the statistics
-    m, s1, sb, e = _row_slice_stats(x_row, 0, n_valid, n_valid, active, inv_beta, BLOCK, BETA_IS_ONE, ENT)
+    m, s1, sb, e, before = _row_slice_stats(x_row, 0, n_valid, n_valid, active, label, inv_beta, BLOCK,
+                                            BETA_IS_ONE, ENT)
     hit = active & (label >= 0) & (label < n_valid)
     zt = tl.load(x_row + label, mask=hit, other=0.0).to(tl.float32)
     loss, ce, g, mm, log_sb, qt_m1 = _finalize(m, s1, sb, zt, label, ignore_index, n_valid, gamma, beta,
                                                inv_beta, GAMMA_ZERO)
     if ENT:
-        entropy, top1 = _metrics(m, s1, zt, e, label, ignore_index, n_valid)
+        entropy, top1 = _metrics(m, s1, zt, e, before, label, ignore_index, n_valid)
         tl.store(MET + row * _MX_WIDTH + _MX_ENTROPY, entropy)
         tl.store(MET + row * _MX_WIDTH + _MX_TOP1, top1)
     tl.store(LOSS + row, loss)

@@ -14,7 +14,7 @@ deprecates that argument. This subclass overrides ``compute_loss`` instead:
   times the number of processes with ``average_tokens_across_devices``, plus the MoE
   router loss (``router_aux_loss_coef``, divided over the accumulation steps);
 - TRL's metrics ``entropy`` and ``mean_token_accuracy`` come from the same kernels
-  (``return_metrics``: one more fp32 accumulator per row, no more exponentials), logged
+  (``return_metrics``: two more fp32 accumulators per row, no more exponentials), logged
   under TRL's names; evaluation runs the same way (the two-pass kernels, no gradient).
 
 What needs the full logits is refused at construction (label smoothing, ``loss_type``
