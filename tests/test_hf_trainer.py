@@ -268,8 +268,10 @@ def test_refusals_and_fallbacks(tmp_path):
         hf.TOFUSFTTrainer(model, _args(tmp_path), None, _dataset(), None, _word_tokenizer(), hf.tofu_loss_func())
     with pytest.raises(ValueError, match="ignore_index must be -100"):
         _trainer(model, tmp_path, tofu_params=tk.TOFUParams(ignore_index=-1))
-    with pytest.raises(ValueError, match="return_metrics"):
+    with pytest.raises(ValueError, match="^TOFUSFTTrainer: tofu_params must have reduction 'mean'"):
         _trainer(model, tmp_path, tofu_params=tk.TOFUParams(return_metrics=True))
+    with pytest.raises(ValueError, match="^apply_tofu: params must have reduction 'mean'"):
+        hf.apply_tofu(_tiny("llama"), params=tk.TOFUParams(reduction="sum"))
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2))
     with pytest.raises(ValueError, match="^TOFUSFTTrainer: GPT2LMHeadModel is not supported"):
         _trainer(gpt2, tmp_path)  # refused before the dataset is prepared

@@ -19,7 +19,7 @@ from ..linear import loss_of_hidden
 from ..loss import loss_of_logits
 from ..params import DEFAULT_BETA, DEFAULT_GAMMA, DEFAULT_IGNORE_INDEX, TOFUParams
 
-__all__ = ["SUPPORTED_MODELS", "apply_tofu", "check_model", "revert_tofu", "shift_labels", "tofu_loss_func"]
+__all__ = ["SUPPORTED_MODELS", "apply_tofu", "check_model", "check_params", "revert_tofu", "shift_labels", "tofu_loss_func"]
 
 # Causal-LM classes whose forward is backbone -> lm_head (nn.Linear, no bias) -> loss, with
 # no logit scaling or soft-capping: the structure the fused forward reproduces. The MoE
@@ -244,8 +244,8 @@ def apply_tofu(
     """
     if params is None:
         params = TOFUParams(gamma=gamma, beta=beta, ignore_index=ignore_index, backend=backend)
-    elif params.reduction != "mean" or params.return_ce or params.return_metrics:
-        raise ValueError("apply_tofu: params must have reduction 'mean' and neither return_ce nor return_metrics")
+    else:
+        check_params(params, "apply_tofu: params")
     loss = _HFLoss(params, chunk_size)
     model = _base_model(model)
     check_model(model, fused_linear, "apply_tofu")
@@ -263,6 +263,13 @@ def apply_tofu(
         forward.tofu_forward = True
         model.forward = forward
     return model
+
+
+def check_params(params: TOFUParams, who: str) -> None:
+    """Raise unless ready ``params`` are what the Hugging Face paths run: reduction "mean",
+    no extra outputs (the fused forward asks for the metrics itself)."""
+    if params.reduction != "mean" or params.return_ce or params.return_metrics:
+        raise ValueError(f"{who} must have reduction 'mean' and neither return_ce nor return_metrics")
 
 
 def check_model(model, fused_linear: bool, who: str) -> None:

@@ -33,7 +33,7 @@ import torch
 import trl
 
 from ..params import DEFAULT_BETA, DEFAULT_GAMMA, DEFAULT_IGNORE_INDEX, TOFUParams
-from .models import apply_tofu, check_model
+from .models import apply_tofu, check_model, check_params
 
 __all__ = ["TOFUSFTTrainer"]
 
@@ -50,9 +50,7 @@ def trainer_params(gamma: float | None, beta: float | None, params: TOFUParams |
     if params.ignore_index != DEFAULT_IGNORE_INDEX:
         raise ValueError(f"TOFUSFTTrainer: tofu_params.ignore_index must be {DEFAULT_IGNORE_INDEX}, the label TRL's "
                          f"collators and the Trainer's token count use, got {params.ignore_index}")
-    if params.reduction != "mean" or params.return_ce or params.return_metrics:
-        raise ValueError("TOFUSFTTrainer: tofu_params must have reduction 'mean' and neither return_ce nor "
-                         "return_metrics (the trainer asks for the metrics itself)")
+    check_params(params, "TOFUSFTTrainer: tofu_params")
     return params
 
 
