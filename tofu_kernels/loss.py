@@ -167,7 +167,7 @@ def vocab_parallel_tofu_loss(
         gamma, beta, ignore_index, reduction, backend, inplace_backward, return_ce,
             return_metrics: as in :func:`tofu_loss` (the same keywords in the same order);
             ``reduction`` defaults to ``"none"``, what Megatron's loss entry returns; the
-            metrics' extra accumulator travels in the same all-gather (4 B more per token).
+            metrics' two accumulators travel in the same all-gather (8 B more per token).
         check_inputs: host checks in eager mode (labels in ``[0, V)``, shard ranges
             tiling ``[0, V)``, equal widths and token counts); without them invalid
             labels give NaN.
