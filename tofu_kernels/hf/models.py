@@ -75,9 +75,8 @@ class _HFLoss:
         ``(loss, TokenMetrics)``. ``num_items_in_batch`` 0 (no token to train in the whole
         accumulated batch, e.g. every completion truncated away) gives a loss of 0 with a zero
         gradient (a division by it would give NaN)."""
-        n = num_items_in_batch
-        if n is not None and float(n) == 0:
-            n = 1  # the sum over no tokens is 0
+        # read once (the one host sync of a tensor count); the sum over no tokens is 0
+        n = None if num_items_in_batch is None else float(num_items_in_batch) or 1.0
         return loss_of_hidden(hidden, weight, target, self.with_metrics if metrics else self.params,
                               chunk_size=self.chunk_size, normalizer=n)
 
