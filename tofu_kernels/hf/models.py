@@ -18,6 +18,7 @@ from torch.distributed.tensor import DTensor
 from ..linear import loss_of_hidden
 from ..loss import loss_of_logits
 from ..params import DEFAULT_BETA, DEFAULT_GAMMA, DEFAULT_IGNORE_INDEX, TOFUParams
+from ..records import TokenMetrics
 
 __all__ = ["SUPPORTED_MODELS", "apply_tofu", "check_model", "check_params", "revert_tofu", "shift_labels", "tofu_loss_func"]
 
@@ -194,11 +195,13 @@ def _tofu_forward(self, *args, tofu_metrics: bool = False, **kwargs):
     outputs = self.model(**kw)
     hidden = _keep_last(outputs.last_hidden_state, logits_to_keep)
     target = loss.targets(labels, shifted, hidden.device)
-    weight = self.lm_head.weight
-    if isinstance(weight, DTensor):  # FSDP2 shards it: the loss needs every row, as TRL's fused head does
-        weight = weight.full_tensor()
-    result = loss.on_hidden(hidden, weight, target, num_items, metrics=tofu_metrics)
-    lm_loss, metrics = result if tofu_metrics else (result, None)
+    head = self.lm_head
+    if not _is_ours(head.__dict__.get(_head_forward_slot(head))):
+        raise RuntimeError("apply_tofu(fused_linear=True): lm_head was replaced after apply_tofu (e.g. by a "
+                           "PEFT modules_to_save wrapper); call apply_tofu again on the final model")
+    # through lm_head's own call, so that its wrappers' hooks run as for its forward (see _head_forward)
+    lm_loss, *metrics = head(hidden, tofu=_HeadCall(loss, target, num_items, tofu_metrics))
+    metrics = TokenMetrics(*metrics) if tofu_metrics else None
     aux = _router_loss(self, outputs, kw.get("attention_mask")) if router else None
     total = lm_loss if aux is None else lm_loss + self.router_aux_loss_coef * aux.to(lm_loss.device)
     extra = {}
@@ -209,6 +212,76 @@ def _tofu_forward(self, *args, tofu_metrics: bool = False, **kwargs):
                              attentions=outputs.attentions, aux_loss=aux,
                              router_logits=getattr(outputs, "router_logits", None) if router else None, **extra)
     return out.to_tuple() if return_dict is False else out
+
+
+class _HeadCall:
+    """What the fused forward asks of ``lm_head``'s own forward: the loss of its weight on
+    these hidden states, against ``target``. A plain class on purpose: the wrappers' hooks
+    rebuild the containers they recognise (tuples, dicts, dataclasses) to cast or hook the
+    tensors inside, and pass any other object on untouched."""
+
+    __slots__ = ("loss", "target", "num_items", "metrics")
+
+    def __init__(self, loss: _HFLoss, target: torch.Tensor, num_items, metrics: bool):
+        self.loss, self.target, self.num_items, self.metrics = loss, target, num_items, metrics
+
+
+def _head_forward(self, input: torch.Tensor, tofu: _HeadCall | None = None):
+    """``lm_head``'s forward while :func:`apply_tofu` (``fused_linear=True``) is on.
+
+    Without ``tofu``: ``nn.Linear``'s forward (generation, evaluation, the class forward).
+    With it: the fused loss on ``self.weight`` as it stands inside this module's forward,
+    i.e. as the wrappers that manage the weight present it there, exactly as for the
+    logits' GEMM: FSDP2 (``fully_shard`` on ``lm_head``) has all-gathered it in its
+    ``param_dtype`` and cast ``input`` to it, frees it after the forward
+    (``reshard_after_forward``), gathers it again for the backward and reduce-scatters
+    its gradient in ``reduce_dtype``; DeepSpeed ZeRO-3 has fetched the partitioned
+    weight, releases it after the forward, fetches it for the backward and reduces its
+    gradient; DDP reduces the gradient like any other. Returns ``(loss,)``, or
+    ``(loss, entropy, top1)`` with ``tofu.metrics`` (tensors only: the wrappers' hooks
+    attach their backward hooks to the outputs).
+    """
+    if tofu is None:
+        return torch.nn.Linear.forward(self, input)
+    weight = self.weight
+    if isinstance(weight, DTensor):
+        raise ValueError(
+            f"apply_tofu(fused_linear=True): lm_head.weight is a DTensor ({weight.placements}) inside lm_head's own "
+            "forward, i.e. sharded by tensor parallelism, which the Hugging Face fused path does not support; "
+            "train without tensor parallelism on lm_head (FSDP2 and DeepSpeed are supported), or use "
+            "compute_loss_func=tofu_kernels.hf.tofu_loss_func(...) on the logits"
+        )
+    result = tofu.loss.on_hidden(input, weight, tofu.target, tofu.num_items, metrics=tofu.metrics)
+    return (result[0], *result[1]) if tofu.metrics else (result,)
+
+
+def _head_forward_slot(head) -> str:
+    """Where ``head``'s forward lives: ``forward``, or, under an accelerate hook (a model
+    loaded with a ``device_map``), the ``_old_forward`` the hook calls between its own steps."""
+    return "_old_forward" if hasattr(head, "_hf_hook") and "_old_forward" in head.__dict__ else "forward"
+
+
+def _is_ours(fn) -> bool:
+    return getattr(fn, "tofu_forward", False)
+
+
+def _install(module, slot: str, fn) -> None:
+    """``module.<slot> = fn`` bound to ``module``, marked as ours for :func:`revert_tofu`
+    (the class's own signature kept: ``generate()`` validates keywords against it)."""
+    bound = functools.wraps(getattr(type(module), "forward"))(functools.partial(fn, module))
+    bound.tofu_forward = True
+    bound.tofu_replaced = module.__dict__.get(slot)  # an accelerate hook's _old_forward, restored by revert
+    setattr(module, slot, bound)
+
+
+def _uninstall(module) -> None:
+    for slot in ("forward", "_old_forward"):
+        fn = module.__dict__.get(slot)
+        if _is_ours(fn):
+            if fn.tofu_replaced is None:
+                del module.__dict__[slot]
+            else:
+                module.__dict__[slot] = fn.tofu_replaced
 
 
 def apply_tofu(
@@ -257,10 +330,8 @@ def apply_tofu(
 
     model.loss_function = loss_function  # transformers' setter: model._loss_function
     if fused_linear:
-        # the class forward's signature (generate() validates its keyword arguments against it)
-        forward = functools.wraps(type(model).forward)(functools.partial(_tofu_forward, model))
-        forward.tofu_forward = True
-        model.forward = forward
+        _install(model, "forward", _tofu_forward)
+        _install(model.lm_head, _head_forward_slot(model.lm_head), _head_forward)
     return model
 
 
@@ -274,7 +345,7 @@ def check_params(params: TOFUParams, who: str) -> None:
 def check_model(model, fused_linear: bool, who: str) -> None:
     """Raise unless ``model`` (a causal LM or a ``PeftModel`` of one) is one the fused
     forward reproduces: a :data:`SUPPORTED_MODELS` class (or subclass) whose ``lm_head`` is
-    ``nn.Linear`` without bias, its weight present (DeepSpeed ZeRO-3 partitions it)."""
+    ``nn.Linear`` without bias."""
     model = _base_model(model)
     name = _supported_name(model)
     if name is None:
@@ -288,11 +359,6 @@ def check_model(model, fused_linear: bool, who: str) -> None:
     head = model.lm_head
     if not (isinstance(head, torch.nn.Linear) and head.bias is None):
         raise ValueError(f"{who}: {name}.lm_head must be nn.Linear without bias for the fused loss, got {head}")
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    if is_deepspeed_zero3_enabled():
-        raise ValueError(f"{who}: DeepSpeed ZeRO-3 partitions {name}.lm_head.weight, which the fused loss reads "
-                         "whole; use ZeRO-2, FSDP, or compute_loss_func=tofu_loss_func(...) on the logits")
 
 
 def _base_model(model):
@@ -308,6 +374,6 @@ def revert_tofu(model):
         return model
     del base._tofu_loss
     base.__dict__.pop("_loss_function", None)
-    if getattr(base.__dict__.get("forward"), "tofu_forward", False):
-        del base.__dict__["forward"]
+    _uninstall(base)
+    _uninstall(base.lm_head)
     return model
