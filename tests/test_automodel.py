@@ -345,16 +345,25 @@ def _fsdp_worker(rank, world):
     labels_all = [b[1] for b in per_rank]
     n = int(sum((lab != -100).sum() for lab in labels_all))  # the recipe's all-reduced count
 
-    loss = calculate_loss(LinearTOFULoss(gamma=GAMMA, beta=BETA), labels=labels_all[rank], model=model,
-                          hidden_states=model(ids_all[rank]), num_label_tokens=n,
-                          grad_reduce_group=dist.group.WORLD)
-    (loss * world).backward()  # the recipe's scaling, undone by FSDP's average
-    total = loss.detach().clone()
-    dist.all_reduce(total)
     ref, _, dw, de = linear_reference(ref_model, torch.cat(ids_all), torch.cat(labels_all), n)
-    assert_loss_close(total, ref)
-    assert_grad_close(model.lm_head.weight.grad.full_tensor(), dw, torch.float32)
-    assert_grad_close(model.embed.weight.grad.full_tensor(), de, torch.float32)
+    loss_fn = LinearTOFULoss(gamma=GAMMA, beta=BETA)
+    # through calculate_loss (its prepare_lm_weight gathers the head), then our forward handed
+    # the sharded DTensor itself (it calls the inherited materialize_lm_weight)
+    for direct in (False, True):
+        model.zero_grad()
+        hidden = model(ids_all[rank])
+        if direct:
+            loss = loss_fn(hidden, labels_all[rank], model.lm_head.weight, num_label_tokens=n,
+                           grad_reduce_group=dist.group.WORLD)
+        else:
+            loss = calculate_loss(loss_fn, labels=labels_all[rank], model=model, hidden_states=hidden,
+                                  num_label_tokens=n, grad_reduce_group=dist.group.WORLD)
+        (loss * world).backward()  # the recipe's scaling, undone by FSDP's average
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        assert_loss_close(total, ref)
+        assert_grad_close(model.lm_head.weight.grad.full_tensor(), dw, torch.float32)
+        assert_grad_close(model.embed.weight.grad.full_tensor(), de, torch.float32)
 
 
 def test_fsdp2_head_gradient_through_materialize_lm_weight(automodel):
