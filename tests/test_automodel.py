@@ -3,10 +3,10 @@
 What runs Automodel's code: ``components.loss.utils.calculate_loss`` (the call its recipe
 makes, with its label normalisation and its dispatch on ``LinearCrossEntropy``),
 ``prepare_lm_weight`` / ``LinearCrossEntropy.materialize_lm_weight`` (the FSDP2 head gather),
-``MaskedCrossEntropy`` (the contract, compared at gamma 0, beta 1) and its config loader
-with the recipe's typed ``RecipeConfig.loss_fn.build()`` on the example YAMLs. Automodel's
-recipe module itself (``recipes/llm/train_ft.py``) does not import here (it needs torchao and
-the rest of the full install), so its step is followed, not run: one backward of
+``MaskedCrossEntropy`` (the contract, compared at gamma 0, beta 1) and its config code
+(``ConfigNode`` and the recipe's typed ``RecipeConfig.loss_fn.build()``) on the example YAMLs.
+Automodel's recipe module itself (``recipes/llm/train_ft.py``) does not import here (it needs
+torchao and the rest of the full install), so its step is followed, not run: one backward of
 ``loss * world`` after ``calculate_loss`` with the global ``num_label_tokens``, as it does.
 
 Tensor parallelism is torch's own: logits from an ``lm_head`` parallelised with
