@@ -379,3 +379,26 @@ def test_gpu_qlora_4bit_trains_and_matches_reference(tmp_path):
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
 
+
+
+def test_metrics_reach_the_host_in_one_sync(tmp_path, monkeypatch):
+    """TRL's metrics from one gather and one device-to-host copy per step (TRL's own code
+    makes four: three .item() and a tensor comparison), equal to the values TRL's arithmetic
+    gives on the same outputs."""
+    trainer = _trainer(_tiny("llama"), tmp_path)
+    batch = _batch(trainer)
+    trainer.model.train()
+    with torch.no_grad():
+        outputs = trainer.model(**batch, tofu_metrics=True)
+    syncs = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        orig = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=orig, _n=name: syncs.append(_n) or _o(self, *a))
+    trainer._log_tofu_metrics("train", batch, outputs)
+    monkeypatch.undo()
+    assert syncs == ["tolist"], syncs
+    n = outputs.label_mask.sum()
+    m = trainer._metrics["train"]
+    assert m["entropy"][-1] == pytest.approx((outputs.entropy.sum() / n).item(), rel=1e-6)
+    assert m["mean_token_accuracy"][-1] == pytest.approx((outputs.top1.sum() / n).item(), rel=1e-6)
+    assert m["num_tokens"] == [batch["attention_mask"].sum().item()]

@@ -381,9 +381,12 @@ def test_gpu_ops_share_one_schema_and_one_fake_each():
 
 def test_hugging_face_paths_share_one_forward():
     """TOFUSFTTrainer reaches the loss only through the model's forward (apply_tofu's, with
-    tofu_metrics=True), and that forward only through _HFLoss.on_hidden: one mechanism."""
+    tofu_metrics=True), that forward only through lm_head's own call (_head_forward, where the
+    data-parallel wrappers present the weight), and that only through _HFLoss.on_hidden: one
+    mechanism."""
     assert [c for c in _calls("loss_of_hidden") if not c.startswith("linear.py:")] == ["hf/models.py:on_hidden"]
-    assert _calls("on_hidden") == ["hf/models.py:_tofu_forward"]
+    assert _calls("on_hidden") == ["hf/models.py:_head_forward"]
+    assert _calls("_HeadCall") == ["hf/models.py:_tofu_forward"]
     trainer = (PKG / "hf" / "trainer.py").read_text()
     assert "tofu_metrics=True" in trainer and "linear_tofu_loss(" not in trainer and "loss_of_hidden" not in trainer
     assert _calls("apply_tofu") == ["hf/trainer.py:__init__"]

@@ -67,7 +67,8 @@ class TOFUSFTTrainer(trl.SFTTrainer):
     ``gamma``, ``beta``, ``backend``; ``ignore_index`` -100, the label TRL's collators use),
     and ``tofu_chunk_size`` (tokens per logits chunk, default a 128 MiB chunk). The model
     must be one of :data:`~tofu_kernels.hf.SUPPORTED_MODELS` (or a subclass), as for
-    ``apply_tofu``; DeepSpeed ZeRO-3 is refused (it partitions the LM head's weight).
+    ``apply_tofu``. Under DDP, FSDP2 and DeepSpeed ZeRO-1/2/3 it trains what one process
+    trains (docs/huggingface.md, "Sharded data parallelism").
     """
 
     def __init__(self, *args, tofu_gamma: float | None = None, tofu_beta: float | None = None,
@@ -81,7 +82,7 @@ class TOFUSFTTrainer(trl.SFTTrainer):
         super().__init__(*args, **kwargs)
         if self.compute_loss_func is not None:  # passed positionally
             raise ValueError(_NO_LOSS_FUNC)
-        check_model(self.model, True, "TOFUSFTTrainer")  # the loaded model, and ZeRO-3 now that args are known
+        check_model(self.model, True, "TOFUSFTTrainer")  # the loaded model
         if self.args.label_smoothing_factor > 0:
             raise ValueError("TOFUSFTTrainer: label_smoothing_factor > 0 needs the full logits and is not TOFU; "
                              "set it to 0")
@@ -121,13 +122,10 @@ class TOFUSFTTrainer(trl.SFTTrainer):
         return (loss, outputs) if return_outputs else loss
 
     def _log_tofu_metrics(self, mode: str, inputs: dict, outputs) -> None:
-        """TRL's per-step metrics under TRL's names, from our kernels' per-token outputs."""
-        gather = self.accelerator.gather_for_metrics
-        num_valid = gather(outputs.label_mask.sum()).sum()
-        entropy_sum = gather(outputs.entropy.sum()).sum()
-        num_correct = gather(outputs.top1.sum()).sum()
-        self._metrics[mode]["entropy"].append((entropy_sum / num_valid).item() if num_valid > 0 else 0.0)
-        self._metrics[mode]["mean_token_accuracy"].append((num_correct / num_valid).item() if num_valid > 0 else 0.0)
+        """TRL's per-step metrics under TRL's names and with TRL's arithmetic (the ranks' sums
+        added, then divided; the router loss averaged over the ranks), from our kernels'
+        per-token outputs: every rank's numbers travel in one gather and reach the host in
+        one sync (TRL gathers and syncs each on its own)."""
         if mode == "train":  # padding-free batches carry position_ids instead of an attention mask
             if "attention_mask" in inputs:
                 local = inputs["attention_mask"].sum()
@@ -136,7 +134,18 @@ class TOFUSFTTrainer(trl.SFTTrainer):
             else:
                 raise ValueError("TOFUSFTTrainer: expected 'attention_mask' or 'position_ids' in the batch "
                                  "(TRL's collators make one of them)")
-            self._total_train_tokens += gather(local).sum().item() // self._tp_size
+        else:
+            local = torch.zeros((), device=outputs.entropy.device)
+        aux = outputs.aux_loss if self.aux_loss_enabled else torch.zeros(())
+        # fp64: the token counts stay exact integers (fp32 is exact only to 2^24)
+        row = torch.stack([t.detach().to(device=outputs.entropy.device, dtype=torch.float64).reshape(())
+                           for t in (outputs.label_mask.sum(), outputs.entropy.sum(), outputs.top1.sum(), local, aux)])
+        rows = self.accelerator.gather_for_metrics(row[None]).reshape(-1, row.numel())
+        num_valid, entropy_sum, num_correct, tokens, aux_sum = rows.sum(0).tolist()  # the one host sync
+        self._metrics[mode]["entropy"].append(entropy_sum / num_valid if num_valid > 0 else 0.0)
+        self._metrics[mode]["mean_token_accuracy"].append(num_correct / num_valid if num_valid > 0 else 0.0)
+        if mode == "train":
+            self._total_train_tokens += int(tokens) // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         if self.aux_loss_enabled:
-            self._metrics[mode]["aux_loss"].append(gather(outputs.aux_loss).mean().item())
+            self._metrics[mode]["aux_loss"].append(aux_sum / rows.shape[0])
