@@ -52,6 +52,7 @@ SETUPS = {
     "fsdp2_tied": "tied embeddings: each decoder layer, then the root",
     "fsdp2_bf16": "lm_head alone, MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)",
     "fsdp2_lora": "PEFT LoRA adapters, lm_head alone (frozen)",
+    "fsdp2_trainer_forward": "lm_head alone, called as TOFUSFTTrainer calls it (metrics, num_items_in_batch)",
     "fsdp2_reshard_false": "lm_head alone, reshard_after_forward=False",
     "fsdp2_cpu_offload": "lm_head alone, CPUOffloadPolicy",
     "zero1": "DeepSpeed ZeRO-1",
@@ -88,6 +89,19 @@ def _batch(rank: int, step: int):
     return dict(input_ids=ids, attention_mask=mask, labels=labels)
 
 
+def _step_loss(setup: str, module, rank: int, step: int):
+    """The loss one rank backpropagates, and the metrics' sums for the trainer's call: as
+    TOFUSFTTrainer.compute_loss, the sum over the micro-batch divided by every rank's token
+    count, times the number of ranks (the ranks' gradients are averaged)."""
+    batch = _batch(rank, step)
+    if setup != "fsdp2_trainer_forward":
+        return module(**batch).loss, None
+    count = sum(int((hf.shift_labels(_batch(r, step)["labels"]) != -100).sum()) for r in range(WORLD))
+    out = module(**batch, tofu_metrics=True, num_items_in_batch=torch.tensor(count))
+    sums = torch.stack([out.entropy.sum(), out.top1.sum(), out.label_mask.sum().float()]).detach()
+    return out.lm_loss * WORLD, sums
+
+
 def _causal_lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
@@ -111,13 +125,15 @@ def reference(setup: str) -> dict:
     gradients and the weights after ``STEPS`` steps."""
     model = _model(setup)
     params = _trainable(model)
-    first = None
+    first, metrics = None, []
     for step in range(STEPS):
         total = {n: torch.zeros_like(p) for n, p in params.items()}
         for rank in range(WORLD):
             run = _bf16_params(model) if setup == "fsdp2_bf16" else model
             run.zero_grad()
-            run(**_batch(rank, step)).loss.backward()
+            loss, sums = _step_loss(setup, run, rank, step)
+            loss.backward()
+            metrics.append(sums)
             for n, p in _trainable(run).items():
                 total[n] += p.grad.float()
         grads = {n: g / WORLD for n, g in total.items()}
@@ -125,7 +141,8 @@ def reference(setup: str) -> dict:
         with torch.no_grad():
             for n, p in params.items():
                 p -= LR * grads[n]
-    return {"grads": first, "weights": {n: p.detach().clone() for n, p in model.named_parameters()}}
+    return {"grads": first, "weights": {n: p.detach().clone() for n, p in model.named_parameters()},
+            "metrics": metrics}
 
 
 def _ds_config(stage: int) -> dict:
@@ -167,8 +184,8 @@ def _wrap(setup: str, model):
 
 
 def parity_worker(rank: int, world: int, setups: list, out: str):
-    """Each setup in turn: the first step's full gradients and the weights after ``STEPS``
-    SGD steps (rank 0 saves them), or the error it raised."""
+    """Each setup in turn (:func:`_train`); rank 0 saves the results. A setup that raises
+    fails the test with its name."""
     results = {}
     for setup in setups:
         try:
@@ -181,21 +198,25 @@ def parity_worker(rank: int, world: int, setups: list, out: str):
 
 
 def _train(setup: str, rank: int) -> dict:
-    if True:
-        model = _model(setup)
-        module, backward, opt, full_grad, full_value = _wrap(setup, model)
-        names = list(_trainable(model))
-        grads = None
-        for step in range(STEPS):
-            opt.zero_grad()
-            loss = module(**_batch(rank, step)).loss
-            (backward or torch.Tensor.backward)(loss)
-            if step == 0:
-                params = dict(model.named_parameters())
-                grads = {n: full_grad(params[n]).detach().float().clone() for n in names}
-            opt.step()
-        weights = {n: full_value(p).float().clone() for n, p in model.named_parameters()}
-        return {"grads": grads, "weights": weights}
+    """One setup: the first step's full gradients, the metrics' sums, the weights after
+    ``STEPS`` SGD steps."""
+    model = _model(setup)
+    module, backward, opt, full_grad, full_value = _wrap(setup, model)
+    names = list(_trainable(model))
+    grads, metrics = None, []
+    for step in range(STEPS):
+        opt.zero_grad()
+        loss, sums = _step_loss(setup, module, rank, step)
+        (backward or torch.Tensor.backward)(loss)
+        every = [None] * WORLD
+        dist.all_gather_object(every, sums)
+        metrics += every
+        if step == 0:
+            params = dict(model.named_parameters())
+            grads = {n: full_grad(params[n]).detach().float().clone() for n in names}
+        opt.step()
+    weights = {n: full_value(p).float().clone() for n, p in model.named_parameters()}
+    return {"grads": grads, "weights": weights, "metrics": metrics}
 
 
 def tp_head_worker(rank: int, world: int):
@@ -245,6 +266,9 @@ def test_parity_with_one_process(parity, setup):
     got = parity[setup]
     _close(got["grads"], want["grads"], "gradient", setup, 1e-5, 1e-7)
     _close(got["weights"], want["weights"], "weight after 3 SGD steps", setup, 1e-5, 1e-7)
+    if setup == "fsdp2_trainer_forward":  # entropy, top-1 and token sums per rank and step, as one process
+        assert all(s is not None for s in want["metrics"]) and len(got["metrics"]) == WORLD * STEPS
+        torch.testing.assert_close(torch.stack(got["metrics"]), torch.stack(want["metrics"]), rtol=1e-5, atol=1e-6)
     if setup == "fsdp2_bf16":  # it ran in bf16: off the fp32 run by bf16 rounding, no more
         fp32 = reference("fsdp2_head_alone")["grads"]
         err = max(((got["grads"][n] - g).norm() / g.norm()).item() for n, g in fp32.items())
