@@ -3,6 +3,8 @@
     python examples/hf_sft.py                                  # tiny Qwen3 built here, CPU ok
     python examples/hf_sft.py --lora                           # LoRA adapters (peft), as in the paper
     python examples/hf_sft.py --model Qwen/Qwen3-0.6B --steps 50   # a real checkpoint
+    accelerate launch --config_file examples/accelerate/fsdp2.yaml examples/hf_sft.py --model Qwen/Qwen3-8B
+    accelerate launch --config_file examples/accelerate/zero3.yaml examples/hf_sft.py --model Qwen/Qwen3-8B
 
 Three ways, each printed with its loss curve and time per step:
   1. TOFUSFTTrainer(tofu_gamma, tofu_beta): TRL's SFTTrainer with TOFU as its loss, one
@@ -13,11 +15,14 @@ Three ways, each printed with its loss curve and time per step:
   3. transformers Trainer on a model whose own loss is TOFU (apply_tofu, fused_linear=True).
 Without --model, a randomly initialised 2-layer Qwen3 and a word-level tokenizer are built
 in memory (no downloads) and trained on a repetitive toy corpus, so the loss must fall.
+Under a multi-process launch (accelerate launch, torchrun) only way 1 runs (--way trainer:
+accelerate allows one distributed setup per process); --way picks one way in any case.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 
@@ -44,6 +49,22 @@ def tiny_model_and_tokenizer():
     return transformers.Qwen3ForCausalLM(config), tokenizer
 
 
+def _trainer_with_apply_tofu(load, peft_config, texts, args, common, out):
+    """Way 3: transformers' Trainer on a model whose own loss is TOFU, without the logits."""
+    model, tokenizer = load()
+    if peft_config is not None:  # apply_tofu works on the PeftModel too
+        from peft import get_peft_model
+
+        model = get_peft_model(model, peft_config)
+    apply_tofu(model, args.gamma, args.beta, fused_linear=True)
+    tokens = Dataset.from_dict({"text": texts}).map(lambda r: tokenizer(r["text"]), remove_columns=["text"])
+    trainer = transformers.Trainer(
+        model=model, train_dataset=tokens, args=transformers.TrainingArguments(output_dir=out, **common),
+        data_collator=transformers.DataCollatorForLanguageModeling(tokenizer, mlm=False),
+    )
+    return trainer.train().metrics, trainer.state.log_history
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="a Llama / Mistral / Qwen2 / Qwen3 checkpoint (default: tiny)")
@@ -51,7 +72,13 @@ def main(argv=None) -> int:
     p.add_argument("--gamma", type=float, default=3.0)
     p.add_argument("--beta", type=float, default=0.8)
     p.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) instead of every weight")
+    p.add_argument("--way", choices=["all", "trainer", "loss_func", "apply_tofu"], default=None,
+                   help="which way to run (default: all three in one process, the trainer under a multi-process launch)")
     args = p.parse_args(argv)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    way = args.way or ("trainer" if distributed else "all")
+    if distributed and way == "all":
+        p.error("--way all runs three trainers in one process; under a multi-process launch pick one")
 
     def load():
         if args.model is None:
@@ -71,37 +98,35 @@ def main(argv=None) -> int:
     common = dict(max_steps=args.steps, per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=lr,
                   logging_steps=1, report_to=[], save_strategy="no", disable_tqdm=True,
                   use_cpu=not torch.cuda.is_available())
-    curves = {}
+    curves, setup = {}, None
     with tempfile.TemporaryDirectory() as out:
         sft = trl.SFTConfig(output_dir=out, max_length=32, **common)
 
         # 1. TRL, the main way: TOFU as SFTTrainer's loss, one forward per step, no logits
-        model, tokenizer = load()
-        trainer = TOFUSFTTrainer(model=model, processing_class=tokenizer, args=sft, peft_config=peft_config,
-                                 train_dataset=Dataset.from_dict({"text": texts}),
-                                 tofu_gamma=args.gamma, tofu_beta=args.beta)
-        curves["TOFUSFTTrainer"] = trainer.train().metrics, trainer.state.log_history
+        if way in ("all", "trainer"):
+            model, tokenizer = load()
+            trainer = TOFUSFTTrainer(model=model, processing_class=tokenizer, args=sft, peft_config=peft_config,
+                                     train_dataset=Dataset.from_dict({"text": texts}),
+                                     tofu_gamma=args.gamma, tofu_beta=args.beta)
+            curves["TOFUSFTTrainer"] = trainer.train().metrics, trainer.state.log_history
+            setup = f"{trainer.accelerator.num_processes} process(es), {trainer.accelerator.distributed_type.value}"
 
         # 2. TRL with the paper's compute_loss_func: the model's logits, plus TRL's extra forward
-        model, tokenizer = load()
-        trainer = trl.SFTTrainer(model=model, processing_class=tokenizer, args=sft, peft_config=peft_config,
-                                 train_dataset=Dataset.from_dict({"text": texts}),
-                                 compute_loss_func=tofu_loss_func(args.gamma, args.beta))
-        curves["SFTTrainer + tofu_loss_func"] = trainer.train().metrics, trainer.state.log_history
+        if way in ("all", "loss_func"):
+            model, tokenizer = load()
+            trainer = trl.SFTTrainer(model=model, processing_class=tokenizer, args=sft, peft_config=peft_config,
+                                     train_dataset=Dataset.from_dict({"text": texts}),
+                                     compute_loss_func=tofu_loss_func(args.gamma, args.beta))
+            curves["SFTTrainer + tofu_loss_func"] = trainer.train().metrics, trainer.state.log_history
 
         # 3. transformers: the model's own loss is TOFU, without the logits
-        model, tokenizer = load()
-        if peft_config is not None:  # apply_tofu works on the PeftModel too
-            from peft import get_peft_model
-
-            model = get_peft_model(model, peft_config)
-        apply_tofu(model, args.gamma, args.beta, fused_linear=True)
-        tokens = Dataset.from_dict({"text": texts}).map(lambda r: tokenizer(r["text"]), remove_columns=["text"])
-        trainer = transformers.Trainer(
-            model=model, train_dataset=tokens, args=transformers.TrainingArguments(output_dir=out, **common),
-            data_collator=transformers.DataCollatorForLanguageModeling(tokenizer, mlm=False),
-        )
-        curves["Trainer + apply_tofu(fused_linear=True)"] = trainer.train().metrics, trainer.state.log_history
+        if way in ("all", "apply_tofu"):
+            curves["Trainer + apply_tofu(fused_linear=True)"] = _trainer_with_apply_tofu(load, peft_config, texts,
+                                                                                         args, common, out)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if setup is not None:
+        print(f"TOFUSFTTrainer ran on {setup}")
     for name, (metrics, history) in curves.items():
         logs = [h for h in history if "loss" in h]
         ms = 1e3 * metrics["train_runtime"] / max(len(logs), 1)

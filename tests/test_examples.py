@@ -1,4 +1,5 @@
-"""The README's torchrun example runs as documented (2 CPU ranks, gloo)."""
+"""The README's examples run as documented: torchrun (2 CPU ranks, gloo), examples/hf_sft.py
+alone and under accelerate launch with examples/accelerate's DeepSpeed ZeRO-3 config."""
 
 import os
 import subprocess
@@ -36,3 +37,28 @@ def test_hf_sft_example_runs_as_written():
     for line in lines:
         first, last = (float(x) for x in line.split("TOFU loss ")[1].split(" over")[0].split(" -> "))
         assert last < 0.8 * first, line
+
+
+def test_hf_sft_example_under_accelerate_launch_zero3():
+    """``accelerate launch --config_file examples/accelerate/zero3.yaml examples/hf_sft.py`` on
+    2 CPU processes (DeepSpeed on CPU, gloo; the config's bf16 as written): TOFUSFTTrainer
+    alone, under DeepSpeed, and its loss falls. (FSDP2's config cannot run here: accelerate
+    selects FSDP only on accelerators; tests/test_hf_distributed.py covers FSDP2.)"""
+    import pytest
+
+    pytest.importorskip("trl")
+    from .side_folders import DEEPSPEED, side_folder
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([str(side_folder(DEEPSPEED)), os.environ.get("PYTHONPATH", "")])}
+    from .test_hf_launch import _port
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "examples/accelerate/zero3.yaml",
+           "--num_processes", "2", "--main_process_port", str(_port()), "examples/hf_sft.py", "--steps", "6"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    assert "TOFUSFTTrainer ran on 2 process(es), DEEPSPEED" in out.stdout, out.stdout[-2000:]
+    lines = [line for line in out.stdout.splitlines() if "TOFU loss" in line]
+    assert len(lines) == 1 and lines[0].startswith("TOFUSFTTrainer:"), out.stdout[-2000:]
+    first, last = (float(x) for x in lines[0].split("TOFU loss ")[1].split(" over")[0].split(" -> "))
+    assert last < 0.8 * first, lines[0]
