@@ -9,11 +9,13 @@ Each implementation computes ``loss(hidden @ weight.T, labels)`` and the gradien
 (20%/80% quantiles), peak extra memory over the inputs (GiB: everything the step
 allocates, the two gradients included; ``hidden``'s and ``weight``'s gradient alone are
 ``N*D`` and ``V*D`` elements), the GEMM throughput that time implies (3 GEMMs of
-``2*N*D*V`` flops; the fused TOFU with reduction "mean" does exactly 3), and PASS/MISS
-against the targets (docs/design.md section 8), judged at the full vocabulary (128256):
+``2*N*D*V`` flops; the fused TOFU with reduction "mean" does exactly 3), the loss of one
+call (the TOFU rows must agree, the CE rows among themselves), and PASS/MISS against the
+targets (docs/design.md section 8, issue 29), judged at the full vocabulary (128256):
 
   ours fused linear_tofu_loss   time <= 1.05 x (matmul + ours), peak extra <= 1.2 GiB,
-                                at least 1.35 x faster than Cut Cross-Entropy
+                                at least 1.35 x faster than Cut Cross-Entropy, faster than
+                                Liger's fused linear CE and than the composed recipe
 
 The second vocabulary (16032: a 128256-column vocabulary over TP = 8, the width one rank's
 output layer has) is measured side by side, one table per vocabulary, with no target.
@@ -27,6 +29,14 @@ Implementations (each where importable; the table says which were not):
   matmul + torch CE (fp32)       F.linear, then F.cross_entropy on fp32 logits (HF's default)
   Cut Cross-Entropy              cut_cross_entropy.linear_cross_entropy (CE only)
   Liger fused linear CE          liger_kernel LigerFusedLinearCrossEntropyLoss (CE only)
+  composed TOFU (Liger FLCE)     TOFU from what a Liger user already has (:func:`composed_tofu_loss`):
+                                 Liger's fused linear CE with reduction "none" on hidden / beta
+                                 (the tempered CE per token, -log q_t), a no-grad pass at
+                                 temperature 1 for the detached focal weight g(p), and
+                                 sum(g * beta * ce_tempered) / n
+  composed TOFU (torch stand-in) the same recipe over :func:`linear_ce_none_torch` (chunked
+                                 torch linear CE) where Liger cannot run: the recipe's math,
+                                 checked against ours by tests/test_bench_recipe.py; CPU only
 CPU numbers are NOT performance results.
 """
 
@@ -50,6 +60,49 @@ from bench_loss import DTYPES, gpu_name, make_timer  # noqa: E402
 
 TIME_RATIO, PEAK_GIB, CCE_SPEEDUP = 1.05, 1.2, 1.35
 TARGET_VOCAB, TP_SHARD_VOCAB = 128256, 16032  # the full vocabulary, and its shard at TP = 8
+COMPOSED_LIGER, COMPOSED_TORCH = "composed TOFU (Liger FLCE)", "composed TOFU (torch stand-in)"
+
+
+def linear_ce_none_torch(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                         ignore_index: int = -100, chunk: int = 1024) -> torch.Tensor:
+    """Per-token cross entropy of ``hidden @ weight.T``, reduction "none": the torch stand-in
+    for a fused linear CE (what Liger's gives with ``reduction="none"``).
+
+    ``hidden [N, D]``, ``weight [V, D]``, ``labels [N]`` (``ignore_index`` gives 0); returns
+    ``[N]`` in at least fp32 (fp64 inputs stay fp64). Chunks of ``chunk`` rows bound the
+    forward's temporaries only: autograd keeps every chunk's logits (a stand-in for the
+    math, not for the memory).
+    """
+    out = []
+    for s in range(0, hidden.shape[0], chunk):
+        z = torch.nn.functional.linear(hidden[s:s + chunk], weight)
+        z = z.to(torch.promote_types(z.dtype, torch.float32))
+        out.append(torch.nn.functional.cross_entropy(z, labels[s:s + chunk], reduction="none",
+                                                     ignore_index=ignore_index))
+    return torch.cat(out)
+
+
+def composed_tofu_loss(linear_ce_none, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                       gamma: float, beta: float, ignore_index: int = -100) -> torch.Tensor:
+    """TOFU (reduction "mean") composed from a fused linear CE with reduction "none".
+
+    ``linear_ce_none(hidden, weight, labels) -> [N]`` per-token CE of ``hidden @ weight.T``
+    (0 at ``ignore_index``). Since ``(hidden / beta) @ weight.T = z / beta``, its CE on
+    ``hidden / beta`` is the tempered ``-log q_t``; a second call without gradients on
+    ``hidden`` gives ``-log p`` for the detached focal weight g(p) (docs/design.md section 2).
+    loss = sum(g * beta * (-log q_t)) / (non-ignored tokens); its gradient is
+    ``g * (q - onehot)`` through the first call only. Two passes over the vocabulary where
+    ours makes one, and in the inputs' dtype ``hidden / beta`` is rounded once more.
+    """
+    from tofu_kernels.reference import spec_focal_weight
+
+    with torch.no_grad():
+        ce1 = linear_ce_none(hidden.detach(), weight.detach(), labels)
+        g = spec_focal_weight(-ce1.to(torch.promote_types(ce1.dtype, torch.float32)), gamma)
+    ce_t = linear_ce_none(hidden / beta, weight, labels)
+    ce_t = ce_t.to(torch.promote_types(ce_t.dtype, torch.float32))
+    n = (labels != ignore_index).sum().clamp(min=1)
+    return (g * beta * ce_t).sum() / n
 
 
 @dataclass
@@ -57,6 +110,7 @@ class Row:
     name: str
     both: tuple[float, float, float] | None = None
     peak_gib: float | None = None
+    loss: float | None = None
     error: str = ""
 
 
@@ -94,8 +148,16 @@ def make_impls(device: str, args) -> tuple[list[tuple[str, object]], list[str]]:
         if device == "cuda":
             liger = LigerFusedLinearCrossEntropyLoss()
             impls.append(("Liger fused linear CE", lambda h, w, y: liger(w, h, y)))
+            liger_none = LigerFusedLinearCrossEntropyLoss(reduction="none")
+            impls.append((COMPOSED_LIGER, lambda h, w, y: composed_tofu_loss(
+                lambda h_, w_, y_: liger_none(w_, h_, y_), h, w, y, gamma=g, beta=b)))
         else:
             missing.append("Liger fused linear CE (needs a GPU)")
+    if not any(name == COMPOSED_LIGER for name, _ in impls):
+        missing.append(f"{COMPOSED_LIGER} (needs Liger on a GPU)")
+        if device != "cuda":
+            impls.append((COMPOSED_TORCH, lambda h, w, y: composed_tofu_loss(
+                linear_ce_none_torch, h, w, y, gamma=g, beta=b)))
     return impls, missing
 
 
@@ -111,6 +173,7 @@ def bench(name, fn, n, d, v, dtype, device, tbench) -> Row:
         def step():
             fn(h, w, y).backward()
 
+        row.loss = float(fn(h, w, y).detach())
         row.both = tbench(step, grad_to_none=[h, w])
         h.grad = w.grad = None
         if device == "cuda":
@@ -138,6 +201,7 @@ def targets(rows: list[Row], device: str, v: int) -> list[str]:
         return [f"n.a. (the targets are judged at V = {TARGET_VOCAB}; this table is for comparison)"]
     by = {r.name: r for r in rows if r.both}
     ours, mat, cce = by.get("ours fused TOFU"), by.get("matmul + ours TOFU"), by.get("Cut Cross-Entropy")
+    liger, composed = by.get("Liger fused linear CE"), by.get(COMPOSED_LIGER)
     out = []
     if ours is None:
         return ["n.a. ours fused TOFU did not run"]
@@ -154,7 +218,21 @@ def targets(rows: list[Row], device: str, v: int) -> list[str]:
                    f"({cce.both[0]:.2f} ms, {cce.peak_gib:.3f} GiB); target >= {CCE_SPEEDUP}")
     else:
         out.append("n.a. vs Cut Cross-Entropy: not importable here")
+    for name, other in (("Liger's fused linear CE", liger), ("the composed recipe", composed)):
+        if other is None:
+            out.append(f"n.a. faster than {name}: did not run here")
+            continue
+        sp = other.both[0] / ours.both[0]
+        out.append(f"{'PASS' if sp > 1 else 'MISS'} faster than {name}: {sp:.2f} x ({other.both[0]:.2f} ms, "
+                   f"peak extra {_gib(other.peak_gib)} GiB); target > 1")
+    if composed is not None and composed.loss is not None and ours.loss is not None:
+        out.append(f"(check) composed recipe's loss {composed.loss:.6g} vs ours {ours.loss:.6g}: relative "
+                   f"difference {abs(composed.loss - ours.loss) / max(abs(ours.loss), 1e-30):.1e}")
     return out
+
+
+def _gib(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 def to_markdown(tables, n, d, dtype, device, missing, notes) -> str:
@@ -170,15 +248,17 @@ def to_markdown(tables, n, d, dtype, device, missing, notes) -> str:
 
 def _table(rows, n, d, v, device) -> list[str]:
     flops = 3 * 2 * n * d * v
-    lines = ["| implementation | fwd+bwd ms (q20-q80) | TFLOP/s (3 GEMMs) | peak extra GiB |",
-             "|---|---|---|---|"]
+    lines = ["| implementation | fwd+bwd ms (q20-q80) | TFLOP/s (3 GEMMs) | peak extra GiB | loss |",
+             "|---|---|---|---|---|"]
     for r in rows:
         if r.error:
-            lines.append(f"| {r.name} | {r.error} | | |")
+            lines.append(f"| {r.name} | {r.error} | | | |")
             continue
         med, lo, hi = r.both
         peak = "" if r.peak_gib is None else f"{r.peak_gib:.3f}"
-        lines.append(f"| {r.name} | {med:.2f} ({lo:.2f}-{hi:.2f}) | {flops / (med * 1e-3) / 1e12:.0f} | {peak} |")
+        loss = "" if r.loss is None else f"{r.loss:.6g}"
+        lines.append(f"| {r.name} | {med:.2f} ({lo:.2f}-{hi:.2f}) | {flops / (med * 1e-3) / 1e12:.0f} | {peak} "
+                     f"| {loss} |")
     return lines + ["", "Targets:", ""] + [f"- {t}" for t in targets(rows, device, v)]
 
 
@@ -235,7 +315,8 @@ def main(argv=None) -> int:
     (out / "bench_fused_linear.md").write_text(md)
     (out / "bench_fused_linear.json").write_text(json.dumps(
         {"gpu": gpu_name(), "torch": torch.__version__, "n": n, "d": d, "dtype": args.dtype,
-         "tables": [{"v": v, "rows": [{"impl": r.name, "both": r.both, "peak_gib": r.peak_gib, "error": r.error}
+         "tables": [{"v": v, "rows": [{"impl": r.name, "both": r.both, "peak_gib": r.peak_gib, "loss": r.loss,
+                                       "error": r.error}
                                       for r in rows]} for v, rows in tables]},
         indent=1))
     print()

@@ -1,22 +1,47 @@
 #!/usr/bin/env bash
-# Bring what a GPU machine without network lacks into .whl/ (git-ignored), to be copied
-# there with the checkout: the wheels of megatron-core, liger-kernel and cut-cross-entropy,
-# and a copy of the Megatron-LM training scripts the GPU check runs (the project's fixture:
-# read from the shared folder, never committed here). benchmarks/gpu_check.sh installs them.
+# Bring what a GPU machine without network lacks into .whl/ (git-ignored), one folder per
+# group, so that a run carries only what its steps need (the device takes 64 MiB with the
+# checkout); benchmarks/gpu_check.sh installs whatever groups came along.
+#
+#   bash benchmarks/fetch_wheels.sh           # base, hf and the Megatron-LM scripts (~19 MiB)
+#   bash benchmarks/fetch_wheels.sh --qlora   # also .whl/qlora: bitsandbytes (41 MiB), for a run of its own
+#
+#   .whl/base/   megatron-core, liger-kernel, cut-cross-entropy: gpu_tests (TP), fused_linear,
+#                megatron_step, bench, megatron_lm
+#   .whl/hf/     transformers, trl, peft, accelerate, datasets, and dill / multiprocess (datasets
+#                needs them; the GPU image lacks them): sft_step, qlora. The versions tested on
+#                CPU; the GPU image has transformers 5.17 and no TRL.
+#   .whl/qlora/  bitsandbytes: the qlora step (with .whl/hf)
+#   .whl/megatron-lm-core_v0.19.0/  Megatron-LM's training scripts (the project's fixture: read
+#                from the shared folder, never committed here): megatron_lm
 set -euo pipefail
 cd "$(dirname "$0")/.."
+QLORA=0
+case ${1:-} in
+  "") ;;
+  --qlora) QLORA=1;;
+  -h|--help) sed -n '2,17p' "$0"; exit 0;;
+  *) echo "fetch_wheels.sh: unknown option '$1' (--qlora, --help)" >&2; exit 2;;
+esac
 PY=${PYTHON:-.venv/bin/python}
+fetch() {  # fetch GROUP SPEC...: the wheels for CPython 3.12 on x86-64 Linux into .whl/GROUP
+  local group=$1; shift
+  rm -rf ".whl/$group" && mkdir -p ".whl/$group"
+  "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+      --platform manylinux1_x86_64 --platform any -d ".whl/$group" "$@" 2> >(grep -v "is ignored: it is neither" >&2)
+}
 mkdir -p .whl
-"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
-    -d .whl megatron-core==0.19.2 liger-kernel==0.8.5 cut-cross-entropy==25.1.1
-# The Hugging Face stack of the TRL step benchmark and the QLoRA GPU test (the versions tested
-# on CPU; the GPU image has an older transformers and no TRL / PEFT / bitsandbytes).
-"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
-    --platform manylinux1_x86_64 --platform any -d .whl transformers==5.23.0 trl==1.16.0 peft==0.21.2 \
-    accelerate==1.15.0 datasets==5.2.0 bitsandbytes==0.50.2 \
-  || echo "fetch_wheels: the Hugging Face wheels did not all download: the sft_step step and the QLoRA test may fail" >&2
+rm -f .whl/*.whl  # wheels of the older, unsplit layout: two versions of one package stop the install
+fetch base megatron-core==0.19.2 liger-kernel==0.8.5 cut-cross-entropy==25.1.1
+fetch hf transformers==5.23.0 trl==1.16.0 peft==0.21.2 accelerate==1.15.0 datasets==5.2.0 dill==0.4.1 \
+    multiprocess==0.70.19 \
+  || echo "fetch_wheels: the Hugging Face wheels did not all download: sft_step and qlora may fail" >&2
+if [ $QLORA = 1 ]; then
+  fetch qlora bitsandbytes==0.50.2
+else
+  rm -rf .whl/qlora
+fi
 FIXTURE=megatron-lm-core_v0.19.0
 SRC=${TOFU_MEGATRON_LM_DIR:-}
 if [ -z "$SRC" ]; then
@@ -37,4 +62,5 @@ if [ -n "$SRC" ]; then
 else
   echo "fixture $FIXTURE not found (set TOFU_MEGATRON_LM_DIR): the GPU check will skip the Megatron-LM runs" >&2
 fi
-du -sh .whl; ls .whl
+for d in .whl/*/; do echo "$d: $(ls "$d" | tr '\n' ' ')"; done
+bash benchmarks/carry_size.sh
