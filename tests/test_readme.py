@@ -101,6 +101,10 @@ COMMANDS = {
                                         "LoRA path of both trainers, on CPU; the example adds nothing to it)",
     "python examples/hf_sft.py --model Qwen/Qwen3-0.6B": "downloads a checkpoint (tests/test_examples.py runs the tiny one)",
     "export CUDA_DEVICE_MAX_CONNECTIONS=1": "part of the multi-node command",
+    "accelerate launch --config_file examples/accelerate/fsdp2.yaml": "GPUs (accelerate selects FSDP only on "
+        "accelerators): FSDP2 on CPU in tests/test_hf_distributed.py",
+    "accelerate launch --config_file examples/accelerate/zero3.yaml":
+        "tests/test_examples.py::test_hf_sft_example_under_accelerate_launch_zero3 (the tiny model, 2 CPU processes)",
     "torchrun --nnodes 2": "tests/test_megatron_sft.py (the command's flags, read from the README, on CPU)",
 }
 
