@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What a device run carries: the checkout (tracked and untracked-not-ignored files) and each
-# wheel group in .whl/, in MiB, with the totals of the two planned runs (the limit is 64 MiB).
+# wheel group in .whl/, in MiB, with the totals of the planned runs (the limit is 64 MiB).
 #   bash benchmarks/carry_size.sh          # one line per part, then the plans
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,9 +26,12 @@ loose=$(ls .whl/*.whl 2>/dev/null | wc -l)
 [ "$loose" -gt 0 ] && line+="; .whl/*.whl $(mib "$(bytes_of .whl/*.whl)") MiB ($loose loose wheels of an older fetch_wheels.sh)"
 echo "$line"
 plan() {  # plan NAME GROUP...: the checkout plus these groups, against the limit
-  local name=$1 total=$CHECKOUT g have=""; shift
-  for g in "$@"; do [ -n "${GROUP[$g]:-}" ] && { total=$((total + GROUP[$g])); have+=" .whl/$g"; }; done
-  echo "carry: $name = checkout +${have:- (no wheel group here)}: $(mib "$total") MiB of 64 MiB$([ "$total" -gt "$LIMIT" ] && echo ' (OVER THE LIMIT)')"
+  local name=$1 total=$CHECKOUT g have="" lack=""; shift
+  for g in "$@"; do
+    if [ -n "${GROUP[$g]:-}" ]; then total=$((total + GROUP[$g])); have+=" .whl/$g"; else lack+=" .whl/$g"; fi
+  done
+  echo "carry: $name = checkout +${have:- (no wheel group here)}: $(mib "$total") MiB of 64 MiB$([ "$total" -gt "$LIMIT" ] && echo ' (OVER THE LIMIT)')${lack:+ (not here:$lack)}"
 }
 plan "run 1 (default)" base hf megatron-lm-core_v0.19.0
 plan "QLoRA run" hf qlora
+plan "everything in one run" base hf qlora megatron-lm-core_v0.19.0

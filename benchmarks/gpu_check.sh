@@ -131,7 +131,7 @@ bash benchmarks/carry_size.sh | tee -a "$OUT/summary.txt"
 
 # Wheels (one folder per group) and the Megatron-LM scripts brought along in .whl/.
 WHEELS=$(ls .whl/*/*.whl .whl/*.whl 2>/dev/null | tr '\n' ' ')
-GROUPS_HERE=$(for d in .whl/*/; do [ -d "$d" ] && ls "$d"*.whl >/dev/null 2>&1 && basename "$d"; done | tr '\n' ' ')
+GROUPS_HERE=$(for d in .whl/*/; do [ -d "$d" ] && ls "$d"*.whl >/dev/null 2>&1 && basename "$d"; done | xargs)
 if [ -z "$WHEELS" ]; then
   say "no wheels in .whl/ (none brought along): Megatron, Liger, CCE and the Hugging Face stack are what is importable"
 elif [ $SMOKE = 1 ]; then
