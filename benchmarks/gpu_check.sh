@@ -93,7 +93,6 @@ FAILED=() CUT=()
 # seconds left of the budget (a day when there is none)
 left() { echo $(( ${BUDGET:-86400} - ($(date +%s) - START) )); }
 say() { echo "[gpu_check +$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/summary.txt"; }
-note() { echo "$*" | tee -a "$OUT/summary.txt"; }
 # blocked NAME: why --skip / --only leave NAME out (nothing: they do not)
 blocked() {
   case " $SKIP " in *" $1 "*) echo "--skip"; return;; esac
