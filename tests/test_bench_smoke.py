@@ -85,7 +85,7 @@ def test_gpu_check_script_cpu_smoke(tmp_path):
     assert m and Path(m[2]) == pack and int(m[1]) == len(files), summary
     with tarfile.open(pack) as tar:
         assert sorted(Path(n).name for n in tar.getnames() if tar.getmember(n).isfile()) == files
-    assert int(re.search(r"done in (\d+)s", summary)[1]) < 240  # ~80 s on this 2-core machine
+    assert int(re.search(r"done in (\d+)s", summary)[1]) < 240  # 45-95 s on this 2-core machine
 
 
 def test_gpu_check_options(tmp_path):
