@@ -5,6 +5,7 @@
 #
 #   bash benchmarks/fetch_wheels.sh           # base, hf and the Megatron-LM scripts (~19 MiB)
 #   bash benchmarks/fetch_wheels.sh --qlora   # also .whl/qlora: bitsandbytes (41 MiB), for a run of its own
+#   (without --qlora an earlier .whl/qlora is removed: a run that carries .whl whole stays small)
 #
 #   .whl/base/   megatron-core, liger-kernel, cut-cross-entropy: gpu_tests (TP), fused_linear,
 #                megatron_step, bench, megatron_lm
@@ -20,7 +21,7 @@ QLORA=0
 case ${1:-} in
   "") ;;
   --qlora) QLORA=1;;
-  -h|--help) sed -n '2,17p' "$0"; exit 0;;
+  -h|--help) sed -n '2,18p' "$0"; exit 0;;
   *) echo "fetch_wheels.sh: unknown option '$1' (--qlora, --help)" >&2; exit 2;;
 esac
 PY=${PYTHON:-.venv/bin/python}
