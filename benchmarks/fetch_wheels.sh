@@ -57,7 +57,9 @@ if [ -z "$SRC" ]; then
 fi
 if [ -n "$SRC" ]; then
   rm -rf ".whl/$FIXTURE" && mkdir -p ".whl/$FIXTURE"
-  cp "$SRC"/{pretrain_gpt.py,gpt_builders.py,model_provider.py,LICENSE} ".whl/$FIXTURE/"
+  # every script of the fixture: the tests read this copy before the shared one when it exists
+  cp "$SRC"/{pretrain_gpt.py,gpt_builders.py,pretrain_hybrid.py,hybrid_builders.py,model_provider.py,LICENSE} \
+    ".whl/$FIXTURE/"
   chmod u+w ".whl/$FIXTURE"/*
   echo "fixture: $SRC -> .whl/$FIXTURE"
 else
