@@ -144,6 +144,76 @@ def test_apply_tofu_loss_and_gradients(family, fused_linear):
     assert "forward" not in model.__dict__ and "_loss_function" not in model.__dict__
 
 
+class _ScaledHead(torch.nn.Linear):
+    """An LM head with a forward of its own (its logits are not x @ W.T)."""
+
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+def test_apply_under_hooks_and_wrappers_and_revert():
+    """apply_tofu(fused_linear=True) on heads and models that carry other code's forwards:
+    an accelerate hook on lm_head (added before or after: it keeps running, revert leaves it
+    in place), a wrapper installed over our forward (after revert it runs the class forward),
+    a head subclass with its own forward (refused), pickling, and lm_head's plain forward."""
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+
+    class Count(ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            Count.calls += 1
+            return args, kwargs
+
+    ids, labels = _batch()
+    model = _tiny("llama")
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    add_hook_to_module(model.lm_head, Count())  # before apply_tofu (a device_map's dispatch)
+    hf.apply_tofu(model, fused_linear=True)
+    assert model(input_ids=ids, labels=labels).logits is None and Count.calls == 1  # the loss ran through the hook
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, want) and Count.calls == 2
+    hf.revert_tofu(model)
+    remove_hook_from_module(model.lm_head)
+    x = torch.randn(3, 32)
+    assert getattr(model.lm_head, "_tofu_installed", None) is None
+    assert torch.equal(model.lm_head(x), torch.nn.functional.linear(x, model.lm_head.weight))
+    model.train()
+    hf.apply_tofu(model, fused_linear=True)
+    add_hook_to_module(model.lm_head, Count())  # after apply_tofu: ours is what the hook calls
+    model(input_ids=ids, labels=labels).loss.backward()
+    assert Count.calls == 3
+    hf.revert_tofu(model)
+    assert model.lm_head._hf_hook is not None
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, want) and Count.calls == 4  # the hook still runs
+    remove_hook_from_module(model.lm_head)
+    # a wrapper over our forward (accelerate's autocast at prepare time), then revert: the class forward
+    model = _tiny("llama")
+    hf.apply_tofu(model, fused_linear=True)
+    inner = model.forward
+    model.forward = lambda *a, **k: inner(*a, **k)
+    hf.apply_tofu(model, 2.0, 0.9, fused_linear=True)  # again: only the settings change, the wrapper stays
+    assert model._tofu_loss.params.gamma == 2.0 and model.lm_head._tofu_installed is not None
+    model.train()
+    assert model(input_ids=ids, labels=labels).logits is None
+    hf.revert_tofu(model)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, want)
+    # pickling an applied model (torch.save(model)), and a head with its own forward
+    import pickle
+
+    model = hf.apply_tofu(_tiny("llama"), fused_linear=True)
+    assert pickle.loads(pickle.dumps(model))._tofu_loss.params == model._tofu_loss.params
+    head = _ScaledHead(32, VOCAB, bias=False)
+    model.lm_head = head
+    with pytest.raises(ValueError, match="forward of its own"):
+        hf.apply_tofu(model, fused_linear=True)
+
+
 def test_apply_twice_replaces_and_unsupported_models_are_refused():
     model = _tiny("mistral")
     ids, labels = _batch()

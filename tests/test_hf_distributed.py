@@ -4,7 +4,8 @@ Two gloo processes (CPU) train a tiny Llama, each on its own batches; the refere
 process with the same initial weights that computes each rank's gradient and averages
 them (what DDP, FSDP2 and ZeRO average), then takes the same SGD step. Held: every
 trainable parameter's full gradient after one backward, and every parameter after three
-SGD steps, equal the reference's.
+SGD steps, equal the reference's (asserted to rtol 1e-5; measured on the development machine:
+bitwise for DDP, FSDP2 and ZeRO-1/2, 2e-7 normwise for ZeRO-3).
 
 Dtypes: fp32 everywhere (tolerance: fp32 summation order, the ranks' gradients reduced
 in another order than the reference's), except the bf16 mixed-precision case
@@ -19,8 +20,8 @@ What each case holds (see docs/huggingface.md, "Sharded data parallelism"):
   forward call, where FSDP2 has unsharded the weight (in ``param_dtype``) and registered
   its reduce-scatter. On the code before that (the weight read outside ``lm_head``'s forward,
   gathered with ``DTensor.full_tensor()``, whose backward only slices this rank's rows),
-  ``lm_head.weight``'s gradient was 76 % wrong (normwise) and the bf16 case raised a dtype
-  error.
+  ``lm_head.weight``'s gradient was 103 % off (normwise: ||ours - reference|| / ||reference||)
+  and the bf16 case raised a dtype error.
 - ZeRO-3 with ``stage3_param_persistence_threshold: 0`` (every weight partitioned, however
   small): DeepSpeed's hooks on ``lm_head`` fetch the weight for its forward and backward.
 - A tensor-parallel ``lm_head`` (a vocab-sharded DTensor weight) is refused with an error.
@@ -58,6 +59,7 @@ SETUPS = {
     "zero1": "DeepSpeed ZeRO-1",
     "zero2": "DeepSpeed ZeRO-2",
     "zero3": "DeepSpeed ZeRO-3, every weight partitioned",
+    "zero3_tied": "DeepSpeed ZeRO-3, tied embeddings",
 }
 
 
@@ -66,7 +68,7 @@ def _model(setup: str):
     applied with the fused linear loss; LoRA adapters (random B) for the LoRA setup."""
     cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   head_dim=8, tie_word_embeddings=setup == "fsdp2_tied")
+                                   head_dim=8, tie_word_embeddings=setup.endswith("_tied"))
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).float().train()
     if setup == "fsdp2_lora":
@@ -179,7 +181,8 @@ def _wrap(setup: str, model):
     os.environ.update(LOCAL_RANK=str(dist.get_rank()), RANK=str(dist.get_rank()),
                       WORLD_SIZE=str(dist.get_world_size()), LOCAL_WORLD_SIZE=str(dist.get_world_size()))
 
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt(model), config=_ds_config(int(setup[-1])))
+    stage = int(setup.split("_")[0][-1])
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt(model), config=_ds_config(stage))
     return engine, engine.backward, engine, safe_get_full_grad, safe_get_full_fp32_param
 
 

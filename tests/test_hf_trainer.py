@@ -203,7 +203,7 @@ def test_lora_adapter_gradients_equal_fp64(tmp_path, family):
     assert out.logits is None and abs(out.loss.item() - ref.item()) <= 2e-5 * ref.item()
     out.loss.backward()
     _assert_grads(model, want)
-    trls = base.forward.tofu_replaced  # the fused-head forward TRL installed, which the trainer's replaced
+    trls = base._tofu_installed[2]  # the fused-head forward TRL installed, which the trainer's replaced
     hf.revert_tofu(model)
     assert base.__dict__.get("forward") is trls and getattr(base, "_tofu_loss", None) is None
     assert "forward" not in base.lm_head.__dict__

@@ -173,7 +173,11 @@ def _tofu_forward(self, *args, tofu_metrics: bool = False, **kwargs):
     the caller gives (the cache under either name included) reaches the backbone or the
     class's forward unchanged.
     """
-    loss: _HFLoss = self._tofu_loss
+    loss: _HFLoss | None = getattr(self, "_tofu_loss", None)
+    if loss is None:  # reverted, but called through a wrapper installed over ours meanwhile
+        if tofu_metrics:
+            raise ValueError("tofu_metrics=True needs apply_tofu(model, fused_linear=True) on this model")
+        return type(self).forward(self, *args, **kwargs)
     kw = _named(self, args, kwargs)
     labels, shifted = kw.get("labels"), kw.get("shift_labels")
     if not (tofu_metrics or (self.training and (labels is not None or shifted is not None))):
@@ -196,9 +200,11 @@ def _tofu_forward(self, *args, tofu_metrics: bool = False, **kwargs):
     hidden = _keep_last(outputs.last_hidden_state, logits_to_keep)
     target = loss.targets(labels, shifted, hidden.device)
     head = self.lm_head
-    if not _is_ours(head.__dict__.get(_head_forward_slot(head))):
-        raise RuntimeError("apply_tofu(fused_linear=True): lm_head was replaced after apply_tofu (e.g. by a "
-                           "PEFT modules_to_save wrapper); call apply_tofu again on the final model")
+    if getattr(head, "_tofu_installed", None) is None:
+        raise RuntimeError(
+            f"apply_tofu(fused_linear=True): lm_head is no longer the module apply_tofu patched (now "
+            f"{type(head).__name__}: replaced or wrapped afterwards, e.g. by PEFT's modules_to_save or FSDP1's "
+            "wrapping); the fused loss needs the nn.Linear head itself (FSDP2's fully_shard and DeepSpeed keep it)")
     # through lm_head's own call, so that its wrappers' hooks run as for its forward (see _head_forward)
     lm_loss, *metrics = head(hidden, tofu=_HeadCall(loss, target, num_items, tofu_metrics))
     metrics = TokenMetrics(*metrics) if tofu_metrics else None
@@ -242,7 +248,7 @@ def _head_forward(self, input: torch.Tensor, tofu: _HeadCall | None = None):
     attach their backward hooks to the outputs).
     """
     if tofu is None:
-        return torch.nn.Linear.forward(self, input)
+        return type(self).forward(self, input)
     weight = self.weight
     if isinstance(weight, DTensor):
         raise ValueError(
@@ -251,37 +257,50 @@ def _head_forward(self, input: torch.Tensor, tofu: _HeadCall | None = None):
             "train without tensor parallelism on lm_head (FSDP2 and DeepSpeed are supported), or use "
             "compute_loss_func=tofu_kernels.hf.tofu_loss_func(...) on the logits"
         )
-    result = tofu.loss.on_hidden(input, weight, tofu.target, tofu.num_items, metrics=tofu.metrics)
+    # a device_map's hook may have moved the input to the head's device; the target follows
+    result = tofu.loss.on_hidden(input, weight, tofu.target.to(input.device), tofu.num_items, metrics=tofu.metrics)
     return (result[0], *result[1]) if tofu.metrics else (result,)
 
 
-def _head_forward_slot(head) -> str:
-    """Where ``head``'s forward lives: ``forward``, or, under an accelerate hook (a model
-    loaded with a ``device_map``), the ``_old_forward`` the hook calls between its own steps."""
-    return "_old_forward" if hasattr(head, "_hf_hook") and "_old_forward" in head.__dict__ else "forward"
+def _forward_slot(module) -> str:
+    """Where ``module``'s forward is called from: ``forward``, or, under an accelerate hook
+    (a model dispatched with a ``device_map``), the ``_old_forward`` the hook calls between
+    its own steps (so that the hook keeps moving inputs and weights)."""
+    return "_old_forward" if hasattr(module, "_hf_hook") and "_old_forward" in module.__dict__ else "forward"
 
 
-def _is_ours(fn) -> bool:
-    return getattr(fn, "tofu_forward", False)
-
-
-def _install(module, slot: str, fn) -> None:
-    """``module.<slot> = fn`` bound to ``module``, marked as ours for :func:`revert_tofu`
-    (the class's own signature kept: ``generate()`` validates keywords against it)."""
-    bound = functools.wraps(getattr(type(module), "forward"))(functools.partial(fn, module))
-    bound.tofu_forward = True
-    bound.tofu_replaced = module.__dict__.get(slot)  # an accelerate hook's _old_forward, restored by revert
+def _install(module, fn) -> None:
+    """Make ``fn`` bound to ``module`` its forward (in :func:`_forward_slot`), keeping the class
+    forward's signature (``generate()`` validates keywords against it) and, in
+    ``module._tofu_installed``, what it replaced; nothing to do if ours is installed already
+    (a re-apply only replaces the settings, which the forward reads at each call)."""
+    if getattr(module, "_tofu_installed", None) is not None:
+        return
+    slot = _forward_slot(module)
+    bound = functools.wraps(type(module).forward)(functools.partial(fn, module))
+    module._tofu_installed = (slot, bound, module.__dict__.get(slot))
     setattr(module, slot, bound)
 
 
 def _uninstall(module) -> None:
-    for slot in ("forward", "_old_forward"):
-        fn = module.__dict__.get(slot)
-        if _is_ours(fn):
-            if fn.tofu_replaced is None:
-                del module.__dict__[slot]
-            else:
-                module.__dict__[slot] = fn.tofu_replaced
+    """Put back what :func:`_install` replaced, where ours is still in its slot (checked by
+    identity). Where a wrapper was installed over ours meanwhile (accelerate's autocast, a
+    device hook), the wrapper stays; ours then runs the class forward (the settings are gone)."""
+    installed = module.__dict__.pop("_tofu_installed", None)
+    if installed is None:
+        return
+    slot, bound, replaced = installed
+    if module.__dict__.get(slot) is bound:
+        if replaced is None:
+            del module.__dict__[slot]
+        else:
+            module.__dict__[slot] = replaced
+
+
+def _loss_function(loss: _HFLoss, logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=None,
+                   shift_labels=None, **_):
+    """The model's ``loss_function`` (transformers' signature) while TOFU is applied."""
+    return loss.on_logits(logits, labels, num_items_in_batch, shifted=shift_labels)
 
 
 def apply_tofu(
@@ -321,17 +340,14 @@ def apply_tofu(
     loss = _HFLoss(params, chunk_size)
     model = _base_model(model)
     check_model(model, fused_linear, "apply_tofu")
-    revert_tofu(model)
-    model._tofu_loss = loss
-
-    def loss_function(logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=None,
-                      shift_labels=None, **_):
-        return loss.on_logits(logits, labels, num_items_in_batch, shifted=shift_labels)
-
-    model.loss_function = loss_function  # transformers' setter: model._loss_function
+    model._tofu_loss = loss  # what the installed forwards read at each call
+    model.loss_function = functools.partial(_loss_function, loss)  # transformers' setter: model._loss_function
     if fused_linear:
-        _install(model, "forward", _tofu_forward)
-        _install(model.lm_head, _head_forward_slot(model.lm_head), _head_forward)
+        _install(model, _tofu_forward)
+        _install(model.lm_head, _head_forward)
+    else:  # applied again without the fused path: it goes
+        _uninstall(model)
+        _uninstall(model.lm_head)
     return model
 
 
@@ -345,7 +361,7 @@ def check_params(params: TOFUParams, who: str) -> None:
 def check_model(model, fused_linear: bool, who: str) -> None:
     """Raise unless ``model`` (a causal LM or a ``PeftModel`` of one) is one the fused
     forward reproduces: a :data:`SUPPORTED_MODELS` class (or subclass) whose ``lm_head`` is
-    ``nn.Linear`` without bias."""
+    ``nn.Linear`` without bias and with ``nn.Linear``'s own forward."""
     model = _base_model(model)
     name = _supported_name(model)
     if name is None:
@@ -359,6 +375,9 @@ def check_model(model, fused_linear: bool, who: str) -> None:
     head = model.lm_head
     if not (isinstance(head, torch.nn.Linear) and head.bias is None):
         raise ValueError(f"{who}: {name}.lm_head must be nn.Linear without bias for the fused loss, got {head}")
+    if type(head).forward is not torch.nn.Linear.forward:  # e.g. a quantized or scaled head: its logits are not x @ W.T
+        raise ValueError(f"{who}: {name}.lm_head is a {type(head).__name__} with a forward of its own; the fused "
+                         "loss reproduces nn.Linear's (use compute_loss_func=tofu_loss_func(...) on the logits)")
 
 
 def _base_model(model):

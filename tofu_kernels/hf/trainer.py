@@ -135,12 +135,14 @@ class TOFUSFTTrainer(trl.SFTTrainer):
                 raise ValueError("TOFUSFTTrainer: expected 'attention_mask' or 'position_ids' in the batch "
                                  "(TRL's collators make one of them)")
         else:
-            local = torch.zeros((), device=outputs.entropy.device)
+            local = torch.zeros(())
         aux = outputs.aux_loss if self.aux_loss_enabled else torch.zeros(())
-        # fp64: the token counts stay exact integers (fp32 is exact only to 2^24)
-        row = torch.stack([t.detach().to(device=outputs.entropy.device, dtype=torch.float64).reshape(())
+        # fp64 where the device has it (MPS has not): the token counts stay exact integers (fp32: to 2^24)
+        device = outputs.entropy.device
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        row = torch.stack([t.detach().to(device=device, dtype=dtype).reshape(())
                            for t in (outputs.label_mask.sum(), outputs.entropy.sum(), outputs.top1.sum(), local, aux)])
-        rows = self.accelerator.gather_for_metrics(row[None]).reshape(-1, row.numel())
+        rows = self.accelerator.gather_for_metrics(row[None]).reshape(-1, row.numel())  # [ranks, 5]
         num_valid, entropy_sum, num_correct, tokens, aux_sum = rows.sum(0).tolist()  # the one host sync
         self._metrics[mode]["entropy"].append(entropy_sum / num_valid if num_valid > 0 else 0.0)
         self._metrics[mode]["mean_token_accuracy"].append(num_correct / num_valid if num_valid > 0 else 0.0)
