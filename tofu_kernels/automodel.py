@@ -111,7 +111,20 @@ def _finish(module, loss, ce, weights, num_label_tokens):
     return loss
 
 
-class TOFULoss(core.LossModule):
+class _AutomodelLoss(core.LossModule):
+    """What both losses show Automodel: ``ignore_index`` (its ``calculate_loss`` maps its -100
+    padding to it) and ``reduction``, read from the one :class:`TOFUParams`."""
+
+    @property
+    def ignore_index(self) -> int:
+        return self.params.ignore_index
+
+    @property
+    def reduction(self) -> str:
+        return self.params.reduction
+
+
+class TOFULoss(_AutomodelLoss):
     """The logits path, with ``MaskedCrossEntropy``'s call:
     ``forward(logits, labels, mask=None, num_label_tokens=None, loss_weights=None)``.
 
@@ -127,15 +140,6 @@ class TOFULoss(core.LossModule):
         super().__init__(TOFUParams(gamma=gamma, beta=beta, ignore_index=ignore_index, reduction=reduction,
                                     backend=backend))
         self.last_ce = None
-
-    # Automodel reads these attributes (calculate_loss maps its -100 padding to ignore_index).
-    @property
-    def ignore_index(self) -> int:
-        return self.params.ignore_index
-
-    @property
-    def reduction(self) -> str:
-        return self.params.reduction
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None,
                 num_label_tokens: int | None = None, loss_weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -182,7 +186,7 @@ class TOFULoss(core.LossModule):
         return _pad_to(local, -1, -(-logits.shape[-1] // n)), mesh.get_group(dim), start, end
 
 
-class LinearTOFULoss(LinearCrossEntropy, core.LossModule):
+class LinearTOFULoss(LinearCrossEntropy, _AutomodelLoss):
     """The hidden-state path: a ``LinearCrossEntropy`` (Automodel hands it the final hidden
     states and the LM head's weight), our fused linear loss; the ``[tokens, V]`` logits are
     never built.
@@ -203,18 +207,10 @@ class LinearTOFULoss(LinearCrossEntropy, core.LossModule):
     def __init__(self, gamma: float = DEFAULT_GAMMA, beta: float = DEFAULT_BETA,
                  ignore_index: int = DEFAULT_IGNORE_INDEX, reduction: str = "sum", backend: str = "auto",
                  chunk_size: int | None = None, tp_mesh_dim: str = "tp"):
-        core.LossModule.__init__(self, TOFUParams(gamma=gamma, beta=beta, ignore_index=ignore_index,
-                                                  reduction=reduction, backend=backend),
-                                 chunk_size=chunk_size, tp_mesh_dim=tp_mesh_dim)
+        _AutomodelLoss.__init__(self, TOFUParams(gamma=gamma, beta=beta, ignore_index=ignore_index,
+                                                 reduction=reduction, backend=backend),
+                                chunk_size=chunk_size, tp_mesh_dim=tp_mesh_dim)
         self.last_ce = None
-
-    @property
-    def ignore_index(self) -> int:
-        return self.params.ignore_index
-
-    @property
-    def reduction(self) -> str:
-        return self.params.reduction
 
     def forward(self, hidden_states: torch.Tensor, labels: torch.Tensor, lm_weight: torch.Tensor,
                 num_label_tokens: int | None = None, grad_reduce_group: dist.ProcessGroup | None = None,
