@@ -5,7 +5,10 @@
     TOFU_BUILD_CUDA=1 pip install --no-build-isolation .   # build it or fail with the reason
 
 ``--no-build-isolation`` lets the build see the installed torch: pip's default, isolated
-build environment holds only setuptools and wheel, so there the extension is skipped.
+build environment holds only setuptools and wheel, so there the extension is skipped. Such a
+build uses this environment's setuptools and torch, so install them first (``pip install
+setuptools wheel torch``): pip installs the torch dependency only after the build, too late
+for it, and without setuptools pip cannot even start this script.
 ``TORCH_CUDA_ARCH_LIST`` is honoured (default "9.0", Hopper; no GPU is needed to build).
 Where the extension is skipped, the pure-Python package installs; pip shows the reason
 only with ``-v``, so it is also written into the package (``tofu_kernels/_build_info.json``),
@@ -52,6 +55,37 @@ def _record(built: bool, why: str) -> None:
         json.dump({"cuda_extension": "built" if built else "not built", "reason": why}, f)
 
 
+# The last step of every way to build the extension: a build that sees this environment's torch.
+BUILD = "pip install --no-build-isolation ."
+
+
+def cannot_build(torch, torch_error: str, cuda_home: str | None) -> str:
+    """Why the extension cannot be built here and what to run, in order ("" where it can).
+
+    ``torch``: the module, or None where it did not import (``torch_error`` says why);
+    ``cuda_home``: the toolkit :func:`_cuda_home` found, or None.
+    """
+    reasons, steps = [], []
+    if torch is None:
+        # pip's default build is isolated (setuptools and wheel only), and a
+        # --no-build-isolation build sees only what was installed before it: pip installs
+        # the torch dependency after the build, too late.
+        reasons.append(f"torch is not importable at build time ({torch_error})")
+        steps.append("install torch first (pip install torch)")
+    elif torch.version.cuda is None:
+        reasons.append(f"torch {torch.__version__} is a CPU-only build")
+        steps.append("install a CUDA build of torch")
+    if cuda_home is None:
+        reasons.append("no CUDA toolkit found")
+        steps.append("install a CUDA toolkit or set CUDA_HOME to one (the folder holding bin/nvcc and "
+                     "lib64/libcudart.so)")
+    if not reasons:
+        return ""
+    steps.append(BUILD)
+    return (f"the CUDA extension cannot be built: {'; '.join(reasons)}. "
+            f"To build it: {', '.join(f'{i}. {step}' for i, step in enumerate(steps, 1))}")
+
+
 def cuda_extensions():
     mode = os.environ.get("TOFU_BUILD_CUDA", "auto").strip().lower()
     if mode not in ("0", "1", "auto"):
@@ -60,24 +94,18 @@ def cuda_extensions():
         _log("TOFU_BUILD_CUDA=0: not building the CUDA extension")
         _record(False, "TOFU_BUILD_CUDA=0 at build time")
         return [], {}
-    reasons = []
     try:
         import torch
     except ImportError as e:
-        torch = None
-        reasons.append(f"torch is not importable at build time ({e}); use pip install --no-build-isolation")
-    if torch is not None and torch.version.cuda is None:
-        reasons.append(f"torch {torch.__version__} is a CPU-only build")
+        torch, torch_error = None, str(e)
+    else:
+        torch_error = ""
     cuda_home = _cuda_home()
-    if cuda_home is None:
-        reasons.append(
-            "no CUDA toolkit found (set CUDA_HOME to the folder holding bin/nvcc and lib64/libcudart.so)"
-        )
-    if reasons:
-        msg = "the CUDA extension cannot be built: " + "; ".join(reasons)
+    msg = cannot_build(torch, torch_error, cuda_home)
+    if msg:
         if mode == "1":
             raise SystemExit(f"TOFU_BUILD_CUDA=1 but {msg}")
-        _log(f"{msg}. Installing the pure-Python package (torch and Triton backends).")
+        _log(f"{msg} -- Installing the pure-Python package now (torch and Triton backends).")
         _record(False, msg)
         return [], {}
 
@@ -104,5 +132,6 @@ def cuda_extensions():
     return [ext], {"build_ext": BuildExtension}
 
 
-ext_modules, cmdclass = cuda_extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+if __name__ == "__main__":  # as setuptools runs it (tests import cannot_build without building)
+    ext_modules, cmdclass = cuda_extensions()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)

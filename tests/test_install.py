@@ -1,10 +1,13 @@
-"""`pip install .` without a CUDA toolkit yields a working pure-Python package."""
+"""`pip install .` without a CUDA toolkit yields a working pure-Python package, and a build or
+an import that cannot use the extension says why and what to run."""
 
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,3 +72,91 @@ def test_forced_build_without_toolkit_fails_with_reason(tmp_path):
     build = _pip_wheel(tmp_path, CUDA_HOME=str(tmp_path / "no-toolkit"), TOFU_BUILD_CUDA="1")
     assert build.returncode != 0
     assert "TOFU_BUILD_CUDA=1 but the CUDA extension cannot be built" in build.stdout + build.stderr
+
+
+# ------------------------------------------------ what a build that cannot make the extension says
+
+
+def _setup_py() -> dict:
+    """setup.py's functions, without running the build (runpy: __name__ is not __main__)."""
+    import runpy
+
+    return runpy.run_path(str(ROOT / "setup.py"), run_name="tofu_setup")
+
+
+def test_build_without_torch_says_what_to_run_in_order():
+    """A --no-build-isolation build in an environment without torch (pip installs the torch
+    dependency after the build) is told to install torch first, then build again: not to run
+    the command it ran."""
+    msg = _setup_py()["cannot_build"](None, "No module named 'torch'", "/usr/local/cuda")
+    assert msg.startswith("the CUDA extension cannot be built: torch is not importable at build time "
+                          "(No module named 'torch')"), msg
+    steps = msg.split("To build it: ", 1)[1]
+    assert steps == "1. install torch first (pip install torch), 2. pip install --no-build-isolation .", msg
+    assert "use pip install --no-build-isolation" not in msg
+
+
+def test_build_reasons_each_come_with_a_step():
+    """Every reason the extension cannot be built has its step, in order, the build last."""
+    import torch
+
+    cannot_build = _setup_py()["cannot_build"]
+    cpu_torch = type("torch", (), {"__version__": "2.99+cpu", "version": type("v", (), {"cuda": None})})
+    msg = cannot_build(cpu_torch, "", None)
+    assert "cannot be built: torch 2.99+cpu is a CPU-only build; no CUDA toolkit found." in msg, msg
+    assert msg.endswith("To build it: 1. install a CUDA build of torch, 2. install a CUDA toolkit or set CUDA_HOME "
+                        "to one (the folder holding bin/nvcc and lib64/libcudart.so), 3. pip install "
+                        "--no-build-isolation ."), msg
+    cuda_torch = type("torch", (), {"__version__": "2.99", "version": type("v", (), {"cuda": "13.0"})})
+    assert cannot_build(cuda_torch, "", "/usr/local/cuda") == ""
+    assert cannot_build(torch, "", None).startswith("the CUDA extension cannot be built: ")
+
+
+class _Dist:
+    """An importlib.metadata distribution of tofu-kernels whose package folder is ``folder``."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def locate_file(self, name):
+        return self.folder.parent / name
+
+
+@pytest.mark.parametrize("loaded", [True, False], ids=["extension loaded", "extension not loaded"])
+def test_extension_status_names_a_shadowing_checkout(tmp_path, monkeypatch, loaded):
+    """Python started in a source checkout imports the checkout's tofu_kernels ahead of an
+    installed one: extension_status says so whether the checkout's extension loaded or not,
+    and whether the shadowed package has an extension, also where the checkout's own metadata
+    (an egg-info in its root, as ``pip install -e`` leaves) is the first distribution found."""
+    from importlib import metadata
+
+    import tofu_kernels
+    from tofu_kernels import backends
+
+    pkg = Path(os.path.realpath(tofu_kernels.__file__)).parent
+    if not (pkg.parent / "setup.py").is_file():
+        pytest.skip(f"tofu_kernels is imported from {pkg}, not from a source checkout")
+    installed = tmp_path / "site" / "tofu_kernels"
+    installed.mkdir(parents=True)
+    dists = [_Dist(pkg), _Dist(installed)]  # the checkout's egg-info first, as sys.path finds it
+    monkeypatch.setattr(metadata, "distribution", lambda name: dists[0])
+    monkeypatch.setattr(metadata, "distributions", lambda **kw: iter(dists))
+    if loaded:
+        fake = type(sys)("tofu_kernels._C")
+        fake.__file__ = str(pkg / "_C.cpython-fake.so")
+        monkeypatch.setitem(backends._LOADED, "cuda", (fake, ""))
+        monkeypatch.setitem(sys.modules, "tofu_kernels._C", fake)
+        monkeypatch.setattr(tofu_kernels, "_C", fake, raising=False)
+    else:
+        monkeypatch.setitem(backends._LOADED, "cuda", (None, "ImportError: no _C here"))
+    status = tofu_kernels.extension_status()
+    assert status.startswith(f"loaded: {pkg / '_C.cpython-fake.so'}" if loaded else "not loaded (ImportError: no _C here)")
+    assert f"tofu_kernels imported from {pkg}" in status, status
+    assert (f"this source checkout shadows the installed package in {installed.parent}, which has no compiled "
+            "extension (Python puts the current directory first): run from another directory") in status, status
+    (installed / "_C.cpython-312-x86_64-linux-gnu.so").touch()
+    assert f"shadows the installed package in {installed.parent}, which has its compiled extension (" in \
+        tofu_kernels.extension_status()
+    # no installed package elsewhere: nothing shadowed, nothing said
+    dists.pop()
+    assert "shadows" not in tofu_kernels.extension_status()

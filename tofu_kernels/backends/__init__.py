@@ -106,36 +106,59 @@ def extension_loaded() -> bool:
 def extension_status() -> str:
     """One line: the compiled extension's file, or why it did not load. The reasons: the
     import error; what the build of the imported package recorded (e.g. pip's isolated
-    build, where torch is not importable, skips it); and whether this ``tofu_kernels`` is a
-    source checkout that shadows the installed package (Python run from the checkout's
-    root imports its folder first)."""
+    build, where torch is not importable, skips it; the record says what to run); and, loaded
+    or not, whether this ``tofu_kernels`` is a source checkout that shadows an installed
+    package (Python run from the checkout's root imports its folder first)."""
     import json
     import os
-    from importlib import metadata
     from pathlib import Path
 
     pkg = Path(os.path.realpath(__file__)).parent.parent
     mod, why = _load("cuda")
+    shadowed = _shadowed_installs(pkg)
     if mod is not None:
         from .. import _C
 
-        return f"loaded: {_C.__file__}"
-    notes = [f"not loaded ({why})", f"tofu_kernels imported from {pkg}"]
-    info = pkg / "_build_info.json"
-    if info.is_file():
-        rec = json.loads(info.read_text())
-        if rec.get("cuda_extension") != "built":
-            notes.append(f"its build did not build the extension: {rec.get('reason')}")
-    if (pkg.parent / "setup.py").is_file():  # a source checkout
-        try:
-            dist = metadata.distribution("tofu-kernels")
-            installed = Path(os.path.realpath(dist.locate_file("tofu_kernels")))
-        except (metadata.PackageNotFoundError, TypeError):
-            installed = None
-        if installed is not None and installed != pkg and installed.is_dir():
-            notes.append(f"this source checkout shadows the installed package in {installed.parent} "
-                         "(Python puts the current directory first): run from another directory")
+        notes = [f"loaded: {_C.__file__}"]
+        if shadowed:
+            notes.append(f"tofu_kernels imported from {pkg}")
+    else:
+        notes = [f"not loaded ({why})", f"tofu_kernels imported from {pkg}"]
+        info = pkg / "_build_info.json"
+        if info.is_file():
+            rec = json.loads(info.read_text())
+            if rec.get("cuda_extension") != "built":
+                notes.append(f"its build did not build the extension: {rec.get('reason')}")
+    for installed in shadowed:
+        has = "has its" if any(installed.glob("_C.*")) else "has no"
+        notes.append(f"this source checkout shadows the installed package in {installed.parent}, which {has} "
+                     "compiled extension (Python puts the current directory first): run from another directory "
+                     "to use that package")
     return "; ".join(notes)
+
+
+def _shadowed_installs(pkg) -> list:
+    """The installed tofu_kernels folders that ``pkg``, a source checkout's package, hides.
+
+    Every tofu-kernels distribution is looked at, not the first found: a checkout's root may
+    hold its own metadata (an egg-info), found first when Python runs from there. An
+    editable install of the checkout points at no folder of its own and hides nothing.
+    """
+    import os
+    from importlib import metadata
+    from pathlib import Path
+
+    if not (pkg.parent / "setup.py").is_file():  # not a source checkout
+        return []
+    found = []
+    for dist in metadata.distributions(name="tofu-kernels"):
+        try:
+            installed = Path(os.path.realpath(dist.locate_file("tofu_kernels")))
+        except TypeError:  # a distribution without a location
+            continue
+        if installed != pkg and installed.is_dir() and installed not in found:
+            found.append(installed)
+    return found
 
 
 def get_backend(name: str, device: torch.device) -> Backend:
