@@ -3,11 +3,13 @@
     import megatron_patch
     megatron_patch.apply(loss_type="tofu", gamma=3.0, beta=0.8, backend="auto")
     megatron_patch.revert()                  # restores Megatron exactly
-    megatron_patch.add_arguments(parser)     # --loss-type --tofu-gamma --tofu-beta --tofu-backend
+    megatron_patch.add_arguments(parser)     # --loss-type and the --tofu-* flags
 
 or, for an unmodified Megatron-LM script:
 
     python -m megatron_patch.launch pretrain_gpt.py --loss-type tofu --tofu-gamma 3 ...
+
+(``python -m megatron_patch.launch --help`` lists every flag with its help.)
 
 With the TOFU loss on, Megatron's reports carry ``lm cross entropy`` beside ``lm loss``.
 """

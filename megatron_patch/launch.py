@@ -6,24 +6,36 @@
     tofu-megatron-launch pretrain_gpt.py --loss-type tofu ...        (console script)
 
 Installs the argument hooks (megatron_patch.arguments.install_hooks): Megatron's parser
-then accepts --loss-type/--tofu-gamma/--tofu-beta/--tofu-backend, and the patch is
-applied from the parsed arguments before the model is built. Then the script runs as
-__main__ with the remaining arguments, exactly as `python script.py args` would.
+then accepts the TOFU flags (megatron_patch.arguments.add_arguments; --help lists them), and
+the patch is applied from the parsed arguments before the model is built. Then the script
+runs as __main__ with the remaining arguments, exactly as `python script.py args` would.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import runpy
 import sys
 
-from .arguments import install_hooks
+from .arguments import add_arguments, install_hooks
+
+
+def flags_help() -> str:
+    """The TOFU flags' help, formatted by a parser of their own: the flags are defined once
+    (``add_arguments``), and Megatron's parser is neither needed nor asked to format it."""
+    parser = argparse.ArgumentParser(prog="megatron_patch.launch", usage=argparse.SUPPRESS, add_help=False)
+    return add_arguments(parser).format_help().strip()
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
+        print()
+        print(flags_help())
+        print()
+        print("Every other argument goes to the script (Megatron's own arguments).")
         return 0 if argv else 2
     script, rest = argv[0], argv[1:]
     if not os.path.isfile(script):
