@@ -222,7 +222,7 @@ def finetune(name, loss: tuple, model, state, data: Data, args, log):
     while done < args.sft_iters:
         run.train_iters = min(args.eval_interval, args.sft_iters - done)
         sft.train(run, model, data.sft_train, log=lambda m: log(f"[sft {name}] {m}"),
-                  optimizer=optimizer, gen=gen, start=done)
+                  optimizer=optimizer, gen=gen, start=done, total=args.sft_iters)
         done += run.train_iters
         ev = evaluate(model, data, args)
         curve.append({"iter": done, **{k: v for k, v in ev.items() if k != "answers"}})

@@ -210,17 +210,20 @@ def make_optimizer(args, model) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
 
 
-def train(args, model, data: Batches, log=print, optimizer=None, gen=None, start: int = 0) -> list[dict]:
+def train(args, model, data: Batches, log=print, optimizer=None, gen=None, start: int = 0,
+          total: int | None = None) -> list[dict]:
     """Train ``args.train_iters`` steps with AdamW; returns the logged history.
 
     Pass ``optimizer`` and ``gen`` to continue a run in chunks (iterations counted from
-    ``start``); by default a fresh AdamW and a generator seeded with ``args.seed``, so
+    ``start``, the progress lines out of ``total``, the whole run's iterations; default: this
+    call's last); by default a fresh AdamW and a generator seeded with ``args.seed``, so
     every TP rank draws the same batches.
     """
     optimizer = optimizer or make_optimizer(args, model)
     gen = gen or torch.Generator().manual_seed(args.seed)
     history, t0 = [], time.time()
     end = start + args.train_iters
+    total = end if total is None else total
     for it in range(start + 1, end + 1):
         tokens, lm = data.sample(args.micro_batch_size, gen)
         loss, ce = train_step(model, optimizer, tokens, lm, args.device)
@@ -229,7 +232,7 @@ def train(args, model, data: Batches, log=print, optimizer=None, gen=None, start
                    "s": time.time() - t0}
             history.append(rec)
             if dist.get_rank() == 0:
-                log(f"iter {it:5d}/{end} | {args.loss_type} loss {rec['loss']:.4f} | "
+                log(f"iter {it:5d}/{total} | {args.loss_type} loss {rec['loss']:.4f} | "
                     f"cross entropy {rec['ce']:.4f} | ppl {rec['ppl']:.2f} | {rec['s']:.1f} s")
     return history
 

@@ -95,3 +95,34 @@ def _short_run(tmp_path):
     assert "Diversity: TOFU" in text and "Forgetting:" in text and "Quality:" in text
     assert (tmp_path / "demo_curves.png").stat().st_size > 10_000
     assert "[sft tofu] eval @ 6" in out.stdout and "[pretrain] iter" in out.stdout  # progress
+    # the SFT progress counts the whole run (6 iterations), not each evaluation segment of 3
+    assert "[sft tofu] iter     3/6 |" in out.stdout and "[sft tofu] iter     6/6 |" in out.stdout, out.stdout
+    assert "/3 |" not in out.stdout, out.stdout
+
+
+def test_sft_progress_counts_the_whole_run(monkeypatch):
+    """finetune trains in segments of --eval-interval iterations: its progress lines count the
+    whole SFT run (announced as --sft-iters iterations), never restart per segment."""
+    import types
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    import diversity_demo as demo
+
+    sft = demo.sft
+    monkeypatch.setattr(sft, "train_step", lambda *a: (torch.tensor(2.0), torch.tensor(1.0)))
+    monkeypatch.setattr(sft.dist, "get_rank", lambda *a: 0)
+    monkeypatch.setattr(demo, "evaluate", lambda *a, **kw: {key: 0.0 for key in (
+        "sft_ce", "broad_ce", "valid", "answer_entropy", "rare_share")})
+    monkeypatch.setattr(demo, "megatron_patch", types.SimpleNamespace(apply=lambda *a, **k: None, revert=lambda: None))
+    args = argparse.Namespace(sft_iters=7, eval_interval=3, log_interval=2, micro_batch_size=2, device="cpu", seed=0,
+                              sft_lr=1e-3, tofu_backend="torch")
+    data = types.SimpleNamespace(sft_train=sft.Batches.mock(4, 2, seed=0))
+    lines = []
+    _, curve = demo.finetune("cross_entropy", ("cross_entropy",), torch.nn.Linear(1, 1), torch.nn.Linear(1, 1).state_dict(),
+                             data, args, lines.append)
+    assert [c["iter"] for c in curve] == [3, 6, 7]
+    progress = [line.split(" | ")[0] for line in lines if " iter " in line]
+    # every log interval, and each segment's last iteration
+    assert progress == [f"[sft cross_entropy] iter {i:5d}/7" for i in (2, 3, 4, 6, 7)], lines
