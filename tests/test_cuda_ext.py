@@ -151,8 +151,8 @@ def test_torch_compile_fullgraph_traces_forward_and_backward(backend, inplace, p
     if backend == "cuda":
         (loss, ce), graphs = _compile_and_capture(step, x, labels)
     else:
-        # AOT lowers a triton_op to its kernels (which Triton's CPU interpreter cannot run
-        # on fake tensors, so it skips them); Dynamo's own graph shows the ops.
+        # Dynamo's own graph shows the ops (AOT would show the kernels of a triton_op, or,
+        # under Triton's CPU interpreter, the opaque op: tests/test_compile.py runs that).
         (loss, ce), (fw, bw) = _dynamo_capture(step, x, labels)
     (loss.sum() if reduction == "none" else loss).backward()
     if backend == "cuda":  # AOT compiles the backward when it first runs

@@ -31,9 +31,8 @@ def available(device: torch.device) -> tuple[bool, str]:
 def _row_blocks(x: torch.Tensor, lay: RowLayout) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yield (first row, end row, strided view of those rows) covering all rows in order."""
     n_outer = lay.n_rows // lay.n_inner
-    x3 = x.as_strided(
-        (n_outer, lay.n_inner, lay.width), (lay.s_outer, lay.s_inner, 1), x.storage_offset()
-    )
+    # the storage offset left to as_strided (x's own): torch.compile cannot trace storage_offset()
+    x3 = x.as_strided((n_outer, lay.n_inner, lay.width), (lay.s_outer, lay.s_inner, 1))
     rows = max(1, CHUNK_ELEMS // max(lay.width, 1))
     if lay.n_inner >= rows:
         for o in range(n_outer):
