@@ -14,8 +14,8 @@ the bandwidth under the byte model
 
 as GB/s and as a fraction of a device-to-device copy measured in the same run, the
 peak extra memory beyond the inputs and the returned gradient, and the speedup of our
-fastest backend over each baseline of the same kind (TOFU or CE) measured in the same
-run. Inputs are random normal logits (never zeros), rotated over several buffers when
+fastest backend on our default path (not the two-pass or vocab_parallel rows) over each
+baseline of the same kind (TOFU or CE) measured in the same run. Inputs are random normal logits (never zeros), rotated over several buffers when
 they are small enough for the L2 cache to flatter repeated runs. CPU numbers are NOT
 performance results: they only prove the harness runs.
 
@@ -85,6 +85,7 @@ class Row:
     peak_mb: float | None = None
     error: str = ""
     speedup: str = ""
+    bwd_note: str = ""  # why bwd is absent (a derived backward within the timing noise)
 
     def gbs(self) -> float:
         return self.n * self.v * 3 * BYTES[DTYPES[self.dtype]] / (self.both[0] * 1e-3) / 1e9
@@ -291,7 +292,7 @@ def bench_one(impl: Impl, n: int, v: int, dtype: torch.dtype, device: str, tbenc
         except RuntimeError:
             # backwards that consume their saved tensors in place (Megatron's CE) cannot
             # be replayed: report fwd+bwd minus fwd, without quantiles
-            row.bwd = (max(row.both[0] - row.fwd[0], 0.0), math.nan, math.nan)
+            row.bwd, row.bwd_note = derived_backward(row.fwd, row.both)
         loss = None
         x.grad = None
         if device == "cuda" and impl.kind == "ours":
@@ -317,6 +318,15 @@ def bench_one(impl: Impl, n: int, v: int, dtype: torch.dtype, device: str, tbenc
         if device == "cuda":
             torch.cuda.empty_cache()
     return row
+
+
+def derived_backward(fwd, both) -> tuple[tuple[float, float, float] | None, str]:
+    """The backward's time as fwd+bwd minus fwd, (median, nan, nan), where fwd+bwd's 20%
+    quantile is above fwd's 80% one; else None and why: within the timing noise the
+    difference says nothing, and where the medians cross it is not even positive."""
+    if both[1] > fwd[2]:
+        return (both[0] - fwd[0], math.nan, math.nan), ""
+    return None, "medians cross" if both[0] <= fwd[0] else "within the timing noise"
 
 
 def count_kernels(impl: Impl, x: torch.Tensor, y: torch.Tensor) -> int:
@@ -373,7 +383,16 @@ def check_composed_equals_ours(impls: list[Impl], device: str, dtype: torch.dtyp
     return f"composed TOFU vs ours on 512 x 4096 {dtype}: {a:.6f} vs {b:.6f} (rel. diff {abs(a - b) / abs(b):.1e})"
 
 
+def default_path(kind: str, mode: str, backend: str | None = None):
+    """Selects ``kind``'s rows of ``mode`` on the default path (for ours: the gradient in the
+    forward, as a mean; not the two-pass or vocab_parallel rows), of ``backend`` if given."""
+    return lambda i: (i.kind == kind and i.mode == mode and "vocab_parallel" not in i.name
+                      and "two-pass" not in i.name and (backend is None or i.name.startswith(f"ours-{backend} ")))
+
+
 def add_speedups(rows: list[Row]) -> None:
+    """Each baseline's speedup: its fwd+bwd time over our fastest backend's on the default
+    path, same mode, shape and run (the baselines take a mean, as that path does)."""
     by_shape: dict[tuple, list[Row]] = {}
     for r in rows:
         by_shape.setdefault((r.n, r.v, r.dtype), []).append(r)
@@ -381,7 +400,7 @@ def add_speedups(rows: list[Row]) -> None:
         for r in group:
             if r.impl.kind != "baseline" or r.error:
                 continue
-            ours = [o for o in group if o.impl.kind == "ours" and o.impl.mode == r.impl.mode and not o.error]
+            ours = [o for o in group if default_path("ours", r.impl.mode)(o.impl) and not o.error]
             if ours:
                 best = min(ours, key=lambda o: o.both[0])
                 r.speedup = f"{r.both[0] / best.both[0]:.2f}x ({best.impl.name})"
@@ -396,10 +415,7 @@ def targets(rows: list[Row], copy_gbs: float) -> list[str]:
     """The targets over every bf16 shape measured: PASS where all shapes pass, else the misses."""
     shapes = sorted({(r.n, r.v) for r in rows if r.dtype == "bf16"})
 
-    def plain(kind, mode, backend=None):  # our default path (gradient in the forward for a mean)
-        return lambda i: (i.kind == kind and i.mode == mode and "vocab_parallel" not in i.name
-                          and "two-pass" not in i.name and (backend is None or i.name.startswith(f"ours-{backend} ")))
-
+    plain = default_path
     def named(name):
         return lambda i: i.name == name
 
@@ -474,12 +490,14 @@ def to_markdown(rows, copy_gbs, device, args, missing, notes) -> str:
         "writes the gradient (6 B/element in bf16, 12 in fp32). `copy` = GB/s / copy bandwidth.",
         "Rows with the gradient made in the forward (our default for a mean, Liger) move as few as",
         "4 B/element, so their `copy` can exceed 100 %: compare their times, not their GB/s.",
-        "Speedup = baseline time / our fastest backend's time (same mode, shape and run), fwd+bwd.",
+        "Speedup = baseline time / our fastest backend's time on our default path (not the two-pass or",
+        "vocab_parallel rows; same mode, shape and run), fwd+bwd.",
         "graph = fwd+bwd captured in a CUDA graph and replayed (the GPU's time without host launch cost);",
         "kernels = GPU kernels (incl. memsets/copies) one eager fwd+bwd launches, from torch.profiler.",
         "Peak extra = peak allocated during fwd+bwd minus inputs and the returned gradient.",
         "fwd = the training forward (autograd on, no backward), bwd = backward alone;",
-        "bwd `(derived)` = fwd+bwd minus fwd, where a backward cannot be replayed alone.",
+        "bwd `(derived)` = fwd+bwd minus fwd, where a backward cannot be replayed alone; `n/a` where",
+        "that difference is within the timing noise (fwd+bwd's 20% quantile not above fwd's 80%).",
     ]
     if device != "cuda":
         lines += ["", "**CPU smoke run: NOT a performance result** (torch backend, Triton interpreter)."]
@@ -496,8 +514,9 @@ def to_markdown(rows, copy_gbs, device, args, missing, notes) -> str:
             lines.append(f"| {r.n} | {r.v} | {r.dtype} | {r.impl.name} | {r.error} | | | | | | | | |")
             continue
         peak = "-" if r.peak_mb is None else f"{r.peak_mb:.1f}"
+        bwd = f"n/a ({r.bwd_note})" if r.bwd_note else fmt_ms(r.bwd)
         lines.append(
-            f"| {r.n} | {r.v} | {r.dtype} | {r.impl.name} | {fmt_ms(r.fwd)} | {fmt_ms(r.bwd)} | "
+            f"| {r.n} | {r.v} | {r.dtype} | {r.impl.name} | {fmt_ms(r.fwd)} | {bwd} | "
             f"{fmt_ms(r.both)} | {fmt_ms(r.graph)} | {'-' if r.kernels is None else r.kernels} | "
             f"{r.gbs():.0f} | {r.gbs() / copy_gbs:.0%} | {peak} | {r.speedup} |"
         )

@@ -1,8 +1,11 @@
 """The benchmark harness runs end to end in CPU smoke mode and writes its table."""
 
+import argparse
 import re
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,6 +29,76 @@ def test_bench_cpu_smoke(tmp_path):
     assert not any("Error" in r or "out of memory" in r for r in rows), rows
     assert (tmp_path / "bench_loss.png").stat().st_size > 10_000
     assert "[1/1" in res.stdout  # progress line per configuration
+
+
+def _bench():
+    """benchmarks/bench_loss.py as a module (loaded from its file, nothing added to sys.path here)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_loss", ROOT / "benchmarks" / "bench_loss.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("fwd, both, shown", [
+    ((1.0, 0.9, 1.1), (3.0, 2.9, 3.1), "2.000 (derived)"),  # clearly apart: the difference
+    ((2.0, 1.9, 2.1), (1.8, 1.7, 1.9), "n/a (medians cross)"),  # would be negative (was "0.000")
+    ((1.0, 0.8, 1.4), (1.2, 1.1, 1.5), "n/a (within the timing noise)"),  # spreads overlap
+])
+def test_bench_derived_backward_only_where_it_means_something(fwd, both, shown):
+    """A backward that cannot be replayed alone is reported as fwd+bwd minus fwd only where
+    fwd+bwd is measurably slower than fwd; else the table says why it has no number."""
+    import torch
+
+    bench = _bench()
+
+    class Once(torch.autograd.Function):  # a backward that consumes what it saved, as Megatron's CE
+        @staticmethod
+        def forward(ctx, x):
+            ctx.used = False
+            return x.sum()
+
+        @staticmethod
+        def backward(ctx, g):
+            if ctx.used:
+                raise RuntimeError("backward replayed")
+            ctx.used = True
+            return g.expand(2, 8)
+
+    times = iter([fwd, both])
+
+    def tbench(fn, grad_to_none=None):  # runs fn as a timer does (warm-up, then timed), times given
+        fn()
+        fn()
+        return next(times)
+
+    impl = bench.Impl("once", lambda x, y: Once.apply(x), "baseline", "ce")
+    row = bench.bench_one(impl, 2, 8, torch.float32, "cpu", tbench)
+    assert row.error == "" and row.both == both, row
+    md = bench.to_markdown([row], 10.0, "cpu", argparse.Namespace(gamma=3.0, beta=0.8), [], [])
+    cells = [c.strip() for c in next(line for line in md.splitlines() if line.startswith("| 2 | 8 |")).split("|")]
+    assert cells[5:8] == [bench.fmt_ms(fwd), shown, bench.fmt_ms(both)], cells
+
+
+def test_bench_speedup_is_over_our_default_path():
+    """A baseline's speedup compares it with our fastest backend on the default path (mean,
+    gradient in the forward), not with the two-pass or vocab_parallel rows, which take
+    another path (per-token losses, summed) even where they measured faster."""
+    bench = _bench()
+
+    def row(name, kind, mode, ms):
+        return bench.Row(bench.Impl(name, None, kind, mode), 64, 512, "bf16", both=(ms, ms, ms))
+
+    rows = [row("ours-torch TOFU", "ours", "tofu", 2.0), row("ours-triton TOFU", "ours", "tofu", 4.0),
+            row("ours-torch TOFU two-pass", "ours", "tofu", 1.5),
+            row("ours-torch TOFU vocab_parallel (tp=1)", "ours", "tofu", 1.0),
+            row("ours-torch CE", "ours", "ce", 0.5), row("authors TOFU (PyTorch)", "baseline", "tofu", 8.0),
+            row("torch F.cross_entropy (fp32 upcast)", "baseline", "ce", 1.0)]
+    bench.add_speedups(rows)
+    assert [r.speedup for r in rows if r.impl.kind == "baseline"] == ["4.00x (ours-torch TOFU)", "2.00x (ours-torch CE)"]
+    assert all(r.speedup == "" for r in rows if r.impl.kind == "ours")
 
 
 GPU_CHECK = ROOT / "benchmarks" / "gpu_check.sh"
