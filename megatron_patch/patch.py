@@ -19,7 +19,7 @@ import threading
 import torch
 
 from tofu_kernels.loss import loss_of_logits
-from tofu_kernels.params import DEFAULT_BETA, DEFAULT_GAMMA, TOFUParams
+from tofu_kernels.params import DEFAULT_BETA, DEFAULT_GAMMA, TOFUParams, check_flag
 from tofu_kernels.vocab_parallel import TensorParallel
 
 from . import fused_output as _fused
@@ -123,6 +123,7 @@ def apply(
     HybridModel's output layer and loss as one step without the logits (``chunk_size``
     tokens per logits block; default a 128 MiB block), see ``fused_output.py``.
     """
+    check_flag(fused_output, "fused_output", "megatron_patch.apply")
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"megatron_patch: loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if loss_type == "cross_entropy":

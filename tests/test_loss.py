@@ -381,12 +381,40 @@ def test_auto_backend_on_cpu_is_torch():
         (dict(beta=float("inf")), ValueError, "beta"),
         (dict(reduction="avg"), ValueError, "reduction"),
         (dict(backend="cudnn"), ValueError, "backend"),
+        # flags take booleans only (bool("no") is True: "no" returned a tuple)
+        (dict(return_ce="no"), TypeError, "return_ce must be True or False, got 'no'"),
+        (dict(grad_in_forward="yes"), TypeError, "grad_in_forward must be True, False or None"),
+        (dict(inplace_backward=1), TypeError, "inplace_backward must be True or False"),
+        (dict(check_inputs=None), TypeError, "check_inputs must be True or False"),
+        (dict(return_metrics="False"), TypeError, "return_metrics must be True or False"),
     ],
 )
 def test_bad_arguments(kwargs, exc, match):
     logits, labels = make_logits((3,), 10, torch.float32)
     with pytest.raises(exc, match=match):
         tk.tofu_loss(logits, labels, **kwargs)
+
+
+def test_flags_of_the_other_entry_points_take_booleans_only():
+    hidden, weight, labels = torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))
+    with pytest.raises(TypeError, match="return_ce must be True or False"):
+        tk.linear_tofu_loss(hidden, weight, labels, return_ce="yes")
+    with pytest.raises(TypeError, match="reduce_hidden_grad must be True or False"):
+        tk.vocab_parallel_linear_tofu_loss(hidden, weight, labels, reduce_hidden_grad="no")
+    with pytest.raises(TypeError, match="inplace_backward must be True or False"):
+        tk.TOFULoss(inplace_backward="no")
+    transformers = pytest.importorskip("transformers")
+    from tofu_kernels import hf
+
+    cfg = transformers.LlamaConfig(vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, head_dim=4)
+    with pytest.raises(TypeError, match="fused_linear must be True or False"):
+        hf.apply_tofu(transformers.LlamaForCausalLM(cfg), fused_linear="no")
+    pytest.importorskip("megatron.core")
+    import megatron_patch
+
+    with pytest.raises(TypeError, match="fused_output must be True or False"):
+        megatron_patch.apply(fused_output="no")  # refused before anything is patched
 
 
 def test_bad_tensors():

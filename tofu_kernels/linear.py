@@ -50,7 +50,7 @@ import torch.distributed as dist
 
 from . import core
 from ._inputs import check_linear_tensors, flat_labels, row_layout
-from .params import DEFAULT_BETA, DEFAULT_GAMMA, DEFAULT_IGNORE_INDEX, TOFUParams
+from .params import DEFAULT_BETA, DEFAULT_GAMMA, DEFAULT_IGNORE_INDEX, TOFUParams, check_flag
 from .records import Reduction
 from .vocab_parallel import TensorParallel
 
@@ -287,6 +287,7 @@ def loss_of_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
             return loss_of_hidden(hidden, weight, labels, params, chunk_size=chunk_size, normalizer=normalizer,
                                   tp=tp, reduce_hidden_grad=reduce_hidden_grad, weight_grad=weight_grad)
     check_linear_tensors(hidden, weight, labels)
+    check_flag(reduce_hidden_grad, "reduce_hidden_grad", "linear_tofu_loss")
     width = weight.shape[0]
     h = hidden.reshape(-1, hidden.shape[-1])
     if not h.is_contiguous():

@@ -40,6 +40,14 @@ def beta_error(beta) -> str | None:
     return None
 
 
+def check_flag(value, name: str, who: str, optional: bool = False) -> None:
+    """Raise unless ``value`` is a bool (or None where ``optional``): ``bool("no")`` is True,
+    and a string or a number read as a flag would silently change the result or the path."""
+    if not (isinstance(value, bool) or (optional and value is None)):
+        allowed = "True, False or None" if optional else "True or False"
+        raise TypeError(f"{who}: {name} must be {allowed}, got {value!r}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class TOFUParams:
     """Every non-tensor argument of a loss call, validated once at construction (keywords
@@ -76,9 +84,5 @@ class TOFUParams:
         object.__setattr__(self, "gamma", float(self.gamma))
         object.__setattr__(self, "beta", float(self.beta))
         object.__setattr__(self, "ignore_index", ignore_index)
-        object.__setattr__(self, "inplace_backward", bool(self.inplace_backward))
-        object.__setattr__(self, "return_ce", bool(self.return_ce))
-        object.__setattr__(self, "return_metrics", bool(self.return_metrics))
-        object.__setattr__(self, "check_inputs", bool(self.check_inputs))
-        if self.grad_in_forward is not None:
-            object.__setattr__(self, "grad_in_forward", bool(self.grad_in_forward))
+        for name in ("inplace_backward", "return_ce", "return_metrics", "check_inputs", "grad_in_forward"):
+            check_flag(getattr(self, name), name, "tofu_loss", optional=name == "grad_in_forward")

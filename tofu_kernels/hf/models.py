@@ -17,7 +17,7 @@ from torch.distributed.tensor import DTensor
 
 from ..linear import loss_of_hidden
 from ..loss import loss_of_logits
-from ..params import DEFAULT_BETA, DEFAULT_GAMMA, DEFAULT_IGNORE_INDEX, TOFUParams
+from ..params import DEFAULT_BETA, DEFAULT_GAMMA, DEFAULT_IGNORE_INDEX, TOFUParams, check_flag
 from ..records import TokenMetrics
 
 __all__ = ["SUPPORTED_MODELS", "apply_tofu", "check_model", "check_params", "revert_tofu", "shift_labels", "tofu_loss_func"]
@@ -333,6 +333,7 @@ def apply_tofu(
     read ``model(...).loss``; use :class:`TOFUSFTTrainer` (or
     ``compute_loss_func=tofu_loss_func(...)``, one extra forward per step) instead.
     """
+    check_flag(fused_linear, "fused_linear", "apply_tofu")
     if params is None:
         params = TOFUParams(gamma=gamma, beta=beta, ignore_index=ignore_index, backend=backend)
     else:
