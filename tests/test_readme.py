@@ -92,6 +92,7 @@ COMMANDS = {
     "make bench": "tests/test_bench_smoke.py",
     "pip install --no-build-isolation .": "tests/test_install.py (pip builds this checkout; the CI venv installs it so)",
     "pip install .": "tests/test_install.py",
+    "pip install setuptools wheel torch": "CI installs these from requirements-dev.txt before the package",
     'pip install --no-build-isolation ".[megatron]"': "CI installs these pins from requirements-dev.txt",
     'pip install --no-build-isolation ".[trl]"': "CI installs these pins from requirements-dev.txt",
     "torchrun --nproc-per-node 2 examples/vocab_parallel.py": "tests/test_examples.py::test_vocab_parallel_example_torchrun",
