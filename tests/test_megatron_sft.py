@@ -1,10 +1,10 @@
 """Supervised fine-tuning with Megatron-LM's own scripts and data pipeline, --loss-type tofu.
 
-The flags are the README's: its multi-node SFT command is read from README.md, the flags
+The flags are docs/megatron.md's: its multi-node SFT command is read from that page, the flags
 that only make sense on a GPU cluster (parallel sizes, Transformer Engine, bf16, the
 distributed optimizer, checkpoints) are swapped for this machine's, and everything else
 (the loss flags, --sft, the SFTTokenizer and its prompt format, the data flags) is run
-as written. A drift between the README and what runs here fails these tests.
+as written. A drift between the page and what runs here fails these tests.
 
 Data: a chat jsonl and a Hugging Face tokenizer written by the test (tests/sft_data.py),
 read by Megatron's SFTTokenizer / SFTDataset through the training script's own dataset
@@ -79,16 +79,14 @@ def _sft_files(tmp: str, rank: int) -> tuple[Path, Path]:
     return tmp / "chat.jsonl", tmp / "tokenizer"
 
 
-# ------------------------------------------------------------ the README's command
+# ------------------------------------------------------------ docs/megatron.md's command
 
 
 def test_readme_sft_command_uses_megatrons_sft_tokenizer():
-    """Wherever the README passes --sft it passes the tokenizer Megatron's SFT dataset needs."""
-    text = readme.README.read_text()
-    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
-    sft = [c for b in blocks for c in readme.commands(b) if "--sft" in c]
-    assert sft, "the README shows no --sft command"
-    for argv in sft:
+    """Wherever the README or a docs page passes --sft it passes the tokenizer Megatron's SFT dataset needs."""
+    sft = [(p, c) for p, b in readme.blocks("bash") for c in readme.commands(b) if "--sft" in c]
+    assert any(p == readme.MEGATRON for p, _ in sft), "docs/megatron.md shows no --sft command"
+    for _, argv in sft:
         assert _value(argv, "--tokenizer-type") == "SFTTokenizer", argv
         assert "--sft-tokenizer-prompt-format" in argv and "--no-create-attention-mask-in-dataloader" in argv, argv
         assert "--save" not in argv or "--save-interval" in argv, argv  # Megatron asserts otherwise
@@ -96,7 +94,7 @@ def test_readme_sft_command_uses_megatrons_sft_tokenizer():
 
 @pytest.mark.parametrize("script", ["pretrain_gpt.py", "pretrain_hybrid.py"])
 def test_launcher_takes_the_readme_sft_command(tmp_path, script):
-    """The README's flags, all of them (cluster sizes aside), through the launcher and
+    """docs/megatron.md's flags, all of them (cluster sizes aside), through the launcher and
     Megatron's parser, up to Megatron's own CUDA stop on this machine."""
     data, tok = write_chat_jsonl(tmp_path / "chat.jsonl"), write_tokenizer(tmp_path / "tokenizer")
     args = readme.script_arguments(readme.sft_command(), "pretrain_gpt.py")
@@ -115,8 +113,8 @@ def test_launcher_takes_the_readme_sft_command(tmp_path, script):
 
 
 def _readme_prompt_formats() -> dict[str, bool]:
-    """The README's prompt-format table: format -> whether it masks the prompt."""
-    text = readme.README.read_text()
+    """docs/megatron.md's prompt-format table: format -> whether it masks the prompt."""
+    text = readme.MEGATRON.read_text()
     rows = re.findall(r"^\| `([a-z0-9-]+)`[^|]*\| ([^|]+) \|", text, re.M)
     formats = {name: "not masked" not in what for name, what in rows if name.startswith(("nemotron", "default", "identity"))}
     assert set(formats) == {"nemotron-h-aligned", "nemotron-nano-v2", "default", "identity"}, formats
@@ -124,7 +122,7 @@ def _readme_prompt_formats() -> dict[str, bool]:
 
 
 def test_prompt_formats_train_what_the_readme_says(tmp_path):
-    """Megatron's SFTTokenizer on a conversation, per prompt format: the README's table says
+    """Megatron's SFTTokenizer on a conversation, per prompt format: docs/megatron.md's table says
     which formats mask the system and user turns; with a tokenizer like Llama 3's (no
     Nemotron tokens, no pad token) the masking formats have no pad id and `default` pads
     with EOS."""
@@ -236,7 +234,7 @@ def _check_step(args, wrapped, records, reports, gamma, beta):
 
 
 def sft_step_cases(rank: int, world: int, tmp: str, model: str) -> None:
-    """TP = 2: a Megatron cross-entropy step, a TOFU step (the README's flags) and a TOFU step
+    """TP = 2: a Megatron cross-entropy step, a TOFU step (docs/megatron.md's flags) and a TOFU step
     with --calculate-per-token-loss, on the same weights and Megatron-built SFT batches."""
     cpu_harness()
     data, tok = _sft_files(tmp, rank)
@@ -284,7 +282,7 @@ STEPS = 20
 
 
 def sft_learning_cases(rank: int, world: int, tmp: str, model: str) -> None:
-    """STEPS steps of TOFU SFT (the README's flags, Megatron's data loader and schedule, Adam)
+    """STEPS steps of TOFU SFT (docs/megatron.md's flags, Megatron's data loader and schedule, Adam)
     lower the cross entropy of the assistant tokens; Megatron's validation report then
     carries 'lm cross entropy' and its perplexity beside 'lm loss'."""
     cpu_harness()
@@ -405,7 +403,7 @@ def _gpu_check():
 
 
 def test_gpu_check_sft_runs_the_readme_flags_or_says_why_not(tmp_path):
-    """benchmarks/megatron_lm_check.py's SFT step: the README's flags with Transformer Engine
+    """benchmarks/megatron_lm_check.py's SFT step: docs/megatron.md's flags with Transformer Engine
     on one GPU (parsed here by the launcher up to Megatron's CUDA stop); without Transformer
     Engine it reports 'not run' with the reason, and that is no failure."""
     import importlib.util

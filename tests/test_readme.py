@@ -1,11 +1,13 @@
-"""What the README tells users to run, runs.
+"""What the README and the docs pages tell users to run, runs.
 
-Every ```python block of README.md is either run here, in a fresh interpreter on the CPU
-(with a prelude where the block is a fragment, and with the GPU sizes shrunk by the
-replacements listed below), or marked in the README itself as not runnable here, with a
-twin test that runs its part. Every shell command of a ```bash block is either run by a
-named test or listed with the reason it cannot run here. A block or command the tables
-below do not know fails the test: the README cannot drift from what is run.
+The pages are README.md and every docs/*.md (readme.pages()). Every ```python block of a
+page is either run here, in a fresh interpreter on the CPU (with a prelude where the block
+is a fragment, and with the GPU sizes shrunk by the replacements listed below), or marked
+as not runnable here by an HTML comment right before its fence, which a reader of the
+rendered page does not see (`<!-- not run here: tests/<file>.py::<twin test> (why) -->`),
+naming a twin test that runs its part. Every shell command of a ```bash block is either run
+by a named test or listed with the reason it cannot run here. A block or command the tables
+below do not know fails the test: no page can drift from what is run.
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from . import readme
 from .megatron_lm import TINY
 
-ROOT = readme.README.parent
+ROOT = readme.ROOT
 
 _HF_PRELUDE = """
 import sys
@@ -74,9 +77,11 @@ RUN = {
     },
 }
 
-# Blocks that cannot run here: the README marks them with this text, and a test runs the
-# part that is ours.
-NOT_HERE_MARK = "not run by this repository's tests"
+# Blocks that cannot run here: the page marks them with an HTML comment on the line before
+# the fence, naming the twin test that runs the part that is ours. User code carries no
+# such bookkeeping (OLD_MARK).
+NOT_HERE_MARK = re.compile(r"^<!-- not run here: (tests/\S+\.py)::(\w+)\b.*-->$")
+OLD_MARK = "not run by this repository's tests"
 NOT_HERE = {
     "AutoBridge.import_ckpt(": "tests/test_megatron_sft.py::test_a_provider_built_model_trains_tofu",
     "from megatron.bridge.recipes.llama import llama31_8b_sft_config":
@@ -95,6 +100,12 @@ COMMANDS = {
     "pip install setuptools wheel torch": "CI installs these from requirements-dev.txt before the package",
     'pip install --no-build-isolation ".[megatron]"': "CI installs these pins from requirements-dev.txt",
     'pip install --no-build-isolation ".[trl]"': "CI installs these pins from requirements-dev.txt",
+    "torchrun --nproc-per-node 8 -m megatron_patch.launch pretrain_gpt.py":
+        "GPUs (the launcher on Megatron-LM's pretrain_gpt.py, CPU: tests/test_megatron_lm.py)",
+    "accelerate launch --multi_gpu --num_processes 8 examples/hf_sft.py":
+        "GPUs (real DDP under accelerate launch --multi_gpu on 2 CPU processes: tests/test_hf_launch.py)",
+    "accelerate launch --config_file examples/accelerate/zero3.yaml --deepspeed_config_file":
+        "GPUs (ZeRO-2 under accelerate launch on 2 CPU processes: tests/test_hf_launch.py)",
     "torchrun --nproc-per-node 2 examples/vocab_parallel.py": "tests/test_examples.py::test_vocab_parallel_example_torchrun",
     "torchrun --nproc-per-node 8 examples/vocab_parallel.py --cuda": "GPUs (the CPU twin: tests/test_examples.py)",
     "python examples/hf_sft.py": "tests/test_examples.py::test_hf_sft_example_runs_as_written",
@@ -106,55 +117,82 @@ COMMANDS = {
         "accelerators): FSDP2 on CPU in tests/test_hf_distributed.py",
     "accelerate launch --config_file examples/accelerate/zero3.yaml":
         "tests/test_examples.py::test_hf_sft_example_under_accelerate_launch_zero3 (the tiny model, 2 CPU processes)",
-    "torchrun --nnodes 2": "tests/test_megatron_sft.py (the command's flags, read from the README, on CPU)",
+    "torchrun --nnodes 2": "tests/test_megatron_sft.py (the command's flags, read from docs/megatron.md, on CPU)",
 }
 
 
-def _blocks(lang: str) -> list[str]:
-    return re.findall(r"^```" + lang + r"\n(.*?)^```", readme.README.read_text(), re.M | re.S)
+def _blocks(lang: str) -> list[tuple[Path, str]]:
+    return readme.blocks(lang)
 
 
-def _key(block: str, table: dict) -> str:
-    keys = [k for k in table if k in block]
-    assert len(keys) == 1, f"README block matched {keys} of the known blocks:\n{block}"
-    return keys[0]
+def _matching(key: str) -> list[tuple[Path, str]]:
+    found = [(page, b) for page, b in _blocks("python") if key in b]
+    assert found, f"no python block of {[p.name for p in readme.pages()]} holds {key!r}: update the table"
+    return found
+
+
+def test_every_page_is_read():
+    """README.md and every docs page, so that a new page's blocks are covered without a change here."""
+    names = {p.relative_to(ROOT).as_posix() for p in readme.pages()}
+    assert "README.md" in names and {"docs/api.md", "docs/megatron.md", "docs/huggingface.md", "docs/study.md",
+                                     "docs/benchmarks.md", "docs/design.md", "docs/automodel.md"} <= names, names
+
+
+def test_readme_is_short_and_install_comes_first():
+    """The README is for users: at most 25,000 bytes, and its install block within the first 80 lines."""
+    data = readme.README.read_bytes()
+    assert len(data) <= 25_000, f"README.md is {len(data)} bytes: move the depth into docs/"
+    lines = data.decode().splitlines()
+    fence = next(i for i, line in enumerate(lines)
+                 if line == "```bash" and any(lines[j].startswith("pip install") for j in
+                                              range(i + 1, lines.index("```", i + 1))))
+    assert fence + 1 <= 80, f"the install block starts at line {fence + 1} of README.md"
 
 
 def test_every_python_block_is_known():
-    for block in _blocks("python"):
+    for page, block in _blocks("python"):
         keys = [k for k in (*RUN, *NOT_HERE) if k in block]
-        assert len(keys) == 1, f"a README python block the tests do not run or know:\n{block}"
+        assert len(keys) == 1, f"a {page.name} python block the tests do not run or know ({keys}):\n{block}"
+
+
+def test_no_test_bookkeeping_in_user_code():
+    for page, block in (*_blocks("python"), *_blocks("bash")):
+        assert OLD_MARK not in block, f"{page.name}: mark the block with an HTML comment before its fence:\n{block}"
 
 
 @pytest.mark.parametrize("key", list(NOT_HERE))
 def test_blocks_that_cannot_run_here_say_so_and_have_a_twin(key):
-    block = next(b for b in _blocks("python") if key in b)
-    assert NOT_HERE_MARK in block, f"README: mark the block visibly ({NOT_HERE_MARK!r}):\n{block}"
-    path, name = NOT_HERE[key].split("::")
-    assert f"def {name}(" in (ROOT / path).read_text()
+    for page, block in _matching(key):
+        text = page.read_text()
+        before = text[:text.index("```python\n" + block)].rstrip("\n").rsplit("\n", 1)[-1]
+        m = NOT_HERE_MARK.match(before)
+        assert m, f"{page.name}: put '<!-- not run here: <twin test> (why) -->' right before the block:\n{block}"
+        assert "::".join(m.groups()) == NOT_HERE[key], (page.name, m.groups(), NOT_HERE[key])
+        path, name = m.groups()
+        assert f"def {name}(" in (ROOT / path).read_text()
 
 
 @pytest.mark.parametrize("key", list(RUN))
 def test_python_block_runs(tmp_path, key):
-    block = next(b for b in _blocks("python") if key in b)
     how = RUN[key]
-    code = block
-    for old, new in how.get("replace", {}).items():
-        assert old in code, f"README block changed: {old!r} not found, update the test's sizes"
-        code = code.replace(old, new)
-    code = how.get("prelude", "") + code + how.get("after", "")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=tmp_path,
-                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
-    assert out.returncode == 0, f"README block failed:\n{code}\n{out.stderr[-3000:]}"
+    for page, block in _matching(key):
+        code = block
+        for old, new in how.get("replace", {}).items():
+            assert old in code, f"{page.name} block changed: {old!r} not found, update the test's sizes"
+            code = code.replace(old, new)
+        code = how.get("prelude", "") + code + how.get("after", "")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+        assert out.returncode == 0, f"{page.name} block failed:\n{code}\n{out.stderr[-3000:]}"
 
 
 def test_every_shell_command_is_run_or_explained():
     known = sorted(COMMANDS, key=len, reverse=True)  # the longest prefix names the command
-    for block in _blocks("bash"):
+    for page, block in _blocks("bash"):
         for argv in readme.commands(block):
             line = " ".join(argv)
             match = next((k for k in known if line.startswith(k)), None)
-            assert match is not None, f"a README command the tests neither run nor explain: {line}"
+            assert match is not None, f"a {page.name} command the tests neither run nor explain: {line}"
             where = COMMANDS[match]
             if where.startswith("tests/"):
                 path = where.split("::")[0].split(" ")[0]
@@ -163,7 +201,7 @@ def test_every_shell_command_is_run_or_explained():
                     assert f"def {where.split('::')[1].split(' ')[0]}(" in (ROOT / path).read_text(), where
 
 
-# ------------------------------------------------------------ numbers quoted in the README
+# ------------------------------------------------------------ numbers quoted in the README and docs/benchmarks.md
 
 GPU_RESULTS = ROOT / "benchmarks" / "results" / "gpu"
 RUN3 = GPU_RESULTS / "2026-11-27b-h100" / "run3_bench" / "bench_loss.md"  # this version's kernels
@@ -236,12 +274,14 @@ def _ratios(path, slow: str, fast: tuple[str, ...], shapes=None) -> list[float]:
 
 
 def test_speedups_and_step_numbers_are_the_results_files():
+    """The speedups under the README's table, and docs/benchmarks.md's Megatron step numbers."""
     text = " ".join(readme.README.read_text().split())
     shapes = {(4096, 16032), (16384, 16032), (16384, 32064), (16384, 128256)}  # the table's
     meg = _ratios(RUN3, "Megatron vocab_parallel_cross_entropy", ("ours-cuda TOFU",), shapes)
     assert f"Ours is {int(min(meg))}-{round(max(meg))}x Megatron's cross entropy in the same run" in text, meg
     authors = _ratios(FIRST, "authors TOFU (PyTorch)", ("ours-cuda TOFU", "ours-triton TOFU"))
     assert f"{min(authors):.1f}-{max(authors):.1f}x the authors' loss" in text, authors
+    text = " ".join(readme.BENCHMARKS.read_text().split())
     step = (GPU_RESULTS / "2026-11-27b-h100" / "bench_megatron_step.md").read_text()
     native = re.search(r"\| Megatron native CE \| ([\d.]+) .*?\| (\d+) \|", step)
     tofu = re.search(r"\| TOFU \(gamma 3, beta 0.8\) \| ([\d.]+) .*?\| (\d+) \|", step)
@@ -250,3 +290,27 @@ def test_speedups_and_step_numbers_are_the_results_files():
     lm = (GPU_RESULTS / "2026-11-27b-h100" / "megatron_lm.md").read_text()
     ms = {k: float(v) for k, v in re.findall(r"^\| (cross_entropy|tofu) \| 0 \| \d+ \| ([\d.]+) \|", lm, re.M)}
     assert f"at {ms['tofu'] / ms['cross_entropy']:.2f}x the cross-entropy step time" in text
+
+
+# ------------------------------------------------------------ links between the pages
+
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub's anchors of a page's headings: lowercased, punctuation but '-' and '_' dropped,
+    spaces made '-'."""
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+            for h in re.findall(r"^#+ (.*)$", re.sub(r"^```.*?^```", "", page.read_text(), flags=re.M | re.S), re.M)}
+
+
+def test_links_between_pages_resolve():
+    """Each fact is written once and linked from elsewhere: every relative link of every page
+    names a file that exists and, where it names one, a heading of that file."""
+    for page in readme.pages():
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"\w+://", target):
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            assert dest.exists(), f"{page.name}: link to a missing file {target}"
+            if anchor:
+                assert anchor in _anchors(dest), f"{page.name}: no heading for #{anchor} in {dest.name}"

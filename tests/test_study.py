@@ -139,20 +139,21 @@ def test_cuda_scale_up_is_the_same_script_with_a_larger_model():
 
 
 def _readme_rows(heading: str) -> dict[str, list[str]]:
-    """The first cell -> the other cells of every table row in the README section ``heading``."""
-    text = (ROOT / "README.md").read_text()
+    """The first cell -> the other cells of every table row in docs/study.md's section ``heading``."""
+    text = (ROOT / "docs" / "study.md").read_text()
     section = text[text.index(f"\n## {heading}\n"):]
-    section = section[: section.index("\n## ", 4)]
+    end = section.find("\n## ", 4)
+    section = section if end < 0 else section[:end]
     return {cells[0]: cells[1:] for cells in ([c.strip() for c in line.split("|")[1:-1]]
             for line in section.splitlines() if line.startswith("| ") and "---" not in line)}
 
 
 def test_readme_quotes_the_committed_study():
-    """README 'What TOFU does, measured': its tables are the committed study's numbers."""
+    """docs/study.md 'The study': its tables are the committed study's numbers."""
     data = json.loads((ROOT / "examples" / "results" / "study_results.json").read_text())
-    readme = _readme_rows("What TOFU does, measured")
+    readme = _readme_rows("The study: `make study`")
     keys = ["valid", "misspelled", "answer_entropy", "rare_share", "sft_ce", "broad_ce"]
-    for row in data["rows"][1:]:  # pre-SFT is left out of the README
+    for row in data["rows"][1:]:  # pre-SFT is left out of the page
         assert readme[row["name"]] == [f"{row[k]['mean']:.3f} ± {row[k]['sd']:.3f}" for k in keys], row["name"]
     quoted = [name for name in readme if " - " in name and name != "a - b"]
     assert len(quoted) == 5
