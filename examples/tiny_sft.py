@@ -9,7 +9,7 @@ LanguageModule.compute_language_model_loss, i.e. through megatron_patch when
 --loss-type tofu, and it logs the masked loss, the plain cross entropy and perplexity.
 
 For real training use Megatron-LM's pretrain_gpt.py through `python -m
-megatron_patch.launch` (README, "Megatron usage").
+megatron_patch.launch` (docs/megatron.md).
 
     torchrun --nproc-per-node 2 examples/tiny_sft.py --data sft.jsonl --loss-type tofu \
         --tofu-gamma 3.0 --tofu-beta 0.8 --train-iters 200 --save ckpt/

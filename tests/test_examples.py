@@ -1,4 +1,4 @@
-"""The README's examples run as documented: torchrun (2 CPU ranks, gloo), examples/hf_sft.py
+"""The documented examples run as written: torchrun (2 CPU ranks, gloo), examples/hf_sft.py
 alone and under accelerate launch with examples/accelerate's DeepSpeed ZeRO-3 config."""
 
 import os
@@ -23,7 +23,7 @@ def test_vocab_parallel_example_torchrun():
 
 
 def test_hf_sft_example_runs_as_written():
-    """The README's Hugging Face / TRL example: the three ways train with TOFU (loss falls),
+    """The Hugging Face / TRL example (docs/huggingface.md): the three ways train with TOFU (loss falls),
     TOFUSFTTrainer first, with TRL's token accuracy logged."""
     import pytest
 
