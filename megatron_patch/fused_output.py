@@ -275,7 +275,3 @@ def uninstall() -> None:
         unwrap(hybrid.HybridModel, "forward")
         unwrap(hybrid, "process_mtp_loss")
 
-
-def installed() -> bool:
-    gpt = importlib.import_module(_GPT)
-    return hasattr(gpt.GPTModel.__dict__.get("forward"), "_tofu_hook_original")

@@ -37,7 +37,6 @@ class _State:
     params: TOFUParams | None = None
     unchecked: TOFUParams | None = None
     checked = False
-    fused_output = False
 
 
 def _language_module():
@@ -147,7 +146,6 @@ def apply(
         _fused.uninstall()
         if fused_output:
             _fused.install(_call_params, reporting.attach_cross_entropy, chunk_size)
-        _State.fused_output = bool(fused_output)
 
 
 def revert() -> None:
@@ -157,7 +155,7 @@ def revert() -> None:
         if _State.original is not None:
             _language_module().compute_language_model_loss = _State.original
         _State.original, _State.params, _State.unchecked = None, None, None
-        _State.checked, _State.fused_output = False, False
+        _State.checked = False
         reporting.uninstall()
         _fused.uninstall()
 

@@ -8,7 +8,8 @@ exchanges them in ONE all-gather, and every rank's epilogue merges them in the s
 order, so that every rank computes the same loss; the backward needs no collective
 (every rank holds the global max, log Sb and g).
 
-Why one all-gather of 4 fp32 per token (plus one metadata row) rather than Megatron's
+Why one all-gather of 4 fp32 per token (plus one metadata row; the metrics add two more
+fp32, docs/design.md section 4) rather than Megatron's
 three all-reduces (MAX, SUM, SUM) or MAX + one packed SUM: the merge needs every
 rank's (m, S1, Sb) before any sum can be formed, and the payload is tiny (16 B/token:
 16 KiB at 1K tokens, 1 MiB at 64K), so the step is latency-bound and one collective

@@ -103,7 +103,6 @@ def tofu_loss_func(
             raise ValueError("tofu_loss_func: outputs.logits is None (a fused LM head?); the loss needs the logits")
         return loss.on_logits(logits, labels, num_items_in_batch)
 
-    compute_loss_func.tofu_params = loss.params
     return compute_loss_func
 
 
