@@ -259,8 +259,8 @@ def vocab_parallel_linear_tofu_loss(
 
     One all-gather in the forward (the per-token statistics and a metadata record: its bytes
     in docs/design.md section 4), the logits of the shard recomputed in the backward (4
-    GEMMs on the shard), one all-reduce of ``hidden``'s gradient. The loss is identical on every rank; ``weight_shard`` gets its
-    rows' gradient (0 in padding rows).
+    GEMMs on the shard), one all-reduce of ``hidden``'s gradient. The loss is identical on
+    every rank; ``weight_shard`` gets its rows' gradient (0 in padding rows).
     """
     params = TOFUParams(gamma=gamma, beta=beta, ignore_index=ignore_index, reduction=reduction, backend=backend,
                         return_ce=return_ce, return_metrics=return_metrics, check_inputs=check_inputs)

@@ -15,6 +15,7 @@ widths; benchmarks/NOTES.md).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -139,8 +140,8 @@ def _rescale(out: torch.Tensor, grad_out: torch.Tensor, n_rows: int, n_inner: in
 
 def _eager(body):
     """``body`` with its launches run as plain kernel calls (no tracing wrapper), keeping its
-    signature (``custom_op`` reads the schema from the annotations)."""
-    import functools
+    signature (``custom_op`` reads the schema from the annotations): what the adaptor runs in
+    eager mode, and the opaque op's body under the interpreter."""
 
     @functools.wraps(body)
     def run(*args) -> None:
@@ -154,8 +155,11 @@ def _register(name: str, body, mutates: set[str]):
     """``tofu_kernels::triton_<name>`` with its fake, and the function the adaptor calls: a
     ``triton_op`` (torch.compile traces into the kernels), or under the interpreter an opaque
     ``custom_op`` (a compiled graph calls the eager body; see the module docstring)."""
-    make = custom_op if interpreting() else triton_op
-    op = make(f"tofu_kernels::triton_{name}", _eager(body) if interpreting() else body, mutates_args=mutates)
+    eager = _eager(body)
+    if interpreting():
+        op = custom_op(f"tofu_kernels::triton_{name}", eager, mutates_args=mutates)
+    else:
+        op = triton_op(f"tofu_kernels::triton_{name}", body, mutates_args=mutates)
     op.register_fake(gpu.FAKES[name])
     packet = getattr(torch.ops.tofu_kernels, f"triton_{name}")
 
@@ -164,8 +168,7 @@ def _register(name: str, body, mutates: set[str]):
         if torch.compiler.is_compiling() or t.is_meta or is_fake(t):
             packet(*args)
         else:
-            with set_wrap_triton_enabled(False):
-                body(*args)
+            eager(*args)
 
     call.__name__ = name
     return call
