@@ -17,24 +17,16 @@ from __future__ import annotations
 import argparse
 
 import torch
-import transformers
 import trl
 from datasets import Dataset
 from transformers import TrainerCallback
 
 from tofu_kernels.hf import TOFUSFTTrainer
 
-VOCAB = 97
-
-
 def model_and_tokenizer():
-    from .test_hf import _word_tokenizer
+    from .test_hf import VOCAB, _tiny, _word_tokenizer
 
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   head_dim=8, pad_token_id=VOCAB - 3, eos_token_id=VOCAB - 2)
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).float(), _word_tokenizer()
+    return _tiny("llama", pad_token_id=VOCAB - 3, eos_token_id=VOCAB - 2), _word_tokenizer()
 
 
 def dataset(n: int) -> Dataset:

@@ -24,10 +24,13 @@ FAMILIES = {
 }
 
 
-def _tiny(family: str, seed: int = 0):
+def _tiny(family: str, seed: int = 0, **config):
+    """The tiny model of ``family`` (seeded, fp32, training mode); ``config``: settings of its
+    config class on top of the tiny sizes (e.g. ``tie_word_embeddings``)."""
     config_cls, model_cls = FAMILIES[family]
-    cfg = config_cls(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, head_dim=8)
+    cfg = config_cls(**{**dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, head_dim=8),
+                        **config})
     torch.manual_seed(seed)
     return model_cls(cfg).float().train()
 

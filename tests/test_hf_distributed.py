@@ -41,8 +41,9 @@ from tofu_kernels import hf  # noqa: E402
 
 from .dist_utils import run_distributed  # noqa: E402
 from .side_folders import DEEPSPEED, side_folder  # noqa: E402
+from .test_hf import VOCAB, _tiny  # noqa: E402
 
-VOCAB, WORLD, STEPS, LR = 97, 2, 3, 0.5
+WORLD, STEPS, LR = 2, 3, 0.5
 LORA_TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 # setup -> what it wraps; every setup runs in the same two processes, one after another
@@ -66,11 +67,7 @@ SETUPS = {
 def _model(setup: str):
     """The tiny Llama every setup starts from (seeded: identical in every process), TOFU
     applied with the fused linear loss; LoRA adapters (random B) for the LoRA setup."""
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   head_dim=8, tie_word_embeddings=setup.endswith("_tied"))
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).float().train()
+    model = _tiny("llama", tie_word_embeddings=setup.endswith("_tied"))
     if setup == "fsdp2_lora":
         import peft
 
