@@ -21,7 +21,7 @@ $(VENV)/.installed: requirements-dev.txt pyproject.toml setup.py $(wildcard csrc
 	# megatron-core 0.16.0 beside the pinned 0.19.2, for the compatibility test
 	$(PY) -m pip install -q --no-deps --target $(VENV)/megatron-core-0.16.0 megatron-core==0.16.0
 	# Frameworks the tests run but that are too heavy to install whole: --no-deps side folders,
-	# put on the path only by the tests that need them (tests/support: side_folder).
+	# put on the path only by the tests that need them (tests/side_folders.py).
 	# DeepSpeed on CPU (DS_ACCELERATOR=cpu, gloo): the ZeRO parity tests
 	$(PY) -m pip install -q --no-deps --target $(VENV)/deepspeed-0.19.8 deepspeed==0.19.8 hjson==3.1.0 \
 	    msgpack==1.2.4 py-cpuinfo==9.0.0 ninja==1.13.2 einops==0.8.2

@@ -25,13 +25,6 @@ def side_folder(name: str) -> Path:
     return path
 
 
-def on_path(name: str) -> Path:
-    """Put ``<venv>/<name>`` first on this process's path and on its children's ``PYTHONPATH``
-    (spawned workers inherit ``sys.path``; subprocesses read the environment variable)."""
-    path = str(side_folder(name))
-    if path not in sys.path:
-        sys.path.insert(0, path)
-    parts = os.environ.get("PYTHONPATH", "").split(os.pathsep)
-    if path not in parts:
-        os.environ["PYTHONPATH"] = os.pathsep.join([path] + [p for p in parts if p])
-    return Path(path)
+def with_side_folder(name: str, env: dict) -> dict:
+    """``env`` (a subprocess's environment) with ``<venv>/<name>`` first on ``PYTHONPATH``."""
+    return {**env, "PYTHONPATH": os.pathsep.join([str(side_folder(name)), env.get("PYTHONPATH", "")])}

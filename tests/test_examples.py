@@ -47,10 +47,10 @@ def test_hf_sft_example_under_accelerate_launch_zero3():
     import pytest
 
     pytest.importorskip("trl")
-    from .side_folders import DEEPSPEED, side_folder
+    from .side_folders import DEEPSPEED, with_side_folder
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([str(side_folder(DEEPSPEED)), os.environ.get("PYTHONPATH", "")])}
+    env = with_side_folder(DEEPSPEED, {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+                                       "TRITON_INTERPRET": "1"})
     from .test_hf_launch import _port
 
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "examples/accelerate/zero3.yaml",

@@ -238,7 +238,6 @@ def parity(tmp_path_factory, request):
     setups = [s for s in SETUPS if not s.startswith("zero")]
     mp = pytest.MonkeyPatch()
     try:
-        side_folder(DEEPSPEED)
         mp.syspath_prepend(str(side_folder(DEEPSPEED)))  # the spawned workers inherit sys.path
         mp.setenv("DS_ACCELERATOR", "cpu")
         setups += [s for s in SETUPS if s.startswith("zero")]

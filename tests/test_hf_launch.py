@@ -38,7 +38,7 @@ import torch
 pytest.importorskip("trl")
 pytest.importorskip("accelerate")
 
-from .side_folders import DEEPSPEED, side_folder  # noqa: E402
+from .side_folders import DEEPSPEED, side_folder, with_side_folder  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples", "accelerate")
@@ -53,8 +53,7 @@ def _port() -> int:
 def _launch(out, launcher: list, script_args: list = (), deepspeed: bool = False) -> dict:
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     if deepspeed:
-        env["PYTHONPATH"] = os.pathsep.join([str(side_folder(DEEPSPEED)), env.get("PYTHONPATH", "")])
-        env["DS_ACCELERATOR"] = "cpu"
+        env = with_side_folder(DEEPSPEED, {**env, "DS_ACCELERATOR": "cpu"})
     cmd = [sys.executable] + launcher + ["-m", "tests.hf_launch", "--out", str(out), *script_args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, " ".join(cmd) + "\n" + proc.stdout[-3000:] + proc.stderr[-6000:]
