@@ -49,10 +49,36 @@ def _cuda_home() -> str | None:
     return next((c for c in candidates if _is_toolkit(c)), None)
 
 
-def _record(built: bool, why: str) -> None:
-    """What this build did about the extension, installed with the package (package data)."""
-    with open(os.path.join(HERE, "tofu_kernels", "_build_info.json"), "w") as f:
+def _record(built: bool, why: str, root: str = HERE) -> None:
+    """What this build did about the extension, installed with the package (package data):
+    written into ``root``'s ``tofu_kernels`` folder (the source tree, or a build's copy of it)."""
+    with open(os.path.join(root, "tofu_kernels", "_build_info.json"), "w") as f:
         json.dump({"cuda_extension": "built" if built else "not built", "reason": why}, f)
+
+
+def recording(build_ext, built: str):
+    """``build_ext`` (a setuptools command class) that records "built" (with ``built`` as the
+    reason) only once its ``run()`` has succeeded, and "not built" with the error where it
+    raised. The record goes into the source tree and into the build's copy of the package:
+    ``build_py`` copies the package data before ``build_ext`` runs."""
+
+    class RecordingBuildExt(build_ext):
+        def run(self):
+            try:
+                super().run()
+            except BaseException as e:
+                self._record(False, f"the CUDA extension's build failed: {type(e).__name__}: {e}")
+                raise
+            self._record(True, built)
+
+        def _record(self, ok: bool, why: str) -> None:
+            roots = [HERE]
+            if not self.inplace and os.path.isdir(os.path.join(self.build_lib, "tofu_kernels")):
+                roots.append(self.build_lib)
+            for root in roots:
+                _record(ok, why, root)
+
+    return RecordingBuildExt
 
 
 # The last step of every way to build the extension: a build that sees this environment's torch.
@@ -128,8 +154,10 @@ def cuda_extensions():
             "nvcc": ["-O3", "-lineinfo"],
         },
     )
-    _record(True, f"built with {cuda_home}/bin/nvcc for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
-    return [ext], {"build_ext": BuildExtension}
+    # Until build_ext has run to its end, the record says the build did not finish.
+    how = f"with {cuda_home}/bin/nvcc for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}"
+    _record(False, f"the CUDA extension's build ({how}) did not finish")
+    return [ext], {"build_ext": recording(BuildExtension, f"built {how}")}
 
 
 if __name__ == "__main__":  # as setuptools runs it (tests import cannot_build without building)

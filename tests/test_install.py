@@ -160,3 +160,79 @@ def test_extension_status_names_a_shadowing_checkout(tmp_path, monkeypatch, load
     # no installed package elsewhere: nothing shadowed, nothing said
     dists.pop()
     assert "shadows" not in tofu_kernels.extension_status()
+
+
+# ------------------------------------------------ the build's record of the extension
+
+
+def _build_tree(tmp_path) -> Path:
+    """A copy of the build's inputs (setup.py, pyproject.toml, README.md) with a stub package
+    and stub sources: a build here writes its records into this copy, not into the checkout."""
+    tree = tmp_path / "tree"
+    for folder in ("tofu_kernels", "csrc"):
+        (tree / folder).mkdir(parents=True)
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, tree / name)
+    for stub in ("tofu_kernels/__init__.py", "csrc/tofu_ops.cpp", "csrc/tofu_kernels.cu"):
+        (tree / stub).touch()
+    return tree
+
+
+def _records(tree: Path) -> list:
+    import json
+
+    infos = [tree / "tofu_kernels" / "_build_info.json", *tree.glob("build/lib*/tofu_kernels/_build_info.json")]
+    return [json.loads(p.read_text()) for p in infos]
+
+
+def test_failed_build_is_not_recorded_as_built(tmp_path):
+    """A build whose compile step fails (a stand-in toolkit whose nvcc refuses to compile)
+    records "not built" with the error, in the source tree and in the build's copy of the
+    package (build_py copies it before build_ext runs), not "built"."""
+    import torch
+
+    if torch.version.cuda is None or shutil.which("c++") is None:
+        pytest.skip("the build path needs a CUDA build of torch and a C++ compiler")
+    tree = _build_tree(tmp_path)
+    toolkit = tmp_path / "toolkit"
+    (toolkit / "bin").mkdir(parents=True)
+    (toolkit / "lib64").mkdir()
+    (toolkit / "lib64" / "libcudart.so").touch()
+    nvcc = toolkit / "bin" / "nvcc"
+    nvcc.write_text('#!/bin/sh\ncase "$*" in *--version*) echo "Cuda compilation tools, release 13.0"; exit 0;; esac\n'
+                    'echo "stand-in nvcc: no compiling here" >&2; exit 1\n')
+    nvcc.chmod(0o755)
+    build = subprocess.run([sys.executable, "setup.py", "build"], capture_output=True, text=True, timeout=300,
+                           cwd=tree, env={**os.environ, "CUDA_HOME": str(toolkit), "TOFU_BUILD_CUDA": "1"})
+    assert build.returncode != 0, build.stdout[-3000:]
+    assert "stand-in nvcc: no compiling here" in build.stdout + build.stderr, build.stderr[-3000:]
+    records = _records(tree)
+    assert len(records) == 2, records  # the source tree's and build/lib's
+    for rec in records:
+        assert rec["cuda_extension"] == "not built", rec
+        assert rec["reason"].startswith("the CUDA extension's build failed: "), rec
+
+
+def test_build_is_recorded_as_built_once_it_succeeded(tmp_path):
+    """The command class records "built" after its build step returned, in both places."""
+    import runpy
+
+    from setuptools import Distribution
+    from setuptools.command.build_ext import build_ext
+
+    tree = _build_tree(tmp_path)
+    (tree / "build" / "lib" / "tofu_kernels").mkdir(parents=True)
+    seen = []
+
+    class Step(build_ext):
+        def run(self):  # the build step: nothing recorded as built while it runs
+            seen.append([rec["cuda_extension"] for rec in _records(tree)])
+
+    setup_py = runpy.run_path(str(tree / "setup.py"), run_name="tofu_setup")
+    setup_py["_record"](False, "the build did not finish", str(tree))
+    cmd = setup_py["recording"](Step, "built for this test")(Distribution())
+    cmd.initialize_options()
+    cmd.build_lib, cmd.inplace = str(tree / "build" / "lib"), 0
+    cmd.run()
+    assert seen == [["not built"]]
+    assert _records(tree) == [{"cuda_extension": "built", "reason": "built for this test"}] * 2
