@@ -66,14 +66,6 @@ def _tp_group(module):
     return group
 
 
-def vocab_parallel_tofu_loss(logits: torch.Tensor, labels: torch.Tensor, params: TOFUParams, group):
-    """The patch's one call into tofu_kernels per loss (tests count calls through this name):
-    logits ``[s, b, V/tp]`` against labels ``[b, s]`` under ``params`` over the tensor-parallel
-    ``group``; returns the per-token loss and cross entropy ``[b, s]``."""
-    # [s, b, V/tp] seen as [b, s, V/tp]: a strided view, read without a copy.
-    return loss_of_logits(logits.transpose(0, 1), labels, params, TensorParallel(group))
-
-
 def tofu_compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """TOFU replacement: labels ``[b, s]``, logits ``[s, b, V/tp]`` -> fp32 loss ``[b, s]``.
 
@@ -87,7 +79,9 @@ def tofu_compute_language_model_loss(self, labels: torch.Tensor, logits: torch.T
     params = _call_params()
     if params is None:  # reverted while something still holds this function: Megatron's loss
         return _language_module().__dict__["compute_language_model_loss"](self, labels, logits)
-    loss, ce = vocab_parallel_tofu_loss(logits, labels, params, _tp_group(self))
+    # The one call into tofu_kernels per loss: [s, b, V/tp] seen as [b, s, V/tp] (a strided
+    # view, read without a copy) against labels [b, s], over the model's TP group.
+    loss, ce = loss_of_logits(logits.transpose(0, 1), labels, params, TensorParallel(_tp_group(self)))
     # The per-token loss is a view of the kernels' flat output. Megatron's combined 1F1B
     # schedule (--overlap-moe-expert-parallel-comm) replaces a view by a new tensor
     # (make_viewless), which would drop the attached cross entropy: return a tensor that is

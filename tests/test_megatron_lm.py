@@ -227,14 +227,14 @@ def mtp_cases(rank: int, world: int, model: str = "gpt") -> None:
 
     data = batches(2, seed=31)
     tracked, calls = {}, []
-    real = megatron_patch.patch.vocab_parallel_tofu_loss
+    real = megatron_patch.patch.loss_of_logits  # where the patch looks up tofu_kernels' loss
 
     def spy(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
-    megatron_patch.patch.vocab_parallel_tofu_loss = spy
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(megatron_patch.patch, "loss_of_logits", spy)
         for name, flags in (("megatron", MEGATRON_CE), ("ce_mode", CE_MODE), ("tofu", TOFU)):
             MTPLossLoggingHelper.clean_metrics_in_tracker()
             calls.clear()
@@ -246,8 +246,6 @@ def mtp_cases(rank: int, world: int, model: str = "gpt") -> None:
             assert len(calls) == (0 if name == "megatron" else 2 * len(data))  # main head + MTP head
             if name == "tofu":
                 _check_reports(reports, _independent(net, data, 2.0, 0.7))
-    finally:
-        megatron_patch.patch.vocab_parallel_tofu_loss = real
     mtp_megatron, rep_megatron = tracked["megatron"]
     mtp_ce, rep_ce = tracked["ce_mode"]
     mtp_tofu, rep_tofu = tracked["tofu"]
@@ -266,9 +264,9 @@ def pp_cases(rank: int, world: int) -> None:
 
     data = batches(3, seed=41)
     calls = []
-    real = megatron_patch.patch.vocab_parallel_tofu_loss
-    megatron_patch.patch.vocab_parallel_tofu_loss = lambda *a, **k: calls.append(1) or real(*a, **k)
-    try:
+    real = megatron_patch.patch.loss_of_logits  # where the patch looks up tofu_kernels' loss
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(megatron_patch.patch, "loss_of_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
         results = {}
         for name, flags in (("megatron", MEGATRON_CE), ("ce_mode", CE_MODE), ("tofu", TOFU)):
             calls.clear()
@@ -282,8 +280,6 @@ def pp_cases(rank: int, world: int) -> None:
             assert len(calls) == (0 if name == "megatron" else len(data))
             assert all(set(r) == ({LOSS_KEY} if name == "megatron" else {LOSS_KEY, CE_KEY}) for r in reports)
             results[name] = reduce_like_megatron(reports)
-    finally:
-        megatron_patch.patch.vocab_parallel_tofu_loss = real
     if rank == 1:
         megatron = results["megatron"][LOSS_KEY]
         torch.testing.assert_close(results["ce_mode"][LOSS_KEY], megatron, rtol=2e-5, atol=1e-6)

@@ -48,15 +48,15 @@ def loss_cases(rank: int, world: int) -> None:
             assert torch.equal(full, full.to(dtype).float()), "logits are not model-dtype values"
             megatron_patch.apply("tofu", gamma=3.0, beta=0.8, backend="torch")
             seen = []
-            real = megatron_patch.patch.vocab_parallel_tofu_loss
+            real = megatron_patch.patch.loss_of_logits
 
-            def spy(logits, labels, params, group):
+            def spy(logits, labels, params, tp):
                 seen.append((logits.dtype, logits.data_ptr(), params.inplace_backward))
-                return real(logits, labels, params, group)
+                return real(logits, labels, params, tp)
 
-            megatron_patch.patch.vocab_parallel_tofu_loss = spy
-            loss = model(ids, pos, mask, labels=labels)
-            megatron_patch.patch.vocab_parallel_tofu_loss = real
+            with pytest.MonkeyPatch.context() as mp:  # where the patch looks up tofu_kernels' loss
+                mp.setattr(megatron_patch.patch, "loss_of_logits", spy)
+                loss = model(ids, pos, mask, labels=labels)
             # model-dtype logits consumed as they are (no .float() copy), grad in place
             assert seen and seen[0][0] == dtype and seen[0][2] is True
             assert loss.shape == labels.shape and loss.dtype == torch.float32
