@@ -120,7 +120,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="GPTModel / HybridModel output layer and TOFU loss as one step: the logits "
                         "[s, b, V/tp] and their gradient are never built (recomputed in blocks)")
     g.add_argument("--tofu-chunk-size", action=_Checked, convert=_positive_int, default=None, metavar="TOKENS",
-                   help="with --tofu-fused-output: tokens per logits block (default: a 128 MiB block)")
+                   help="with --tofu-fused-output: tokens per logits block (default: 1/16 of the micro-batch's "
+                        "tokens, fewer where a 128 MiB logits block holds fewer; whole 64-token tiles)")
     return parser
 
 

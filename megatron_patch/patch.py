@@ -114,7 +114,8 @@ def apply(
     them) and the cross-entropy reporting of ``reporting.py``; ``"cross_entropy"``
     restores Megatron's own loss path untouched. ``fused_output``: GPTModel's and
     HybridModel's output layer and loss as one step without the logits (``chunk_size``
-    tokens per logits block; default a 128 MiB block), see ``fused_output.py``.
+    tokens per logits block; default ``fused_output.fused_chunk_rows``, the rule in
+    docs/megatron.md's flag table), see ``fused_output.py``.
     """
     check_flag(fused_output, "fused_output", "megatron_patch.apply")
     if loss_type not in LOSS_TYPES:

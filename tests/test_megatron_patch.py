@@ -230,6 +230,60 @@ def test_megatron_parser_defaults_leave_megatron_unchanged(monkeypatch, hooked):
     assert cls.__dict__["compute_language_model_loss"] is original
 
 
+def test_chunk_size_default_is_the_documented_rule(monkeypatch):
+    """--tofu-chunk-size's default (None) makes the fused output step use
+    fused_output.fused_chunk_rows, the rule docs/megatron.md's flag table states: N/16 tokens
+    rounded up to 64-token tiles, fewer where a 128 MiB [chunk, V/tp] logits block holds
+    fewer (rounded down, at least 64), at most N."""
+    import argparse
+    import inspect
+    import types
+
+    from megatron_patch import fused_output
+
+    args = megatron_patch.add_arguments(argparse.ArgumentParser()).parse_args(["--loss-type", "tofu",
+                                                                              "--tofu-fused-output"])
+    assert args.tofu_chunk_size is None
+    assert inspect.signature(megatron_patch.apply).parameters["chunk_size"].default is None
+    rows = fused_output.fused_chunk_rows  # (tokens N, V/tp, bytes per logit)
+    assert rows(16384, 1000, 2) == 1024  # N/16
+    assert rows(16385, 1000, 2) == 1088  # N/16 rounded up to whole 64-token tiles
+    assert rows(100, 1000, 2) == 64 and rows(40, 1000, 2) == 40  # at least 64, at most N
+    assert rows(16384, 128256, 2) == 512  # 128 MiB holds 523 rows of 128256 bf16 logits: 8 tiles
+    assert rows(16384, 4 << 20, 4) == 64  # one tile even where it is over 128 MiB
+    used = []
+
+    def loss_of_hidden(hidden, weight, labels, params, *, chunk_size, **kw):
+        used.append(chunk_size)
+        return torch.zeros(labels.shape), torch.zeros(labels.shape)
+
+    monkeypatch.setattr(fused_output, "loss_of_hidden", loss_of_hidden)  # where fused_loss looks it up
+    s, b, h, v = 1040, 2, 4, 96
+    layer = types.SimpleNamespace(weight=torch.zeros(v, h, dtype=torch.bfloat16), bias=None, tp_group=object(),
+                                  sequence_parallel=False)
+    try:
+        megatron_patch.apply_from_args(args)
+        fused_output.fused_loss(torch.zeros(s, b, h, dtype=torch.bfloat16), layer, None,
+                                torch.zeros(b, s, dtype=torch.long), types.SimpleNamespace())
+    finally:
+        megatron_patch.revert()
+    assert used == [rows(s * b, v, 2)] == [192]  # 2080 tokens: 130, rounded up to 3 tiles
+
+
+def test_flag_table_lists_the_parsers_flags():
+    """docs/megatron.md's flag table has one row per flag add_arguments defines, no other."""
+    import argparse
+    import re
+    from pathlib import Path
+
+    parser = megatron_patch.add_arguments(argparse.ArgumentParser(add_help=False))
+    flags = {a.option_strings[0] for a in parser._actions}
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "megatron.md").read_text()
+    table = doc.split("## The flags", 1)[1].split("\n## ", 1)[0]
+    assert set(re.findall(r"^\| `(--[a-z-]+)", table, re.M)) == flags
+    assert len(flags) == 6 and "adds six flags" in table
+
+
 @pytest.mark.parametrize(
     "argv,match",
     [(["--loss-type", "focal"], "invalid choice"), (["--tofu-gamma", "-1"], "must be a finite number >= 0"),
