@@ -5,7 +5,7 @@
 // block: merges every part of every row, loss, cross entropy, focal weight, the backward's
 // record, the reduction) -> grad (grid rows x tiles: one read, one write, coef = upstream *
 // scale * g folded in fp32 in the kernel).
-// Gradient in the forward (a scalar upstream): count (one block) -> fused (one block per
+// Gradient in the forward (a scalar upstream): count (one block) -> grad_in_forward (one block per
 // row: the statistics pass, the loss, then the gradient pass over the same row in reverse
 // order, so its last vectors are still in L2) -> reduce (one block); in the backward
 // rescale (returns at once, on the device, when the upstream gradient is 1).
@@ -78,7 +78,7 @@ __device__ __forceinline__ int64_t row_offset(int64_t row, const RowLayoutArgs& 
          (row % l.n_inner) * (out ? l.os_inner : l.xs_inner);
 }
 
-template <bool BetaOne, bool Ent>
+template <bool BetaOne, bool Metrics>
 __device__ __forceinline__ Stats shfl_merge(Stats s, float ib) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
@@ -86,24 +86,24 @@ __device__ __forceinline__ Stats shfl_merge(Stats s, float ib) {
     o.m = __shfl_xor_sync(0xffffffffu, s.m, off);
     o.s1 = __shfl_xor_sync(0xffffffffu, s.s1, off);
     o.sb = __shfl_xor_sync(0xffffffffu, s.sb, off);
-    o.e = Ent ? __shfl_xor_sync(0xffffffffu, s.e, off) : 0.f;
-    o.before = Ent ? __shfl_xor_sync(0xffffffffu, s.before, off) : -INFINITY;
-    s = merge<BetaOne, Ent>(s, o, ib);
+    o.e = Metrics ? __shfl_xor_sync(0xffffffffu, s.e, off) : 0.f;
+    o.before = Metrics ? __shfl_xor_sync(0xffffffffu, s.before, off) : -INFINITY;
+    s = merge<BetaOne, Metrics>(s, o, ib);
   }
   return s;
 }
 
 // Merge every thread's statistics in a fixed order; the result is valid in warp 0.
-template <bool BetaOne, bool Ent, int NThreads>
+template <bool BetaOne, bool Metrics, int NThreads>
 __device__ __forceinline__ Stats block_merge(Stats st, float ib) {
   __shared__ Stats smem[NThreads / 32];
-  st = shfl_merge<BetaOne, Ent>(st, ib);
+  st = shfl_merge<BetaOne, Metrics>(st, ib);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) smem[warp] = st;
   __syncthreads();
   if (warp == 0) {
     st = lane < NThreads / 32 ? smem[lane] : empty_stats();
-    st = shfl_merge<BetaOne, Ent>(st, ib);
+    st = shfl_merge<BetaOne, Metrics>(st, ib);
   }
   return st;
 }
@@ -127,8 +127,8 @@ __device__ __forceinline__ A block_sum(A v, A* smem) {
 }
 
 // One thread's statistics over columns [lo, hi) of a row, NThreads threads per row slice
-// (with Ent also the metrics' accumulators; t: the target's column in the row).
-template <typename T, bool BetaOne, bool Ent, int NThreads>
+// (with Metrics also the metrics' accumulators; t: the target's column in the row).
+template <typename T, bool BetaOne, bool Metrics, int NThreads>
 __device__ __forceinline__ Stats thread_stats(const T* xr, int64_t lo, int64_t hi, float ib, int64_t t) {
   constexpr int V = Vec<T>::N;
   Stats st = empty_stats();
@@ -143,22 +143,22 @@ __device__ __forceinline__ Stats thread_stats(const T* xr, int64_t lo, int64_t h
       for (int u = 0; u < kUnroll; ++u) load_vec(base + (i + u * NThreads) * V, z[u]);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        update<V, BetaOne, Ent>(st, z[u], ib);
-        update_before<V, Ent>(st, z[u], lo + (i + u * NThreads) * V, t);
+        update<V, BetaOne, Metrics>(st, z[u], ib);
+        update_before<V, Metrics>(st, z[u], lo + (i + u * NThreads) * V, t);
       }
     }
     for (; i < n_vec; i += NThreads) {
       float z[V];
       load_vec(base + i * V, z);
-      update<V, BetaOne, Ent>(st, z, ib);
-      update_before<V, Ent>(st, z, lo + i * V, t);
+      update<V, BetaOne, Metrics>(st, z, ib);
+      update_before<V, Metrics>(st, z, lo + i * V, t);
     }
     tail_start = lo + n_vec * V;
   }
   for (int64_t c = tail_start + threadIdx.x; c < hi; c += NThreads) {
     float z[1] = {to_float(xr[c])};
-    update<1, BetaOne, Ent>(st, z, ib);
-    update_before<1, Ent>(st, z, c, t);
+    update<1, BetaOne, Metrics>(st, z, ib);
+    update_before<1, Metrics>(st, z, c, t);
   }
   return st;
 }
@@ -200,8 +200,8 @@ __device__ __forceinline__ void write_grad(const T* xr, T* orow, int64_t lo, int
 // ------------------------------------------------------------------ two-pass path
 
 // grid (rows, splits): block (row, split) covers columns [split*chunk, min(+chunk, n_valid)).
-// With Ent (metrics) the metrics plane follows the records (and the meta record).
-template <typename T, bool BetaOne, bool Ent>
+// With Metrics (metrics) the metric accumulators follows the records (and the meta record).
+template <typename T, bool BetaOne, bool Metrics>
 __global__ void __launch_bounds__(kThreads) row_stats_kernel(const T* __restrict__ x,
                                                              const int64_t* __restrict__ labels,
                                                              float* __restrict__ stats,
@@ -216,8 +216,8 @@ __global__ void __launch_bounds__(kThreads) row_stats_kernel(const T* __restrict
   const int64_t hi = active ? max(lo, min(lo + a.chunk, a.n_valid)) : lo;
   const float ib = kLog2e / a.beta;
   const int64_t t = label - a.vocab_start;
-  Stats st = thread_stats<T, BetaOne, Ent, kThreads>(xr, lo, hi, ib, t);
-  st = block_merge<BetaOne, Ent, kThreads>(st, ib);
+  Stats st = thread_stats<T, BetaOne, Metrics, kThreads>(xr, lo, hi, ib, t);
+  st = block_merge<BetaOne, Metrics, kThreads>(st, ib);
   if (threadIdx.x == 0) {
     const float zt = (active && t >= lo && t < hi) ? to_float(xr[t]) : 0.f;
     float* out = stats + (row * gridDim.y + split) * stat::kWidth;
@@ -225,7 +225,7 @@ __global__ void __launch_bounds__(kThreads) row_stats_kernel(const T* __restrict
     out[stat::kS1] = st.s1;
     out[stat::kSb] = st.sb;
     out[stat::kZt] = zt;
-    if (Ent) {
+    if (Metrics) {
       const int64_t parts = int64_t(gridDim.x) * gridDim.y;
       float* acc = stats + (parts + (a.write_meta ? 1 : 0)) * stat::kWidth + (row * gridDim.y + split) * macc::kWidth;
       acc[macc::kE] = st.e;
@@ -242,9 +242,9 @@ __global__ void __launch_bounds__(kThreads) row_stats_kernel(const T* __restrict
 }
 
 // One block: every row's parts merged (ranks, then splits: a fixed order), finalized, the
-// per-row outputs written, and the sums reduced in a fixed order. With Ent the metrics
+// per-row outputs written, and the sums reduced in a fixed order. With Metrics the metrics
 // plane of each rank is merged too and met [n_rows, metric::kWidth] written.
-template <bool BetaOne, bool Ent>
+template <bool BetaOne, bool Metrics>
 __global__ void __launch_bounds__(kEpilogueThreads) epilogue_kernel(const float* __restrict__ parts,
                                                                     const int64_t* __restrict__ labels,
                                                                     float* __restrict__ loss, float* __restrict__ ce,
@@ -269,14 +269,14 @@ __global__ void __launch_bounds__(kEpilogueThreads) epilogue_kernel(const float*
       for (int64_t s = 0; s < p.splits; ++s) {
         const float* q = parts + w * p.rank_stride + (r * p.splits + s) * stat::kWidth;
         const float* acc = parts + w * p.rank_stride + ent_off + (r * p.splits + s) * macc::kWidth;
-        const float e = Ent ? acc[macc::kE] : 0.f, before = Ent ? acc[macc::kBefore] : -INFINITY;
-        st = merge<BetaOne, Ent>(st, Stats{q[stat::kM], q[stat::kS1], q[stat::kSb], e, before}, ib);
+        const float e = Metrics ? acc[macc::kE] : 0.f, before = Metrics ? acc[macc::kBefore] : -INFINITY;
+        st = merge<BetaOne, Metrics>(st, Stats{q[stat::kM], q[stat::kS1], q[stat::kSb], e, before}, ib);
         zt += q[stat::kZt];
       }
     }
     const int64_t label = labels[r];
     const RowOut o = finalize_row(st, zt, label, a.ignore_index, vocab_size, a.gamma, a.beta);
-    if (Ent) {
+    if (Metrics) {
       const RowMetrics mt = row_metrics(st, zt, label, a.ignore_index, vocab_size);
       met[r * metric::kWidth + metric::kEntropy] = mt.entropy;
       met[r * metric::kWidth + metric::kTop1] = mt.top1;
@@ -341,20 +341,20 @@ __global__ void __launch_bounds__(kEpilogueThreads) count_kernel(const int64_t* 
 }
 
 // One block per whole row: statistics, loss, then the gradient for an upstream of 1 (with
-// Ent also the row's metrics into met).
-template <typename T, bool BetaOne, bool Ent>
-__global__ void __launch_bounds__(kFusedThreads) fused_kernel(const T* x, T* out, const int64_t* __restrict__ labels,
-                                                              float* __restrict__ loss, float* __restrict__ ce,
-                                                              const float* __restrict__ red, float* __restrict__ met,
-                                                              int64_t width, RowLayoutArgs l, LossArgs a) {
+// Metrics also the row's metrics into met).
+template <typename T, bool BetaOne, bool Metrics>
+__global__ void __launch_bounds__(kRowThreads)
+    grad_in_forward_kernel(const T* x, T* out, const int64_t* __restrict__ labels, float* __restrict__ loss,
+                           float* __restrict__ ce, const float* __restrict__ red, float* __restrict__ met,
+                           int64_t width, RowLayoutArgs l, LossArgs a) {
   const int64_t row = blockIdx.x;
   const T* xr = x + row_offset(row, l, false);
   T* orow = out + row_offset(row, l, true);
   const int64_t label = labels[row];
   const bool active = label != a.ignore_index;
   const float ib = kLog2e / a.beta;
-  Stats st = thread_stats<T, BetaOne, Ent, kFusedThreads>(xr, 0, active ? width : 0, ib, label);
-  st = block_merge<BetaOne, Ent, kFusedThreads>(st, ib);
+  Stats st = thread_stats<T, BetaOne, Metrics, kRowThreads>(xr, 0, active ? width : 0, ib, label);
+  st = block_merge<BetaOne, Metrics, kRowThreads>(st, ib);
   const bool hit = active && label >= 0 && label < width;
   __shared__ RowGrad row_grad;  // thread 0 finalizes the row, every thread writes its gradient
   if (threadIdx.x == 0) {
@@ -362,7 +362,7 @@ __global__ void __launch_bounds__(kFusedThreads) fused_kernel(const T* x, T* out
     const RowOut o = finalize_row(st, zt, label, a.ignore_index, width, a.gamma, a.beta);
     loss[row] = o.loss;
     ce[row] = o.ce;
-    if (Ent) {
+    if (Metrics) {
       const RowMetrics mt = row_metrics(st, zt, label, a.ignore_index, width);
       met[row * metric::kWidth + metric::kEntropy] = mt.entropy;
       met[row * metric::kWidth + metric::kTop1] = mt.top1;
@@ -371,7 +371,7 @@ __global__ void __launch_bounds__(kFusedThreads) fused_kernel(const T* x, T* out
   }
   __syncthreads();
   const RowGrad r = row_grad;
-  write_grad<T, kFusedThreads, true>(xr, orow, 0, width, r.coef != 0.f ? width : 0, hit ? label : -1, r, ib);
+  write_grad<T, kRowThreads, true>(xr, orow, 0, width, r.coef != 0.f ? width : 0, hit ? label : -1, r, ib);
 }
 
 __global__ void __launch_bounds__(kEpilogueThreads) reduce_kernel(const float* __restrict__ loss,
@@ -448,8 +448,8 @@ cudaError_t launch_row_stats(DType dt, const void* x, const int64_t* labels, flo
   return by_dtype(dt, [&](auto zero) {
     using T = decltype(zero);
     const T* xt = static_cast<const T*>(x);
-    return by_flags(a.beta == 1.0f, a.write_ent, [&](auto beta_one, auto ent) {
-      row_stats_kernel<T, beta_one.value, ent.value><<<grid, kThreads, 0, s>>>(xt, labels, stats, l, a);
+    return by_flags(a.beta == 1.0f, a.metrics, [&](auto beta_one, auto metrics) {
+      row_stats_kernel<T, beta_one.value, metrics.value><<<grid, kThreads, 0, s>>>(xt, labels, stats, l, a);
       return cudaGetLastError();
     });
   });
@@ -457,8 +457,8 @@ cudaError_t launch_row_stats(DType dt, const void* x, const int64_t* labels, flo
 
 cudaError_t launch_epilogue(const float* parts, const int64_t* labels, float* loss, float* ce, float* rec, float* red,
                             float* met, const PartsArgs& p, const LossArgs& a, cudaStream_t s) {
-  return by_flags(a.beta == 1.0f, met != nullptr, [&](auto beta_one, auto ent) {
-    epilogue_kernel<beta_one.value, ent.value><<<1, kEpilogueThreads, 0, s>>>(parts, labels, loss, ce, rec, red, met,
+  return by_flags(a.beta == 1.0f, met != nullptr, [&](auto beta_one, auto metrics) {
+    epilogue_kernel<beta_one.value, metrics.value><<<1, kEpilogueThreads, 0, s>>>(parts, labels, loss, ce, rec, red, met,
                                                                               p, a);
     return cudaGetLastError();
   });
@@ -477,9 +477,9 @@ cudaError_t launch_grad(DType dt, const void* x, void* out, const int64_t* label
   });
 }
 
-cudaError_t launch_fused(DType dt, const void* x, void* out, const int64_t* labels, float* loss, float* ce, float* red,
-                         float* met, int64_t n_rows, int64_t width, const RowLayoutArgs& l, const LossArgs& a,
-                         cudaStream_t s) {
+cudaError_t launch_grad_in_forward(DType dt, const void* x, void* out, const int64_t* labels, float* loss, float* ce,
+                                   float* red, float* met, int64_t n_rows, int64_t width, const RowLayoutArgs& l,
+                                   const LossArgs& a, cudaStream_t s) {
   count_kernel<<<1, kEpilogueThreads, 0, s>>>(labels, red, n_rows, a);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
@@ -487,8 +487,8 @@ cudaError_t launch_fused(DType dt, const void* x, void* out, const int64_t* labe
     using T = decltype(zero);
     const T* xt = static_cast<const T*>(x);
     T* ot = static_cast<T*>(out);
-    return by_flags(a.beta == 1.0f, met != nullptr, [&](auto beta_one, auto ent) {
-      fused_kernel<T, beta_one.value, ent.value><<<static_cast<unsigned>(n_rows), kFusedThreads, 0, s>>>(
+    return by_flags(a.beta == 1.0f, met != nullptr, [&](auto beta_one, auto metrics) {
+      grad_in_forward_kernel<T, beta_one.value, metrics.value><<<static_cast<unsigned>(n_rows), kRowThreads, 0, s>>>(
           xt, ot, labels, loss, ce, red, met, width, l, a);
       return cudaGetLastError();
     });

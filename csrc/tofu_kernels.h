@@ -21,7 +21,7 @@ constexpr int64_t kTileCols = 4096;
 // Blocks that fill 132 SMs several times over; fewer rows than this get split.
 constexpr int64_t kTargetBlocks = 1024;
 constexpr int kEpilogueThreads = 1024;  // the one-block O(N) kernels (epilogue, count, reduce)
-constexpr int kFusedThreads = 512;      // gradient in the forward: one block per row
+constexpr int kRowThreads = 512;        // gradient in the forward: one block per row
 constexpr int kRescaleBlocks = 1056;    // persistent grid of the rescale (8 per SM)
 
 enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
@@ -40,7 +40,7 @@ struct StatsArgs {
   float beta;
   bool write_meta;       // tensor parallelism: this rank's meta record after the stats
   int64_t meta_vocab_end, meta_width;
-  bool write_ent;        // metrics: the metrics plane after the records (and the meta record)
+  bool metrics;          // the metric accumulators after the records (and the meta record)
 };
 
 // The partial statistics the epilogue merges: rank w's block starts at w * rank_stride
@@ -69,20 +69,20 @@ cudaError_t launch_row_stats(DType dt, const void* x, const int64_t* labels, flo
                              cudaStream_t s);
 // One block: loss, ce [n_rows]; rec [n_rows, gparam::kWidth]; red [reduced::kWidth] = the
 // reduced loss and ce, and the scale (1 / token count for a mean, else 1); met
-// [n_rows, metric::kWidth] or nullptr (then parts has no metrics plane).
+// [n_rows, metric::kWidth] or nullptr (then parts has no metric accumulators).
 cudaError_t launch_epilogue(const float* parts, const int64_t* labels, float* loss, float* ce, float* rec,
                             float* red, float* met, const PartsArgs& p, const LossArgs& a, cudaStream_t s);
 // rec: fp32 [n_rows, gparam::kWidth]; upstream fp32; scale fp32 [1]; out may alias x.
 cudaError_t launch_grad(DType dt, const void* x, void* out, const int64_t* labels, const float* rec,
                         const float* upstream, const float* scale, int64_t n_rows, const RowLayoutArgs& l,
                         const GradArgs& a, cudaStream_t s);
-// Gradient in the forward, whole rows (n_valid = width): the count of tokens (the scale
+// Gradient in the forward, whole rows: the count of tokens (the scale
 // into red[reduced::kScale]), one block per row writing loss, ce and the gradient for an
 // upstream of 1 (out may alias x) and, where met is not nullptr, the row's metrics, then the
 // reduced loss and ce into red.
-cudaError_t launch_fused(DType dt, const void* x, void* out, const int64_t* labels, float* loss, float* ce,
-                         float* red, float* met, int64_t n_rows, int64_t width, const RowLayoutArgs& l,
-                         const LossArgs& a, cudaStream_t s);
+cudaError_t launch_grad_in_forward(DType dt, const void* x, void* out, const int64_t* labels, float* loss,
+                                   float* ce, float* red, float* met, int64_t n_rows, int64_t width,
+                                   const RowLayoutArgs& l, const LossArgs& a, cudaStream_t s);
 // out *= *grad_out, on the device, returning at once when it is 1.
 cudaError_t launch_rescale(DType dt, void* out, const float* grad_out, int64_t n_rows, int64_t width,
                            const RowLayoutArgs& l, cudaStream_t s);

@@ -36,7 +36,7 @@ enum : int { kNone = 0, kSum = 1, kMean = 2 };
 namespace metric {  // the optional per-row metrics: [N, kWidth]
 enum : int { kEntropy = 0, kTop1 = 1, kWidth = 2 };
 }
-namespace macc {  // the metrics' accumulators of one part of a row (the metrics plane)
+namespace macc {  // the metric accumulators of one part of a row
 enum : int { kE = 0, kBefore = 1, kWidth = 2 };
 }
 
@@ -45,8 +45,8 @@ constexpr float kLog2e = 1.4426950408889634f;
 
 // Running statistics of a set of columns of one row, in fp32:
 //   m = max z,  s1 = sum exp(z - m),  sb = sum exp((z - m) / beta),
-//   e = sum exp(z - m) (z - m)   (the entropy accumulator; only with Ent, else left 0),
-//   before = max z over the columns before the target (only with Ent, else left -inf).
+//   e = sum exp(z - m) (z - m)   (the entropy accumulator; only with Metrics, else left 0),
+//   before = max z over the columns before the target (only with Metrics, else left -inf).
 // An empty set is {-inf, 0, 0, 0, -inf}.
 struct Stats {
   float m;
@@ -60,9 +60,9 @@ TOFU_HD Stats empty_stats() { return {-INFINITY, 0.f, 0.f, 0.f, -INFINITY}; }
 
 // Merge two partial statistics: warp/block reductions, vocab splits, TP ranks.
 // inv_beta_log2e = log2(e) / beta. With BetaOne, sb mirrors s1 (1 exponential/element).
-// With Ent, e = sum_r exp(m_r - M) (e_r + (m_r - M) s1_r) (an empty part adds 0) and
+// With Metrics, e = sum_r exp(m_r - M) (e_r + (m_r - M) s1_r) (an empty part adds 0) and
 // before = max_r before_r.
-template <bool BetaOne, bool Ent = false>
+template <bool BetaOne, bool Metrics = false>
 TOFU_HD Stats merge(Stats a, Stats b, float inv_beta_log2e) {
   const float m = fmaxf(a.m, b.m);
   if (m == -INFINITY) return a;  // both empty (before <= m): keep a, never exp(-inf + inf)
@@ -72,16 +72,16 @@ TOFU_HD Stats merge(Stats a, Stats b, float inv_beta_log2e) {
   r.m = m;
   r.s1 = a.s1 * ea + b.s1 * eb;
   r.sb = BetaOne ? r.s1 : a.sb * exp2f(da * inv_beta_log2e) + b.sb * exp2f(db * inv_beta_log2e);
-  r.e = Ent ? ea * (a.e + (a.m == -INFINITY ? 0.f : da) * a.s1) + eb * (b.e + (b.m == -INFINITY ? 0.f : db) * b.s1)
+  r.e = Metrics ? ea * (a.e + (a.m == -INFINITY ? 0.f : da) * a.s1) + eb * (b.e + (b.m == -INFINITY ? 0.f : db) * b.s1)
             : 0.f;
-  r.before = Ent ? fmaxf(a.before, b.before) : -INFINITY;
+  r.before = Metrics ? fmaxf(a.before, b.before) : -INFINITY;
   return r;
 }
 
 // Fold K new values (masked ones are -inf) into st: one max over the K values, one
 // rescale of the running sums only when the max grew, then K (or 2K) exponentials; with
-// Ent the entropy terms exp(d) * d from the same exponentials (-inf columns add 0).
-template <int K, bool BetaOne, bool Ent = false>
+// Metrics the entropy terms exp(d) * d from the same exponentials (-inf columns add 0).
+template <int K, bool BetaOne, bool Metrics = false>
 TOFU_HD void update(Stats& st, const float (&z)[K], float inv_beta_log2e) {
   float bm = st.m;
 #pragma unroll
@@ -90,7 +90,7 @@ TOFU_HD void update(Stats& st, const float (&z)[K], float inv_beta_log2e) {
   float s1 = st.s1, sb = st.sb, e = st.e;
   if (bm > st.m) {  // st.m = -inf gives exp2(-inf) = 0: the empty sums stay 0
     const float a = exp2f((st.m - bm) * kLog2e);
-    if (Ent) e = st.m == -INFINITY ? 0.f : a * (e + (st.m - bm) * s1);  // with the old s1
+    if (Metrics) e = st.m == -INFINITY ? 0.f : a * (e + (st.m - bm) * s1);  // with the old s1
     s1 *= a;
     if (!BetaOne) sb *= exp2f((st.m - bm) * inv_beta_log2e);
   }
@@ -99,20 +99,20 @@ TOFU_HD void update(Stats& st, const float (&z)[K], float inv_beta_log2e) {
     const float d = z[k] - bm;
     const float x = exp2f(d * kLog2e);
     s1 += x;
-    if (Ent) e += x * fmaxf(d, -3.402823466e+38f);
+    if (Metrics) e += x * fmaxf(d, -3.402823466e+38f);
     if (!BetaOne) sb += exp2f(d * inv_beta_log2e);
   }
   st.m = bm;
   st.s1 = s1;
   st.sb = BetaOne ? s1 : sb;
-  st.e = Ent ? e : 0.f;
+  st.e = Metrics ? e : 0.f;
 }
 
-// With Ent: fold K values of consecutive columns col0, col0 + 1, ... into st.before, those
+// With Metrics: fold K values of consecutive columns col0, col0 + 1, ... into st.before, those
 // before the target column t (the row's columns counted as the caller counts col0).
-template <int K, bool Ent>
+template <int K, bool Metrics>
 TOFU_HD void update_before(Stats& st, const float (&z)[K], int64_t col0, int64_t t) {
-  if (!Ent) return;
+  if (!Metrics) return;
 #pragma unroll
   for (int k = 0; k < K; ++k)
     if (col0 + k < t) st.before = fmaxf(st.before, z[k]);

@@ -1,10 +1,12 @@
-// Torch custom-op registration for the TOFU CUDA kernels (namespace tofu_kernels).
+// The CUDA kernels of the torch ops tofu_kernels::<op> (TORCH_LIBRARY_IMPL only).
 //
-// Ops write, wrappers allocate: every op writes into tensors the Python adaptor
-// allocated, and the schemas mark them mutated (Tensor(a!)), so torch.compile and
-// CUDA-graph capture see the true data flow. The Triton ops take the same arguments; the
-// fake (meta) implementation of each op, with the same buffer checks as here, is in
-// tofu_kernels/backends/gpu.py. Importing tofu_kernels._C registers the ops.
+// The ops and their schemas are defined once, in Python (tofu_kernels/backends/gpu.py, OPS),
+// with their fakes (the same buffer checks as here); torch compares each function's
+// signature below with that schema when both are registered and refuses a mismatch. Ops
+// write, wrappers allocate: every op writes into tensors the Python adaptor allocated, and
+// the schemas mark them mutated (Tensor(a!)), so torch.compile and CUDA-graph capture see
+// the true data flow. The Triton ops take the same arguments. Importing tofu_kernels._C
+// registers the kernels.
 
 #include <Python.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -47,9 +49,9 @@ void check_f32(const at::Tensor& t, int64_t numel, const char* name) {
 }
 
 // Floats of one rank's partial statistics (records.Partials.per_rank): the records, the
-// meta record under TP, the metrics plane with metrics.
-int64_t parts_per_rank(int64_t n_rows, int64_t splits, bool has_meta, bool has_ent) {
-  return (n_rows * splits + (has_meta ? 1 : 0)) * tofu::stat::kWidth + (has_ent ? n_rows * splits * tofu::macc::kWidth : 0);
+// meta record under TP, the metric accumulators with metrics.
+int64_t parts_per_rank(int64_t n_rows, int64_t splits, bool has_meta, bool metrics) {
+  return (n_rows * splits + (has_meta ? 1 : 0)) * tofu::stat::kWidth + (metrics ? n_rows * splits * tofu::macc::kWidth : 0);
 }
 
 // The optional metrics output: [n_rows, metric::kWidth] fp32, or nullptr.
@@ -62,14 +64,14 @@ float* metrics_out(const std::optional<at::Tensor>& met, int64_t n_rows) {
 void row_stats(const at::Tensor& x, const at::Tensor& labels, at::Tensor& stats, int64_t n_rows, int64_t splits,
                int64_t n_inner, int64_t s_outer, int64_t s_inner, int64_t n_valid, int64_t vocab_start, int64_t chunk,
                int64_t ignore_index, double beta, bool write_meta, int64_t meta_vocab_end, int64_t meta_width,
-               bool write_ent) {
+               bool metrics) {
   check_common(x, labels, n_rows);
   TORCH_CHECK(n_rows > 0 && splits > 0 && splits <= 65535 && chunk > 0, "tofu_kernels: bad split configuration");
-  check_f32(stats, parts_per_rank(n_rows, splits, write_meta, write_ent), "stats");
+  check_f32(stats, parts_per_rank(n_rows, splits, write_meta, metrics), "stats");
   const c10::cuda::CUDAGuard guard(x.device());
   const tofu::RowLayoutArgs l{n_inner, s_outer, s_inner, 0, 0};
   const tofu::StatsArgs a{n_valid, vocab_start, chunk, ignore_index, static_cast<float>(beta), write_meta,
-                          meta_vocab_end, meta_width, write_ent};
+                          meta_vocab_end, meta_width, metrics};
   check_cuda(tofu::launch_row_stats(dtype_of(x), x.data_ptr(), labels.data_ptr<int64_t>(), stats.data_ptr<float>(),
                                     n_rows, static_cast<int>(splits), l, a, c10::cuda::getCurrentCUDAStream()),
              "row_stats");
@@ -128,15 +130,16 @@ void grad(const at::Tensor& x, at::Tensor& out, const at::Tensor& labels, const 
 
 // In-place variant: the gradient overwrites the logits (each element read, then written).
 void grad_inplace(at::Tensor& x, const at::Tensor& labels, const at::Tensor& rec, const at::Tensor& upstream,
-                  const at::Tensor& scale, int64_t up_stride, int64_t n_inner, int64_t s_outer, int64_t s_inner,
+                  const at::Tensor& scale, int64_t up_stride, int64_t n_inner, int64_t xs_outer, int64_t xs_inner,
                   int64_t n_valid, int64_t vocab_start, double beta) {
-  grad(x, x, labels, rec, upstream, scale, up_stride, n_inner, s_outer, s_inner, s_outer, s_inner, n_valid,
+  grad(x, x, labels, rec, upstream, scale, up_stride, n_inner, xs_outer, xs_inner, xs_outer, xs_inner, n_valid,
        vocab_start, beta);
 }
 
-void fused(const at::Tensor& x, at::Tensor& out, const at::Tensor& labels, at::Tensor& loss, at::Tensor& ce,
-           at::Tensor& red, const std::optional<at::Tensor>& met, int64_t n_inner, int64_t xs_outer, int64_t xs_inner,
-           int64_t os_outer, int64_t os_inner, int64_t ignore_index, double gamma, double beta, bool mean) {
+void grad_in_forward(const at::Tensor& x, at::Tensor& out, const at::Tensor& labels, at::Tensor& loss,
+                     at::Tensor& ce, at::Tensor& red, const std::optional<at::Tensor>& met, int64_t n_inner,
+                     int64_t xs_outer, int64_t xs_inner, int64_t os_outer, int64_t os_inner, int64_t ignore_index,
+                     double gamma, double beta, bool mean) {
   const int64_t n_rows = labels.numel();
   check_common(x, labels, n_rows);
   TORCH_CHECK(out.scalar_type() == x.scalar_type() && out.is_cuda(), "tofu_kernels: out must match logits");
@@ -144,22 +147,22 @@ void fused(const at::Tensor& x, at::Tensor& out, const at::Tensor& labels, at::T
   check_f32(ce, n_rows, "ce");
   check_f32(red, tofu::reduced::kWidth, "red");
   float* met_ptr = metrics_out(met, n_rows);
-  TORCH_CHECK(n_rows > 0, "tofu_kernels: fused needs at least one row");
+  TORCH_CHECK(n_rows > 0, "tofu_kernels: grad_in_forward needs at least one row");
   const c10::cuda::CUDAGuard guard(x.device());
   const tofu::RowLayoutArgs l{n_inner, xs_outer, xs_inner, os_outer, os_inner};
   const tofu::LossArgs a{ignore_index, static_cast<float>(gamma), static_cast<float>(beta),
                          mean ? tofu::reduction::kMean : tofu::reduction::kSum};
-  check_cuda(tofu::launch_fused(dtype_of(x), x.data_ptr(), out.data_ptr(), labels.data_ptr<int64_t>(),
-                                loss.data_ptr<float>(), ce.data_ptr<float>(), red.data_ptr<float>(), met_ptr, n_rows,
-                                x.size(-1), l, a, c10::cuda::getCurrentCUDAStream()),
-             "fused");
+  check_cuda(tofu::launch_grad_in_forward(dtype_of(x), x.data_ptr(), out.data_ptr(), labels.data_ptr<int64_t>(),
+                                          loss.data_ptr<float>(), ce.data_ptr<float>(), red.data_ptr<float>(), met_ptr,
+                                          n_rows, x.size(-1), l, a, c10::cuda::getCurrentCUDAStream()),
+             "grad_in_forward");
 }
 
-void fused_inplace(at::Tensor& x, const at::Tensor& labels, at::Tensor& loss, at::Tensor& ce, at::Tensor& red,
-                   const std::optional<at::Tensor>& met, int64_t n_inner, int64_t s_outer, int64_t s_inner,
-                   int64_t ignore_index, double gamma, double beta, bool mean) {
-  fused(x, x, labels, loss, ce, red, met, n_inner, s_outer, s_inner, s_outer, s_inner, ignore_index, gamma, beta,
-        mean);
+void grad_in_forward_inplace(at::Tensor& x, const at::Tensor& labels, at::Tensor& loss, at::Tensor& ce,
+                             at::Tensor& red, const std::optional<at::Tensor>& met, int64_t n_inner, int64_t xs_outer,
+                             int64_t xs_inner, int64_t ignore_index, double gamma, double beta, bool mean) {
+  grad_in_forward(x, x, labels, loss, ce, red, met, n_inner, xs_outer, xs_inner, xs_outer, xs_inner, ignore_index,
+                  gamma, beta, mean);
 }
 
 void rescale(at::Tensor& out, const at::Tensor& grad_out, int64_t n_rows, int64_t n_inner, int64_t s_outer,
@@ -176,39 +179,13 @@ void rescale(at::Tensor& out, const at::Tensor& grad_out, int64_t n_rows, int64_
 
 }  // namespace
 
-TORCH_LIBRARY(tofu_kernels, m) {
-  m.def(
-      "row_stats(Tensor x, Tensor labels, Tensor(a!) stats, int n_rows, int splits, int n_inner, int s_outer, "
-      "int s_inner, int n_valid, int vocab_start, int chunk, int ignore_index, float beta, bool write_meta, "
-      "int meta_vocab_end, int meta_width, bool write_ent) -> ()");
-  m.def(
-      "epilogue(Tensor parts, Tensor labels, Tensor(a!) loss, Tensor(b!) ce, Tensor(c!) rec, Tensor(d!) red, "
-      "Tensor(e!)? met, int n_rows, int splits, int world, int rank_stride, bool has_meta, int vocab_size, "
-      "int ignore_index, float gamma, float beta, int reduction) -> ()");
-  m.def(
-      "grad(Tensor x, Tensor(a!) out, Tensor labels, Tensor rec, Tensor upstream, Tensor scale, int up_stride, "
-      "int n_inner, int xs_outer, int xs_inner, int os_outer, int os_inner, int n_valid, int vocab_start, "
-      "float beta) -> ()");
-  m.def(
-      "grad_inplace(Tensor(a!) x, Tensor labels, Tensor rec, Tensor upstream, Tensor scale, int up_stride, "
-      "int n_inner, int s_outer, int s_inner, int n_valid, int vocab_start, float beta) -> ()");
-  m.def(
-      "fused(Tensor x, Tensor(a!) out, Tensor labels, Tensor(b!) loss, Tensor(c!) ce, Tensor(d!) red, "
-      "Tensor(e!)? met, int n_inner, int xs_outer, int xs_inner, int os_outer, int os_inner, int ignore_index, "
-      "float gamma, float beta, bool mean) -> ()");
-  m.def(
-      "fused_inplace(Tensor(a!) x, Tensor labels, Tensor(b!) loss, Tensor(c!) ce, Tensor(d!) red, Tensor(e!)? met, "
-      "int n_inner, int s_outer, int s_inner, int ignore_index, float gamma, float beta, bool mean) -> ()");
-  m.def("rescale(Tensor(a!) out, Tensor grad_out, int n_rows, int n_inner, int s_outer, int s_inner) -> ()");
-}
-
 TORCH_LIBRARY_IMPL(tofu_kernels, CUDA, m) {
   m.impl("row_stats", &row_stats);
   m.impl("epilogue", &epilogue);
   m.impl("grad", &grad);
   m.impl("grad_inplace", &grad_inplace);
-  m.impl("fused", &fused);
-  m.impl("fused_inplace", &fused_inplace);
+  m.impl("grad_in_forward", &grad_in_forward);
+  m.impl("grad_in_forward_inplace", &grad_in_forward_inplace);
   m.impl("rescale", &rescale);
 }
 

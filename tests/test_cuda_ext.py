@@ -48,8 +48,8 @@ def test_ops_registered_with_mutation_schemas():
         "epilogue": {"loss", "ce", "rec", "red", "met"},
         "grad": {"out"},
         "grad_inplace": {"x"},
-        "fused": {"out", "loss", "ce", "red", "met"},
-        "fused_inplace": {"x", "loss", "ce", "red", "met"},
+        "grad_in_forward": {"out", "loss", "ce", "red", "met"},
+        "grad_in_forward_inplace": {"x", "loss", "ce", "red", "met"},
         "rescale": {"out"},
     }
     for name, expect in written.items():
@@ -126,8 +126,8 @@ def _dynamo_capture(fn, *args):
 PATHS = {
     (False, "mean"): (("row_stats", "epilogue"), ("grad",)),
     (False, "none"): (("row_stats", "epilogue"), ("grad",)),
-    (True, "mean"): (("fused",), ("rescale",)),
-    (True, "sum"): (("fused",), ("rescale",)),
+    (True, "mean"): (("grad_in_forward",), ("rescale",)),
+    (True, "sum"): (("grad_in_forward",), ("rescale",)),
 }
 
 

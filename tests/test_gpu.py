@@ -22,7 +22,7 @@ def test_cuda_extension_loaded_on_gpu_machine():
     assert tk.extension_loaded(), "gpu_check.sh builds the extension; it must load here"
     from tofu_kernels.backends import get_backend
 
-    assert get_backend("auto", torch.device("cuda")).NAME == "cuda"
+    assert get_backend("auto", torch.device("cuda")).name == "cuda"
 
 
 # Shapes: one row; odd vocab (rows not 16-byte aligned: scalar path); vocab above one

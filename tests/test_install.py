@@ -131,7 +131,7 @@ def test_extension_status_names_a_shadowing_checkout(tmp_path, monkeypatch, load
     from importlib import metadata
 
     import tofu_kernels
-    from tofu_kernels import backends
+    from tofu_kernels import extension
 
     pkg = Path(os.path.realpath(tofu_kernels.__file__)).parent
     if not (pkg.parent / "setup.py").is_file():
@@ -144,11 +144,10 @@ def test_extension_status_names_a_shadowing_checkout(tmp_path, monkeypatch, load
     if loaded:
         fake = type(sys)("tofu_kernels._C")
         fake.__file__ = str(pkg / "_C.cpython-fake.so")
-        monkeypatch.setitem(backends._LOADED, "cuda", (fake, ""))
-        monkeypatch.setitem(sys.modules, "tofu_kernels._C", fake)
-        monkeypatch.setattr(tofu_kernels, "_C", fake, raising=False)
+        monkeypatch.setattr(extension, "EXTENSION", fake)
     else:
-        monkeypatch.setitem(backends._LOADED, "cuda", (None, "ImportError: no _C here"))
+        monkeypatch.setattr(extension, "EXTENSION", None)
+        monkeypatch.setattr(extension, "EXTENSION_ERROR", ImportError("no _C here"))
     status = tofu_kernels.extension_status()
     assert status.startswith(f"loaded: {pkg / '_C.cpython-fake.so'}" if loaded else "not loaded (ImportError: no _C here)")
     assert f"tofu_kernels imported from {pkg}" in status, status

@@ -8,7 +8,7 @@ Counted here without a GPU:
 - the CUDA backend on meta tensors: its ops (a known number of kernels each) and, again,
   every other torch operation.
 Budgets (docs/design.md section 3): two-pass 3 kernels (statistics, epilogue, gradient),
-gradient in the forward 4 (count, fused, reduce; the rescale in the backward); no torch
+gradient in the forward 4 (count, grad_in_forward, reduce; the rescale in the backward); no torch
 operation around them. With tensor parallelism the one all-gather is added, nothing else.
 The metrics (``return_metrics=True``) are a compile-time switch of the same kernels: the
 same counts with them, and the plain path's unchanged.
@@ -21,7 +21,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tofu_kernels as tk
-from tofu_kernels.backends import triton_ops
+from tofu_kernels.backends import triton_backend as triton_ops
 
 from .dist_utils import run_distributed
 
@@ -114,8 +114,8 @@ def test_triton_kernels_and_no_torch_glue(case, metrics, triton_launches):
 
 
 # the CUDA ops and the kernels each launches (csrc/tofu_kernels.cu)
-CUDA_KERNELS = {"row_stats": 1, "epilogue": 1, "grad": 1, "grad_inplace": 1, "fused": 3, "fused_inplace": 3,
-                "rescale": 1}
+CUDA_KERNELS = {"row_stats": 1, "epilogue": 1, "grad": 1, "grad_inplace": 1, "grad_in_forward": 3,
+                "grad_in_forward_inplace": 3, "rescale": 1}
 
 
 @pytest.mark.parametrize("metrics", [False, True])

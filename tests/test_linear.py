@@ -439,7 +439,7 @@ def test_vocab_parallel_linear_world_one_is_linear():
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 def test_cuda_ops_through_the_linear_path_on_meta(reduction):
     # the CUDA backend's ops, as linear_tofu_loss calls them, traced on meta tensors (their
-    # fakes check arity and types): per chunk one fused op, or row_stats then grad; one
+    # fakes check arity and types): per chunk one grad_in_forward op, or row_stats then grad; one
     # epilogue for all rows; the backward's rescales
     if not tk.extension_loaded():
         pytest.skip("CUDA extension not built (no nvcc / CPU-only torch)")
@@ -454,7 +454,7 @@ def test_cuda_ops_through_the_linear_path_on_meta(reduction):
                                    chunk_size=4)
         loss.backward(seed)
     if reduction == "sum":
-        assert ops.ours == ["fused_inplace"] * 3 + ["rescale"] * 2, ops.ours
+        assert ops.ours == ["grad_in_forward_inplace"] * 3 + ["rescale"] * 2, ops.ours
     else:
         assert ops.ours == ["row_stats"] * 3 + ["epilogue"] + ["grad_inplace"] * 3, ops.ours
     assert h.grad.shape == h.shape and w.grad.shape == w.shape

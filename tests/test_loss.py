@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import tofu_kernels as tk
-from tofu_kernels.backends import triton_ops
+from tofu_kernels.backends import triton_backend as triton_ops
 
 from .helpers import DTYPES, assert_grad_close, assert_loss_close, make_logits, reference, run
 
@@ -365,7 +365,7 @@ def test_module_wrapper():
 def test_auto_backend_on_cpu_is_torch():
     from tofu_kernels.backends import get_backend
 
-    assert get_backend("auto", torch.device("cpu")).NAME == "torch"
+    assert get_backend("auto", torch.device("cpu")).name == "torch"
 
 
 # ----------------------------------------------------------------- bad input

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import tofu_kernels as tk
-from tofu_kernels.backends import triton_ops
+from tofu_kernels.backends import triton_backend as triton_ops
 
 from .dist_utils import run_distributed
 from .helpers import DTYPES, gpu_backends, make_logits
@@ -93,7 +93,7 @@ def tiling(request, monkeypatch):
     """Triton tile/split configurations: the online rescaling and the merges of E."""
     if request.param == "many_tiles":
         monkeypatch.setattr(triton_ops, "FWD_BLOCK", 64)
-        monkeypatch.setattr(triton_ops, "FUSED_BLOCK", 64)
+        monkeypatch.setattr(triton_ops, "ROW_BLOCK", 64)
         monkeypatch.setattr(triton_ops, "TARGET_PROGRAMS", 1)
     elif request.param == "many_splits":
         monkeypatch.setattr(triton_ops, "FWD_BLOCK", 32)

@@ -1,14 +1,20 @@
-"""The package's shape, held by tests: the backend interface, one parameter object, the
-public signatures, the defaults written once, a fast path that never imports the spec, one
-orchestration core (each step called from one place), no private imports between modules,
-and launch constants defined once per language and tied together."""
+"""The package's architecture, held by tests: backends as registered objects of one
+interface, one spec per GPU op, one parameter object, the public signatures, the defaults
+written once, imports in one direction (layers, no cycles), a fast path that never imports
+the fp64 spec, one orchestration core, no private imports between modules, and launch
+constants defined once per language and tied together. Nothing here counts call sites or
+strings: each test names a rule of the layout (docs/design.md, "Layout")."""
 
 from __future__ import annotations
 
 import ast
 import inspect
+import json
 import math
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,22 +22,37 @@ import torch
 
 import tofu_kernels as tk
 from tofu_kernels import params as P
-from tofu_kernels.backends import Backend, _load
+from tofu_kernels.backends import REGISTRY, Backend, get_backend
 
 ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "tofu_kernels"
 
 
-@pytest.mark.parametrize("name", ["torch", "triton", "cuda"])
-def test_every_backend_implements_the_interface(name):
-    mod, why = _load(name)
-    if mod is None:
-        assert name == "cuda" and not tk.extension_loaded(), why
-        pytest.skip(f"the CUDA extension is not built here: {why}")
-    assert isinstance(mod, Backend)
-    assert mod.NAME == name
-    for fn in ("row_stats", "epilogue", "grad", "fused", "rescale"):  # declared, never looked up by getattr
-        assert callable(getattr(mod, fn))
+def test_backends_are_registered_objects_of_one_interface():
+    """Every backend name a user can pass is one registered instance of the Backend base
+    class (its abstract methods implemented, or it could not be instantiated), made in its
+    own module; dispatch returns that object."""
+    assert set(REGISTRY) == set(P.BACKENDS) - {"auto"}
+    for name, backend in REGISTRY.items():
+        assert isinstance(backend, Backend) and backend.name == name
+        assert type(backend).__module__ == f"tofu_kernels.backends.{name}_backend"
+        ok, why = backend.available(torch.device("cpu"))
+        assert ok == (name == "torch" or (name == "triton" and os.environ.get("TRITON_INTERPRET") == "1")), why
+    assert get_backend("torch", torch.device("cpu")) is REGISTRY["torch"]
+    assert get_backend("auto", torch.device("cpu")) is REGISTRY["torch"]
+
+
+def test_dispatch_names_no_modules():
+    """No backend is found by a module-name string or re-exported from a module of bound
+    functions: the backends package imports its modules, and none of them uses importlib."""
+    for path in (PKG / "backends").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        assert "importlib" not in {n.split(".")[0] for n in _imported_modules(path)}, path.name
+        for node in ast.walk(tree):  # no module-level "row_stats = adaptor.row_stats"
+            if isinstance(node, ast.Assign) and node in tree.body:
+                for t in node.targets:
+                    names = [e.id for e in (t.elts if isinstance(t, ast.Tuple) else [t]) if isinstance(e, ast.Name)]
+                    assert not set(names) & {"row_stats", "epilogue", "grad", "grad_in_forward", "rescale"}, path.name
 
 
 def test_public_functions_are_keyword_only_after_labels_in_one_order():
@@ -287,19 +308,51 @@ def _calls(name: str) -> list[str]:
     return where
 
 
-@pytest.mark.parametrize("name,caller", [
-    ("all_gather_stats", "core.py:finish"),  # the one collective
-    ("check_shards", "core.py:finish"),
-    ("exchange_meta", "core.py:finish"),  # the checked calls' 16-byte metadata exchange
-    ("host_checks_allowed", "core.py:plan"),  # whether host-synchronising checks run
-    ("meta_record", "core.py:chunk_stats"),
-    ("_grad_in_forward", "core.py:plan"),  # the rule for the path: gradient in the forward or two passes
-    ("get_backend", "core.py:plan"),
-    ("resolve", "core.py:plan"),  # this rank's shard and the tensor-parallel group
-    ("dense_layout", "core.py:grad_buffer"),  # the gradient's own buffer
+@pytest.mark.parametrize("name", [
+    "all_gather_stats",  # the one collective
+    "check_shards", "exchange_meta",  # the checked calls' 16-byte metadata exchange
+    "host_checks_allowed",  # whether host-synchronising checks run
+    "meta_record", "get_backend", "resolve", "dense_layout",
 ])
-def test_each_orchestration_step_has_one_caller_in_the_core(name, caller):
-    assert _calls(name) == [caller]
+def test_orchestration_steps_are_called_from_the_core_only(name):
+    """One core: the steps every entry point shares are taken in core.py, nowhere else."""
+    callers = {c.split(":")[0] for c in _calls(name)}
+    assert callers == {"core.py"}, (name, callers)
+
+
+def test_backends_are_reached_through_the_core_only():
+    """The entry points (loss, linear, the framework glue) hand a Plan to the core; only the
+    core calls a backend's methods (``backend.<method>`` or ``p.backend.<method>``)."""
+    methods = {"row_stats", "epilogue", "grad", "grad_in_forward", "rescale"}
+    for path in sorted(PKG.rglob("*.py")):
+        if path.parent.name == "backends" or path.name == "core.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in methods
+                    and isinstance(node.func.value, ast.Attribute) and node.func.value.attr == "backend"):
+                raise AssertionError(f"{path.relative_to(ROOT)}:{node.lineno} calls a backend directly")
+
+
+# The layers, lowest first: a module imports only from its own layer or lower ones.
+LAYERS = [
+    {"params", "records", "layout", "checks", "tofu_math", "extension", "reference"},
+    {"backends", "backends.base", "backends.gpu", "backends.triton_kernels", "backends.triton_backend",
+     "backends.cuda_backend", "backends.torch_backend"},
+    {"vocab_parallel"},
+    {"core"},
+    {"loss", "linear"},
+    {"hf", "hf.models", "hf.trainer", "automodel"},
+    {""},  # the package root: re-exports
+]
+
+
+def test_imports_go_one_way_down_the_layers():
+    graph = _package_import_graph(PKG)
+    assert set(graph) == set().union(*LAYERS), set(graph) ^ set().union(*LAYERS)
+    level = {m: i for i, layer in enumerate(LAYERS) for m in layer}
+    for module, targets in graph.items():
+        up = sorted(t for t in targets if level[t] > level[module])
+        assert not up, f"{module or 'tofu_kernels'} imports {up} from a higher layer"
 
 
 def _private_imports(path: Path) -> list[str]:
@@ -345,7 +398,9 @@ def _header_constants() -> dict[str, int]:
 def test_launch_constants_tied_to_the_header():
     """csrc/tofu_kernels.h defines the launch constants; Python reads them from the extension
     where it is built, and its defaults for elsewhere equal the header's values."""
-    from tofu_kernels.backends import gpu, triton_ops
+    from tofu_kernels.backends import gpu
+    from tofu_kernels.backends import triton_backend as triton_ops
+    from tofu_kernels.extension import EXTENSION
 
     header = _header_constants()
     cxx = {"TILE_COLS": "kTileCols", "TARGET_BLOCKS": "kTargetBlocks", "EPILOGUE_THREADS": "kEpilogueThreads",
@@ -353,51 +408,88 @@ def test_launch_constants_tied_to_the_header():
     assert set(gpu.HEADER_DEFAULTS) == set(cxx)
     for name, value in gpu.HEADER_DEFAULTS.items():
         assert header[cxx[name]] == value, name
-        expect = getattr(gpu.EXTENSION, name) if gpu.EXTENSION is not None else value
+        expect = getattr(EXTENSION, name) if EXTENSION is not None else value
         assert getattr(gpu, name) == expect, name
     # the Triton launch policy is the same constants, not copies of them
     assert triton_ops.FWD_BLOCK == triton_ops.BWD_BLOCK == gpu.TILE_COLS
     assert (triton_ops.TARGET_PROGRAMS, triton_ops.EPILOGUE_ROWS, triton_ops.RESCALE_PROGRAMS) == (
         gpu.TARGET_BLOCKS, gpu.EPILOGUE_THREADS, gpu.RESCALE_BLOCKS)
-    source = (PKG / "backends" / "triton_ops.py").read_text()
+    source = (PKG / "backends" / "triton_backend.py").read_text()
     for name in ("FWD_BLOCK", "BWD_BLOCK", "TARGET_PROGRAMS", "EPILOGUE_ROWS", "RESCALE_PROGRAMS"):
-        assert re.search(rf"^{name} = gpu\.\w+$", source, re.M), f"triton_ops.{name} is not read from gpu.py"
+        assert re.search(rf"^{name} = gpu\.\w+$", source, re.M), f"triton_backend.{name} is not read from gpu.py"
 
 
-def test_gpu_ops_share_one_schema_and_one_fake_each():
-    """The Triton ops take the CUDA ops' arguments (csrc/tofu_ops.cpp) and every op has its
-    own fake (gpu.FAKES), with the schema's arity."""
+def test_gpu_ops_have_one_spec():
+    """Each GPU op's schema is written once (gpu.OPS): the Triton op and, where the extension
+    is built, the CUDA op are registered with exactly it; the C++ registers kernels only (no
+    schema of its own); every op has its contract (the fake) and a Triton body."""
+    from tofu_kernels.backends import gpu, triton_backend
+
+    assert set(triton_backend.OPS) == set(gpu.OPS) == set(REGISTRY["cuda"].ops)
+    for name, op in gpu.OPS.items():
+        triton = getattr(torch.ops.tofu_kernels, f"triton_{name}").default._schema
+        assert str(triton) == f"tofu_kernels::triton_{name}{op.schema}", name
+        if tk.extension_loaded():
+            assert str(getattr(torch.ops.tofu_kernels, name).default._schema) == f"tofu_kernels::{name}{op.schema}"
+    cpp = (ROOT / "csrc" / "tofu_ops.cpp").read_text()
+    assert "TORCH_LIBRARY(" not in cpp and "m.def(" not in cpp, "csrc/tofu_ops.cpp defines a schema of its own"
+    assert sorted(re.findall(r'm\.impl\("(\w+)"', cpp)) == sorted(gpu.OPS)
+
+
+def test_cuda_kernel_signatures_are_checked_against_the_spec(tmp_path):
+    """torch refuses a C++ kernel whose signature disagrees with its op's schema: loading the
+    extension alone and defining each op with one argument's type changed is refused, the
+    spec itself is accepted (so a drift between csrc/tofu_ops.cpp and gpu.OPS fails at import)."""
+    if not tk.extension_loaded():
+        pytest.skip(f"the CUDA extension is not built here: {tk.extension_status()}")
+    from tofu_kernels import _C
     from tofu_kernels.backends import gpu
 
-    cpp = (ROOT / "csrc" / "tofu_ops.cpp").read_text()
-    schemas = dict(re.findall(r'"(\w+)\((.*?)\) -> \(\)"', " ".join(cpp.replace('"\n      "', "").split())))
-    assert set(schemas) == set(gpu.FAKES)
-    for name, fake in gpu.FAKES.items():
-        cxx_args = [a.split()[-1] for a in schemas[name].split(",")]
-        assert list(inspect.signature(fake).parameters) == cxx_args, name
-        triton = getattr(torch.ops.tofu_kernels, f"triton_{name}").default._schema
-        assert [a.name for a in triton.arguments] == cxx_args, name
+    script = tmp_path / "check.py"
+    script.write_text("""
+import json, sys, torch
+path, specs = sys.argv[1], json.loads(sys.argv[2])
+torch.ops.load_library(path)
+lib = torch.library.Library("tofu_kernels", "FRAGMENT")
+for name, schema in specs.items():
+    wrong = schema.replace("int ", "float ", 1) if "int " in schema else schema.replace("float ", "int ", 1)
+    try:
+        lib.define(name + wrong)
+    except RuntimeError as e:
+        assert "doesn't match the expected function schema" in str(e), e
+    else:
+        raise SystemExit(f"{name}: a wrong schema was accepted")
+    lib2 = torch.library.Library("tofu_kernels", "FRAGMENT")
+    lib2.define(name + schema)
+print("checked", len(specs))
+""")
+    specs = {name: op.schema for name, op in gpu.OPS.items()}
+    out = subprocess.run([sys.executable, str(script), _C.__file__, json.dumps(specs)], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and f"checked {len(specs)}" in out.stdout, out.stdout + out.stderr
 
 
 def test_hugging_face_paths_share_one_forward():
     """TOFUSFTTrainer reaches the loss only through the model's forward (apply_tofu's, with
-    tofu_metrics=True), that forward only through lm_head's own call (_head_forward, where the
-    data-parallel wrappers present the weight), and that only through _HFLoss.on_hidden: one
-    mechanism."""
-    assert [c for c in _calls("loss_of_hidden") if not c.startswith("linear.py:")] == ["hf/models.py:on_hidden"]
-    assert _calls("on_hidden") == ["hf/models.py:_head_forward"]
-    assert _calls("_HeadCall") == ["hf/models.py:_tofu_forward"]
-    trainer = (PKG / "hf" / "trainer.py").read_text()
-    assert "tofu_metrics=True" in trainer and "linear_tofu_loss(" not in trainer and "loss_of_hidden" not in trainer
-    assert _calls("apply_tofu") == ["hf/trainer.py:__init__"]
+    tofu_metrics=True), that forward only through lm_head's own call (where the data-parallel
+    wrappers present the weight), and that only through the fused linear loss: one mechanism,
+    in hf/models.py."""
+    assert {c.split(":")[0] for c in _calls("loss_of_hidden")} == {"hf/models.py", "linear.py"}
+    assert {c.split(":")[0] for c in _calls("on_hidden")} == {"hf/models.py"}
+    trainer = _imported_modules(PKG / "hf" / "trainer.py")
+    assert ".models" in trainer and not {n for n in trainer if n.endswith("linear") or n.endswith("core")}
+    asks = [k for node in ast.walk(ast.parse((PKG / "hf" / "trainer.py").read_text())) if isinstance(node, ast.Call)
+            for k in node.keywords if k.arg == "tofu_metrics"]
+    assert asks and all(isinstance(k.value, ast.Constant) and k.value.value is True for k in asks)
+    assert {c.split(":")[0] for c in _calls("apply_tofu")} == {"hf/trainer.py"}
 
 
 def test_metrics_math_written_once_per_language():
     """The entropy and top-1 rules: tofu_math.row_metrics (torch), triton_kernels._metrics,
-    tofu::row_metrics (CUDA); the accumulator's merge in combine_stats / _merge / tofu::merge."""
-    assert sorted(set(_calls("row_metrics"))) == ["backends/torch_backend.py:epilogue"]
-    assert sorted(set(_calls("entropy_terms"))) == ["backends/torch_backend.py:row_stats"]
-    assert sorted(set(_calls("_metrics"))) == ["backends/triton_kernels.py:epilogue_kernel",
-                                              "backends/triton_kernels.py:fused_kernel"]
+    tofu::row_metrics in the CUDA header (csrc/tofu_math.cuh, which the host harness tests):
+    the kernels call the rule, none derives the entropy itself."""
+    assert {c.split(":")[0] for c in _calls("row_metrics")} == {"backends/torch_backend.py"}
+    assert {c.split(":")[0] for c in _calls("_metrics")} == {"backends/triton_kernels.py"}
+    assert "row_metrics(" in (ROOT / "csrc" / "tofu_math.cuh").read_text()
     cu = (ROOT / "csrc" / "tofu_kernels.cu").read_text()
-    assert cu.count("row_metrics(") == 2 and "logf(st.s1)" not in cu  # both kernels call the header's rule
+    assert "row_metrics(" in cu and "logf(st.s1)" not in cu and "logf(s1)" not in cu

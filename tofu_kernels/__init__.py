@@ -5,10 +5,10 @@
     loss = tk.linear_tofu_loss(hidden, lm_head.weight, labels)  # never builds the logits
 """
 
-from .backends import BACKENDS, extension_loaded, extension_status
+from .extension import extension_loaded, extension_status
 from .linear import LinearTOFULoss, linear_tofu_loss, vocab_parallel_linear_tofu_loss
 from .loss import TOFULoss, tofu_loss, vocab_parallel_tofu_loss
-from .params import DEFAULT_BETA, DEFAULT_GAMMA, DEFAULT_IGNORE_INDEX, TOFUParams
+from .params import BACKENDS, DEFAULT_BETA, DEFAULT_GAMMA, DEFAULT_IGNORE_INDEX, TOFUParams
 from .records import TokenMetrics
 from .reference import authors_tofu_loss, tofu_loss_reference
 from .tofu_math import focal_weight

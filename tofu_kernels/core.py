@@ -13,8 +13,8 @@ once otherwise). The steps, in order (docs/design.md sections 3 and 5):
     the label check.
 
 gradient in the forward (a scalar upstream gradient, whole rows on one device):
-    :func:`fused`         loss and the gradient for an upstream of 1, while each row is on
-                          chip, into :func:`grad_buffer` (the logits themselves in place)
+    :func:`grad_in_forward`  loss and the gradient for an upstream of 1, while each row is
+                          on chip, into :func:`grad_buffer` (the logits themselves in place)
     :func:`rescale`       in the backward: times the upstream gradient
 
 two passes (any upstream gradient; the only way under tensor parallelism):
@@ -30,7 +30,7 @@ two passes (any upstream gradient; the only way under tensor parallelism):
 Every non-tensor setting travels as the call's :class:`~tofu_kernels.params.TOFUParams`,
 handed on unchanged: the backend is the first to unpack it. A reuse: anything that produces
 logits chunk by chunk (a model's output layer, say) plans once, feeds :func:`chunk_stats`
-or :func:`fused` per chunk, and calls :func:`grad` per chunk with its own upstream
+or :func:`grad_in_forward` per chunk, and calls :func:`grad` per chunk with its own upstream
 gradient, keeping its GEMMs and its own gradient buffers.
 """
 
@@ -41,15 +41,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ._inputs import RowLayout, Shard, check_label_range, dense_layout, host_checks_allowed
+from .checks import check_label_range, host_checks_allowed
+from .layout import RowLayout, Shard, dense_layout
 from .backends import Backend, get_backend
 from .params import TOFUParams
 from .records import Epilogue, Metric, Partials, Reduction, Stat, TokenMetrics, meta_record
 from .tofu_math import combine_stats
 from .vocab_parallel import TensorParallel, all_gather_stats, check_shards, exchange_meta, resolve
 
-__all__ = ["LossModule", "Plan", "chunk_stats", "empty_loss", "finish", "fused", "grad", "grad_buffer", "new_grad",
-           "outputs", "plan", "rescale", "results", "row_stats"]
+__all__ = ["LossModule", "Plan", "chunk_stats", "empty_loss", "finish", "grad", "grad_buffer", "grad_in_forward",
+           "new_grad", "outputs", "plan", "rescale", "results", "row_stats"]
 
 
 @dataclass(frozen=True)
@@ -122,10 +123,10 @@ def _overwritten(x: torch.Tensor, out: torch.Tensor) -> None:
 # ------------------------------------------------------------------ gradient in the forward
 
 
-def fused(p: Plan, x: torch.Tensor, lay: RowLayout, out: torch.Tensor, out_lay: RowLayout, labels: torch.Tensor,
-          reduction: Reduction) -> Epilogue:
+def grad_in_forward(p: Plan, x: torch.Tensor, lay: RowLayout, out: torch.Tensor, out_lay: RowLayout,
+                    labels: torch.Tensor, reduction: Reduction) -> Epilogue:
     """Loss, cross entropy and, into ``out``, the gradient for an upstream gradient of 1."""
-    epi = p.backend.fused(x, lay, out, out_lay, labels, p.params, reduction)
+    epi = p.backend.grad_in_forward(x, lay, out, out_lay, labels, p.params, reduction)
     _overwritten(x, out)
     return epi
 
@@ -149,23 +150,23 @@ def chunk_stats(p: Plan, chunks: Iterable[tuple[int, int, torch.Tensor, RowLayou
     """The statistics of logits that arrive in chunks ``(r0, r1, z, lay)`` (rows
     ``[r0, r1)``, each chunk's buffer free for reuse once the next is asked for): every
     chunk's records merged into one ``[n_rows, len(Stat)]`` buffer, followed under tensor
-    parallelism by this rank's metadata record (and by the metrics plane with metrics), for
+    parallelism by this rank's metadata record (and by the metric accumulators with metrics), for
     one :func:`finish`."""
-    out = Partials(labels, n_rows, 1, has_meta=p.tp is not None, ent=p.params.return_metrics)
+    out = Partials(labels, n_rows, 1, has_meta=p.tp is not None, metrics=p.params.return_metrics)
     out = out._replace(data=torch.empty(out.per_rank(), dtype=torch.float32, device=labels.device))
     data = out.data[: (n_rows + int(out.has_meta)) * len(Stat)].view(-1, len(Stat))
-    ent = out.ents()[0, :, 0] if out.ent else None
+    accs = out.metric_accs()[0, :, 0] if out.metrics else None
     for r0, r1, z, lay in chunks:
         parts = p.backend.row_stats(z, lay, labels[r0:r1], p.shard, p.params, False)
         rec = parts.records()[0]
         if rec.shape[1] == 1:
             data[r0:r1] = rec[:, 0]
-            if ent is not None:
-                ent[r0:r1] = parts.ents()[0, :, 0]
-        elif ent is None:
+            if accs is not None:
+                accs[r0:r1] = parts.metric_accs()[0, :, 0]
+        elif accs is None:
             data[r0:r1] = combine_stats(rec, p.params.beta, dim=1)
         else:
-            data[r0:r1], ent[r0:r1] = combine_stats(rec, p.params.beta, 1, parts.ents()[0])
+            data[r0:r1], accs[r0:r1] = combine_stats(rec, p.params.beta, 1, parts.metric_accs()[0])
     if p.tp is not None:
         data[n_rows] = meta_record(p.shard.vocab_start, p.shard.vocab_end, p.width, n_rows, labels.device)
     return out

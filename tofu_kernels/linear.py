@@ -7,7 +7,7 @@ through, both the core's (:mod:`tofu_kernels.core`), each chunk handled as a log
 
 gradient in the forward (reduction "mean"/"sum" and a gradient wanted; 3 GEMMs):
     per chunk:  z = h_c @ W.T                       GEMM 1, into one reused buffer
-                core.fused(z -> z)                  loss and dL/dz, in place, while each
+                core.grad_in_forward(z -> z)        loss and dL/dz, in place, while each
                                                     row is on chip (upstream gradient 1)
                 dh_c = alpha * z @ W                GEMM 2, straight into dhidden
                 dW  += alpha * z.T @ h_c            GEMM 3, accumulated in dW's dtype
@@ -49,7 +49,8 @@ import torch
 import torch.distributed as dist
 
 from . import core
-from ._inputs import check_linear_tensors, flat_labels, row_layout
+from .checks import check_linear_tensors, flat_labels
+from .layout import row_layout
 from .params import DEFAULT_BETA, DEFAULT_GAMMA, DEFAULT_IGNORE_INDEX, TOFUParams, check_flag
 from .records import Reduction
 from .vocab_parallel import TensorParallel
@@ -115,7 +116,7 @@ class _LinearTOFUFunction(torch.autograd.Function):
             ce = torch.zeros((), dtype=torch.float32, device=hidden.device)
             metrics = []
             for i, r0, r1, z, lay in logit_chunks(hidden, weight, chunk):
-                epi = core.fused(plan, z, lay, z, lay, labels[r0:r1], Reduction.SUM)
+                epi = core.grad_in_forward(plan, z, lay, z, lay, labels[r0:r1], Reduction.SUM)
                 loss += epi.loss_red
                 ce += epi.ce_red
                 metrics.append(epi.metrics)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from . import core
-from ._inputs import check_tensors, flat_labels, row_layout
+from .checks import check_tensors, flat_labels
+from .layout import row_layout
 from .params import DEFAULT_BETA, DEFAULT_GAMMA, DEFAULT_IGNORE_INDEX, TOFUParams
 from .records import Reduction
 from .vocab_parallel import TensorParallel
@@ -29,7 +30,7 @@ class _TOFUFunction(torch.autograd.Function):
         ctx.lay, ctx.shape, ctx.plan = lay, logits.shape, plan
         if plan.grad_in_forward:
             out, out_lay = core.grad_buffer(x, lay, plan.params.inplace_backward)
-            epi = core.fused(plan, x, lay, out, out_lay, flat, plan.reduction)
+            epi = core.grad_in_forward(plan, x, lay, out, out_lay, flat, plan.reduction)
             ctx.grad_buf, ctx.out_lay = out, out_lay
         else:
             epi = core.finish(plan, core.row_stats(plan, x, lay, flat), flat, plan.reduction)

@@ -46,8 +46,8 @@ class Metric(IntEnum):
 
 
 class MetricAcc(IntEnum):
-    """The metrics' accumulators of one part of a row (the metrics plane of
-    :class:`Partials`): ``[..., len(MetricAcc)]`` fp32.
+    """The metric accumulators of one part of a row (they follow the statistics in
+    :class:`Partials` when metrics are asked for): ``[..., len(MetricAcc)]`` fp32.
 
     ``E = sum_j exp(z_j - m) (z_j - m)`` over the part's columns (merged like ``S1``, moved to
     the common max); ``BEFORE`` the largest logit among the part's columns before the target
@@ -102,8 +102,8 @@ class Partials(NamedTuple):
     ``data`` is flat fp32: rank ``w`` (tensor-parallel ranks, 1 on a single device) starts
     at ``w * rank_stride`` floats and holds ``n_rows * splits`` records, row-major
     (``splits`` column chunks per row), followed under tensor parallelism by one metadata
-    record (:class:`Meta`), followed with ``ent`` (metrics asked for) by the metrics plane:
-    ``n_rows * splits`` :class:`MetricAcc` records of the same parts (so the one all-gather
+    record (:class:`Meta`), followed with ``metrics`` (metrics asked for) by the metric
+    accumulators: ``n_rows * splits`` :class:`MetricAcc` records of the same parts (so the one all-gather
     carries them too; without metrics nothing is written or sent). Every part of a row is
     merged by the epilogue, in a fixed order.
     """
@@ -114,12 +114,12 @@ class Partials(NamedTuple):
     world: int = 1
     rank_stride: int = 0  # floats between ranks' blocks
     has_meta: bool = False  # a metadata record follows each rank's records
-    ent: bool = False  # the metrics plane follows
+    metrics: bool = False  # the metric accumulators follow
 
     def per_rank(self) -> int:
-        """Floats of one rank's block: records, metadata record, metrics plane."""
+        """Floats of one rank's block: records, metadata record, metric accumulators."""
         parts = self.n_rows * self.splits
-        return (parts + int(self.has_meta)) * len(Stat) + parts * len(MetricAcc) * int(self.ent)
+        return (parts + int(self.has_meta)) * len(Stat) + parts * len(MetricAcc) * int(self.metrics)
 
     def _ranks(self) -> torch.Tensor:
         """``[world, floats per rank]`` view of ``data``."""
@@ -140,8 +140,8 @@ class Partials(NamedTuple):
         """``[world, len(Meta)]`` int32: every rank's metadata record (``has_meta`` only)."""
         return self._blocks()[:, self.n_rows * self.splits].contiguous().view(torch.int32)
 
-    def ents(self) -> torch.Tensor:
-        """``[world, n_rows, splits, len(MetricAcc)]`` view of the metrics plane (``ent`` only)."""
+    def metric_accs(self) -> torch.Tensor:
+        """``[world, n_rows, splits, len(MetricAcc)]`` view of the metric accumulators (``metrics`` only)."""
         start = (self.n_rows * self.splits + int(self.has_meta)) * len(Stat)
         n = self.n_rows * self.splits * len(MetricAcc)
         return self._ranks()[:, start:start + n].reshape(self.world, self.n_rows, self.splits, len(MetricAcc))

@@ -76,12 +76,12 @@ def before_target_max(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return torch.where(cols < t.unsqueeze(-1), z, -math.inf).amax(dim=-1)
 
 
-def combine_stats(stats: torch.Tensor, beta: float, dim: int, ent: torch.Tensor | None = None):
+def combine_stats(stats: torch.Tensor, beta: float, dim: int, accs: torch.Tensor | None = None):
     """Merge partial :class:`Stat` records along ``dim`` (vocab splits or TP ranks).
 
     ``M = max m_r``, ``S1 = sum S1_r exp(m_r - M)``, ``Sb = sum Sb_r exp((m_r - M)/beta)``,
     ``z_t = sum zt_r``. A part that saw no column (m_r = -inf, S = 0) contributes 0.
-    The result drops ``dim``. With ``ent`` (the parts' :class:`MetricAcc` records, ``stats``'
+    The result drops ``dim``. With ``accs`` (the parts' :class:`MetricAcc` records, ``stats``'
     shape with a last dim of ``len(MetricAcc)``), also the merged accumulators: returns
     ``(stats, acc)`` with ``E = sum exp(m_r - M) (E_r + (m_r - M) S1_r)`` (each part's
     ``E_r = sum exp(z - m_r) (z - m_r)`` moved to the common max) and ``BEFORE = max_r
@@ -97,11 +97,11 @@ def combine_stats(stats: torch.Tensor, beta: float, dim: int, ent: torch.Tensor 
     else:
         out_sb = (sb * torch.exp((m - safe) / beta)).sum(dim)
     out = torch.stack([big_m.squeeze(dim), out_s1, out_sb, zt.sum(dim)], dim=-1)
-    if ent is None:
+    if accs is None:
         return out
     # each part's accumulator moved to the common max; an empty part (m_r = -inf) adds 0
-    moved = scale * (ent[..., MetricAcc.E] + torch.where(m == -math.inf, 0.0, m - safe) * s1)
-    fields = {MetricAcc.E: moved.sum(dim), MetricAcc.BEFORE: ent[..., MetricAcc.BEFORE].amax(dim)}
+    moved = scale * (accs[..., MetricAcc.E] + torch.where(m == -math.inf, 0.0, m - safe) * s1)
+    fields = {MetricAcc.E: moved.sum(dim), MetricAcc.BEFORE: accs[..., MetricAcc.BEFORE].amax(dim)}
     return out, torch.stack([fields[f] for f in MetricAcc], dim=-1)
 
 
@@ -145,7 +145,7 @@ def finalize_stats(
     )
 
 
-def row_metrics(stats: torch.Tensor, ent: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+def row_metrics(stats: torch.Tensor, accs: torch.Tensor, labels: torch.Tensor, ignore_index: int,
                 vocab_size: int | torch.Tensor) -> torch.Tensor:
     """The :class:`~tofu_kernels.records.Metric` records ``[N, len(Metric)]`` from merged
     statistics and :class:`~tofu_kernels.records.MetricAcc` records: entropy
@@ -154,12 +154,12 @@ def row_metrics(stats: torch.Tensor, ent: torch.Tensor, labels: torch.Tensor, ig
     the first maximum: ``argmax == target``). 0 for ignored rows, NaN for invalid labels (as
     :func:`finalize_stats`)."""
     m, s1, zt = stats[..., Stat.M], stats[..., Stat.S1], stats[..., Stat.ZT]
-    ent, before = ent[..., MetricAcc.E], ent[..., MetricAcc.BEFORE]
+    e, before = accs[..., MetricAcc.E], accs[..., MetricAcc.BEFORE]
     ignored = labels == ignore_index
     invalid = ~ignored & ((labels < 0) | (labels >= vocab_size))
     keep = ~(ignored | invalid)
     s1 = torch.where(keep, s1, 1.0)
-    entropy = torch.log(s1) - torch.where(keep, ent, 0.0) / s1
+    entropy = torch.log(s1) - torch.where(keep, e, 0.0) / s1
     top1 = ((zt >= m) & (zt > before)).to(torch.float32)
     fields = {Metric.ENTROPY: entropy, Metric.TOP1: top1}
     out = torch.stack([fields[f] for f in Metric], dim=-1)

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ._inputs import Shard
+from .layout import Shard
 from .records import Meta, Partials, Stat
 
 assert len(Meta) == len(Stat), "the metadata record travels as one statistics record"

@@ -7,9 +7,9 @@ namespace {
 
 // Mirror of the kernels' data flow: `parts` independent partial statistics (threads /
 // splits / ranks), each folding its values in vectors of 8 (masked lanes = -inf), then
-// merged pairwise in a fixed order like the warp/block reduction (with Ent, the metrics'
+// merged pairwise in a fixed order like the warp/block reduction (with Metrics, the metrics'
 // accumulators too: the entropy's, and the max before the target column t).
-template <bool BetaOne, bool Ent = false>
+template <bool BetaOne, bool Metrics = false>
 tofu::Stats stats_of(const float* z, int n, float beta, int parts, long long t = 0) {
   const float ib = tofu::kLog2e / beta;
   tofu::Stats total = tofu::empty_stats();
@@ -22,10 +22,10 @@ tofu::Stats stats_of(const float* z, int n, float beta, int parts, long long t =
         const int j = i + k;
         v[k] = (j < n && j < (p + 1) * per) ? z[j] : -INFINITY;
       }
-      tofu::update<8, BetaOne, Ent>(st, v, ib);
-      tofu::update_before<8, Ent>(st, v, i, t);
+      tofu::update<8, BetaOne, Metrics>(st, v, ib);
+      tofu::update_before<8, Metrics>(st, v, i, t);
     }
-    total = tofu::merge<BetaOne, Ent>(total, st, ib);
+    total = tofu::merge<BetaOne, Metrics>(total, st, ib);
   }
   return total;
 }

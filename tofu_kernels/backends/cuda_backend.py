@@ -1,41 +1,38 @@
 """CUDA C++ backend: the ops of the compiled extension ``tofu_kernels._C`` (csrc/) behind the
 Backend interface, through the adaptor both GPU backends share (gpu.GPUBackend).
 
-Importing this module raises ImportError (with the fix) when the extension was not
-built, which the dispatch turns into a clear "backend 'cuda' is unavailable" error.
-The ops are registered in C++ with TORCH_LIBRARY (schemas mark what they write); their
-fakes (gpu.FAKES) let torch.compile and FakeTensor tracing see through them. Every
-Backend method is one op (``fused``: three kernels in one op), from the same header math
-(csrc/tofu_math.cuh) that the host harness tests.
+The ops are defined from ``gpu.OPS`` (schemas mark what they write) and their CUDA kernels
+registered in C++ (``csrc/tofu_ops.cpp``); their fakes let torch.compile and FakeTensor
+tracing see through them. Every Backend method is one op (``grad_in_forward``: three
+kernels in one op), from the same header math (csrc/tofu_math.cuh) that the host harness
+tests. Where the extension was not built, the backend is unavailable and says why.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
+from ..extension import EXTENSION, extension_status
 from . import gpu
 
-if gpu.EXTENSION is None:
-    raise ImportError(
-        "the CUDA extension tofu_kernels._C is not built; install from source on a "
-        "machine with nvcc and a CUDA build of torch: "
-        "pip install --no-build-isolation .  (see README, 'Install')"
-    ) from gpu.EXTENSION_ERROR
 
-NAME = "cuda"
+class CUDABackend(gpu.GPUBackend):
+    """The CUDA ops: CUDA tensors, and meta tensors (shape-only tracing without a GPU, through
+    the fakes)."""
+
+    name = "cuda"
+
+    def available(self, device: torch.device) -> tuple[bool, str]:
+        if EXTENSION is None:
+            return False, extension_status()
+        if device.type in ("cuda", "meta"):
+            return True, ""
+        return False, f"the CUDA backend needs CUDA tensors (got {device})"
+
+    def stats_split(self, n_rows: int, n_valid: int) -> tuple[int, int]:
+        """Tiles of ``csrc/tofu_kernels.h``'s kTileCols."""
+        return gpu.split_rows(n_rows, n_valid, gpu.TILE_COLS, gpu.TARGET_BLOCKS)
 
 
-def available(device: torch.device) -> tuple[bool, str]:
-    # meta: shape-only tracing (torch.compile / export without a GPU) through the fakes.
-    if device.type in ("cuda", "meta"):
-        return True, ""
-    return False, f"the CUDA backend needs CUDA tensors (got {device})"
-
-
-gpu.register_fakes("")
-_adaptor = gpu.GPUBackend(torch.ops.tofu_kernels,
-                          functools.partial(gpu.split_rows, tile=gpu.TILE_COLS, target=gpu.TARGET_BLOCKS))
-row_stats, epilogue, grad, fused, rescale = (_adaptor.row_stats, _adaptor.epilogue, _adaptor.grad, _adaptor.fused,
-                                             _adaptor.rescale)
+gpu.define_cuda_ops()
+BACKEND = CUDABackend({name: getattr(torch.ops.tofu_kernels, name) for name in gpu.OPS})

@@ -1,34 +1,34 @@
-"""What the two GPU backends share: launch constants, the op contract, and one adaptor.
+"""What the two GPU backends share: launch constants, the ops, and one adaptor.
 
-The CUDA ops (``csrc/tofu_ops.cpp``, ``torch.ops.tofu_kernels.<op>``) and the Triton ops
-(``triton_ops.py``, ``torch.ops.tofu_kernels.triton_<op>``) take the same arguments and
-write the same buffers. So this module holds, once for both:
+The CUDA ops (``torch.ops.tofu_kernels.<op>``, kernels registered by ``csrc/tofu_ops.cpp``)
+and the Triton ops (``torch.ops.tofu_kernels.triton_<op>``, ``triton_backend.py``) take the
+same arguments and write the same buffers. So this module holds, once for both:
 
 - the launch constants of ``csrc/tofu_kernels.h``, read from the compiled extension where
   it is built (these defaults where it is not; a test compares them with the header);
-- the contract of each op as its fake implementation: what torch.compile and FakeTensor
-  tracing see, with the same buffer checks as the C++ ops' ``TORCH_CHECK``\\ s;
+- :data:`OPS`: each op's schema, written once, and its contract as the fake: what
+  torch.compile and FakeTensor tracing see, with the same buffer checks as the C++ ops'
+  ``TORCH_CHECK``\\ s;
 - :class:`GPUBackend`, the Backend methods over either set of ops: allocate the outputs
-  ("ops write, wrappers allocate"), call one op, name the records.
+  ("ops write, wrappers allocate"), call one op by keyword, name the records.
 """
 
 from __future__ import annotations
 
+import functools
+from abc import abstractmethod
 from collections.abc import Callable
-from typing import Any
+from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 
-from .._inputs import RowLayout, Shard
+from ..extension import EXTENSION
+from ..layout import RowLayout, Shard
 from ..params import TOFUParams
 from ..records import Epilogue, GradParam, Metric, Partials, Reduced, Reduction
+from .base import Backend
 
-try:
-    from .. import _C as EXTENSION  # registers torch.ops.tofu_kernels.* (the CUDA ops)
-except ImportError as e:  # not built (no nvcc / CPU-only torch): the CUDA backend says so
-    EXTENSION, EXTENSION_ERROR = None, e
-else:
-    EXTENSION_ERROR = None
 
 # csrc/tofu_kernels.h: kTileCols, kTargetBlocks, kEpilogueThreads, kRescaleBlocks.
 HEADER_DEFAULTS = {"TILE_COLS": 4096, "TARGET_BLOCKS": 1024, "EPILOGUE_THREADS": 1024, "RESCALE_BLOCKS": 1056}
@@ -66,7 +66,39 @@ def upstream_of(upstream: torch.Tensor) -> tuple[torch.Tensor, int]:
     return up, (0 if up.numel() == 1 else up.stride(0))
 
 
-# ------------------------------------------------------------------ the op contract (fakes)
+# ------------------------------------------------------------------ the ops: one spec each
+
+
+class Op(NamedTuple):
+    """One op of both GPU backends: its torch.library schema, written here once, and its
+    contract (the fake: what torch.compile and FakeTensor tracing see, with the buffer checks
+    of the C++ op's ``TORCH_CHECK``\\ s). The CUDA op ``tofu_kernels::<name>`` is defined
+    from the schema (:func:`define_cuda_ops`; torch checks the C++ kernel's signature
+    against it when the extension registers it) and the Triton op
+    ``tofu_kernels::triton_<name>`` is made from it (``triton_backend.py``). Every op only
+    writes into buffers the adaptor allocated (the ``!`` arguments)."""
+
+    name: str
+    schema: str
+    fake: Callable[[SimpleNamespace], None]
+
+    @property
+    def args(self) -> tuple[str, ...]:
+        return tuple(a.name for a in _parsed(self.schema).arguments)
+
+    @property
+    def writes(self) -> frozenset[str]:
+        return frozenset(a.name for a in _parsed(self.schema).arguments
+                         if a.alias_info is not None and a.alias_info.is_write)
+
+    def bind(self, args: tuple, kwargs: dict) -> SimpleNamespace:
+        """The arguments of one call by name (the dispatcher passes them by position)."""
+        return SimpleNamespace(**dict(zip(self.args, args)), **kwargs)
+
+
+@functools.cache
+def _parsed(schema: str):
+    return torch._C.parse_schema(f"tofu_kernels::op{schema}")
 
 
 def _check(ok: bool, what: str) -> None:
@@ -84,125 +116,158 @@ def _labels(labels: torch.Tensor, n_rows: int) -> None:
            "labels must be a contiguous int64 tensor with one entry per row")
 
 
-def _fake_row_stats(x, labels, stats, n_rows, splits, n_inner, s_outer, s_inner, n_valid, vocab_start, chunk,
-                    ignore_index, beta, write_meta, meta_vocab_end, meta_width, write_ent) -> None:
-    _labels(labels, n_rows)
-    _check(n_rows > 0 and 0 < splits <= 65535 and chunk > 0, "bad split configuration")
-    _f32(stats, Partials(stats, n_rows, splits, has_meta=write_meta, ent=write_ent).per_rank(), "stats")
-
-
 def _metrics_out(met, n_rows: int) -> None:
     if met is not None:
         _f32(met, n_rows * len(Metric), "met")
 
 
-def _fake_epilogue(parts, labels, loss, ce, rec, red, met, n_rows, splits, world, rank_stride, has_meta, vocab_size,
-                   ignore_index, gamma, beta, reduction) -> None:
-    _labels(labels, n_rows)
-    per_rank = Partials(parts, n_rows, splits, has_meta=has_meta, ent=met is not None).per_rank()
-    _check(world >= 1 and (world == 1 or rank_stride >= per_rank), "bad partial-statistics layout")
-    _f32(parts, per_rank if world == 1 else world * rank_stride, "parts")
-    for t, numel, name in ((loss, n_rows, "loss"), (ce, n_rows, "ce"), (rec, n_rows * len(GradParam), "rec"),
-                           (red, len(Reduced), "red")):
+def _fake_row_stats(a) -> None:
+    _labels(a.labels, a.n_rows)
+    _check(a.n_rows > 0 and 0 < a.splits <= 65535 and a.chunk > 0, "bad split configuration")
+    _f32(a.stats, Partials(a.stats, a.n_rows, a.splits, has_meta=a.write_meta, metrics=a.metrics).per_rank(), "stats")
+
+
+def _fake_epilogue(a) -> None:
+    _labels(a.labels, a.n_rows)
+    per_rank = Partials(a.parts, a.n_rows, a.splits, has_meta=a.has_meta, metrics=a.met is not None).per_rank()
+    _check(a.world >= 1 and (a.world == 1 or a.rank_stride >= per_rank), "bad partial-statistics layout")
+    _f32(a.parts, per_rank if a.world == 1 else a.world * a.rank_stride, "parts")
+    for t, numel, name in ((a.loss, a.n_rows, "loss"), (a.ce, a.n_rows, "ce"),
+                           (a.rec, a.n_rows * len(GradParam), "rec"), (a.red, len(Reduced), "red")):
         _f32(t, numel, name)
-    _metrics_out(met, n_rows)
-    _check(reduction in tuple(Reduction), "bad reduction")
+    _metrics_out(a.met, a.n_rows)
+    _check(a.reduction in tuple(Reduction), "bad reduction")
 
 
-def _fake_grad(x, out, labels, rec, upstream, scale, up_stride, n_inner, xs_outer, xs_inner, os_outer, os_inner,
-               n_valid, vocab_start, beta) -> None:
-    n_rows = labels.numel()
-    _labels(labels, n_rows)
-    _f32(rec, n_rows * len(GradParam), "rec")
-    _check(upstream.dtype == torch.float32 and upstream.dim() == 1 and upstream.numel() >= 1
-           and (up_stride == 0 or (up_stride == upstream.stride(0) and upstream.numel() == n_rows)),
+def in_place(a: SimpleNamespace) -> SimpleNamespace:
+    """An ``_inplace`` twin's arguments as its out-of-place op's (``out`` is ``x``)."""
+    a.out, a.os_outer, a.os_inner = a.x, a.xs_outer, a.xs_inner
+    return a
+
+
+def _fake_grad(a) -> None:
+    x, out = a.x, a.out
+    n_rows = a.labels.numel()
+    _labels(a.labels, n_rows)
+    _f32(a.rec, n_rows * len(GradParam), "rec")
+    up = a.upstream
+    _check(up.dtype == torch.float32 and up.dim() == 1 and up.numel() >= 1
+           and (a.up_stride == 0 or (a.up_stride == up.stride(0) and up.numel() == n_rows)),
            "upstream must be a 1-D float32 tensor: one element (up_stride 0) or one per row")
-    _f32(scale, 1, "scale")
+    _f32(a.scale, 1, "scale")
     _check(out.dtype == x.dtype, "out must match logits")
 
 
-def _fake_grad_inplace(x, labels, rec, upstream, scale, up_stride, n_inner, s_outer, s_inner, n_valid, vocab_start,
-                       beta) -> None:
-    _fake_grad(x, x, labels, rec, upstream, scale, up_stride, n_inner, s_outer, s_inner, s_outer, s_inner, n_valid,
-               vocab_start, beta)
-
-
-def _fake_fused(x, out, labels, loss, ce, red, met, n_inner, xs_outer, xs_inner, os_outer, os_inner, ignore_index,
-                gamma, beta, mean) -> None:
-    n_rows = labels.numel()
-    _labels(labels, n_rows)
+def _fake_grad_in_forward(a) -> None:
+    x, out = a.x, a.out
+    n_rows = a.labels.numel()
+    _labels(a.labels, n_rows)
     _check(out.dtype == x.dtype, "out must match logits")
-    for t, numel, name in ((loss, n_rows, "loss"), (ce, n_rows, "ce"), (red, len(Reduced), "red")):
+    for t, numel, name in ((a.loss, n_rows, "loss"), (a.ce, n_rows, "ce"), (a.red, len(Reduced), "red")):
         _f32(t, numel, name)
-    _metrics_out(met, n_rows)
-    _check(n_rows > 0, "fused needs at least one row")
+    _metrics_out(a.met, n_rows)
+    _check(n_rows > 0, "grad_in_forward needs at least one row")
 
 
-def _fake_fused_inplace(x, labels, loss, ce, red, met, n_inner, s_outer, s_inner, ignore_index, gamma, beta,
-                        mean) -> None:
-    _fake_fused(x, x, labels, loss, ce, red, met, n_inner, s_outer, s_inner, s_outer, s_inner, ignore_index, gamma,
-                beta, mean)
+def _fake_rescale(a) -> None:
+    _f32(a.grad_out, 1, "grad_out")
 
 
-def _fake_rescale(out, grad_out, n_rows, n_inner, s_outer, s_inner) -> None:
-    _f32(grad_out, 1, "grad_out")
+# The ``_inplace`` twins write the gradient over the logits (``x`` read, then written; the
+# strides of ``x`` serve as the output's).
+OPS: dict[str, Op] = {op.name: op for op in (
+    Op("row_stats",
+       "(Tensor x, Tensor labels, Tensor(a!) stats, int n_rows, int splits, int n_inner, int s_outer, int s_inner, "
+       "int n_valid, int vocab_start, int chunk, int ignore_index, float beta, bool write_meta, int meta_vocab_end, "
+       "int meta_width, bool metrics) -> ()", _fake_row_stats),
+    Op("epilogue",
+       "(Tensor parts, Tensor labels, Tensor(a!) loss, Tensor(b!) ce, Tensor(c!) rec, Tensor(d!) red, "
+       "Tensor(e!)? met, int n_rows, int splits, int world, int rank_stride, bool has_meta, int vocab_size, "
+       "int ignore_index, float gamma, float beta, int reduction) -> ()", _fake_epilogue),
+    Op("grad",
+       "(Tensor x, Tensor(a!) out, Tensor labels, Tensor rec, Tensor upstream, Tensor scale, int up_stride, "
+       "int n_inner, int xs_outer, int xs_inner, int os_outer, int os_inner, int n_valid, int vocab_start, "
+       "float beta) -> ()", _fake_grad),
+    Op("grad_inplace",
+       "(Tensor(a!) x, Tensor labels, Tensor rec, Tensor upstream, Tensor scale, int up_stride, int n_inner, "
+       "int xs_outer, int xs_inner, int n_valid, int vocab_start, float beta) -> ()",
+       lambda a: _fake_grad(in_place(a))),
+    Op("grad_in_forward",
+       "(Tensor x, Tensor(a!) out, Tensor labels, Tensor(b!) loss, Tensor(c!) ce, Tensor(d!) red, Tensor(e!)? met, "
+       "int n_inner, int xs_outer, int xs_inner, int os_outer, int os_inner, int ignore_index, float gamma, "
+       "float beta, bool mean) -> ()", _fake_grad_in_forward),
+    Op("grad_in_forward_inplace",
+       "(Tensor(a!) x, Tensor labels, Tensor(b!) loss, Tensor(c!) ce, Tensor(d!) red, Tensor(e!)? met, int n_inner, "
+       "int xs_outer, int xs_inner, int ignore_index, float gamma, float beta, bool mean) -> ()",
+       lambda a: _fake_grad_in_forward(in_place(a))),
+    Op("rescale", "(Tensor(a!) out, Tensor grad_out, int n_rows, int n_inner, int s_outer, int s_inner) -> ()",
+       _fake_rescale),
+)}
+
+_LIBRARY = torch.library.Library("tofu_kernels", "FRAGMENT")
 
 
-# Each op and its fake: the ops only write into buffers the adaptor allocated.
-FAKES: dict[str, Callable[..., None]] = {
-    "row_stats": _fake_row_stats,
-    "epilogue": _fake_epilogue,
-    "grad": _fake_grad,
-    "grad_inplace": _fake_grad_inplace,
-    "fused": _fake_fused,
-    "fused_inplace": _fake_fused_inplace,
-    "rescale": _fake_rescale,
-}
+def register_fake(op: Op, qualname: str) -> None:
+    """``op``'s contract as the fake of the registered op ``qualname``."""
+    torch.library.register_fake(qualname, lambda *args, **kw: op.fake(op.bind(args, kw)), lib=_LIBRARY)
 
 
-def register_fakes(prefix: str) -> None:
-    """Register every op's fake for ``tofu_kernels::<prefix><op>``."""
-    for name, fake in FAKES.items():
-        torch.library.register_fake(f"tofu_kernels::{prefix}{name}")(fake)
+def define_cuda_ops() -> None:
+    """Define ``tofu_kernels::<name>`` for every op, with its fake. The extension registers
+    the CUDA kernels (``csrc/tofu_ops.cpp``: ``TORCH_LIBRARY_IMPL`` only); torch compares each
+    C++ function's signature with the schema here and refuses a mismatch."""
+    for op in OPS.values():
+        _LIBRARY.define(f"{op.name}{op.schema}")
+        register_fake(op, f"tofu_kernels::{op.name}")
 
 
 # ------------------------------------------------------------------ the adaptor
 
 
 def _outputs(n_rows: int, device: torch.device, with_rec: bool, with_metrics: bool):
-    """What an epilogue (or the fused forward) writes: per-row loss and cross entropy, the
-    backward's record (or None), the :class:`Reduced` values and the :class:`Metric`
-    records (or None)."""
+    """What an epilogue (or the gradient in the forward) writes: per-row loss and cross
+    entropy, the backward's record (or None), the :class:`Reduced` values and the
+    :class:`Metric` records (or None)."""
     f32 = dict(dtype=torch.float32, device=device)
     rec = torch.empty(n_rows, len(GradParam), **f32) if with_rec else None
     met = torch.empty(n_rows, len(Metric), **f32) if with_metrics else None
     return torch.empty(n_rows, **f32), torch.empty(n_rows, **f32), rec, torch.empty(len(Reduced), **f32), met
 
 
-class GPUBackend:
-    """The Backend methods over one set of GPU ops (``ops.row_stats(...)`` etc., the
-    contract above), each one op call; ``stats_split(n_rows, n_valid)`` is the backend's
-    (programs per row, columns per program) for the statistics pass."""
+class GPUBackend(Backend):
+    """The Backend methods over one set of GPU ops (``ops[name]``, one callable per
+    :data:`OPS` entry, called by keyword), each one op call: allocate the outputs ("ops
+    write, wrappers allocate"), call the op, name the records. A subclass says where it runs
+    (``available``) and how its statistics pass splits rows (``stats_split``)."""
 
-    def __init__(self, ops: Any, stats_split: Callable[[int, int], tuple[int, int]]):
-        self.ops, self.stats_split = ops, stats_split
+    def __init__(self, ops: dict[str, Callable[..., None]]):
+        assert set(ops) == set(OPS), "one callable per op"
+        self.ops = ops
+
+    @abstractmethod
+    def stats_split(self, n_rows: int, n_valid: int) -> tuple[int, int]:
+        """(programs per row, columns per program) of the statistics pass."""
 
     def row_stats(self, x: torch.Tensor, lay: RowLayout, labels: torch.Tensor, shard: Shard, params: TOFUParams,
                   meta: bool) -> Partials:
         splits, chunk = self.stats_split(lay.n_rows, shard.n_valid)
-        parts = Partials(x, lay.n_rows, splits, has_meta=meta, ent=params.return_metrics)
+        parts = Partials(x, lay.n_rows, splits, has_meta=meta, metrics=params.return_metrics)
         data = torch.empty(parts.per_rank(), dtype=torch.float32, device=x.device)
-        self.ops.row_stats(x, labels, data, lay.n_rows, splits, lay.n_inner, lay.s_outer, lay.s_inner, shard.n_valid,
-                           shard.vocab_start, chunk, params.ignore_index, params.beta, meta, shard.vocab_end,
-                           lay.width, parts.ent)
+        self.ops["row_stats"](
+            x=x, labels=labels, stats=data, n_rows=lay.n_rows, splits=splits, n_inner=lay.n_inner,
+            s_outer=lay.s_outer, s_inner=lay.s_inner, n_valid=shard.n_valid, vocab_start=shard.vocab_start,
+            chunk=chunk, ignore_index=params.ignore_index, beta=params.beta, write_meta=meta,
+            meta_vocab_end=shard.vocab_end, meta_width=lay.width, metrics=parts.metrics)
         return parts._replace(data=data)
 
     def epilogue(self, parts: Partials, labels: torch.Tensor, params: TOFUParams, vocab_size: int | None,
                  reduction: Reduction) -> Epilogue:
-        loss, ce, rec, red, met = _outputs(parts.n_rows, parts.data.device, with_rec=True, with_metrics=parts.ent)
-        self.ops.epilogue(parts.data, labels, loss, ce, rec, red, met, parts.n_rows, parts.splits, parts.world,
-                          parts.rank_stride, parts.has_meta, 0 if vocab_size is None else vocab_size,
-                          params.ignore_index, params.gamma, params.beta, int(reduction))
+        loss, ce, rec, red, met = _outputs(parts.n_rows, parts.data.device, with_rec=True, with_metrics=parts.metrics)
+        self.ops["epilogue"](
+            parts=parts.data, labels=labels, loss=loss, ce=ce, rec=rec, red=red, met=met, n_rows=parts.n_rows,
+            splits=parts.splits, world=parts.world, rank_stride=parts.rank_stride, has_meta=parts.has_meta,
+            vocab_size=0 if vocab_size is None else vocab_size, ignore_index=params.ignore_index,
+            gamma=params.gamma, beta=params.beta, reduction=int(reduction))
         return Epilogue.of(loss, ce, rec, red, met)
 
     def grad(self, x: torch.Tensor, lay: RowLayout, out: torch.Tensor, out_lay: RowLayout, labels: torch.Tensor,
@@ -210,25 +275,26 @@ class GPUBackend:
              params: TOFUParams) -> None:
         assert out_lay.n_inner == lay.n_inner, "out must share x's row grouping"
         up, up_stride = upstream_of(upstream)
+        kw = dict(x=x, labels=labels, rec=grad_rec, upstream=up, scale=scale, up_stride=up_stride,
+                  n_inner=lay.n_inner, xs_outer=lay.s_outer, xs_inner=lay.s_inner, n_valid=shard.n_valid,
+                  vocab_start=shard.vocab_start, beta=params.beta)
         if out is x:
-            self.ops.grad_inplace(x, labels, grad_rec, up, scale, up_stride, lay.n_inner, lay.s_outer, lay.s_inner,
-                                  shard.n_valid, shard.vocab_start, params.beta)
+            self.ops["grad_inplace"](**kw)
         else:
-            self.ops.grad(x, out, labels, grad_rec, up, scale, up_stride, lay.n_inner, lay.s_outer, lay.s_inner,
-                          out_lay.s_outer, out_lay.s_inner, shard.n_valid, shard.vocab_start, params.beta)
+            self.ops["grad"](out=out, os_outer=out_lay.s_outer, os_inner=out_lay.s_inner, **kw)
 
-    def fused(self, x: torch.Tensor, lay: RowLayout, out: torch.Tensor, out_lay: RowLayout, labels: torch.Tensor,
-              params: TOFUParams, reduction: Reduction) -> Epilogue:
+    def grad_in_forward(self, x: torch.Tensor, lay: RowLayout, out: torch.Tensor, out_lay: RowLayout,
+                        labels: torch.Tensor, params: TOFUParams, reduction: Reduction) -> Epilogue:
         loss, ce, _, red, met = _outputs(lay.n_rows, x.device, with_rec=False, with_metrics=params.return_metrics)
-        mean = reduction == Reduction.MEAN
+        kw = dict(x=x, labels=labels, loss=loss, ce=ce, red=red, met=met, n_inner=lay.n_inner, xs_outer=lay.s_outer,
+                  xs_inner=lay.s_inner, ignore_index=params.ignore_index, gamma=params.gamma, beta=params.beta,
+                  mean=reduction == Reduction.MEAN)
         if out is x:
-            self.ops.fused_inplace(x, labels, loss, ce, red, met, lay.n_inner, lay.s_outer, lay.s_inner,
-                                   params.ignore_index, params.gamma, params.beta, mean)
+            self.ops["grad_in_forward_inplace"](**kw)
         else:
-            self.ops.fused(x, out, labels, loss, ce, red, met, lay.n_inner, lay.s_outer, lay.s_inner, out_lay.s_outer,
-                           out_lay.s_inner, params.ignore_index, params.gamma, params.beta, mean)
+            self.ops["grad_in_forward"](out=out, os_outer=out_lay.s_outer, os_inner=out_lay.s_inner, **kw)
         return Epilogue.of(loss, ce, None, red, met)
 
     def rescale(self, out: torch.Tensor, out_lay: RowLayout, grad_out: torch.Tensor) -> None:
-        self.ops.rescale(out, upstream_of(grad_out)[0], out_lay.n_rows, out_lay.n_inner, out_lay.s_outer,
-                         out_lay.s_inner)
+        self.ops["rescale"](out=out, grad_out=upstream_of(grad_out)[0], n_rows=out_lay.n_rows,
+                            n_inner=out_lay.n_inner, s_outer=out_lay.s_outer, s_inner=out_lay.s_inner)

@@ -1,4 +1,4 @@
-"""The Triton kernels of the loss: every GPU step as one kernel (their ops: triton_ops.py).
+"""The Triton kernels of the loss: every GPU step as one kernel (their ops: triton_backend.py).
 
 Two-pass path (any upstream gradient; the only path under tensor parallelism):
 - ``stats_kernel``, grid (rows, splits): one read of each row slice in BLOCK-wide tiles
@@ -14,7 +14,7 @@ Two-pass path (any upstream gradient; the only path under tensor parallelism):
   rows whose coef is 0 (ignored, loss-masked) write zeros without reading.
 
 Gradient in the forward (a scalar upstream gradient: ``reduction="mean"/"sum"``, single
-device): ``count_kernel`` (the mean's token count), ``fused_kernel`` (one program per
+device): ``count_kernel`` (the mean's token count), ``grad_in_forward_kernel`` (one program per
 row: the statistics pass, the loss, then a second pass over the row, in reverse tile order
 so that it finds the row's last tiles still in L2, writing the gradient), ``reduce_kernel``
 (the loss sums), and in the backward ``rescale_kernel`` (multiplies by the upstream
@@ -67,14 +67,14 @@ def _expm1(x):
 
 
 @triton.jit
-def _merge(m, s1, sb, e, m2, s12, sb2, e2, inv_beta, BETA_IS_ONE: tl.constexpr, ENT: tl.constexpr):
+def _merge(m, s1, sb, e, m2, s12, sb2, e2, inv_beta, BETA_IS_ONE: tl.constexpr, METRICS: tl.constexpr):
     """Merge two partial statistics (scalars or vectors); empty parts are (-inf, 0, 0, 0).
-    With ENT also the entropy accumulators: E = sum_r exp(m_r - M) (E_r + (m_r - M) S1_r)."""
+    With METRICS also the entropy accumulators: E = sum_r exp(m_r - M) (E_r + (m_r - M) S1_r)."""
     new_m = tl.maximum(m, m2)
     shift = tl.where(new_m == -float("inf"), 0.0, new_m)
     a = tl.exp(m - shift)
     b = tl.exp(m2 - shift)
-    if ENT:  # before s1 changes; an empty part (a or b = 0, E = S1 = 0) adds 0, never -inf * 0
+    if METRICS:  # before s1 changes; an empty part (a or b = 0, E = S1 = 0) adds 0, never -inf * 0
         e = (a * (e + tl.where(m == -float("inf"), 0.0, m - shift) * s1)
              + b * (e2 + tl.where(m2 == -float("inf"), 0.0, m2 - shift) * s12))
     s1 = s1 * a + s12 * b
@@ -137,9 +137,9 @@ def _finalize(m, s1, sb, zt, label, ignore_index, vocab_size, gamma, beta, inv_b
 
 @triton.jit
 def _row_slice_stats(x_row, lo, hi, span, active, t, inv_beta, BLOCK: tl.constexpr, BETA_IS_ONE: tl.constexpr,
-                     ENT: tl.constexpr):
+                     METRICS: tl.constexpr):
     """(m, S1, Sb, E, BEFORE) of columns [lo, hi) of one row in BLOCK-wide tiles (``span`` >=
-    hi - lo columns visited): an online max and two fp32 sums, and with ENT the entropy
+    hi - lo columns visited): an online max and two fp32 sums, and with METRICS the entropy
     accumulator E = sum exp(z - m) (z - m) from the same exponentials and BEFORE, the max
     of the columns before the target column ``t`` (records.MetricAcc; 0 and -inf
     otherwise); nothing is read unless ``active``."""
@@ -157,7 +157,7 @@ def _row_slice_stats(x_row, lo, hi, span, active, t, inv_beta, BLOCK: tl.constex
         a = tl.exp(m - shift)
         d = z - shift
         ex = tl.exp(d)
-        if ENT:  # moved to the new max (with the old S1), then this tile's terms; -inf columns add 0
+        if METRICS:  # moved to the new max (with the old S1), then this tile's terms; -inf columns add 0
             e = a * (e + tl.where(m == -float("inf"), 0.0, m - shift) * s1)
             e += tl.sum(ex * tl.maximum(d, -_FLT_MAX), axis=0)
             before = tl.maximum(before, tl.max(tl.where(cols < t, z, -float("inf")), axis=0))
@@ -191,7 +191,7 @@ def stats_kernel(
     BLOCK: tl.constexpr,
     BETA_IS_ONE: tl.constexpr,
     WRITE_META: tl.constexpr,
-    WRITE_ENT: tl.constexpr,  # metrics: the metrics plane after the records (records.Partials)
+    METRICS: tl.constexpr,  # the metric accumulators after the records (records.Partials)
 ):
     inv_beta = tl.cast(inv_beta, tl.float32)  # under torch.compile, Inductor passes Python floats as fp64
     row = tl.program_id(0).to(tl.int64)
@@ -203,7 +203,7 @@ def stats_kernel(
     hi = tl.minimum(lo + chunk, n_valid)
     t = label - vocab_start
     m, s1, sb, e, before = _row_slice_stats(x_row, lo, hi, chunk, active, t, inv_beta, BLOCK, BETA_IS_ONE,
-                                            WRITE_ENT)
+                                            METRICS)
     hit = active & (t >= lo) & (t < hi)
     zt = tl.load(x_row + t, mask=hit, other=0.0).to(tl.float32)
     n_splits = tl.num_programs(1)
@@ -212,7 +212,7 @@ def stats_kernel(
     tl.store(out + _ST_S1, s1)
     tl.store(out + _ST_SB, sb)
     tl.store(out + _ST_ZT, zt)
-    if WRITE_ENT:
+    if METRICS:
         n_parts = tl.num_programs(0).to(tl.int64) * n_splits
         acc = STATS + (n_parts + WRITE_META) * _ST_WIDTH + (row * n_splits + split) * _MA_WIDTH
         tl.store(acc + _MA_E, e)
@@ -236,7 +236,7 @@ def epilogue_kernel(
     CE,  # fp32 [rows]
     REC,  # fp32 [rows, len(GradParam)]
     RED,  # fp32 [len(Reduced)]
-    MET,  # fp32 [rows, len(Metric)] (HAS_ENT)
+    MET,  # fp32 [rows, len(Metric)] (METRICS)
     n_rows,
     splits,
     world,
@@ -251,10 +251,10 @@ def epilogue_kernel(
     GAMMA_ZERO: tl.constexpr,
     BETA_IS_ONE: tl.constexpr,
     BLOCK_R: tl.constexpr,
-    HAS_ENT: tl.constexpr,  # metrics: PARTS carries the metrics plane, MET is written
+    METRICS: tl.constexpr,  # PARTS carries the metric accumulators, MET is written
 ):
     gamma, beta, inv_beta = tl.cast(gamma, tl.float32), tl.cast(beta, tl.float32), tl.cast(inv_beta, tl.float32)
-    ent_off = (n_rows * splits + HAS_META) * _ST_WIDTH
+    acc_off = (n_rows * splits + HAS_META) * _ST_WIDTH
     if HAS_META:  # global vocab size: the largest vocab_end of the ranks' metadata records
         meta_off = n_rows * splits * _ST_WIDTH
         vs = tl.load(PARTS + meta_off + _MT_END).to(tl.int32, bitcast=True)
@@ -283,15 +283,15 @@ def epilogue_kernel(
                 psb = tl.load(rec + _ST_SB, mask=ok, other=0.0)
                 zt += tl.load(rec + _ST_ZT, mask=ok, other=0.0)
                 pe = 0.0
-                if HAS_ENT:
-                    acc = PARTS + w * rank_stride + ent_off + (rows * splits + s) * _MA_WIDTH
+                if METRICS:
+                    acc = PARTS + w * rank_stride + acc_off + (rows * splits + s) * _MA_WIDTH
                     pe = tl.load(acc + _MA_E, mask=ok, other=0.0)
                     before = tl.maximum(before, tl.load(acc + _MA_BEFORE, mask=ok, other=-float("inf")))
-                m, s1, sb, e = _merge(m, s1, sb, e, pm, ps1, psb, pe, inv_beta, BETA_IS_ONE, HAS_ENT)
+                m, s1, sb, e = _merge(m, s1, sb, e, pm, ps1, psb, pe, inv_beta, BETA_IS_ONE, METRICS)
         label = tl.load(LABELS + rows, mask=ok, other=ignore_index).to(tl.int64)
         loss, ce, g, mm, log_sb, qt_m1 = _finalize(m, s1, sb, zt, label, ignore_index, vs, gamma, beta,
                                                    inv_beta, GAMMA_ZERO)
-        if HAS_ENT:
+        if METRICS:
             entropy, top1 = _metrics(m, s1, zt, e, before, label, ignore_index, vs)
             tl.store(MET + rows * _MX_WIDTH + _MX_ENTROPY, entropy, mask=ok)
             tl.store(MET + rows * _MX_WIDTH + _MX_TOP1, top1, mask=ok)
@@ -364,21 +364,21 @@ def count_kernel(LABELS, SCALE, n_rows, ignore_index, MEAN: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def fused_kernel(
+def grad_in_forward_kernel(
     X,
     OUT,  # the gradient: may alias X (every element is read in pass 2 before it is written)
     LABELS,
     LOSS,  # fp32 [rows]
     CE,  # fp32 [rows]
     SCALE,  # fp32 [1] from count_kernel
-    MET,  # fp32 [rows, len(Metric)] (ENT)
+    MET,  # fp32 [rows, len(Metric)] (METRICS)
     n_inner, xs_outer, xs_inner, os_outer, os_inner,  # row layouts of X and OUT (RowLayout)
-    n_valid, width,  # whole rows: n_valid == width
+    width,  # whole rows
     ignore_index, gamma, beta, inv_beta,
     BLOCK: tl.constexpr,
     BETA_IS_ONE: tl.constexpr,
     GAMMA_ZERO: tl.constexpr,
-    ENT: tl.constexpr,  # metrics: the metrics' accumulators, MET written
+    METRICS: tl.constexpr,  # the metric accumulators, MET written
 ):
     gamma, beta, inv_beta = tl.cast(gamma, tl.float32), tl.cast(beta, tl.float32), tl.cast(inv_beta, tl.float32)
     row = tl.program_id(0).to(tl.int64)
@@ -387,20 +387,20 @@ def fused_kernel(
     label = tl.load(LABELS + row).to(tl.int64)
     active = label != ignore_index
     # pass 1: the statistics
-    m, s1, sb, e, before = _row_slice_stats(x_row, 0, n_valid, n_valid, active, label, inv_beta, BLOCK,
-                                            BETA_IS_ONE, ENT)
-    hit = active & (label >= 0) & (label < n_valid)
+    m, s1, sb, e, before = _row_slice_stats(x_row, 0, width, width, active, label, inv_beta, BLOCK,
+                                            BETA_IS_ONE, METRICS)
+    hit = active & (label >= 0) & (label < width)
     zt = tl.load(x_row + label, mask=hit, other=0.0).to(tl.float32)
-    loss, ce, g, mm, log_sb, qt_m1 = _finalize(m, s1, sb, zt, label, ignore_index, n_valid, gamma, beta,
+    loss, ce, g, mm, log_sb, qt_m1 = _finalize(m, s1, sb, zt, label, ignore_index, width, gamma, beta,
                                                inv_beta, GAMMA_ZERO)
-    if ENT:
-        entropy, top1 = _metrics(m, s1, zt, e, before, label, ignore_index, n_valid)
+    if METRICS:
+        entropy, top1 = _metrics(m, s1, zt, e, before, label, ignore_index, width)
         tl.store(MET + row * _MX_WIDTH + _MX_ENTROPY, entropy)
         tl.store(MET + row * _MX_WIDTH + _MX_TOP1, top1)
     tl.store(LOSS + row, loss)
     tl.store(CE + row, ce)
     coef = tl.load(SCALE) * g
-    limit = tl.where(coef != 0.0, n_valid, 0)
+    limit = tl.where(coef != 0.0, width, 0)
     t = tl.where(hit, label, -1)
     n_tiles = tl.cdiv(width, BLOCK)
     for k in range(0, n_tiles):  # pass 2: the gradient, last tile first (still in L2)
