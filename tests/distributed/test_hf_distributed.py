@@ -39,9 +39,10 @@ import torch.distributed as dist
 transformers = pytest.importorskip("transformers")
 from tofu_kernels import hf  # noqa: E402
 
-from .dist_utils import run_distributed  # noqa: E402
-from .side_folders import DEEPSPEED, side_folder  # noqa: E402
-from .test_hf import VOCAB, _tiny  # noqa: E402
+from tests.support.dist_utils import run_distributed  # noqa: E402
+from tests.support.helpers import assert_params_close  # noqa: E402
+from tests.support.hf_models import VOCAB, tiny_model  # noqa: E402
+from tests.support.side_folders import DEEPSPEED, side_folder  # noqa: E402
 
 WORLD, STEPS, LR = 2, 3, 0.5
 LORA_TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -67,7 +68,7 @@ SETUPS = {
 def _model(setup: str):
     """The tiny Llama every setup starts from (seeded: identical in every process), TOFU
     applied with the fused linear loss; LoRA adapters (random B) for the LoRA setup."""
-    model = _tiny("llama", tie_word_embeddings=setup.endswith("_tied"))
+    model = tiny_model("llama", tie_word_embeddings=setup.endswith("_tied"))
     if setup == "fsdp2_lora":
         import peft
 
@@ -251,20 +252,14 @@ def parity(tmp_path_factory, request):
     return torch.load(out)
 
 
-def _close(got: dict, want: dict, what: str, setup: str, rtol: float, atol: float) -> None:
-    assert set(got) == set(want), (setup, what)
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=rtol, atol=atol, msg=lambda m: f"{setup} {what} {name}: {m}")
-
-
 @pytest.mark.parametrize("setup", list(SETUPS))
 def test_parity_with_one_process(parity, setup):
     if setup not in parity:
         pytest.skip(f"{DEEPSPEED} not installed beside the venv (make test installs it)")
     want = reference(setup)
     got = parity[setup]
-    _close(got["grads"], want["grads"], "gradient", setup, 1e-5, 1e-7)
-    _close(got["weights"], want["weights"], "weight after 3 SGD steps", setup, 1e-5, 1e-7)
+    assert_params_close(got["grads"], want["grads"], rtol=1e-5, atol=1e-7, what=f"{setup} gradient")
+    assert_params_close(got["weights"], want["weights"], rtol=1e-5, atol=1e-7, what=f"{setup} weight after 3 SGD steps")
     if setup == "fsdp2_trainer_forward":  # entropy, top-1 and token sums per rank and step, as one process
         assert all(s is not None for s in want["metrics"]) and len(got["metrics"]) == WORLD * STEPS
         torch.testing.assert_close(torch.stack(got["metrics"]), torch.stack(want["metrics"]), rtol=1e-5, atol=1e-6)

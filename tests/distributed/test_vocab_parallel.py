@@ -15,17 +15,11 @@ import torch.distributed as dist
 
 import tofu_kernels as tk
 
-from .dist_utils import run_distributed
-from .helpers import assert_grad_close, assert_loss_close, make_logits, reference
+from tests.support.dist_utils import assert_same_on_all_ranks, run_distributed
+from tests.support.helpers import assert_grad_close, assert_loss_close, make_logits, reference
+from tests.support.spies import count_collectives
 
 WORLDS = [2, 4]
-
-
-def _assert_same_on_all_ranks(t: torch.Tensor, world: int) -> None:
-    parts = [torch.empty_like(t) for _ in range(world)]
-    dist.all_gather(parts, t.contiguous())
-    for p in parts:
-        assert torch.equal(p, parts[0]), "loss differs across ranks"
 
 
 def _shard_loss(full, labels, rank, world, backend, upstream, **kw):
@@ -60,7 +54,7 @@ def grid_cases(rank: int, world: int) -> None:
                 assert_loss_close(ce, ref_ce)
                 assert_grad_close(grad, ref_grad[:, cols], dtype)
                 assert loss[-1] == 0 and (grad[-1] == 0).all()
-                _assert_same_on_all_ranks(loss, world)
+                assert_same_on_all_ranks(loss)
 
 
 def layout_cases(rank: int, world: int) -> None:
@@ -115,39 +109,19 @@ def layout_cases(rank: int, world: int) -> None:
 
 def check_cases(rank: int, world: int) -> None:
     """One collective in forward, none in backward; bad input raises on every rank."""
-    counts = {"n": 0}
-    names = [
-        "all_gather_single", "all_gather_into_tensor", "all_gather", "all_reduce",
-        "broadcast", "reduce_scatter_tensor", "all_to_all_single", "barrier", "reduce",
-    ]
-    originals = {k: getattr(dist, k) for k in names if hasattr(dist, k)}
-
-    def counting(fn):
-        def wrapper(*a, **k):
-            counts["n"] += 1
-            return fn(*a, **k)
-
-        return wrapper
-
     vr = 8
     labels = torch.randint(0, vr * world, (5,))
     full, _ = make_logits((5,), vr * world, torch.float32, labels=labels)
     for backend, check in (("torch", False), ("triton", False), ("torch", True)):
         shard = full[:, rank * vr : (rank + 1) * vr].clone().requires_grad_()
-        for k, fn in originals.items():
-            setattr(dist, k, counting(fn))
-        try:
-            counts["n"] = 0
+        with count_collectives() as calls:
             loss = tk.vocab_parallel_tofu_loss(shard, labels, backend=backend, reduction="sum", check_inputs=check)
             # one all-gather of the statistics; a checked call exchanges the ranks' 16-byte
             # metadata records first
-            assert counts["n"] == 1 + check, f"forward issued {counts['n']} collectives"
-            counts["n"] = 0
+            assert calls.total() == 1 + check, f"forward issued {calls.total()} collectives: {calls}"
+            calls.clear()
             loss.backward()
-            assert counts["n"] == 0, f"backward issued {counts['n']} collectives"
-        finally:
-            for k, fn in originals.items():
-                setattr(dist, k, fn)
+            assert calls.total() == 0, f"backward issued {calls.total()} collectives: {calls}"
 
     # token counts that differ across ranks: the same error on every rank, no abort in the
     # all-gather (whose sizes would not match), and the group still works afterwards

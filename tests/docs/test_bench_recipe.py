@@ -13,16 +13,14 @@ must miss by far more than these tolerances, so the comparison can fail.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 import tofu_kernels as tk
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import bench_fused_linear as bfl  # noqa: E402
+from tests.support.checkout import load_script
+
+bfl = load_script("benchmarks/bench_fused_linear.py")
 
 IGNORE = -100
 TOL = 5e-6  # fp32, normwise (module docstring)

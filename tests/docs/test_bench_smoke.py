@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.checkout import ROOT, load_script
 
 
 def test_bench_cpu_smoke(tmp_path):
@@ -246,8 +246,7 @@ def test_bench_fused_linear_cpu_smoke(tmp_path):
 
 def test_megatron_log_parser():
     """megatron_lm_check reads Megatron 0.19's log lines (formats of megatron/training/training.py)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import megatron_lm_check as m
+    m = load_script("benchmarks/megatron_lm_check.py")
 
     log = "\n".join([
         "megatron_patch: --loss-type tofu (gamma=3.0, beta=0.8, backend=auto): LanguageModule...",

@@ -8,11 +8,12 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.checkout import ROOT, load_script
+from tests.support.megatron_utils import require_megatron_core
+
 RESULTS = ROOT / "examples" / "results"
 MODELS = ["pre-SFT", "SFT cross_entropy", "SFT tofu"]
 
@@ -48,9 +49,7 @@ def test_make_demo_and_study_write_to_a_git_ignored_folder():
     """`make demo` / `make study` leave the checkout clean: the scripts' default output folder and
     make's OUT are examples/results/local/, which git ignores; OUT=examples/results is the
     deliberate way to replace the committed results."""
-    sys.path.insert(0, str(ROOT / "examples"))
-    import diversity_demo as demo
-
+    demo = load_script("examples/diversity_demo.py")
     assert demo.add_arguments(argparse.ArgumentParser()).parse_args([]).out == demo.LOCAL_OUT
     assert demo.LOCAL_OUT == RESULTS / "local"
     if shutil.which("make") is None:
@@ -70,7 +69,7 @@ def test_make_demo_and_study_write_to_a_git_ignored_folder():
 
 
 def test_demo_short_run(tmp_path):
-    pytest.importorskip("megatron.core", reason="megatron-core is installed by make test")
+    require_megatron_core()
     _short_run(tmp_path)
 
 
@@ -107,9 +106,7 @@ def test_sft_progress_counts_the_whole_run(monkeypatch):
 
     import torch
 
-    sys.path.insert(0, str(ROOT / "examples"))
-    import diversity_demo as demo
-
+    demo = load_script("examples/diversity_demo.py")
     sft = demo.sft
     monkeypatch.setattr(sft, "train_step", lambda *a: (torch.tensor(2.0), torch.tensor(1.0)))
     monkeypatch.setattr(sft.dist, "get_rank", lambda *a: 0)

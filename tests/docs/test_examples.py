@@ -4,9 +4,8 @@ alone and under accelerate launch with examples/accelerate's DeepSpeed ZeRO-3 co
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.checkout import ROOT
 
 
 def test_vocab_parallel_example_torchrun():
@@ -43,18 +42,17 @@ def test_hf_sft_example_under_accelerate_launch_zero3():
     """``accelerate launch --config_file examples/accelerate/zero3.yaml examples/hf_sft.py`` on
     2 CPU processes (DeepSpeed on CPU, gloo; the config's bf16 as written): TOFUSFTTrainer
     alone, under DeepSpeed, and its loss falls. (FSDP2's config cannot run here: accelerate
-    selects FSDP only on accelerators; tests/test_hf_distributed.py covers FSDP2.)"""
+    selects FSDP only on accelerators; tests/distributed/test_hf_distributed.py covers FSDP2.)"""
     import pytest
 
     pytest.importorskip("trl")
-    from .side_folders import DEEPSPEED, with_side_folder
+    from tests.support.dist_utils import free_port
+    from tests.support.side_folders import DEEPSPEED, with_side_folder
 
     env = with_side_folder(DEEPSPEED, {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
                                        "TRITON_INTERPRET": "1"})
-    from .test_hf_launch import _port
-
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "examples/accelerate/zero3.yaml",
-           "--num_processes", "2", "--main_process_port", str(_port()), "examples/hf_sft.py", "--steps", "6"]
+           "--num_processes", "2", "--main_process_port", str(free_port()), "examples/hf_sft.py", "--steps", "6"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     assert "TOFUSFTTrainer ran on 2 process(es), DEEPSPEED" in out.stdout, out.stdout[-2000:]

@@ -20,26 +20,25 @@ from pathlib import Path
 
 import pytest
 
-from . import readme
-from .megatron_lm import TINY
+from tests.support import readme
+from tests.support.megatron_lm import TINY
 
 ROOT = readme.ROOT
 
 _HF_PRELUDE = """
-import sys
-sys.path.insert(0, {examples!r})
 import torch, transformers, trl
 from datasets import Dataset
-from hf_sft import tiny_model_and_tokenizer
+from tests.support.checkout import load_script
+tiny_model_and_tokenizer = load_script("examples/hf_sft.py").tiny_model_and_tokenizer
 from tofu_kernels.hf import apply_tofu, revert_tofu, tofu_loss_func
 model, tokenizer = tiny_model_and_tokenizer()
-texts = [" ".join(f"w{{(3 * i + j) % 40}}" for j in range(12)) for i in range(16)]
-dataset = Dataset.from_dict({{"text": texts}})
+texts = [" ".join(f"w{(3 * i + j) % 40}" for j in range(12)) for i in range(16)]
+dataset = Dataset.from_dict({"text": texts})
 tokens = dataset.map(lambda r: tokenizer(r["text"]), remove_columns=["text"])
 collator = transformers.DataCollatorForLanguageModeling(tokenizer, mlm=False)
 args = transformers.TrainingArguments(output_dir="out", max_steps=2, per_device_train_batch_size=4, report_to=[],
                                       save_strategy="no", disable_tqdm=True, use_cpu=True)
-""".format(examples=str(ROOT / "examples"))
+"""
 
 # How each runnable block runs here: keyed by a line of the block. "replace": the GPU
 # example's device and sizes, shrunk for the CPU (each must be found in the block);
@@ -83,41 +82,41 @@ RUN = {
 NOT_HERE_MARK = re.compile(r"^<!-- not run here: (tests/\S+\.py)::(\w+)\b.*-->$")
 OLD_MARK = "not run by this repository's tests"
 NOT_HERE = {
-    "AutoBridge.import_ckpt(": "tests/test_megatron_sft.py::test_a_provider_built_model_trains_tofu",
+    "AutoBridge.import_ckpt(": "tests/megatron/test_megatron_sft.py::test_a_provider_built_model_trains_tofu",
     "from megatron.bridge.recipes.llama import llama31_8b_sft_config":
-        "tests/test_megatron_sft.py::test_a_provider_built_model_trains_tofu",
-    'bnb_4bit_quant_type="nf4"': "tests/test_hf_trainer.py::test_lora_adapter_gradients_equal_fp64",
+        "tests/megatron/test_megatron_sft.py::test_a_provider_built_model_trains_tofu",
+    'bnb_4bit_quant_type="nf4"': "tests/hf/test_hf_trainer.py::test_lora_adapter_gradients_equal_fp64",
 }
 
 # Shell commands: the test that runs each (its flags, its script), or why it cannot run here.
 COMMANDS = {
-    "make demo": "tests/test_demo.py (the demo's code path, shortened; make demo itself takes 5 minutes)",
+    "make demo": "tests/docs/test_demo.py (the demo's code path, shortened; make demo itself takes 5 minutes)",
     "make test": "CI (.ci/run runs it)",
-    "make study": "tests/test_study.py (the study's code path on a tiny grid; make study itself takes ~15 CPU-minutes per rank)",
-    "make bench": "tests/test_bench_smoke.py",
-    "pip install --no-build-isolation .": "tests/test_install.py (pip builds this checkout; the CI venv installs it so)",
-    "pip install .": "tests/test_install.py",
+    "make study": "tests/docs/test_study.py (the study's code path on a tiny grid; make study itself takes ~15 CPU-minutes per rank)",
+    "make bench": "tests/docs/test_bench_smoke.py",
+    "pip install --no-build-isolation .": "tests/docs/test_install.py (pip builds this checkout; the CI venv installs it so)",
+    "pip install .": "tests/docs/test_install.py",
     "pip install setuptools wheel torch": "CI installs these from requirements-dev.txt before the package",
     'pip install --no-build-isolation ".[megatron]"': "CI installs these pins from requirements-dev.txt",
     'pip install --no-build-isolation ".[trl]"': "CI installs these pins from requirements-dev.txt",
     "torchrun --nproc-per-node 8 -m megatron_patch.launch pretrain_gpt.py":
-        "GPUs (the launcher on Megatron-LM's pretrain_gpt.py, CPU: tests/test_megatron_lm.py)",
+        "GPUs (the launcher on Megatron-LM's pretrain_gpt.py, CPU: tests/megatron/test_megatron_lm.py)",
     "accelerate launch --multi_gpu --num_processes 8 examples/hf_sft.py":
-        "GPUs (real DDP under accelerate launch --multi_gpu on 2 CPU processes: tests/test_hf_launch.py)",
+        "GPUs (real DDP under accelerate launch --multi_gpu on 2 CPU processes: tests/hf/test_hf_launch.py)",
     "accelerate launch --config_file examples/accelerate/zero3.yaml --deepspeed_config_file":
-        "GPUs (ZeRO-2 under accelerate launch on 2 CPU processes: tests/test_hf_launch.py)",
-    "torchrun --nproc-per-node 2 examples/vocab_parallel.py": "tests/test_examples.py::test_vocab_parallel_example_torchrun",
-    "torchrun --nproc-per-node 8 examples/vocab_parallel.py --cuda": "GPUs (the CPU twin: tests/test_examples.py)",
-    "python examples/hf_sft.py": "tests/test_examples.py::test_hf_sft_example_runs_as_written",
-    "python examples/hf_sft.py --lora": "tests/test_hf_trainer.py::test_lora_adapter_gradients_equal_fp64 (the "
+        "GPUs (ZeRO-2 under accelerate launch on 2 CPU processes: tests/hf/test_hf_launch.py)",
+    "torchrun --nproc-per-node 2 examples/vocab_parallel.py": "tests/docs/test_examples.py::test_vocab_parallel_example_torchrun",
+    "torchrun --nproc-per-node 8 examples/vocab_parallel.py --cuda": "GPUs (the CPU twin: tests/docs/test_examples.py)",
+    "python examples/hf_sft.py": "tests/docs/test_examples.py::test_hf_sft_example_runs_as_written",
+    "python examples/hf_sft.py --lora": "tests/hf/test_hf_trainer.py::test_lora_adapter_gradients_equal_fp64 (the "
                                         "LoRA path of both trainers, on CPU; the example adds nothing to it)",
-    "python examples/hf_sft.py --model Qwen/Qwen3-0.6B": "downloads a checkpoint (tests/test_examples.py runs the tiny one)",
+    "python examples/hf_sft.py --model Qwen/Qwen3-0.6B": "downloads a checkpoint (tests/docs/test_examples.py runs the tiny one)",
     "export CUDA_DEVICE_MAX_CONNECTIONS=1": "part of the multi-node command",
     "accelerate launch --config_file examples/accelerate/fsdp2.yaml": "GPUs (accelerate selects FSDP only on "
-        "accelerators): FSDP2 on CPU in tests/test_hf_distributed.py",
+        "accelerators): FSDP2 on CPU in tests/distributed/test_hf_distributed.py",
     "accelerate launch --config_file examples/accelerate/zero3.yaml":
-        "tests/test_examples.py::test_hf_sft_example_under_accelerate_launch_zero3 (the tiny model, 2 CPU processes)",
-    "torchrun --nnodes 2": "tests/test_megatron_sft.py (the command's flags, read from docs/megatron.md, on CPU)",
+        "tests/docs/test_examples.py::test_hf_sft_example_under_accelerate_launch_zero3 (the tiny model, 2 CPU processes)",
+    "torchrun --nnodes 2": "tests/megatron/test_megatron_sft.py (the command's flags, read from docs/megatron.md, on CPU)",
 }
 
 

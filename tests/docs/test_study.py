@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("megatron.core", reason="megatron-core is installed by make test")
+from tests.support.checkout import EXAMPLES, ROOT, load_script
+from tests.support.megatron_utils import require_megatron_core
 
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = ROOT / "examples"
-sys.path.insert(0, str(EXAMPLES))
-import diversity_demo as demo  # noqa: E402
+require_megatron_core()
+
+demo = load_script("examples/diversity_demo.py")
 
 TEMPERATURES = ["1", "1.25", "1.5"]  # a shorter sweep than the default, with every pair's rows
 CE_ROWS = [f"CE T={t}" for t in TEMPERATURES]
@@ -127,8 +127,7 @@ def test_sampling_follows_the_temperature(monkeypatch):
 def test_cuda_scale_up_is_the_same_script_with_a_larger_model():
     """--device cuda changes only the defaults (GPU_SCALE); flags given explicitly still win,
     and a grid without the cross-entropy cell is refused."""
-    import diversity_study as study
-
+    study = load_script("examples/diversity_study.py")
     cpu, gpu = study.parse_args([]), study.parse_args(["--device", "cuda"])
     assert (cpu.num_layers, cpu.hidden_size, cpu.sft_iters) == (2, 128, 600)
     assert {k: getattr(gpu, k) for k in study.GPU_SCALE} == study.GPU_SCALE

@@ -10,13 +10,12 @@ import sys
 
 import pytest
 
-pytest.importorskip("megatron.core", reason="megatron-core is installed by make test")
+from tests.support.checkout import EXAMPLES, load_script
+from tests.support.megatron_utils import require_megatron_core
 
-from pathlib import Path  # noqa: E402
+require_megatron_core()
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-sys.path.insert(0, str(EXAMPLES))
-import tiny_sft as sft  # noqa: E402
+sft = load_script("examples/tiny_sft.py")
 
 
 def test_encode_prompt_response_masks_only_the_response():

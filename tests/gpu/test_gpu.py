@@ -13,7 +13,7 @@ import torch
 
 import tofu_kernels as tk
 
-from .helpers import DTYPES, assert_grad_close, assert_loss_close, gpu_backends, make_logits, reference, run
+from tests.support.helpers import DTYPES, assert_grad_close, assert_loss_close, gpu_backends, make_logits, reference, run
 
 pytestmark = pytest.mark.gpu
 

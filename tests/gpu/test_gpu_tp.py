@@ -14,7 +14,7 @@ own loss (parameter gradients).
 The GPU cases are marked `gpu` (run by benchmarks/gpu_check.sh). The same harness runs
 on CPU here with the torch and interpreted Triton backends (the `harness_on_cpu` tests),
 so the test code itself is exercised on every CI run; the CPU suite proper is
-tests/test_vocab_parallel.py and tests/test_megatron_patch.py.
+tests/distributed/test_vocab_parallel.py and tests/megatron/test_megatron_patch.py.
 """
 
 from __future__ import annotations
@@ -26,39 +26,16 @@ import torch
 import torch.distributed as dist
 
 import tofu_kernels as tk
-from tofu_kernels import vocab_parallel
 
-from .dist_utils import run_distributed
-from .helpers import assert_grad_close, assert_loss_close, gpu_backends, make_logits, reference
-
-COLLECTIVES = ["all_gather_single", "all_gather_into_tensor", "all_gather", "all_reduce", "broadcast",
-               "reduce_scatter_tensor", "all_to_all_single", "barrier", "reduce"]
-
-
-def _device(device: str) -> torch.device:
-    if device == "cuda":
-        torch.cuda.set_device(0)  # every process shares the one GPU
-    return torch.device(device)
-
-
-def _stage_all_gather_through_host_if_needed(device: torch.device) -> str:
-    """Probe gloo's all_gather with tensors on `device`; if refused, route the library's
-    one all-gather through host memory (test harness only). Returns what was done."""
-    probe = torch.ones(2, device=device)
-    out = torch.empty(2 * dist.get_world_size(), device=device)
-    try:
-        vocab_parallel._all_gather(out, probe, None)
-        return "native"
-    except (RuntimeError, ValueError) as e:
-        native = vocab_parallel._all_gather
-
-        def staged(out_t, inp_t, group):
-            host = torch.empty(out_t.shape, dtype=out_t.dtype)
-            native(host, inp_t.cpu(), group)
-            out_t.copy_(host)
-
-        vocab_parallel._all_gather = staged
-        return f"staged through host memory (gloo refused {device.type} tensors: {str(e).splitlines()[0][:80]})"
+from tests.support.dist_utils import (
+    assert_same_on_all_ranks,
+    run_distributed,
+    shared_device,
+    stage_all_gather_through_host_if_needed,
+)
+from tests.support.helpers import assert_grad_close, assert_loss_close, gpu_backends, make_logits, reference
+from tests.support.megatron_utils import require_megatron_core
+from tests.support.spies import count_collectives
 
 
 def _note(text: str) -> None:
@@ -70,44 +47,9 @@ def _note(text: str) -> None:
             f.write(text + "\n")
 
 
-def _gather_vocab(shard: torch.Tensor) -> torch.Tensor:
-    """All ranks' shards concatenated along the vocab, via host memory (harness only)."""
-    parts = [torch.empty_like(shard, device="cpu") for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, shard.detach().cpu().contiguous())
-    return torch.cat(parts, dim=-1)
-
-
-def _same_on_all_ranks(t: torch.Tensor) -> None:
-    parts = [torch.empty_like(t, device="cpu") for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.detach().cpu().contiguous())
-    assert all(torch.equal(p, parts[0]) for p in parts), "loss differs across ranks"
-
-
-def _count_collectives():
-    counts = {"n": 0}
-    originals = {k: getattr(dist, k) for k in COLLECTIVES if hasattr(dist, k)}
-
-    def counting(fn):
-        def wrapper(*a, **k):
-            counts["n"] += 1
-            return fn(*a, **k)
-
-        return wrapper
-
-    def install():
-        for k, fn in originals.items():
-            setattr(dist, k, counting(fn))
-
-    def restore():
-        for k, fn in originals.items():
-            setattr(dist, k, fn)
-
-    return counts, install, restore
-
-
 def vocab_parallel_cases(rank: int, world: int, device: str, backends: tuple, dtypes: tuple) -> None:
-    dev = _device(device)
-    how = _stage_all_gather_through_host_if_needed(dev)
+    dev = shared_device(device)
+    how = stage_all_gather_through_host_if_needed(dev)
     if rank == 0:
         _note(f"[tp={world} on {device}] the statistics all-gather: {how}")
     dtypes = tuple(getattr(torch, d) for d in dtypes)
@@ -125,24 +67,21 @@ def vocab_parallel_cases(rank: int, world: int, device: str, backends: tuple, dt
             full, _ = make_logits((n,), vr * world, dtype, labels=labels)
             upstream = torch.randn(n)
             shard = full[:, rank * vr : (rank + 1) * vr].to(dev).clone().requires_grad_()
-            counts, install, restore = _count_collectives()
-            install()
-            try:
+            with count_collectives() as calls:
                 # unchecked, as Megatron's loss after its first call: one collective (a checked
                 # call exchanges the ranks' 16-byte metadata first)
                 loss = tk.vocab_parallel_tofu_loss(shard, labels.to(dev), gamma=3.0, beta=0.8, backend=backend,
                                                    check_inputs=False)
-                forward_collectives, counts["n"] = counts["n"], 0
+                forward_collectives = calls.total()
+                calls.clear()
                 (loss * upstream.to(dev)).sum().backward()
-                backward_collectives = counts["n"]
-            finally:
-                restore()
+                backward_collectives = calls.total()
             assert forward_collectives == 1 and backward_collectives == 0, (forward_collectives, backward_collectives)
             ref_loss, ref_grad, _ = reference(full, labels, upstream, gamma=3.0, beta=0.8)
             assert_loss_close(loss.detach().cpu(), ref_loss)
             assert_grad_close(shard.grad.cpu(), ref_grad[:, rank * vr : (rank + 1) * vr], dtype)
             assert (shard.grad[-2:] == 0).all()
-            _same_on_all_ranks(loss)
+            assert_same_on_all_ranks(loss)
 
             # Megatron's [s, b, V/tp] with [b, s] labels, as a transposed view (no copy)
             s, b = 5, 3
@@ -155,7 +94,7 @@ def vocab_parallel_cases(rank: int, world: int, device: str, backends: tuple, dt
             ref3, ref_grad3, _ = reference(full3.transpose(0, 1), labels_sb.t(), w)
             assert_loss_close(loss3.detach().cpu(), ref3)
             assert_grad_close(shard3.grad.transpose(0, 1).cpu(), ref_grad3[..., rank * vr : (rank + 1) * vr], dtype)
-            _same_on_all_ranks(loss3)
+            assert_same_on_all_ranks(loss3)
 
             # uneven shards with padding columns: rank 0 holds 700 real columns, the others
             # 300; every local row is 768 wide (16-byte aligned), padded with large values
@@ -176,18 +115,24 @@ def vocab_parallel_cases(rank: int, world: int, device: str, backends: tuple, dt
             assert_loss_close(lossu.detach().cpu(), refu)
             assert_grad_close(local.grad[:, : sizes[rank]].cpu(), ref_gradu[:, starts[rank] : starts[rank] + sizes[rank]], dtype)
             assert (local.grad[:, sizes[rank] :] == 0).all(), "padding columns got gradient"
-            _same_on_all_ranks(lossu)
+            assert_same_on_all_ranks(lossu)
 
 
 def megatron_tp2_cases(rank: int, world: int, device: str, backend: str) -> None:
     """The Megatron patch at TP = 2 on one device: a tiny GPTModel (local spec, no SP)."""
-    pytest.importorskip("megatron.core")
+    require_megatron_core()
     import megatron_patch
 
-    from .megatron_utils import assert_ce_mode_matches_megatron, causal_mask, init_megatron_cpu, tiny_gpt
+    from tests.support.megatron_utils import (
+        assert_ce_mode_matches_megatron,
+        causal_mask,
+        gather_vocab,
+        init_megatron_cpu,
+        tiny_gpt,
+    )
 
-    dev = _device(device)
-    how = _stage_all_gather_through_host_if_needed(dev)
+    dev = shared_device(device)
+    how = stage_all_gather_through_host_if_needed(dev)
     if device == "cpu":
         init_megatron_cpu(world)
     else:
@@ -210,7 +155,7 @@ def megatron_tp2_cases(rank: int, world: int, device: str, backend: str) -> None
     # TOFU in bf16 against the fp64 reference on the gathered logits
     model = tiny_gpt(world, dtype=torch.bfloat16, vocab=vocab, seq=s, hidden=64).to(dev)
     with torch.no_grad():
-        full = _gather_vocab(model(ids, pos, mask).float())
+        full = gather_vocab(model(ids, pos, mask).float())
     megatron_patch.apply("tofu", gamma=3.0, beta=0.8, backend=backend)
     loss = model(ids, pos, mask, labels=labels)
     ((loss * loss_mask).sum() / loss_mask.sum()).backward()
@@ -247,5 +192,5 @@ def test_harness_on_cpu_vocab_parallel():
 
 
 def test_harness_on_cpu_megatron_tp2():
-    pytest.importorskip("megatron.core", reason="megatron-core is installed by make test")
+    require_megatron_core()
     run_distributed(2, megatron_tp2_cases, device="cpu", backend="torch")

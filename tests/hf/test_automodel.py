@@ -13,12 +13,10 @@ Tensor parallelism is torch's own: logits from an ``lm_head`` parallelised with
 ``ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)`` (Automodel's TP plan
 for the head) and DTensors made with ``distribute_tensor``; FSDP2 is
 ``torch.distributed.fsdp.fully_shard``. The reference is fp64 autograd of
-``tk.tofu_loss_reference``; tolerances from tests/helpers.py (fp32 inputs).
+``tk.tofu_loss_reference``; tolerances from tests/support/helpers.py (fp32 inputs).
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,12 +24,13 @@ import torch.distributed as dist
 
 import tofu_kernels as tk
 
-from .dist_utils import run_distributed
-from .helpers import assert_grad_close, assert_loss_close
-from .side_folders import side_folder
+from tests.support.checkout import ROOT
+from tests.support.dist_utils import run_distributed
+from tests.support.helpers import assert_grad_close, assert_loss_close
+from tests.support.side_folders import side_folder
 
 AUTOMODEL = "nemo-automodel-0.7.0"
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "automodel"
+EXAMPLES = ROOT / "examples" / "automodel"
 GAMMA, BETA = 2.0, 0.7  # not the defaults: the values must travel
 VOCAB = 37  # odd: uneven vocabulary shards at TP 2 (19 + 18) and TP 4 (10 + 10 + 10 + 7)
 

@@ -15,25 +15,15 @@ import tofu_kernels as tk
 transformers = pytest.importorskip("transformers")
 from tofu_kernels import hf  # noqa: E402
 
-VOCAB = 97
-FAMILIES = {
-    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
-}
-
-
-def _tiny(family: str, seed: int = 0, **config):
-    """The tiny model of ``family`` (seeded, fp32, training mode); ``config``: settings of its
-    config class on top of the tiny sizes (e.g. ``tie_word_embeddings``)."""
-    config_cls, model_cls = FAMILIES[family]
-    cfg = config_cls(**{**dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, head_dim=8),
-                        **config})
-    torch.manual_seed(seed)
-    return model_cls(cfg).float().train()
-
+from tests.support.helpers import assert_params_close  # noqa: E402
+from tests.support.hf_models import (  # noqa: E402
+    FAMILIES,
+    VOCAB,
+    reference_loss,
+    text_dataset,
+    tiny_model,
+    word_tokenizer,
+)
 
 def _batch(b=2, t=11, seed=1):
     g = torch.Generator().manual_seed(seed)
@@ -44,25 +34,12 @@ def _batch(b=2, t=11, seed=1):
     return ids, labels
 
 
-def _reference_loss(logits, labels, num_items=None, gamma=3.0, beta=0.8):
-    """fp64 TOFU after the shift: mean over non-ignored tokens, or sum / num_items."""
-    target = hf.shift_labels(labels)
-    per_token, _ = tk.tofu_loss_reference(logits.double(), target, gamma=gamma, beta=beta)
-    n = (target != -100).sum() if num_items is None else num_items
-    return per_token.sum() / n
-
-
 def _reference_grads(model, ids, labels, num_items=None):
     model.zero_grad()
-    _reference_loss(model(input_ids=ids).logits, labels, num_items).backward()
+    reference_loss(model(input_ids=ids).logits, labels, num_items).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     return grads
-
-
-def _assert_grads(model, want, rtol=2e-4):
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, want[name], rtol=rtol, atol=1e-6, msg=name)
 
 
 def test_shift_labels():
@@ -72,7 +49,7 @@ def test_shift_labels():
 
 @pytest.mark.parametrize("num_items", [None, 13])
 def test_loss_func_matches_reference_and_authors(num_items):
-    model = _tiny("llama")
+    model = tiny_model("llama")
     ids, labels = _batch()
     logits = model(input_ids=ids).logits.detach().requires_grad_()
     fn = hf.tofu_loss_func(3.0, 0.8)
@@ -81,7 +58,7 @@ def test_loss_func_matches_reference_and_authors(num_items):
     loss = fn(outputs, labels, num_items_in_batch=ni)
     loss.backward()
     x = logits.detach().double().requires_grad_()
-    ref = _reference_loss(x, labels, num_items)
+    ref = reference_loss(x, labels, num_items)
     ref.backward()
     assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item())
     torch.testing.assert_close(logits.grad.double(), x.grad, rtol=1e-4, atol=1e-9)
@@ -95,7 +72,7 @@ def test_loss_func_matches_reference_and_authors(num_items):
 
 
 def test_two_micro_batches_equal_one_batch():
-    model = _tiny("qwen2")
+    model = tiny_model("qwen2")
     ids, labels = _batch(b=4, t=9)
     fn = hf.tofu_loss_func(2.0, 0.9)
     whole = fn(model(input_ids=ids), labels)
@@ -107,29 +84,29 @@ def test_two_micro_batches_equal_one_batch():
     for p in parts:
         p.backward()
     assert abs(sum(p.item() for p in parts) - whole.item()) <= 1e-5 * whole.item()
-    _assert_grads(model, want, rtol=1e-4)
+    assert_params_close(model, want, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("fused_linear", [False, True])
 def test_apply_tofu_loss_and_gradients(family, fused_linear):
-    model = _tiny(family)
+    model = tiny_model(family)
     ids, labels = _batch()
     want = _reference_grads(model, ids, labels)
     with torch.no_grad():
-        ref = _reference_loss(model(input_ids=ids).logits, labels)
+        ref = reference_loss(model(input_ids=ids).logits, labels)
     hf.apply_tofu(model, 3.0, 0.8, fused_linear=fused_linear, chunk_size=5)
     out = model(input_ids=ids, labels=labels)
     assert (out.logits is None) == fused_linear
     assert abs(out.loss.item() - ref.item()) <= 1e-5 * ref.item()
     out.loss.backward()
-    _assert_grads(model, want)
+    assert_params_close(model, want, rtol=2e-4, atol=1e-6)
     # gradient accumulation the transformers way: num_items_in_batch through the forward
     model.zero_grad()
     total = (hf.shift_labels(labels) != -100).sum()
     for s in (slice(0, 1), slice(1, 2)):
         model(input_ids=ids[s], labels=labels[s], num_items_in_batch=total).loss.backward()
-    _assert_grads(model, want)
+    assert_params_close(model, want, rtol=2e-4, atol=1e-6)
     # evaluation keeps the logits (and the TOFU loss); return_dict=False gives a tuple
     model.eval()
     with torch.no_grad():
@@ -169,7 +146,7 @@ def test_apply_under_hooks_and_wrappers_and_revert():
             return args, kwargs
 
     ids, labels = _batch()
-    model = _tiny("llama")
+    model = tiny_model("llama")
     with torch.no_grad():
         want = model(input_ids=ids).logits
     add_hook_to_module(model.lm_head, Count())  # before apply_tofu (a device_map's dispatch)
@@ -195,7 +172,7 @@ def test_apply_under_hooks_and_wrappers_and_revert():
         assert torch.equal(model(input_ids=ids).logits, want) and Count.calls == 4  # the hook still runs
     remove_hook_from_module(model.lm_head)
     # a wrapper over our forward (accelerate's autocast at prepare time), then revert: the class forward
-    model = _tiny("llama")
+    model = tiny_model("llama")
     hf.apply_tofu(model, fused_linear=True)
     inner = model.forward
     model.forward = lambda *a, **k: inner(*a, **k)
@@ -209,7 +186,7 @@ def test_apply_under_hooks_and_wrappers_and_revert():
     # pickling an applied model (torch.save(model)), and a head with its own forward
     import pickle
 
-    model = hf.apply_tofu(_tiny("llama"), fused_linear=True)
+    model = hf.apply_tofu(tiny_model("llama"), fused_linear=True)
     assert pickle.loads(pickle.dumps(model))._tofu_loss.params == model._tofu_loss.params
     head = _ScaledHead(32, VOCAB, bias=False)
     model.lm_head = head
@@ -218,7 +195,7 @@ def test_apply_under_hooks_and_wrappers_and_revert():
 
 
 def test_apply_twice_replaces_and_unsupported_models_are_refused():
-    model = _tiny("mistral")
+    model = tiny_model("mistral")
     ids, labels = _batch()
     hf.apply_tofu(model, 3.0, 0.8, fused_linear=True)
     hf.apply_tofu(model, 0.0, 1.0)  # CE mode, not fused: replaces the first settings
@@ -237,30 +214,13 @@ def test_apply_twice_replaces_and_unsupported_models_are_refused():
         hf.tofu_loss_func()({"logits": None}, labels)
 
 
-def _word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {f"w{i}": i for i in range(VOCAB - 3)}
-    vocab.update({"<pad>": VOCAB - 3, "<eos>": VOCAB - 2, "<unk>": VOCAB - 1})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                                unk_token="<unk>")
-
-
-def _dataset(n=32):
-    datasets = pytest.importorskip("datasets")
-    return datasets.Dataset.from_dict(
-        {"text": [" ".join(f"w{(3 * i + j) % 40}" for j in range(12)) for i in range(n)]})
-
-
 def _losses(trainer):
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
 def test_trl_sft_trainer_trains_with_our_loss_func(tmp_path):
     trl = pytest.importorskip("trl")
-    model = _tiny("qwen3")
+    model = tiny_model("qwen3")
     calls = []
     fn = hf.tofu_loss_func(3.0, 0.8)
 
@@ -272,7 +232,7 @@ def test_trl_sft_trainer_trains_with_our_loss_func(tmp_path):
                          gradient_accumulation_steps=2, learning_rate=5e-3, logging_steps=1, report_to=[],
                          save_strategy="no", use_cpu=True, max_length=16, disable_tqdm=True)
     with pytest.warns(FutureWarning, match="compute_loss_func"):  # TRL 1.16 deprecates it; it still works
-        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=_dataset(), processing_class=_word_tokenizer(),
+        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=text_dataset(), processing_class=word_tokenizer(),
                                  compute_loss_func=counted)
     trainer.train()
     losses = _losses(trainer)
@@ -291,10 +251,10 @@ def test_trainer_with_apply_tofu_fused_linear(tmp_path, monkeypatch):
         return real(*a, **k)
 
     monkeypatch.setattr(hf.models, "loss_of_hidden", counted)
-    model = _tiny("llama")
+    model = tiny_model("llama")
     hf.apply_tofu(model, 3.0, 0.8, fused_linear=True)
-    tok = _word_tokenizer()
-    ds = _dataset().map(lambda r: tok(r["text"]), remove_columns=["text"])
+    tok = word_tokenizer()
+    ds = text_dataset().map(lambda r: tok(r["text"]), remove_columns=["text"])
     collator = transformers.DataCollatorForLanguageModeling(tok, mlm=False)
     seen = []
     hook = model.model.register_forward_hook(lambda m, i, o: seen.append(o.last_hidden_state.shape))

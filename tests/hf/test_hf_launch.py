@@ -1,7 +1,7 @@
 """TOFUSFTTrainer launched as a user launches it: ``accelerate launch`` with the configs in
 ``examples/accelerate/``, two processes on CPU (gloo), against one process.
 
-The run is ``tests/hf_launch.py`` (fp32, SGD, constant learning rate, no clipping, sequential
+The run is ``tests/support/hf_launch.py`` (fp32, SGD, constant learning rate, no clipping, sequential
 examples of one length, 2 micro-batches per step: its docstring says why each). The
 reference is the same script in one process with twice the micro-batch, which sees at each
 micro-step exactly the union of the two ranks' micro-batches. Held for DDP and DeepSpeed
@@ -11,7 +11,7 @@ reference's; each run really had two processes in the expected mode.
 
 FSDP2 is not in this file: accelerate selects FSDP only on accelerators (on CPU, ``use_cpu``
 makes it plain multi-process data parallelism, whatever the config says), so FSDP2 through
-the trainer cannot be launched here. ``tests/test_hf_distributed.py`` runs the trainer's
+the trainer cannot be launched here. ``tests/distributed/test_hf_distributed.py`` runs the trainer's
 forward (``tofu_metrics=True`` with ``num_items_in_batch``) under FSDP2 in every layout.
 
 Why an earlier "DDP vs ZeRO-3" comparison of TRL's own SFTTrainer on CPU came out 17 % apart
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -38,30 +37,25 @@ import torch
 pytest.importorskip("trl")
 pytest.importorskip("accelerate")
 
-from .side_folders import DEEPSPEED, side_folder, with_side_folder  # noqa: E402
+from tests.support.checkout import ROOT  # noqa: E402
+from tests.support.dist_utils import free_port  # noqa: E402
+from tests.support.side_folders import DEEPSPEED, side_folder, with_side_folder  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples", "accelerate")
-
-
-def _port() -> int:
-    with socket.socket() as s:  # a free port: another test file may be launching at the same time
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _launch(out, launcher: list, script_args: list = (), deepspeed: bool = False) -> dict:
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     if deepspeed:
         env = with_side_folder(DEEPSPEED, {**env, "DS_ACCELERATOR": "cpu"})
-    cmd = [sys.executable] + launcher + ["-m", "tests.hf_launch", "--out", str(out), *script_args]
+    cmd = [sys.executable] + launcher + ["-m", "tests.support.hf_launch", "--out", str(out), *script_args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, " ".join(cmd) + "\n" + proc.stdout[-3000:] + proc.stderr[-6000:]
     return torch.load(os.path.join(out, "run.pt"))
 
 
 def _accelerate(*flags) -> list:
-    return ["-m", "accelerate.commands.launch", "--num_processes", "2", "--main_process_port", str(_port()),
+    return ["-m", "accelerate.commands.launch", "--num_processes", "2", "--main_process_port", str(free_port()),
             "--mixed_precision", "no", *flags]
 
 
@@ -109,6 +103,6 @@ def test_accelerate_launch_cpu_is_not_data_parallel(tmp_path):
     """The cause of the DDP-vs-ZeRO-3 gap seen with TRL's own trainer: ``--cpu`` starts
     independent single-process runs (each a world of one, half the tokens per step)."""
     run = _launch(tmp_path, ["-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-                             "--main_process_port", str(_port())], ["--trainer", "trl"])
+                             "--main_process_port", str(free_port())], ["--trainer", "trl"])
     assert (run["processes"], run["distributed_type"]) == (1, "DistributedType.NO")
     assert [h["num_tokens"] for h in run["log"] if "loss" in h] == [52, 104, 156]  # one rank's tokens, not two

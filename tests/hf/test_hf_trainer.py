@@ -23,7 +23,8 @@ transformers = pytest.importorskip("transformers")
 trl = pytest.importorskip("trl")
 from tofu_kernels import hf  # noqa: E402
 
-from .test_hf import VOCAB, _dataset, _reference_loss, _tiny, _word_tokenizer  # noqa: E402
+from tests.support.helpers import assert_params_close  # noqa: E402
+from tests.support.hf_models import VOCAB, reference_loss, text_dataset, tiny_model, word_tokenizer  # noqa: E402
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -40,8 +41,8 @@ def _args(tmp_path, **kw):
 def _trainer(model, tmp_path, cls=None, n=16, **kw):
     cls = cls or hf.TOFUSFTTrainer
     extra = {k: kw.pop(k) for k in list(kw) if k.startswith("tofu_") or k in ("peft_config", "compute_metrics")}
-    return cls(model=model, args=_args(tmp_path, **kw), train_dataset=_dataset(n), eval_dataset=_dataset(8),
-               processing_class=_word_tokenizer(), **extra)
+    return cls(model=model, args=_args(tmp_path, **kw), train_dataset=text_dataset(n), eval_dataset=text_dataset(8),
+               processing_class=word_tokenizer(), **extra)
 
 
 def _batch(trainer):
@@ -52,19 +53,11 @@ def _batch(trainer):
 def _reference(model, batch, num_items=None):
     """fp64 TOFU on the model's own logits (the class forward, full logits)."""
     logits = type(model).forward(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return _reference_loss(logits, batch["labels"], num_items)
+    return reference_loss(logits, batch["labels"], num_items)
 
 
 def _grads(model) -> dict:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _assert_grads(model, want: dict, rtol=2e-4) -> None:
-    """Every trainable parameter's gradient against ``want`` (the frozen ones have none)."""
-    got = _grads(model)
-    assert set(got) == set(want)
-    for name, g in got.items():
-        torch.testing.assert_close(g, want[name], rtol=rtol, atol=1e-6, msg=name)
 
 
 def _compute_loss_matches_fp64(trainer, base):
@@ -85,14 +78,14 @@ def _compute_loss_matches_fp64(trainer, base):
     with torch.no_grad():
         ref = _reference(base, batch, n)
     assert abs(loss.item() - ref.item()) <= 2e-5 * ref.item()
-    _assert_grads(model, want)
+    assert_params_close(model, want, rtol=2e-4, atol=1e-6)  # the trainable ones (the frozen have none)
     return batch, n, want, ref
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One short run shared by the tests below: 12 steps of 2 micro-batches, counted."""
-    model = _tiny("qwen3")
+    model = tiny_model("qwen3")
     calls = {"backbone": 0, "lm_head loss": 0, "logits": 0}
 
     def count(key):
@@ -164,7 +157,7 @@ def test_loss_and_gradients_equal_fp64_and_accumulation_equals_one_batch(tmp_pat
     """compute_loss with num_items_in_batch (what Trainer passes): the loss and every
     parameter's gradient equal autograd through the fp64 reference; two micro-batches
     normalised by the whole batch's count give the big batch's gradient."""
-    model = _tiny("llama")
+    model = tiny_model("llama")
     trainer = _trainer(model, tmp_path, per_device_train_batch_size=6)
     batch, n, want, ref = _compute_loss_matches_fp64(trainer, model)
     model.zero_grad()
@@ -175,7 +168,7 @@ def test_loss_and_gradients_equal_fp64_and_accumulation_equals_one_batch(tmp_pat
         micro.backward()
         total += micro.item()
     assert abs(total - ref.item()) <= 2e-5 * ref.item()
-    _assert_grads(model, want)
+    assert_params_close(model, want, rtol=2e-4, atol=1e-6)  # the trainable ones (the frozen have none)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
@@ -186,7 +179,7 @@ def test_lora_adapter_gradients_equal_fp64(tmp_path, family):
     peft = pytest.importorskip("peft")
     config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM",
                              init_lora_weights=False)  # random B: the adapters change the logits
-    trainer = _trainer(_tiny(family), tmp_path, peft_config=config)
+    trainer = _trainer(tiny_model(family), tmp_path, peft_config=config)
     model = trainer.model
     assert isinstance(model, peft.PeftModel)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -202,7 +195,7 @@ def test_lora_adapter_gradients_equal_fp64(tmp_path, family):
                 num_items_in_batch=n)
     assert out.logits is None and abs(out.loss.item() - ref.item()) <= 2e-5 * ref.item()
     out.loss.backward()
-    _assert_grads(model, want)
+    assert_params_close(model, want, rtol=2e-4, atol=1e-6)  # the trainable ones (the frozen have none)
     trls = base._tofu_installed[2]  # the fused-head forward TRL installed, which the trainer's replaced
     hf.revert_tofu(model)
     assert base.__dict__.get("forward") is trls and getattr(base, "_tofu_loss", None) is None
@@ -227,7 +220,7 @@ def test_moe_router_loss_as_trl_adds_it(tmp_path, monkeypatch):
         loss = trainer.compute_loss(model, dict(batch))
         own = type(model).forward(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                   output_router_logits=True)
-        ref = _reference_loss(own.logits, batch["labels"]) + trainer.router_aux_loss_coef * own.aux_loss
+        ref = reference_loss(own.logits, batch["labels"]) + trainer.router_aux_loss_coef * own.aux_loss
     assert abs(loss.item() - ref.item()) <= 2e-5 * ref.item()
     assert trainer._metrics["train"]["aux_loss"][-1] == pytest.approx(own.aux_loss.item(), rel=1e-5)
     # Inside accumulation over 2 micro-batches on 2 processes (TRL's arithmetic): the summed
@@ -238,14 +231,14 @@ def test_moe_router_loss_as_trl_adds_it(tmp_path, monkeypatch):
     assert trainer.args.average_tokens_across_devices
     with torch.no_grad():
         loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=3 * n)
-        ref = (_reference_loss(own.logits, batch["labels"], 3 * n) * 2
+        ref = (reference_loss(own.logits, batch["labels"], 3 * n) * 2
                + trainer.router_aux_loss_coef * own.aux_loss / 2)
     assert abs(loss.item() - ref.item()) <= 2e-5 * ref.item()
 
 
 def test_an_accumulated_batch_without_tokens_trains_nothing(tmp_path):
     """num_items_in_batch 0 (every completion truncated away): loss 0, zero gradients, no error."""
-    model = _tiny("llama")
+    model = tiny_model("llama")
     trainer = _trainer(model, tmp_path)
     batch = _batch(trainer)
     batch["labels"] = torch.full_like(batch["labels"], -100)
@@ -259,10 +252,10 @@ def test_an_accumulated_batch_without_tokens_trains_nothing(tmp_path):
 
 
 def test_refusals_and_fallbacks(tmp_path):
-    model = _tiny("qwen3")
+    model = tiny_model("qwen3")
     with pytest.raises(ValueError, match="compute_loss_func"):
-        hf.TOFUSFTTrainer(model=model, args=_args(tmp_path), train_dataset=_dataset(),
-                          processing_class=_word_tokenizer(), compute_loss_func=hf.tofu_loss_func())
+        hf.TOFUSFTTrainer(model=model, args=_args(tmp_path), train_dataset=text_dataset(),
+                          processing_class=word_tokenizer(), compute_loss_func=hf.tofu_loss_func())
     with pytest.raises(ValueError, match="label_smoothing_factor"):
         _trainer(model, tmp_path, label_smoothing_factor=0.1)
     with pytest.raises(ValueError, match="loss_type"):
@@ -272,13 +265,13 @@ def test_refusals_and_fallbacks(tmp_path):
     with pytest.raises(ValueError, match="gamma"):
         _trainer(model, tmp_path, tofu_gamma=-1.0)
     with pytest.raises(ValueError, match="compute_loss_func"):  # positionally, SFTTrainer's 7th argument
-        hf.TOFUSFTTrainer(model, _args(tmp_path), None, _dataset(), None, _word_tokenizer(), hf.tofu_loss_func())
+        hf.TOFUSFTTrainer(model, _args(tmp_path), None, text_dataset(), None, word_tokenizer(), hf.tofu_loss_func())
     with pytest.raises(ValueError, match="ignore_index must be -100"):
         _trainer(model, tmp_path, tofu_params=tk.TOFUParams(ignore_index=-1))
     with pytest.raises(ValueError, match="^TOFUSFTTrainer: tofu_params must have reduction 'mean'"):
         _trainer(model, tmp_path, tofu_params=tk.TOFUParams(return_metrics=True))
     with pytest.raises(ValueError, match="^apply_tofu: params must have reduction 'mean'"):
-        hf.apply_tofu(_tiny("llama"), params=tk.TOFUParams(reduction="sum"))
+        hf.apply_tofu(tiny_model("llama"), params=tk.TOFUParams(reduction="sum"))
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2))
     with pytest.raises(ValueError, match="^TOFUSFTTrainer: GPT2LMHeadModel is not supported"):
         _trainer(gpt2, tmp_path)  # refused before the dataset is prepared
@@ -313,7 +306,7 @@ def test_cache_argument_passes_through_under_either_name():
     past_key_values, 5.24: cache) and the backbone get it as the caller spelled it, and
     generate() keeps working."""
     ids = torch.randint(0, VOCAB, (2, 7))
-    model = _tiny("llama")
+    model = tiny_model("llama")
     model.eval()
     with torch.no_grad():
         want = model.generate(ids, max_new_tokens=4, do_sample=False)
@@ -346,7 +339,7 @@ def test_gpu_qlora_4bit_trains_and_matches_reference(tmp_path):
     few steps train."""
     pytest.importorskip("bitsandbytes")
     peft = pytest.importorskip("peft")
-    src = _tiny("llama")
+    src = tiny_model("llama")
     src.save_pretrained(tmp_path / "base")
     bnb = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                           bnb_4bit_compute_dtype=torch.bfloat16)
@@ -355,7 +348,7 @@ def test_gpu_qlora_4bit_trains_and_matches_reference(tmp_path):
     config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM",
                              init_lora_weights=False)
     args = _args(tmp_path / "out", use_cpu=False, bf16=True, max_steps=6, learning_rate=1e-3)
-    trainer = hf.TOFUSFTTrainer(model=model, args=args, train_dataset=_dataset(32), processing_class=_word_tokenizer(),
+    trainer = hf.TOFUSFTTrainer(model=model, args=args, train_dataset=text_dataset(32), processing_class=word_tokenizer(),
                                 peft_config=config)
     peft_model = trainer.model
     batch = _batch(trainer)
@@ -372,9 +365,7 @@ def test_gpu_qlora_4bit_trains_and_matches_reference(tmp_path):
             ref = _reference(peft_model.get_base_model(), batch, n)
     loss.backward()
     assert abs(loss.item() - ref.item()) <= 1e-2 * ref.item()  # bf16 logits either way
-    for name, g in _grads(peft_model).items():
-        err = (g.float() - want[name].float()).norm() / want[name].float().norm()
-        assert err < 0.05, (name, err.item())
+    assert_params_close(peft_model, want, norm_rtol=0.05)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
@@ -385,7 +376,7 @@ def test_metrics_reach_the_host_in_one_sync(tmp_path, monkeypatch):
     """TRL's metrics from one gather and one device-to-host copy per step (TRL's own code
     makes four: three .item() and a tensor comparison), equal to the values TRL's arithmetic
     gives on the same outputs."""
-    trainer = _trainer(_tiny("llama"), tmp_path)
+    trainer = _trainer(tiny_model("llama"), tmp_path)
     batch = _batch(trainer)
     trainer.model.train()
     with torch.no_grad():

@@ -6,7 +6,7 @@ Triton backend returned uninitialised memory without an error (its ops were trac
 bodies whose launches were skipped on fake tensors: losses like 4.5e15 where eager gives
 3.9). Now the torch backend traces, and under the interpreter each Triton op is opaque to
 the compiler (its body runs the interpreter at run time). The GPU path (``triton_op``
-lowered by inductor) is tests/test_gpu.py's.
+lowered by inductor) is tests/gpu/test_gpu.py's.
 
 Each case runs in a fresh interpreter with an empty inductor cache (a cache written by
 another build of the package would be replayed instead of compiling).
@@ -20,7 +20,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.support.checkout import ROOT
 
 SCRIPT = r"""
 import sys, torch, tofu_kernels as tk

@@ -4,7 +4,7 @@ What runs here: the extension is compiled by `make test` (nvcc 13.0 + torch cu13
 loaded; its ops are registered with mutation-marking schemas; their fake/meta
 implementations give the right shapes; torch.compile(fullgraph=True) traces the whole
 forward and backward through them; and the kernels' math header, compiled by g++ into a
-host harness, matches the float64 reference. Kernel execution is in tests/test_gpu.py.
+host harness, matches the float64 reference. Kernel execution is in tests/gpu/test_gpu.py.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import tofu_kernels as tk
 from tofu_kernels.records import GradParam, Meta, Metric, MetricAcc, Reduced, Reduction, Stat
 from tofu_kernels.tofu_math import finalize_stats
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.checkout import ROOT
+
 NVCC = shutil.which("nvcc") or (Path("/usr/local/cuda/bin/nvcc").exists() or None)
 needs_ext = pytest.mark.skipif(
     not tk.extension_loaded(), reason="CUDA extension not built (no nvcc / CPU-only torch)"
@@ -152,7 +153,7 @@ def test_torch_compile_fullgraph_traces_forward_and_backward(backend, inplace, p
         (loss, ce), graphs = _compile_and_capture(step, x, labels)
     else:
         # Dynamo's own graph shows the ops (AOT would show the kernels of a triton_op, or,
-        # under Triton's CPU interpreter, the opaque op: tests/test_compile.py runs that).
+        # under Triton's CPU interpreter, the opaque op: tests/kernels/test_compile.py runs that).
         (loss, ce), (fw, bw) = _dynamo_capture(step, x, labels)
     (loss.sum() if reduction == "none" else loss).backward()
     if backend == "cuda":  # AOT compiles the backward when it first runs
@@ -178,7 +179,7 @@ def harness(tmp_path_factory):
     lib = tmp_path_factory.mktemp("harness") / "libtofu_harness.so"
     subprocess.run(
         [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-I", str(ROOT / "csrc"),
-         str(ROOT / "tests" / "csrc" / "header_harness.cpp"), "-o", str(lib)],
+         str(Path(__file__).resolve().parent / "csrc" / "header_harness.cpp"), "-o", str(lib)],
         check=True,
     )
     h = ctypes.CDLL(str(lib))

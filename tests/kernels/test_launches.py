@@ -18,72 +18,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import tofu_kernels as tk
-from tofu_kernels.backends import triton_ops
 
-from .dist_utils import run_distributed
-
-# Metadata-only operations: no kernel on any device.
-FREE = {
-    "empty.memory_format", "empty_strided.default", "view.default", "_unsafe_view.default", "select.int",
-    "slice.Tensor", "as_strided.default", "expand.default", "transpose.int", "t.default", "alias.default",
-    "detach.default", "unsqueeze.default", "squeeze.dim", "reshape.default", "permute.default",
-}
-
-
-_IN_LAUNCH = [0]  # > 0 while a Triton kernel runs: the CPU interpreter's own host copies
-
-
-class OpCounter(TorchDispatchMode):
-    """Records every operator call: ours (tofu_kernels::*) and torch's, except those Triton's
-    CPU interpreter makes inside a kernel launch (on a GPU a launch makes none)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ours: list[str] = []
-        self.collectives: list[str] = []
-        self.torch_ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = f"{func._schema.name.split('::')[-1]}.{func._overloadname}"
-        if _IN_LAUNCH[0]:
-            pass
-        elif func.namespace == "tofu_kernels":
-            self.ours.append(func._schema.name.split("::")[-1])
-        elif func.namespace == "c10d":
-            self.collectives.append(name)
-        elif name not in FREE:
-            self.torch_ops.append(name)
-        return func(*args, **(kwargs or {}))
+from tests.support.dist_utils import run_distributed
+from tests.support.spies import DispatchSpy, count_collectives, count_triton_launches, gathers
 
 
 @pytest.fixture
-def triton_launches(monkeypatch):
+def triton_launches():
     """Count the Triton kernel launches of the backend."""
-    launches: list[str] = []
-    real = triton_ops._launch
-
-    def counting(kernel):
-        k = real(kernel)
-
-        class Counted:
-            def __getitem__(self, grid):
-                def run(*a, **kw):
-                    launches.append(kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel))
-                    _IN_LAUNCH[0] += 1
-                    try:
-                        return k[grid](*a, **kw)
-                    finally:
-                        _IN_LAUNCH[0] -= 1
-
-                return run
-
-        return Counted()
-
-    monkeypatch.setattr(triton_ops, "_launch", counting)
-    return launches
+    with count_triton_launches() as launches:
+        yield launches
 
 
 CASES = {  # (reduction, grad_in_forward) -> kernels per forward + backward
@@ -107,7 +53,7 @@ def test_triton_kernels_and_no_torch_glue(case, metrics, triton_launches):
     x = torch.randn(6, 100, requires_grad=True)
     labels = torch.randint(0, 100, (6,))
     seed = torch.ones(6) if reduction == "none" else torch.ones(())
-    with OpCounter() as ops:
+    with DispatchSpy() as ops:
         _fwd_bwd(x, labels, "triton", reduction, grad_in_forward, metrics).backward(seed)
     assert len(triton_launches) == CASES[case], triton_launches
     assert ops.torch_ops == [], f"torch operations around the kernels: {ops.torch_ops}"
@@ -129,7 +75,7 @@ def test_cuda_kernels_and_no_torch_glue(case, inplace, metrics):
     labels = torch.empty(6, device="meta", dtype=torch.long)
     seed = torch.ones(6, device="meta") if reduction == "none" else torch.ones((), device="meta")
     x = leaf.view(6, 5000) if inplace else leaf  # a non-leaf whose storage may take the gradient
-    with OpCounter() as ops:
+    with DispatchSpy() as ops:
         loss = _fwd_bwd(x, labels, "cuda", reduction, grad_in_forward, metrics, inplace_backward=inplace)
         loss.backward(seed)
     assert sum(CUDA_KERNELS[o] for o in ops.ours) == CASES[case], ops.ours
@@ -138,47 +84,15 @@ def test_cuda_kernels_and_no_torch_glue(case, inplace, metrics):
 
 def tp_cases(rank: int, world: int) -> None:
     """Vocab-parallel on gloo: the three kernels and the one all-gather, nothing else."""
-    import torch.distributed as dist
-
-    launches: list[str] = []
-    real = triton_ops._launch
-
-    def counting(kernel):
-        return _CountedLaunch(real(kernel), launches, kernel)
-
-    triton_ops._launch = counting
-    collectives = []
-    real_gather = dist.all_gather_single if hasattr(dist, "all_gather_single") else dist.all_gather_into_tensor
-    name = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
-    setattr(dist, name, lambda *a, **k: collectives.append(1) or real_gather(*a, **k))
-    try:
-        x = torch.randn(5, 40, requires_grad=True)
-        labels = torch.randint(0, 40 * world, (5,))
-        seed = torch.ones(5)
-        with OpCounter() as ops:
-            loss = tk.vocab_parallel_tofu_loss(x, labels, backend="triton", check_inputs=False)
-            loss.backward(seed)
-    finally:
-        triton_ops._launch = real
-        setattr(dist, name, real_gather)
-    assert len(launches) == 3 and len(collectives) == 1 and len(ops.collectives) == 1, (launches, collectives)
+    x = torch.randn(5, 40, requires_grad=True)
+    labels = torch.randint(0, 40 * world, (5,))
+    seed = torch.ones(5)
+    with count_triton_launches() as launches, count_collectives() as collectives, DispatchSpy() as ops:
+        loss = tk.vocab_parallel_tofu_loss(x, labels, backend="triton", check_inputs=False)
+        loss.backward(seed)
+    assert len(launches) == 3 and gathers(collectives) == collectives.total() == 1 and len(ops.collectives) == 1, (
+        launches, collectives)
     assert ops.torch_ops == [], f"torch operations around the kernels: {ops.torch_ops}"
-
-
-class _CountedLaunch:
-    def __init__(self, k, launches, kernel):
-        self.k, self.launches, self.kernel = k, launches, kernel
-
-    def __getitem__(self, grid):
-        def run(*a, **kw):
-            self.launches.append(str(self.kernel))
-            _IN_LAUNCH[0] += 1
-            try:
-                return self.k[grid](*a, **kw)
-            finally:
-                _IN_LAUNCH[0] -= 1
-
-        return run
 
 
 def test_vocab_parallel_kernels_and_one_collective():

@@ -12,12 +12,12 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import tofu_kernels as tk
 from tofu_kernels.linear import default_chunk_size
 
-from .helpers import assert_grad_close, assert_loss_close, gpu_backends, make_logits, reference
+from tests.support.helpers import assert_grad_close, assert_loss_close, gpu_backends, make_logits, reference
+from tests.support.spies import DispatchSpy, count_collectives, gathers
 
 BACKENDS = ["torch", "triton"]
 
@@ -251,21 +251,6 @@ def test_second_backward_raises_and_errors():
         tk.linear_tofu_loss(h, w, labels, gamma=-1.0)
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any operation produces (numel)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_no_n_by_v_temporaries(reduction):
     # N x V = 96 x 200 = 19200 elements; one chunk 16 x 200 = 3200; W is 200 x 24 = 4800
@@ -273,12 +258,12 @@ def test_no_n_by_v_temporaries(reduction):
     h, w, labels = _inputs(n, d, v, torch.float32)
     hx, wx = h.clone().requires_grad_(), w.clone().requires_grad_()
     up = torch.randn(n) if reduction == "none" else torch.tensor(1.0)
-    with _LargestTensor() as mode:
+    with DispatchSpy() as mode:
         loss = tk.linear_tofu_loss(hx, wx, labels, reduction=reduction, chunk_size=chunk, backend="torch")
         (loss * up).sum().backward()
     assert mode.largest <= max(chunk * v, v * d, n * d), mode.largest
     # the materialised path does build one (the check can fail)
-    with _LargestTensor() as mode:
+    with DispatchSpy() as mode:
         tk.tofu_loss(torch.nn.functional.linear(h, w), labels, backend="torch")
     assert mode.largest >= n * v
 
@@ -327,15 +312,17 @@ def vocab_parallel_linear_cases(rank: int, world: int, device: str = "cpu", back
     """Each rank holds rows [rank * Vr, (rank + 1) * Vr) of the weight; against the fp64
     oracle on the full weight: the loss (identical on every rank), dhidden (all-reduced),
     this rank's dweight rows; one collective each way. ``device="cuda"``: every process on
-    the one GPU (tests/test_gpu_tp.py's harness stages gloo's all-gather if it must)."""
+    the one GPU (tests/support/dist_utils.py stages gloo's all-gather if it must)."""
     import torch.distributed as dist
 
-    from tofu_kernels import vocab_parallel
+    from tests.support.dist_utils import (
+        assert_same_on_all_ranks,
+        shared_device,
+        stage_all_gather_through_host_if_needed,
+    )
 
     if device == "cuda":
-        from .test_gpu_tp import _device, _stage_all_gather_through_host_if_needed
-
-        _stage_all_gather_through_host_if_needed(_device(device))
+        stage_all_gather_through_host_if_needed(shared_device(device))
     dev = torch.device(device)
     vr = 23 if device == "cpu" else 4099  # on the GPU a shard crosses a 4096-column tile
     for backend in backends:
@@ -349,34 +336,19 @@ def vocab_parallel_linear_cases(rank: int, world: int, device: str = "cpu", back
             ref_loss, ref_dh, ref_dw = _oracle(h, w, labels, reduction, upstream)
             rows = slice(rank * vr, (rank + 1) * vr)
             hx, wx = h.to(dev, copy=True).requires_grad_(), w[rows].to(dev, copy=True).requires_grad_()
-            calls = {"all_gather": 0, "all_reduce": 0}
-            gather, reduce_ = vocab_parallel._all_gather, dist.all_reduce
-
-            def counting_gather(*a, **k):
-                calls["all_gather"] += 1
-                return gather(*a, **k)
-
-            def counting_reduce(*a, **k):
-                calls["all_reduce"] += 1
-                return reduce_(*a, **k)
-
-            vocab_parallel._all_gather, dist.all_reduce = counting_gather, counting_reduce
-            try:
+            with count_collectives() as calls:
                 loss = tk.vocab_parallel_linear_tofu_loss(hx, wx, labels.to(dev), reduction=reduction,
                                                           backend=backend, chunk_size=8)
                 (loss * upstream.to(dev)).sum().backward()
-            finally:
-                vocab_parallel._all_gather, dist.all_reduce = gather, reduce_
-            # the statistics' all-gather, after the checked call's metadata exchange; dhidden's all-reduce
-            assert calls == {"all_gather": 2, "all_reduce": 1}, calls
+            # the statistics' all-gather, after the checked call's metadata exchange; dhidden's
+            # all-reduce; nothing else
+            assert (gathers(calls), calls["all_reduce"], calls.total()) == (2, 1, 3), calls
             tol = 1e-5 if dtype == torch.float32 else 2e-2
             loss = loss.detach().cpu()
             assert _rel(loss, ref_loss) <= tol
             assert _rel(hx.grad.cpu(), ref_dh) <= tol, _rel(hx.grad.cpu(), ref_dh)
             assert _rel(wx.grad.cpu(), ref_dw[rows]) <= tol, _rel(wx.grad.cpu(), ref_dw[rows])
-            parts = [torch.empty_like(loss) for _ in range(world)]
-            dist.all_gather(parts, loss.contiguous())
-            assert all(torch.equal(p, parts[0]) for p in parts), "loss differs across ranks"
+            assert_same_on_all_ranks(loss)
     if device != "cpu":
         return
 
@@ -415,7 +387,7 @@ def vocab_parallel_linear_cases(rank: int, world: int, device: str = "cpu", back
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_vocab_parallel_linear(world):
-    from .dist_utils import run_distributed
+    from tests.support.dist_utils import run_distributed
 
     run_distributed(world, vocab_parallel_linear_cases)
 
@@ -423,7 +395,7 @@ def test_vocab_parallel_linear(world):
 @pytest.mark.gpu
 @pytest.mark.parametrize("world", [2, 4])
 def test_gpu_vocab_parallel_linear(world):
-    from .dist_utils import run_distributed
+    from tests.support.dist_utils import run_distributed
 
     run_distributed(world, vocab_parallel_linear_cases, device="cuda", backends=gpu_backends())
 
@@ -443,13 +415,11 @@ def test_cuda_ops_through_the_linear_path_on_meta(reduction):
     # epilogue for all rows; the backward's rescales
     if not tk.extension_loaded():
         pytest.skip("CUDA extension not built (no nvcc / CPU-only torch)")
-    from .test_launches import OpCounter
-
     h = torch.empty(10, 16, device="meta", dtype=torch.bfloat16, requires_grad=True)
     w = torch.empty(5000, 16, device="meta", dtype=torch.bfloat16, requires_grad=True)
     labels = torch.empty(10, device="meta", dtype=torch.long)
     seed = torch.ones(10, device="meta") if reduction == "none" else torch.ones((), device="meta")
-    with OpCounter() as ops:
+    with DispatchSpy() as ops:
         loss = tk.linear_tofu_loss(h, w, labels, reduction=reduction, backend="cuda", check_inputs=False,
                                    chunk_size=4)
         loss.backward(seed)

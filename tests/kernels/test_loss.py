@@ -1,7 +1,7 @@
 """tofu_loss against the float64 reference, every backend that runs here.
 
 The Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, see conftest),
-so shapes stay small; the ``tiling`` fixture shrinks the kernels' tile sizes instead,
+so shapes stay small; the ``tiling`` fixture (tests/kernels/conftest.py) shrinks the kernels' tile sizes instead,
 so a 300-column row still crosses several tiles and several vocab splits.
 """
 
@@ -12,26 +12,13 @@ import torch
 import torch.nn.functional as F
 
 import tofu_kernels as tk
-from tofu_kernels.backends import triton_ops
 
-from .helpers import DTYPES, assert_grad_close, assert_loss_close, make_logits, reference, run
+from tests.support.helpers import DTYPES, assert_grad_close, assert_loss_close, make_logits, reference, run
+from tests.support.megatron_utils import require_megatron_core
 
 BACKENDS = ["torch", "triton"]
 GAMMAS = [0.0, 0.5, 1.0, 3.0, 4.5]
 BETAS = [0.5, 0.8, 1.0, 1.5]
-
-
-@pytest.fixture(params=["one_tile", "many_tiles", "many_splits"])
-def tiling(request, monkeypatch):
-    """Triton tile/split configurations (the torch backend ignores them)."""
-    if request.param == "many_tiles":  # one program loops over several 64-wide tiles
-        monkeypatch.setattr(triton_ops, "FWD_BLOCK", 64)
-        monkeypatch.setattr(triton_ops, "BWD_BLOCK", 64)
-        monkeypatch.setattr(triton_ops, "TARGET_PROGRAMS", 1)
-    elif request.param == "many_splits":  # each row split over programs, merged after
-        monkeypatch.setattr(triton_ops, "FWD_BLOCK", 32)
-        monkeypatch.setattr(triton_ops, "TARGET_PROGRAMS", 4096)
-    return request.param
 
 
 # Shapes: one row (the smallest grid), an odd vocab just above a power of two, and a
@@ -410,7 +397,7 @@ def test_flags_of_the_other_entry_points_take_booleans_only():
                                    num_attention_heads=2, num_key_value_heads=1, head_dim=4)
     with pytest.raises(TypeError, match="fused_linear must be True or False"):
         hf.apply_tofu(transformers.LlamaForCausalLM(cfg), fused_linear="no")
-    pytest.importorskip("megatron.core")
+    require_megatron_core()
     import megatron_patch
 
     with pytest.raises(TypeError, match="fused_output must be True or False"):

@@ -6,7 +6,7 @@ Oracle: fp64 ``log_softmax`` of the same (already rounded) logits: entropy
 ``mean_token_accuracy`` count ties). Every backend that runs here (torch; Triton in
 its CPU interpreter, with tilings that split rows), both paths (two passes; gradient in the
 forward), the fused linear loss, and the vocab-parallel combine on gloo. The CUDA kernels
-run the same math (``tests/test_cuda_ext.py``: the host-compiled header, meta tracing) and
+run the same math (``tests/kernels/test_cuda_ext.py``: the host-compiled header, meta tracing) and
 the GPU twin below.
 
 Tolerance: entropy ``|ours - ref| <= 2e-5 |ref| + 2e-5 * (1 + |m|)``: E accumulates
@@ -24,10 +24,9 @@ import pytest
 import torch
 
 import tofu_kernels as tk
-from tofu_kernels.backends import triton_ops
 
-from .dist_utils import run_distributed
-from .helpers import DTYPES, gpu_backends, make_logits
+from tests.support.dist_utils import run_distributed
+from tests.support.helpers import DTYPES, gpu_backends, make_logits
 
 BACKENDS = ["torch", "triton"]
 
@@ -83,22 +82,9 @@ def _hard_rows(shape, vocab, dtype, seed=0):
     return logits, labels
 
 
-# One row; an odd vocabulary just above a power of two; rows the tilings below cut into
+# One row; an odd vocabulary just above a power of two; rows the tilings (the ``tiling`` fixture) cut into
 # several tiles and splits; a [b, s, V] batch.
 SHAPES = [((1,), 17), ((13,), 257), ((7,), 300), ((2, 5), 131)]
-
-
-@pytest.fixture(params=["one_tile", "many_tiles", "many_splits"])
-def tiling(request, monkeypatch):
-    """Triton tile/split configurations: the online rescaling and the merges of E."""
-    if request.param == "many_tiles":
-        monkeypatch.setattr(triton_ops, "FWD_BLOCK", 64)
-        monkeypatch.setattr(triton_ops, "FUSED_BLOCK", 64)
-        monkeypatch.setattr(triton_ops, "TARGET_PROGRAMS", 1)
-    elif request.param == "many_splits":
-        monkeypatch.setattr(triton_ops, "FWD_BLOCK", 32)
-        monkeypatch.setattr(triton_ops, "TARGET_PROGRAMS", 4096)
-    return request.param
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -27,12 +27,14 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("megatron.core", reason="megatron-core is installed by make test")
+from tests.support.megatron_utils import require_megatron_core
+
+require_megatron_core()
 
 import tofu_kernels as tk  # noqa: E402
 
-from .dist_utils import run_distributed  # noqa: E402
-from .side_folders import side_folder  # noqa: E402
+from tests.support.dist_utils import run_distributed  # noqa: E402
+from tests.support.side_folders import side_folder  # noqa: E402
 
 BRIDGE = "megatron-bridge-0.6.2"
 GAMMA, BETA = 2.0, 0.7
@@ -58,8 +60,8 @@ def _bridge_worker(rank, world, folder):
     import megatron_patch
     from megatron_patch.reporting import CE_KEY, LOSS_KEY
 
-    from .megatron_lm import BATCH, SEQ, VOCAB, batches, cpu_harness, reduce_like_megatron
-    from .megatron_utils import gather_vocab, init_megatron_cpu, tiny_gpt
+    from tests.support.megatron_lm import BATCH, SEQ, VOCAB, batches, cpu_harness, reduce_like_megatron
+    from tests.support.megatron_utils import gather_vocab, init_megatron_cpu, tiny_gpt
 
     cpu_harness()
     init_megatron_cpu(world)

@@ -12,7 +12,7 @@ import pytest
 
 import megatron_patch
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.checkout import ROOT
 
 
 def _help(*cmd: str) -> str:

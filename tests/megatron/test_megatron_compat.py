@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.checkout import ROOT
+
 MCORE_016 = Path(sys.prefix) / "megatron-core-0.16.0"
 
 
@@ -23,9 +24,9 @@ def test_patch_on_megatron_core_0_16():
     assert ver.stdout.strip() == "0.16.0", ver.stdout + ver.stderr[-2000:]
     out = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         "tests/test_megatron_patch.py::test_tiny_gpt_tp2",
-         "tests/test_megatron_patch.py::test_apply_twice_and_revert_restore_the_original_object",
-         "tests/test_megatron_patch.py::test_cross_entropy_leaves_megatron_untouched"],
+         "tests/megatron/test_megatron_patch.py::test_tiny_gpt_tp2",
+         "tests/megatron/test_megatron_patch.py::test_apply_twice_and_revert_restore_the_original_object",
+         "tests/megatron/test_megatron_patch.py::test_cross_entropy_leaves_megatron_untouched"],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
     )
     assert out.returncode == 0 and "5 passed" in out.stdout, out.stdout[-3000:] + out.stderr[-2000:]

@@ -20,14 +20,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-pytest.importorskip("megatron.core", reason="megatron-core is installed by make test")
+from tests.support.megatron_utils import require_megatron_core
+
+require_megatron_core()
 
 import megatron_patch  # noqa: E402
 import tofu_kernels as tk  # noqa: E402
 from megatron_patch.reporting import CE_KEY, LOSS_KEY  # noqa: E402
 
-from .dist_utils import run_distributed  # noqa: E402
-from .megatron_lm import (  # noqa: E402
+from tests.support.dist_utils import run_distributed  # noqa: E402
+from tests.support.megatron_lm import (  # noqa: E402
     FIXTURE,
     HYBRID,
     SKIP_REASON,
@@ -38,7 +40,7 @@ from .megatron_lm import (  # noqa: E402
     setup,
     train_reports,
 )
-from .megatron_utils import gather_vocab  # noqa: E402
+from tests.support.megatron_utils import gather_vocab  # noqa: E402
 
 pytestmark = pytest.mark.skipif(FIXTURE is None, reason=SKIP_REASON)
 
@@ -56,7 +58,7 @@ def _dump(stdout: str) -> dict[str, str]:
 
 @pytest.mark.parametrize("sft", [False, True], ids=["pretrain", "sft"])
 def test_launcher_runs_the_real_script_with_tofu(sft):
-    from .megatron_lm import TINY
+    from tests.support.megatron_lm import TINY
 
     out = launch("--loss-type", "tofu", "--tofu-gamma", "2.5", "--tofu-beta", "0.7", *TINY,
                  *(["--sft"] if sft else []))
@@ -74,7 +76,7 @@ def test_launcher_runs_the_real_script_with_tofu(sft):
 
 
 def test_launcher_cross_entropy_leaves_megatron_untouched():
-    from .megatron_lm import TINY
+    from tests.support.megatron_lm import TINY
 
     out = launch("--loss-type", "cross_entropy", *TINY)
     assert "Megatron requires CUDA" in out.stderr, out.stderr[-3000:]
@@ -84,7 +86,7 @@ def test_launcher_cross_entropy_leaves_megatron_untouched():
 
 
 def test_launcher_warns_once_about_tofu_flags_without_tofu():
-    from .megatron_lm import TINY
+    from tests.support.megatron_lm import TINY
 
     out = launch(*TINY, "--tofu-gamma", "2.0", "--tofu-backend", "torch")
     assert "Megatron requires CUDA" in out.stderr, out.stderr[-3000:]
@@ -103,7 +105,7 @@ def test_launcher_warns_once_about_tofu_flags_without_tofu():
 def test_launcher_bad_values_end_with_one_line(flags, message):
     """Exit status 2 and one line naming the flag, as the last line, without Megatron's usage
     text (hundreds of lines) above it."""
-    from .megatron_lm import TINY
+    from tests.support.megatron_lm import TINY
 
     out = launch(*TINY, "--loss-type", "tofu", *flags)
     assert out.returncode == 2, out.stderr[-3000:]
@@ -113,7 +115,7 @@ def test_launcher_bad_values_end_with_one_line(flags, message):
 
 @pytest.mark.parametrize("impl", ["native", "te"])
 def test_launcher_warns_that_tofu_replaces_cross_entropy_fusion(impl):
-    from .megatron_lm import TINY
+    from tests.support.megatron_lm import TINY
 
     out = launch("--loss-type", "tofu", *TINY, "--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", impl)
     warning = ("--loss-type tofu replaces Megatron's cross entropy, so --cross-entropy-loss-fusion "
@@ -128,7 +130,7 @@ def test_launcher_warns_that_tofu_replaces_cross_entropy_fusion(impl):
 def test_launcher_cross_entropy_fusion_impl_alone_selects_nothing():
     """README: `--cross-entropy-fusion-impl te` without `--cross-entropy-loss-fusion`: no
     warning, no refusal; the run goes on to Megatron's CUDA check like any other."""
-    from .megatron_lm import TINY
+    from tests.support.megatron_lm import TINY
 
     out = launch("--loss-type", "tofu", *TINY, "--cross-entropy-fusion-impl", "te")
     assert "Megatron requires CUDA" in out.stderr, out.stderr[-3000:]

@@ -7,15 +7,17 @@ import sys
 import pytest
 import torch
 
-pytest.importorskip("megatron.core", reason="megatron-core is installed by make test")
+from tests.support.megatron_utils import require_megatron_core
+
+require_megatron_core()
 
 import megatron_patch  # noqa: E402
 import tofu_kernels as tk  # noqa: E402
 from tofu_kernels.params import TOFUParams  # noqa: E402
 
-from .dist_utils import run_distributed  # noqa: E402
-from .helpers import assert_loss_close  # noqa: E402
-from .megatron_utils import (  # noqa: E402
+from tests.support.dist_utils import run_distributed  # noqa: E402
+from tests.support.helpers import assert_loss_close  # noqa: E402
+from tests.support.megatron_utils import (  # noqa: E402
     assert_ce_mode_matches_megatron,
     causal_mask,
     gather_vocab,

@@ -6,7 +6,7 @@ distributed optimizer, checkpoints) are swapped for this machine's, and everythi
 (the loss flags, --sft, the SFTTokenizer and its prompt format, the data flags) is run
 as written. A drift between the page and what runs here fails these tests.
 
-Data: a chat jsonl and a Hugging Face tokenizer written by the test (tests/sft_data.py),
+Data: a chat jsonl and a Hugging Face tokenizer written by the test (tests/support/sft_data.py),
 read by Megatron's SFTTokenizer / SFTDataset through the training script's own dataset
 provider and Megatron's data loader, fed through the script's forward_step / loss_func
 inside Megatron's pipeline schedule (get_batch with its TP broadcast and packed-sequence
@@ -28,16 +28,19 @@ import pytest
 import torch
 import torch.distributed as dist
 
-pytest.importorskip("megatron.core", reason="megatron-core is installed by make test")
+from tests.support.megatron_utils import require_megatron_core
+
+require_megatron_core()
 
 import megatron_patch  # noqa: E402
 import tofu_kernels as tk  # noqa: E402
 from megatron_patch.reporting import CE_KEY, LOSS_KEY  # noqa: E402
 
-from . import readme  # noqa: E402
-from .dist_utils import run_distributed  # noqa: E402
-from .helpers import assert_grad_close, assert_loss_close  # noqa: E402
-from .megatron_lm import (  # noqa: E402
+from tests.support import readme  # noqa: E402
+from tests.support.checkout import load_script  # noqa: E402
+from tests.support.dist_utils import run_distributed  # noqa: E402
+from tests.support.helpers import assert_grad_close, assert_loss_close  # noqa: E402
+from tests.support.megatron_lm import (  # noqa: E402
     FIXTURE,
     HYBRID,
     SKIP_REASON,
@@ -47,8 +50,8 @@ from .megatron_lm import (  # noqa: E402
     reduce_like_megatron,
     setup,
 )
-from .megatron_utils import gather_vocab  # noqa: E402
-from .sft_data import (  # noqa: E402
+from tests.support.megatron_utils import gather_vocab  # noqa: E402
+from tests.support.sft_data import (  # noqa: E402
     CONVERSATIONS,
     PackedAsMask,
     assistant_text,
@@ -349,8 +352,8 @@ def provider_built_cases(rank: int, world: int) -> None:
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from .megatron_lm import BATCH, SEQ, batches
-    from .megatron_utils import init_megatron_cpu, tiny_gpt
+    from tests.support.megatron_lm import BATCH, SEQ, batches
+    from tests.support.megatron_utils import init_megatron_cpu, tiny_gpt
 
     cpu_harness()  # the schedule's cuda counters on the CPU
     init_megatron_cpu(world)
@@ -392,14 +395,7 @@ def test_a_provider_built_model_trains_tofu():
 
 
 def _gpu_check():
-    import sys
-
-    sys.path.insert(0, str(readme.README.parent / "benchmarks"))
-    try:
-        import megatron_lm_check
-    finally:
-        sys.path.pop(0)
-    return megatron_lm_check
+    return load_script("benchmarks/megatron_lm_check.py")
 
 
 def test_gpu_check_sft_runs_the_readme_flags_or_says_why_not(tmp_path):

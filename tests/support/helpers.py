@@ -64,6 +64,35 @@ def assert_loss_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
     assert (err <= bound).all(), f"loss error {err.max().item():.3e} (worst at {err.argmax().item()})"
 
 
+def assert_params_close(got, want: dict, *, dtype: torch.dtype | None = None, rtol: float | None = None,
+                        atol: float | None = None, norm_rtol: float | None = None, at_least: int = 1,
+                        what: str = "gradient") -> None:
+    """Tensors by parameter name (gradients, or weights after some steps) against ``want``.
+
+    ``got``: a dict, or a module (its trainable parameters' gradients). The names must be the
+    same in both, at least ``at_least`` of them; then each tensor within one bound:
+    ``dtype``: ``assert_grad_close``'s per-element table (``want`` is the float64 or fp32
+    reference); ``rtol``/``atol``: ``torch.testing.assert_close``; ``norm_rtol``: normwise,
+    ``||got - want|| / ||want|| < norm_rtol`` (two roundings of the same low-precision sum).
+    """
+    if isinstance(got, torch.nn.Module):
+        got = {n: p.grad for n, p in got.named_parameters() if p.requires_grad}
+    assert set(got) == set(want) and len(got) >= at_least, (what, sorted(set(got) ^ set(want)), len(got))
+    assert [dtype is not None, rtol is not None or atol is not None, norm_rtol is not None].count(True) == 1
+    for name in want:
+        if dtype is not None:
+            try:
+                assert_grad_close(got[name].cpu(), want[name].double().cpu(), dtype)
+            except AssertionError as e:
+                raise AssertionError(f"{what} {name}: {e}") from None
+        elif norm_rtol is not None:
+            g, w = got[name].double().cpu(), want[name].double().cpu()
+            rel = ((g - w).norm() / w.norm()).item()
+            assert rel < norm_rtol, (what, name, rel)
+        else:
+            torch.testing.assert_close(got[name], want[name], rtol=rtol, atol=atol, msg=lambda m: f"{what} {name}: {m}")
+
+
 def gpu_backends() -> tuple[str, ...]:
     """The backends a GPU test runs: Triton, and the CUDA extension where it is built."""
     return ("triton",) + (("cuda",) if tk.extension_loaded() else ())

@@ -1,6 +1,6 @@
-"""A tiny SFT run that ``tests/test_hf_launch.py`` starts the way a user does, under
+"""A tiny SFT run that ``tests/hf/test_hf_launch.py`` starts the way a user does, under
 ``accelerate launch --config_file examples/accelerate/<setup>`` (or as one plain process for
-the reference): ``python -m tests.hf_launch --out DIR [--trainer tofu|trl]``.
+the reference): ``python -m tests.support.hf_launch --out DIR [--trainer tofu|trl]``.
 
 Everything that would make runs differ for another reason than the parallelism is fixed
 and stated: fp32 (``bf16=False``: TRL's SFTConfig turns bf16 autocast on by default, also on
@@ -24,9 +24,9 @@ from transformers import TrainerCallback
 from tofu_kernels.hf import TOFUSFTTrainer
 
 def model_and_tokenizer():
-    from .test_hf import VOCAB, _tiny, _word_tokenizer
+    from .hf_models import VOCAB, tiny_model, word_tokenizer
 
-    return _tiny("llama", pad_token_id=VOCAB - 3, eos_token_id=VOCAB - 2), _word_tokenizer()
+    return tiny_model("llama", pad_token_id=VOCAB - 3, eos_token_id=VOCAB - 2), word_tokenizer()
 
 
 def dataset(n: int) -> Dataset:

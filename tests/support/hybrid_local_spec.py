@@ -3,7 +3,7 @@
 The stack specs megatron-core ships (``megatron.core.models.hybrid.hybrid_layer_specs``)
 use Transformer Engine modules, which are not installed here; this module is what a CPU
 test passes to Megatron-LM's ``pretrain_hybrid.py`` as
-``--spec tests.hybrid_local_spec hybrid_stack_spec``. It gives the pattern symbols
+``--spec tests.support.hybrid_local_spec hybrid_stack_spec``. It gives the pattern symbols
 ``*`` (attention) and ``-`` (MLP) the layers of ``get_gpt_layer_local_spec`` (the GPT
 block ``*-`` is then a local GPT layer), and an MTP block for the pattern's ``/`` section.
 Mamba (``M``) is left out: ``MambaMixer`` needs the mamba-ssm package's CUDA/Triton kernels.

@@ -23,18 +23,14 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from .checkout import ROOT, load_script
+
 FIXTURE_NAME = "megatron-lm-core_v0.19.0"
 FILES = ("pretrain_gpt.py", "gpt_builders.py", "model_provider.py")
 
 
 def find_fixture() -> Path | None:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from megatron_lm_check import find_fixture as locate  # the one locator, shared with the GPU check
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return locate()
+    return load_script("benchmarks/megatron_lm_check.py").find_fixture()  # the one locator, shared with the GPU check
 
 
 FIXTURE = find_fixture()
@@ -114,8 +110,8 @@ SCRIPTS = {
     "gpt": ("pretrain_gpt.py", "gpt_builders", "gpt_builder"),
     "hybrid": ("pretrain_hybrid.py", "hybrid_builders", "hybrid_builder"),
 }
-# HybridModel with the local-layer stack spec of tests/hybrid_local_spec.py.
-HYBRID = ["--spec", "tests.hybrid_local_spec", "hybrid_stack_spec", "--hybrid-layer-pattern", "*-*-"]
+# HybridModel with the local-layer stack spec of tests/support/hybrid_local_spec.py.
+HYBRID = ["--spec", "tests.support.hybrid_local_spec", "hybrid_stack_spec", "--hybrid-layer-pattern", "*-*-"]
 
 
 def setup(*argv: str, base: list[str] = TINY, model: str = "gpt"):

@@ -7,7 +7,8 @@ import re
 import shlex
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from .checkout import ROOT
+
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 MEGATRON = DOCS / "megatron.md"  # the SFT command, the prompt-format table

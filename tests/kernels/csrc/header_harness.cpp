@@ -1,5 +1,5 @@
 // Host harness for csrc/tofu_math.cuh: the kernels' per-element and per-row math,
-// compiled by g++ from the same header and called from tests/test_cuda_ext.py via
+// compiled by g++ from the same header and called from tests/kernels/test_cuda_ext.py via
 // ctypes, so it is checked against the Python reference on machines without a GPU.
 #include "tofu_math.cuh"
 
