@@ -21,13 +21,13 @@ $(VENV)/.installed: requirements-dev.txt pyproject.toml setup.py $(wildcard csrc
 	# megatron-core 0.16.0 beside the pinned 0.19.2, for the compatibility test
 	$(PY) -m pip install -q --no-deps --target $(VENV)/megatron-core-0.16.0 megatron-core==0.16.0
 	# Frameworks the tests run but that are too heavy to install whole: --no-deps side folders,
-	# put on the path only by the tests that need them (tests/side_folders.py).
+	# put on the path only by the tests that need them (tests/support/side_folders.py).
 	# DeepSpeed on CPU (DS_ACCELERATOR=cpu, gloo): the ZeRO parity tests
 	$(PY) -m pip install -q --no-deps --target $(VENV)/deepspeed-0.19.8 deepspeed==0.19.8 hjson==3.1.0 \
 	    msgpack==1.2.4 py-cpuinfo==9.0.0 ninja==1.13.2 einops==0.8.2
-	# NeMo Automodel's loss, config and LinearCrossEntropy code (tests/test_automodel.py)
+	# NeMo Automodel's loss, config and LinearCrossEntropy code (tests/hf/test_automodel.py)
 	$(PY) -m pip install -q --no-deps --target $(VENV)/nemo-automodel-0.7.0 nemo-automodel==0.7.0
-	# Megatron-Bridge's training/losses.py under megatron.core's schedule (tests/test_bridge.py)
+	# Megatron-Bridge's training/losses.py under megatron.core's schedule (tests/megatron/test_bridge.py)
 	$(PY) -m pip install -q --no-deps --target $(VENV)/megatron-bridge-0.6.2 megatron-bridge==0.6.2
 	# builds the CUDA extension (tofu_kernels._C) when nvcc + CUDA torch exist; see setup.py
 	set -o pipefail; $(PY) -m pip install -v --no-build-isolation -e . 2>&1 | { grep -E "tofu-kernels setup|rror:" || true; }
