@@ -1,6 +1,10 @@
 # make demo   TOFU vs cross entropy SFT through Megatron-Core, TP=2 (CPU: ~5 min on 2 cores)
 # make study  seeded gamma/beta study vs cross entropy sampled hotter (CPU: ~15 CPU-min per rank, 22-31 min on a busy 2-core machine)
 # make test   create .venv (Python 3.12), install pinned deps + this package, run all tests
+#             (CPU: 13-20 min on 2 cores)
+# make test-fast  the same venv; the kernels, the core and the API on CPU: tests/kernels,
+#             tests/distributed and tests/test_structure.py without the slow, megatron, hf and
+#             gpu tests (under 3 min on 2 cores; layout and markers: tests/README.md)
 # make bench  run the loss benchmark (CPU: tiny shapes, not a performance result)
 SHELL := /bin/bash
 VENV ?= .venv
@@ -9,7 +13,7 @@ PY := $(VENV)/bin/python
 PYTHON312 ?= $(shell for p in "$$(pyenv root 2>/dev/null)/versions/3.12.1/bin/python3" python3.12 python3; do \
     "$$p" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null && { echo "$$p"; break; }; done)
 
-.PHONY: demo study test bench venv clean
+.PHONY: demo study test test-fast bench venv clean
 
 venv: $(VENV)/.installed
 
@@ -53,6 +57,11 @@ study: venv
 TEST_WORKERS ?= 2
 test: venv
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+
+FAST_TESTS = tests/test_structure.py tests/kernels tests/distributed
+test-fast: venv
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow and not megatron and not hf and not gpu" \
+	    $(FAST_TESTS)
 
 bench: venv
 	$(PY) benchmarks/bench_loss.py

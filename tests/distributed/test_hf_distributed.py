@@ -44,6 +44,8 @@ from tests.support.helpers import assert_params_close  # noqa: E402
 from tests.support.hf_models import VOCAB, tiny_model  # noqa: E402
 from tests.support.side_folders import DEEPSPEED, side_folder  # noqa: E402
 
+pytestmark = pytest.mark.hf
+
 WORLD, STEPS, LR = 2, 3, 0.5
 LORA_TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -252,6 +254,7 @@ def parity(tmp_path_factory, request):
     return torch.load(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setup", list(SETUPS))
 def test_parity_with_one_process(parity, setup):
     if setup not in parity:

@@ -19,7 +19,7 @@ from tests.support.dist_utils import assert_same_on_all_ranks, run_distributed
 from tests.support.helpers import assert_grad_close, assert_loss_close, make_logits, reference
 from tests.support.spies import count_collectives
 
-WORLDS = [2, 4]
+WORLDS = [2, pytest.param(4, marks=pytest.mark.slow)]  # 4 processes on 2 cores: 15-30 s a test
 
 
 def _shard_loss(full, labels, rank, world, backend, upstream, **kw):
@@ -151,6 +151,7 @@ def check_cases(rank: int, world: int) -> None:
         assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2, 3, 4]]).all()
 
 
+@pytest.mark.slow  # 10-30 s
 @pytest.mark.parametrize("world", WORLDS)
 def test_vocab_parallel_grid(world):
     run_distributed(world, grid_cases)

@@ -10,6 +10,7 @@ import pytest
 from tests.support.checkout import ROOT, load_script
 
 
+@pytest.mark.slow
 def test_bench_cpu_smoke(tmp_path):
     """make bench's CPU mode: table, JSON and plot, every implementation ran."""
     import subprocess
@@ -115,6 +116,7 @@ def _gpu_check(*args, timeout=600):
                           env={**os.environ, "PYTHON": sys.executable})
 
 
+@pytest.mark.slow
 def test_gpu_check_script_cpu_smoke(tmp_path):
     """benchmarks/gpu_check.sh --cpu-smoke: the GPU run's command path, tiny, no GPU. Every step
     that can run here passes, in the run's order; the gpu tests are collected and skip with
@@ -161,6 +163,7 @@ def test_gpu_check_script_cpu_smoke(tmp_path):
     assert int(re.search(r"done in (\d+)s", summary)[1]) < 240  # 45-95 s on this 2-core machine
 
 
+@pytest.mark.slow
 def test_gpu_check_options(tmp_path):
     """The script's options: documented by --help, refused when unknown, and obeyed: a step the
     budget left cannot fit is skipped with the reason (exit 3: cut, none failed) while a later

@@ -68,6 +68,8 @@ def test_make_demo_and_study_write_to_a_git_ignored_folder():
         assert ignored.returncode == 0, f"{name} in {demo.LOCAL_OUT} is not git-ignored"
 
 
+@pytest.mark.slow
+@pytest.mark.megatron
 def test_demo_short_run(tmp_path):
     require_megatron_core()
     _short_run(tmp_path)

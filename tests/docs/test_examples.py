@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.support.checkout import ROOT
 
 
@@ -21,11 +23,11 @@ def test_vocab_parallel_example_torchrun():
     assert lines[0].split("(")[0].split(":")[1] == lines[1].split("(")[0].split(":")[1]  # same loss
 
 
+@pytest.mark.slow
+@pytest.mark.hf
 def test_hf_sft_example_runs_as_written():
     """The Hugging Face / TRL example (docs/huggingface.md): the three ways train with TOFU (loss falls),
     TOFUSFTTrainer first, with TRL's token accuracy logged."""
-    import pytest
-
     pytest.importorskip("trl")
     out = subprocess.run([sys.executable, str(ROOT / "examples" / "hf_sft.py")], capture_output=True, text=True,
                          timeout=600, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -38,13 +40,13 @@ def test_hf_sft_example_runs_as_written():
         assert last < 0.8 * first, line
 
 
+@pytest.mark.slow
+@pytest.mark.hf
 def test_hf_sft_example_under_accelerate_launch_zero3():
     """``accelerate launch --config_file examples/accelerate/zero3.yaml examples/hf_sft.py`` on
     2 CPU processes (DeepSpeed on CPU, gloo; the config's bf16 as written): TOFUSFTTrainer
     alone, under DeepSpeed, and its loss falls. (FSDP2's config cannot run here: accelerate
     selects FSDP only on accelerators; tests/distributed/test_hf_distributed.py covers FSDP2.)"""
-    import pytest
-
     pytest.importorskip("trl")
     from tests.support.dist_utils import free_port
     from tests.support.side_folders import DEEPSPEED, with_side_folder

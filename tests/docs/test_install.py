@@ -20,6 +20,7 @@ def _pip_wheel(tmp_path, **env):
     )
 
 
+@pytest.mark.slow
 def test_install_without_cuda_toolkit_is_pure_python(tmp_path):
     build = _pip_wheel(tmp_path, CUDA_HOME=str(tmp_path / "no-toolkit"), TOFU_BUILD_CUDA="auto")
     assert build.returncode == 0, build.stderr[-3000:]

@@ -21,6 +21,8 @@ require_megatron_core()
 
 demo = load_script("examples/diversity_demo.py")
 
+pytestmark = pytest.mark.megatron
+
 TEMPERATURES = ["1", "1.25", "1.5"]  # a shorter sweep than the default, with every pair's rows
 CE_ROWS = [f"CE T={t}" for t in TEMPERATURES]
 # --gammas 0 3 --betas 1 0.8: the grid's corners, enough for every paired difference
@@ -47,6 +49,7 @@ def study(tmp_path_factory):
     return run, json.loads((out / "study_results.json").read_text()), out
 
 
+@pytest.mark.slow
 def test_study_writes_json_table_and_plot(study):
     run, data, out = study
     assert data["complete"] is True and data["settings"]["seeds"] == [1, 2]
@@ -76,6 +79,7 @@ def test_study_writes_json_table_and_plot(study):
     assert "ETA" in run.stdout and "progress 100 %" in run.stdout and f"results written to {out}" in run.stdout
 
 
+@pytest.mark.slow
 def test_cross_entropy_baseline_is_sampled_at_its_temperature(study):
     """One cross-entropy model per seed: its argmax accuracy is the same at every temperature,
     and the entropy of the distribution it samples at the first response token rises with T."""
@@ -87,6 +91,7 @@ def test_cross_entropy_baseline_is_sampled_at_its_temperature(study):
         assert rows["TOFU g=3 b=0.8"]["sft_ce"] != rows["CE T=1"]["sft_ce"]  # the TOFU runs trained with TOFU
 
 
+@pytest.mark.slow
 def test_a_seed_reruns_to_the_same_numbers(study, tmp_path):
     """Seed 2 alone, on a smaller grid: every pre-SFT and cross-entropy number is the one the
     two-seed run gave (a seed reseeds data, weights, batches and samples)."""

@@ -17,6 +17,8 @@ require_megatron_core()
 
 sft = load_script("examples/tiny_sft.py")
 
+pytestmark = pytest.mark.megatron
+
 
 def test_encode_prompt_response_masks_only_the_response():
     toks, mask = sft.encode_record({"prompt": "ab", "response": "xyz"}, seq_len=10)
@@ -43,6 +45,7 @@ def _torchrun(*args, timeout=300):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_type", ["tofu", "cross_entropy"])
 def test_sft_trains_saves_and_resumes(tmp_path, loss_type):
     data = tmp_path / "sft.jsonl"

@@ -180,6 +180,7 @@ def test_vocab_parallel_on_one_gpu(world):
 
 
 @pytest.mark.gpu
+@pytest.mark.megatron
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_megatron_patch_tp2_on_one_gpu(backend):
     run_distributed(2, megatron_tp2_cases, device="cuda", backend=backend)
@@ -191,6 +192,8 @@ def test_harness_on_cpu_vocab_parallel():
     run_distributed(2, vocab_parallel_cases, device="cpu", backends=("torch",), dtypes=("bfloat16",))
 
 
+@pytest.mark.slow
+@pytest.mark.megatron
 def test_harness_on_cpu_megatron_tp2():
     require_megatron_core()
     run_distributed(2, megatron_tp2_cases, device="cpu", backend="torch")

@@ -41,6 +41,7 @@ from tests.support.checkout import ROOT  # noqa: E402
 from tests.support.dist_utils import free_port  # noqa: E402
 from tests.support.side_folders import DEEPSPEED, side_folder, with_side_folder  # noqa: E402
 
+pytestmark = pytest.mark.slow  # launches of 30-120 s
 EXAMPLES = os.path.join(ROOT, "examples", "accelerate")
 
 

@@ -22,6 +22,8 @@ import pytest
 
 from tests.support.checkout import ROOT
 
+pytestmark = pytest.mark.slow  # a fresh interpreter compiling for 20-65 s per case
+
 SCRIPT = r"""
 import sys, torch, tofu_kernels as tk
 backend, compiler = sys.argv[1], sys.argv[2]

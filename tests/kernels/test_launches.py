@@ -95,5 +95,6 @@ def tp_cases(rank: int, world: int) -> None:
     assert ops.torch_ops == [], f"torch operations around the kernels: {ops.torch_ops}"
 
 
+@pytest.mark.slow  # 2 processes: ~10 s
 def test_vocab_parallel_kernels_and_one_collective():
     run_distributed(2, tp_cases)

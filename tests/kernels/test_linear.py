@@ -385,6 +385,7 @@ def vocab_parallel_linear_cases(rank: int, world: int, device: str = "cpu", back
                                            vocab_end=starts[rank] + sizes[rank])
 
 
+@pytest.mark.slow  # 2 and 4 processes: 12-23 s
 @pytest.mark.parametrize("world", [2, 4])
 def test_vocab_parallel_linear(world):
     from tests.support.dist_utils import run_distributed

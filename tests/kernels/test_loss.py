@@ -382,6 +382,8 @@ def test_bad_arguments(kwargs, exc, match):
         tk.tofu_loss(logits, labels, **kwargs)
 
 
+@pytest.mark.hf
+@pytest.mark.megatron
 def test_flags_of_the_other_entry_points_take_booleans_only():
     hidden, weight, labels = torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))
     with pytest.raises(TypeError, match="return_ce must be True or False"):

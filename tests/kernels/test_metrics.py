@@ -196,6 +196,7 @@ def vocab_parallel_metrics_cases(rank: int, world: int) -> None:
         loss.sum().backward()
 
 
+@pytest.mark.slow  # 2 processes: ~15 s
 def test_vocab_parallel_metrics():
     run_distributed(2, vocab_parallel_metrics_cases)
 

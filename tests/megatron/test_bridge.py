@@ -109,6 +109,7 @@ def _bridge_worker(rank, world, folder):
         megatron_patch.revert()
 
 
+@pytest.mark.slow
 def test_bridge_loss_in_megatron_schedule_tp2():
     """Bridge's loss partial reports TOFU as 'lm loss' (equal to fp64) and our patch adds
     'lm cross entropy' (equal to fp64) with Bridge's token count, training and evaluation."""

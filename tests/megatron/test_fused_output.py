@@ -113,8 +113,11 @@ def tp_cases(rank: int, world: int, model: str, cases: list[list[str]]) -> None:
 
 
 @pytest.mark.parametrize("world,model,cases", [
-    (1, "gpt", [[]]), (2, "gpt", CASES["gpt"]), (2, "hybrid", CASES["hybrid"]), (4, "gpt", [[], ["--sequence-parallel"]]),
-], ids=["tp1-gpt", "tp2-gpt", "tp2-hybrid", "tp4-gpt"])
+    pytest.param(1, "gpt", [[]], id="tp1-gpt"),
+    pytest.param(2, "gpt", CASES["gpt"], id="tp2-gpt", marks=pytest.mark.slow),
+    pytest.param(2, "hybrid", CASES["hybrid"], id="tp2-hybrid", marks=pytest.mark.slow),
+    pytest.param(4, "gpt", [[], ["--sequence-parallel"]], id="tp4-gpt", marks=pytest.mark.slow),
+])
 def test_fused_equals_unfused(world, model, cases):
     run_distributed(world, tp_cases, model=model, cases=cases)
 
@@ -165,10 +168,12 @@ def main_grad_case(data) -> None:
     assert_grad_close(sums[1], sums[0].double(), torch.float32)
 
 
+@pytest.mark.slow
 def test_fused_bf16_pipeline_parallel_and_main_grad():
     run_distributed(2, other_cases)
 
 
+@pytest.mark.slow
 def test_launcher_takes_the_flag():
     from tests.support.megatron_lm import TINY
 

@@ -16,6 +16,7 @@ from tests.support.checkout import ROOT
 MCORE_016 = Path(sys.prefix) / "megatron-core-0.16.0"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not MCORE_016.is_dir(), reason="make test installs megatron-core 0.16.0 there")
 def test_patch_on_megatron_core_0_16():
     env = {**os.environ, "PYTHONPATH": str(MCORE_016)}

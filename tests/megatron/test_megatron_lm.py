@@ -295,12 +295,14 @@ def pp_cases(rank: int, world: int) -> None:
     megatron_patch.remove_hooks()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cases", [tp_report_cases, dp_report_cases, mtp_cases, pp_cases],
                          ids=["tp2", "dp2", "mtp", "pp2"])
 def test_fixture_reports_cross_entropy_beside_tofu(cases):
     run_distributed(2, cases)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cases", [tp_report_cases, mtp_cases], ids=["tp2", "mtp"])
 def test_hybrid_fixture_reports_cross_entropy_beside_tofu(cases):
     """The same through pretrain_hybrid.py's HybridModel (Megatron's recommended model):
@@ -344,5 +346,6 @@ def moe_overlap_cases(rank: int, world: int) -> None:
     megatron_patch.remove_hooks()
 
 
+@pytest.mark.slow
 def test_moe_overlap_schedule_keeps_the_cross_entropy_report():
     run_distributed(2, moe_overlap_cases)

@@ -125,6 +125,7 @@ def bert_t5_cases(rank: int, world: int) -> None:
         loss.sum().backward()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cases", [loss_cases, gradient_cases, bert_t5_cases], ids=["loss", "grads", "bert_t5"])
 def test_tiny_gpt_tp2(cases):
     run_distributed(TP, cases)
@@ -278,6 +279,7 @@ print("RESULT", args.loss_type, args.tofu_gamma, args.tofu_beta, args.num_layers
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "flags,expect",
     [

@@ -274,6 +274,7 @@ def sft_step_cases(rank: int, world: int, tmp: str, model: str) -> None:
     megatron_patch.remove_hooks()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["gpt", "hybrid"])
 def test_sft_batches_through_megatrons_schedule(tmp_path, model):
     run_distributed(2, sft_step_cases, tmp=str(tmp_path), model=model)
@@ -323,6 +324,7 @@ def sft_learning_cases(rank: int, world: int, tmp: str, model: str) -> None:
     megatron_patch.remove_hooks()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["gpt", "hybrid"])
 def test_sft_steps_lower_the_cross_entropy(tmp_path, model):
     run_distributed(2, sft_learning_cases, tmp=str(tmp_path), model=model)
@@ -387,6 +389,7 @@ def provider_built_cases(rank: int, world: int) -> None:
     megatron_patch.revert()
 
 
+@pytest.mark.slow
 def test_a_provider_built_model_trains_tofu():
     run_distributed(2, provider_built_cases)
 
