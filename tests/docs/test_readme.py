@@ -92,6 +92,7 @@ NOT_HERE = {
 COMMANDS = {
     "make demo": "tests/docs/test_demo.py (the demo's code path, shortened; make demo itself takes 5 minutes)",
     "make test": "CI (.ci/run runs it)",
+    "make test-fast": "a selection of this suite, which CI runs whole (tests/README.md)",
     "make study": "tests/docs/test_study.py (the study's code path on a tiny grid; make study itself takes ~15 CPU-minutes per rank)",
     "make bench": "tests/docs/test_bench_smoke.py",
     "pip install --no-build-isolation .": "tests/docs/test_install.py (pip builds this checkout; the CI venv installs it so)",

@@ -1,9 +1,9 @@
 """GPU tests: kernel execution on a CUDA device (run by benchmarks/gpu_check.sh).
 
 Skipped without a GPU (conftest). Their CPU twins: the same grids run for the torch
-backend and for the Triton kernels in the interpreter (test_loss.py,
-test_vocab_parallel.py); the CUDA kernels' math is checked on the host by the header
-harness and their tracing by the meta tests (test_cuda_ext.py).
+backend and for the Triton kernels in the interpreter (kernels/test_loss.py,
+distributed/test_vocab_parallel.py); the CUDA kernels' math is checked on the host by the
+header harness and their tracing by the meta tests (kernels/test_cuda_ext.py).
 """
 
 from __future__ import annotations
