@@ -33,14 +33,8 @@ def test_bench_cpu_smoke(tmp_path):
 
 
 def _bench():
-    """benchmarks/bench_loss.py as a module (loaded from its file, nothing added to sys.path here)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_loss", ROOT / "benchmarks" / "bench_loss.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    """benchmarks/bench_loss.py as a module."""
+    return load_script("benchmarks/bench_loss.py")
 
 
 @pytest.mark.parametrize("fwd, both, shown", [
