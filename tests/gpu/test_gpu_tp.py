@@ -23,7 +23,6 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import tofu_kernels as tk
 

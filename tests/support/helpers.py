@@ -1,4 +1,5 @@
-"""Shared test helpers: logits in chosen confidence regimes and the tolerance table."""
+"""Shared test helpers: logits in chosen confidence regimes, the fp64 reference, the tolerance
+table and the asserts that use it (per tensor, and per parameter name)."""
 
 from __future__ import annotations
 
