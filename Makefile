@@ -1,6 +1,10 @@
 # make demo   TOFU vs cross entropy SFT through Megatron-Core, TP=2 (CPU: ~5 min on 2 cores)
 # make study  seeded gamma/beta study vs cross entropy sampled hotter (CPU: ~15 CPU-min per rank, 22-31 min on a busy 2-core machine)
 # make test   create .venv (Python 3.12), install pinned deps + this package, run all tests
+#             (CPU: 13-20 min on 2 cores)
+# make test-fast  the same venv; the kernels, the core and the API on CPU: tests/kernels,
+#             tests/distributed and tests/test_structure.py without the slow, megatron, hf and
+#             gpu tests (under 3 min on 2 cores; layout and markers: tests/README.md)
 # make bench  run the loss benchmark (CPU: tiny shapes, not a performance result)
 SHELL := /bin/bash
 VENV ?= .venv
@@ -9,7 +13,7 @@ PY := $(VENV)/bin/python
 PYTHON312 ?= $(shell for p in "$$(pyenv root 2>/dev/null)/versions/3.12.1/bin/python3" python3.12 python3; do \
     "$$p" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null && { echo "$$p"; break; }; done)
 
-.PHONY: demo study test bench venv clean
+.PHONY: demo study test test-fast bench venv clean
 
 venv: $(VENV)/.installed
 
@@ -21,13 +25,13 @@ $(VENV)/.installed: requirements-dev.txt pyproject.toml setup.py $(wildcard csrc
 	# megatron-core 0.16.0 beside the pinned 0.19.2, for the compatibility test
 	$(PY) -m pip install -q --no-deps --target $(VENV)/megatron-core-0.16.0 megatron-core==0.16.0
 	# Frameworks the tests run but that are too heavy to install whole: --no-deps side folders,
-	# put on the path only by the tests that need them (tests/side_folders.py).
+	# put on the path only by the tests that need them (tests/support/side_folders.py).
 	# DeepSpeed on CPU (DS_ACCELERATOR=cpu, gloo): the ZeRO parity tests
 	$(PY) -m pip install -q --no-deps --target $(VENV)/deepspeed-0.19.8 deepspeed==0.19.8 hjson==3.1.0 \
 	    msgpack==1.2.4 py-cpuinfo==9.0.0 ninja==1.13.2 einops==0.8.2
-	# NeMo Automodel's loss, config and LinearCrossEntropy code (tests/test_automodel.py)
+	# NeMo Automodel's loss, config and LinearCrossEntropy code (tests/hf/test_automodel.py)
 	$(PY) -m pip install -q --no-deps --target $(VENV)/nemo-automodel-0.7.0 nemo-automodel==0.7.0
-	# Megatron-Bridge's training/losses.py under megatron.core's schedule (tests/test_bridge.py)
+	# Megatron-Bridge's training/losses.py under megatron.core's schedule (tests/megatron/test_bridge.py)
 	$(PY) -m pip install -q --no-deps --target $(VENV)/megatron-bridge-0.6.2 megatron-bridge==0.6.2
 	# builds the CUDA extension (tofu_kernels._C) when nvcc + CUDA torch exist; see setup.py
 	set -o pipefail; $(PY) -m pip install -v --no-build-isolation -e . 2>&1 | { grep -E "tofu-kernels setup|rror:" || true; }
@@ -53,6 +57,11 @@ study: venv
 TEST_WORKERS ?= 2
 test: venv
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+
+FAST_TESTS = tests/test_structure.py tests/kernels tests/distributed
+test-fast: venv
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow and not megatron and not hf and not gpu" \
+	    $(FAST_TESTS)
 
 bench: venv
 	$(PY) benchmarks/bench_loss.py

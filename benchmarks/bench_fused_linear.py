@@ -36,7 +36,7 @@ Implementations (each where importable; the table says which were not):
                                  sum(g * beta * ce_tempered) / n
   composed TOFU (torch stand-in) the same recipe over :func:`linear_ce_none_torch` (chunked
                                  torch linear CE) where Liger cannot run: the recipe's math,
-                                 checked against ours by tests/test_bench_recipe.py; CPU only
+                                 checked against ours by tests/docs/test_bench_recipe.py; CPU only
 CPU numbers are NOT performance results.
 """
 

@@ -188,8 +188,8 @@ pytest_line() { grep -E "^(=+ )?[0-9]+ (passed|failed|skipped|deselected|error)"
 # 1. gpu-marked tests: kernels with metrics, TP emulated, the fused linear loss, CUDA top-1
 # ties (in smoke mode they are collected and skip, saying why).
 export TOFU_GPU_NOTES="$OUT/summary.txt"  # the TP tests say there how the all-gather ran
-step gpu_tests -- "$PYTHON" -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_gpu_tp.py \
-  tests/test_linear.py tests/test_metrics.py tests/test_cuda_ext.py && pytest_line gpu_tests
+step gpu_tests -- "$PYTHON" -m pytest -q -rs -m gpu -p no:cacheprovider tests/gpu/test_gpu.py tests/gpu/test_gpu_tp.py \
+  tests/kernels/test_linear.py tests/kernels/test_metrics.py tests/kernels/test_cuda_ext.py && pytest_line gpu_tests
 
 # 2. The model's last layer and its loss: ours, matmul + ours, the composed recipe (Liger's
 # fused linear CE with reduction "none" + a no-grad pass for the focal weight), CCE, Liger.
@@ -210,7 +210,7 @@ if needs_gpu qlora "bitsandbytes' 4-bit kernels"; then :
 elif [ -z "$(blocked qlora)" ] && ! "$PYTHON" -c "import bitsandbytes" >/dev/null 2>&1; then
   say "SKIP qlora: bitsandbytes not importable (fetch_wheels.sh --qlora; carry .whl/hf and .whl/qlora in a run of its own)"
 else
-  step qlora -- "$PYTHON" -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_hf_trainer.py && pytest_line qlora
+  step qlora -- "$PYTHON" -m pytest -q -rs -m gpu -p no:cacheprovider tests/hf/test_hf_trainer.py && pytest_line qlora
 fi
 
 # 6. The loss benchmark at full sizes (the targets' shapes first), in the time left.
@@ -225,7 +225,7 @@ step bench -- "$PYTHON" benchmarks/bench_loss.py --out "$OUT" "${BENCH_ARGS[@]}"
   && grep -E "PASS|MISS|n\.a\." "$OUT/bench_loss.md" >>"$OUT/summary.txt" 2>/dev/null
 
 # 7. Megatron-LM's own pretrain_gpt.py through the launcher, cross entropy vs TOFU.
-needs_gpu megatron_lm "Megatron-LM stops at its CUDA check; tests/test_megatron_lm.py runs the launcher to it" \
+needs_gpu megatron_lm "Megatron-LM stops at its CUDA check; tests/megatron/test_megatron_lm.py runs the launcher to it" \
   || { step megatron_lm -- "$PYTHON" benchmarks/megatron_lm_check.py --out "$OUT" \
        && grep -E "^\| (cross_entropy|tofu) |^- first|^- TOFU|^Result" "$OUT/megatron_lm.md" >>"$OUT/summary.txt" 2>/dev/null; }
 

@@ -51,7 +51,7 @@ COMMON = [
     "--split", "98,2,0",
 ]
 # SFT (the README's --sft flags): packed conversations, which only Transformer Engine's
-# attention takes; a small model, the test tokenizer's vocabulary (tests/sft_data.py).
+# attention takes; a small model, the test tokenizer's vocabulary (tests/support/sft_data.py).
 SFT_MODEL = [
     "--num-layers", "4", "--hidden-size", "1024", "--num-attention-heads", "16", "--seq-length", "1024",
     "--max-position-embeddings", "1024", "--micro-batch-size", "2", "--global-batch-size", "4", "--bf16",
@@ -285,13 +285,13 @@ def sft(fixture: Path, args, logs: list) -> tuple[str, bool]:
 
     head = "\n## SFT: the README's --sft command (SFTTokenizer, packed conversations)\n\n"
     if args.smoke:
-        return head + "not run: CPU smoke (tests/test_megatron_sft.py runs SFT batches on the CPU)\n", True
+        return head + "not run: CPU smoke (tests/megatron/test_megatron_sft.py runs SFT batches on the CPU)\n", True
     if importlib.util.find_spec("transformer_engine") is None:
         return head + ("not run: needs Transformer Engine (megatron-core's local attention refuses packed "
                        "sequences, and --sft always packs)\n"), True
     sys.path.insert(0, str(ROOT))
     try:
-        from tests.sft_data import write_chat_jsonl, write_tokenizer
+        from tests.support.sft_data import write_chat_jsonl, write_tokenizer
     finally:
         sys.path.remove(str(ROOT))
     data_dir = args.out / "sft_data"

@@ -275,7 +275,7 @@ def report(results: dict, curves: dict, args, out: Path, elapsed: float) -> str:
     ]
     text = "\n".join(lines + verdict) + "\n"
     (out / "demo_results.md").write_text(text)
-    # the same numbers for programs (tests/test_demo.py reads the committed result's direction)
+    # the same numbers for programs (tests/docs/test_demo.py reads the committed result's direction)
     settings = {k: getattr(args, k) for k in ("tp", "device", "tofu_gamma", "tofu_beta", "pretrain_iters", "sft_iters",
                                               "samples", "prompts_per_category", "seed")}
     data = {"settings": {**settings, "elapsed_s": round(elapsed)}, "machine": machine(args),

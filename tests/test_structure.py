@@ -399,7 +399,7 @@ def test_launch_constants_tied_to_the_header():
     """csrc/tofu_kernels.h defines the launch constants; Python reads them from the extension
     where it is built, and its defaults for elsewhere equal the header's values."""
     from tofu_kernels.backends import gpu
-    from tofu_kernels.backends import triton_backend as triton_ops
+    from tofu_kernels.backends import triton_backend
     from tofu_kernels.extension import EXTENSION
 
     header = _header_constants()
@@ -411,8 +411,8 @@ def test_launch_constants_tied_to_the_header():
         expect = getattr(EXTENSION, name) if EXTENSION is not None else value
         assert getattr(gpu, name) == expect, name
     # the Triton launch policy is the same constants, not copies of them
-    assert triton_ops.FWD_BLOCK == triton_ops.BWD_BLOCK == gpu.TILE_COLS
-    assert (triton_ops.TARGET_PROGRAMS, triton_ops.EPILOGUE_ROWS, triton_ops.RESCALE_PROGRAMS) == (
+    assert triton_backend.FWD_BLOCK == triton_backend.BWD_BLOCK == gpu.TILE_COLS
+    assert (triton_backend.TARGET_PROGRAMS, triton_backend.EPILOGUE_ROWS, triton_backend.RESCALE_PROGRAMS) == (
         gpu.TARGET_BLOCKS, gpu.EPILOGUE_THREADS, gpu.RESCALE_BLOCKS)
     source = (PKG / "backends" / "triton_backend.py").read_text()
     for name in ("FWD_BLOCK", "BWD_BLOCK", "TARGET_PROGRAMS", "EPILOGUE_ROWS", "RESCALE_PROGRAMS"):
