@@ -13,6 +13,8 @@ import os
 from importlib import metadata
 from pathlib import Path
 
+import torch  # noqa: F401  (loads libtorch and libc10, which _C links against, before _C)
+
 try:
     from . import _C as EXTENSION
 except ImportError as e:  # not built (no nvcc / CPU-only torch)

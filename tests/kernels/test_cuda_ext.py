@@ -14,6 +14,7 @@ import math
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,15 @@ def test_extension_built_where_a_toolkit_exists():
         assert not tk.extension_loaded()
         with pytest.raises(RuntimeError, match="not built"):
             tk.tofu_loss(torch.randn(2, 3), torch.tensor([0, 1]), backend="cuda")
+
+
+def test_extension_loads_when_tofu_kernels_is_imported_first():
+    """A script whose first import is tofu_kernels (torch not yet loaded) gets the extension
+    wherever the tests' process got it: _C links against libc10, which only torch loads."""
+    run = subprocess.run([sys.executable, "-c", "import tofu_kernels as tk; print(tk.extension_status())"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("loaded: ") == tk.extension_loaded(), run.stdout
 
 
 @needs_ext
