@@ -91,8 +91,9 @@ def fused_loss(hidden_states: torch.Tensor, output_layer, output_weight: torch.T
 
 def fused_chunk_rows(tokens: int, width: int, element_size: int) -> int:
     """Rows per logits block: the fused linear loss's default (a 128 MiB block), and at most
-    a sixteenth of the micro-batch (whole 64-row tiles), so that the block stays under 1/16
-    of the logits it replaces whatever the micro-batch (docs/design.md section 9)."""
+    a sixteenth of the micro-batch rounded up to whole 64-row tiles (one tile at least), so
+    that from 1024 tokens on the block holds at most about 1/16 of the logits it replaces;
+    below that it is one 64-row tile or the whole micro-batch (docs/design.md section 9)."""
     sixteenth = max(64, -(-tokens // 16 // 64) * 64)
     return min(default_chunk_size(tokens, width, element_size), sixteenth)
 
