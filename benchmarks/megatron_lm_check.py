@@ -50,7 +50,7 @@ COMMON = [
     "--no-bias-gelu-fusion", "--no-bias-dropout-fusion", "--no-rope-fusion", "--log-interval", "1",
     "--split", "98,2,0",
 ]
-# SFT (the README's --sft flags): packed conversations, which only Transformer Engine's
+# SFT (docs/megatron.md's --sft flags): packed conversations, which only Transformer Engine's
 # attention takes; a small model, the test tokenizer's vocabulary (tests/support/sft_data.py).
 SFT_MODEL = [
     "--num-layers", "4", "--hidden-size", "1024", "--num-attention-heads", "16", "--seq-length", "1024",
@@ -175,11 +175,11 @@ def pretrain_flags(loss: str, smoke: bool, iters: int) -> list[str]:
 
 
 def sft_flags(loss: str, data: Path, tokenizer: Path, iters: int) -> list[str]:
-    """The README's SFT command (its loss, --sft, tokenizer and data flags, read from README.md
-    as the tests do) on one GPU with Transformer Engine, a small model and packed sequences."""
+    """docs/megatron.md's SFT command (its loss, --sft, tokenizer and data flags, read from that
+    page as the tests do) on one GPU with Transformer Engine, a small model and packed sequences."""
     sys.path.insert(0, str(ROOT))
     try:
-        from tests import readme
+        from tests.support import readme
     finally:
         sys.path.remove(str(ROOT))
     eval_args = ["--train-iters", str(iters), "--eval-interval", str(iters), "--eval-iters", "2"]
@@ -279,11 +279,11 @@ def main(argv=None) -> int:
 
 
 def sft(fixture: Path, args, logs: list) -> tuple[str, bool]:
-    """The README's SFT command both ways, where it can run: a GPU with Transformer Engine
+    """docs/megatron.md's SFT command both ways, where it can run: a GPU with Transformer Engine
     (only its attention takes --sft's packed sequences). Elsewhere it says why it did not run."""
     import importlib.util
 
-    head = "\n## SFT: the README's --sft command (SFTTokenizer, packed conversations)\n\n"
+    head = "\n## SFT: docs/megatron.md's --sft command (SFTTokenizer, packed conversations)\n\n"
     if args.smoke:
         return head + "not run: CPU smoke (tests/megatron/test_megatron_sft.py runs SFT batches on the CPU)\n", True
     if importlib.util.find_spec("transformer_engine") is None:

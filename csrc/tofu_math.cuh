@@ -17,7 +17,7 @@
 namespace tofu {
 
 // fp32 record layouts, mirrored from tofu_kernels/records.py (Stat, GradParam, Meta,
-// Reduced, Reduction, Metric, MetricAcc); tests/test_cuda_ext.py::test_record_layouts_agree checks the two agree.
+// Reduced, Reduction, Metric, MetricAcc); tests/kernels/test_cuda_ext.py::test_record_layouts_agree checks the two agree.
 namespace stat {  // statistics of (part of) a row: [..., kWidth]
 enum : int { kM = 0, kS1 = 1, kSb = 2, kZt = 3, kWidth = 4 };
 }

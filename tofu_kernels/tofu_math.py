@@ -6,7 +6,7 @@ Every backend computes, in one read of the logits, the per-row statistics record
 the merged record into the loss, the focal weight and the backward's per-row record with
 :func:`finalize_stats`. Here they are plain torch, which the torch backend runs; the Triton
 kernels write the same formulas (``triton_kernels._finalize``) and ``csrc/tofu_math.cuh`` is
-their CUDA twin (same records, same formulas; ``tests/test_cuda_ext.py`` ties the two
+their CUDA twin (same records, same formulas; ``tests/kernels/test_cuda_ext.py`` ties the two
 together). The records themselves are named in :mod:`tofu_kernels.records`.
 
 The float64 specification the tests compare against is elsewhere

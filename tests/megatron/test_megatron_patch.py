@@ -277,11 +277,12 @@ def test_flag_table_lists_the_parsers_flags():
     """docs/megatron.md's flag table has one row per flag add_arguments defines, no other."""
     import argparse
     import re
-    from pathlib import Path
+
+    from tests.support.checkout import ROOT
 
     parser = megatron_patch.add_arguments(argparse.ArgumentParser(add_help=False))
     flags = {a.option_strings[0] for a in parser._actions}
-    doc = (Path(__file__).resolve().parent.parent / "docs" / "megatron.md").read_text()
+    doc = (ROOT / "docs" / "megatron.md").read_text()
     table = doc.split("## The flags", 1)[1].split("\n## ", 1)[0]
     assert set(re.findall(r"^\| `(--[a-z-]+)", table, re.M)) == flags
     assert len(flags) == 6 and "adds six flags" in table
