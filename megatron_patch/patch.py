@@ -69,8 +69,8 @@ def _tp_group(module):
 def tofu_compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """TOFU replacement: labels ``[b, s]``, logits ``[s, b, V/tp]`` -> fp32 loss ``[b, s]``.
 
-    Reads the model-dtype logits directly (no fp32 copy), one all-gather of 16 B/token
-    over the model's TP group, and writes the gradient into the logits' storage in the
+    Reads the model-dtype logits directly (no fp32 copy), one all-gather of the per-token
+    statistics over the model's TP group (docs/design.md section 4), and writes the gradient into the logits' storage in the
     backward (the logits are dead after the loss, as in Megatron's own CE). The per-token
     cross entropy rides on the returned tensor (``reporting.cross_entropy_of``).
     """

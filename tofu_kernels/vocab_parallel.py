@@ -8,20 +8,16 @@ exchanges them in ONE all-gather, and every rank's epilogue merges them in the s
 order, so that every rank computes the same loss; the backward needs no collective
 (every rank holds the global max, log Sb and g).
 
-Why one all-gather of 4 fp32 per token (plus one metadata row; the metrics add two more
-fp32, docs/design.md section 4) rather than Megatron's
-three all-reduces (MAX, SUM, SUM) or MAX + one packed SUM: the merge needs every
-rank's (m, S1, Sb) before any sum can be formed, and the payload is tiny (16 B/token:
-16 KiB at 1K tokens, 1 MiB at 64K), so the step is latency-bound and one collective
-beats two or three. Per rank it receives (tp - 1) * 16 B/token; a ring all-reduce moves
-2 (tp - 1) / tp * 4 B/token per 4-byte field, i.e. 24 (tp - 1) / tp B/token for
-Megatron's three, so the bytes would be equal at tp = 1.5 and ours are more at every
-real tp (tp = 2: 16 vs 12 B/token; tp = 8: 112 vs 21, 1.75 MiB at 16K tokens): latency,
-not volume, is the cost here. The metadata record (``records.Meta``: each rank's
-vocab_start, vocab_end, width and rows as int32 bits) rides in the same collective: the
-epilogue reads the global vocab size from it on the device. Calls that check their inputs
-exchange the metadata records alone first (:func:`exchange_meta`, 16 B per rank), because
-the statistics' all-gather needs equal token counts before it can run.
+Why one all-gather of the statistics rather than Megatron's three all-reduces (MAX, SUM,
+SUM) or MAX + one packed SUM: the merge needs every rank's (m, S1, Sb) before any sum can
+be formed, and the payload is small, so the step is latency-bound and one collective beats
+two or three, although it moves more bytes at every real tp (the bytes per token and the
+comparison: docs/design.md section 4; what the metrics add: section 2). The metadata record
+(``records.Meta``: each rank's vocab_start, vocab_end, width and rows as int32 bits) rides
+in the same collective: the epilogue reads the global vocab size from it on the device.
+Calls that check their inputs exchange the metadata records alone first
+(:func:`exchange_meta`), because the statistics' all-gather needs equal token counts
+before it can run.
 """
 
 from __future__ import annotations
