@@ -84,12 +84,11 @@ class Op(NamedTuple):
 
     @property
     def args(self) -> tuple[str, ...]:
-        return tuple(a.name for a in _parsed(self.schema).arguments)
+        return _signature(self.schema)[0]
 
     @property
     def writes(self) -> frozenset[str]:
-        return frozenset(a.name for a in _parsed(self.schema).arguments
-                         if a.alias_info is not None and a.alias_info.is_write)
+        return _signature(self.schema)[1]
 
     def bind(self, args: tuple, kwargs: dict) -> SimpleNamespace:
         """The arguments of one call by name (the dispatcher passes them by position)."""
@@ -97,8 +96,12 @@ class Op(NamedTuple):
 
 
 @functools.cache
-def _parsed(schema: str):
-    return torch._C.parse_schema(f"tofu_kernels::op{schema}")
+def _signature(schema: str) -> tuple[tuple[str, ...], frozenset[str]]:
+    """The argument names of ``schema`` and those it writes, parsed once per schema (every
+    eager op call binds its arguments by these names)."""
+    arguments = torch._C.parse_schema(f"tofu_kernels::op{schema}").arguments
+    return (tuple(a.name for a in arguments),
+            frozenset(a.name for a in arguments if a.alias_info is not None and a.alias_info.is_write))
 
 
 def _check(ok: bool, what: str) -> None:
