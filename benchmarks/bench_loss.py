@@ -415,17 +415,16 @@ def targets(rows: list[Row], copy_gbs: float) -> list[str]:
     """The targets over every bf16 shape measured: PASS where all shapes pass, else the misses."""
     shapes = sorted({(r.n, r.v) for r in rows if r.dtype == "bf16"})
 
-    plain = default_path
     def named(name):
         return lambda i: i.name == name
 
     checks = []  # (target, shape, value text, ok)
     for n, v in shapes:
-        tofu = _best(rows, n, v, plain("ours", "tofu"))
+        tofu = _best(rows, n, v, default_path("ours", "tofu"))
         if tofu is None:
             continue
         be = tofu.impl.name.split()[0]
-        ce = _best(rows, n, v, lambda i, be=be: plain("ours", "ce")(i) and i.name.startswith(be + " "))
+        ce = _best(rows, n, v, lambda i, be=be: default_path("ours", "ce")(i) and i.name.startswith(be + " "))
         frac = tofu.gbs() / copy_gbs
         checks.append(("TOFU fwd+bwd >= 80% of copy bandwidth (N >= 4096, V >= 16032)", (n, v), f"{frac:.0%}", frac >= 0.8))
         if v >= 64128:
@@ -438,7 +437,8 @@ def targets(rows: list[Row], copy_gbs: float) -> list[str]:
             if r is not None and r.kernels is not None:
                 checks.append(("<= 4 GPU kernels per single-device fwd+bwd", (n, v), f"{r.kernels} ({r.impl.name})",
                                r.kernels <= 4))
-        cu, tr = _best(rows, n, v, plain("ours", "tofu", "cuda")), _best(rows, n, v, plain("ours", "tofu", "triton"))
+        cu = _best(rows, n, v, default_path("ours", "tofu", "cuda"))
+        tr = _best(rows, n, v, default_path("ours", "tofu", "triton"))
         if cu and tr:
             checks.append(("Triton within 1.15x of CUDA (TOFU fwd+bwd)", (n, v), f"{tr.both[0] / cu.both[0]:.2f}x",
                            tr.both[0] <= 1.15 * cu.both[0]))
