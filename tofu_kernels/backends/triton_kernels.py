@@ -148,9 +148,10 @@ def _row_slice_stats(x_row, lo, hi, span, active, t, inv_beta, BLOCK: tl.constex
     sb = 0.0
     e = 0.0
     before = -float("inf")
+    end = tl.where(active, hi, lo)  # one comparison: a boolean mask in every Triton (3.9's interpreter wants one)
     for start in range(0, span, BLOCK):
         cols = lo + start + tl.arange(0, BLOCK)
-        z = tl.load(x_row + cols, mask=(cols < hi) & active, other=-float("inf")).to(tl.float32)
+        z = tl.load(x_row + cols, mask=cols < end, other=-float("inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(z, axis=0))
         # An all -inf prefix keeps m = -inf: shift by 0 instead so exp() stays 0, not NaN.
         shift = tl.where(m_new == -float("inf"), 0.0, m_new)
