@@ -5,6 +5,11 @@
 # make test-fast  the same venv; the kernels, the core and the API on CPU: tests/kernels,
 #             tests/distributed and tests/test_structure.py without the slow, megatron, hf and
 #             gpu tests (under 3 min on 2 cores; layout and markers: tests/README.md)
+# make test-newest  the newest torch and Triton the package index serves, in their own venv
+#             (.venv-newest), with the package pip-installed from a copy of the working tree
+#             (build/newest): the make test-fast tests, tests/kernels/test_compile.py and
+#             tests/static/test_triton_static.py where it exists (CPU: about 5 min on 2 cores,
+#             plus 1.5 min to create the venv)
 # make bench  run the loss benchmark (CPU: tiny shapes, not a performance result)
 SHELL := /bin/bash
 VENV ?= .venv
@@ -13,7 +18,7 @@ PY := $(VENV)/bin/python
 PYTHON312 ?= $(shell for p in "$$(pyenv root 2>/dev/null)/versions/3.12.1/bin/python3" python3.12 python3; do \
     "$$p" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null && { echo "$$p"; break; }; done)
 
-.PHONY: demo study test test-fast bench venv clean
+.PHONY: demo study test test-fast test-newest bench venv venv-newest clean
 
 venv: $(VENV)/.installed
 
@@ -59,12 +64,60 @@ test: venv
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 FAST_TESTS = tests/test_structure.py tests/kernels tests/distributed
+FAST_MARKERS = not slow and not megatron and not hf and not gpu
 test-fast: venv
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow and not megatron and not hf and not gpu" \
-	    $(FAST_TESTS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "$(FAST_MARKERS)" $(FAST_TESTS)
+
+# The newest torch (which brings its Triton) in a venv of its own. The package is installed
+# there as a user installs it (pip install --no-build-isolation ., which builds the CUDA
+# extension against that torch where nvcc exists), from a copy of the working tree's tracked
+# and untracked, not ignored files: the tree's own build of the extension (built against the
+# pinned torch) and its editable install in .venv are neither used nor touched. In the copy,
+# tofu_kernels/ and megatron_patch/ are then links to the installed package, so the tests
+# (which import the package from the tree's root, as do the processes they start there) run
+# what pip installed. The venv is created once: rm -rf .venv-newest picks up newer releases.
+NEWEST_VENV ?= .venv-newest
+NEWEST_TREE ?= build/newest
+NEWEST_PY := $(abspath $(NEWEST_VENV))/bin/python
+# A global pip configuration may cap torch with a constraint file (e.g. at requirements-dev.txt's
+# pin). For this venv only, the cap is lifted: its pip commands replace the configured
+# constraint file with an empty one (PIP_CONSTRAINT); every other pip setting still applies.
+NEWEST_PIP = PIP_CONSTRAINT=/dev/null $(NEWEST_PY) -m pip
+NEWEST_STATIC = tests/static/test_triton_static.py
+
+venv-newest: $(NEWEST_VENV)/.installed
+
+$(NEWEST_VENV)/.installed:
+	@test -n "$(PYTHON312)" || { echo "error: Python 3.12 not found (pyenv install 3.12.1)"; exit 1; }
+	rm -rf $(NEWEST_VENV)
+	$(PYTHON312) -m venv $(NEWEST_VENV)
+	$(NEWEST_PIP) install -q --upgrade pip
+	$(NEWEST_PIP) install -q torch "numpy<2.4" pytest pytest-xdist setuptools wheel
+	touch $@
+
+test-newest: venv-newest
+	rm -rf $(NEWEST_TREE)
+	mkdir -p $(NEWEST_TREE)
+	set -o pipefail; git ls-files -z -co --exclude-standard | tar --null -T - --ignore-failed-read -cf - \
+	    | tar -xf - -C $(NEWEST_TREE)
+	cd $(NEWEST_TREE) && { $(NEWEST_PIP) install -v --no-build-isolation . > pip-install.log 2>&1 \
+	    || { tail -n 60 pip-install.log; echo "error: pip install failed (log: $(NEWEST_TREE)/pip-install.log)"; exit 1; }; }
+	@grep -E "tofu-kernels setup" $(NEWEST_TREE)/pip-install.log || true
+	# -I: not the copy's folder but the installed package
+	site=$$($(NEWEST_PY) -I -c "import os, tofu_kernels; print(os.path.dirname(os.path.dirname(tofu_kernels.__file__)))") \
+	    && for p in tofu_kernels megatron_patch; do rm -rf $(NEWEST_TREE)/$$p; ln -s "$$site/$$p" $(NEWEST_TREE)/$$p; done
+	cd $(NEWEST_TREE) && $(NEWEST_PY) -c "import sys, numpy, torch, triton, tofu_kernels as tk; \
+	    print(f'test-newest: Python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}), ' \
+	          f'Triton {triton.__version__}, numpy {numpy.__version__}'); \
+	    print('test-newest: CUDA extension loaded:', tk.extension_loaded(), '|', tk.extension_status())"
+	cd $(NEWEST_TREE) || exit 1; rc=0; \
+	    $(NEWEST_PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "$(FAST_MARKERS)" $(FAST_TESTS) || rc=1; \
+	    $(NEWEST_PY) -m pytest -q -n $(TEST_WORKERS) --dist load tests/kernels/test_compile.py \
+	        $$(test -f $(NEWEST_STATIC) && echo $(NEWEST_STATIC)) || rc=1; \
+	    exit $$rc
 
 bench: venv
 	$(PY) benchmarks/bench_loss.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(NEWEST_VENV) build *.egg-info
