@@ -9,15 +9,19 @@ build environment holds only setuptools and wheel, so there the extension is ski
 build uses this environment's setuptools and torch, so install them first (``pip install
 setuptools wheel torch``): pip installs the torch dependency only after the build, too late
 for it, and without setuptools pip cannot even start this script.
-``TORCH_CUDA_ARCH_LIST`` is honoured (default "9.0", Hopper; no GPU is needed to build).
+``TORCH_CUDA_ARCH_LIST`` is honoured (default "8.0;9.0;10.0+PTX": cubins for A100, H100/H200 and
+B200, plus PTX that the driver compiles for newer cards; no GPU is needed to build). The
+architectures nvcc actually compiles for (read from torch's ``-gencode`` flags) are compiled
+into the extension as ``tofu_kernels._C.ARCHS``, from which the package decides whether the
+CUDA backend runs on a card (``tofu_kernels.extension_status()`` says it).
 Where the extension is skipped, the pure-Python package installs; pip shows the reason
 only with ``-v``, so it is also written into the package (``tofu_kernels/_build_info.json``),
 where ``tofu_kernels.extension_status()`` reads it.
 """
 
 import json
-
 import os
+import re
 import shutil
 import sys
 
@@ -83,6 +87,56 @@ def recording(build_ext, built: str):
 
 # The last step of every way to build the extension: a build that sees this environment's torch.
 BUILD = "pip install --no-build-isolation ."
+# Cubins for A100 (sm_80), H100/H200 (sm_90) and B200 (sm_100), and compute_100 PTX, which the
+# driver JIT-compiles for any later card (sm_103, sm_120, ...).
+DEFAULT_ARCH_LIST = "8.0;9.0;10.0+PTX"
+
+
+def arch_flags(arch_list: str) -> list[str]:
+    """The ``-gencode`` flags torch's cpp_extension passes nvcc for ``arch_list`` (a
+    ``TORCH_CUDA_ARCH_LIST``), from torch itself where it has the (private) function; else
+    parsed here the same way, for numeric entries ("8.0", "9.0a", "10.0+PTX")."""
+    try:
+        from torch.utils.cpp_extension import _get_cuda_arch_flags
+    except ImportError:
+        _get_cuda_arch_flags = None
+    if _get_cuda_arch_flags is not None:
+        saved = os.environ.get("TORCH_CUDA_ARCH_LIST")
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
+        try:
+            return list(_get_cuda_arch_flags())
+        finally:
+            if saved is None:
+                del os.environ["TORCH_CUDA_ARCH_LIST"]
+            else:
+                os.environ["TORCH_CUDA_ARCH_LIST"] = saved
+    flags = set()
+    for entry in filter(None, arch_list.replace(" ", ";").split(";")):
+        found = re.fullmatch(r"(\d+)\.(\d)([af]?)(\+PTX)?", entry)
+        if found is None:
+            raise SystemExit(f"TORCH_CUDA_ARCH_LIST entry {entry!r} is not of the form 9.0, 9.0a or 10.0+PTX")
+        num = found[1] + found[2] + found[3]
+        flags.add(f"-gencode=arch=compute_{num},code=sm_{num}")
+        if found[4]:
+            flags.add(f"-gencode=arch=compute_{num},code=compute_{num}")
+    return sorted(flags)
+
+
+def held_archs(flags: list[str]) -> str:
+    """What nvcc puts into the binary for these ``-gencode`` flags, cubins first, each in
+    ascending order: e.g. "sm_80 sm_90 sm_100 compute_100" (a cubin ``sm_XY``, PTX
+    ``compute_XY``)."""
+    codes = set()
+    for flag in flags:
+        for code in re.findall(r",code=\[?([\w,]+)", flag):
+            codes.update(code.split(","))
+
+    def order(code: str):
+        kind, num = code.split("_", 1)
+        digits = re.match(r"\d+", num)[0]
+        return kind != "sm", int(digits), num
+
+    return " ".join(sorted(codes, key=order))
 
 
 def cannot_build(torch, torch_error: str, cuda_home: str | None) -> str:
@@ -137,25 +191,32 @@ def cuda_extensions():
 
     # torch's cpp_extension reads these at import time.
     os.environ["CUDA_HOME"] = cuda_home
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+    arch_list = os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCH_LIST
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    try:
+        archs = held_archs(arch_flags(arch_list))
+    except ValueError as e:  # torch's: an architecture it does not know
+        raise SystemExit(f"TORCH_CUDA_ARCH_LIST={arch_list!r}: {e}") from None
+    if not archs:
+        raise SystemExit(f"TORCH_CUDA_ARCH_LIST={arch_list!r} names no CUDA architecture")
 
     # csrc/ includes only CUDA runtime and c10/cuda headers (not ATen/cuda/CUDAContext.h,
     # which would need the pip wheel's nvidia/cu13/include for cusparse.h).
     include_dirs = [os.path.join(HERE, "csrc")]
-    _log(f"building the CUDA extension with {cuda_home}/bin/nvcc for TORCH_CUDA_ARCH_LIST="
-         f"{os.environ['TORCH_CUDA_ARCH_LIST']}")
+    how = f"with {cuda_home}/bin/nvcc for TORCH_CUDA_ARCH_LIST={arch_list} ({archs})"
+    _log(f"building the CUDA extension {how}")
     ext = CUDAExtension(
         "tofu_kernels._C",
         sources=["csrc/tofu_ops.cpp", "csrc/tofu_kernels.cu"],
         include_dirs=include_dirs,
         extra_compile_args={
-            "cxx": ["-O3"],
+            # the architectures the binary holds, as tofu_kernels._C.ARCHS
+            "cxx": ["-O3", f'-DTOFU_CUDA_ARCHS="{archs}"'],
             "nvcc": ["-O3", "-lineinfo"],
         },
     )
     # Until build_ext has run to its end, the record says the build did not finish.
-    how = f"with {cuda_home}/bin/nvcc for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}"
     _record(False, f"the CUDA extension's build ({how}) did not finish")
     return [ext], {"build_ext": recording(BuildExtension, f"built {how}")}
 

@@ -16,6 +16,12 @@
 #include "tofu_kernels.h"
 #include "tofu_math.cuh"
 
+// The architectures the extension holds, e.g. "sm_80 sm_90 sm_100 compute_100" (cubins sm_XY,
+// PTX compute_XY): setup.py reads them from the -gencode flags torch passes nvcc.
+#ifndef TOFU_CUDA_ARCHS
+#error "TOFU_CUDA_ARCHS is not defined: build the extension with setup.py (pip install --no-build-isolation .)"
+#endif
+
 namespace {
 
 tofu::DType dtype_of(const at::Tensor& x) {
@@ -191,7 +197,8 @@ TORCH_LIBRARY_IMPL(tofu_kernels, CUDA, m) {
 
 // A Python module named _C so that `import tofu_kernels._C` loads the library (and the
 // static registrations above) the ordinary way. It also carries the launch constants of
-// tofu_kernels.h, which the Python launch policy of both GPU backends reads.
+// tofu_kernels.h, which the Python launch policy of both GPU backends reads, and ARCHS, from
+// which tofu_kernels.extension decides whether the kernels run on a card.
 static struct PyModuleDef tofu_module = {PyModuleDef_HEAD_INIT, "_C", "TOFU CUDA kernels (torch ops)", -1, nullptr};
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* m = PyModule_Create(&tofu_module);
@@ -200,7 +207,8 @@ PyMODINIT_FUNC PyInit__C(void) {
       PyModule_AddIntConstant(m, "TILE_COLS", static_cast<long>(tofu::kTileCols)) < 0 ||
       PyModule_AddIntConstant(m, "TARGET_BLOCKS", static_cast<long>(tofu::kTargetBlocks)) < 0 ||
       PyModule_AddIntConstant(m, "EPILOGUE_THREADS", tofu::kEpilogueThreads) < 0 ||
-      PyModule_AddIntConstant(m, "RESCALE_BLOCKS", tofu::kRescaleBlocks) < 0) {
+      PyModule_AddIntConstant(m, "RESCALE_BLOCKS", tofu::kRescaleBlocks) < 0 ||
+      PyModule_AddStringConstant(m, "ARCHS", TOFU_CUDA_ARCHS) < 0) {
     Py_DECREF(m);
     return nullptr;
   }

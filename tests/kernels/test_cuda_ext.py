@@ -1,7 +1,8 @@
 """The CUDA extension without a GPU: build, registration, fakes, torch.compile, header math.
 
 What runs here: the extension is compiled by `make test` (nvcc 13.0 + torch cu130) and
-loaded; its ops are registered with mutation-marking schemas; their fake/meta
+loaded; the architectures it records are the cubins and PTX its binary holds (cuobjdump);
+its ops are registered with mutation-marking schemas; their fake/meta
 implementations give the right shapes; torch.compile(fullgraph=True) traces the whole
 forward and backward through them; and the kernels' math header, compiled by g++ into a
 host harness, matches the float64 reference. Kernel execution is in tests/gpu/test_gpu.py.
@@ -49,6 +50,43 @@ def test_extension_loads_when_tofu_kernels_is_imported_first():
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("loaded: ") == tk.extension_loaded(), run.stdout
+
+
+def _cuobjdump() -> str | None:
+    """NVIDIA's cuobjdump: the one in the Triton wheel, else a toolkit's."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("triton")
+    if spec is not None and spec.origin:
+        bundled = Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        if bundled.is_file():
+            return str(bundled)
+    return shutil.which("cuobjdump") or next(
+        (str(p) for p in (Path("/usr/local/cuda/bin/cuobjdump"),) if p.is_file()), None)
+
+
+@needs_ext
+def test_recorded_archs_are_the_binarys():
+    """_C.ARCHS (what setup.py read from torch's -gencode flags) names exactly the cubins and
+    the PTX that the built library holds, as cuobjdump lists them (PTX for compute_XY is
+    listed as sm_XY.ptx)."""
+    from tofu_kernels import _C
+    from tofu_kernels.extension import held_archs
+
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (neither Triton's bundled one nor a CUDA toolkit's) to list the binary")
+
+    def listed(option: str, pattern: str) -> list[str]:
+        run = subprocess.run([tool, option, _C.__file__], capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        return re.findall(pattern, run.stdout)
+
+    cubins = [f"sm_{a}" for a in listed("--list-elf", r"\.sm_(\w+)\.cubin")]
+    ptx = [f"compute_{a}" for a in listed("--list-ptx", r"\.sm_(\w+)\.ptx")]
+    assert cubins, "cuobjdump lists no cubin in the extension"
+    assert sorted(cubins + ptx) == sorted(held_archs()), (cubins, ptx, _C.ARCHS)
+    assert len(held_archs()) == len(set(held_archs())), _C.ARCHS
 
 
 @needs_ext
