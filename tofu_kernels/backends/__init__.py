@@ -36,7 +36,8 @@ else:
 def get_backend(name: str, device: torch.device) -> Backend:
     """Resolve ``backend=`` (a name :class:`TOFUParams` has validated) for tensors on
     ``device``; clear error if unavailable. ``"auto"``: CUDA, then Triton, on CUDA tensors
-    where they run; the torch backend otherwise."""
+    where they run (CUDA: the extension loaded and holds a kernel image for the card, a cubin
+    or PTX, ``extension.runs_on``); the torch backend otherwise."""
     if name == "auto":
         if device.type == "cuda":
             for candidate in ("cuda", "triton"):

@@ -5,28 +5,32 @@ The ops are defined from ``gpu.OPS`` (schemas mark what they write) and their CU
 registered in C++ (``csrc/tofu_ops.cpp``); their fakes let torch.compile and FakeTensor
 tracing see through them. Every Backend method is one op (``grad_in_forward``: three
 kernels in one op), from the same header math (csrc/tofu_math.cuh) that the host harness
-tests. Where the extension was not built, the backend is unavailable and says why.
+tests. Where the extension was not built, or holds no kernel image for the card (its
+architectures: ``extension.runs_on``), the backend is unavailable and says why.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..extension import EXTENSION, extension_status
+from ..extension import extension_loaded, extension_status, runs_on_device
 from . import gpu
 
 
 class CUDABackend(gpu.GPUBackend):
-    """The CUDA ops: CUDA tensors, and meta tensors (shape-only tracing without a GPU, through
-    the fakes)."""
+    """The CUDA ops: CUDA tensors on a card the extension's architectures run on, and meta
+    tensors (shape-only tracing without a GPU, through the fakes)."""
 
     name = "cuda"
 
     def available(self, device: torch.device) -> tuple[bool, str]:
-        if EXTENSION is None:
+        if not extension_loaded():
             return False, extension_status()
-        if device.type in ("cuda", "meta"):
+        if device.type == "meta":
             return True, ""
+        if device.type == "cuda":
+            ok, why = runs_on_device(torch.cuda.current_device() if device.index is None else device.index)
+            return ok, "" if ok else why
         return False, f"the CUDA backend needs CUDA tensors (got {device})"
 
     def stats_split(self, n_rows: int, n_valid: int) -> tuple[int, int]:
