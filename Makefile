@@ -5,6 +5,9 @@
 # make test-fast  the same venv; the kernels, the core and the API on CPU: tests/kernels,
 #             tests/distributed and tests/test_structure.py without the slow, megatron, hf and
 #             gpu tests (under 3 min on 2 cores; layout and markers: tests/README.md)
+# make test-static  the static GPU check (docs/design.md section 3): every kernel compiled for
+#             sm_80, sm_90 and sm_100 without a GPU, its SASS against the budgets, the ops on fake
+#             CUDA tensors (tests/static; part of make test; CPU: about 4 min on 2 cores)
 # make test-newest  the newest torch and Triton the package index serves, in their own venv
 #             (.venv-newest), with the package pip-installed from a copy of the working tree
 #             (build/newest): the make test-fast tests, tests/kernels/test_compile.py and
@@ -18,7 +21,7 @@ PY := $(VENV)/bin/python
 PYTHON312 ?= $(shell for p in "$$(pyenv root 2>/dev/null)/versions/3.12.1/bin/python3" python3.12 python3; do \
     "$$p" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null && { echo "$$p"; break; }; done)
 
-.PHONY: demo study test test-fast test-newest bench venv venv-newest clean
+.PHONY: demo study test test-fast test-static test-newest bench venv venv-newest clean
 
 venv: $(VENV)/.installed
 
@@ -67,6 +70,9 @@ FAST_TESTS = tests/test_structure.py tests/kernels tests/distributed
 FAST_MARKERS = not slow and not megatron and not hf and not gpu
 test-fast: venv
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "$(FAST_MARKERS)" $(FAST_TESTS)
+
+test-static: venv
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests/static
 
 # The newest torch (which brings its Triton) in a venv of its own. The package is installed
 # there as a user installs it (pip install --no-build-isolation ., which builds the CUDA
