@@ -10,8 +10,11 @@
 // order, so its last vectors are still in L2) -> reduce (one block); in the backward
 // rescale (returns at once, on the device, when the upstream gradient is 1).
 //
-// Loads and stores are 16-byte vectors when the row base is 16-byte aligned, scalar
-// otherwise. Offsets are int64. Every reduction is warp shuffles + shared memory in a
+// Every streaming loop walks its row in vectors of 16 bytes (8 bf16/fp16, 4 fp32): one
+// 16-byte load or store each when the rows are 16-byte aligned (the launcher checks the
+// base pointers and row strides and picks the Aligned instance), element by element
+// otherwise; the last, partial vector of a row is one column per thread, outside the loop.
+// Offsets are int64. Every reduction is warp shuffles + shared memory in a
 // fixed order: no float atomics, bitwise deterministic. No host synchronisation anywhere.
 // This file includes only CUDA headers (fast to compile); op registration with torch is
 // in tofu_ops.cpp.
@@ -20,6 +23,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
+#include <string.h>
 
 #include <type_traits>
 
@@ -52,25 +56,84 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { re
 template <>
 __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 
+// Two values in one 32-bit word of a vector of 16-bit types, and back (explicit words: a
+// 16-byte vector assembled from 16-bit pieces is stored as four 4-byte stores on sm_90).
 template <typename T>
-__device__ __forceinline__ void load_vec(const T* p, float (&out)[Vec<T>::N]) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(p);
-  const T* v = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-  for (int k = 0; k < Vec<T>::N; ++k) out[k] = to_float(v[k]);
+__device__ __forceinline__ uint32_t pack2(float a, float b) {
+  const __half2 h = __floats2half2_rn(a, b);
+  uint32_t w;
+  memcpy(&w, &h, sizeof(w));
+  return w;
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+  uint32_t w;
+  memcpy(&w, &h, sizeof(w));
+  return w;
 }
 
 template <typename T>
-__device__ __forceinline__ void store_vec(T* p, const float (&in)[Vec<T>::N]) {
-  uint4 raw;
-  T* v = reinterpret_cast<T*>(&raw);
-#pragma unroll
-  for (int k = 0; k < Vec<T>::N; ++k) v[k] = from_float<T>(in[k]);
-  *reinterpret_cast<uint4*>(p) = raw;
+__device__ __forceinline__ float2 unpack2(uint32_t w) {
+  __half2 h;
+  memcpy(&h, &w, sizeof(w));
+  return __half22float2(h);
+}
+template <>
+__device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t w) {
+  __nv_bfloat162 h;
+  memcpy(&h, &w, sizeof(w));
+  return __bfloat1622float2(h);
 }
 
-__device__ __forceinline__ bool aligned16(const void* p) {
-  return (reinterpret_cast<uintptr_t>(p) % kVecBytes) == 0;
+// One vector of a row: a 16-byte load (Aligned: p is 16-byte aligned), else element by element.
+template <typename T, bool Aligned>
+__device__ __forceinline__ void load_vec(const T* p, float* out) {
+  if constexpr (Aligned) {
+    const uint4 raw = __ldca(reinterpret_cast<const uint4*>(p));
+    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      if constexpr (sizeof(T) == 4) {
+        out[k] = __uint_as_float(w[k]);
+      } else {
+        const float2 f = unpack2<T>(w[k]);
+        out[2 * k] = f.x;
+        out[2 * k + 1] = f.y;
+      }
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < Vec<T>::N; ++k) out[k] = to_float(p[k]);
+  }
+}
+
+// (__ldca / __stwb: one 16-byte access with the default caching; a plain uint4 assignment
+// is split into four 4-byte stores on sm_90, and a fp32 load into 4- and 8-byte ones on sm_100.)
+template <typename T, bool Aligned>
+__device__ __forceinline__ void store_vec(T* p, const float* in) {
+  if constexpr (Aligned) {
+    uint32_t w[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      if constexpr (sizeof(T) == 4) {
+        w[k] = __float_as_uint(in[k]);
+      } else {
+        w[k] = pack2<T>(in[2 * k], in[2 * k + 1]);
+      }
+    }
+    __stwb(reinterpret_cast<uint4*>(p), make_uint4(w[0], w[1], w[2], w[3]));
+  } else {
+#pragma unroll
+    for (int k = 0; k < Vec<T>::N; ++k) p[k] = from_float<T>(in[k]);
+  }
+}
+
+// Rows starting 16-byte aligned: the base, and both row strides (in bytes) multiples of 16.
+template <typename T>
+bool rows_aligned(const void* p, int64_t s_outer, int64_t s_inner) {
+  return reinterpret_cast<uintptr_t>(p) % kVecBytes == 0 && (s_outer * int64_t(sizeof(T))) % kVecBytes == 0 &&
+         (s_inner * int64_t(sizeof(T))) % kVecBytes == 0;
 }
 
 __device__ __forceinline__ int64_t row_offset(int64_t row, const RowLayoutArgs& l, bool out) {
@@ -127,35 +190,34 @@ __device__ __forceinline__ A block_sum(A v, A* smem) {
 }
 
 // One thread's statistics over columns [lo, hi) of a row, NThreads threads per row slice
-// (with Metrics also the metrics' accumulators; t: the target's column in the row).
-template <typename T, bool BetaOne, bool Metrics, int NThreads>
+// (with Metrics also the metrics' accumulators; t: the target's column in the row). The
+// vectors in a loop unrolled kUnroll times, then the vector left over, then the last partial
+// vector one column per thread (neither of them a loop).
+template <typename T, bool Aligned, bool BetaOne, bool Metrics, int NThreads>
 __device__ __forceinline__ Stats thread_stats(const T* xr, int64_t lo, int64_t hi, float ib, int64_t t) {
   constexpr int V = Vec<T>::N;
+  static_assert(NThreads >= V, "the tail is one column per thread");
   Stats st = empty_stats();
-  int64_t tail_start = lo;
-  if (aligned16(xr + lo)) {
-    const int64_t n_vec = (hi - lo) / V;
-    const T* base = xr + lo;
-    int64_t i = threadIdx.x;
-    for (; i + (kUnroll - 1) * NThreads < n_vec; i += kUnroll * NThreads) {
-      float z[kUnroll][V];
+  const int64_t n_vec = (hi - lo) / V;
+  const T* base = xr + lo;
+  int64_t i = threadIdx.x;
+  for (; i + (kUnroll - 1) * NThreads < n_vec; i += kUnroll * NThreads) {
+    float z[kUnroll * V];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) load_vec(base + (i + u * NThreads) * V, z[u]);
+    for (int u = 0; u < kUnroll; ++u) load_vec<T, Aligned>(base + (i + u * NThreads) * V, z + u * V);
+    update<kUnroll * V, BetaOne, Metrics>(st, z, ib);  // one rescale of the sums per kUnroll vectors
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        update<V, BetaOne, Metrics>(st, z[u], ib);
-        update_before<V, Metrics>(st, z[u], lo + (i + u * NThreads) * V, t);
-      }
-    }
-    for (; i < n_vec; i += NThreads) {
-      float z[V];
-      load_vec(base + i * V, z);
-      update<V, BetaOne, Metrics>(st, z, ib);
-      update_before<V, Metrics>(st, z, lo + i * V, t);
-    }
-    tail_start = lo + n_vec * V;
+    for (int u = 0; u < kUnroll; ++u) update_before<V, Metrics>(st, z + u * V, lo + (i + u * NThreads) * V, t);
   }
-  for (int64_t c = tail_start + threadIdx.x; c < hi; c += NThreads) {
+  static_assert(kUnroll == 2, "one vector per thread at most is left after the unrolled loop");
+  if (i < n_vec) {
+    float z[V];
+    load_vec<T, Aligned>(base + i * V, z);
+    update<V, BetaOne, Metrics>(st, z, ib);
+    update_before<V, Metrics>(st, z, lo + i * V, t);
+  }
+  const int64_t c = lo + n_vec * V + threadIdx.x;
+  if (c < hi) {
     float z[1] = {to_float(xr[c])};
     update<1, BetaOne, Metrics>(st, z, ib);
     update_before<1, Metrics>(st, z, c, t);
@@ -165,43 +227,38 @@ __device__ __forceinline__ Stats thread_stats(const T* xr, int64_t lo, int64_t h
 
 // Write the gradient of columns [lo, hi) of one row: coef * q_j (coef * (q_t - 1) at the
 // target), 0 at columns >= valid_hi (padding; everything when coef == 0, then nothing is
-// read). Vectors are visited from the last to the first when `Reverse`.
-template <typename T, int NThreads, bool Reverse>
+// read). A vector that straddles valid_hi is read whole (its padding columns are memory of
+// the row) and written with zeros there. Vectors are visited from the last to the first when
+// `Reverse`; the last, partial vector of [lo, hi) one column per thread.
+template <typename T, bool Aligned, int NThreads, bool Reverse>
 __device__ __forceinline__ void write_grad(const T* xr, T* orow, int64_t lo, int64_t hi, int64_t valid_hi,
                                            int64_t t, const RowGrad& r, float ib) {
   constexpr int V = Vec<T>::N;
-  int64_t tail_start = lo;
-  if (aligned16(xr + lo) && aligned16(orow + lo)) {
-    const int64_t n_vec = (hi - lo) / V;
-    for (int64_t k = threadIdx.x; k < n_vec; k += NThreads) {
-      const int64_t i = Reverse ? n_vec - 1 - k : k;
-      const int64_t c0 = lo + i * V;
+  static_assert(NThreads >= V, "the tail is one column per thread");
+  const int64_t n_vec = (hi - lo) / V;
+  for (int64_t k = threadIdx.x; k < n_vec; k += NThreads) {
+    const int64_t c0 = lo + (Reverse ? n_vec - 1 - k : k) * V;
+    float gv[V];
+    if (c0 < valid_hi) {
       float z[V];
-      if (c0 + V <= valid_hi) {
-        load_vec(xr + c0, z);
-      } else {
+      load_vec<T, Aligned>(xr + c0, z);
 #pragma unroll
-        for (int j = 0; j < V; ++j) z[j] = c0 + j < valid_hi ? to_float(xr[c0 + j]) : -INFINITY;
-      }
-      float gv[V];
+      for (int j = 0; j < V; ++j) gv[j] = c0 + j < valid_hi ? grad_elem(z[j], c0 + j == t, r, ib) : 0.f;
+    } else {
 #pragma unroll
-      for (int j = 0; j < V; ++j)
-        gv[j] = c0 + j < valid_hi ? grad_elem(z[j], c0 + j == t, r, ib) : 0.f;
-      store_vec(orow + c0, gv);
+      for (int j = 0; j < V; ++j) gv[j] = 0.f;
     }
-    tail_start = lo + n_vec * V;
+    store_vec<T, Aligned>(orow + c0, gv);
   }
-  for (int64_t c = tail_start + threadIdx.x; c < hi; c += NThreads) {
-    const float g = c < valid_hi ? grad_elem(to_float(xr[c]), c == t, r, ib) : 0.f;
-    orow[c] = from_float<T>(g);
-  }
+  const int64_t c = lo + n_vec * V + threadIdx.x;
+  if (c < hi) orow[c] = from_float<T>(c < valid_hi ? grad_elem(to_float(xr[c]), c == t, r, ib) : 0.f);
 }
 
 // ------------------------------------------------------------------ two-pass path
 
 // grid (rows, splits): block (row, split) covers columns [split*chunk, min(+chunk, n_valid)).
 // With Metrics (metrics) the metric accumulators follows the records (and the meta record).
-template <typename T, bool BetaOne, bool Metrics>
+template <typename T, bool Aligned, bool BetaOne, bool Metrics>
 __global__ void __launch_bounds__(kThreads) row_stats_kernel(const T* __restrict__ x,
                                                              const int64_t* __restrict__ labels,
                                                              float* __restrict__ stats,
@@ -214,9 +271,9 @@ __global__ void __launch_bounds__(kThreads) row_stats_kernel(const T* __restrict
   const int64_t lo = int64_t(split) * a.chunk;
   // The last split can start past the row's end (e.g. 5 tiles over 4 splits of 2): empty.
   const int64_t hi = active ? max(lo, min(lo + a.chunk, a.n_valid)) : lo;
-  const float ib = kLog2e / a.beta;
+  const float ib = kLog2e * a.inv_beta;
   const int64_t t = label - a.vocab_start;
-  Stats st = thread_stats<T, BetaOne, Metrics, kThreads>(xr, lo, hi, ib, t);
+  Stats st = thread_stats<T, Aligned, BetaOne, Metrics, kThreads>(xr, lo, hi, ib, t);
   st = block_merge<BetaOne, Metrics, kThreads>(st, ib);
   if (threadIdx.x == 0) {
     const float zt = (active && t >= lo && t < hi) ? to_float(xr[t]) : 0.f;
@@ -245,12 +302,12 @@ __global__ void __launch_bounds__(kThreads) row_stats_kernel(const T* __restrict
 // per-row outputs written, and the sums reduced in a fixed order. With Metrics the metrics
 // plane of each rank is merged too and met [n_rows, metric::kWidth] written.
 template <bool BetaOne, bool Metrics>
-__global__ void __launch_bounds__(kEpilogueThreads) epilogue_kernel(const float* __restrict__ parts,
+__global__ void __launch_bounds__(kEpilogueThreads, 1) epilogue_kernel(const float* __restrict__ parts,
                                                                     const int64_t* __restrict__ labels,
                                                                     float* __restrict__ loss, float* __restrict__ ce,
                                                                     float* __restrict__ rec, float* __restrict__ red,
                                                                     float* __restrict__ met, PartsArgs p, LossArgs a) {
-  const float ib = kLog2e / a.beta;
+  const float ib = kLog2e * a.inv_beta;
   int64_t vocab_size = p.vocab_size;
   if (p.has_meta) {  // the global vocab size: the largest vocab_end of the ranks
     const int64_t meta_off = p.n_rows * p.splits * stat::kWidth;
@@ -275,7 +332,7 @@ __global__ void __launch_bounds__(kEpilogueThreads) epilogue_kernel(const float*
       }
     }
     const int64_t label = labels[r];
-    const RowOut o = finalize_row(st, zt, label, a.ignore_index, vocab_size, a.gamma, a.beta);
+    const RowOut o = finalize_row(st, zt, label, a.ignore_index, vocab_size, a.gamma, a.beta, a.inv_beta);
     if (Metrics) {
       const RowMetrics mt = row_metrics(st, zt, label, a.ignore_index, vocab_size);
       met[r * metric::kWidth + metric::kEntropy] = mt.entropy;
@@ -298,7 +355,7 @@ __global__ void __launch_bounds__(kEpilogueThreads) epilogue_kernel(const float*
   acc_ce = block_sum<kEpilogueThreads>(acc_ce, sf);
   acc_n = block_sum<kEpilogueThreads>(acc_n, si);
   if (threadIdx.x == 0) {
-    const float scale = a.reduction == reduction::kMean ? 1.f / static_cast<float>(max(acc_n, 1)) : 1.f;
+    const float scale = a.reduction == reduction::kMean ? div_normal(1.f, static_cast<float>(max(acc_n, 1))) : 1.f;
     red[reduced::kLoss] = acc_loss * scale;
     red[reduced::kCe] = acc_ce * scale;
     red[reduced::kScale] = scale;
@@ -306,7 +363,7 @@ __global__ void __launch_bounds__(kEpilogueThreads) epilogue_kernel(const float*
 }
 
 // grid (rows, tiles): block writes columns [tile * kTileCols, +kTileCols) of one row.
-template <typename T>
+template <typename T, bool Aligned>
 __global__ void __launch_bounds__(kThreads) grad_kernel(const T* x, T* out, const int64_t* __restrict__ labels,
                                                         const float* __restrict__ rec,
                                                         const float* __restrict__ upstream,
@@ -318,13 +375,13 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(const T* x, T* out, cons
   const float* p = rec + row * gparam::kWidth;
   const RowGrad r{upstream[row * a.up_stride] * scale[0] * p[gparam::kG], p[gparam::kM], p[gparam::kLogSb] * kLog2e,
                   p[gparam::kQtM1]};
-  const float ib = kLog2e / a.beta;
+  const float ib = kLog2e * a.inv_beta;
   int64_t t = labels[row] - a.vocab_start;
   if (t < 0 || t >= a.n_valid) t = -1;  // target on another rank, or in padding
   // coef == 0 (ignored or loss-masked token): write zeros without reading.
   const int64_t valid_hi = r.coef != 0.f ? min(hi, a.n_valid) : lo;
-  write_grad<T, kThreads, false>(x + row_offset(row, l, false), out + row_offset(row, l, true), lo, hi, valid_hi,
-                                 t, r, ib);
+  write_grad<T, Aligned, kThreads, false>(x + row_offset(row, l, false), out + row_offset(row, l, true), lo, hi,
+                                          valid_hi, t, r, ib);
 }
 
 // ------------------------------------------------------------------ gradient in the forward
@@ -337,13 +394,13 @@ __global__ void __launch_bounds__(kEpilogueThreads) count_kernel(const int64_t* 
   __shared__ int si[kEpilogueThreads / 32];
   n = block_sum<kEpilogueThreads>(n, si);
   if (threadIdx.x == 0)
-    red[reduced::kScale] = a.reduction == reduction::kMean ? 1.f / static_cast<float>(max(n, 1)) : 1.f;
+    red[reduced::kScale] = a.reduction == reduction::kMean ? div_normal(1.f, static_cast<float>(max(n, 1))) : 1.f;
 }
 
 // One block per whole row: statistics, loss, then the gradient for an upstream of 1 (with
 // Metrics also the row's metrics into met).
-template <typename T, bool BetaOne, bool Metrics>
-__global__ void __launch_bounds__(kRowThreads)
+template <typename T, bool Aligned, bool BetaOne, bool Metrics>
+__global__ void __launch_bounds__(kRowThreads, 2)
     grad_in_forward_kernel(const T* x, T* out, const int64_t* __restrict__ labels, float* __restrict__ loss,
                            float* __restrict__ ce, const float* __restrict__ red, float* __restrict__ met,
                            int64_t width, RowLayoutArgs l, LossArgs a) {
@@ -352,14 +409,14 @@ __global__ void __launch_bounds__(kRowThreads)
   T* orow = out + row_offset(row, l, true);
   const int64_t label = labels[row];
   const bool active = label != a.ignore_index;
-  const float ib = kLog2e / a.beta;
-  Stats st = thread_stats<T, BetaOne, Metrics, kRowThreads>(xr, 0, active ? width : 0, ib, label);
+  const float ib = kLog2e * a.inv_beta;
+  Stats st = thread_stats<T, Aligned, BetaOne, Metrics, kRowThreads>(xr, 0, active ? width : 0, ib, label);
   st = block_merge<BetaOne, Metrics, kRowThreads>(st, ib);
   const bool hit = active && label >= 0 && label < width;
   __shared__ RowGrad row_grad;  // thread 0 finalizes the row, every thread writes its gradient
   if (threadIdx.x == 0) {
     const float zt = hit ? to_float(xr[label]) : 0.f;
-    const RowOut o = finalize_row(st, zt, label, a.ignore_index, width, a.gamma, a.beta);
+    const RowOut o = finalize_row(st, zt, label, a.ignore_index, width, a.gamma, a.beta, a.inv_beta);
     loss[row] = o.loss;
     ce[row] = o.ce;
     if (Metrics) {
@@ -371,7 +428,7 @@ __global__ void __launch_bounds__(kRowThreads)
   }
   __syncthreads();
   const RowGrad r = row_grad;
-  write_grad<T, kRowThreads, true>(xr, orow, 0, width, r.coef != 0.f ? width : 0, hit ? label : -1, r, ib);
+  write_grad<T, Aligned, kRowThreads, true>(xr, orow, 0, width, r.coef != 0.f ? width : 0, hit ? label : -1, r, ib);
 }
 
 __global__ void __launch_bounds__(kEpilogueThreads) reduce_kernel(const float* __restrict__ loss,
@@ -393,7 +450,7 @@ __global__ void __launch_bounds__(kEpilogueThreads) reduce_kernel(const float* _
 }
 
 // Persistent grid over (row, tile) pairs; the whole grid returns at once when s == 1.
-template <typename T>
+template <typename T, bool Aligned>
 __global__ void __launch_bounds__(kThreads) rescale_kernel(T* out, const float* __restrict__ grad_out, int64_t n_rows,
                                                            int64_t width, RowLayoutArgs l) {
   constexpr int V = Vec<T>::N;
@@ -403,31 +460,33 @@ __global__ void __launch_bounds__(kThreads) rescale_kernel(T* out, const float* 
   for (int64_t w = blockIdx.x; w < n_rows * tiles; w += gridDim.x) {
     const int64_t row = w / tiles, lo = (w % tiles) * kTileCols, hi = min(lo + kTileCols, width);
     T* orow = out + row_offset(row, l, true);
-    int64_t tail_start = lo;
-    if (aligned16(orow + lo)) {
-      const int64_t n_vec = (hi - lo) / V;
-      for (int64_t i = threadIdx.x; i < n_vec; i += kThreads) {
-        float v[V];
-        load_vec(orow + lo + i * V, v);
+    const int64_t n_vec = (hi - lo) / V;
+    for (int64_t i = threadIdx.x; i < n_vec; i += kThreads) {
+      float v[V];
+      load_vec<T, Aligned>(orow + lo + i * V, v);
 #pragma unroll
-        for (int j = 0; j < V; ++j) v[j] *= s;
-        store_vec(orow + lo + i * V, v);
-      }
-      tail_start = lo + n_vec * V;
+      for (int j = 0; j < V; ++j) v[j] *= s;
+      store_vec<T, Aligned>(orow + lo + i * V, v);
     }
-    for (int64_t c = tail_start + threadIdx.x; c < hi; c += kThreads) orow[c] = from_float<T>(to_float(orow[c]) * s);
+    const int64_t c = lo + n_vec * V + threadIdx.x;
+    if (c < hi) orow[c] = from_float<T>(to_float(orow[c]) * s);
   }
 }
 
 // ------------------------------------------------------------------ launchers
 
-// Two run-time flags as compile-time ones: f(std::integral_constant<bool, a>, <bool, b>).
+// Run-time flags as compile-time ones: f(std::integral_constant<bool, a>, ...).
+template <typename F>
+cudaError_t by_flag(bool a, F&& f) {
+  return a ? f(std::true_type{}) : f(std::false_type{});
+}
 template <typename F>
 cudaError_t by_flags(bool a, bool b, F&& f) {
-  using T = std::true_type;
-  using U = std::false_type;
-  if (a) return b ? f(T{}, T{}) : f(T{}, U{});
-  return b ? f(U{}, T{}) : f(U{}, U{});
+  return by_flag(a, [&](auto x) { return by_flag(b, [&](auto y) { return f(x, y); }); });
+}
+template <typename F>
+cudaError_t by_flags(bool a, bool b, bool c, F&& f) {
+  return by_flag(a, [&](auto x) { return by_flags(b, c, [&](auto y, auto z) { return f(x, y, z); }); });
 }
 
 template <typename F>
@@ -448,8 +507,9 @@ cudaError_t launch_row_stats(DType dt, const void* x, const int64_t* labels, flo
   return by_dtype(dt, [&](auto zero) {
     using T = decltype(zero);
     const T* xt = static_cast<const T*>(x);
-    return by_flags(a.beta == 1.0f, a.metrics, [&](auto beta_one, auto metrics) {
-      row_stats_kernel<T, beta_one.value, metrics.value><<<grid, kThreads, 0, s>>>(xt, labels, stats, l, a);
+    const bool aligned = rows_aligned<T>(x, l.xs_outer, l.xs_inner) && rows_aligned<T>(nullptr, a.chunk, 0);
+    return by_flags(aligned, a.beta == 1.0f, a.metrics, [&](auto al, auto beta_one, auto metrics) {
+      row_stats_kernel<T, al.value, beta_one.value, metrics.value><<<grid, kThreads, 0, s>>>(xt, labels, stats, l, a);
       return cudaGetLastError();
     });
   });
@@ -471,9 +531,12 @@ cudaError_t launch_grad(DType dt, const void* x, void* out, const int64_t* label
   const dim3 grid(static_cast<unsigned>(n_rows), static_cast<unsigned>(tiles));
   return by_dtype(dt, [&](auto zero) {
     using T = decltype(zero);
-    grad_kernel<T><<<grid, kThreads, 0, s>>>(static_cast<const T*>(x), static_cast<T*>(out), labels, rec, upstream,
-                                             scale, l, a);
-    return cudaGetLastError();
+    const bool aligned = rows_aligned<T>(x, l.xs_outer, l.xs_inner) && rows_aligned<T>(out, l.os_outer, l.os_inner);
+    return by_flag(aligned, [&](auto al) {
+      grad_kernel<T, al.value><<<grid, kThreads, 0, s>>>(static_cast<const T*>(x), static_cast<T*>(out), labels, rec,
+                                                         upstream, scale, l, a);
+      return cudaGetLastError();
+    });
   });
 }
 
@@ -487,9 +550,10 @@ cudaError_t launch_grad_in_forward(DType dt, const void* x, void* out, const int
     using T = decltype(zero);
     const T* xt = static_cast<const T*>(x);
     T* ot = static_cast<T*>(out);
-    return by_flags(a.beta == 1.0f, met != nullptr, [&](auto beta_one, auto metrics) {
-      grad_in_forward_kernel<T, beta_one.value, metrics.value><<<static_cast<unsigned>(n_rows), kRowThreads, 0, s>>>(
-          xt, ot, labels, loss, ce, red, met, width, l, a);
+    const bool aligned = rows_aligned<T>(x, l.xs_outer, l.xs_inner) && rows_aligned<T>(out, l.os_outer, l.os_inner);
+    return by_flags(aligned, a.beta == 1.0f, met != nullptr, [&](auto al, auto beta_one, auto metrics) {
+      grad_in_forward_kernel<T, al.value, beta_one.value, metrics.value>
+          <<<static_cast<unsigned>(n_rows), kRowThreads, 0, s>>>(xt, ot, labels, loss, ce, red, met, width, l, a);
       return cudaGetLastError();
     });
   });
@@ -504,8 +568,10 @@ cudaError_t launch_rescale(DType dt, void* out, const float* grad_out, int64_t n
   const unsigned blocks = static_cast<unsigned>(work < kRescaleBlocks ? (work > 0 ? work : 1) : kRescaleBlocks);
   return by_dtype(dt, [&](auto zero) {
     using T = decltype(zero);
-    rescale_kernel<T><<<blocks, kThreads, 0, s>>>(static_cast<T*>(out), grad_out, n_rows, width, l);
-    return cudaGetLastError();
+    return by_flag(rows_aligned<T>(out, l.os_outer, l.os_inner), [&](auto al) {
+      rescale_kernel<T, al.value><<<blocks, kThreads, 0, s>>>(static_cast<T*>(out), grad_out, n_rows, width, l);
+      return cudaGetLastError();
+    });
   });
 }
 

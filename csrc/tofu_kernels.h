@@ -37,7 +37,7 @@ struct StatsArgs {
   int64_t vocab_start;   // global id of local column 0
   int64_t chunk;         // columns per split (grid.y)
   int64_t ignore_index;
-  float beta;
+  float beta, inv_beta;  // inv_beta = 1 / beta, rounded once on the host
   bool write_meta;       // tensor parallelism: this rank's meta record after the stats
   int64_t meta_vocab_end, meta_width;
   bool metrics;          // the metric accumulators after the records (and the meta record)
@@ -53,14 +53,14 @@ struct PartsArgs {
 
 struct LossArgs {
   int64_t ignore_index;
-  float gamma, beta;
+  float gamma, beta, inv_beta;
   int reduction;  // tofu::reduction
 };
 
 struct GradArgs {
   int64_t n_valid, width, vocab_start;
   int64_t up_stride;  // upstream gradient element of row r: r * up_stride (0: a scalar)
-  float beta;
+  float inv_beta;
 };
 
 // stats: fp32 [n_rows, splits, stat::kWidth] per (row, split) (+ 1 meta record).

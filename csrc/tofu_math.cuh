@@ -1,5 +1,5 @@
 // TOFU per-element and per-row math, shared by the CUDA kernels (tofu_kernels.cu) and a
-// host test harness (tests/csrc/header_harness.cpp) compiled by g++ from this same file,
+// host test harness (tests/kernels/csrc/header_harness.cpp) compiled by g++ from this same file,
 // so the math is checked against the Python reference on machines without a GPU.
 // Twin of tofu_kernels/tofu_math.py (same records, same formulas); the math is derived in
 // docs/design.md section 2.
@@ -111,11 +111,12 @@ TOFU_HD void update(Stats& st, const float (&z)[K], float inv_beta_log2e) {
 // With Metrics: fold K values of consecutive columns col0, col0 + 1, ... into st.before, those
 // before the target column t (the row's columns counted as the caller counts col0).
 template <int K, bool Metrics>
-TOFU_HD void update_before(Stats& st, const float (&z)[K], int64_t col0, int64_t t) {
-  if (!Metrics) return;
+TOFU_HD void update_before(Stats& st, const float* z, int64_t col0, int64_t t) {
+  if constexpr (Metrics) {
 #pragma unroll
-  for (int k = 0; k < K; ++k)
-    if (col0 + k < t) st.before = fmaxf(st.before, z[k]);
+    for (int k = 0; k < K; ++k)
+      if (col0 + k < t) st.before = fmaxf(st.before, z[k]);
+  }
 }
 
 // What the gradient of one row needs, per row: the GradParam record with every per-row
@@ -134,14 +135,26 @@ TOFU_HD float grad_elem(float z, bool is_target, const RowGrad& r, float inv_bet
   return r.coef * q;
 }
 
+// x / y where y is known to lie in [2^-126, 2^126]: on the GPU the approximate division
+// (2 ulp there), which needs no slow-path call (the IEEE division's would make the one-block
+// epilogue spill); on the host (the test harness) the exact one.
+TOFU_HD float div_normal(float x, float y) {
+#ifdef __CUDA_ARCH__
+  return __fdividef(x, y);
+#else
+  return x / y;
+#endif
+}
+
 // Focal weight g(p) from log p, finite everywhere (see tofu_math.focal_weight):
 //   om = 1 - p = -expm1(log p),  g = om^gamma * (1 + gamma * p * (-log p / om)).
+// -log p / om -> 1 as om -> 0; below the normal range it is 1 to fp32 precision.
 TOFU_HD float focal_weight(float log_p, float gamma) {
   if (gamma == 0.f) return 1.f;
   const float lp = fminf(log_p, 0.f);
   const float p = expf(lp);
   const float om = -expm1f(lp);
-  const float r = om > 0.f ? -lp / om : 1.f;
+  const float r = om >= 1.17549435e-38f ? div_normal(-lp, om) : 1.f;
   const float pr = p > 0.f ? p * r : 0.f;  // p -> 0: p * r -> 0, never 0 * inf
   return expf(gamma * logf(om)) * (1.f + gamma * pr);
 }
@@ -151,11 +164,12 @@ struct RowOut {
   float loss, ce, g, m, log_sb, qt_m1;
 };
 
-// Loss, focal weight and backward scalars from the combined statistics of one row.
+// Loss, focal weight and backward scalars from the combined statistics of one row
+// (inv_beta = 1 / beta, rounded once on the host, as the Triton kernels use it).
 // Ignored rows give zeros; labels outside [0, vocab_size) give NaN (no host check can
 // run under graph capture, and a plausible number would hide the bug).
 TOFU_HD RowOut finalize_row(Stats st, float zt, int64_t label, int64_t ignore_index,
-                            int64_t vocab_size, float gamma, float beta) {
+                            int64_t vocab_size, float gamma, float beta, float inv_beta) {
   RowOut o = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
   if (label == ignore_index) return o;
   if (label < 0 || label >= vocab_size) {
@@ -165,7 +179,7 @@ TOFU_HD RowOut finalize_row(Stats st, float zt, int64_t label, int64_t ignore_in
   const float zt_m = zt - st.m;  // exact: both are fp32 copies of logits
   const float log_p = zt_m - logf(st.s1);
   const float log_sb = logf(st.sb);
-  const float log_qt = zt_m / beta - log_sb;
+  const float log_qt = zt_m * inv_beta - log_sb;
   o.g = focal_weight(log_p, gamma);
   o.loss = -o.g * beta * log_qt;
   o.ce = -log_p;
@@ -186,7 +200,7 @@ struct RowMetrics {
 TOFU_HD RowMetrics row_metrics(Stats st, float zt, int64_t label, int64_t ignore_index, int64_t vocab_size) {
   if (label == ignore_index) return {0.f, 0.f};
   if (label < 0 || label >= vocab_size) return {NAN, NAN};
-  return {logf(st.s1) - st.e / st.s1, (zt >= st.m && zt > st.before) ? 1.f : 0.f};
+  return {logf(st.s1) - div_normal(st.e, st.s1), (zt >= st.m && zt > st.before) ? 1.f : 0.f};  // s1 >= 1
 }
 
 }  // namespace tofu

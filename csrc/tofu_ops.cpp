@@ -33,6 +33,9 @@ tofu::DType dtype_of(const at::Tensor& x) {
   }
 }
 
+// 1 / beta rounded once, in double (the Triton backend passes the same fp32 value).
+float inv(double beta) { return static_cast<float>(1.0 / beta); }
+
 void check_cuda(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "tofu_kernels: ", what, " launch failed: ", cudaGetErrorString(err));
 }
@@ -76,8 +79,8 @@ void row_stats(const at::Tensor& x, const at::Tensor& labels, at::Tensor& stats,
   check_f32(stats, parts_per_rank(n_rows, splits, write_meta, metrics), "stats");
   const c10::cuda::CUDAGuard guard(x.device());
   const tofu::RowLayoutArgs l{n_inner, s_outer, s_inner, 0, 0};
-  const tofu::StatsArgs a{n_valid, vocab_start, chunk, ignore_index, static_cast<float>(beta), write_meta,
-                          meta_vocab_end, meta_width, metrics};
+  const tofu::StatsArgs a{n_valid,   vocab_start, chunk,          ignore_index, static_cast<float>(beta),
+                          inv(beta), write_meta,  meta_vocab_end, meta_width,   metrics};
   check_cuda(tofu::launch_row_stats(dtype_of(x), x.data_ptr(), labels.data_ptr<int64_t>(), stats.data_ptr<float>(),
                                     n_rows, static_cast<int>(splits), l, a, c10::cuda::getCurrentCUDAStream()),
              "row_stats");
@@ -100,7 +103,8 @@ void epilogue(const at::Tensor& parts, const at::Tensor& labels, at::Tensor& los
   if (n_rows == 0) return;
   const c10::cuda::CUDAGuard guard(parts.device());
   const tofu::PartsArgs p{n_rows, splits, world, rank_stride, has_meta, vocab_size};
-  const tofu::LossArgs a{ignore_index, static_cast<float>(gamma), static_cast<float>(beta), static_cast<int>(reduction)};
+  const tofu::LossArgs a{ignore_index, static_cast<float>(gamma), static_cast<float>(beta), inv(beta),
+                         static_cast<int>(reduction)};
   check_cuda(tofu::launch_epilogue(parts.data_ptr<float>(), labels.data_ptr<int64_t>(), loss.data_ptr<float>(),
                                    ce.data_ptr<float>(), rec.data_ptr<float>(), red.data_ptr<float>(), met_ptr, p, a,
                                    c10::cuda::getCurrentCUDAStream()),
@@ -127,7 +131,7 @@ void grad(const at::Tensor& x, at::Tensor& out, const at::Tensor& labels, const 
   if (n_rows == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   const tofu::RowLayoutArgs l{n_inner, xs_outer, xs_inner, os_outer, os_inner};
-  const tofu::GradArgs a{n_valid, width, vocab_start, up_stride, static_cast<float>(beta)};
+  const tofu::GradArgs a{n_valid, width, vocab_start, up_stride, inv(beta)};
   check_cuda(tofu::launch_grad(dtype_of(x), x.data_ptr(), out.data_ptr(), labels.data_ptr<int64_t>(),
                                rec.data_ptr<float>(), upstream.data_ptr<float>(), scale.data_ptr<float>(), n_rows, l, a,
                                c10::cuda::getCurrentCUDAStream()),
@@ -156,7 +160,7 @@ void grad_in_forward(const at::Tensor& x, at::Tensor& out, const at::Tensor& lab
   TORCH_CHECK(n_rows > 0, "tofu_kernels: grad_in_forward needs at least one row");
   const c10::cuda::CUDAGuard guard(x.device());
   const tofu::RowLayoutArgs l{n_inner, xs_outer, xs_inner, os_outer, os_inner};
-  const tofu::LossArgs a{ignore_index, static_cast<float>(gamma), static_cast<float>(beta),
+  const tofu::LossArgs a{ignore_index, static_cast<float>(gamma), static_cast<float>(beta), inv(beta),
                          mean ? tofu::reduction::kMean : tofu::reduction::kSum};
   check_cuda(tofu::launch_grad_in_forward(dtype_of(x), x.data_ptr(), out.data_ptr(), labels.data_ptr<int64_t>(),
                                           loss.data_ptr<float>(), ce.data_ptr<float>(), red.data_ptr<float>(), met_ptr,

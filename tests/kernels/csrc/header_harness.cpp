@@ -82,7 +82,8 @@ float tofu_focal_weight(float log_p, float gamma) { return tofu::focal_weight(lo
 
 void tofu_finalize_row(float m, float s1, float sb, float zt, long long label, long long ignore_index,
                        long long vocab_size, float gamma, float beta, float* out) {
-  const tofu::RowOut o = tofu::finalize_row({m, s1, sb}, zt, label, ignore_index, vocab_size, gamma, beta);
+  const float inv_beta = static_cast<float>(1.0 / beta);  // as tofu_ops.cpp rounds it
+  const tofu::RowOut o = tofu::finalize_row({m, s1, sb}, zt, label, ignore_index, vocab_size, gamma, beta, inv_beta);
   const float v[6] = {o.loss, o.ce, o.g, o.m, o.log_sb, o.qt_m1};
   for (int k = 0; k < 6; ++k) out[k] = v[k];
 }
