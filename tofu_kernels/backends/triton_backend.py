@@ -40,6 +40,7 @@ RESCALE_PROGRAMS = gpu.RESCALE_BLOCKS
 ROW_BLOCK = 8192  # Triton's own: grad_in_forward's tile, one program (16 warps) per row
 
 
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -50,6 +51,16 @@ def _pow2_block(n: int, cap: int) -> int:
 
 def _warps(block: int) -> int:
     return 8 if block >= 4096 else 4
+
+
+def _lanes(block: int, warps: int, x: torch.Tensor, strides: tuple[int, ...]) -> dict:
+    """The statistics loop's lanes: one per thread (fewer in a narrow tile), each over vectors of
+    16 bytes where the rows are 16-byte aligned (the tensor's start in its storage and every row
+    stride divisible by 16 elements, as Triton specializes them), else of one column
+    (triton_kernels._row_slice_stats). Only the layout depends on it, never the result."""
+    aligned = (x.storage_offset() * x.element_size()) % 16 == 0 and all(s % 16 == 0 for s in strides)
+    vec = 16 // x.element_size() if aligned else 1
+    return dict(THREADS=max(1, min(warps * 32, block // vec)), VEC=vec)
 
 
 def _launch(kernel):
@@ -65,8 +76,9 @@ def _row_stats(a) -> None:
     block = _pow2_block(a.n_valid, FWD_BLOCK)
     _launch(K.stats_kernel)[(a.n_rows, a.splits)](
         a.x, a.labels, a.stats, a.n_inner, a.s_outer, a.s_inner, a.n_valid, a.vocab_start, a.chunk, a.ignore_index,
-        1.0 / a.beta, a.meta_vocab_end, a.meta_width, BLOCK=block, BETA_IS_ONE=a.beta == 1.0, WRITE_META=a.write_meta,
-        METRICS=a.metrics, num_warps=_warps(block))
+        1.0 / a.beta, a.meta_vocab_end, a.meta_width, BLOCK=block, BETA_IS_ONE=a.beta == 1.0,
+        WRITE_META=a.write_meta, METRICS=a.metrics, num_warps=_warps(block),
+        **_lanes(block, _warps(block), a.x, (a.s_outer, a.s_inner, a.chunk)))
 
 
 def _epilogue(a) -> None:
@@ -93,11 +105,12 @@ def _grad_in_forward(a) -> None:
     _launch(K.count_kernel)[(1,)](a.labels, scale, n_rows, a.ignore_index, MEAN=a.mean, BLOCK_R=EPILOGUE_ROWS,
                                   num_warps=8)
     block = _pow2_block(width, ROW_BLOCK)
+    warps = 16 if block >= 8192 else 8
     _launch(K.grad_in_forward_kernel)[(n_rows,)](
         a.x, a.out, a.labels, a.loss, a.ce, scale, a.loss if a.met is None else a.met, a.n_inner, a.xs_outer,
         a.xs_inner, a.os_outer, a.os_inner, width, a.ignore_index, a.gamma, a.beta, 1.0 / a.beta, BLOCK=block,
-        BETA_IS_ONE=a.beta == 1.0, GAMMA_ZERO=a.gamma == 0.0, METRICS=a.met is not None,
-        num_warps=16 if block >= 8192 else 8)
+        BETA_IS_ONE=a.beta == 1.0, GAMMA_ZERO=a.gamma == 0.0, METRICS=a.met is not None, num_warps=warps,
+        **_lanes(block, warps, a.x, (a.xs_outer, a.xs_inner)))
     _launch(K.reduce_kernel)[(1,)](a.loss, a.ce, scale, a.red, n_rows, BLOCK_R=EPILOGUE_ROWS, num_warps=8)
 
 

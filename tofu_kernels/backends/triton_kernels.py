@@ -3,8 +3,9 @@
 Two-pass path (any upstream gradient; the only path under tensor parallelism):
 - ``stats_kernel``, grid (rows, splits): one read of each row slice in BLOCK-wide tiles
   with an online max and two fp32 sums (S1 at temperature 1, Sb at beta: 2 exponentials
-  per element, 1 when beta = 1) plus one scalar load of the target logit; writes partial
-  ``Stat`` records (and, under TP, this rank's metadata record for the all-gather).
+  per element, 1 when beta = 1), kept per thread across the tiles and merged once (no
+  block-wide reduction in the loop), plus one scalar load of the target logit; writes
+  partial ``Stat`` records (and, under TP, this rank's metadata record for the all-gather).
 - ``epilogue_kernel``, one program: merges every part of every row (splits x ranks, in a
   fixed order), computes loss, cross entropy, the focal weight and the backward's
   ``GradParam`` record, and the reduction (sum, or mean over non-ignored tokens) on the
@@ -136,39 +137,59 @@ def _finalize(m, s1, sb, zt, label, ignore_index, vocab_size, gamma, beta, inv_b
 
 
 @triton.jit
-def _row_slice_stats(x_row, lo, hi, span, active, t, inv_beta, BLOCK: tl.constexpr, BETA_IS_ONE: tl.constexpr,
-                     METRICS: tl.constexpr):
-    """(m, S1, Sb, E, BEFORE) of columns [lo, hi) of one row in BLOCK-wide tiles (``span`` >=
-    hi - lo columns visited): an online max and two fp32 sums, and with METRICS the entropy
-    accumulator E = sum exp(z - m) (z - m) from the same exponentials and BEFORE, the max
-    of the columns before the target column ``t`` (records.MetricAcc; 0 and -inf
-    otherwise); nothing is read unless ``active``."""
-    m = -float("inf")
-    s1 = 0.0
-    sb = 0.0
-    e = 0.0
-    before = -float("inf")
-    end = tl.where(active, hi, lo)  # one comparison: a boolean mask in every Triton (3.9's interpreter wants one)
+def _row_slice_stats(x, n, span, t, inv_beta, BLOCK: tl.constexpr, THREADS: tl.constexpr, VEC: tl.constexpr,
+                     BETA_IS_ONE: tl.constexpr, METRICS: tl.constexpr):
+    """(m, S1, Sb, E, BEFORE) of columns [0, n) of ``x`` (a row slice) in BLOCK-wide tiles
+    (``span`` >= n columns visited; n <= 0 reads nothing): an online max and two fp32 sums,
+    and with METRICS the entropy accumulator E = sum exp(z - m) (z - m) from the same
+    exponentials and BEFORE, the max of the columns before column ``t`` (records.MetricAcc;
+    0 and -inf otherwise).
+
+    A tile is ``[BLOCK // (THREADS * VEC), THREADS, VEC]``: each of the THREADS lanes (one per
+    thread) holds its own statistics, over its vectors of VEC columns (16 bytes on 16-byte-
+    aligned rows, else 1 column), across the tiles; the lanes are merged once, at the end. So
+    the loop has no block-wide reduction, and one rescale of each lane's sums per tile."""
+    K: tl.constexpr = BLOCK // (THREADS * VEC)
+    offs = (tl.arange(0, K)[:, None, None] * (THREADS * VEC) + tl.arange(0, THREADS)[None, :, None] * VEC
+            + tl.arange(0, VEC)[None, None, :])
+    m = tl.full([THREADS], -float("inf"), tl.float32)
+    s1 = tl.zeros([THREADS], tl.float32)
+    sb = tl.zeros([THREADS], tl.float32)
+    e = tl.zeros([THREADS], tl.float32)
+    before = tl.full([THREADS], -float("inf"), tl.float32)
     for start in range(0, span, BLOCK):
-        cols = lo + start + tl.arange(0, BLOCK)
-        z = tl.load(x_row + cols, mask=cols < end, other=-float("inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(z, axis=0))
+        cols = start + offs
+        z = tl.load(x + cols, mask=cols < n, other=-float("inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(tl.max(z, axis=2), axis=0))
         # An all -inf prefix keeps m = -inf: shift by 0 instead so exp() stays 0, not NaN.
         shift = tl.where(m_new == -float("inf"), 0.0, m_new)
         a = tl.exp(m - shift)
-        d = z - shift
+        d = z - shift[None, :, None]
         ex = tl.exp(d)
         if METRICS:  # moved to the new max (with the old S1), then this tile's terms; -inf columns add 0
             e = a * (e + tl.where(m == -float("inf"), 0.0, m - shift) * s1)
-            e += tl.sum(ex * tl.maximum(d, -_FLT_MAX), axis=0)
-            before = tl.maximum(before, tl.max(tl.where(cols < t, z, -float("inf")), axis=0))
-        s1 = s1 * a + tl.sum(ex, axis=0)
+            e += tl.sum(tl.sum(ex * tl.maximum(d, -_FLT_MAX), axis=2), axis=0)
+            before = tl.maximum(before, tl.max(tl.max(tl.where(cols < t, z, -float("inf")), axis=2), axis=0))
+        s1 = s1 * a + tl.sum(tl.sum(ex, axis=2), axis=0)
         if not BETA_IS_ONE:
-            sb = sb * tl.exp((m - shift) * inv_beta) + tl.sum(tl.exp(d * inv_beta), axis=0)
+            sb = sb * tl.exp((m - shift) * inv_beta) + tl.sum(tl.sum(tl.exp(d * inv_beta), axis=2), axis=0)
         m = m_new
+    # the one merge of the lanes (a lane that saw no column is (-inf, 0, 0, 0, -inf))
+    mm = tl.max(m, axis=0)
+    shift = tl.where(mm == -float("inf"), 0.0, mm)
+    a = tl.exp(m - shift)
+    if METRICS:
+        e = tl.sum(a * (e + tl.where(m == -float("inf"), 0.0, m - shift) * s1), axis=0)
+        before = tl.max(before, axis=0)
+    else:
+        e = 0.0
+        before = -float("inf")
+    s1_all = tl.sum(s1 * a, axis=0)
     if BETA_IS_ONE:
-        sb = s1
-    return m, s1, sb, e, before
+        sb_all = s1_all
+    else:
+        sb_all = tl.sum(sb * tl.exp((m - shift) * inv_beta), axis=0)
+    return mm, s1_all, sb_all, e, before
 
 
 # ------------------------------------------------------------------ two-pass path
@@ -190,6 +211,8 @@ def stats_kernel(
     meta_vocab_end,
     meta_width,
     BLOCK: tl.constexpr,
+    THREADS: tl.constexpr,  # the statistics' lanes and columns per vector (_row_slice_stats)
+    VEC: tl.constexpr,
     BETA_IS_ONE: tl.constexpr,
     WRITE_META: tl.constexpr,
     METRICS: tl.constexpr,  # the metric accumulators after the records (records.Partials)
@@ -200,10 +223,12 @@ def stats_kernel(
     x_row = X + _row_offset(row, n_inner, s_outer, s_inner)
     label = tl.load(LABELS + row).to(tl.int64)
     active = label != ignore_index  # ignored rows are not read; the epilogue masks them
-    lo = split * chunk
+    lo = tl.cast(split, tl.int64) * chunk  # int64: no 32-bit product feeds the address
     hi = tl.minimum(lo + chunk, n_valid)
+    n = tl.where(active, hi - lo, 0).to(tl.int32)  # columns this program reads (<= chunk; <= 0: none)
     t = label - vocab_start
-    m, s1, sb, e, before = _row_slice_stats(x_row, lo, hi, chunk, active, t, inv_beta, BLOCK, BETA_IS_ONE,
+    t_here = tl.minimum(tl.maximum(t - lo, -1), chunk).to(tl.int32)  # the target's column in the slice
+    m, s1, sb, e, before = _row_slice_stats(x_row + lo, n, chunk, t_here, inv_beta, BLOCK, THREADS, VEC, BETA_IS_ONE,
                                             METRICS)
     hit = active & (t >= lo) & (t < hi)
     zt = tl.load(x_row + t, mask=hit, other=0.0).to(tl.float32)
@@ -255,9 +280,10 @@ def epilogue_kernel(
     METRICS: tl.constexpr,  # PARTS carries the metric accumulators, MET is written
 ):
     gamma, beta, inv_beta = tl.cast(gamma, tl.float32), tl.cast(beta, tl.float32), tl.cast(inv_beta, tl.float32)
-    acc_off = (n_rows * splits + HAS_META) * _ST_WIDTH
+    n_parts = tl.cast(n_rows, tl.int64) * splits  # int64: no 32-bit product feeds an address
+    acc_off = (n_parts + HAS_META) * _ST_WIDTH
     if HAS_META:  # global vocab size: the largest vocab_end of the ranks' metadata records
-        meta_off = n_rows * splits * _ST_WIDTH
+        meta_off = n_parts * _ST_WIDTH
         vs = tl.load(PARTS + meta_off + _MT_END).to(tl.int32, bitcast=True)
         for w in range(1, world):
             end = tl.load(PARTS + w * rank_stride + meta_off + _MT_END).to(tl.int32, bitcast=True)
@@ -377,6 +403,8 @@ def grad_in_forward_kernel(
     width,  # whole rows
     ignore_index, gamma, beta, inv_beta,
     BLOCK: tl.constexpr,
+    THREADS: tl.constexpr,  # the statistics' lanes and columns per vector (_row_slice_stats)
+    VEC: tl.constexpr,
     BETA_IS_ONE: tl.constexpr,
     GAMMA_ZERO: tl.constexpr,
     METRICS: tl.constexpr,  # the metric accumulators, MET written
@@ -388,8 +416,9 @@ def grad_in_forward_kernel(
     label = tl.load(LABELS + row).to(tl.int64)
     active = label != ignore_index
     # pass 1: the statistics
-    m, s1, sb, e, before = _row_slice_stats(x_row, 0, width, width, active, label, inv_beta, BLOCK,
-                                            BETA_IS_ONE, METRICS)
+    t_here = tl.minimum(tl.maximum(label, -1), width).to(tl.int32)
+    m, s1, sb, e, before = _row_slice_stats(x_row, tl.where(active, width, 0), width, t_here, inv_beta, BLOCK,
+                                            THREADS, VEC, BETA_IS_ONE, METRICS)
     hit = active & (label >= 0) & (label < width)
     zt = tl.load(x_row + label, mask=hit, other=0.0).to(tl.float32)
     loss, ce, g, mm, log_sb, qt_m1 = _finalize(m, s1, sb, zt, label, ignore_index, width, gamma, beta,
@@ -428,12 +457,14 @@ def reduce_kernel(LOSS, CE, SCALE, RED, n_rows, BLOCK_R: tl.constexpr):
 
 @triton.jit
 def rescale_kernel(OUT, GRAD_OUT, n_rows, n_inner, os_outer, os_inner, width, n_tiles, BLOCK: tl.constexpr):
-    """OUT *= grad_out, over a persistent grid; returns at once when grad_out == 1."""
+    """OUT *= grad_out, over a persistent grid; returns at once when grad_out == 1. The work
+    items (row, tile) are counted in int64: no 32-bit product feeds an address."""
     s = tl.load(GRAD_OUT).to(tl.float32)
     if s != 1.0:
-        for work in range(tl.program_id(0), n_rows * n_tiles, tl.num_programs(0)):
-            row = (work // n_tiles).to(tl.int64)
-            cols = (work % n_tiles) * BLOCK + tl.arange(0, BLOCK)
-            o_row = OUT + _row_offset(row, n_inner, os_outer, os_inner)
-            v = tl.load(o_row + cols, mask=cols < width, other=0.0).to(tl.float32)
-            tl.store(o_row + cols, (v * s).to(OUT.dtype.element_ty), mask=cols < width)
+        cols = tl.arange(0, BLOCK)
+        for work in range(tl.program_id(0).to(tl.int64), tl.cast(n_rows, tl.int64) * n_tiles, tl.num_programs(0)):
+            start = (work % n_tiles) * BLOCK
+            o_tile = OUT + _row_offset(work // n_tiles, n_inner, os_outer, os_inner) + start
+            left = (width - start).to(tl.int32)  # the row's columns from this tile on
+            v = tl.load(o_tile + cols, mask=cols < left, other=0.0).to(tl.float32)
+            tl.store(o_tile + cols, (v * s).to(OUT.dtype.element_ty), mask=cols < left)
