@@ -26,6 +26,10 @@ CUDA the `Aligned` instance), where the 128-bit budget applies; **regs**: regist
 branch counted); **loads / stores**: bit widths of the loads of the logits and stores of the
 gradient inside the streaming loops (in the whole kernel when it has none);
 **sync/iter**: `BAR` and `SHFL` per iteration of the statistics loop.
+
+What no compiler output shows, and only a GPU run can: races and ordering between threads,
+real bandwidth and latency, the accuracy of the hardware's approximate `ex2` and division,
+and the collectives (NCCL) of tensor parallelism.
 """
 COLS = ["16 B rows", "regs", "spills", "smem", "EX2/elem", "loads", "stores", "sync/iter"]
 TITLES = {"triton": "Triton", "cuda": "CUDA C++"}
