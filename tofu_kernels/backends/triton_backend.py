@@ -86,7 +86,7 @@ def _epilogue(a) -> None:
         a.parts, a.labels, a.loss, a.ce, a.rec, a.red, a.red if a.met is None else a.met, a.n_rows, a.splits, a.world,
         a.rank_stride, a.vocab_size, a.ignore_index, a.gamma, a.beta, 1.0 / a.beta, HAS_META=a.has_meta,
         REDUCTION=a.reduction, GAMMA_ZERO=a.gamma == 0.0, BETA_IS_ONE=a.beta == 1.0, BLOCK_R=EPILOGUE_ROWS,
-        METRICS=a.met is not None, num_warps=8)
+        METRICS=a.met is not None, num_warps=8, maxnreg=255)  # one program: every register it can use
 
 
 def _grad(a) -> None:
