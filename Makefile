@@ -63,10 +63,8 @@ study: venv
 
 # test files run TEST_WORKERS at a time (each file's tests in order, in one worker)
 TEST_WORKERS ?= 2
-# tests/static first: its files are the longest, and a long file handed out last keeps the
-# other worker idle at the end
 test: venv
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests/static tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 FAST_TESTS = tests/test_structure.py tests/kernels tests/distributed
 FAST_MARKERS = not slow and not megatron and not hf and not gpu
