@@ -49,14 +49,14 @@ import torch
 import torch.distributed as dist
 
 from . import core
-from .checks import check_linear_tensors, flat_labels
+from .checks import check_linear_tensors, flat_labels, host_checks_allowed
 from .layout import row_layout
 from .params import DEFAULT_BETA, DEFAULT_GAMMA, DEFAULT_IGNORE_INDEX, TOFUParams, check_flag
 from .records import Reduction
 from .vocab_parallel import TensorParallel
 
 __all__ = ["LinearTOFULoss", "WeightGradSink", "default_chunk_size", "linear_tofu_loss", "logit_chunks",
-           "loss_of_hidden", "vocab_parallel_linear_tofu_loss"]
+           "loss_of_hidden", "training_rows", "vocab_parallel_linear_tofu_loss"]
 
 # The logits chunk's budget: 128 MiB, e.g. 512 rows of a 128256-column bf16 vocabulary.
 CHUNK_BYTES = 128 << 20
@@ -195,6 +195,7 @@ def linear_tofu_loss(
     check_inputs: bool = True,
     chunk_size: int | None = None,
     normalizer: float | torch.Tensor | None = None,
+    skip_ignored: bool = True,
 ):
     """TOFU loss of ``hidden @ weight.T`` without materialising the logits.
 
@@ -212,6 +213,13 @@ def linear_tofu_loss(
             number instead of the count of non-ignored tokens (e.g. Hugging Face's
             ``num_items_in_batch``, the count over all micro-batches); folded into the
             GEMMs, so the backward has nothing to rescale.
+        skip_ignored: compute the output layer only for the rows that train (labels not
+            ``ignore_index``): the GEMMs, the statistics and the gradients run over those
+            rows, gathered once; the others get loss 0, metrics 0 and a zero gradient in
+            ``hidden``, and add nothing to ``weight``'s. One host sync finds them (for a
+            mean, the token count comes from it: no second sync). Eager mode only: under
+            CUDA-graph capture or torch.compile every row is computed (the same result).
+            False computes every row.
 
     Returns:
         fp32 loss (scalar, or ``labels``' shape for ``"none"``), followed by ``ce`` and the
@@ -221,7 +229,8 @@ def linear_tofu_loss(
     """
     params = TOFUParams(gamma=gamma, beta=beta, ignore_index=ignore_index, reduction=reduction, backend=backend,
                         return_ce=return_ce, return_metrics=return_metrics, check_inputs=check_inputs)
-    return loss_of_hidden(hidden, weight, labels, params, chunk_size=chunk_size, normalizer=normalizer)
+    return loss_of_hidden(hidden, weight, labels, params, chunk_size=chunk_size, normalizer=normalizer,
+                          skip_ignored=skip_ignored)
 
 
 def vocab_parallel_linear_tofu_loss(
@@ -239,6 +248,7 @@ def vocab_parallel_linear_tofu_loss(
     check_inputs: bool = True,
     chunk_size: int | None = None,
     normalizer: float | torch.Tensor | None = None,
+    skip_ignored: bool = True,
     group=None,
     vocab_start: int | None = None,
     vocab_end: int | None = None,
@@ -251,7 +261,8 @@ def vocab_parallel_linear_tofu_loss(
         weight_shard: ``[Vr, D]`` this rank's rows of the weight (Megatron's
             column-parallel output layer), same dtype as ``hidden``.
         labels: ``[...]`` global ids (identical on all ranks) or ``ignore_index``.
-        gamma ... normalizer: as in :func:`linear_tofu_loss`.
+        gamma ... skip_ignored: as in :func:`linear_tofu_loss` (every rank skips the same
+            rows: the labels are the same on every rank, so the collectives keep their sizes).
         group, vocab_start, vocab_end: as in :func:`tofu_kernels.vocab_parallel_tofu_loss`
             (rows ``[vocab_end - vocab_start, Vr)`` of the shard are padding).
         reduce_hidden_grad: all-reduce ``hidden``'s gradient over ``group`` in the backward
@@ -266,12 +277,13 @@ def vocab_parallel_linear_tofu_loss(
     params = TOFUParams(gamma=gamma, beta=beta, ignore_index=ignore_index, reduction=reduction, backend=backend,
                         return_ce=return_ce, return_metrics=return_metrics, check_inputs=check_inputs)
     return loss_of_hidden(hidden, weight_shard, labels, params, chunk_size=chunk_size, normalizer=normalizer,
-                          tp=TensorParallel(group, vocab_start, vocab_end), reduce_hidden_grad=reduce_hidden_grad)
+                          skip_ignored=skip_ignored, tp=TensorParallel(group, vocab_start, vocab_end),
+                          reduce_hidden_grad=reduce_hidden_grad)
 
 
 def loss_of_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, params: TOFUParams, *,
                    chunk_size: int | None = None, normalizer: float | torch.Tensor | None = None,
-                   tp: TensorParallel | None = None, reduce_hidden_grad: bool = True,
+                   skip_ignored: bool = True, tp: TensorParallel | None = None, reduce_hidden_grad: bool = True,
                    weight_grad: WeightGradSink | None = None):
     """The TOFU loss of ``hidden @ weight.T`` under ``params`` (``weight`` this rank's
     ``[V/tp, D]`` rows with ``tp``): what :func:`linear_tofu_loss` and
@@ -286,9 +298,11 @@ def loss_of_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
         hidden, weight = hidden.to(dt), weight.to(dt)
         with torch.autocast(dev, enabled=False):
             return loss_of_hidden(hidden, weight, labels, params, chunk_size=chunk_size, normalizer=normalizer,
-                                  tp=tp, reduce_hidden_grad=reduce_hidden_grad, weight_grad=weight_grad)
+                                  skip_ignored=skip_ignored, tp=tp, reduce_hidden_grad=reduce_hidden_grad,
+                                  weight_grad=weight_grad)
     check_linear_tensors(hidden, weight, labels)
     check_flag(reduce_hidden_grad, "reduce_hidden_grad", "linear_tofu_loss")
+    check_flag(skip_ignored, "skip_ignored", "linear_tofu_loss")
     width = weight.shape[0]
     h = hidden.reshape(-1, hidden.shape[-1])
     if not h.is_contiguous():
@@ -300,23 +314,47 @@ def loss_of_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
         normalizer = float(normalizer.item() if torch.is_tensor(normalizer) else normalizer)
         if not (math.isfinite(normalizer) and normalizer > 0):
             raise ValueError(f"linear_tofu_loss: normalizer must be a positive finite number, got {normalizer}")
-    if chunk_size is None:
-        chunk = default_chunk_size(n, width, weight.element_size())
-    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"linear_tofu_loss: chunk_size must be a positive int, got {chunk_size!r}")
-    else:
-        chunk = chunk_size
     if weight_grad is not None and params.reduction != "none":
         raise ValueError("linear_tofu_loss: weight_grad goes with reduction='none' (the two-pass path)")
     flat = flat_labels(labels)
     plan = core.plan(params, flat, width, hidden.device, tp, (hidden, weight))
-    if n == 0:
+    rows = training_rows(flat, params.ignore_index) if skip_ignored and n else None
+    if n == 0 or (rows is not None and rows.numel() == 0):
         return core.empty_loss(labels, params, hidden, weight)
-    loss, ce, *metrics = _LinearTOFUFunction.apply(h, weight, flat, plan, chunk, normalizer, reduce_hidden_grad,
-                                                   weight_grad)
+    h_run, flat_run = h, flat
+    if rows is not None:  # the rows that train, gathered once (docs/design.md section 8)
+        h_run, flat_run = h.index_select(0, rows), flat.index_select(0, rows)
+        if params.reduction == "mean" and normalizer is None:
+            normalizer = float(rows.numel())  # the mean's count: this sync's, not a second one
+    chunk = chunk_size or default_chunk_size(h_run.shape[0], width, weight.element_size())
+    loss, ce, *metrics = _LinearTOFUFunction.apply(h_run, weight, flat_run, plan, chunk, normalizer,
+                                                   reduce_hidden_grad, weight_grad)
+    if rows is not None and plan.reduction == Reduction.NONE:
+        loss, ce = _spread(loss, rows, n), _spread(ce, rows, n)
+    if rows is not None and metrics:
+        metrics = [_spread(metrics[0], rows, n)]
     if plan.reduction == Reduction.NONE:
         loss, ce = loss.view(labels.shape), ce.view(labels.shape)
     return core.results(params, loss, ce, metrics, labels.shape)
+
+
+def training_rows(labels: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
+    """The rows of flat ``labels`` that train (not ``ignore_index``), in order, or None when
+    every row trains or their selection would need a host sync where none may run (under
+    torch.compile, CUDA-graph capture, fake tensors): then every row is computed. One host
+    sync (the number of rows)."""
+    if not host_checks_allowed(labels):
+        return None
+    rows = (labels != ignore_index).nonzero().squeeze(1)
+    return None if rows.numel() == labels.numel() else rows
+
+
+def _spread(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    """Per-row ``values`` of the rows that trained, at their places among ``n`` rows; 0 elsewhere
+    (differentiable: the gradient of row ``rows[i]`` flows to ``values[i]``)."""
+    return values.new_zeros((n, *values.shape[1:])).index_copy(0, rows, values)
 
 
 class LinearTOFULoss(core.LossModule):
@@ -331,9 +369,12 @@ class LinearTOFULoss(core.LossModule):
         reduction: str = "mean",
         backend: str = "auto",
         chunk_size: int | None = None,
+        skip_ignored: bool = True,
     ):
+        check_flag(skip_ignored, "skip_ignored", "LinearTOFULoss")
         super().__init__(TOFUParams(gamma=gamma, beta=beta, ignore_index=ignore_index, reduction=reduction,
-                                    backend=backend), chunk_size=chunk_size)
+                                    backend=backend), chunk_size=chunk_size, skip_ignored=skip_ignored)
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return loss_of_hidden(hidden, weight, labels, self.params, chunk_size=self.chunk_size)
+        return loss_of_hidden(hidden, weight, labels, self.params, chunk_size=self.chunk_size,
+                              skip_ignored=self.skip_ignored)

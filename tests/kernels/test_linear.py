@@ -17,7 +17,7 @@ import tofu_kernels as tk
 from tofu_kernels.linear import default_chunk_size
 
 from tests.support.helpers import assert_grad_close, assert_loss_close, gpu_backends, make_logits, reference
-from tests.support.spies import DispatchSpy, count_collectives, gathers
+from tests.support.spies import DispatchSpy, GemmFlops, count_collectives, gathers
 
 BACKENDS = ["torch", "triton"]
 
@@ -429,3 +429,124 @@ def test_cuda_ops_through_the_linear_path_on_meta(reduction):
     else:
         assert ops.ours == ["row_stats"] * 3 + ["epilogue"] + ["grad_inplace"] * 3, ops.ours
     assert h.grad.shape == h.shape and w.grad.shape == w.shape
+
+
+# ---------------------------------------------------------------- only the rows that train
+
+
+def _run(h, w, labels, upstream, frozen_weight=False, **kw):
+    """loss (and ce, metrics where asked for), dh, dw of one call."""
+    hx, wx = h.clone().requires_grad_(), w.clone().requires_grad_(not frozen_weight)
+    out = tk.linear_tofu_loss(hx, wx, labels, **kw)
+    loss = out[0] if isinstance(out, tuple) else out
+    (loss * upstream).sum().backward()
+    return out, hx.grad, wx.grad
+
+
+def _assert_skip_parity(h, w, labels, reduction, upstream, backend, frozen_weight=False, **kw):
+    """The call that skips the ignored rows against the one that computes every row and the
+    fp64 oracle: the same loss, cross entropy, metrics and gradients, zeros on ignored rows."""
+    common = dict(reduction=reduction, backend=backend, return_ce=True, return_metrics=True, chunk_size=8, **kw)
+    (loss, ce, met), dh, dw = _run(h, w, labels, upstream, frozen_weight, skip_ignored=True, **common)
+    (loss0, ce0, met0), dh0, dw0 = _run(h, w, labels, upstream, frozen_weight, skip_ignored=False, **common)
+    ref_loss, ref_dh, ref_dw = _oracle(h, w, labels, reduction, upstream, normalizer=kw.get("normalizer"))
+    eps = torch.finfo(h.dtype).eps
+    tol = 4 * eps if h.dtype == torch.float32 else 8 * eps
+    for a, b in ((loss, loss0), (ce, ce0), (met.entropy, met0.entropy), (met.top1, met0.top1)):
+        assert torch.allclose(a.detach().double(), b.detach().double(), rtol=tol, atol=tol), (a, b)
+    assert _rel(loss.detach(), ref_loss) <= max(tol, 1e-5), _rel(loss.detach(), ref_loss)
+    assert _rel(dh, ref_dh) <= 2 * _rel(dh0, ref_dh) + tol, (_rel(dh, ref_dh), _rel(dh0, ref_dh))
+    ignored = labels.reshape(-1) == -100
+    assert (dh.reshape(-1, dh.shape[-1])[ignored] == 0).all(), "an ignored row got a gradient"
+    if frozen_weight:
+        assert dw is None and dw0 is None
+    else:
+        assert _rel(dw, ref_dw) <= 2 * _rel(dw0, ref_dw) + tol, (_rel(dw, ref_dw), _rel(dw0, ref_dw))
+    if reduction == "none":
+        assert (loss.detach().reshape(-1)[ignored] == 0).all() and (ce.reshape(-1)[ignored] == 0).all()
+    assert (met.entropy.reshape(-1)[ignored] == 0).all() and (met.top1.reshape(-1)[ignored] == 0).all()
+
+
+@pytest.mark.parametrize(("backend", "reduction", "dtype"), [
+    *(("torch", r, dt) for r in ("mean", "sum", "none") for dt in (torch.float32, torch.bfloat16)),
+    pytest.param("triton", "mean", torch.bfloat16, marks=pytest.mark.slow),  # both paths of the kernels
+    pytest.param("triton", "none", torch.float32, marks=pytest.mark.slow)])
+def test_skipping_ignored_rows_changes_nothing(dtype, reduction, backend):
+    # 45 tokens, every other one and a run of 9 ignored: chunks of 8 over the 16 that train
+    ignored = tuple(range(0, 45, 2)) + tuple(range(30, 39))
+    h, w, labels = _inputs(45, 16, 67, dtype, seed=3, ignored=ignored)
+    upstream = torch.randn(45) if reduction == "none" else torch.tensor(1.7)
+    _assert_skip_parity(h, w, labels, reduction, upstream, backend)
+
+
+def test_skipping_with_a_normalizer_a_frozen_weight_and_a_leading_shape():
+    backend = "torch"
+    h, w, labels = _inputs(40, 16, 53, torch.float32, seed=4, ignored=tuple(range(0, 40, 3)))
+    _assert_skip_parity(h, w, labels, "mean", torch.tensor(0.7), backend, normalizer=31.0)
+    _assert_skip_parity(h, w, labels, "sum", torch.tensor(1.0), backend, frozen_weight=True)
+    _assert_skip_parity(h.view(4, 10, 16), w, labels.view(4, 10), "none", torch.randn(4, 10), backend)
+
+
+def test_all_ignored_and_nothing_ignored():
+    h, w, labels = _inputs(20, 8, 31, torch.float32, ignored=())
+    # nothing to skip: the path of every row, bitwise
+    upstream = torch.randn(20)
+    a = _run(h, w, labels, upstream, reduction="none", chunk_size=8)
+    b = _run(h, w, labels, upstream, reduction="none", chunk_size=8, skip_ignored=False)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    # every row ignored: zeros, no gradient anywhere, nothing computed
+    none = torch.full_like(labels, -100)
+    for reduction in ("mean", "sum", "none"):
+        with GemmFlops() as f:
+            out, dh, dw = _run(h, w, none, torch.tensor(1.0), reduction=reduction)
+        assert (out == 0).all() and (dh == 0).all() and (dw == 0).all() and f.flops == 0, reduction
+
+
+def test_a_wrong_selection_fails_the_parity(monkeypatch):
+    """The parity check can fail: rows shifted by one (a row that trains computed from its
+    neighbour's hidden state) are caught."""
+    from tofu_kernels import linear
+
+    h, w, labels = _inputs(30, 16, 41, torch.float32, seed=8, ignored=tuple(range(0, 30, 3)))
+    right = linear.training_rows
+    monkeypatch.setattr(linear, "training_rows", lambda flat, ii: (right(flat, ii) + 1).clamp(max=flat.numel() - 1))
+    for reduction in ("mean", "none"):
+        upstream = torch.randn(30) if reduction == "none" else torch.tensor(1.0)
+        with pytest.raises(AssertionError):
+            _assert_skip_parity(h, w, labels, reduction, upstream, "torch")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gemm_flops_scale_with_the_rows_that_train(reduction):
+    """Every matrix product of a step (the forward's and the backward's GEMMs), counted at 0,
+    50 and 90 % of the rows ignored: they scale with the rows that train, to within one chunk."""
+    n, d, v, chunk = 256, 32, 96, 32
+    per_row = {"mean": 3, "none": 4}[reduction] * 2 * d * v  # 3 GEMMs with the gradient in the forward, else 4
+    for frac in (0.0, 0.5, 0.9):
+        kept = n - int(n * frac)
+        h, w, labels = _inputs(n, d, v, torch.float32, ignored=range(kept, n))
+        upstream = torch.randn(n) if reduction == "none" else torch.tensor(1.0)
+        with GemmFlops() as f:
+            _run(h, w, labels, upstream, reduction=reduction, chunk_size=chunk)
+        with GemmFlops() as every:
+            _run(h, w, labels, upstream, reduction=reduction, chunk_size=chunk, skip_ignored=False)
+        assert every.flops == n * per_row
+        assert kept * per_row <= f.flops <= (kept + chunk) * per_row, (frac, f.flops, kept * per_row)
+
+
+def test_nothing_is_skipped_where_no_host_sync_may_run(monkeypatch):
+    """Under torch.compile or CUDA-graph capture (no host sync: checks.host_checks_allowed is
+    False) every row is computed, and the result is the same."""
+    from tofu_kernels import checks, linear
+
+    h, w, labels = _inputs(30, 16, 41, torch.float32, seed=2, ignored=tuple(range(0, 30, 2)))
+    upstream = torch.randn(30)
+    skipped = _run(h, w, labels, upstream, reduction="none", check_inputs=False, chunk_size=8)
+    monkeypatch.setattr(linear, "host_checks_allowed", lambda t: False)
+    monkeypatch.setattr(checks, "host_checks_allowed", lambda t: False)
+    assert linear.training_rows(labels, -100) is None
+    with GemmFlops() as f:
+        every = _run(h, w, labels, upstream, reduction="none", check_inputs=False, chunk_size=8)
+    assert f.flops == 30 * 4 * 2 * 16 * 41
+    for a, b in zip(skipped, every):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)

@@ -127,3 +127,24 @@ class DispatchSpy(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.shapes.append(tuple(t.shape))
         return out
+
+
+class GemmFlops(TorchDispatchMode):
+    """Counts the floating-point operations of every matrix product while active, 2 M N K
+    per product: ``mm``, ``addmm``, the in-place ``addmm_`` (which torch's FlopCounterMode
+    misses) and their batched forms; ``flops`` is the total."""
+
+    _PRODUCTS = {"mm": (0, 1), "addmm": (1, 2), "addmm_": (1, 2), "bmm": (0, 1), "baddbmm": (1, 2),
+                 "baddbmm_": (1, 2)}
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        which = self._PRODUCTS.get(func.overloadpacket.__name__)
+        if which is not None:
+            a, b = args[which[0]], args[which[1]]
+            batch = math.prod(a.shape[:-2])
+            self.flops += 2 * batch * a.shape[-2] * a.shape[-1] * b.shape[-1]
+        return func(*args, **(kwargs or {}))
