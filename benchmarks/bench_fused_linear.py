@@ -3,6 +3,7 @@
     python benchmarks/bench_fused_linear.py              # GPU: N=8192 D=4096 bf16, V=128256 and 16032
     python benchmarks/bench_fused_linear.py --cpu-smoke  # tiny, proves the harness runs
     python benchmarks/bench_fused_linear.py --tokens 4096 --hidden 4096 --vocab 151936
+    python benchmarks/bench_fused_linear.py --prompt-fraction 0 0.5 0.9   # SFT: prompt rows ignored
 
 Each implementation computes ``loss(hidden @ weight.T, labels)`` and the gradients of
 ``hidden`` and ``weight`` (fresh buffers every run). Reported: forward+backward median
@@ -19,6 +20,11 @@ targets (docs/design.md section 8, issue 29), judged at the full vocabulary (128
 
 The second vocabulary (16032: a 128256-column vocabulary over TP = 8, the width one rank's
 output layer has) is measured side by side, one table per vocabulary, with no target.
+
+Prompt fraction (column "prompt"): the share of rows whose label is ignore_index, as prompt
+and padding tokens are in SFT (default 0 and 0.5). Ours computes the output layer only for
+the rows that train; "ours fused TOFU (every row)" is the same call computing every row
+(skip_ignored=False), and "vs every row" is ours' time over that row's, measured in the same run.
 
 Implementations (each where importable; the table says which were not):
   ours fused TOFU [chunk c]      tofu_kernels.linear_tofu_loss (default chunk, and a sweep)
@@ -108,10 +114,14 @@ def composed_tofu_loss(linear_ce_none, hidden: torch.Tensor, weight: torch.Tenso
 @dataclass
 class Row:
     name: str
+    prompt: float = 0.0  # the share of rows whose label is ignore_index
     both: tuple[float, float, float] | None = None
     peak_gib: float | None = None
     loss: float | None = None
     error: str = ""
+
+
+EVERY_ROW = "ours fused TOFU (every row)"
 
 
 def make_impls(device: str, args) -> tuple[list[tuple[str, object]], list[str]]:
@@ -120,6 +130,8 @@ def make_impls(device: str, args) -> tuple[list[tuple[str, object]], list[str]]:
     g, b = args.gamma, args.beta
     impls, missing = [], []
     impls.append(("ours fused TOFU", lambda h, w, y: tk.linear_tofu_loss(h, w, y, gamma=g, beta=b, check_inputs=False)))
+    impls.append((EVERY_ROW, lambda h, w, y: tk.linear_tofu_loss(h, w, y, gamma=g, beta=b, check_inputs=False,
+                                                                 skip_ignored=False)))
     for c in args.chunk_sweep:
         impls.append((f"ours fused TOFU [chunk {c}]", lambda h, w, y, c=c: tk.linear_tofu_loss(
             h, w, y, gamma=g, beta=b, check_inputs=False, chunk_size=c)))
@@ -161,14 +173,15 @@ def make_impls(device: str, args) -> tuple[list[tuple[str, object]], list[str]]:
     return impls, missing
 
 
-def bench(name, fn, n, d, v, dtype, device, tbench) -> Row:
-    row = Row(name)
+def bench(name, fn, n, d, v, dtype, device, tbench, prompt: float = 0.0) -> Row:
+    row = Row(name, prompt)
     h = w = y = None
     try:
         gen = torch.Generator(device=device).manual_seed(0)
         h = torch.randn(n, d, device=device, dtype=dtype, generator=gen).requires_grad_()
         w = (torch.randn(v, d, device=device, dtype=dtype, generator=gen) * d**-0.5).requires_grad_()
         y = torch.randint(0, v, (n,), device=device, generator=gen)
+        y[torch.randperm(n, generator=torch.Generator().manual_seed(1))[: int(prompt * n)].to(device)] = -100
 
         def step():
             fn(h, w, y).backward()
@@ -248,18 +261,22 @@ def to_markdown(tables, n, d, dtype, device, missing, notes) -> str:
 
 def _table(rows, n, d, v, device) -> list[str]:
     flops = 3 * 2 * n * d * v
-    lines = ["| implementation | fwd+bwd ms (q20-q80) | TFLOP/s (3 GEMMs) | peak extra GiB | loss |",
-             "|---|---|---|---|---|"]
+    lines = ["| implementation | prompt | fwd+bwd ms (q20-q80) | vs every row | TFLOP/s (3 GEMMs of every row) "
+             "| peak extra GiB | loss |", "|---|---|---|---|---|---|---|"]
+    every = {r.prompt: r for r in rows if r.name == EVERY_ROW and r.both}
     for r in rows:
         if r.error:
-            lines.append(f"| {r.name} | {r.error} | | | |")
+            lines.append(f"| {r.name} | {r.prompt:.0%} | {r.error} | | | | |")
             continue
         med, lo, hi = r.both
         peak = "" if r.peak_gib is None else f"{r.peak_gib:.3f}"
         loss = "" if r.loss is None else f"{r.loss:.6g}"
-        lines.append(f"| {r.name} | {med:.2f} ({lo:.2f}-{hi:.2f}) | {flops / (med * 1e-3) / 1e12:.0f} | {peak} "
-                     f"| {loss} |")
-    return lines + ["", "Targets:", ""] + [f"- {t}" for t in targets(rows, device, v)]
+        base = every.get(r.prompt)
+        ratio = f"{med / base.both[0]:.2f}" if r.name.startswith("ours fused TOFU") and base is not None else ""
+        lines.append(f"| {r.name} | {r.prompt:.0%} | {med:.2f} ({lo:.2f}-{hi:.2f}) | {ratio} "
+                     f"| {flops / (med * 1e-3) / 1e12:.0f} | {peak} | {loss} |")
+    full = [r for r in rows if r.prompt == 0.0]  # the targets are judged with every row training
+    return lines + ["", "Targets:", ""] + [f"- {t}" for t in targets(full, device, v)]
 
 
 def main(argv=None) -> int:
@@ -276,6 +293,8 @@ def main(argv=None) -> int:
                    help="extra chunk sizes for ours (GPU default: 256 1024)")
     p.add_argument("--impl", nargs="*", help="substrings selecting implementations")
     p.add_argument("--reps", type=int, default=3, help="CPU timing repetitions")
+    p.add_argument("--prompt-fraction", type=float, nargs="+", default=[0.0, 0.5],
+                   help="shares of rows ignored (SFT prompts), one set of rows each (default 0 0.5)")
     p.add_argument("--out", type=Path, default=None, help="results folder")
     args = p.parse_args(argv)
 
@@ -297,14 +316,19 @@ def main(argv=None) -> int:
     print(f"device: {gpu_name()}; N={n} D={d} V={' '.join(map(str, vocabs))} {args.dtype}; {len(impls)} "
           f"implementations; not available: {missing or 'none'}", flush=True)
     tables, t0 = [], time.time()
+    for f in args.prompt_fraction:
+        if not 0.0 <= f < 1.0:
+            p.error(f"--prompt-fraction: a share in [0, 1), got {f}")
     for v in vocabs:
         rows = []
-        for k, (name, fn) in enumerate(impls, 1):
-            r = bench(name, fn, n, d, v, dtype, device, tbench)
-            rows.append(r)
-            status = r.error or (f"fwd+bwd {r.both[0]:.2f} ms, peak extra "
-                                 f"{r.peak_gib if r.peak_gib is not None else '-'} GiB")
-            print(f"[{k}/{len(impls)} V={v} {time.time() - t0:6.1f}s] {name}: {status}", flush=True)
+        for prompt in args.prompt_fraction:
+            for k, (name, fn) in enumerate(impls, 1):
+                r = bench(name, fn, n, d, v, dtype, device, tbench, prompt)
+                rows.append(r)
+                status = r.error or (f"fwd+bwd {r.both[0]:.2f} ms, peak extra "
+                                     f"{r.peak_gib if r.peak_gib is not None else '-'} GiB")
+                print(f"[{k}/{len(impls)} V={v} prompt {prompt:.0%} {time.time() - t0:6.1f}s] {name}: {status}",
+                      flush=True)
         tables.append((v, rows))
     notes = []
     if device == "cuda":
@@ -315,8 +339,8 @@ def main(argv=None) -> int:
     (out / "bench_fused_linear.md").write_text(md)
     (out / "bench_fused_linear.json").write_text(json.dumps(
         {"gpu": gpu_name(), "torch": torch.__version__, "n": n, "d": d, "dtype": args.dtype,
-         "tables": [{"v": v, "rows": [{"impl": r.name, "both": r.both, "peak_gib": r.peak_gib, "loss": r.loss,
-                                       "error": r.error}
+         "tables": [{"v": v, "rows": [{"impl": r.name, "prompt": r.prompt, "both": r.both, "peak_gib": r.peak_gib,
+                                       "loss": r.loss, "error": r.error}
                                       for r in rows]} for v, rows in tables]},
         indent=1))
     print()
