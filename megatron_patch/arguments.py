@@ -1,5 +1,5 @@
 """``--loss-type {cross_entropy,tofu} --tofu-gamma --tofu-beta --tofu-backend --tofu-fused-output
---tofu-chunk-size``.
+--tofu-chunk-size --[no-]tofu-skip-masked``.
 
 ``add_arguments(parser)`` works as Megatron's ``extra_args_provider``.
 ``install_hooks()`` makes every Megatron-LM entry point accept the flags and apply the
@@ -87,7 +87,7 @@ class _Checked(argparse.Action):
 
 
 # The TOFU settings' flags (apply_from_args warns when any is given without --loss-type tofu)
-_SETTINGS = ("tofu_gamma", "tofu_beta", "tofu_backend", "tofu_fused_output", "tofu_chunk_size")
+_SETTINGS = ("tofu_gamma", "tofu_beta", "tofu_backend", "tofu_fused_output", "tofu_chunk_size", "tofu_skip_masked")
 
 
 def _positive_int(text: str) -> int:
@@ -122,7 +122,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--tofu-chunk-size", action=_Checked, convert=_positive_int, default=None, metavar="TOKENS",
                    help="with --tofu-fused-output: tokens per logits block (default: 1/16 of the micro-batch's "
                         "tokens, fewer where a 128 MiB logits block holds fewer; whole 64-token tiles)")
+    g.add_argument("--tofu-skip-masked", dest="tofu_skip_masked", action=_Checked, nargs=0, const=True, default=None,
+                   help="with --tofu-fused-output: compute the output layer only for the tokens whose loss mask "
+                        "is 1 (one host sync per micro-batch; default: on with --sft, off otherwise)")
+    g.add_argument("--no-tofu-skip-masked", dest="tofu_skip_masked", action=_Checked, nargs=0, const=False,
+                   help="compute the output layer for every token (the default without --sft)")
     return parser
+
+
+def skip_masked(args: argparse.Namespace) -> bool:
+    """--tofu-skip-masked as given, else on with --sft (SFT masks its prompts) and off
+    otherwise (pretraining masks almost nothing, and Megatron keeps its steps free of host
+    syncs): docs/megatron.md."""
+    given = getattr(args, "tofu_skip_masked", None)
+    return bool(getattr(args, "sft", False)) if given is None else given
 
 
 def apply_from_args(args: argparse.Namespace) -> None:
@@ -135,8 +148,12 @@ def apply_from_args(args: argparse.Namespace) -> None:
     given = [f"--{name.replace('_', '-')}" for name in _SETTINGS if name in _GIVEN.get(id(args), ())]
     loss_type = getattr(args, "loss_type", "cross_entropy")
     if loss_type == "tofu":
+        skip = skip_masked(args) and args.tofu_fused_output
         apply("tofu", args.tofu_gamma, args.tofu_beta, args.tofu_backend, fused_output=args.tofu_fused_output,
-              chunk_size=args.tofu_chunk_size)
+              chunk_size=args.tofu_chunk_size, skip_masked=skip)
+        if args.tofu_skip_masked and not args.tofu_fused_output:
+            warn_once("megatron_patch: --tofu-skip-masked has no effect without --tofu-fused-output (the "
+                      "unfused loss reads the logits the output layer already computed for every token)")
         if getattr(args, "cross_entropy_loss_fusion", False):
             impl = getattr(args, "cross_entropy_fusion_impl", "native")
             warn_once(
@@ -149,6 +166,8 @@ def apply_from_args(args: argparse.Namespace) -> None:
                 f"'{CE_KEY}' is reported beside 'lm loss'")
         if args.tofu_fused_output:
             what += "; --tofu-fused-output: the output layer and the loss run as one step, without the logits"
+            if skip:
+                what += ", for the tokens whose loss mask is 1 (--tofu-skip-masked)"
     else:
         apply("cross_entropy")
         what = "--loss-type cross_entropy: Megatron's loss is untouched"

@@ -18,7 +18,10 @@ backward (docs/design.md section 9). What the output layer does is kept exactly:
   ``main_grad`` with the same fused GEMM Megatron's linear uses, and autograd gets the same
   placeholder Megatron's linear returns;
 - MTP heads beside it go through ``compute_language_model_loss`` (the unfused TOFU patch):
-  Megatron's MTP also needs their logits for its acceptance counts.
+  Megatron's MTP also needs their logits for its acceptance counts;
+- with ``--tofu-skip-masked``, only the rows whose ``loss_mask`` is 1 are computed (the model's
+  forward receives the mask: GPTModel hands it to the output processor, HybridModel's wrapped
+  forward keeps it for the call).
 
 Routes: GPTModel (megatron-core 0.18+) has an official hook, ``forward(...,
 output_processor=)``; ``GPTModel.forward`` is wrapped to supply it when the caller did not.
@@ -50,6 +53,7 @@ _HYBRID = "megatron.core.models.hybrid.hybrid_model"
 
 class _State:
     chunk_size: int | None = None
+    skip_masked: bool = False  # --tofu-skip-masked: the rows with loss_mask 0 are not computed
     params_of = None  # () -> the TOFUParams of this call (patch.py: checked on the first call only)
     attach = None  # (loss, ce) -> None: the cross entropy for Megatron's reports (reporting.py)
     local = threading.local()  # the HybridModel call in flight: its output layer and MTP depth
@@ -59,9 +63,12 @@ class _State:
 
 
 def fused_loss(hidden_states: torch.Tensor, output_layer, output_weight: torch.Tensor | None, labels: torch.Tensor,
-               config) -> torch.Tensor:
+               config, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The per-token TOFU loss ``[b, s]`` (fp32) of ``output_layer(hidden_states)`` against
-    ``labels`` ``[b, s]``, without the logits; ``hidden_states`` ``[s(/tp), b, h]``."""
+    ``labels`` ``[b, s]``, without the logits; ``hidden_states`` ``[s(/tp), b, h]``. With
+    ``--tofu-skip-masked``, the rows whose ``loss_mask`` ``[b, s]`` is 0 (those the training
+    script's loss function multiplies by 0) are not computed: loss and cross entropy 0 there,
+    no gradient (one host sync finds the others; docs/megatron.md)."""
     if getattr(config, "use_mup", False):
         raise ValueError("megatron_patch --tofu-fused-output: MuP logit scaling (use_mup) is not supported; "
                          "drop --tofu-fused-output (the unfused TOFU loss supports it)")
@@ -80,7 +87,11 @@ def fused_loss(hidden_states: torch.Tensor, output_layer, output_weight: torch.T
         hidden = copy_to_tensor_model_parallel_region(hidden_states, group=group)
     tokens = labels.numel()
     chunk = _State.chunk_size or fused_chunk_rows(tokens, weight.shape[0], weight.element_size())
-    loss, ce = loss_of_hidden(hidden, weight, labels.t(), _State.params_of(), chunk_size=chunk,
+    params = _State.params_of()
+    skip = _State.skip_masked and loss_mask is not None
+    if skip:  # labels identical on every TP rank, so is the mask: every rank skips the same rows
+        labels = labels.masked_fill(loss_mask == 0, params.ignore_index)
+    loss, ce = loss_of_hidden(hidden, weight, labels.t(), params, chunk_size=chunk, skip_ignored=skip,
                               tp=TensorParallel(group), reduce_hidden_grad=False,
                               weight_grad=_main_grad_sink(output_layer, weight))
     # rows are [s, b] like the hidden states; Megatron's loss is [b, s] (a new tensor, not a view)
@@ -129,8 +140,8 @@ def _main_grad_sink(output_layer, weight: torch.Tensor) -> WeightGradSink | None
 # ------------------------------------------------------------------ GPTModel: the output_processor hook
 
 
-def _gpt_processor(*, hidden_states, output_layer, output_weight, labels, config, **_unused):
-    return fused_loss(hidden_states, output_layer, output_weight, labels, config)
+def _gpt_processor(*, hidden_states, output_layer, output_weight, labels, config, loss_mask=None, **_unused):
+    return fused_loss(hidden_states, output_layer, output_weight, labels, config, loss_mask)
 
 
 def _wants_fused(sig: inspect.Signature, args, kwargs) -> inspect.BoundArguments | None:
@@ -189,7 +200,7 @@ class DeferredLogits(torch.Tensor):
 
 def fused_loss_of_deferred(logits: DeferredLogits, labels: torch.Tensor, config) -> torch.Tensor:
     hidden, weight, layer = logits.inputs
-    return fused_loss(hidden, layer, weight, labels, config)
+    return fused_loss(hidden, layer, weight, labels, config, getattr(_State.local, "loss_mask", None))
 
 
 def _make_hybrid_forward(original):
@@ -203,14 +214,14 @@ def _make_hybrid_forward(original):
             return original(*args, **kwargs)
         layer = model.output_layer
         call = _State.local
-        outer = getattr(call, "layer", None), getattr(call, "mtp", 0)
-        call.layer, call.mtp = layer, 0
+        outer = getattr(call, "layer", None), getattr(call, "mtp", 0), getattr(call, "loss_mask", None)
+        call.layer, call.mtp, call.loss_mask = layer, 0, bound.arguments.get("loss_mask")
         layer.forward = functools.partial(_deferring_forward, layer)  # this call only
         try:
             return original(*args, **kwargs)
         finally:
             del layer.forward
-            call.layer, call.mtp = outer
+            call.layer, call.mtp, call.loss_mask = outer
 
     return forward
 
@@ -237,10 +248,11 @@ def _make_process_mtp_loss(original):
 # ------------------------------------------------------------------ install / uninstall
 
 
-def install(params_of, attach, chunk_size: int | None) -> None:
+def install(params_of, attach, chunk_size: int | None, skip_masked: bool = False) -> None:
     """Route GPTModel and HybridModel training calls through :func:`fused_loss`. A model
     class this megatron-core cannot route keeps the unfused path, with one warning."""
     _State.params_of, _State.attach, _State.chunk_size = params_of, attach, chunk_size
+    _State.skip_masked = skip_masked
     gpt = importlib.import_module(_GPT)
     if "output_processor" in inspect.signature(gpt.GPTModel.forward).parameters:
         wrap(gpt.GPTModel, "forward", _make_gpt_forward)

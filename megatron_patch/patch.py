@@ -106,7 +106,7 @@ def _call_params() -> TOFUParams | None:
 
 def apply(
     loss_type: str = "tofu", gamma: float = DEFAULT_GAMMA, beta: float = DEFAULT_BETA, backend: str = "auto",
-    fused_output: bool = False, chunk_size: int | None = None,
+    fused_output: bool = False, chunk_size: int | None = None, skip_masked: bool = False,
 ) -> None:
     """Make Megatron-Core compute ``loss_type`` in every LanguageModule.
 
@@ -115,9 +115,11 @@ def apply(
     restores Megatron's own loss path untouched. ``fused_output``: GPTModel's and
     HybridModel's output layer and loss as one step without the logits (``chunk_size``
     tokens per logits block; default ``fused_output.fused_chunk_rows``, the rule in
-    docs/megatron.md's flag table), see ``fused_output.py``.
+    docs/megatron.md's flag table), see ``fused_output.py``; ``skip_masked``: the fused step
+    computes only the rows whose loss mask is 1 (one host sync per call; docs/megatron.md).
     """
     check_flag(fused_output, "fused_output", "megatron_patch.apply")
+    check_flag(skip_masked, "skip_masked", "megatron_patch.apply")
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"megatron_patch: loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if loss_type == "cross_entropy":
@@ -140,7 +142,7 @@ def apply(
         reporting.install()
         _fused.uninstall()
         if fused_output:
-            _fused.install(_call_params, reporting.attach_cross_entropy, chunk_size)
+            _fused.install(_call_params, reporting.attach_cross_entropy, chunk_size, skip_masked)
 
 
 def revert() -> None:

@@ -36,7 +36,7 @@ from tests.support.megatron_lm import (  # noqa: E402
     setup,
     train_reports,
 )
-from tests.support.spies import DispatchSpy  # noqa: E402
+from tests.support.spies import DispatchSpy, GemmFlops  # noqa: E402
 
 pytestmark = pytest.mark.skipif(FIXTURE is None, reason=SKIP_REASON)
 
@@ -59,19 +59,27 @@ def _run(model, pg, data):
     return reports, _grads(model), mode.shapes
 
 
-def _compare(args, model, pg, data, dtype=torch.float32) -> None:
-    """Unfused then fused on the same weights and batches: reports and every gradient. (MTP
-    heads stay unfused: Megatron needs their logits for its acceptance counts.)"""
+def _compare(args, model, pg, data, dtype=torch.float32, skip_masked=False) -> None:
+    """Unfused then fused on the same weights and batches: reports and every gradient (with
+    ``skip_masked`` also the fused step that computes only the rows whose loss mask is 1).
+    (MTP heads stay unfused: Megatron needs their logits for its acceptance counts.)"""
     from megatron.core import parallel_state as ps
 
-    width = args.padded_vocab_size // args.tensor_model_parallel_size
-    tokens = BATCH * SEQ
     megatron_patch.apply("tofu", GAMMA, BETA, "torch")
     rep_u, grad_u, shapes_u = _run(model, pg, data)
-    megatron_patch.apply("tofu", GAMMA, BETA, "torch", fused_output=True, chunk_size=CHUNK)
-    rep_f, grad_f, shapes_f = _run(model, pg, data)
-    megatron_patch.revert()
-    if not ps.is_pipeline_last_stage():
+    for skip in (False, True) if skip_masked else (False,):
+        megatron_patch.apply("tofu", GAMMA, BETA, "torch", fused_output=True, chunk_size=CHUNK, skip_masked=skip)
+        rep_f, grad_f, shapes_f = _run(model, pg, data)
+        megatron_patch.revert()
+        _same(args, ps.is_pipeline_last_stage(), (rep_u, grad_u, shapes_u), (rep_f, grad_f, shapes_f), dtype)
+
+
+def _same(args, last_stage, unfused, fused, dtype) -> None:
+    rep_u, grad_u, shapes_u = unfused
+    rep_f, grad_f, shapes_f = fused
+    width = args.padded_vocab_size // args.tensor_model_parallel_size
+    tokens = BATCH * SEQ
+    if not last_stage:
         assert rep_u == rep_f == []
     else:
         def logits(shapes):  # [tokens, V/tp] in any layout ([s, b, V/tp], [b, s, V/tp], [s * b, V/tp])
@@ -82,7 +90,7 @@ def _compare(args, model, pg, data, dtype=torch.float32) -> None:
             assert 0 < len(logits(shapes_f)) < len(logits(shapes_u)), (len(logits(shapes_f)), len(logits(shapes_u)))
         else:
             assert not logits(shapes_f), f"the fused path built a logits-sized tensor: {logits(shapes_f)}"
-        assert [set(r) for r in rep_f] == [{LOSS_KEY, CE_KEY}] * len(data)
+        assert [set(r) for r in rep_f] == [{LOSS_KEY, CE_KEY}] * len(rep_u)
         tol = dict(rtol=2e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
         for ru, rf in zip(rep_u, rep_f):
             assert ru[LOSS_KEY][1] == rf[LOSS_KEY][1] == rf[CE_KEY][1]
@@ -101,14 +109,16 @@ CASES = {
     "hybrid": [HYBRID, [*HYBRID, "--sequence-parallel"],
                [*HYBRID[:-1], "*-*-/*-", "--position-embedding-type", "rope"]],
 }
+# the cases also run with --tofu-skip-masked (the rows whose loss mask is 0 not computed)
+SKIP_MASKED = (["--sequence-parallel"], HYBRID, [*HYBRID, "--sequence-parallel"])
 
 
 def tp_cases(rank: int, world: int, model: str, cases: list[list[str]]) -> None:
     cpu_harness()
-    data = batches(2, seed=17)
+    data = batches(2, seed=17, masked=0.5)
     for extra in cases:
         args, net, pg = setup(*COMMON, "--tensor-model-parallel-size", str(world), *extra, model=model)
-        _compare(args, net, pg, data)
+        _compare(args, net, pg, data, skip_masked=extra in SKIP_MASKED)
     megatron_patch.remove_hooks()
 
 
@@ -132,7 +142,7 @@ def other_cases(rank: int, world: int) -> None:
     args, net, pg = setup(*COMMON, "--tensor-model-parallel-size", "2", "--bf16")
     _compare(args, Float16Module(net.config, net), pg, data, dtype=torch.bfloat16)  # as Megatron's get_model wraps it
     args, net, pg = setup(*COMMON, "--pipeline-model-parallel-size", "2")
-    _compare(args, net, pg, data)
+    _compare(args, net, pg, data, skip_masked=True)
     main_grad_case(batches(2, seed=31))  # fresh: the pipeline run rewrote its batches in place
     megatron_patch.remove_hooks()
 
@@ -166,6 +176,35 @@ def main_grad_case(data) -> None:
         sums.append(w.main_grad.clone())
     megatron_patch.revert()
     assert_grad_close(sums[1], sums[0].double(), torch.float32)
+
+
+def skip_flops_cases(rank: int, world: int) -> None:
+    """--tofu-skip-masked: the output layer's GEMM FLOPs of a training step (the products with
+    the shard's width, a size no other tensor of the tiny model has) at 0, 50 and 87.5 % of the
+    tokens masked scale with the tokens that train, to within one block of CHUNK tokens; the
+    reports and gradients equal the unfused step's (the _compare cases)."""
+    cpu_harness()
+    args, net, pg = setup(*COMMON, "--tensor-model-parallel-size", str(world))
+    width = args.padded_vocab_size // world
+    per_row = 4 * 2 * args.hidden_size * width  # logits, their recomputation, dhidden, dweight
+    for masked in (0.0, 0.5, 0.875):
+        data = batches(1, seed=41, masked=masked)
+        kept = int(data[0]["loss_mask"].sum())
+        flops = {}
+        for skip in (False, True):
+            megatron_patch.apply("tofu", GAMMA, BETA, "torch", fused_output=True, chunk_size=CHUNK, skip_masked=skip)
+            with GemmFlops(dim=width) as f:
+                _run(net, pg, batches(1, seed=41, masked=masked))
+            flops[skip] = f.flops
+        assert flops[False] == BATCH * SEQ * per_row, (flops, BATCH * SEQ * per_row)
+        assert kept * per_row <= flops[True] <= (kept + CHUNK) * per_row, (masked, flops, kept * per_row)
+    megatron_patch.revert()
+    megatron_patch.remove_hooks()
+
+
+@pytest.mark.slow
+def test_skip_masked_flops_scale_with_the_tokens_that_train():
+    run_distributed(2, skip_flops_cases)
 
 
 @pytest.mark.slow

@@ -284,8 +284,34 @@ def test_flag_table_lists_the_parsers_flags():
     flags = {a.option_strings[0] for a in parser._actions}
     doc = (ROOT / "docs" / "megatron.md").read_text()
     table = doc.split("## The flags", 1)[1].split("\n## ", 1)[0]
-    assert set(re.findall(r"^\| `(--[a-z-]+)", table, re.M)) == flags
-    assert len(flags) == 6 and "adds six flags" in table
+    rows = re.findall(r"^\| (.*?) \|", table, re.M)[1:]  # each row's first cell, past the header
+    assert {f for row in rows for f in re.findall(r"`(--[a-z-]+)", row)} == flags
+    settings = {a.dest for a in parser._actions}  # --tofu-skip-masked and --no-tofu-skip-masked: one setting
+    assert len(flags) == 8 and len(settings) == len(rows) == 7 and "adds seven flags" in table
+
+
+def test_skip_masked_default_is_on_with_sft_only(monkeypatch):
+    """--tofu-skip-masked: on with --sft, off otherwise, either way overridable; only with
+    --tofu-fused-output does it reach the fused step (docs/megatron.md)."""
+    import argparse
+
+    from megatron_patch import fused_output
+    from megatron_patch.arguments import skip_masked
+
+    parser = megatron_patch.add_arguments(argparse.ArgumentParser())
+    parser.add_argument("--sft", action="store_true")  # Megatron's own flag
+    cases = {(): False, ("--sft",): True, ("--sft", "--no-tofu-skip-masked"): False, ("--tofu-skip-masked",): True}
+    for argv, expect in cases.items():
+        args = parser.parse_args(["--loss-type", "tofu", "--tofu-fused-output", *argv])
+        assert skip_masked(args) is expect, argv
+        try:
+            megatron_patch.apply_from_args(args)
+            assert fused_output._State.skip_masked is expect, argv
+        finally:
+            megatron_patch.revert()
+    with pytest.warns(UserWarning, match="--tofu-skip-masked has no effect without --tofu-fused-output"):
+        megatron_patch.apply_from_args(parser.parse_args(["--loss-type", "tofu", "--tofu-skip-masked"]))
+    megatron_patch.revert()
 
 
 @pytest.mark.parametrize(

@@ -152,13 +152,14 @@ def setup(*argv: str, base: list[str] = TINY, model: str = "gpt"):
     return args, net, module
 
 
-def batches(n: int, seed: int) -> list[dict]:
-    """Micro-batches as Megatron's GPT dataset yields them, with a prompt-style loss mask."""
+def batches(n: int, seed: int, masked: float = 0.0) -> list[dict]:
+    """Micro-batches as Megatron's GPT dataset yields them, with a prompt-style loss mask (1-3
+    tokens at the start of each sequence; ``masked``: that share of each sequence instead)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
         mask = torch.ones(BATCH, SEQ)
-        mask[:, : int(torch.randint(1, 4, (1,), generator=g))] = 0
+        mask[:, : int(masked * SEQ) or int(torch.randint(1, 4, (1,), generator=g))] = 0
         out.append({
             "tokens": torch.randint(0, VOCAB, (BATCH, SEQ), generator=g),
             "labels": torch.randint(0, VOCAB, (BATCH, SEQ), generator=g),

@@ -132,19 +132,21 @@ class DispatchSpy(TorchDispatchMode):
 class GemmFlops(TorchDispatchMode):
     """Counts the floating-point operations of every matrix product while active, 2 M N K
     per product: ``mm``, ``addmm``, the in-place ``addmm_`` (which torch's FlopCounterMode
-    misses) and their batched forms; ``flops`` is the total."""
+    misses) and their batched forms; ``flops`` is the total. ``dim``: only the products one of
+    whose sizes is ``dim`` (e.g. a model's vocabulary: its output layer's GEMMs)."""
 
     _PRODUCTS = {"mm": (0, 1), "addmm": (1, 2), "addmm_": (1, 2), "bmm": (0, 1), "baddbmm": (1, 2),
                  "baddbmm_": (1, 2)}
 
-    def __init__(self):
+    def __init__(self, dim: int | None = None):
         super().__init__()
-        self.flops = 0
+        self.flops, self.dim = 0, dim
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         which = self._PRODUCTS.get(func.overloadpacket.__name__)
         if which is not None:
             a, b = args[which[0]], args[which[1]]
-            batch = math.prod(a.shape[:-2])
-            self.flops += 2 * batch * a.shape[-2] * a.shape[-1] * b.shape[-1]
+            m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+            if self.dim is None or self.dim in (m, k, n):
+                self.flops += 2 * math.prod(a.shape[:-2]) * m * k * n
         return func(*args, **(kwargs or {}))
