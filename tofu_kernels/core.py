@@ -217,13 +217,13 @@ def results(params: TOFUParams, loss: torch.Tensor, ce: torch.Tensor, metrics, s
 
 
 def empty_loss(labels: torch.Tensor, params: TOFUParams, *inputs: torch.Tensor):
-    """The result for zero tokens, nothing launched: zeros of the right shapes (fp32), and
-    a zero gradient for every input that requires one."""
+    """The result for zero tokens, or none that trains, nothing launched: zeros of the right
+    shapes (fp32), and a zero gradient for every input that requires one."""
     zero = sum(t.sum() for t in inputs) * 0.0
     per_token = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
     loss = per_token + zero if params.reduction == "none" else zero.float()
     ce = per_token if params.reduction == "none" else zero.detach().float()
-    metrics = torch.zeros(0, len(Metric), dtype=torch.float32, device=labels.device)
+    metrics = torch.zeros(labels.numel(), len(Metric), dtype=torch.float32, device=labels.device)
     return results(params, loss, ce, metrics, labels.shape)
 
 

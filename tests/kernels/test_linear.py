@@ -498,8 +498,10 @@ def test_all_ignored_and_nothing_ignored():
     none = torch.full_like(labels, -100)
     for reduction in ("mean", "sum", "none"):
         with GemmFlops() as f:
-            out, dh, dw = _run(h, w, none, torch.tensor(1.0), reduction=reduction)
-        assert (out == 0).all() and (dh == 0).all() and (dw == 0).all() and f.flops == 0, reduction
+            (out, ce, met), dh, dw = _run(h, w, none, torch.tensor(1.0), reduction=reduction, return_ce=True,
+                                          return_metrics=True)
+        assert (out == 0).all() and (ce == 0).all() and (dh == 0).all() and (dw == 0).all() and f.flops == 0
+        assert met.entropy.shape == met.top1.shape == none.shape and not met.entropy.any() and not met.top1.any()
 
 
 def test_a_wrong_selection_fails_the_parity(monkeypatch):
