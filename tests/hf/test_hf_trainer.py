@@ -24,6 +24,7 @@ trl = pytest.importorskip("trl")
 from tofu_kernels import hf  # noqa: E402
 
 from tests.support.helpers import assert_params_close  # noqa: E402
+from tests.support.spies import GemmFlops  # noqa: E402
 from tests.support.hf_models import VOCAB, reference_loss, text_dataset, tiny_model, word_tokenizer  # noqa: E402
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -249,6 +250,28 @@ def test_an_accumulated_batch_without_tokens_trains_nothing(tmp_path):
     assert loss.item() == 0.0
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
     assert trainer._metrics["train"]["mean_token_accuracy"][-1] == 0.0
+
+
+def test_head_flops_scale_with_the_tokens_that_train(tmp_path):
+    """The output layer's GEMM FLOPs of a training step (the products with the vocabulary's
+    size, which no other tensor of the tiny model has), with 0, 50 and 90 % of the training
+    tokens turned into -100: they scale with the tokens that train, to within one chunk."""
+    model = tiny_model("llama")
+    chunk = 4
+    trainer = _trainer(model, tmp_path, tofu_chunk_size=chunk)
+    batch = _batch(trainer)
+    per_row = 3 * 2 * model.config.hidden_size * VOCAB  # the logits, dhidden, dweight (gradient in the forward)
+    g = torch.Generator().manual_seed(3)
+    for frac in (0.0, 0.5, 0.9):
+        labels = batch["labels"].clone()
+        trains = (labels != -100).nonzero()
+        drop = trains[torch.randperm(len(trains), generator=g)[: int(frac * len(trains))]]
+        labels[drop[:, 0], drop[:, 1]] = -100
+        kept = int((hf.shift_labels(labels) != -100).sum())
+        model.zero_grad()
+        with GemmFlops(dim=VOCAB) as f:
+            trainer.compute_loss(model, {**batch, "labels": labels}, num_items_in_batch=torch.tensor(kept)).backward()
+        assert kept * per_row <= f.flops <= (kept + chunk) * per_row, (frac, kept, f.flops / per_row)
 
 
 def test_refusals_and_fallbacks(tmp_path):
