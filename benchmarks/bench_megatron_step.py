@@ -9,7 +9,9 @@ masked mean loss, as Megatron's schedules run it (the optimizer's step is the sa
 every loss and left out). Variants: Megatron's native `vocab_parallel_cross_entropy`,
 Megatron's fused cross entropy (`cross_entropy_loss_fusion`, native impl), TOFU through
 megatron_patch, TOFU in CE mode (gamma 0, beta 1), and both with the fused output layer
-(`--tofu-fused-output`: no logits tensor). Timing: CUDA events around each step, median
+(`--tofu-fused-output`: no logits tensor), the fused output computing only the tokens whose
+loss mask is 1 (`--tofu-skip-masked`). `--prompt-fraction` masks that share of each sequence
+(its first tokens, as SFT's prompts; default 0.5; 0 for pretraining). Timing: CUDA events around each step, median
 and 20/80 % quantiles after warm-up. Peak extra memory: the allocator's peak during a step
 minus what was allocated before it (weights, gradients from the previous step, the batch).
 The first step's plain cross entropy (masked mean) must agree across the TOFU variants.
@@ -38,6 +40,7 @@ GPU_SHAPE = dict(num_layers=4, hidden=2048, heads=16, vocab=128256, seq=4096, ba
 CPU_SHAPE = dict(num_layers=2, hidden=64, heads=4, vocab=512, seq=64, batches=(2,))
 TOFU, TOFU_CE = "TOFU (gamma 3, beta 0.8)", "TOFU CE mode (gamma 0, beta 1)"
 FUSED, FUSED_CE = "TOFU fused output (gamma 3, beta 0.8)", "TOFU fused output, CE mode"
+FUSED_SKIP = "TOFU fused output, only the tokens that train (--tofu-skip-masked)"
 
 
 def init(device: str) -> None:
@@ -86,15 +89,16 @@ def variants():
         megatron_patch.revert()
         model.config.cross_entropy_loss_fusion = True
 
-    def tofu(gamma, beta, fused_output):
+    def tofu(gamma, beta, fused_output, skip_masked=False):
         def setup(model):
             model.config.cross_entropy_loss_fusion = False
-            megatron_patch.apply("tofu", gamma=gamma, beta=beta, fused_output=fused_output)
+            megatron_patch.apply("tofu", gamma=gamma, beta=beta, fused_output=fused_output, skip_masked=skip_masked)
 
         return setup
 
     return {"Megatron native CE": native, "Megatron fused CE": fused, TOFU: tofu(3.0, 0.8, False),
-            TOFU_CE: tofu(0.0, 1.0, False), FUSED: tofu(3.0, 0.8, True), FUSED_CE: tofu(0.0, 1.0, True)}
+            TOFU_CE: tofu(0.0, 1.0, False), FUSED: tofu(3.0, 0.8, True), FUSED_CE: tofu(0.0, 1.0, True),
+            FUSED_SKIP: tofu(3.0, 0.8, True, skip_masked=True)}
 
 
 def measure(model, batch, device: str, warmup: int, reps: int):
@@ -105,7 +109,7 @@ def measure(model, batch, device: str, warmup: int, reps: int):
     ces = []
 
     def step():
-        per_token = model(ids, pos, mask, labels=labels)
+        per_token = model(ids, pos, mask, labels=labels, loss_mask=loss_mask)
         loss = (per_token.float() * loss_mask).sum() / loss_mask.sum()
         ce = megatron_patch.cross_entropy_of(per_token)  # TOFU: the plain CE rides along
         ces.append(float(((per_token if ce is None else ce).float() * loss_mask).sum() / loss_mask.sum()))
@@ -143,7 +147,11 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--out", type=Path, default=Path("."))
+    p.add_argument("--prompt-fraction", type=float, default=0.5,
+                   help="share of each sequence's first tokens with loss mask 0 (SFT's prompts; default 0.5)")
     args = p.parse_args(argv)
+    if not 0.0 <= args.prompt_fraction < 1.0:
+        p.error(f"--prompt-fraction: a share in [0, 1), got {args.prompt_fraction}")
     device = "cuda" if torch.cuda.is_available() and not args.cpu_smoke else "cpu"
     shape = GPU_SHAPE if device == "cuda" else CPU_SHAPE
     if device == "cpu":
@@ -155,8 +163,9 @@ def main(argv=None) -> int:
     lines = [f"# Megatron-Core GPT training step on {gpu}", "",
              f"GPTModel {shape['num_layers']} layers, hidden {shape['hidden']}, vocab {v}, sequence {s}, bf16, "
              f"local layer spec, TP = 1; step = forward + loss + backward ({args.warmup} warm-up, median of "
-             f"{args.reps}). `first CE`: the first step's plain cross entropy (masked mean), equal for every "
-             "variant on the same weights and batch.", ""]
+             f"{args.reps}). Prompt fraction {args.prompt_fraction:.0%}: the loss mask is 0 on that share of "
+             "each sequence's first tokens. `first CE`: the first step's plain cross entropy (masked mean), equal "
+             "for every variant on the same weights and batch.", ""]
     if device == "cpu":
         lines += ["**CPU smoke run: NOT a performance result.**", ""]
     targets = []
@@ -184,6 +193,7 @@ def run_batch(model, b: int, s: int, v: int, device: str, args) -> dict:
     pos = torch.arange(s, device=device).expand(b, s)
     mask = torch.triu(torch.ones(s, s, device=device, dtype=torch.bool), diagonal=1)[None, None]
     loss_mask = torch.ones(b, s, device=device)
+    loss_mask[:, : int(args.prompt_fraction * s)] = 0
     batch = (ids, pos, mask, labels, loss_mask)
     rows = {}
     for name, setup in variants().items():
@@ -205,16 +215,18 @@ def run_batch(model, b: int, s: int, v: int, device: str, args) -> dict:
 
 def table(rows: dict, b: int, s: int, v: int) -> list[str]:
     lines = [f"### micro-batch {b} (logits: {b * s * v * 2 / 2**20:.0f} MiB in bf16)", "",
-             "| loss | ms/step (q20-q80) | peak extra MiB | first loss | first CE | vs native CE time |",
-             "|---|---|---|---|---|---|"]
-    native = rows.get("Megatron native CE")
+             "| loss | ms/step (q20-q80) | peak extra MiB | first loss | first CE | vs native CE time "
+             "| vs fused every token |", "|---|---|---|---|---|---|---|"]
+    native, every = rows.get("Megatron native CE"), rows.get(FUSED)
     for name, r in rows.items():
         if isinstance(r, str):
-            lines.append(f"| {name} | {r} | | | | |")
+            lines.append(f"| {name} | {r} | | | | | |")
             continue
         ratio = f"{r[0] / native[0]:.3f}x" if isinstance(native, tuple) else "-"
+        skip = f"{r[0] / every[0]:.3f}x" if name == FUSED_SKIP and isinstance(every, tuple) else ""
         peak = "-" if r[3] is None else f"{r[3]:.0f}"
-        lines.append(f"| {name} | {r[0]:.2f} ({r[1]:.2f}-{r[2]:.2f}) | {peak} | {r[4]:.4f} | {r[5]:.6f} | {ratio} |")
+        lines.append(f"| {name} | {r[0]:.2f} ({r[1]:.2f}-{r[2]:.2f}) | {peak} | {r[4]:.4f} | {r[5]:.6f} | {ratio} "
+                     f"| {skip} |")
     return lines + [""]
 
 

@@ -13,6 +13,10 @@ same pre-tokenised random batches, bf16 on a GPU) with the same TOFU loss:
                                  for the loss, then TRL's second, no-grad forward (its fused
                                  LM head) for the metrics
 
+`--prompt-fraction` (default 0 and 0.5; column "prompt"): that share of each sequence's first
+tokens has label -100, as a prompt does in SFT; TOFUSFTTrainer computes the output layer only
+for the tokens that train, the other trainer for every token.
+
 Reported per trainer: median ms per optimizer step (after warm-up steps; CUDA synchronised
 around each step), peak memory allocated during training (GiB; the model and the optimizer
 states are the same for both), and the final loss of each (equal up to bf16 noise: the
@@ -56,15 +60,17 @@ def build(args, device: str):
     return model, tokenizer
 
 
-def dataset(args, n: int):
+def dataset(args, n: int, prompt: float = 0.0):
     from datasets import Dataset
 
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, args.vocab, (n, args.seq), generator=g)
-    return Dataset.from_dict({"input_ids": ids.tolist()})
+    labels = ids.clone()
+    labels[:, : int(prompt * args.seq)] = -100  # the prompt: no loss (TRL keeps a labels column as is)
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
 
 
-def run(name: str, args, device: str, out_dir: str) -> dict:
+def run(name: str, args, device: str, out_dir: str, prompt: float = 0.0) -> dict:
     import transformers
     import trl
 
@@ -76,7 +82,8 @@ def run(name: str, args, device: str, out_dir: str) -> dict:
                            gradient_accumulation_steps=1, learning_rate=1e-4, logging_steps=1, report_to=[],
                            save_strategy="no", disable_tqdm=True, use_cpu=device == "cpu", bf16=device == "cuda",
                            max_length=args.seq, gradient_checkpointing=False, dataset_num_proc=None)
-    common = dict(model=model, args=config, processing_class=tokenizer, train_dataset=dataset(args, steps * args.batch))
+    common = dict(model=model, args=config, processing_class=tokenizer,
+                  train_dataset=dataset(args, steps * args.batch, prompt))
     if name == "TOFUSFTTrainer":
         trainer = TOFUSFTTrainer(**common, tofu_gamma=args.gamma, tofu_beta=args.beta)
     else:
@@ -106,7 +113,7 @@ def run(name: str, args, device: str, out_dir: str) -> dict:
     trainer.train()
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    result = {"name": name, "ms": 1e3 * statistics.median(times[args.warmup:]), "peak_gib": peak,
+    result = {"name": name, "prompt": prompt, "ms": 1e3 * statistics.median(times[args.warmup:]), "peak_gib": peak,
               "first_loss": losses[0], "last_loss": losses[-1], "steps": len(times)}
     del trainer, model
     if device == "cuda":
@@ -121,12 +128,16 @@ def to_markdown(rows, args, device) -> str:
              f"batch {args.batch} x {args.seq} tokens", "",
              f"Device: **{gpu_name()}**; torch {torch.__version__}.",
              "CPU smoke run: NOT a performance result." if device == "cpu" else "", "",
-             "| trainer | ms / step (median) | peak GiB | loss first -> last |", "|---|---|---|---|"]
+             "| trainer | prompt | ms / step (median) | vs itself at prompt 0 | peak GiB | loss first -> last |",
+             "|---|---|---|---|---|---|"]
+    at0 = {r["name"]: r for r in rows if r["prompt"] == 0.0}
     for r in rows:
         peak = "" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
-        lines.append(f"| {r['name']} | {r['ms']:.1f} | {peak} | {r['first_loss']:.3f} -> {r['last_loss']:.3f} |")
-    lines += ["", "Targets:", ""]
-    ours, base = rows
+        ratio = f"{r['ms'] / at0[r['name']]['ms']:.2f}" if r["name"] in at0 else ""
+        lines.append(f"| {r['name']} | {r['prompt']:.0%} | {r['ms']:.1f} | {ratio} | {peak} "
+                     f"| {r['first_loss']:.3f} -> {r['last_loss']:.3f} |")
+    lines += ["", "Targets (at the first prompt fraction):", ""]
+    ours, base = rows[:2]
     if device != "cuda":
         lines.append("- n.a. (CPU smoke run: the targets are judged on a GPU)")
     else:
@@ -151,7 +162,12 @@ def main(argv=None) -> int:
     p.add_argument("--gamma", type=float, default=3.0)
     p.add_argument("--beta", type=float, default=0.8)
     p.add_argument("--out", type=Path, default=None, help="results folder")
+    p.add_argument("--prompt-fraction", type=float, nargs="+", default=[0.0, 0.5],
+                   help="shares of each sequence's first tokens labelled -100 (default 0 0.5)")
     args = p.parse_args(argv)
+    for f in args.prompt_fraction:
+        if not 0.0 <= f < 1.0:
+            p.error(f"--prompt-fraction: a share in [0, 1), got {f}")
     device = "cuda" if torch.cuda.is_available() and not args.cpu_smoke else "cpu"
     gpu = device == "cuda"
     defaults = dict(vocab=151936 if gpu else 500, hidden=1024 if gpu else 32, layers=4 if gpu else 1,
@@ -164,11 +180,12 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ("TOFUSFTTrainer", "SFTTrainer + tofu_loss_func"):
-            t0 = time.time()
-            rows.append(run(name, args, device, tmp))
-            print(f"{name}: {rows[-1]['ms']:.1f} ms/step, peak {rows[-1]['peak_gib']} GiB "
-                  f"({time.time() - t0:.0f} s)", flush=True)
+        for prompt in args.prompt_fraction:
+            for name in ("TOFUSFTTrainer", "SFTTrainer + tofu_loss_func"):
+                t0 = time.time()
+                rows.append(run(name, args, device, tmp, prompt))
+                print(f"{name}, prompt {prompt:.0%}: {rows[-1]['ms']:.1f} ms/step, peak {rows[-1]['peak_gib']} GiB "
+                      f"({time.time() - t0:.0f} s)", flush=True)
     md = to_markdown(rows, args, device)
     (out / "bench_sft_step.md").write_text(md)
     (out / "bench_sft_step.json").write_text(json.dumps({"args": vars(args) | {"out": str(out)}, "rows": rows},
