@@ -41,6 +41,17 @@ $(VENV)/.installed: requirements-dev.txt pyproject.toml setup.py $(wildcard csrc
 	$(PY) -m pip install -q --no-deps --target $(VENV)/nemo-automodel-0.7.0 nemo-automodel==0.7.0
 	# Megatron-Bridge's training/losses.py under megatron.core's schedule (tests/megatron/test_bridge.py)
 	$(PY) -m pip install -q --no-deps --target $(VENV)/megatron-bridge-0.6.2 megatron-bridge==0.6.2
+	# Axolotl (tests/hf/test_axolotl.py), one folder (axolotl-contribs-* install into the axolotl
+	# package): its config code (axolotl.cli.config: addict ... llvmlite, posthog for its telemetry,
+	# which the tests turn off), then the imports of its model loader and trainer builder (wandb ...)
+	$(PY) -m pip install -q --no-deps --target $(VENV)/axolotl-0.21.0 axolotl==0.21.0 addict==2.4.0 colorama==0.4.6 \
+	    requests==2.34.2 urllib3==2.8.0 certifi==2026.10.19.post1 charset-normalizer==3.5.3 posthog==6.7.11 \
+	    six==1.17.0 backoff==2.2.1 distro==1.9.0 numba==0.68.1 llvmlite==0.50.0 \
+	    wandb==0.31.0 protobuf==7.36.2 platformdirs==4.14.9 opentelemetry-api==1.45.3 evaluate==0.4.1 \
+	    bitsandbytes==0.50.2 fastcore==2.2.41 termcolor==3.3.0 axolotl-contribs-lgpl==0.0.7 axolotl-contribs-mit==0.0.6
+	# torchtitan's loss, config and model code (tests/distributed/test_torchtitan.py)
+	$(PY) -m pip install -q --no-deps --target $(VENV)/torchtitan-0.3.0 torchtitan==0.3.0 spmd-types==0.2.3 \
+	    tyro==1.0.17 typeguard==4.6.1 docstring-parser==0.18.0
 	# builds the CUDA extension (tofu_kernels._C) when nvcc + CUDA torch exist; see setup.py
 	set -o pipefail; $(PY) -m pip install -v --no-build-isolation -e . 2>&1 | { grep -E "tofu-kernels setup|rror:" || true; }
 	$(PY) -c "import tofu_kernels as tk; print('CUDA extension loaded:', tk.extension_loaded())"

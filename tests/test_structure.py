@@ -341,7 +341,7 @@ LAYERS = [
     {"vocab_parallel"},
     {"core"},
     {"loss", "linear"},
-    {"hf", "hf.models", "hf.trainer", "automodel"},
+    {"hf", "hf.models", "hf.trainer", "automodel", "axolotl"},
     {""},  # the package root: re-exports
 ]
 
@@ -481,7 +481,7 @@ def test_hugging_face_paths_share_one_forward():
     asks = [k for node in ast.walk(ast.parse((PKG / "hf" / "trainer.py").read_text())) if isinstance(node, ast.Call)
             for k in node.keywords if k.arg == "tofu_metrics"]
     assert asks and all(isinstance(k.value, ast.Constant) and k.value.value is True for k in asks)
-    assert {c.split(":")[0] for c in _calls("apply_tofu")} == {"hf/trainer.py"}
+    assert {c.split(":")[0] for c in _calls("apply_tofu")} == {"hf/trainer.py", "axolotl.py"}  # + Axolotl's hook
 
 
 def test_metrics_math_written_once_per_language():

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 DEEPSPEED = "deepspeed-0.19.8"
+AXOLOTL = "axolotl-0.21.0"
+TORCHTITAN = "torchtitan-0.3.0"
 
 
 def side_folder(name: str) -> Path:
