@@ -139,8 +139,8 @@ def make_impls(device: str, args) -> tuple[list[tuple[str, object]], list[str]]:
                                                                         check_inputs=False)))
     impls.append(("matmul + ours TOFU", lambda h, w, y: tk.tofu_loss(torch.nn.functional.linear(h, w), y, gamma=g,
                                                                      beta=b, check_inputs=False)))
-    impls.append(("matmul + authors TOFU", lambda h, w, y: tk.authors_tofu_loss(
-        torch.nn.functional.linear(h, w), y, g, b).mean()))
+    impls.append(("matmul + authors TOFU", lambda h, w, y: tk.authors_tofu_loss(  # the mean over the tokens that train
+        torch.nn.functional.linear(h, w), y, g, b).sum() / (y != -100).sum().clamp(min=1)))
     impls.append(("matmul + torch CE (fp32)", lambda h, w, y: torch.nn.functional.cross_entropy(
         torch.nn.functional.linear(h, w).float(), y)))
     try:

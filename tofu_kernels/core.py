@@ -50,7 +50,7 @@ from .tofu_math import combine_stats
 from .vocab_parallel import TensorParallel, all_gather_stats, check_shards, exchange_meta, resolve
 
 __all__ = ["LossModule", "Plan", "chunk_stats", "empty_loss", "finish", "grad", "grad_buffer", "grad_in_forward",
-           "new_grad", "outputs", "plan", "rescale", "results", "row_stats"]
+           "new_grad", "outputs", "plan", "rescale", "results", "row_stats", "training_rows"]
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,18 @@ def _grad_in_forward(params: TOFUParams, shard: Shard, tp: TensorParallel | None
             "(not vocab-parallel) and logits that require grad (with grad mode on)"
         )
     return possible and params.grad_in_forward is not False
+
+
+def training_rows(labels: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
+    """The rows of flat ``labels`` that train (not ``ignore_index``), in order, for a caller
+    that computes its logits itself and can leave the others out (the fused linear loss);
+    None when every row trains, or where finding them would need a host sync none may run
+    (torch.compile, CUDA-graph capture, fake tensors): then every row is computed. One host
+    sync (the number of rows)."""
+    if not host_checks_allowed(labels):
+        return None
+    rows = (labels != ignore_index).nonzero().squeeze(1)
+    return None if rows.numel() == labels.numel() else rows
 
 
 # ------------------------------------------------------------------ output buffers

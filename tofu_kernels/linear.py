@@ -49,14 +49,14 @@ import torch
 import torch.distributed as dist
 
 from . import core
-from .checks import check_linear_tensors, flat_labels, host_checks_allowed
+from .checks import check_linear_tensors, flat_labels
 from .layout import row_layout
 from .params import DEFAULT_BETA, DEFAULT_GAMMA, DEFAULT_IGNORE_INDEX, TOFUParams, check_flag
 from .records import Reduction
 from .vocab_parallel import TensorParallel
 
 __all__ = ["LinearTOFULoss", "WeightGradSink", "default_chunk_size", "linear_tofu_loss", "logit_chunks",
-           "loss_of_hidden", "training_rows", "vocab_parallel_linear_tofu_loss"]
+           "loss_of_hidden", "vocab_parallel_linear_tofu_loss"]
 
 # The logits chunk's budget: 128 MiB, e.g. 512 rows of a 128256-column bf16 vocabulary.
 CHUNK_BYTES = 128 << 20
@@ -320,7 +320,7 @@ def loss_of_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
         raise ValueError("linear_tofu_loss: weight_grad goes with reduction='none' (the two-pass path)")
     flat = flat_labels(labels)
     plan = core.plan(params, flat, width, hidden.device, tp, (hidden, weight))
-    rows = training_rows(flat, params.ignore_index) if skip_ignored and n else None
+    rows = core.training_rows(flat, params.ignore_index) if skip_ignored and n else None
     if n == 0 or (rows is not None and rows.numel() == 0):
         return core.empty_loss(labels, params, hidden, weight)
     h_run, flat_run = h, flat
@@ -338,17 +338,6 @@ def loss_of_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     if plan.reduction == Reduction.NONE:
         loss, ce = loss.view(labels.shape), ce.view(labels.shape)
     return core.results(params, loss, ce, metrics, labels.shape)
-
-
-def training_rows(labels: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
-    """The rows of flat ``labels`` that train (not ``ignore_index``), in order, or None when
-    every row trains or their selection would need a host sync where none may run (under
-    torch.compile, CUDA-graph capture, fake tensors): then every row is computed. One host
-    sync (the number of rows)."""
-    if not host_checks_allowed(labels):
-        return None
-    rows = (labels != ignore_index).nonzero().squeeze(1)
-    return None if rows.numel() == labels.numel() else rows
 
 
 def _spread(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:

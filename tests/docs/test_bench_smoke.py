@@ -225,18 +225,24 @@ def test_bench_fused_linear_cpu_smoke(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     md = (tmp_path / "bench_fused_linear.md").read_text()
     assert "NOT a performance result" in md and "CPU (no GPU)" in md
-    names = {line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ") and "---" not in line}
-    assert {"ours fused TOFU", "ours fused TOFU [chunk 16]", "ours fused CE", "matmul + ours TOFU",
-            "matmul + authors TOFU", "matmul + torch CE (fp32)", "composed TOFU (torch stand-in)"} <= names
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in md.splitlines()
+            if line.startswith("| ") and "---" not in line and "implementation" not in line]
+    names = {r[0] for r in rows}
+    assert {"ours fused TOFU", "ours fused TOFU (every row)", "ours fused TOFU [chunk 16]", "ours fused CE",
+            "matmul + ours TOFU", "matmul + authors TOFU", "matmul + torch CE (fp32)",
+            "composed TOFU (torch stand-in)"} <= names
     assert "Error" not in md
-    assert "[7/7 V=300" in res.stdout  # progress line per implementation and vocabulary
-    # the loss column: every TOFU row (bf16, same inputs) within bf16 noise of ours, CE rows alike
-    loss = {line.split("|")[1].strip(): float(line.split("|")[5]) for line in md.splitlines()
-            if line.startswith("| ") and "---" not in line and "implementation" not in line}
-    for name in ("matmul + ours TOFU", "matmul + authors TOFU", "composed TOFU (torch stand-in)"):
-        assert abs(loss[name] - loss["ours fused TOFU"]) < 1e-2 * loss["ours fused TOFU"], (name, loss)
-    assert abs(loss["matmul + torch CE (fp32)"] - loss["ours fused CE"]) < 1e-2 * loss["ours fused CE"], loss
-    assert abs(loss["ours fused CE"] - loss["ours fused TOFU"]) > 1e-2 * loss["ours fused CE"]  # different losses
+    assert "[8/8 V=300 prompt 50%" in res.stdout  # progress line per implementation, vocabulary and prompt share
+    for prompt in ("0%", "50%"):  # the default prompt fractions, each a set of rows
+        # the loss column: every TOFU row (bf16, same inputs) within bf16 noise of ours, CE rows alike
+        loss = {r[0]: float(r[6]) for r in rows if r[1] == prompt}
+        for name in ("ours fused TOFU (every row)", "matmul + ours TOFU", "matmul + authors TOFU",
+                     "composed TOFU (torch stand-in)"):
+            assert abs(loss[name] - loss["ours fused TOFU"]) < 1e-2 * loss["ours fused TOFU"], (prompt, name, loss)
+        assert abs(loss["matmul + torch CE (fp32)"] - loss["ours fused CE"]) < 1e-2 * loss["ours fused CE"], loss
+        assert abs(loss["ours fused CE"] - loss["ours fused TOFU"]) > 1e-2 * loss["ours fused CE"]  # different
+        ratio = {r[0]: r[3] for r in rows if r[1] == prompt}  # ours over every row, measured in the same run
+        assert ratio["ours fused TOFU (every row)"] == "1.00" and float(ratio["ours fused TOFU"]) > 0, ratio
     assert "composed TOFU (Liger FLCE) (needs Liger on a GPU)" in md
     assert "## V = 300" in md and md.count("## V = ") == 1
 

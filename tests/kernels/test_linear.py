@@ -507,11 +507,11 @@ def test_all_ignored_and_nothing_ignored():
 def test_a_wrong_selection_fails_the_parity(monkeypatch):
     """The parity check can fail: rows shifted by one (a row that trains computed from its
     neighbour's hidden state) are caught."""
-    from tofu_kernels import linear
+    from tofu_kernels import core
 
     h, w, labels = _inputs(30, 16, 41, torch.float32, seed=8, ignored=tuple(range(0, 30, 3)))
-    right = linear.training_rows
-    monkeypatch.setattr(linear, "training_rows", lambda flat, ii: (right(flat, ii) + 1).clamp(max=flat.numel() - 1))
+    right = core.training_rows
+    monkeypatch.setattr(core, "training_rows", lambda flat, ii: (right(flat, ii) + 1).clamp(max=flat.numel() - 1))
     for reduction in ("mean", "none"):
         upstream = torch.randn(30) if reduction == "none" else torch.tensor(1.0)
         with pytest.raises(AssertionError):
@@ -539,14 +539,14 @@ def test_gemm_flops_scale_with_the_rows_that_train(reduction):
 def test_nothing_is_skipped_where_no_host_sync_may_run(monkeypatch):
     """Under torch.compile or CUDA-graph capture (no host sync: checks.host_checks_allowed is
     False) every row is computed, and the result is the same."""
-    from tofu_kernels import checks, linear
+    from tofu_kernels import checks, core
 
     h, w, labels = _inputs(30, 16, 41, torch.float32, seed=2, ignored=tuple(range(0, 30, 2)))
     upstream = torch.randn(30)
     skipped = _run(h, w, labels, upstream, reduction="none", check_inputs=False, chunk_size=8)
-    monkeypatch.setattr(linear, "host_checks_allowed", lambda t: False)
+    monkeypatch.setattr(core, "host_checks_allowed", lambda t: False)
     monkeypatch.setattr(checks, "host_checks_allowed", lambda t: False)
-    assert linear.training_rows(labels, -100) is None
+    assert core.training_rows(labels, -100) is None
     with GemmFlops() as f:
         every = _run(h, w, labels, upstream, reduction="none", check_inputs=False, chunk_size=8)
     assert f.flops == 30 * 4 * 2 * 16 * 41
