@@ -341,7 +341,7 @@ LAYERS = [
     {"vocab_parallel"},
     {"core"},
     {"loss", "linear"},
-    {"hf", "hf.models", "hf.trainer", "automodel", "axolotl"},
+    {"hf", "hf.models", "hf.trainer", "automodel", "axolotl", "torchtitan"},
     {""},  # the package root: re-exports
 ]
 
