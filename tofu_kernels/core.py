@@ -50,7 +50,8 @@ from .tofu_math import combine_stats
 from .vocab_parallel import TensorParallel, all_gather_stats, check_shards, exchange_meta, resolve
 
 __all__ = ["LossModule", "Plan", "chunk_stats", "empty_loss", "finish", "grad", "grad_buffer", "grad_in_forward",
-           "new_grad", "outputs", "plan", "rescale", "results", "row_stats", "training_rows"]
+           "new_grad", "outputs", "plan", "refuse_double_backward", "rescale", "results", "row_stats",
+           "training_rows"]
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,18 @@ def _grad_in_forward(params: TOFUParams, shard: Shard, tp: TensorParallel | None
             "(not vocab-parallel) and logits that require grad (with grad mode on)"
         )
     return possible and params.grad_in_forward is not False
+
+
+def refuse_double_backward(who: str) -> None:
+    """A backward asked to build a graph (``create_graph=True``: a second derivative) raises:
+    the gradient comes from a kernel with no derivative of its own, and a gradient that
+    silently stops the second derivative would be a wrong answer."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{who}: a second derivative (backward with create_graph=True) is not supported: the gradient "
+            "is computed by a kernel that has no derivative of its own; take the gradient with "
+            "create_graph=False"
+        )
 
 
 def training_rows(labels: torch.Tensor, ignore_index: int) -> torch.Tensor | None:

@@ -147,6 +147,7 @@ class _LinearTOFUFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, *_):  # the cross entropy and the metrics have no gradient
         if grad_loss is None:
             return (None,) * _N_INPUTS
+        core.refuse_double_backward("linear_tofu_loss")
         plan = ctx.plan
         if plan.grad_in_forward:
             if ctx.grads is None:

@@ -46,6 +46,7 @@ class _TOFUFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, *_):  # the cross entropy and the metrics have no gradient
         if grad_loss is None:
             return (None,) * _N_INPUTS
+        core.refuse_double_backward("tofu_loss")
         plan, lay = ctx.plan, ctx.lay
         if plan.grad_in_forward:
             out = ctx.grad_buf

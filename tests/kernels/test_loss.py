@@ -445,3 +445,22 @@ def test_unavailable_backends(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="Triton backend needs CUDA tensors"):
         tk.tofu_loss(logits, labels, backend="triton")
+
+
+@pytest.mark.parametrize("grad_in_forward", [None, False])
+def test_a_second_derivative_is_refused(grad_in_forward):
+    """create_graph=True (a gradient penalty, a Hessian-vector product) raises naming why,
+    on both paths and in the fused linear loss, instead of returning a gradient that silently
+    has no derivative; create_graph=False gives the gradient as usual."""
+    logits = torch.randn(6, 11, requires_grad=True)
+    labels = torch.randint(0, 11, (6,))
+    loss = tk.tofu_loss(logits, labels, grad_in_forward=grad_in_forward)
+    with pytest.raises(RuntimeError, match=r"tofu_loss: a second derivative \(backward with create_graph=True\)"):
+        torch.autograd.grad(loss, logits, create_graph=True)
+    (g,) = torch.autograd.grad(tk.tofu_loss(logits, labels, grad_in_forward=grad_in_forward), logits)
+    assert g.shape == logits.shape and not g.requires_grad
+    h, w = torch.randn(6, 4, requires_grad=True), torch.randn(11, 4, requires_grad=True)
+    reduction = "mean" if grad_in_forward is None else "none"
+    loss = tk.linear_tofu_loss(h, w, labels, reduction=reduction).sum()
+    with pytest.raises(RuntimeError, match="linear_tofu_loss: a second derivative"):
+        torch.autograd.grad(loss, h, create_graph=True)

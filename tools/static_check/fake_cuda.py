@@ -84,7 +84,8 @@ def trace(scenario: str, backend: str) -> dict:
 
     def step(x, labels):
         loss = loss_fn(x, labels)
-        grads = loss.grad_fn.apply(torch.ones_like(loss))
+        with torch.no_grad():  # as the autograd engine runs a backward (create_graph=False)
+            grads = loss.grad_fn.apply(torch.ones_like(loss))
         return (loss,) + tuple(g for g in (grads if isinstance(grads, tuple) else (grads,)) if g is not None)
 
     gm = make_fx(step, tracing_mode="fake")(x, labels)
