@@ -49,9 +49,11 @@ $(VENV)/.installed: requirements-dev.txt pyproject.toml setup.py $(wildcard csrc
 	    six==1.17.0 backoff==2.2.1 distro==1.9.0 numba==0.68.1 llvmlite==0.50.0 \
 	    wandb==0.31.0 protobuf==7.36.2 platformdirs==4.14.9 opentelemetry-api==1.45.3 evaluate==0.4.1 \
 	    bitsandbytes==0.50.2 fastcore==2.2.41 termcolor==3.3.0 axolotl-contribs-lgpl==0.0.7 axolotl-contribs-mit==0.0.6
-	# torchtitan's loss, config and model code (tests/distributed/test_torchtitan.py)
+	# torchtitan's loss, config and model code and its config_registry / ConfigManager
+	# (tests/distributed/test_torchtitan.py)
 	$(PY) -m pip install -q --no-deps --target $(VENV)/torchtitan-0.3.0 torchtitan==0.3.0 spmd-types==0.2.3 \
-	    tyro==1.0.17 typeguard==4.6.1 docstring-parser==0.18.0
+	    tyro==1.0.17 typeguard==4.6.1 docstring-parser==0.18.0 torchdata==0.11.0 tensorboard==2.21.0 \
+	    protobuf==7.36.2 absl-py==2.5.1
 	# builds the CUDA extension (tofu_kernels._C) when nvcc + CUDA torch exist; see setup.py
 	set -o pipefail; $(PY) -m pip install -v --no-build-isolation -e . 2>&1 | { grep -E "tofu-kernels setup|rror:" || true; }
 	$(PY) -c "import tofu_kernels as tk; print('CUDA extension loaded:', tk.extension_loaded())"

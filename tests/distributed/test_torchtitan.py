@@ -6,7 +6,8 @@ backward, ``GradAccumulator`` and metric reduction), its ``CrossEntropyLoss`` (c
 gamma 0, beta 1, also loss parallel on vocab-sharded DTensors), its SPMD backend switch
 (``set_spmd_backend``, ``set_current_spmd_mesh``) and its Llama 3 model (``debugmodel``
 flavor: the forward with ``_skip_lm_head`` and its ``lm_head``), as the trainer's step uses
-them. torchtitan's ``Trainer`` does not run on CPU: ``torchtitan.tools.utils`` takes "cuda"
+them, and its ``ConfigManager`` on examples/torchtitan/tofu_llama3.py (``--module`` /
+``--config``, a command-line override of our field). torchtitan's ``Trainer`` does not run on CPU: ``torchtitan.tools.utils`` takes "cuda"
 as the device type when no accelerator is found, and its language models take only
 FlexAttention or varlen attention, whose backward is refused on CPU; so the decoder runs
 forward only and the gradient is checked from the final hidden states on (the loss's part
@@ -363,3 +364,50 @@ def test_tp2_vocab_sharded_logits_and_head_equal_fp64(titan):
     token-sharded mesh (full_dtensor: a Partial loss), plain local shards (spmd_types), and
     the fused loss on a vocabulary-sharded head."""
     run_distributed(2, _tp_worker)
+
+
+# ----------------------------------------------------------------- the example configs, the trainer
+
+
+@pytest.mark.parametrize("name,fused", [("llama3_8b_tofu", True), ("llama3_8b_tofu_chunked", False),
+                                        ("llama3_debugmodel_tofu", True)])
+def test_example_configs_through_torchtitans_config_manager(titan, name, fused):
+    """examples/torchtitan/tofu_llama3.py as the command line names it: torchtitan's
+    ConfigManager (--module/--config, a CLI override of our field through tyro) and the
+    loss built from the parsed config."""
+    from torchtitan.config import ConfigManager
+
+    from tofu_kernels.torchtitan import LinearTOFULoss, TOFULoss
+
+    cfg = ConfigManager().parse_args(["--module", "examples.torchtitan.tofu_llama3", "--config", name,
+                                      "--training.steps", "3"])
+    loss_cfg = cfg.loss if fused else cfg.loss.loss_fn
+    assert (loss_cfg.gamma, loss_cfg.beta) == (3.0, 0.8) and cfg.training.steps == 3
+    assert loss_cfg.global_vocab_size == cfg.model_spec.model.vocab_size
+    loss = cfg.loss.build()
+    assert type(loss) is (LinearTOFULoss if fused else titan.ChunkedLossWrapper)
+    assert fused or type(loss.loss_fn) is TOFULoss
+    if name == "llama3_debugmodel_tofu":
+        over = ConfigManager().parse_args(["--module", "examples.torchtitan.tofu_llama3", "--config", name,
+                                           "--loss.gamma", "2.5"])
+        assert over.loss.gamma == 2.5 and over.loss.build().params.gamma == 2.5
+
+
+def test_torchtitans_trainer_on_cpu(titan, monkeypatch, tmp_path):
+    """torchtitan's Trainer built from the example config: it does not run on CPU (its
+    device type is "cuda" whenever no accelerator is found), which this test states by
+    skipping with the error; the step it would take is followed above."""
+    from torchtitan.config import ConfigManager
+
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1").items():
+        monkeypatch.setenv(k, v)
+    cfg = ConfigManager().parse_args(["--module", "examples.torchtitan.tofu_llama3", "--config",
+                                      "llama3_debugmodel_tofu", "--dump_folder", str(tmp_path)])
+    try:
+        trainer = cfg.build()
+    except RuntimeError as e:
+        if torch.cuda.is_available() or "NVIDIA driver" not in str(e):
+            raise
+        pytest.skip(f"torchtitan's Trainer does not run on CPU (torchtitan/trainer.py sets the CUDA device): {e}")
+    trainer.close()
+    raise AssertionError("torchtitan's Trainer was built here: test its steps with our loss")
