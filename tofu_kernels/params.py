@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 
 # The paper's defaults (docs/design.md section 1).
 DEFAULT_GAMMA = 3.0
@@ -24,6 +24,15 @@ BACKENDS = ("auto", "cuda", "triton", "torch")
 
 def _finite_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _plain_number(value):
+    """A one-element number a user may hand in for gamma or beta (a 0-dim tensor, a numpy
+    scalar) as a Python float; anything else unchanged, for the rules to refuse by name."""
+    if hasattr(value, "ndim") and getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        item = value.item()
+        return float(item) if isinstance(item, (int, float)) and not isinstance(item, bool) else value
+    return value
 
 
 def gamma_error(gamma) -> str | None:
@@ -55,6 +64,9 @@ class TOFUParams:
 
     ``check_inputs`` is the request; whether host-side checks actually run is decided
     once per call by the core (never under torch.compile or CUDA-graph capture).
+
+    ``who`` and ``names`` only word the errors as the caller's user typed them (e.g.
+    ``who="TOFUSFTTrainer", names={"gamma": "tofu_gamma"}``); they are not settings.
     """
 
     gamma: float = DEFAULT_GAMMA
@@ -67,22 +79,29 @@ class TOFUParams:
     return_metrics: bool = False  # per-token entropy and top-1 (records.TokenMetrics)
     check_inputs: bool = True
     grad_in_forward: bool | None = None  # None: wherever possible (core.py)
+    who: InitVar[str] = "tofu_loss"
+    names: InitVar[dict | None] = None
 
-    def __post_init__(self):
-        for err in (gamma_error(self.gamma), beta_error(self.beta)):
+    def __post_init__(self, who: str, names: dict | None):
+        def name(field: str) -> str:
+            return (names or {}).get(field, field)
+
+        object.__setattr__(self, "gamma", _plain_number(self.gamma))
+        object.__setattr__(self, "beta", _plain_number(self.beta))
+        for field, err in (("gamma", gamma_error(self.gamma)), ("beta", beta_error(self.beta))):
             if err:
-                raise ValueError(f"tofu_loss: {err}")
+                raise ValueError(f"{who}: {name(field)}{err[len(field):]}")
         if self.reduction not in REDUCTIONS:
-            raise ValueError(f"tofu_loss: reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+            raise ValueError(f"{who}: {name('reduction')} must be one of {REDUCTIONS}, got {self.reduction!r}")
         if self.backend not in BACKENDS:
-            raise ValueError(f"tofu_loss: backend must be one of {BACKENDS}, got {self.backend!r}")
+            raise ValueError(f"{who}: {name('backend')} must be one of {BACKENDS}, got {self.backend!r}")
         try:
             ignore_index = operator.index(self.ignore_index)
         except TypeError:
-            raise TypeError(f"tofu_loss: ignore_index must be an integer, got {self.ignore_index!r}") from None
+            raise TypeError(f"{who}: {name('ignore_index')} must be an integer, got {self.ignore_index!r}") from None
         # Plain Python scalars from here on (numpy / tensor scalars would leak into kernels).
         object.__setattr__(self, "gamma", float(self.gamma))
         object.__setattr__(self, "beta", float(self.beta))
         object.__setattr__(self, "ignore_index", ignore_index)
-        for name in ("inplace_backward", "return_ce", "return_metrics", "check_inputs", "grad_in_forward"):
-            check_flag(getattr(self, name), name, "tofu_loss", optional=name == "grad_in_forward")
+        for field in ("inplace_backward", "return_ce", "return_metrics", "check_inputs", "grad_in_forward"):
+            check_flag(getattr(self, field), name(field), who, optional=field == "grad_in_forward")

@@ -206,9 +206,9 @@ def test_apply_twice_replaces_and_unsupported_models_are_refused():
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2))
     with pytest.raises(ValueError, match="GPT2LMHeadModel is not supported.*LlamaForCausalLM"):
         hf.apply_tofu(gpt2)
-    with pytest.raises(ValueError, match="gamma"):
+    with pytest.raises(ValueError, match="^apply_tofu: gamma must be"):  # the function the user called
         hf.apply_tofu(model, gamma=-1.0)
-    with pytest.raises(ValueError, match="beta"):
+    with pytest.raises(ValueError, match="^tofu_loss_func: beta must be"):
         hf.tofu_loss_func(beta=0.0)
     with pytest.raises(ValueError, match="logits is None"):
         hf.tofu_loss_func()({"logits": None}, labels)

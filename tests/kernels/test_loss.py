@@ -464,3 +464,24 @@ def test_a_second_derivative_is_refused(grad_in_forward):
     loss = tk.linear_tofu_loss(h, w, labels, reduction=reduction).sum()
     with pytest.raises(RuntimeError, match="linear_tofu_loss: a second derivative"):
         torch.autograd.grad(loss, h, create_graph=True)
+
+
+def test_errors_name_the_argument_the_user_typed():
+    """A bad setting is named as the caller's user wrote it (issue 36's new user: apply_tofu's
+    and TOFUSFTTrainer's errors said tofu_loss and gamma); a 0-dim tensor or numpy scalar is a
+    number (it said 'got tensor(2.)')."""
+    import numpy as np
+
+    from tofu_kernels.hf.trainer import trainer_params
+
+    with pytest.raises(ValueError, match=r"^TOFUSFTTrainer: tofu_gamma must be a finite number >= 0, got -1.0$"):
+        trainer_params(-1.0, None, None)
+    with pytest.raises(ValueError, match=r"^TOFUSFTTrainer: tofu_beta must be a finite number > 0, got 0$"):
+        trainer_params(None, 0, None)
+    with pytest.raises(ValueError, match=r"^tofu_loss: gamma must be a finite number >= 0"):
+        tk.tofu_loss(torch.randn(2, 3), torch.tensor([0, 1]), gamma=-1)
+    p = tk.TOFUParams(gamma=torch.tensor(2.0), beta=np.float32(0.5))
+    assert (p.gamma, p.beta) == (2.0, 0.5) and type(p.gamma) is float and type(p.beta) is float
+    assert p == tk.TOFUParams(gamma=2.0, beta=0.5)
+    loss = tk.tofu_loss(torch.randn(4, 5), torch.tensor([0, 1, 2, 3]), gamma=torch.tensor(2.0))
+    assert torch.isfinite(loss)

@@ -95,7 +95,8 @@ def tofu_loss_func(
     The function takes ``(outputs, labels, num_items_in_batch=None)``: ``outputs.logits``
     ``[B, T, V]`` (any float dtype, used as is), unshifted ``labels`` ``[B, T]``.
     """
-    loss = _HFLoss(TOFUParams(gamma=gamma, beta=beta, ignore_index=ignore_index, backend=backend))
+    loss = _HFLoss(TOFUParams(gamma=gamma, beta=beta, ignore_index=ignore_index, backend=backend,
+                              who="tofu_loss_func"))
 
     def compute_loss_func(outputs, labels, num_items_in_batch=None):
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
@@ -334,7 +335,7 @@ def apply_tofu(
     """
     check_flag(fused_linear, "fused_linear", "apply_tofu")
     if params is None:
-        params = TOFUParams(gamma=gamma, beta=beta, ignore_index=ignore_index, backend=backend)
+        params = TOFUParams(gamma=gamma, beta=beta, ignore_index=ignore_index, backend=backend, who="apply_tofu")
     else:
         check_params(params, "apply_tofu: params")
     loss = _HFLoss(params, chunk_size)

@@ -42,7 +42,8 @@ def trainer_params(gamma: float | None, beta: float | None, params: TOFUParams |
     """The trainer's :class:`TOFUParams`: ``params`` as given, or made from ``gamma`` and
     ``beta`` (the paper's defaults where not given)."""
     if params is None:
-        return TOFUParams(gamma=DEFAULT_GAMMA if gamma is None else gamma, beta=DEFAULT_BETA if beta is None else beta)
+        return TOFUParams(gamma=DEFAULT_GAMMA if gamma is None else gamma, beta=DEFAULT_BETA if beta is None else beta,
+                          who="TOFUSFTTrainer", names={"gamma": "tofu_gamma", "beta": "tofu_beta"})
     if gamma is not None or beta is not None:
         raise ValueError("TOFUSFTTrainer: give tofu_params or tofu_gamma / tofu_beta, not both")
     if not isinstance(params, TOFUParams):
