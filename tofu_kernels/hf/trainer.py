@@ -81,10 +81,11 @@ class TOFUSFTTrainer(trl.SFTTrainer):
         if isinstance(model, torch.nn.Module):  # a model id is checked once loaded, by apply_tofu
             check_model(model, True, "TOFUSFTTrainer")
         super().__init__(*args, **kwargs)
-        if self.compute_loss_func is not None:  # passed positionally
+        # TRL 2.0 drops SFTTrainer's compute_loss_func and label smoothing: read them only where they exist
+        if getattr(self, "compute_loss_func", None) is not None:  # passed positionally
             raise ValueError(_NO_LOSS_FUNC)
         check_model(self.model, True, "TOFUSFTTrainer")  # the loaded model
-        if self.args.label_smoothing_factor > 0:
+        if getattr(self.args, "label_smoothing_factor", 0.0) > 0:
             raise ValueError("TOFUSFTTrainer: label_smoothing_factor > 0 needs the full logits and is not TOFU; "
                              "set it to 0")
         if self.args.loss_type != "nll":
