@@ -118,6 +118,12 @@ COMMANDS = {
     "accelerate launch --config_file examples/accelerate/zero3.yaml":
         "tests/docs/test_examples.py::test_hf_sft_example_under_accelerate_launch_zero3 (the tiny model, 2 CPU processes)",
     "torchrun --nnodes 2": "tests/megatron/test_megatron_sft.py (the command's flags, read from docs/megatron.md, on CPU)",
+    "axolotl train examples/axolotl/llama_tofu.yaml":
+        "tests/hf/test_axolotl.py::test_example_yaml_loads_through_axolotls_config_with_the_plugin (the file through "
+        "Axolotl's load_cfg on CPU; Axolotl's trainer on a tiny Llama: test_axolotls_trainer_trains_tofu_equal_to_fp64)",
+    "torchrun --nproc-per-node 8 -m torchtitan.train --module examples.torchtitan.tofu_llama3":
+        "tests/distributed/test_torchtitan.py::test_example_configs_through_torchtitans_config_manager (the --module "
+        "and --config through torchtitan's ConfigManager on CPU; its Trainer needs a GPU)",
 }
 
 
@@ -135,7 +141,8 @@ def test_every_page_is_read():
     """README.md and every docs page, so that a new page's blocks are covered without a change here."""
     names = {p.relative_to(ROOT).as_posix() for p in readme.pages()}
     assert "README.md" in names and {"docs/api.md", "docs/megatron.md", "docs/huggingface.md", "docs/study.md",
-                                     "docs/benchmarks.md", "docs/design.md", "docs/automodel.md"} <= names, names
+                                     "docs/benchmarks.md", "docs/design.md", "docs/automodel.md", "docs/axolotl.md",
+                                     "docs/torchtitan.md"} <= names, names
 
 
 def test_readme_is_short_and_install_comes_first():
