@@ -65,6 +65,13 @@ def _trainer_with_apply_tofu(load, peft_config, texts, args, common, out):
     return trainer.train().metrics, trainer.state.log_history
 
 
+
+def launch_in_words(processes: int, distributed_type: str) -> str:
+    """'1 process, not distributed' / '2 processes, DeepSpeed' (accelerate says NO, MULTI_CPU, ...)."""
+    how = {"NO": "not distributed", "MULTI_CPU": "DDP on CPUs", "MULTI_GPU": "DDP", "DEEPSPEED": "DeepSpeed",
+           "FSDP": "FSDP"}.get(distributed_type, distributed_type)
+    return f"{processes} process{'es' if processes != 1 else ''}, {how}"
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="a Llama / Mistral / Qwen2 / Qwen3 checkpoint (default: tiny)")
@@ -109,7 +116,7 @@ def main(argv=None) -> int:
                                      train_dataset=Dataset.from_dict({"text": texts}),
                                      tofu_gamma=args.gamma, tofu_beta=args.beta)
             curves["TOFUSFTTrainer"] = trainer.train().metrics, trainer.state.log_history
-            setup = f"{trainer.accelerator.num_processes} process(es), {trainer.accelerator.distributed_type.value}"
+            setup = launch_in_words(trainer.accelerator.num_processes, trainer.accelerator.distributed_type.value)
 
         # 2. TRL with the paper's compute_loss_func: the model's logits, plus TRL's extra forward
         if way in ("all", "loss_func"):

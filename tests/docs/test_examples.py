@@ -57,7 +57,7 @@ def test_hf_sft_example_under_accelerate_launch_zero3():
            "--num_processes", "2", "--main_process_port", str(free_port()), "examples/hf_sft.py", "--steps", "6"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-    assert "TOFUSFTTrainer ran on 2 process(es), DEEPSPEED" in out.stdout, out.stdout[-2000:]
+    assert "TOFUSFTTrainer ran on 2 processes, DeepSpeed" in out.stdout, out.stdout[-2000:]
     lines = [line for line in out.stdout.splitlines() if "TOFU loss" in line]
     assert len(lines) == 1 and lines[0].startswith("TOFUSFTTrainer:"), out.stdout[-2000:]
     first, last = (float(x) for x in lines[0].split("TOFU loss ")[1].split(" over")[0].split(" -> "))
