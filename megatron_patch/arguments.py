@@ -115,7 +115,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help=f"TOFU softmax temperature beta > 0 (default {DEFAULT_BETA})")
     g.add_argument("--tofu-backend", action=_Checked, convert=_one_of(BACKENDS), default="auto",
                    metavar="{" + ",".join(BACKENDS) + "}",
-                   help="kernel backend (default auto: CUDA extension, else Triton)")
+                   help="kernel backend (default auto: the CUDA extension on a GPU it was built for, else Triton "
+                        "on a GPU, else the torch backend on the CPU)")
     g.add_argument("--tofu-fused-output", action=_Checked, nargs=0, const=True, default=False,
                    help="GPTModel / HybridModel output layer and TOFU loss as one step: the logits "
                         "[s, b, V/tp] and their gradient are never built (recomputed in blocks)")
