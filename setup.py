@@ -139,16 +139,26 @@ def held_archs(flags: list[str]) -> str:
     return " ".join(sorted(codes, key=order))
 
 
-def cannot_build(torch, torch_error: str, cuda_home: str | None) -> str:
+def isolated_build() -> bool:
+    """pip's default, isolated build: its own temporary environment (setuptools and wheel
+    only), on the path as a pip-build-env folder."""
+    return any("pip-build-env" in p for p in sys.path)
+
+
+def cannot_build(torch, torch_error: str, cuda_home: str | None, isolated: bool = False) -> str:
     """Why the extension cannot be built here and what to run, in order ("" where it can).
 
     ``torch``: the module, or None where it did not import (``torch_error`` says why);
-    ``cuda_home``: the toolkit :func:`_cuda_home` found, or None.
+    ``cuda_home``: the toolkit :func:`_cuda_home` found, or None; ``isolated``: pip's isolated
+    build (:func:`isolated_build`), which never sees the environment's torch.
     """
     reasons, steps = [], []
-    if torch is None:
-        # pip's default build is isolated (setuptools and wheel only), and a
-        # --no-build-isolation build sees only what was installed before it: pip installs
+    if torch is None and isolated:
+        reasons.append("pip built the package in an isolated environment (its default, `pip install .`), "
+                       "which has no torch, whatever the environment you install into has")
+        steps.append("install torch into that environment if it has none (pip install torch)")
+    elif torch is None:
+        # a --no-build-isolation build sees only what was installed before it: pip installs
         # the torch dependency after the build, too late.
         reasons.append(f"torch is not importable at build time ({torch_error})")
         steps.append("install torch first (pip install torch)")
@@ -181,7 +191,7 @@ def cuda_extensions():
     else:
         torch_error = ""
     cuda_home = _cuda_home()
-    msg = cannot_build(torch, torch_error, cuda_home)
+    msg = cannot_build(torch, torch_error, cuda_home, isolated_build())
     if msg:
         if mode == "1":
             raise SystemExit(f"TOFU_BUILD_CUDA=1 but {msg}")

@@ -150,8 +150,11 @@ def extension_status() -> str:
         if shadowed:
             notes.append(f"tofu_kernels imported from {pkg}")
     else:
-        notes = [f"not loaded ({type(EXTENSION_ERROR).__name__}: {EXTENSION_ERROR})",
-                 f"tofu_kernels imported from {pkg}"]
+        if any(pkg.glob("_C.*")):
+            notes = [f"not loaded ({type(EXTENSION_ERROR).__name__}: {EXTENSION_ERROR})",
+                     f"tofu_kernels imported from {pkg}"]
+        else:  # (Python's own words for a missing submodule speak of a circular import)
+            notes = [f"not loaded: the tofu_kernels imported ({pkg}) holds no compiled extension (no _C file)"]
         info = pkg / "_build_info.json"
         if info.is_file():
             rec = json.loads(info.read_text())

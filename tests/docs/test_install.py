@@ -236,3 +236,34 @@ def test_build_is_recorded_as_built_once_it_succeeded(tmp_path):
     cmd.run()
     assert seen == [["not built"]]
     assert _records(tree) == [{"cuda_extension": "built", "reason": "built for this test"}] * 2
+
+
+def test_an_isolated_build_says_so_not_install_torch(monkeypatch):
+    """pip's default build (`pip install .`) is isolated: its record says that, not 'install
+    torch first' where torch may well be installed (a new user's reading)."""
+    setup = _setup_py()
+    monkeypatch.setattr(setup["sys"], "path", ["/tmp/pip-build-env-abc/overlay/lib/python3.12/site-packages"])
+    assert setup["isolated_build"]()
+    msg = setup["cannot_build"](None, "No module named 'torch'", "/usr/local/cuda", isolated=True)
+    assert "pip built the package in an isolated environment (its default, `pip install .`)" in msg, msg
+    assert "install torch first" not in msg and msg.endswith("2. pip install --no-build-isolation ."), msg
+
+
+def test_extension_status_without_a_compiled_extension(tmp_path, monkeypatch):
+    """A package without _C (an isolated build replaced the extension) says so in plain words,
+    with its build record, not Python's 'partially initialized module (circular import)'."""
+    import json
+
+    from tofu_kernels import extension
+
+    pkg = tmp_path / "tofu_kernels"
+    pkg.mkdir()
+    (pkg / "_build_info.json").write_text(json.dumps({"cuda_extension": "not built", "reason": "REASON"}))
+    monkeypatch.setattr(extension, "__file__", str(pkg / "extension.py"))
+    monkeypatch.setattr(extension, "EXTENSION", None)
+    monkeypatch.setattr(extension, "EXTENSION_ERROR", ImportError(
+        "cannot import name '_C' from partially initialized module 'tofu_kernels' (most likely due to a circular "
+        "import)"))
+    status = extension.extension_status()
+    assert status.startswith(f"not loaded: the tofu_kernels imported ({pkg}) holds no compiled extension (no _C file)")
+    assert "circular" not in status and "its build did not build the extension: REASON" in status, status
