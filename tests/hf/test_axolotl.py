@@ -229,9 +229,12 @@ if __name__ == "__main__":
 
 @pytest.fixture(scope="module")
 def config_results(tmp_path_factory):
+    """Axolotl's config code in one subprocess (about 10 s: importing Axolotl is most of it),
+    shared by the tests marked slow below."""
     return _run_part("config", tmp_path_factory.mktemp("axolotl_config"))
 
 
+@pytest.mark.slow
 def test_example_yaml_loads_through_axolotls_config_with_the_plugin(config_results):
     ex = config_results["example"]
     assert PLUGIN in ex["registered"] and "tofu_kernels.axolotl.TOFUArgs" in ex["input_args"]
@@ -242,12 +245,14 @@ def test_example_yaml_loads_through_axolotls_config_with_the_plugin(config_resul
                                           "tofu_fused_linear": True, "tofu_chunk_size": None}
 
 
+@pytest.mark.slow
 def test_the_entry_point_registers_the_plugin(config_results):
     """Axolotl's registry of installed plugins (the ``axolotl.plugins`` entry points) holds ours."""
     assert PLUGIN in config_results["builtin"]
     assert 'tofu = "tofu_kernels.axolotl:TOFUPlugin"' in (ROOT / "pyproject.toml").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(ERROR_CASES))
 def test_wrong_keys_and_conflicts_are_refused_naming_both_keys(config_results, name):
     err = config_results["errors"][name]
@@ -260,6 +265,7 @@ def test_wrong_keys_and_conflicts_are_refused_naming_both_keys(config_results, n
         assert key in err, (name, key, err)
 
 
+@pytest.mark.slow
 def test_unsupported_model_type_is_refused_by_the_model_hooks(config_results):
     assert config_results["gpt2_type"] == "gpt2"
     for hook in ("pre_model_load", "post_model_load"):
