@@ -1,18 +1,18 @@
 # make demo   TOFU vs cross entropy SFT through Megatron-Core, TP=2 (CPU: ~5 min on 2 cores)
 # make study  seeded gamma/beta study vs cross entropy sampled hotter (CPU: ~15 CPU-min per rank, 22-31 min on a busy 2-core machine)
-# make test   create .venv (Python 3.12), install pinned deps + this package, run all tests
-#             (CPU: 13-20 min on 2 cores)
+# make test   create .venv (Python 3.12), install pinned deps + this package, run all tests (its time:
+#             tests/README.md). VENV=path uses an existing environment instead of .venv (the pinned
+#             versions are installed into it)
 # make test-fast  the same venv; the kernels, the core and the API on CPU: tests/kernels,
 #             tests/distributed and tests/test_structure.py without the slow, megatron, hf and
-#             gpu tests (under 3 min on 2 cores; layout and markers: tests/README.md)
+#             gpu tests (layout, markers and times: tests/README.md)
 # make test-static  the static GPU check (docs/design.md section 3): every kernel compiled for
 #             sm_80, sm_90 and sm_100 without a GPU, its SASS against the budgets, the ops on fake
-#             CUDA tensors (tests/static; part of make test; CPU: about 4 min on 2 cores)
+#             CUDA tensors (tests/static; part of make test)
 # make test-newest  the newest torch and Triton the package index serves, in their own venv
 #             (.venv-newest), with the package pip-installed from a copy of the working tree
 #             (build/newest): the make test-fast tests, tests/kernels/test_compile.py and
-#             the static check of the Triton kernels, tests/static/test_triton_static.py (CPU:
-#             about 6 min on 2 cores, plus 1.5 min to create the venv)
+#             the static check of the Triton kernels, tests/static/test_triton_static.py
 # make bench  run the loss benchmark (CPU: tiny shapes, not a performance result)
 SHELL := /bin/bash
 VENV ?= .venv

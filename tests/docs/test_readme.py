@@ -63,9 +63,9 @@ RUN = {
         "replace": {'trl.SFTConfig(output_dir="out")': 'trl.SFTConfig(output_dir="out", use_cpu=True)'},  # bf16 default
     },
     "apply_tofu(model, gamma=3.0, beta=0.8, fused_linear=True)": {"prelude": _HF_PRELUDE},
-    "tofu_beta=0.8)   # the paper's values (and the defaults)": {
+    "tofu_beta=0.8)   # the paper's values (and the defaults)": {  # runs as written on a CPU, two steps
         "prelude": _HF_PRELUDE,
-        "replace": {'trl.SFTConfig(output_dir="out")': 'trl.SFTConfig(output_dir="out", use_cpu=True, max_steps=2)'},
+        "replace": {"use_cpu=not torch.cuda.is_available())": "use_cpu=not torch.cuda.is_available(), max_steps=2)"},
         "after": "assert trainer.state.global_step == 2\n",
     },
     "megatron_patch.apply(loss_type=\"tofu\", gamma=3.0, beta=0.8, backend=\"auto\")": {
