@@ -321,3 +321,25 @@ def test_links_between_pages_resolve():
             assert dest.exists(), f"{page.name}: link to a missing file {target}"
             if anchor:
                 assert anchor in _anchors(dest), f"{page.name}: no heading for #{anchor} in {dest.name}"
+
+
+def test_what_a_new_user_tripped_on_is_answered():
+    """The README, read top to bottom by someone with a CPU-only machine: the two ways to
+    install are separate blocks (run together, the second undid the first); the PyTorch
+    example says what to write without a GPU; make can use an existing environment; the
+    test time is written once, in tests/README.md."""
+    text = (ROOT / "README.md").read_text()
+    install = text.split("## Install", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", install, re.S)
+    cuda = [b for b in blocks if "pip install --no-build-isolation ." in b]
+    plain = [b for b in blocks if re.search(r"^pip install \.\s*$", b, re.M)]
+    assert len(cuda) == 1 and len(plain) == 1 and cuda[0] != plain[0], blocks
+    assert "do not run it after the first way" in install
+    pytorch = next(b for _, b in readme.blocks("python") if "logits = torch.randn(8, 1024, 32000" in b)
+    assert 'device="cpu"' in pytorch and "torch backend" in pytorch
+    assert "make test VENV=" in text and re.search(r"^VENV \?= \.venv$", (ROOT / "Makefile").read_text(), re.M)
+    minutes = re.compile(r"\d+(-\d+)? min(utes)?\b")
+    assert not minutes.search(text.split("## The commands", 1)[1].split("\n## ", 1)[0])
+    makefile = (ROOT / "Makefile").read_text()
+    assert not any(minutes.search(line) for line in makefile.splitlines() if "make test" in line)
+    assert re.search(r"`make test`: .*about \d+ minutes", (ROOT / "tests" / "README.md").read_text())
