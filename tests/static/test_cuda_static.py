@@ -5,13 +5,12 @@ tensors; and a deliberately broken kernel, which must fail."""
 
 from __future__ import annotations
 
-import re
-
 import pytest
 
 from tests.support.checkout import ROOT
-from tests.support.static_check import by_rule, need_nvcc, run_check, run_fake_cuda
-from tools.static_check import check, table
+from tests.support.static_check import (assert_docs_section_current, by_rule, need_nvcc, run_check,
+                                        run_fake_cuda)
+from tools.static_check import check
 
 ARCHS = (80, 90, 100)
 KERNELS = {"row_stats_kernel", "epilogue_kernel", "grad_kernel", "count_kernel", "grad_in_forward_kernel",
@@ -56,15 +55,7 @@ def test_the_streaming_loops_are_what_the_design_counts(result):
 
 
 def test_docs_table_is_current(result):
-    page = (ROOT / "docs" / "static_check.md").read_text()
-    current = table.sections(page).get("cuda", "")
-    tool = re.search(r"Compiled with nvcc (\S+) \(torch (\S+)\)", current)
-    v = result["versions"]
-    if tool and (tool.group(1), tool.group(2)) != (v["nvcc"], v["torch"]):
-        pytest.skip(f"docs/static_check.md was generated with nvcc {tool.group(1)} / torch {tool.group(2)}; "
-                    f"this run has {v['nvcc']} / {v['torch']}")
-    assert current == table.section(result, "cuda"), (
-        "docs/static_check.md is out of date: python -m tools.static_check --write-docs")
+    assert_docs_section_current(result, "cuda")
 
 
 def test_a_broken_kernel_fails(tmp_path):

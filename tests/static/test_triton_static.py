@@ -5,13 +5,12 @@ schema; the ops on fake CUDA tensors; and a deliberately broken kernel, which mu
 
 from __future__ import annotations
 
-import re
 
 import pytest
 
 from tests.support.checkout import ROOT
-from tests.support.static_check import by_rule, run_check, run_fake_cuda
-from tools.static_check import check, table
+from tests.support.static_check import assert_docs_section_current, by_rule, run_check, run_fake_cuda
+from tools.static_check import check
 
 ARCHS = (80, 90, 100)
 KERNELS = {"stats_kernel", "epilogue_kernel", "grad_kernel", "count_kernel", "grad_in_forward_kernel",
@@ -71,15 +70,7 @@ def test_written_tensors_match_the_schemas(result):
 
 
 def test_docs_table_is_current(result):
-    page = (ROOT / "docs" / "static_check.md").read_text()
-    current = table.sections(page).get("triton", "")
-    tool = re.search(r"Compiled with Triton (\S+) \(torch (\S+)\)", current)
-    v = result["versions"]
-    if tool and (tool.group(1), tool.group(2)) != (v["triton"], v["torch"]):
-        pytest.skip(f"docs/static_check.md was generated with Triton {tool.group(1)} / torch {tool.group(2)}; "
-                    f"this run has {v['triton']} / {v['torch']}")
-    assert current == table.section(result, "triton"), (
-        "docs/static_check.md is out of date: python -m tools.static_check --write-docs")
+    assert_docs_section_current(result, "triton")
 
 
 def test_a_broken_kernel_fails(tmp_path):

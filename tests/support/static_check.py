@@ -51,3 +51,23 @@ def need_nvcc() -> None:
 def by_rule(result: dict, rule: str, backend: str) -> list[str]:
     return [v for v in result["violations"] if v.startswith(f"{rule}: {backend} ")
             or (rule == "written tensors" and v.startswith(rule))]
+
+
+def assert_docs_section_current(result: dict, backend: str) -> None:
+    """docs/static_check.md's section of ``backend`` is what this run's check writes, where
+    the page was generated with this run's toolchain (else the test is skipped, naming both)."""
+    import re
+
+    from tools.static_check import table
+
+    page = (ROOT / "docs" / "static_check.md").read_text()
+    current = table.sections(page).get(backend, "")
+    tool = "Triton" if backend == "triton" else "nvcc"
+    found = re.search(rf"Compiled with {tool} (\S+) \(torch (\S+)\)", current)
+    v = result["versions"]
+    mine = (v["triton"] if backend == "triton" else v["nvcc"], v["torch"])
+    if found and (found.group(1), found.group(2)) != mine:
+        pytest.skip(f"docs/static_check.md was generated with {tool} {found.group(1)} / torch {found.group(2)}; "
+                    f"this run has {mine[0]} / {mine[1]}")
+    assert current == table.section(result, backend), (
+        "docs/static_check.md is out of date: python -m tools.static_check --write-docs")
