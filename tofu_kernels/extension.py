@@ -154,7 +154,8 @@ def extension_status() -> str:
             notes = [f"not loaded ({type(EXTENSION_ERROR).__name__}: {EXTENSION_ERROR})",
                      f"tofu_kernels imported from {pkg}"]
         else:  # (Python's own words for a missing submodule speak of a circular import)
-            notes = [f"not loaded: the tofu_kernels imported ({pkg}) holds no compiled extension (no _C file)"]
+            notes = ["not loaded: no compiled extension in this package (no _C file)",
+                     f"tofu_kernels imported from {pkg}"]
         info = pkg / "_build_info.json"
         if info.is_file():
             rec = json.loads(info.read_text())

