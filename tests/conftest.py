@@ -25,7 +25,7 @@ FOLDER_MARKERS = {"megatron": pytest.mark.megatron, "hf": pytest.mark.hf, "stati
 
 @pytest.hookimpl(tryfirst=True)  # before -m selects by marker
 def pytest_collection_modifyitems(config, items):
-    skip = pytest.mark.skip(reason="needs a CUDA GPU; run by benchmarks/gpu_check.sh")
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; run by tools/gpu/gpu_check.sh")
     # the longest files first (static/: a file handed out last keeps the other worker idle)
     items.sort(key=lambda item: Path(item.path).resolve().relative_to(HERE).parts[0] != "static")
     for item in items:

@@ -96,7 +96,7 @@ def test_bench_speedup_is_over_our_default_path():
     assert all(r.speedup == "" for r in rows if r.impl.kind == "ours")
 
 
-GPU_CHECK = ROOT / "benchmarks" / "gpu_check.sh"
+GPU_CHECK = ROOT / "tools" / "gpu" / "gpu_check.sh"
 # in the order of the run: what a user meets first and is least proven first
 STEPS = ("build", "gpu_tests", "fused_linear", "megatron_step", "sft_step", "qlora", "bench", "megatron_lm")
 GPU_ONLY = ("qlora", "megatron_lm")  # skipped in the smoke mode, with the reason
@@ -112,7 +112,7 @@ def _gpu_check(*args, timeout=600):
 
 @pytest.mark.slow
 def test_gpu_check_script_cpu_smoke(tmp_path):
-    """benchmarks/gpu_check.sh --cpu-smoke: the GPU run's command path, tiny, no GPU. Every step
+    """tools/gpu/gpu_check.sh --cpu-smoke: the GPU run's command path, tiny, no GPU. Every step
     that can run here passes, in the run's order; the gpu tests are collected and skip with
     their reason; the steps that need a GPU say so; the carry is measured; one archive holds
     the results folder."""
@@ -132,7 +132,7 @@ def test_gpu_check_script_cpu_smoke(tmp_path):
     # the gpu tests: collected (hundreds), none run here, none failed or errored at collection
     skipped = re.search(r"^(\d+) skipped, (\d+) deselected in", summary, re.M)
     assert skipped and int(skipped[1]) > 100, summary
-    assert "needs a CUDA GPU; run by benchmarks/gpu_check.sh" in (out / "gpu_tests.log").read_text()
+    assert "needs a CUDA GPU; run by tools/gpu/gpu_check.sh" in (out / "gpu_tests.log").read_text()
     # the carry: the checkout and the two planned runs, each against the device's 64 MiB
     checkout = re.search(r"^carry: checkout ([\d.]+) MiB", summary, re.M)
     assert checkout and 0.1 < float(checkout[1]) < 64, summary
@@ -192,19 +192,19 @@ def test_gpu_check_options(tmp_path):
 
 
 def test_carry_size_counts_each_wheel_group(tmp_path):
-    """benchmarks/carry_size.sh on a tree without git (as on the device): the tree without
+    """tools/gpu/carry_size.sh on a tree without git (as on the device): the tree without
     .whl, each group's size, the planned runs, and a plan over 64 MiB flagged."""
     import shutil
     import subprocess
 
-    (tmp_path / "benchmarks").mkdir()
-    shutil.copy(ROOT / "benchmarks" / "carry_size.sh", tmp_path / "benchmarks")
+    (tmp_path / "tools" / "gpu").mkdir(parents=True)
+    shutil.copy(ROOT / "tools" / "gpu" / "carry_size.sh", tmp_path / "tools" / "gpu")
     (tmp_path / "src.py").write_bytes(b"x" * (1 << 20))
     for group, mib in (("base", 3), ("hf", 16), ("qlora", 50)):
         (tmp_path / ".whl" / group).mkdir(parents=True)
         with open(tmp_path / ".whl" / group / f"{group}-1.0-py3-none-any.whl", "wb") as f:
             f.truncate(mib << 20)  # sparse: du -b counts the apparent size, as the transfer does
-    res = subprocess.run(["bash", str(tmp_path / "benchmarks" / "carry_size.sh")], capture_output=True, text=True,
+    res = subprocess.run(["bash", str(tmp_path / "tools" / "gpu" / "carry_size.sh")], capture_output=True, text=True,
                          timeout=30)
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
@@ -249,7 +249,7 @@ def test_bench_fused_linear_cpu_smoke(tmp_path):
 
 def test_megatron_log_parser():
     """megatron_lm_check reads Megatron 0.19's log lines (formats of megatron/training/training.py)."""
-    m = load_script("benchmarks/megatron_lm_check.py")
+    m = load_script("tools/gpu/megatron_lm_check.py")
 
     log = "\n".join([
         "megatron_patch: --loss-type tofu (gamma=3.0, beta=0.8, backend=auto): LanguageModule...",

@@ -1,4 +1,4 @@
-"""GPU tests: kernel execution on a CUDA device (run by benchmarks/gpu_check.sh).
+"""GPU tests: kernel execution on a CUDA device (run by tools/gpu/gpu_check.sh).
 
 Skipped without a GPU (conftest). Their CPU twins: the same grids run for the torch
 backend and for the Triton kernels in the interpreter (kernels/test_loss.py,

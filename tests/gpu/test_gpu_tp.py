@@ -11,7 +11,7 @@ one collective in the forward, none in the backward. Then the Megatron patch at 
 one GPU: a tiny bf16 GPTModel against the reference, and its CE mode against Megatron's
 own loss (parameter gradients).
 
-The GPU cases are marked `gpu` (run by benchmarks/gpu_check.sh). The same harness runs
+The GPU cases are marked `gpu` (run by tools/gpu/gpu_check.sh). The same harness runs
 on CPU here with the torch and interpreted Triton backends (the `harness_on_cpu` tests),
 so the test code itself is exercised on every CI run; the CPU suite proper is
 tests/distributed/test_vocab_parallel.py and tests/megatron/test_megatron_patch.py.

@@ -398,11 +398,11 @@ def test_a_provider_built_model_trains_tofu():
 
 
 def _gpu_check():
-    return load_script("benchmarks/megatron_lm_check.py")
+    return load_script("tools/gpu/megatron_lm_check.py")
 
 
 def test_gpu_check_sft_runs_the_readme_flags_or_says_why_not(tmp_path):
-    """benchmarks/megatron_lm_check.py's SFT step: docs/megatron.md's flags with Transformer Engine
+    """tools/gpu/megatron_lm_check.py's SFT step: docs/megatron.md's flags with Transformer Engine
     on one GPU (parsed here by the launcher up to Megatron's CUDA stop); without Transformer
     Engine it reports 'not run' with the reason, and that is no failure."""
     import importlib.util

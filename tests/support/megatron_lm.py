@@ -4,7 +4,7 @@ The fixture (`pretrain_gpt.py`, `gpt_builders.py`, `model_provider.py` of Megatr
 core_v0.19.0, unmodified) is read from the project's shared folder, never copied here.
 `TOFU_MEGATRON_LM_DIR` names it explicitly; otherwise it is looked for beside this
 checkout, or beside the repository this checkout was cloned from
-(`benchmarks/megatron_lm_check.find_fixture`).
+(`tools/gpu/megatron_lm_check.find_fixture`).
 
 The harness runs the fixture's `forward_step` / `loss_func` inside Megatron's real
 pipeline schedules on CPU (gloo). Megatron hard-codes CUDA in a few places that have
@@ -30,7 +30,7 @@ FILES = ("pretrain_gpt.py", "gpt_builders.py", "model_provider.py")
 
 
 def find_fixture() -> Path | None:
-    return load_script("benchmarks/megatron_lm_check.py").find_fixture()  # the one locator, shared with the GPU check
+    return load_script("tools/gpu/megatron_lm_check.py").find_fixture()  # the one locator, shared with the GPU check
 
 
 FIXTURE = find_fixture()

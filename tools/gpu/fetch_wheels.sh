@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Bring what a GPU machine without network lacks into .whl/ (git-ignored), one folder per
 # group, so that a run carries only what its steps need (the device takes 64 MiB with the
-# checkout); benchmarks/gpu_check.sh installs whatever groups came along.
+# checkout); tools/gpu/gpu_check.sh installs whatever groups came along.
 #
-#   bash benchmarks/fetch_wheels.sh           # base, hf and the Megatron-LM scripts (~19 MiB)
-#   bash benchmarks/fetch_wheels.sh --qlora   # also .whl/qlora: bitsandbytes (41 MiB), for a run of its own
+#   bash tools/gpu/fetch_wheels.sh           # base, hf and the Megatron-LM scripts (~19 MiB)
+#   bash tools/gpu/fetch_wheels.sh --qlora   # also .whl/qlora: bitsandbytes (41 MiB), for a run of its own
 #   (without --qlora an earlier .whl/qlora is removed: a run that carries .whl whole stays small)
 #
 #   .whl/base/   megatron-core, liger-kernel, cut-cross-entropy: gpu_tests (TP), fused_linear,
@@ -16,7 +16,7 @@
 #   .whl/megatron-lm-core_v0.19.0/  Megatron-LM's training scripts (the project's fixture: read
 #                from the shared folder, never committed here): megatron_lm
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 QLORA=0
 case ${1:-} in
   "") ;;
@@ -66,4 +66,4 @@ else
   echo "fixture $FIXTURE not found (set TOFU_MEGATRON_LM_DIR): the GPU check will skip the Megatron-LM runs" >&2
 fi
 for d in .whl/*/; do echo "$d: $(ls "$d" | tr '\n' ' ')"; done
-bash benchmarks/carry_size.sh
+bash tools/gpu/carry_size.sh

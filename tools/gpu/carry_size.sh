@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # What a device run carries: the checkout (tracked and untracked-not-ignored files) and each
 # wheel group in .whl/, in MiB, with the totals of the planned runs (the limit is 64 MiB).
-#   bash benchmarks/carry_size.sh          # one line per part, then the plans
+#   bash tools/gpu/carry_size.sh          # one line per part, then the plans
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 LIMIT=$((64 << 20))
 bytes_of() { du -sb "$@" 2>/dev/null | awk '{s += $1} END {print s + 0}'; }
 mib() { awk -v b="$1" 'BEGIN {printf "%.1f", b / 1048576}'; }

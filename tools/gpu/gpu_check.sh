@@ -7,7 +7,7 @@
 # and Megatron-LM's own pretrain_gpt.py (run on an H100 before: last). Logs and results in
 # one folder, optionally packed into one archive.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 STEPS="build gpu_tests fused_linear megatron_step sft_step qlora bench megatron_lm"
 # per step: the least time worth starting it with, and its own limit (seconds on an H100/H200;
 # 2026-11-27 on an H100: build 15-21 s, 472 gpu tests 144 s, pretrain_gpt.py both ways 102 s,
@@ -20,7 +20,7 @@ RESERVE=10  # seconds kept back at the end for the summary and the archive
 
 usage() {
   cat <<USAGE
-usage: bash benchmarks/gpu_check.sh [--out DIR] [--budget SECONDS] [--skip "STEP ..."] [--only "STEP ..."]
+usage: bash tools/gpu/gpu_check.sh [--out DIR] [--budget SECONDS] [--skip "STEP ..."] [--only "STEP ..."]
                                     [--pack FILE] [--bench-args "ARGS"] [--cpu-smoke] [--help]
 
   --out DIR           where the logs and results go (created if missing; default: a new
@@ -42,7 +42,7 @@ usage: bash benchmarks/gpu_check.sh [--out DIR] [--budget SECONDS] [--skip "STEP
 Exit status: 0 every step ran and passed (or was left out by --skip / --only / the smoke
 mode / a wheel group not carried), 1 a step failed, 3 none failed but the budget cut some.
 
-Before a run on a machine without network: bash benchmarks/fetch_wheels.sh (here, once) puts
+Before a run on a machine without network: bash tools/gpu/fetch_wheels.sh (here, once) puts
 the wheels, in one folder per group, and the Megatron-LM scripts into .whl/ (git-ignored):
   .whl/base/     megatron-core, liger-kernel, cut-cross-entropy  (gpu_tests, fused_linear,
                  megatron_step, bench, megatron_lm)
@@ -126,7 +126,7 @@ needs_gpu() {
 
 say "mode: $([ $SMOKE = 1 ] && echo 'CPU smoke (tiny sizes, no GPU)' || echo GPU); python: $PYTHON; budget: ${BUDGET:-none}${BUDGET:+ s}"
 # What travelled with this checkout: the tree and each wheel group (the device's limit is 64 MiB).
-bash benchmarks/carry_size.sh | tee -a "$OUT/summary.txt"
+bash tools/gpu/carry_size.sh | tee -a "$OUT/summary.txt"
 
 # Wheels (one folder per group) and the Megatron-LM scripts brought along in .whl/.
 WHEELS=$(ls .whl/*/*.whl .whl/*.whl 2>/dev/null | tr '\n' ' ')
@@ -226,7 +226,7 @@ step bench -- "$PYTHON" benchmarks/bench_loss.py --out "$OUT" "${BENCH_ARGS[@]}"
 
 # 7. Megatron-LM's own pretrain_gpt.py through the launcher, cross entropy vs TOFU.
 needs_gpu megatron_lm "Megatron-LM stops at its CUDA check; tests/megatron/test_megatron_lm.py runs the launcher to it" \
-  || { step megatron_lm -- "$PYTHON" benchmarks/megatron_lm_check.py --out "$OUT" \
+  || { step megatron_lm -- "$PYTHON" tools/gpu/megatron_lm_check.py --out "$OUT" \
        && grep -E "^\| (cross_entropy|tofu) |^- first|^- TOFU|^Result" "$OUT/megatron_lm.md" >>"$OUT/summary.txt" 2>/dev/null; }
 
 say "done in $(( $(date +%s) - START ))s; failed: ${FAILED[*]:-none}; cut by the budget: ${CUT[*]:-none}"

@@ -1,7 +1,7 @@
 """Megatron-LM's own pretrain_gpt.py through the launcher: cross entropy vs TOFU, as a user runs it.
 
-    python benchmarks/megatron_lm_check.py --out results/          # GPU: two short training runs
-    python benchmarks/megatron_lm_check.py --smoke                  # CPU: runs to Megatron's CUDA stop
+    python tools/gpu/megatron_lm_check.py --out results/          # GPU: two short training runs
+    python tools/gpu/megatron_lm_check.py --smoke                  # CPU: runs to Megatron's CUDA stop
 
 Each run is `torchrun --standalone --nproc-per-node 1 -m megatron_patch.launch
 <fixture>/pretrain_gpt.py --loss-type {cross_entropy,tofu} ...` on mock data: a model
@@ -15,7 +15,7 @@ cross-entropy run: the table checks it.
 
 The Megatron-LM scripts are a fixture of the project (never copied into the repository):
 `--fixture`, else `TOFU_MEGATRON_LM_DIR`, else `.whl/megatron-lm-core_v0.19.0` (where
-`benchmarks/fetch_wheels.sh` puts a copy for the GPU machine), else the shared folder.
+`tools/gpu/fetch_wheels.sh` puts a copy for the GPU machine), else the shared folder.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NAME = "megatron-lm-core_v0.19.0"
 
 GPU_MODEL = [
@@ -71,7 +71,7 @@ def _candidates(explicit: str | None):
     for c in (explicit, os.environ.get("TOFU_MEGATRON_LM_DIR")):
         if c:
             yield Path(c)
-    yield ROOT / ".whl" / NAME  # benchmarks/fetch_wheels.sh's copy for the GPU machine
+    yield ROOT / ".whl" / NAME  # tools/gpu/fetch_wheels.sh's copy for the GPU machine
     roots = [ROOT]
     try:
         url = subprocess.run(["git", "-C", str(ROOT), "config", "--get", "remote.origin.url"],
@@ -247,7 +247,7 @@ def main(argv=None) -> int:
     fixture = find_fixture(args.fixture)
     if fixture is None:
         why = (f"the Megatron-LM fixture {NAME} was not found (--fixture, TOFU_MEGATRON_LM_DIR, "
-               "or benchmarks/fetch_wheels.sh)")
+               "or tools/gpu/fetch_wheels.sh)")
         print(f"megatron_lm_check: {why}", file=sys.stderr)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "megatron_lm.md").write_text(f"# Megatron-LM pretrain_gpt.py: not run\n\n{why}.\n")
