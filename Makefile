@@ -13,6 +13,7 @@
 #             (.venv-newest), with the package pip-installed from a copy of the working tree
 #             (build/newest): the make test-fast tests, tests/kernels/test_compile.py and
 #             the static check of the Triton kernels, tests/static/test_triton_static.py
+# make lint  ruff check and ruff format --check (configured in pyproject.toml; CI runs it)
 # make bench  run the loss benchmark (CPU: tiny shapes, not a performance result)
 SHELL := /bin/bash
 VENV ?= .venv
@@ -21,7 +22,7 @@ PY := $(VENV)/bin/python
 PYTHON312 ?= $(shell for p in "$$(pyenv root 2>/dev/null)/versions/3.12.1/bin/python3" python3.12 python3; do \
     "$$p" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null && { echo "$$p"; break; }; done)
 
-.PHONY: demo study test test-fast test-static test-newest bench venv venv-newest clean
+.PHONY: demo study test test-fast test-static lint test-newest bench venv venv-newest clean
 
 venv: $(VENV)/.installed
 
@@ -83,6 +84,11 @@ FAST_TESTS = tests/test_structure.py tests/kernels tests/distributed
 FAST_MARKERS = not slow and not megatron and not hf and not gpu
 test-fast: venv
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "$(FAST_MARKERS)" $(FAST_TESTS)
+
+# ruff (pyproject.toml): the linter, and the formatter in check mode; `ruff format .` formats
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 test-static: venv
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests/static

@@ -36,8 +36,10 @@ def _log(msg: str) -> None:
 
 def _is_toolkit(root: str | None) -> bool:
     """A CUDA toolkit root holds bin/nvcc and lib64/libcudart.so (else -lcudart fails)."""
-    return bool(root) and os.path.exists(os.path.join(root, "bin", "nvcc")) and any(
-        os.path.exists(os.path.join(root, lib, "libcudart.so")) for lib in ("lib64", "lib")
+    return (
+        bool(root)
+        and os.path.exists(os.path.join(root, "bin", "nvcc"))
+        and any(os.path.exists(os.path.join(root, lib, "libcudart.so")) for lib in ("lib64", "lib"))
     )
 
 
@@ -114,7 +116,9 @@ def arch_flags(arch_list: str) -> list[str]:
     for entry in filter(None, arch_list.replace(" ", ";").split(";")):
         found = re.fullmatch(r"(\d+)\.(\d)([af]?)(\+PTX)?", entry)
         if found is None:
-            raise SystemExit(f"TORCH_CUDA_ARCH_LIST entry {entry!r} is not of the form 9.0, 9.0a or 10.0+PTX")
+            raise SystemExit(
+                f"TORCH_CUDA_ARCH_LIST entry {entry!r} is not of the form 9.0, 9.0a or 10.0+PTX"
+            )
         num = found[1] + found[2] + found[3]
         flags.add(f"-gencode=arch=compute_{num},code=sm_{num}")
         if found[4]:
@@ -154,8 +158,10 @@ def cannot_build(torch, torch_error: str, cuda_home: str | None, isolated: bool 
     """
     reasons, steps = [], []
     if torch is None and isolated:
-        reasons.append("pip built the package in an isolated environment (its default, `pip install .`), "
-                       "which has no torch, whatever the environment you install into has")
+        reasons.append(
+            "pip built the package in an isolated environment (its default, `pip install .`), "
+            "which has no torch, whatever the environment you install into has"
+        )
         steps.append("install torch into that environment if it has none (pip install torch)")
     elif torch is None:
         # a --no-build-isolation build sees only what was installed before it: pip installs
@@ -167,13 +173,17 @@ def cannot_build(torch, torch_error: str, cuda_home: str | None, isolated: bool 
         steps.append("install a CUDA build of torch")
     if cuda_home is None:
         reasons.append("no CUDA toolkit found")
-        steps.append("install a CUDA toolkit or set CUDA_HOME to one (the folder holding bin/nvcc and "
-                     "lib64/libcudart.so)")
+        steps.append(
+            "install a CUDA toolkit or set CUDA_HOME to one (the folder holding bin/nvcc and "
+            "lib64/libcudart.so)"
+        )
     if not reasons:
         return ""
     steps.append(BUILD)
-    return (f"the CUDA extension cannot be built: {'; '.join(reasons)}. "
-            f"To build it: {', '.join(f'{i}. {step}' for i, step in enumerate(steps, 1))}")
+    return (
+        f"the CUDA extension cannot be built: {'; '.join(reasons)}. "
+        f"To build it: {', '.join(f'{i}. {step}' for i, step in enumerate(steps, 1))}"
+    )
 
 
 def cuda_extensions():
@@ -201,7 +211,9 @@ def cuda_extensions():
 
     # torch's cpp_extension reads these at import time.
     os.environ["CUDA_HOME"] = cuda_home
-    arch_list = os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCH_LIST
+    arch_list = os.environ["TORCH_CUDA_ARCH_LIST"] = (
+        os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCH_LIST
+    )
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     try:

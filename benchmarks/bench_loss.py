@@ -15,7 +15,8 @@ the bandwidth under the byte model
 as GB/s and as a fraction of a device-to-device copy measured in the same run, the
 peak extra memory beyond the inputs and the returned gradient, and the speedup of our
 fastest backend on our default path (not the two-pass or vocab_parallel rows) over each
-baseline of the same kind (TOFU or CE) measured in the same run. Inputs are random normal logits (never zeros), rotated over several buffers when
+baseline of the same kind (TOFU or CE) measured in the same run. Inputs are random normal logits
+(never zeros), rotated over several buffers when
 they are small enough for the L2 cache to flatter repeated runs. CPU numbers are NOT
 performance results: they only prove the harness runs.
 
@@ -116,7 +117,9 @@ def make_timer(device: str, reps: int):
         import triton.testing
 
         def run(fn, grad_to_none=None):
-            med, lo, hi = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], grad_to_none=grad_to_none)
+            med, lo, hi = triton.testing.do_bench(
+                fn, quantiles=[0.5, 0.2, 0.8], grad_to_none=grad_to_none
+            )
             return med, lo, hi
 
         return run
@@ -144,8 +147,12 @@ def _init_megatron(device: str):
         fd, path = tempfile.mkstemp(prefix="tofu_bench_pg_")
         os.close(fd)
         os.unlink(path)
-        dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"file://{path}",
-                                rank=0, world_size=1)
+        dist.init_process_group(
+            "nccl" if device == "cuda" else "gloo",
+            init_method=f"file://{path}",
+            rank=0,
+            world_size=1,
+        )
     if device == "cpu":
         torch.cuda.current_device = lambda: "cpu"  # Megatron hard-codes it
     from megatron.core import parallel_state
@@ -175,21 +182,68 @@ def make_impls(device: str, args) -> tuple[list[Impl], list[str]]:
     # reduction="mean": the gradient is made in the forward ("grad in fwd", the default);
     # "two-pass" forces the recompute path, the one per-token upstream gradients take.
     for be in ours:
-        impls.append(Impl(f"ours-{be} TOFU", lambda x, y, be=be: tk.tofu_loss(x, y, gamma=g, beta=b, backend=be, check_inputs=False), "ours", "tofu"))
-        impls.append(Impl(f"ours-{be} TOFU two-pass", lambda x, y, be=be: tk.tofu_loss(
-            x, y, gamma=g, beta=b, backend=be, check_inputs=False, grad_in_forward=False), "ours", "tofu"))
+        impls.append(
+            Impl(
+                f"ours-{be} TOFU",
+                lambda x, y, be=be: tk.tofu_loss(
+                    x, y, gamma=g, beta=b, backend=be, check_inputs=False
+                ),
+                "ours",
+                "tofu",
+            )
+        )
+        impls.append(
+            Impl(
+                f"ours-{be} TOFU two-pass",
+                lambda x, y, be=be: tk.tofu_loss(
+                    x, y, gamma=g, beta=b, backend=be, check_inputs=False, grad_in_forward=False
+                ),
+                "ours",
+                "tofu",
+            )
+        )
     for be in ours:
-        impls.append(Impl(f"ours-{be} CE", lambda x, y, be=be: tk.tofu_loss(x, y, gamma=0.0, beta=1.0, backend=be, check_inputs=False), "ours", "ce"))
+        impls.append(
+            Impl(
+                f"ours-{be} CE",
+                lambda x, y, be=be: tk.tofu_loss(
+                    x, y, gamma=0.0, beta=1.0, backend=be, check_inputs=False
+                ),
+                "ours",
+                "ce",
+            )
+        )
     if ours:  # Megatron's entry: per-token losses (two-pass), summed here as its loss_func does
         be = ours[0]
-        impls.append(Impl(f"ours-{be} TOFU vocab_parallel (tp=1)",
-                          lambda x, y, be=be: tk.vocab_parallel_tofu_loss(x, y, gamma=g, beta=b, backend=be,
-                                                                          check_inputs=False).sum(), "ours", "tofu"))
+        impls.append(
+            Impl(
+                f"ours-{be} TOFU vocab_parallel (tp=1)",
+                lambda x, y, be=be: tk.vocab_parallel_tofu_loss(
+                    x, y, gamma=g, beta=b, backend=be, check_inputs=False
+                ).sum(),
+                "ours",
+                "tofu",
+            )
+        )
 
-    impls.append(Impl("authors TOFU (PyTorch)", lambda x, y: tk.authors_tofu_loss(x, y, g, b).mean(), "baseline", "tofu"))
+    impls.append(
+        Impl(
+            "authors TOFU (PyTorch)",
+            lambda x, y: tk.authors_tofu_loss(x, y, g, b).mean(),
+            "baseline",
+            "tofu",
+        )
+    )
     if device == "cuda" and not args.no_compile:
         compiled = torch.compile(tk.authors_tofu_loss, dynamic=True)
-        impls.append(Impl("authors TOFU torch.compile", lambda x, y: compiled(x, y, g, b).mean(), "baseline", "tofu"))
+        impls.append(
+            Impl(
+                "authors TOFU torch.compile",
+                lambda x, y: compiled(x, y, g, b).mean(),
+                "baseline",
+                "tofu",
+            )
+        )
 
     try:
         from liger_kernel.ops.cross_entropy import LigerCrossEntropyFunction
@@ -225,22 +279,45 @@ def make_impls(device: str, args) -> tuple[list[Impl], list[str]]:
 
         # Megatron takes [s, b, V]; [N, 1, V] is a free view. Its native CE overwrites fp32
         # inputs in place (a timing-neutral shift of the values here).
-        impls.append(Impl("Megatron vocab_parallel_cross_entropy",
-                          lambda x, y: vocab_parallel_cross_entropy(x.unsqueeze(1), y.unsqueeze(1)).mean(),
-                          "baseline", "ce"))
-        impls.append(Impl("Megatron fused CE",
-                          lambda x, y: fused_vocab_parallel_cross_entropy(x.unsqueeze(1), y.unsqueeze(1), tp_group).mean(),
-                          "baseline", "ce"))
+        impls.append(
+            Impl(
+                "Megatron vocab_parallel_cross_entropy",
+                lambda x, y: vocab_parallel_cross_entropy(x.unsqueeze(1), y.unsqueeze(1)).mean(),
+                "baseline",
+                "ce",
+            )
+        )
+        impls.append(
+            Impl(
+                "Megatron fused CE",
+                lambda x, y: fused_vocab_parallel_cross_entropy(
+                    x.unsqueeze(1), y.unsqueeze(1), tp_group
+                ).mean(),
+                "baseline",
+                "ce",
+            )
+        )
     try:
         from transformer_engine.pytorch.cross_entropy import parallel_cross_entropy
     except ImportError:
         missing.append("Transformer Engine (transformer_engine not installed)")
     else:
-        impls.append(Impl("TE parallel_cross_entropy",
-                          lambda x, y: parallel_cross_entropy(x.unsqueeze(1), y.unsqueeze(1)).mean(),
-                          "baseline", "ce"))
-    impls.append(Impl("torch F.cross_entropy (fp32 upcast)",
-                      lambda x, y: torch.nn.functional.cross_entropy(x.float(), y), "baseline", "ce"))
+        impls.append(
+            Impl(
+                "TE parallel_cross_entropy",
+                lambda x, y: parallel_cross_entropy(x.unsqueeze(1), y.unsqueeze(1)).mean(),
+                "baseline",
+                "ce",
+            )
+        )
+    impls.append(
+        Impl(
+            "torch F.cross_entropy (fp32 upcast)",
+            lambda x, y: torch.nn.functional.cross_entropy(x.float(), y),
+            "baseline",
+            "ce",
+        )
+    )
     return impls, missing
 
 
@@ -260,7 +337,16 @@ def _rotation(n: int, v: int, dtype: torch.dtype, device: str) -> int:
 
 
 def bench_one(impl: Impl, n: int, v: int, dtype: torch.dtype, device: str, tbench) -> Row:
-    row = Row(impl, n, v, str(dtype).replace("torch.", "").replace("bfloat16", "bf16").replace("float32", "fp32").replace("float16", "fp16"))
+    row = Row(
+        impl,
+        n,
+        v,
+        str(dtype)
+        .replace("torch.", "")
+        .replace("bfloat16", "bf16")
+        .replace("float32", "fp32")
+        .replace("float16", "fp16"),
+    )
     xs = ys = None
     try:
         k = _rotation(n, v, dtype, device)
@@ -367,7 +453,10 @@ def graph_time(impl: Impl, x: torch.Tensor, y: torch.Tensor, tbench):
         del g
         return t
     except Exception as e:  # a path that cannot be captured is reported, not fatal
-        print(f"  graph capture failed for {impl.name}: {type(e).__name__}: {str(e)[:100]}", flush=True)
+        print(
+            f"  graph capture failed for {impl.name}: {type(e).__name__}: {str(e)[:100]}",
+            flush=True,
+        )
         return None
 
 
@@ -386,8 +475,13 @@ def check_composed_equals_ours(impls: list[Impl], device: str, dtype: torch.dtyp
 def default_path(kind: str, mode: str, backend: str | None = None):
     """Selects ``kind``'s rows of ``mode`` on the default path (for ours: the gradient in the
     forward, as a mean; not the two-pass or vocab_parallel rows), of ``backend`` if given."""
-    return lambda i: (i.kind == kind and i.mode == mode and "vocab_parallel" not in i.name
-                      and "two-pass" not in i.name and (backend is None or i.name.startswith(f"ours-{backend} ")))
+    return lambda i: (
+        i.kind == kind
+        and i.mode == mode
+        and "vocab_parallel" not in i.name
+        and "two-pass" not in i.name
+        and (backend is None or i.name.startswith(f"ours-{backend} "))
+    )
 
 
 def add_speedups(rows: list[Row]) -> None:
@@ -407,7 +501,11 @@ def add_speedups(rows: list[Row]) -> None:
 
 
 def _best(rows, n, v, pred):
-    cands = [r for r in rows if r.n == n and r.v == v and r.dtype == "bf16" and not r.error and pred(r.impl)]
+    cands = [
+        r
+        for r in rows
+        if r.n == n and r.v == v and r.dtype == "bf16" and not r.error and pred(r.impl)
+    ]
     return min(cands, key=lambda r: r.both[0], default=None)
 
 
@@ -424,50 +522,125 @@ def targets(rows: list[Row], copy_gbs: float) -> list[str]:
         if tofu is None:
             continue
         be = tofu.impl.name.split()[0]
-        ce = _best(rows, n, v, lambda i, be=be: default_path("ours", "ce")(i) and i.name.startswith(be + " "))
+        ce = _best(
+            rows,
+            n,
+            v,
+            lambda i, be=be: default_path("ours", "ce")(i) and i.name.startswith(be + " "),
+        )
         frac = tofu.gbs() / copy_gbs
-        checks.append(("TOFU fwd+bwd >= 80% of copy bandwidth (N >= 4096, V >= 16032)", (n, v), f"{frac:.0%}", frac >= 0.8))
+        checks.append(
+            (
+                "TOFU fwd+bwd >= 80% of copy bandwidth (N >= 4096, V >= 16032)",
+                (n, v),
+                f"{frac:.0%}",
+                frac >= 0.8,
+            )
+        )
         if v >= 64128:
-            checks.append(("TOFU fwd+bwd >= 90% of copy bandwidth (V >= 64128)", (n, v), f"{frac:.0%}", frac >= 0.9))
-        two = _best(rows, n, v, lambda i: i.kind == "ours" and i.mode == "tofu" and "two-pass" in i.name)
+            checks.append(
+                (
+                    "TOFU fwd+bwd >= 90% of copy bandwidth (V >= 64128)",
+                    (n, v),
+                    f"{frac:.0%}",
+                    frac >= 0.9,
+                )
+            )
+        two = _best(
+            rows, n, v, lambda i: i.kind == "ours" and i.mode == "tofu" and "two-pass" in i.name
+        )
         if two is not None:
             f2 = two.gbs() / copy_gbs
-            checks.append(("two-pass TOFU fwd+bwd >= 80% of copy bandwidth (6 B/element)", (n, v), f"{f2:.0%}", f2 >= 0.8))
+            checks.append(
+                (
+                    "two-pass TOFU fwd+bwd >= 80% of copy bandwidth (6 B/element)",
+                    (n, v),
+                    f"{f2:.0%}",
+                    f2 >= 0.8,
+                )
+            )
         for r in (tofu, two):
             if r is not None and r.kernels is not None:
-                checks.append(("<= 4 GPU kernels per single-device fwd+bwd", (n, v), f"{r.kernels} ({r.impl.name})",
-                               r.kernels <= 4))
+                checks.append(
+                    (
+                        "<= 4 GPU kernels per single-device fwd+bwd",
+                        (n, v),
+                        f"{r.kernels} ({r.impl.name})",
+                        r.kernels <= 4,
+                    )
+                )
         cu = _best(rows, n, v, default_path("ours", "tofu", "cuda"))
         tr = _best(rows, n, v, default_path("ours", "tofu", "triton"))
         if cu and tr:
-            checks.append(("Triton within 1.15x of CUDA (TOFU fwd+bwd)", (n, v), f"{tr.both[0] / cu.both[0]:.2f}x",
-                           tr.both[0] <= 1.15 * cu.both[0]))
+            checks.append(
+                (
+                    "Triton within 1.15x of CUDA (TOFU fwd+bwd)",
+                    (n, v),
+                    f"{tr.both[0] / cu.both[0]:.2f}x",
+                    tr.both[0] <= 1.15 * cu.both[0],
+                )
+            )
         liger = _best(rows, n, v, named("Liger CE"))
         if ce and liger:
-            checks.append(("our CE mode <= Liger CE time", (n, v), f"{ce.both[0] / liger.both[0]:.2f}x",
-                           ce.both[0] <= liger.both[0]))
+            checks.append(
+                (
+                    "our CE mode <= Liger CE time",
+                    (n, v),
+                    f"{ce.both[0] / liger.both[0]:.2f}x",
+                    ce.both[0] <= liger.both[0],
+                )
+            )
         if ce:
-            checks.append(("TOFU <= 1.05x our CE mode", (n, v), f"{tofu.both[0] / ce.both[0]:.2f}x",
-                           tofu.both[0] <= 1.05 * ce.both[0]))
+            checks.append(
+                (
+                    "TOFU <= 1.05x our CE mode",
+                    (n, v),
+                    f"{tofu.both[0] / ce.both[0]:.2f}x",
+                    tofu.both[0] <= 1.05 * ce.both[0],
+                )
+            )
         mega = _best(rows, n, v, named("Megatron vocab_parallel_cross_entropy"))
         if mega:
-            checks.append((">= 5x faster than Megatron native CE", (n, v), f"{mega.both[0] / tofu.both[0]:.1f}x",
-                           mega.both[0] >= 5 * tofu.both[0]))
+            checks.append(
+                (
+                    ">= 5x faster than Megatron native CE",
+                    (n, v),
+                    f"{mega.both[0] / tofu.both[0]:.1f}x",
+                    mega.both[0] >= 5 * tofu.both[0],
+                )
+            )
         auth = _best(rows, n, v, named("authors TOFU (PyTorch)"))
         if auth:
-            checks.append((">= 8x faster than authors' TOFU", (n, v), f"{auth.both[0] / tofu.both[0]:.1f}x",
-                           auth.both[0] >= 8 * tofu.both[0]))
+            checks.append(
+                (
+                    ">= 8x faster than authors' TOFU",
+                    (n, v),
+                    f"{auth.both[0] / tofu.both[0]:.1f}x",
+                    auth.both[0] >= 8 * tofu.both[0],
+                )
+            )
         if tofu.peak_mb is not None:
-            checks.append(("peak extra memory <= 1% of logits", (n, v), f"{tofu.peak_mb:.1f} MiB",
-                           tofu.peak_mb * 2**20 <= 0.01 * n * v * 2))
-    out = ["| target | shapes | result | misses (N x V: value) | all values |", "|---|---|---|---|---|"]
+            checks.append(
+                (
+                    "peak extra memory <= 1% of logits",
+                    (n, v),
+                    f"{tofu.peak_mb:.1f} MiB",
+                    tofu.peak_mb * 2**20 <= 0.01 * n * v * 2,
+                )
+            )
+    out = [
+        "| target | shapes | result | misses (N x V: value) | all values |",
+        "|---|---|---|---|---|",
+    ]
     for target in dict.fromkeys(c[0] for c in checks):
         cs = [c for c in checks if c[0] == target]
         misses = [c for c in cs if not c[3]]
         result = "PASS" if not misses else "MISS"
         miss_txt = ", ".join(f"{n}x{v}: {val}" for _, (n, v), val, _ in misses) or "-"
         values = ", ".join(f"{n}x{v}: {val}" for _, (n, v), val, _ in cs)
-        out.append(f"| {target} | {len(cs)} | {result} ({len(cs) - len(misses)}/{len(cs)}) | {miss_txt} | {values} |")
+        out.append(
+            f"| {target} | {len(cs)} | {result} ({len(cs) - len(misses)}/{len(cs)}) | {miss_txt} | {values} |"
+        )
     return out
 
 
@@ -500,18 +673,24 @@ def to_markdown(rows, copy_gbs, device, args, missing, notes) -> str:
         "that difference is within the timing noise (fwd+bwd's 20% quantile not above fwd's 80%).",
     ]
     if device != "cuda":
-        lines += ["", "**CPU smoke run: NOT a performance result** (torch backend, Triton interpreter)."]
+        lines += [
+            "",
+            "**CPU smoke run: NOT a performance result** (torch backend, Triton interpreter).",
+        ]
     if missing:
         lines += ["", "Not measured: " + "; ".join(missing) + "."]
     lines += [f"{n}" for n in notes if n]
     lines += [
         "",
-        "| N | V | dtype | implementation | fwd ms | bwd ms | fwd+bwd ms | graph fwd+bwd ms | kernels | GB/s | copy | peak extra MiB | speedup of ours |",
+        "| N | V | dtype | implementation | fwd ms | bwd ms | fwd+bwd ms | graph fwd+bwd ms "
+        "| kernels | GB/s | copy | peak extra MiB | speedup of ours |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r.error:
-            lines.append(f"| {r.n} | {r.v} | {r.dtype} | {r.impl.name} | {r.error} | | | | | | | | |")
+            lines.append(
+                f"| {r.n} | {r.v} | {r.dtype} | {r.impl.name} | {r.error} | | | | | | | | |"
+            )
             continue
         peak = "-" if r.peak_mb is None else f"{r.peak_mb:.1f}"
         bwd = f"n/a ({r.bwd_note})" if r.bwd_note else fmt_ms(r.bwd)
@@ -538,14 +717,25 @@ def plot(rows: list[Row], path: Path, device: str) -> str:
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, (n, d) in zip(axes[0], panels):
         for name in dict.fromkeys(r.impl.name for r in rows):
-            pts = sorted((r.v, r.both[0]) for r in rows if r.n == n and r.dtype == d and r.impl.name == name and not r.error)
+            pts = sorted(
+                (r.v, r.both[0])
+                for r in rows
+                if r.n == n and r.dtype == d and r.impl.name == name and not r.error
+            )
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=name, linestyle="-" if "ours" in name else "--")
-        ax.set(xlabel="vocab shard V", ylabel="fwd+bwd ms (median)", title=f"N={n}, {d}", yscale="log")
+                ax.plot(
+                    *zip(*pts), marker="o", label=name, linestyle="-" if "ours" in name else "--"
+                )
+        ax.set(
+            xlabel="vocab shard V", ylabel="fwd+bwd ms (median)", title=f"N={n}, {d}", yscale="log"
+        )
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     title = f"TOFU loss benchmark on {gpu_name()}"
-    fig.suptitle(title + ("" if device == "cuda" else "\nCPU smoke run: NOT a performance result"), fontsize=10)
+    fig.suptitle(
+        title + ("" if device == "cuda" else "\nCPU smoke run: NOT a performance result"),
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -553,7 +743,9 @@ def plot(rows: list[Row], path: Path, device: str) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--cpu-smoke", action="store_true", help="tiny CPU grid even if a GPU exists")
     p.add_argument("--tokens", type=int, nargs="*")
     p.add_argument("--vocab", type=int, nargs="*", help="vocab shard sizes")
@@ -563,8 +755,12 @@ def main(argv=None) -> int:
     p.add_argument("--impl", nargs="*", help="substrings selecting implementations")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile baselines")
     p.add_argument("--reps", type=int, default=5, help="CPU timing repetitions")
-    p.add_argument("--time-budget", type=float, default=None,
-                   help="seconds; configurations not started by then are listed as skipped")
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds; configurations not started by then are listed as skipped",
+    )
     p.add_argument("--out", type=Path, default=None, help="results folder")
     args = p.parse_args(argv)
 
@@ -576,7 +772,9 @@ def main(argv=None) -> int:
         vocabs = args.vocab or (TP_VOCABS + BIG_VOCABS if device == "cuda" else CPU_VOCABS)
         grid = [(n, v) for n in tokens for v in vocabs]
     else:  # the tensor-parallel shard grid, then large vocabularies
-        grid = [(n, v) for n in TP_TOKENS for v in TP_VOCABS] + [(n, v) for n in BIG_TOKENS for v in BIG_VOCABS]
+        grid = [(n, v) for n in TP_TOKENS for v in TP_VOCABS] + [
+            (n, v) for n in BIG_TOKENS for v in BIG_VOCABS
+        ]
     dtypes = args.dtype or ["bf16"]
     out = args.out or ROOT / "benchmarks" / "results" / ("gpu" if device == "cuda" else "cpu")
     out.mkdir(parents=True, exist_ok=True)
@@ -590,9 +788,17 @@ def main(argv=None) -> int:
     # the targets' shapes first, so a time budget never skips them
     # the headline shapes first, then the grid in order, so a time budget skips the tail
     configs = [(n, v, d) for d in dtypes for n, v in grid]
-    configs.sort(key=lambda c: (not (c[0] == TARGET_TOKENS and c[1] in TARGET_VOCABS and c[2] == "bf16"), dtypes.index(c[2])))
-    print(f"device: {gpu_name()}; copy {copy_gbs:.0f} GB/s; {len(configs)} shapes x {len(impls)} "
-          f"implementations; not available: {missing or 'none'}", flush=True)
+    configs.sort(
+        key=lambda c: (
+            not (c[0] == TARGET_TOKENS and c[1] in TARGET_VOCABS and c[2] == "bf16"),
+            dtypes.index(c[2]),
+        )
+    )
+    print(
+        f"device: {gpu_name()}; copy {copy_gbs:.0f} GB/s; {len(configs)} shapes x {len(impls)} "
+        f"implementations; not available: {missing or 'none'}",
+        flush=True,
+    )
     rows: list[Row] = []
     skipped: list[str] = []
     t_start = time.time()
@@ -604,16 +810,41 @@ def main(argv=None) -> int:
             r = bench_one(impl, n, v, DTYPES[d], device, tbench)
             rows.append(r)
             status = r.error or f"fwd+bwd {r.both[0]:.3f} ms ({r.gbs():.0f} GB/s)"
-            print(f"[{k}/{len(configs)} {time.time() - t_start:6.1f}s] N={n} V={v} {d} {impl.name}: {status}", flush=True)
+            print(
+                f"[{k}/{len(configs)} {time.time() - t_start:6.1f}s] N={n} V={v} {d} {impl.name}: {status}",
+                flush=True,
+            )
     if skipped:
-        notes.append(f"Skipped by the {args.time_budget:.0f} s time budget: " + ", ".join(skipped) + ".")
+        notes.append(
+            f"Skipped by the {args.time_budget:.0f} s time budget: " + ", ".join(skipped) + "."
+        )
     add_speedups(rows)
     md = to_markdown(rows, copy_gbs, device, args, missing, notes)
     (out / "bench_loss.md").write_text(md)
-    (out / "bench_loss.json").write_text(json.dumps(
-        {"gpu": gpu_name(), "torch": torch.__version__, "copy_gbs": copy_gbs,
-         "rows": [{"impl": r.impl.name, "n": r.n, "v": r.v, "dtype": r.dtype, "fwd": r.fwd, "bwd": r.bwd,
-                   "both": r.both, "peak_mb": r.peak_mb, "error": r.error} for r in rows]}, indent=1))
+    (out / "bench_loss.json").write_text(
+        json.dumps(
+            {
+                "gpu": gpu_name(),
+                "torch": torch.__version__,
+                "copy_gbs": copy_gbs,
+                "rows": [
+                    {
+                        "impl": r.impl.name,
+                        "n": r.n,
+                        "v": r.v,
+                        "dtype": r.dtype,
+                        "fwd": r.fwd,
+                        "bwd": r.bwd,
+                        "both": r.both,
+                        "peak_mb": r.peak_mb,
+                        "error": r.error,
+                    }
+                    for r in rows
+                ],
+            },
+            indent=1,
+        )
+    )
     print()
     print(md)
     print(plot(rows, out / "bench_loss.png", device))

@@ -47,7 +47,9 @@ def init(device: str) -> None:
     fd, path = tempfile.mkstemp(prefix="tofu_step_pg_")
     os.close(fd)
     os.unlink(path)
-    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"file://{path}", rank=0, world_size=1)
+    dist.init_process_group(
+        "nccl" if device == "cuda" else "gloo", init_method=f"file://{path}", rank=0, world_size=1
+    )
     from megatron.core import parallel_state, tensor_parallel
 
     if device == "cpu":
@@ -67,14 +69,29 @@ def build(shape: dict, device: str):
     torch.manual_seed(0)
     dtype = torch.bfloat16
     cfg = TransformerConfig(
-        num_layers=shape["num_layers"], hidden_size=shape["hidden"], num_attention_heads=shape["heads"],
-        use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0, params_dtype=dtype,
-        bf16=True, pipeline_dtype=dtype, bias_activation_fusion=False, masked_softmax_fusion=False,
-        persist_layer_norm=False, bias_dropout_fusion=False, apply_rope_fusion=False,
-        gradient_accumulation_fusion=False, cross_entropy_fusion_impl="native",
+        num_layers=shape["num_layers"],
+        hidden_size=shape["hidden"],
+        num_attention_heads=shape["heads"],
+        use_cpu_initialization=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        params_dtype=dtype,
+        bf16=True,
+        pipeline_dtype=dtype,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        cross_entropy_fusion_impl="native",
     )
-    model = GPTModel(cfg, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=shape["vocab"],
-                     max_sequence_length=shape["seq"])
+    model = GPTModel(
+        cfg,
+        transformer_layer_spec=get_gpt_layer_local_spec(),
+        vocab_size=shape["vocab"],
+        max_sequence_length=shape["seq"],
+    )
     return model.to(device=device, dtype=dtype)
 
 
@@ -92,13 +109,21 @@ def variants():
     def tofu(gamma, beta, fused_output, skip_masked=False):
         def setup(model):
             model.config.cross_entropy_loss_fusion = False
-            megatron_patch.apply("tofu", gamma=gamma, beta=beta, fused_output=fused_output, skip_masked=skip_masked)
+            megatron_patch.apply(
+                "tofu", gamma=gamma, beta=beta, fused_output=fused_output, skip_masked=skip_masked
+            )
 
         return setup
 
-    return {"Megatron native CE": native, "Megatron fused CE": fused, TOFU: tofu(3.0, 0.8, False),
-            TOFU_CE: tofu(0.0, 1.0, False), FUSED: tofu(3.0, 0.8, True), FUSED_CE: tofu(0.0, 1.0, True),
-            FUSED_SKIP: tofu(3.0, 0.8, True, skip_masked=True)}
+    return {
+        "Megatron native CE": native,
+        "Megatron fused CE": fused,
+        TOFU: tofu(3.0, 0.8, False),
+        TOFU_CE: tofu(0.0, 1.0, False),
+        FUSED: tofu(3.0, 0.8, True),
+        FUSED_CE: tofu(0.0, 1.0, True),
+        FUSED_SKIP: tofu(3.0, 0.8, True, skip_masked=True),
+    }
 
 
 def measure(model, batch, device: str, warmup: int, reps: int):
@@ -112,7 +137,9 @@ def measure(model, batch, device: str, warmup: int, reps: int):
         per_token = model(ids, pos, mask, labels=labels, loss_mask=loss_mask)
         loss = (per_token.float() * loss_mask).sum() / loss_mask.sum()
         ce = megatron_patch.cross_entropy_of(per_token)  # TOFU: the plain CE rides along
-        ces.append(float(((per_token if ce is None else ce).float() * loss_mask).sum() / loss_mask.sum()))
+        ces.append(
+            float(((per_token if ce is None else ce).float() * loss_mask).sum() / loss_mask.sum())
+        )
         loss.backward()
         return loss.detach()
 
@@ -142,13 +169,19 @@ def measure(model, batch, device: str, warmup: int, reps: int):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--cpu-smoke", action="store_true")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--out", type=Path, default=Path("."))
-    p.add_argument("--prompt-fraction", type=float, default=0.5,
-                   help="share of each sequence's first tokens with loss mask 0 (SFT's prompts; default 0.5)")
+    p.add_argument(
+        "--prompt-fraction",
+        type=float,
+        default=0.5,
+        help="share of each sequence's first tokens with loss mask 0 (SFT's prompts; default 0.5)",
+    )
     args = p.parse_args(argv)
     if not 0.0 <= args.prompt_fraction < 1.0:
         p.error(f"--prompt-fraction: a share in [0, 1), got {args.prompt_fraction}")
@@ -160,12 +193,16 @@ def main(argv=None) -> int:
     model = build(shape, device)
     s, v = shape["seq"], shape["vocab"]
     gpu = torch.cuda.get_device_name() if device == "cuda" else "CPU (no GPU)"
-    lines = [f"# Megatron-Core GPT training step on {gpu}", "",
-             f"GPTModel {shape['num_layers']} layers, hidden {shape['hidden']}, vocab {v}, sequence {s}, bf16, "
-             f"local layer spec, TP = 1; step = forward + loss + backward ({args.warmup} warm-up, median of "
-             f"{args.reps}). Prompt fraction {args.prompt_fraction:.0%}: the loss mask is 0 on that share of "
-             "each sequence's first tokens. `first CE`: the first step's plain cross entropy (masked mean), equal "
-             "for every variant on the same weights and batch.", ""]
+    lines = [
+        f"# Megatron-Core GPT training step on {gpu}",
+        "",
+        f"GPTModel {shape['num_layers']} layers, hidden {shape['hidden']}, vocab {v}, sequence {s}, bf16, "
+        f"local layer spec, TP = 1; step = forward + loss + backward ({args.warmup} warm-up, median of "
+        f"{args.reps}). Prompt fraction {args.prompt_fraction:.0%}: the loss mask is 0 on that share of "
+        "each sequence's first tokens. `first CE`: the first step's plain cross entropy (masked mean), equal "
+        "for every variant on the same weights and batch.",
+        "",
+    ]
     if device == "cpu":
         lines += ["**CPU smoke run: NOT a performance result.**", ""]
     targets = []
@@ -214,9 +251,13 @@ def run_batch(model, b: int, s: int, v: int, device: str, args) -> dict:
 
 
 def table(rows: dict, b: int, s: int, v: int) -> list[str]:
-    lines = [f"### micro-batch {b} (logits: {b * s * v * 2 / 2**20:.0f} MiB in bf16)", "",
-             "| loss | ms/step (q20-q80) | peak extra MiB | first loss | first CE | vs native CE time "
-             "| vs fused every token |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"### micro-batch {b} (logits: {b * s * v * 2 / 2**20:.0f} MiB in bf16)",
+        "",
+        "| loss | ms/step (q20-q80) | peak extra MiB | first loss | first CE | vs native CE time "
+        "| vs fused every token |",
+        "|---|---|---|---|---|---|---|",
+    ]
     native, every = rows.get("Megatron native CE"), rows.get(FUSED)
     for name, r in rows.items():
         if isinstance(r, str):
@@ -225,8 +266,10 @@ def table(rows: dict, b: int, s: int, v: int) -> list[str]:
         ratio = f"{r[0] / native[0]:.3f}x" if isinstance(native, tuple) else "-"
         skip = f"{r[0] / every[0]:.3f}x" if name == FUSED_SKIP and isinstance(every, tuple) else ""
         peak = "-" if r[3] is None else f"{r[3]:.0f}"
-        lines.append(f"| {name} | {r[0]:.2f} ({r[1]:.2f}-{r[2]:.2f}) | {peak} | {r[4]:.4f} | {r[5]:.6f} | {ratio} "
-                     f"| {skip} |")
+        lines.append(
+            f"| {name} | {r[0]:.2f} ({r[1]:.2f}-{r[2]:.2f}) | {peak} | {r[4]:.4f} | {r[5]:.6f} | {ratio} "
+            f"| {skip} |"
+        )
     return lines + [""]
 
 
@@ -240,18 +283,44 @@ def check(rows: dict, b: int, s: int, v: int) -> list[str]:
         out.append(f"| micro-batch {b}: {what} | {value} | {'PASS' if ok else 'MISS'} |")
 
     if isinstance(tofu, tuple) and isinstance(native, tuple):
-        row("TOFU step time <= native CE", f"{tofu[0]:.2f} vs {native[0]:.2f} ms", tofu[0] <= native[0])
-        row("TOFU peak memory <= native CE", f"{tofu[3]:.0f} vs {native[3]:.0f} MiB", tofu[3] <= native[3])
+        row(
+            "TOFU step time <= native CE",
+            f"{tofu[0]:.2f} vs {native[0]:.2f} ms",
+            tofu[0] <= native[0],
+        )
+        row(
+            "TOFU peak memory <= native CE",
+            f"{tofu[3]:.0f} vs {native[3]:.0f} MiB",
+            tofu[3] <= native[3],
+        )
     if isinstance(fused, tuple) and isinstance(tofu, tuple):
         logits = b * s * v * 2 / 2**20
-        row("fused peak <= unfused TOFU - 90 % of the logits", f"{fused[3]:.0f} vs {tofu[3] - 0.9 * logits:.0f} MiB",
-            fused[3] <= tofu[3] - 0.9 * logits)
-        row("fused step time <= 1.05x unfused TOFU", f"{fused[0] / tofu[0]:.3f}x", fused[0] <= 1.05 * tofu[0])
-        row("first CE equal, fused vs unfused TOFU", f"{fused[5]:.6f} vs {tofu[5]:.6f}",
-            abs(fused[5] - tofu[5]) <= 1e-3 * abs(tofu[5]))
+        row(
+            "fused peak <= unfused TOFU - 90 % of the logits",
+            f"{fused[3]:.0f} vs {tofu[3] - 0.9 * logits:.0f} MiB",
+            fused[3] <= tofu[3] - 0.9 * logits,
+        )
+        row(
+            "fused step time <= 1.05x unfused TOFU",
+            f"{fused[0] / tofu[0]:.3f}x",
+            fused[0] <= 1.05 * tofu[0],
+        )
+        row(
+            "first CE equal, fused vs unfused TOFU",
+            f"{fused[5]:.6f} vs {tofu[5]:.6f}",
+            abs(fused[5] - tofu[5]) <= 1e-3 * abs(tofu[5]),
+        )
     if isinstance(ce_mode, tuple) and isinstance(native, tuple):
-        row("fused CE mode faster than native CE", f"{ce_mode[0]:.2f} vs {native[0]:.2f} ms", ce_mode[0] < native[0])
-        row("fused CE mode smaller than native CE", f"{ce_mode[3]:.0f} vs {native[3]:.0f} MiB", ce_mode[3] < native[3])
+        row(
+            "fused CE mode faster than native CE",
+            f"{ce_mode[0]:.2f} vs {native[0]:.2f} ms",
+            ce_mode[0] < native[0],
+        )
+        row(
+            "fused CE mode smaller than native CE",
+            f"{ce_mode[3]:.0f} vs {native[3]:.0f} MiB",
+            ce_mode[3] < native[3],
+        )
     return out
 
 

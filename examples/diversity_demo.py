@@ -51,8 +51,9 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import megatron_patch  # noqa: E402
 import tiny_sft as sft  # noqa: E402  (examples/tiny_sft.py, beside this script)
+
+import megatron_patch  # noqa: E402
 
 CATEGORIES = {
     "fruit": ["apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "plum"],
@@ -63,8 +64,13 @@ CATEGORIES = {
 VALID = {a for answers in CATEGORIES.values() for a in answers}
 PROMPTS = ["name a {c}:", "give me a {c}:", "one {c}, please:", "say a {c}:"]
 BROAD_TEMPLATES = [
-    "the {c} {x} is here.", "i saw a {x} today.", "{x} is a {c}.", "we talked about the {x}.",
-    "my friend likes the {c} {x}.", "a {x} and a {y} are both {c}s.", "is the {x} a {c}? yes.",
+    "the {c} {x} is here.",
+    "i saw a {x} today.",
+    "{x} is a {c}.",
+    "we talked about the {x}.",
+    "my friend likes the {c} {x}.",
+    "a {x} and a {y} are both {c}s.",
+    "is the {x} a {c}? yes.",
 ]
 ZIPF = [1.0 / (k + 1) ** 1.5 for k in range(8)]  # SFT frequency of the k-th answer
 RARE = slice(4, 8)  # the four least frequent answers of each category
@@ -91,8 +97,15 @@ def sft_set(n: int, rng: random.Random) -> list[dict]:
 
 
 @torch.no_grad()
-def sample_responses(model, prompts: list[str], k: int, max_new: int, device: str, seed: int,
-                     temperature: float = 1.0):
+def sample_responses(
+    model,
+    prompts: list[str],
+    k: int,
+    max_new: int,
+    device: str,
+    seed: int,
+    temperature: float = 1.0,
+):
     """k samples per prompt from softmax(logits / temperature) (identical on every TP
     rank), and the entropy of that same distribution at the first response position."""
     gen = torch.Generator().manual_seed(seed)
@@ -120,7 +133,7 @@ def sample_responses(model, prompts: list[str], k: int, max_new: int, device: st
             break
     outs = []
     for i, r in enumerate(rows):
-        resp = tokens[i, len(r):].tolist()
+        resp = tokens[i, len(r) :].tolist()
         resp = resp[: resp.index(sft.EOS)] if sft.EOS in resp else resp
         outs.append(sft.decode(resp))
     return [outs[i * k : (i + 1) * k] for i in range(len(prompts))], sum(entropy) / len(entropy)
@@ -147,27 +160,33 @@ def diversity(model, args, temperature: float = 1.0) -> dict:
         for p in PROMPTS[: args.prompts_per_category]:
             prompts.append(p.format(c=c))
             cats.append(c)
-    samples, entropy = sample_responses(model, prompts, args.samples, 10, args.device, args.seed, temperature)
+    samples, entropy = sample_responses(
+        model, prompts, args.samples, 10, args.device, args.seed, temperature
+    )
     valid = sum(s in CATEGORIES[c] for ss, c in zip(samples, cats) for s in ss)
     total = sum(map(len, samples))
     rare_seen = rare_total = rare_valid = 0
     answer_entropy = []
     for c in CATEGORIES:
-        counts = Counter(s for ss, cc in zip(samples, cats) if cc == c for s in ss if s in CATEGORIES[c])
+        counts = Counter(
+            s for ss, cc in zip(samples, cats) if cc == c for s in ss if s in CATEGORIES[c]
+        )
         rare = CATEGORIES[c][RARE]
         rare_seen += sum(r in counts for r in rare)
         rare_total += len(rare)
         rare_valid += sum(counts[r] for r in rare)
         answer_entropy.append(_entropy(list(counts.values())))
     return {
-        "distinct": sum(len({s for s in ss if s in CATEGORIES[c]}) for ss, c in zip(samples, cats)) / len(samples),
+        "distinct": sum(len({s for s in ss if s in CATEGORIES[c]}) for ss, c in zip(samples, cats))
+        / len(samples),
         "distinct2": sum(distinct_n(ss, 2) for ss in samples) / len(samples),
         "entropy": entropy,
         "rare_coverage": rare_seen / rare_total,
         "rare_share": rare_valid / max(valid, 1),
         "answer_entropy": sum(answer_entropy) / len(answer_entropy),
         "valid": valid / total,
-        "misspelled": sum(s not in VALID for ss in samples for s in ss) / total,  # not a word of any category
+        "misspelled": sum(s not in VALID for ss in samples for s in ss)
+        / total,  # not a word of any category
         "answers": Counter(s for ss in samples for s in ss),
     }
 
@@ -183,8 +202,12 @@ def make_data(args) -> Data:
     """The four data sets, all drawn from ``args.seed``."""
     rng = random.Random(args.seed)
     batches = functools.partial(sft.Batches.from_records, seq_len=args.seq_length)
-    return Data(batches(broad_corpus(4000, rng)), batches(broad_corpus(256, rng)),
-                batches(sft_set(2000, rng)), batches(sft_set(256, rng)))
+    return Data(
+        batches(broad_corpus(4000, rng)),
+        batches(broad_corpus(256, rng)),
+        batches(sft_set(2000, rng)),
+        batches(sft_set(256, rng)),
+    )
 
 
 def evaluate(model, data: Data, args, temperature: float = 1.0) -> dict:
@@ -192,14 +215,21 @@ def evaluate(model, data: Data, args, temperature: float = 1.0) -> dict:
     the held-out cross entropies are those of the distribution that is sampled."""
     ce, acc = sft.evaluate_ce(model, data.sft_eval, args.device, temperature=temperature)
     broad_ce, _ = sft.evaluate_ce(model, data.broad_eval, args.device, temperature=temperature)
-    return {"sft_ce": ce, "sft_acc": acc, "broad_ce": broad_ce, **diversity(model, args, temperature)}
+    return {
+        "sft_ce": ce,
+        "sft_acc": acc,
+        "broad_ce": broad_ce,
+        **diversity(model, args, temperature),
+    }
 
 
 def pretrain(args, data: Data, log) -> tuple[torch.nn.Module, dict]:
     """The model, pretrained on the broad corpus with cross entropy, and a copy of its weights
     (the checkpoint every SFT run starts from)."""
     model = sft.build_model(args)
-    log(f"pretraining on the broad corpus: {args.pretrain_iters} iterations, TP={args.tp} on {args.device}")
+    log(
+        f"pretraining on the broad corpus: {args.pretrain_iters} iterations, TP={args.tp} on {args.device}"
+    )
     pre = copy.copy(args)
     pre.train_iters, pre.lr, pre.loss_type = args.pretrain_iters, args.pretrain_lr, "cross_entropy"
     sft.train(pre, model, data.broad_train, log=lambda m: log(f"[pretrain] {m}"))
@@ -221,27 +251,45 @@ def finetune(name, loss: tuple, model, state, data: Data, args, log):
     curve, done = [], 0
     while done < args.sft_iters:
         run.train_iters = min(args.eval_interval, args.sft_iters - done)
-        sft.train(run, model, data.sft_train, log=lambda m: log(f"[sft {name}] {m}"),
-                  optimizer=optimizer, gen=gen, start=done, total=args.sft_iters)
+        sft.train(
+            run,
+            model,
+            data.sft_train,
+            log=lambda m: log(f"[sft {name}] {m}"),
+            optimizer=optimizer,
+            gen=gen,
+            start=done,
+            total=args.sft_iters,
+        )
         done += run.train_iters
         ev = evaluate(model, data, args)
         curve.append({"iter": done, **{k: v for k, v in ev.items() if k != "answers"}})
-        log(f"[sft {name}] eval @ {done}: sft CE {ev['sft_ce']:.3f}, broad CE {ev['broad_ce']:.3f}, "
-            f"valid {ev['valid']:.2f}, answer entropy {ev['answer_entropy']:.3f}, rare share {ev['rare_share']:.3f}")
+        log(
+            f"[sft {name}] eval @ {done}: sft CE {ev['sft_ce']:.3f}, broad CE {ev['broad_ce']:.3f}, "
+            f"valid {ev['valid']:.2f}, answer entropy {ev['answer_entropy']:.3f}, rare share {ev['rare_share']:.3f}"
+        )
     megatron_patch.revert()
     return ev, curve
 
 
 def report(results: dict, curves: dict, args, out: Path, elapsed: float) -> str:
-    cols = [("sft_ce", "SFT CE", "{:.3f}"), ("sft_acc", "SFT acc", "{:.3f}"),
-            ("valid", "valid samples", "{:.2f}"), ("distinct", "distinct valid answers/prompt", "{:.2f}"),
-            ("answer_entropy", "answer entropy (nats)", "{:.3f}"), ("rare_share", "rare share of valid", "{:.3f}"),
-            ("rare_coverage", "rare answers covered", "{:.2f}"), ("entropy", "first-token entropy", "{:.3f}"),
-            ("distinct2", "distinct-2", "{:.3f}"), ("broad_ce", "broad CE (forgetting)", "{:.3f}")]
+    cols = [
+        ("sft_ce", "SFT CE", "{:.3f}"),
+        ("sft_acc", "SFT acc", "{:.3f}"),
+        ("valid", "valid samples", "{:.2f}"),
+        ("distinct", "distinct valid answers/prompt", "{:.2f}"),
+        ("answer_entropy", "answer entropy (nats)", "{:.3f}"),
+        ("rare_share", "rare share of valid", "{:.3f}"),
+        ("rare_coverage", "rare answers covered", "{:.2f}"),
+        ("entropy", "first-token entropy", "{:.3f}"),
+        ("distinct2", "distinct-2", "{:.3f}"),
+        ("broad_ce", "broad CE (forgetting)", "{:.3f}"),
+    ]
     lines = [
         f"TOFU vs cross entropy in SFT: tiny Megatron-Core GPT, TP={args.tp}, {args.device}, "
         f"gamma={args.tofu_gamma}, beta={args.tofu_beta}, {args.pretrain_iters} pretrain + "
-        f"{args.sft_iters} SFT iterations, {args.samples} samples x {len(CATEGORIES) * args.prompts_per_category} prompts, "
+        f"{args.sft_iters} SFT iterations, "
+        f"{args.samples} samples x {len(CATEGORIES) * args.prompts_per_category} prompts, "
         f"{elapsed:.0f} s",
         "",
         "| model | " + " | ".join(c[1] for c in cols) + " |",
@@ -250,7 +298,9 @@ def report(results: dict, curves: dict, args, out: Path, elapsed: float) -> str:
     for name, r in results.items():
         lines.append(f"| {name} | " + " | ".join(f.format(r[k]) for k, _, f in cols) + " |")
     ce, tofu = results["SFT cross_entropy"], results["SFT tofu"]
-    more_div = tofu["answer_entropy"] > ce["answer_entropy"] and tofu["rare_share"] > ce["rare_share"]
+    more_div = (
+        tofu["answer_entropy"] > ce["answer_entropy"] and tofu["rare_share"] > ce["rare_share"]
+    )
     less_forget = tofu["broad_ce"] < ce["broad_ce"]
     verdict = [
         "",
@@ -266,29 +316,61 @@ def report(results: dict, curves: dict, args, out: Path, elapsed: float) -> str:
         f"Quality: SFT held-out CE {tofu['sft_ce']:.3f} (TOFU) vs {ce['sft_ce']:.3f} (CE), accuracy "
         f"{tofu['sft_acc']:.3f} vs {ce['sft_acc']:.3f}.",
         "Most common invalid samples: "
-        + "; ".join(f"{name.split()[-1]}: " + ", ".join(
-            f"{a!r}:{n}" for a, n in Counter({a: n for a, n in r["answers"].items() if a not in VALID}).most_common(6))
-            for name, r in results.items() if name.startswith("SFT")),
+        + "; ".join(
+            f"{name.split()[-1]}: "
+            + ", ".join(
+                f"{a!r}:{n}"
+                for a, n in Counter(
+                    {a: n for a, n in r["answers"].items() if a not in VALID}
+                ).most_common(6)
+            )
+            for name, r in results.items()
+            if name.startswith("SFT")
+        ),
         "Most sampled answers: "
-        + "; ".join(f"{name.split()[-1]}: " + ", ".join(f"{a}:{n}" for a, n in r["answers"].most_common(8))
-                    for name, r in results.items() if name.startswith("SFT")),
+        + "; ".join(
+            f"{name.split()[-1]}: " + ", ".join(f"{a}:{n}" for a, n in r["answers"].most_common(8))
+            for name, r in results.items()
+            if name.startswith("SFT")
+        ),
     ]
     text = "\n".join(lines + verdict) + "\n"
     (out / "demo_results.md").write_text(text)
     # the same numbers for programs (tests/docs/test_demo.py reads the committed result's direction)
-    settings = {k: getattr(args, k) for k in ("tp", "device", "tofu_gamma", "tofu_beta", "pretrain_iters", "sft_iters",
-                                              "samples", "prompts_per_category", "seed")}
-    data = {"settings": {**settings, "elapsed_s": round(elapsed)}, "machine": machine(args),
-            "results": results, "curves": curves,
-            "more_diversity": more_div, "less_forgetting": less_forget,
-            "sft_data": {"answer_entropy": DATA_ANSWER_ENTROPY, "rare_share": DATA_RARE_SHARE}}
+    settings = {
+        k: getattr(args, k)
+        for k in (
+            "tp",
+            "device",
+            "tofu_gamma",
+            "tofu_beta",
+            "pretrain_iters",
+            "sft_iters",
+            "samples",
+            "prompts_per_category",
+            "seed",
+        )
+    }
+    data = {
+        "settings": {**settings, "elapsed_s": round(elapsed)},
+        "machine": machine(args),
+        "results": results,
+        "curves": curves,
+        "more_diversity": more_div,
+        "less_forgetting": less_forget,
+        "sft_data": {"answer_entropy": DATA_ANSWER_ENTROPY, "rare_share": DATA_RARE_SHARE},
+    }
     (out / "demo_results.json").write_text(json.dumps(data, indent=1) + "\n")
     plt = pyplot()
     if plt is None:
         return text + "matplotlib not installed: no plot\n"
-    keys = [("sft_ce", "SFT held-out CE (quality)"), ("broad_ce", "broad-corpus CE (forgetting)"),
-            ("answer_entropy", "answer entropy (valid samples)"), ("rare_share", "rare share of valid samples"),
-            ("valid", "valid samples")]
+    keys = [
+        ("sft_ce", "SFT held-out CE (quality)"),
+        ("broad_ce", "broad-corpus CE (forgetting)"),
+        ("answer_entropy", "answer entropy (valid samples)"),
+        ("rare_share", "rare share of valid samples"),
+        ("valid", "valid samples"),
+    ]
     fig, axes = plt.subplots(1, 5, figsize=(22, 4))
     for ax, (k, title) in zip(axes, keys):
         for name, curve in curves.items():
@@ -340,13 +422,21 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--log-interval", type=int, default=100)
     p.add_argument("--samples", type=int, default=48, help="samples per prompt")
     p.add_argument("--prompts-per-category", type=int, default=4)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads per rank, pinned whatever OMP_NUM_THREADS says: the thread count "
-                        "changes the floating-point sums, hence the numbers (benchmarks/NOTES.md)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per rank, pinned whatever OMP_NUM_THREADS says: the thread count "
+        "changes the floating-point sums, hence the numbers (benchmarks/NOTES.md)",
+    )
     p.add_argument("--bf16", action="store_true")
-    p.add_argument("--out", type=Path, default=LOCAL_OUT,
-                   help=f"output folder (default: {LOCAL_OUT.relative_to(ROOT)}, git-ignored; "
-                        f"{COMMITTED_OUT.relative_to(ROOT)} replaces the committed results)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=LOCAL_OUT,
+        help=f"output folder (default: {LOCAL_OUT.relative_to(ROOT)}, git-ignored; "
+        f"{COMMITTED_OUT.relative_to(ROOT)} replaces the committed results)",
+    )
     return megatron_patch.add_arguments(p)
 
 
@@ -381,16 +471,22 @@ def start(args) -> Log:
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            return next(
+                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
+            )
     except (OSError, StopIteration):
         return platform.processor()
 
 
 def machine(args) -> dict:
     """What the numbers depend on besides the seed and the flags (they differ between machines)."""
-    return {"cpu": _cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "threads_per_rank": args.threads, "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None}
+    return {
+        "cpu": _cpu_name(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads_per_rank": args.threads,
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+    }
 
 
 def where(out: Path, target: str) -> str:
@@ -398,13 +494,18 @@ def where(out: Path, target: str) -> str:
     committed = COMMITTED_OUT.relative_to(ROOT)
     if out.resolve() == COMMITTED_OUT.resolve():
         return f"results written to {out}: these are the COMMITTED results (see git diff before committing)"
-    return (f"results written to {out} (the committed results in {committed}/ are unchanged; "
-            f"`make {target} OUT={committed}` or --out {committed} replaces them)")
+    return (
+        f"results written to {out} (the committed results in {committed}/ are unchanged; "
+        f"`make {target} OUT={committed}` or --out {committed} replaces them)"
+    )
 
 
 def main(argv=None) -> int:
-    p = add_arguments(argparse.ArgumentParser(description=__doc__,
-                                              formatter_class=argparse.RawDescriptionHelpFormatter))
+    p = add_arguments(
+        argparse.ArgumentParser(
+            description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+    )
     p.add_argument("--eval-interval", type=int, default=150)
     p.add_argument("--seed", type=int, default=1234)
     args = p.parse_args(argv)
@@ -413,7 +514,10 @@ def main(argv=None) -> int:
     model, state = pretrain(args, data, log)
     results = {"pre-SFT": evaluate(model, data, args)}
     curves = {}
-    for name, loss in (("cross_entropy", ("cross_entropy",)), ("tofu", ("tofu", args.tofu_gamma, args.tofu_beta))):
+    for name, loss in (
+        ("cross_entropy", ("cross_entropy",)),
+        ("tofu", ("tofu", args.tofu_gamma, args.tofu_beta)),
+    ):
         log(f"fine-tuning with --loss-type {name}: {args.sft_iters} iterations")
         results[f"SFT {name}"], curves[name] = finetune(name, loss, model, state, data, args, log)
     if dist.get_rank() == 0:

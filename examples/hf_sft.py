@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 
 import torch
 import transformers
@@ -40,11 +39,20 @@ def tiny_model_and_tokenizer():
     words = [f"w{i}" for i in range(60)] + ["<pad>", "<eos>", "<unk>"]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                                     unk_token="<unk>")
-    config = transformers.Qwen3Config(vocab_size=len(words), hidden_size=64, intermediate_size=128,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+    config = transformers.Qwen3Config(
+        vocab_size=len(words),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     torch.manual_seed(0)
     return transformers.Qwen3ForCausalLM(config), tokenizer
 
@@ -57,54 +65,97 @@ def _trainer_with_apply_tofu(load, peft_config, texts, args, common, out):
 
         model = get_peft_model(model, peft_config)
     apply_tofu(model, args.gamma, args.beta, fused_linear=True)
-    tokens = Dataset.from_dict({"text": texts}).map(lambda r: tokenizer(r["text"]), remove_columns=["text"])
+    tokens = Dataset.from_dict({"text": texts}).map(
+        lambda r: tokenizer(r["text"]), remove_columns=["text"]
+    )
     trainer = transformers.Trainer(
-        model=model, train_dataset=tokens, args=transformers.TrainingArguments(output_dir=out, **common),
+        model=model,
+        train_dataset=tokens,
+        args=transformers.TrainingArguments(output_dir=out, **common),
         data_collator=transformers.DataCollatorForLanguageModeling(tokenizer, mlm=False),
     )
     return trainer.train().metrics, trainer.state.log_history
 
 
-
 def launch_in_words(processes: int, distributed_type: str) -> str:
     """'1 process, not distributed' / '2 processes, DeepSpeed' (accelerate says NO, MULTI_CPU, ...)."""
-    how = {"NO": "not distributed", "MULTI_CPU": "DDP on CPUs", "MULTI_GPU": "DDP", "DEEPSPEED": "DeepSpeed",
-           "FSDP": "FSDP"}.get(distributed_type, distributed_type)
+    how = {
+        "NO": "not distributed",
+        "MULTI_CPU": "DDP on CPUs",
+        "MULTI_GPU": "DDP",
+        "DEEPSPEED": "DeepSpeed",
+        "FSDP": "FSDP",
+    }.get(distributed_type, distributed_type)
     return f"{processes} process{'es' if processes != 1 else ''}, {how}"
 
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="a Llama / Mistral / Qwen2 / Qwen3 checkpoint (default: tiny)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--model", default=None, help="a Llama / Mistral / Qwen2 / Qwen3 checkpoint (default: tiny)"
+    )
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--gamma", type=float, default=3.0)
     p.add_argument("--beta", type=float, default=0.8)
-    p.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) instead of every weight")
-    p.add_argument("--way", choices=["all", "trainer", "loss_func", "apply_tofu"], default=None,
-                   help="which way to run (default: all three in one process, the trainer under a multi-process launch)")
+    p.add_argument(
+        "--lora", action="store_true", help="train LoRA adapters (peft) instead of every weight"
+    )
+    p.add_argument(
+        "--way",
+        choices=["all", "trainer", "loss_func", "apply_tofu"],
+        default=None,
+        help="which way to run (default: all three in one process, the trainer under a multi-process launch)",
+    )
     args = p.parse_args(argv)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     way = args.way or ("trainer" if distributed else "all")
     if distributed and way == "all":
-        p.error("--way all runs three trainers in one process; under a multi-process launch pick one")
+        p.error(
+            "--way all runs three trainers in one process; under a multi-process launch pick one"
+        )
 
     def load():
         if args.model is None:
             return tiny_model_and_tokenizer()
-        return (transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16),
-                transformers.AutoTokenizer.from_pretrained(args.model))
+        return (
+            transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16),
+            transformers.AutoTokenizer.from_pretrained(args.model),
+        )
 
     peft_config = None
     if args.lora:
         from peft import LoraConfig
 
-        peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
-                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                 "down_proj"])
+        peft_config = LoraConfig(
+            r=16,
+            lora_alpha=32,
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+            target_modules=[
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ],
+        )
     texts = [" ".join(f"w{(3 * i + j) % 40}" for j in range(12)) for i in range(64)]
     lr = (5e-3 if args.model is None else 1e-5) * (4 if args.lora else 1)
-    common = dict(max_steps=args.steps, per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=lr,
-                  logging_steps=1, report_to=[], save_strategy="no", disable_tqdm=True,
-                  use_cpu=not torch.cuda.is_available())
+    common = dict(
+        max_steps=args.steps,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=lr,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
+    )
     curves, setup = {}, None
     with tempfile.TemporaryDirectory() as out:
         sft = trl.SFTConfig(output_dir=out, max_length=32, **common)
@@ -112,24 +163,41 @@ def main(argv=None) -> int:
         # 1. TRL, the main way: TOFU as SFTTrainer's loss, one forward per step, no logits
         if way in ("all", "trainer"):
             model, tokenizer = load()
-            trainer = TOFUSFTTrainer(model=model, processing_class=tokenizer, args=sft, peft_config=peft_config,
-                                     train_dataset=Dataset.from_dict({"text": texts}),
-                                     tofu_gamma=args.gamma, tofu_beta=args.beta)
+            trainer = TOFUSFTTrainer(
+                model=model,
+                processing_class=tokenizer,
+                args=sft,
+                peft_config=peft_config,
+                train_dataset=Dataset.from_dict({"text": texts}),
+                tofu_gamma=args.gamma,
+                tofu_beta=args.beta,
+            )
             curves["TOFUSFTTrainer"] = trainer.train().metrics, trainer.state.log_history
-            setup = launch_in_words(trainer.accelerator.num_processes, trainer.accelerator.distributed_type.value)
+            setup = launch_in_words(
+                trainer.accelerator.num_processes, trainer.accelerator.distributed_type.value
+            )
 
         # 2. TRL with the paper's compute_loss_func: the model's logits, plus TRL's extra forward
         if way in ("all", "loss_func"):
             model, tokenizer = load()
-            trainer = trl.SFTTrainer(model=model, processing_class=tokenizer, args=sft, peft_config=peft_config,
-                                     train_dataset=Dataset.from_dict({"text": texts}),
-                                     compute_loss_func=tofu_loss_func(args.gamma, args.beta))
-            curves["SFTTrainer + tofu_loss_func"] = trainer.train().metrics, trainer.state.log_history
+            trainer = trl.SFTTrainer(
+                model=model,
+                processing_class=tokenizer,
+                args=sft,
+                peft_config=peft_config,
+                train_dataset=Dataset.from_dict({"text": texts}),
+                compute_loss_func=tofu_loss_func(args.gamma, args.beta),
+            )
+            curves["SFTTrainer + tofu_loss_func"] = (
+                trainer.train().metrics,
+                trainer.state.log_history,
+            )
 
         # 3. transformers: the model's own loss is TOFU, without the logits
         if way in ("all", "apply_tofu"):
-            curves["Trainer + apply_tofu(fused_linear=True)"] = _trainer_with_apply_tofu(load, peft_config, texts,
-                                                                                         args, common, out)
+            curves["Trainer + apply_tofu(fused_linear=True)"] = _trainer_with_apply_tofu(
+                load, peft_config, texts, args, common, out
+            )
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     if setup is not None:
@@ -137,9 +205,15 @@ def main(argv=None) -> int:
     for name, (metrics, history) in curves.items():
         logs = [h for h in history if "loss" in h]
         ms = 1e3 * metrics["train_runtime"] / max(len(logs), 1)
-        acc = f", token accuracy {logs[-1]['mean_token_accuracy']:.2f}" if "mean_token_accuracy" in logs[-1] else ""
-        print(f"{name}: TOFU loss {logs[0]['loss']:.3f} -> {logs[-1]['loss']:.3f} over {len(logs)} steps "
-              f"({ms:.0f} ms/step{acc})")
+        acc = (
+            f", token accuracy {logs[-1]['mean_token_accuracy']:.2f}"
+            if "mean_token_accuracy" in logs[-1]
+            else ""
+        )
+        print(
+            f"{name}: TOFU loss {logs[0]['loss']:.3f} -> {logs[-1]['loss']:.3f} over {len(logs)} steps "
+            f"({ms:.0f} ms/step{acc})"
+        )
     return 0
 
 

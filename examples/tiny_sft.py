@@ -80,7 +80,10 @@ class Batches:
     @classmethod
     def from_records(cls, records: list[dict], seq_len: int) -> Batches:
         enc = [encode_record(r, seq_len) for r in records]
-        return cls(torch.tensor([t for t, _ in enc]), torch.tensor([w for _, w in enc], dtype=torch.float32))
+        return cls(
+            torch.tensor([t for t, _ in enc]),
+            torch.tensor([w for _, w in enc], dtype=torch.float32),
+        )
 
     @classmethod
     def mock(cls, n: int, seq_len: int, seed: int) -> Batches:
@@ -101,7 +104,9 @@ def init_parallel(tp: int, device: str) -> None:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
     if dist.get_world_size() != tp:
-        raise SystemExit(f"sft: world size {dist.get_world_size()} must equal --tp {tp} (no DP/PP here)")
+        raise SystemExit(
+            f"sft: world size {dist.get_world_size()} must equal --tp {tp} (no DP/PP here)"
+        )
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", dist.get_rank())))
     else:
@@ -122,15 +127,25 @@ def build_model(args) -> torch.nn.Module:
     torch.manual_seed(args.seed)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     cfg = TransformerConfig(
-        num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_heads,
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_heads,
         # CPU init on every device: each rank takes its slice of one seeded master weight,
         # so shards differ and a CPU and a GPU run start from the same model.
-        tensor_model_parallel_size=args.tp, use_cpu_initialization=True,
-        hidden_dropout=0.0, attention_dropout=0.0, params_dtype=dtype, bf16=args.bf16,
+        tensor_model_parallel_size=args.tp,
+        use_cpu_initialization=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        params_dtype=dtype,
+        bf16=args.bf16,
         pipeline_dtype=dtype,
     )
-    model = GPTModel(cfg, transformer_layer_spec=get_gpt_layer_local_spec(),
-                     vocab_size=vocab_size(args.tp), max_sequence_length=args.seq_length)
+    model = GPTModel(
+        cfg,
+        transformer_layer_spec=get_gpt_layer_local_spec(),
+        vocab_size=vocab_size(args.tp),
+        max_sequence_length=args.seq_length,
+    )
     if args.bf16:
         from megatron.core.transformer.module import Float16Module
 
@@ -180,7 +195,9 @@ def full_logits(model, tokens: torch.Tensor, device: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_ce(model, data: Batches, device: str, batch: int = 32, temperature: float = 1.0) -> tuple[float, float]:
+def evaluate_ce(
+    model, data: Batches, device: str, batch: int = 32, temperature: float = 1.0
+) -> tuple[float, float]:
     """Masked mean cross entropy of softmax(logits / temperature) and next-token accuracy
     over ``data``."""
     tot, acc, n = 0.0, 0.0, 0.0
@@ -202,7 +219,9 @@ def save(model, path: str | Path) -> None:
 
 
 def load(model, path: str | Path) -> None:
-    sd = torch.load(Path(path) / f"tp_rank{dist.get_rank()}.pt", map_location="cpu", weights_only=True)
+    sd = torch.load(
+        Path(path) / f"tp_rank{dist.get_rank()}.pt", map_location="cpu", weights_only=True
+    )
     model.load_state_dict(sd)
 
 
@@ -210,8 +229,16 @@ def make_optimizer(args, model) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
 
 
-def train(args, model, data: Batches, log=print, optimizer=None, gen=None, start: int = 0,
-          total: int | None = None) -> list[dict]:
+def train(
+    args,
+    model,
+    data: Batches,
+    log=print,
+    optimizer=None,
+    gen=None,
+    start: int = 0,
+    total: int | None = None,
+) -> list[dict]:
     """Train ``args.train_iters`` steps with AdamW; returns the logged history.
 
     Pass ``optimizer`` and ``gen`` to continue a run in chunks (iterations counted from
@@ -228,20 +255,35 @@ def train(args, model, data: Batches, log=print, optimizer=None, gen=None, start
         tokens, lm = data.sample(args.micro_batch_size, gen)
         loss, ce = train_step(model, optimizer, tokens, lm, args.device)
         if it % args.log_interval == 0 or it == end:
-            rec = {"iter": it, "loss": float(loss), "ce": float(ce), "ppl": math.exp(min(float(ce), 50.0)),
-                   "s": time.time() - t0}
+            rec = {
+                "iter": it,
+                "loss": float(loss),
+                "ce": float(ce),
+                "ppl": math.exp(min(float(ce), 50.0)),
+                "s": time.time() - t0,
+            }
             history.append(rec)
             if dist.get_rank() == 0:
-                log(f"iter {it:5d}/{total} | {args.loss_type} loss {rec['loss']:.4f} | "
-                    f"cross entropy {rec['ce']:.4f} | ppl {rec['ppl']:.2f} | {rec['s']:.1f} s")
+                log(
+                    f"iter {it:5d}/{total} | {args.loss_type} loss {rec['loss']:.4f} | "
+                    f"cross entropy {rec['ce']:.4f} | ppl {rec['ppl']:.2f} | {rec['s']:.1f} s"
+                )
     return history
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="mock", help="JSONL with prompt/response or text records, or 'mock'")
-    p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: world size)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--data", default="mock", help="JSONL with prompt/response or text records, or 'mock'"
+    )
+    p.add_argument(
+        "--tp", type=int, default=None, help="tensor-parallel size (default: world size)"
+    )
+    p.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--num-layers", type=int, default=2)
     p.add_argument("--hidden-size", type=int, default=64)
@@ -265,8 +307,11 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(args)
     if args.load:
         load(model, args.load)
-    data = (Batches.mock(1024, args.seq_length, args.seed) if args.data == "mock"
-            else Batches.from_records(load_jsonl(args.data), args.seq_length))
+    data = (
+        Batches.mock(1024, args.seq_length, args.seed)
+        if args.data == "mock"
+        else Batches.from_records(load_jsonl(args.data), args.seq_length)
+    )
     train(args, model, data)
     if args.save:
         save(model, args.save)

@@ -21,7 +21,9 @@ args = p.parse_args()
 
 dist.init_process_group("nccl" if args.cuda else "gloo")
 rank, tp = dist.get_rank(), dist.get_world_size()
-device = torch.device("cuda", rank % torch.cuda.device_count()) if args.cuda else torch.device("cpu")
+device = (
+    torch.device("cuda", rank % torch.cuda.device_count()) if args.cuda else torch.device("cpu")
+)
 if args.cuda:
     torch.cuda.set_device(device)
 

@@ -87,7 +87,14 @@ class _Checked(argparse.Action):
 
 
 # The TOFU settings' flags (apply_from_args warns when any is given without --loss-type tofu)
-_SETTINGS = ("tofu_gamma", "tofu_beta", "tofu_backend", "tofu_fused_output", "tofu_chunk_size", "tofu_skip_masked")
+_SETTINGS = (
+    "tofu_gamma",
+    "tofu_beta",
+    "tofu_backend",
+    "tofu_fused_output",
+    "tofu_chunk_size",
+    "tofu_skip_masked",
+)
 
 
 def _positive_int(text: str) -> int:
@@ -105,29 +112,74 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     if any("--loss-type" in a.option_strings for a in parser._actions):
         return parser
     g = parser.add_argument_group("TOFU loss (tofu-kernels)")
-    g.add_argument("--loss-type", action=_Checked, convert=_one_of(LOSS_TYPES), default="cross_entropy",
-                   metavar="{" + ",".join(LOSS_TYPES) + "}",
-                   help="language-model loss: Megatron's cross entropy (default, untouched) "
-                        "or the Tempered Focal loss")
-    g.add_argument("--tofu-gamma", action=_Checked, convert=_number(gamma_error), default=DEFAULT_GAMMA,
-                   help=f"TOFU focal exponent gamma >= 0 (default {DEFAULT_GAMMA})")
-    g.add_argument("--tofu-beta", action=_Checked, convert=_number(beta_error), default=DEFAULT_BETA,
-                   help=f"TOFU softmax temperature beta > 0 (default {DEFAULT_BETA})")
-    g.add_argument("--tofu-backend", action=_Checked, convert=_one_of(BACKENDS), default="auto",
-                   metavar="{" + ",".join(BACKENDS) + "}",
-                   help="kernel backend (default auto: the CUDA extension on a GPU it was built for, else Triton "
-                        "on a GPU, else the torch backend on the CPU)")
-    g.add_argument("--tofu-fused-output", action=_Checked, nargs=0, const=True, default=False,
-                   help="GPTModel / HybridModel output layer and TOFU loss as one step: the logits "
-                        "[s, b, V/tp] and their gradient are never built (recomputed in blocks)")
-    g.add_argument("--tofu-chunk-size", action=_Checked, convert=_positive_int, default=None, metavar="TOKENS",
-                   help="with --tofu-fused-output: tokens per logits block (default: 1/16 of the micro-batch's "
-                        "tokens, fewer where a 128 MiB logits block holds fewer; whole 64-token tiles)")
-    g.add_argument("--tofu-skip-masked", dest="tofu_skip_masked", action=_Checked, nargs=0, const=True, default=None,
-                   help="with --tofu-fused-output: compute the output layer only for the tokens whose loss mask "
-                        "is 1 (one host sync per micro-batch; default: on with --sft, off otherwise)")
-    g.add_argument("--no-tofu-skip-masked", dest="tofu_skip_masked", action=_Checked, nargs=0, const=False,
-                   help="compute the output layer for every token (the default without --sft)")
+    g.add_argument(
+        "--loss-type",
+        action=_Checked,
+        convert=_one_of(LOSS_TYPES),
+        default="cross_entropy",
+        metavar="{" + ",".join(LOSS_TYPES) + "}",
+        help="language-model loss: Megatron's cross entropy (default, untouched) "
+        "or the Tempered Focal loss",
+    )
+    g.add_argument(
+        "--tofu-gamma",
+        action=_Checked,
+        convert=_number(gamma_error),
+        default=DEFAULT_GAMMA,
+        help=f"TOFU focal exponent gamma >= 0 (default {DEFAULT_GAMMA})",
+    )
+    g.add_argument(
+        "--tofu-beta",
+        action=_Checked,
+        convert=_number(beta_error),
+        default=DEFAULT_BETA,
+        help=f"TOFU softmax temperature beta > 0 (default {DEFAULT_BETA})",
+    )
+    g.add_argument(
+        "--tofu-backend",
+        action=_Checked,
+        convert=_one_of(BACKENDS),
+        default="auto",
+        metavar="{" + ",".join(BACKENDS) + "}",
+        help="kernel backend (default auto: the CUDA extension on a GPU it was built for, else Triton "
+        "on a GPU, else the torch backend on the CPU)",
+    )
+    g.add_argument(
+        "--tofu-fused-output",
+        action=_Checked,
+        nargs=0,
+        const=True,
+        default=False,
+        help="GPTModel / HybridModel output layer and TOFU loss as one step: the logits "
+        "[s, b, V/tp] and their gradient are never built (recomputed in blocks)",
+    )
+    g.add_argument(
+        "--tofu-chunk-size",
+        action=_Checked,
+        convert=_positive_int,
+        default=None,
+        metavar="TOKENS",
+        help="with --tofu-fused-output: tokens per logits block (default: 1/16 of the micro-batch's "
+        "tokens, fewer where a 128 MiB logits block holds fewer; whole 64-token tiles)",
+    )
+    g.add_argument(
+        "--tofu-skip-masked",
+        dest="tofu_skip_masked",
+        action=_Checked,
+        nargs=0,
+        const=True,
+        default=None,
+        help="with --tofu-fused-output: compute the output layer only for the tokens whose loss mask "
+        "is 1 (one host sync per micro-batch; default: on with --sft, off otherwise)",
+    )
+    g.add_argument(
+        "--no-tofu-skip-masked",
+        dest="tofu_skip_masked",
+        action=_Checked,
+        nargs=0,
+        const=False,
+        help="compute the output layer for every token (the default without --sft)",
+    )
     return parser
 
 
@@ -146,15 +198,26 @@ def apply_from_args(args: argparse.Namespace) -> None:
     has no effect: ``--tofu-*`` without ``--loss-type tofu``, and Megatron's
     ``--cross-entropy-loss-fusion``, superseded by the TOFU loss; nothing is silently ignored.
     """
-    given = [f"--{name.replace('_', '-')}" for name in _SETTINGS if name in _GIVEN.get(id(args), ())]
+    given = [
+        f"--{name.replace('_', '-')}" for name in _SETTINGS if name in _GIVEN.get(id(args), ())
+    ]
     loss_type = getattr(args, "loss_type", "cross_entropy")
     if loss_type == "tofu":
         skip = skip_masked(args) and args.tofu_fused_output
-        apply("tofu", args.tofu_gamma, args.tofu_beta, args.tofu_backend, fused_output=args.tofu_fused_output,
-              chunk_size=args.tofu_chunk_size, skip_masked=skip)
+        apply(
+            "tofu",
+            args.tofu_gamma,
+            args.tofu_beta,
+            args.tofu_backend,
+            fused_output=args.tofu_fused_output,
+            chunk_size=args.tofu_chunk_size,
+            skip_masked=skip,
+        )
         if args.tofu_skip_masked and not args.tofu_fused_output:
-            warn_once("megatron_patch: --tofu-skip-masked has no effect without --tofu-fused-output (the "
-                      "unfused loss reads the logits the output layer already computed for every token)")
+            warn_once(
+                "megatron_patch: --tofu-skip-masked has no effect without --tofu-fused-output (the "
+                "unfused loss reads the logits the output layer already computed for every token)"
+            )
         if getattr(args, "cross_entropy_loss_fusion", False):
             impl = getattr(args, "cross_entropy_fusion_impl", "native")
             warn_once(
@@ -162,9 +225,11 @@ def apply_from_args(args: argparse.Namespace) -> None:
                 f"--cross-entropy-loss-fusion (--cross-entropy-fusion-impl {impl}) has no effect: "
                 "the TOFU kernels are fused already"
             )
-        what = (f"--loss-type tofu (gamma={args.tofu_gamma}, beta={args.tofu_beta}, "
-                f"backend={args.tofu_backend}): LanguageModule.compute_language_model_loss is TOFU; "
-                f"'{CE_KEY}' is reported beside 'lm loss'")
+        what = (
+            f"--loss-type tofu (gamma={args.tofu_gamma}, beta={args.tofu_beta}, "
+            f"backend={args.tofu_backend}): LanguageModule.compute_language_model_loss is TOFU; "
+            f"'{CE_KEY}' is reported beside 'lm loss'"
+        )
         if args.tofu_fused_output:
             what += "; --tofu-fused-output: the output layer and the loss run as one step, without the logits"
             if skip:
@@ -173,8 +238,10 @@ def apply_from_args(args: argparse.Namespace) -> None:
         apply("cross_entropy")
         what = "--loss-type cross_entropy: Megatron's loss is untouched"
         if given:
-            warn_once(f"megatron_patch: {' '.join(given)} given without --loss-type tofu: no effect, "
-                       "Megatron's cross entropy is used (add --loss-type tofu for the TOFU loss)")
+            warn_once(
+                f"megatron_patch: {' '.join(given)} given without --loss-type tofu: no effect, "
+                "Megatron's cross entropy is used (add --loss-type tofu for the TOFU loss)"
+            )
     if getattr(args, "rank", int(os.environ.get("RANK", "0"))) == 0 and first_time(what):
         print(f"megatron_patch: {what}", flush=True)
 

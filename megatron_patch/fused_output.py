@@ -62,18 +62,28 @@ class _State:
 # ------------------------------------------------------------------ the fused loss
 
 
-def fused_loss(hidden_states: torch.Tensor, output_layer, output_weight: torch.Tensor | None, labels: torch.Tensor,
-               config, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+def fused_loss(
+    hidden_states: torch.Tensor,
+    output_layer,
+    output_weight: torch.Tensor | None,
+    labels: torch.Tensor,
+    config,
+    loss_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The per-token TOFU loss ``[b, s]`` (fp32) of ``output_layer(hidden_states)`` against
     ``labels`` ``[b, s]``, without the logits; ``hidden_states`` ``[s(/tp), b, h]``. With
     ``--tofu-skip-masked``, the rows whose ``loss_mask`` ``[b, s]`` is 0 (those the training
     script's loss function multiplies by 0) are not computed: loss and cross entropy 0 there,
     no gradient (one host sync finds the others; docs/megatron.md)."""
     if getattr(config, "use_mup", False):
-        raise ValueError("megatron_patch --tofu-fused-output: MuP logit scaling (use_mup) is not supported; "
-                         "drop --tofu-fused-output (the unfused TOFU loss supports it)")
+        raise ValueError(
+            "megatron_patch --tofu-fused-output: MuP logit scaling (use_mup) is not supported; "
+            "drop --tofu-fused-output (the unfused TOFU loss supports it)"
+        )
     if getattr(output_layer, "bias", None) is not None:
-        raise ValueError("megatron_patch --tofu-fused-output: an output layer with a bias is not supported")
+        raise ValueError(
+            "megatron_patch --tofu-fused-output: an output layer with a bias is not supported"
+        )
     from megatron.core.tensor_parallel.mappings import (
         copy_to_tensor_model_parallel_region,
         gather_from_sequence_parallel_region,
@@ -82,7 +92,9 @@ def fused_loss(hidden_states: torch.Tensor, output_layer, output_weight: torch.T
     weight = output_layer.weight if output_weight is None else output_weight
     group = output_layer.tp_group
     if output_layer.sequence_parallel:  # [s/tp, b, h] -> [s, b, h]; backward: reduce-scatter
-        hidden = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=True, group=group)
+        hidden = gather_from_sequence_parallel_region(
+            hidden_states, tensor_parallel_output_grad=True, group=group
+        )
     else:  # identity; backward: all-reduce of every shard's part of dhidden
         hidden = copy_to_tensor_model_parallel_region(hidden_states, group=group)
     tokens = labels.numel()
@@ -91,9 +103,17 @@ def fused_loss(hidden_states: torch.Tensor, output_layer, output_weight: torch.T
     skip = _State.skip_masked and loss_mask is not None
     if skip:  # labels identical on every TP rank, so is the mask: every rank skips the same rows
         labels = labels.masked_fill(loss_mask == 0, params.ignore_index)
-    loss, ce = loss_of_hidden(hidden, weight, labels.t(), params, chunk_size=chunk, skip_ignored=skip,
-                              tp=TensorParallel(group), reduce_hidden_grad=False,
-                              weight_grad=_main_grad_sink(output_layer, weight))
+    loss, ce = loss_of_hidden(
+        hidden,
+        weight,
+        labels.t(),
+        params,
+        chunk_size=chunk,
+        skip_ignored=skip,
+        tp=TensorParallel(group),
+        reduce_hidden_grad=False,
+        weight_grad=_main_grad_sink(output_layer, weight),
+    )
     # rows are [s, b] like the hidden states; Megatron's loss is [b, s] (a new tensor, not a view)
     loss, ce = loss.t().contiguous(), ce.t().contiguous()
     _State.attach(loss, ce)
@@ -113,7 +133,10 @@ def _main_grad_sink(output_layer, weight: torch.Tensor) -> WeightGradSink | None
     """Megatron's gradient accumulation fusion, as its linear layer does it: the weight's
     gradient added into ``weight.main_grad`` (fp32) by the fused GEMM Megatron uses, and
     autograd handed a placeholder where Megatron's DDP hooks expect one."""
-    if not (getattr(output_layer, "gradient_accumulation_fusion", False) and hasattr(weight, "main_grad")):
+    if not (
+        getattr(output_layer, "gradient_accumulation_fusion", False)
+        and hasattr(weight, "main_grad")
+    ):
         return None
     from megatron.core.tensor_parallel import layers
 
@@ -131,8 +154,9 @@ def _main_grad_sink(output_layer, weight: torch.Tensor) -> WeightGradSink | None
             return None
         weight.grad_added_to_main_grad = True
         zero = getattr(weight, "zero_out_wgrad", False)
-        return (torch.zeros if zero else torch.empty)(weight.main_grad.shape, dtype=weight.dtype,
-                                                      device=weight.device)
+        return (torch.zeros if zero else torch.empty)(
+            weight.main_grad.shape, dtype=weight.dtype, device=weight.device
+        )
 
     return WeightGradSink(add, returned)
 
@@ -140,7 +164,9 @@ def _main_grad_sink(output_layer, weight: torch.Tensor) -> WeightGradSink | None
 # ------------------------------------------------------------------ GPTModel: the output_processor hook
 
 
-def _gpt_processor(*, hidden_states, output_layer, output_weight, labels, config, loss_mask=None, **_unused):
+def _gpt_processor(
+    *, hidden_states, output_layer, output_weight, labels, config, loss_mask=None, **_unused
+):
     return fused_loss(hidden_states, output_layer, output_weight, labels, config, loss_mask)
 
 
@@ -182,8 +208,9 @@ class DeferredLogits(torch.Tensor):
     def __new__(cls, hidden, weight, layer):
         s = hidden.shape[0] * (layer.tp_group.size() if layer.sequence_parallel else 1)
         w = layer.weight if weight is None else weight
-        t = torch.Tensor._make_wrapper_subclass(cls, (s, hidden.shape[1], w.shape[0]), dtype=hidden.dtype,
-                                                device=hidden.device)
+        t = torch.Tensor._make_wrapper_subclass(
+            cls, (s, hidden.shape[1], w.shape[0]), dtype=hidden.dtype, device=hidden.device
+        )
         t.inputs = (hidden, weight, layer)
         return t
 
@@ -200,7 +227,9 @@ class DeferredLogits(torch.Tensor):
 
 def fused_loss_of_deferred(logits: DeferredLogits, labels: torch.Tensor, config) -> torch.Tensor:
     hidden, weight, layer = logits.inputs
-    return fused_loss(hidden, layer, weight, labels, config, getattr(_State.local, "loss_mask", None))
+    return fused_loss(
+        hidden, layer, weight, labels, config, getattr(_State.local, "loss_mask", None)
+    )
 
 
 def _make_hybrid_forward(original):
@@ -214,7 +243,11 @@ def _make_hybrid_forward(original):
             return original(*args, **kwargs)
         layer = model.output_layer
         call = _State.local
-        outer = getattr(call, "layer", None), getattr(call, "mtp", 0), getattr(call, "loss_mask", None)
+        outer = (
+            getattr(call, "layer", None),
+            getattr(call, "mtp", 0),
+            getattr(call, "loss_mask", None),
+        )
         call.layer, call.mtp, call.loss_mask = layer, 0, bound.arguments.get("loss_mask")
         layer.forward = functools.partial(_deferring_forward, layer)  # this call only
         try:
@@ -228,7 +261,9 @@ def _make_hybrid_forward(original):
 
 def _deferring_forward(layer, input_, weight=None, runtime_gather_output=None, **kwargs):
     if _State.local.mtp:  # an MTP head: Megatron needs its logits (acceptance counts)
-        return type(layer).forward(layer, input_, weight=weight, runtime_gather_output=runtime_gather_output, **kwargs)
+        return type(layer).forward(
+            layer, input_, weight=weight, runtime_gather_output=runtime_gather_output, **kwargs
+        )
     return DeferredLogits(input_, weight, layer), None
 
 
@@ -257,8 +292,10 @@ def install(params_of, attach, chunk_size: int | None, skip_masked: bool = False
     if "output_processor" in inspect.signature(gpt.GPTModel.forward).parameters:
         wrap(gpt.GPTModel, "forward", _make_gpt_forward)
     else:
-        warn_once("megatron_patch --tofu-fused-output: this megatron-core's GPTModel.forward has no "
-                  "output_processor hook (0.18+): GPTModel keeps the unfused TOFU loss")
+        warn_once(
+            "megatron_patch --tofu-fused-output: this megatron-core's GPTModel.forward has no "
+            "output_processor hook (0.18+): GPTModel keeps the unfused TOFU loss"
+        )
     try:
         hybrid = importlib.import_module(_HYBRID)
     except ImportError:
@@ -267,8 +304,10 @@ def install(params_of, attach, chunk_size: int | None, skip_masked: bool = False
         wrap(hybrid.HybridModel, "forward", _make_hybrid_forward)
         wrap(hybrid, "process_mtp_loss", _make_process_mtp_loss)
     else:
-        warn_once("megatron_patch --tofu-fused-output: this megatron-core's HybridModel is not one the fused "
-                  "output step is tested with (0.19): HybridModel keeps the unfused TOFU loss")
+        warn_once(
+            "megatron_patch --tofu-fused-output: this megatron-core's HybridModel is not one the fused "
+            "output step is tested with (0.19): HybridModel keeps the unfused TOFU loss"
+        )
 
 
 def _hybrid_supported(hybrid) -> bool:
@@ -276,8 +315,11 @@ def _hybrid_supported(hybrid) -> bool:
     labels) ``compute_language_model_loss``, and its MTP heads go through the module's
     ``process_mtp_loss``."""
     src = inspect.getsource(hybrid.HybridModel.forward)
-    return (hasattr(hybrid, "process_mtp_loss") and "self.output_layer(" in src
-            and "self.compute_language_model_loss(labels, logits)" in src)
+    return (
+        hasattr(hybrid, "process_mtp_loss")
+        and "self.output_layer(" in src
+        and "self.compute_language_model_loss(labels, logits)" in src
+    )
 
 
 def uninstall() -> None:
@@ -287,4 +329,3 @@ def uninstall() -> None:
         hybrid = importlib.import_module(_HYBRID)
         unwrap(hybrid.HybridModel, "forward")
         unwrap(hybrid, "process_mtp_loss")
-

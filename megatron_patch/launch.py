@@ -24,7 +24,9 @@ from .arguments import add_arguments, install_hooks
 def flags_help() -> str:
     """The TOFU flags' help, formatted by a parser of their own: the flags are defined once
     (``add_arguments``), and Megatron's parser is neither needed nor asked to format it."""
-    parser = argparse.ArgumentParser(prog="megatron_patch.launch", usage=argparse.SUPPRESS, add_help=False)
+    parser = argparse.ArgumentParser(
+        prog="megatron_patch.launch", usage=argparse.SUPPRESS, add_help=False
+    )
     return add_arguments(parser).format_help().strip()
 
 

@@ -43,9 +43,7 @@ def _language_module():
     try:
         from megatron.core.models.common.language_module.language_module import LanguageModule
     except ImportError as e:
-        raise ImportError(
-            f"megatron_patch needs {_TARGET} (megatron-core 0.16-0.19): {e}"
-        ) from e
+        raise ImportError(f"megatron_patch needs {_TARGET} (megatron-core 0.16-0.19): {e}") from e
     if "compute_language_model_loss" not in LanguageModule.__dict__:
         raise ImportError(
             f"megatron_patch: {_TARGET}.compute_language_model_loss not found; this "
@@ -66,11 +64,14 @@ def _tp_group(module):
     return group
 
 
-def tofu_compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+def tofu_compute_language_model_loss(
+    self, labels: torch.Tensor, logits: torch.Tensor
+) -> torch.Tensor:
     """TOFU replacement: labels ``[b, s]``, logits ``[s, b, V/tp]`` -> fp32 loss ``[b, s]``.
 
     Reads the model-dtype logits directly (no fp32 copy), one all-gather of the per-token
-    statistics over the model's TP group (docs/design.md section 4), and writes the gradient into the logits' storage in the
+    statistics over the model's TP group (docs/design.md section 4), and writes the gradient into
+    the logits' storage in the
     backward (the logits are dead after the loss, as in Megatron's own CE). The per-token
     cross entropy rides on the returned tensor (``reporting.cross_entropy_of``).
     """
@@ -81,7 +82,9 @@ def tofu_compute_language_model_loss(self, labels: torch.Tensor, logits: torch.T
         return _language_module().__dict__["compute_language_model_loss"](self, labels, logits)
     # The one call into tofu_kernels per loss: [s, b, V/tp] seen as [b, s, V/tp] (a strided
     # view, read without a copy) against labels [b, s], over the model's TP group.
-    loss, ce = loss_of_logits(logits.transpose(0, 1), labels, params, TensorParallel(_tp_group(self)))
+    loss, ce = loss_of_logits(
+        logits.transpose(0, 1), labels, params, TensorParallel(_tp_group(self))
+    )
     # The per-token loss is a view of the kernels' flat output. Megatron's combined 1F1B
     # schedule (--overlap-moe-expert-parallel-comm) replaces a view by a new tensor
     # (make_viewless), which would drop the attached cross entropy: return a tensor that is
@@ -105,8 +108,13 @@ def _call_params() -> TOFUParams | None:
 
 
 def apply(
-    loss_type: str = "tofu", gamma: float = DEFAULT_GAMMA, beta: float = DEFAULT_BETA, backend: str = "auto",
-    fused_output: bool = False, chunk_size: int | None = None, skip_masked: bool = False,
+    loss_type: str = "tofu",
+    gamma: float = DEFAULT_GAMMA,
+    beta: float = DEFAULT_BETA,
+    backend: str = "auto",
+    fused_output: bool = False,
+    chunk_size: int | None = None,
+    skip_masked: bool = False,
 ) -> None:
     """Make Megatron-Core compute ``loss_type`` in every LanguageModule.
 
@@ -121,15 +129,25 @@ def apply(
     check_flag(fused_output, "fused_output", "megatron_patch.apply")
     check_flag(skip_masked, "skip_masked", "megatron_patch.apply")
     if loss_type not in LOSS_TYPES:
-        raise ValueError(f"megatron_patch: loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+        raise ValueError(
+            f"megatron_patch: loss_type must be one of {LOSS_TYPES}, got {loss_type!r}"
+        )
     if loss_type == "cross_entropy":
         revert()
         return
     # Megatron's loss entry returns per-token losses; the logits are dead after it, so the
     # gradient goes into their storage; the cross entropy rides along for the reports.
-    params = TOFUParams(gamma=gamma, beta=beta, backend=backend, reduction="none", inplace_backward=True,
-                        return_ce=True)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+    params = TOFUParams(
+        gamma=gamma,
+        beta=beta,
+        backend=backend,
+        reduction="none",
+        inplace_backward=True,
+        return_ce=True,
+    )
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
         raise ValueError(f"megatron_patch: chunk_size must be a positive int, got {chunk_size!r}")
     cls = _language_module()
     with _State.lock:

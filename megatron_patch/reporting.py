@@ -59,7 +59,11 @@ def _loss_mask(loss_func, ce: torch.Tensor) -> torch.Tensor | None:
     fn = loss_func
     while True:
         if isinstance(fn, functools.partial):
-            if fn.args and isinstance(fn.args[0], torch.Tensor) and fn.args[0].numel() == ce.numel():
+            if (
+                fn.args
+                and isinstance(fn.args[0], torch.Tensor)
+                and fn.args[0].numel() == ce.numel()
+            ):
                 return fn.args[0]
             fn = fn.func
         elif callable(getattr(getattr(fn, "__self__", None), "forward_func", None)):
@@ -72,12 +76,18 @@ def _with_cross_entropy(outputs, loss_func, ce: torch.Tensor):
     """``outputs`` of the script's loss_func with the CE entry added to its report dict."""
     report = outputs[-1] if isinstance(outputs, tuple) and outputs else None
     if not isinstance(report, dict) or LOSS_KEY not in report:
-        _warn_once("no-lm-loss", f"the loss_func's report has no {LOSS_KEY!r} entry; {CE_KEY!r} is not reported")
+        _warn_once(
+            "no-lm-loss",
+            f"the loss_func's report has no {LOSS_KEY!r} entry; {CE_KEY!r} is not reported",
+        )
         return outputs
     mask = _loss_mask(loss_func, ce)
     if mask is None:
-        _warn_once("no-mask", f"cannot find the loss mask of {loss_func!r} (expected "
-                              f"partial(loss_func, loss_mask, ...)); {CE_KEY!r} is not reported")
+        _warn_once(
+            "no-mask",
+            f"cannot find the loss mask of {loss_func!r} (expected "
+            f"partial(loss_func, loss_mask, ...)); {CE_KEY!r} is not reported",
+        )
         return outputs
     lm = report[LOSS_KEY]
     mask = mask.reshape(-1).float()
@@ -116,7 +126,9 @@ def install() -> bool:
     except ImportError:
         return False
     if wrap(schedules, "forward_step_calc_loss", _make_forward_step_calc_loss) is None:
-        _warn_once("no-hook", f"{_SCHEDULES}.forward_step_calc_loss not found; {CE_KEY!r} is not reported")
+        _warn_once(
+            "no-hook", f"{_SCHEDULES}.forward_step_calc_loss not found; {CE_KEY!r} is not reported"
+        )
         return False
     return True
 

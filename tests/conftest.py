@@ -5,7 +5,8 @@ TRITON_INTERPRET must be set before triton.jit decorates our kernels, i.e. befor
 tofu_kernels' Triton backend is imported, so it is set here at collection time.
 
 Layout and markers: tests/README.md. Every test under tests/megatron/ is marked
-``megatron``, every test under tests/hf/ ``hf`` and every test under tests/static/ ``static`` here; a test elsewhere that runs
+``megatron``, every test under tests/hf/ ``hf`` and every test under tests/static/ ``static`` here;
+a test elsewhere that runs
 those frameworks carries the marker itself, as the ``slow`` and ``gpu`` tests do.
 """
 
@@ -20,7 +21,11 @@ if not torch.cuda.is_available():
 
 HAS_GPU = torch.cuda.is_available()
 HERE = Path(__file__).resolve().parent
-FOLDER_MARKERS = {"megatron": pytest.mark.megatron, "hf": pytest.mark.hf, "static": pytest.mark.static}
+FOLDER_MARKERS = {
+    "megatron": pytest.mark.megatron,
+    "hf": pytest.mark.hf,
+    "static": pytest.mark.static,
+}
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m selects by marker

@@ -37,7 +37,9 @@ def test_backends_are_registered_objects_of_one_interface():
         assert isinstance(backend, Backend) and backend.name == name
         assert type(backend).__module__ == f"tofu_kernels.backends.{name}_backend"
         ok, why = backend.available(torch.device("cpu"))
-        assert ok == (name == "torch" or (name == "triton" and os.environ.get("TRITON_INTERPRET") == "1")), why
+        assert ok == (
+            name == "torch" or (name == "triton" and os.environ.get("TRITON_INTERPRET") == "1")
+        ), why
     assert get_backend("torch", torch.device("cpu")) is REGISTRY["torch"]
     assert get_backend("auto", torch.device("cpu")) is REGISTRY["torch"]
 
@@ -51,8 +53,18 @@ def test_dispatch_names_no_modules():
         for node in ast.walk(tree):  # no module-level "row_stats = adaptor.row_stats"
             if isinstance(node, ast.Assign) and node in tree.body:
                 for t in node.targets:
-                    names = [e.id for e in (t.elts if isinstance(t, ast.Tuple) else [t]) if isinstance(e, ast.Name)]
-                    assert not set(names) & {"row_stats", "epilogue", "grad", "grad_in_forward", "rescale"}, path.name
+                    names = [
+                        e.id
+                        for e in (t.elts if isinstance(t, ast.Tuple) else [t])
+                        if isinstance(e, ast.Name)
+                    ]
+                    assert not set(names) & {
+                        "row_stats",
+                        "epilogue",
+                        "grad",
+                        "grad_in_forward",
+                        "rescale",
+                    }, path.name
 
 
 def test_public_functions_are_keyword_only_after_labels_in_one_order():
@@ -63,18 +75,32 @@ def test_public_functions_are_keyword_only_after_labels_in_one_order():
         assert kinds[:2] == [inspect.Parameter.POSITIONAL_OR_KEYWORD] * 2
         assert all(k == inspect.Parameter.KEYWORD_ONLY for k in kinds[2:])
     shared = [n for n in list(single)[2:] if n in parallel]
-    assert shared == [n for n in list(parallel)[2:] if n in single], "shared keywords in different orders"
-    assert shared == ["gamma", "beta", "ignore_index", "reduction", "backend", "inplace_backward",
-                      "return_ce", "return_metrics", "check_inputs"]
+    assert shared == [n for n in list(parallel)[2:] if n in single], (
+        "shared keywords in different orders"
+    )
+    assert shared == [
+        "gamma",
+        "beta",
+        "ignore_index",
+        "reduction",
+        "backend",
+        "inplace_backward",
+        "return_ce",
+        "return_metrics",
+        "check_inputs",
+    ]
     # the fused linear functions: three positional inputs, then the same keywords in the same order
     for fn in (tk.linear_tofu_loss, tk.vocab_parallel_linear_tofu_loss):
         sig = inspect.signature(fn).parameters
         kinds = [p.kind for p in sig.values()]
         assert kinds[:3] == [inspect.Parameter.POSITIONAL_OR_KEYWORD] * 3
         assert all(k == inspect.Parameter.KEYWORD_ONLY for k in kinds[3:])
-        assert [n for n in list(sig)[3:] if n in single] == [n for n in shared if n != "inplace_backward"]
-    assert [n for n in inspect.signature(tk.vocab_parallel_linear_tofu_loss).parameters if n in parallel][-3:] == \
-        ["group", "vocab_start", "vocab_end"]
+        assert [n for n in list(sig)[3:] if n in single] == [
+            n for n in shared if n != "inplace_backward"
+        ]
+    assert [
+        n for n in inspect.signature(tk.vocab_parallel_linear_tofu_loss).parameters if n in parallel
+    ][-3:] == ["group", "vocab_start", "vocab_end"]
     x, y = torch.randn(3, 5), torch.tensor([0, 1, 2])
     with pytest.raises(TypeError):
         tk.tofu_loss(x, y, 3.0)  # a positional gamma is refused, not misread
@@ -83,9 +109,21 @@ def test_public_functions_are_keyword_only_after_labels_in_one_order():
 
 
 def test_defaults_are_written_once():
-    defaults = {"gamma": P.DEFAULT_GAMMA, "beta": P.DEFAULT_BETA, "ignore_index": P.DEFAULT_IGNORE_INDEX}
-    for fn in (tk.tofu_loss, tk.vocab_parallel_tofu_loss, tk.TOFULoss, tk.tofu_loss_reference,
-               tk.authors_tofu_loss, tk.linear_tofu_loss, tk.vocab_parallel_linear_tofu_loss, tk.LinearTOFULoss):
+    defaults = {
+        "gamma": P.DEFAULT_GAMMA,
+        "beta": P.DEFAULT_BETA,
+        "ignore_index": P.DEFAULT_IGNORE_INDEX,
+    }
+    for fn in (
+        tk.tofu_loss,
+        tk.vocab_parallel_tofu_loss,
+        tk.TOFULoss,
+        tk.tofu_loss_reference,
+        tk.authors_tofu_loss,
+        tk.linear_tofu_loss,
+        tk.vocab_parallel_linear_tofu_loss,
+        tk.LinearTOFULoss,
+    ):
         sig = inspect.signature(fn).parameters
         for name, value in defaults.items():
             assert sig[name].default == value, (fn.__name__, name)
@@ -111,17 +149,26 @@ def test_megatron_flags_use_the_same_defaults_and_rule():
     sig = inspect.signature(megatron_patch.apply).parameters
     assert (sig["gamma"].default, sig["beta"].default) == (P.DEFAULT_GAMMA, P.DEFAULT_BETA)
     parser = megatron_patch.add_arguments(argparse.ArgumentParser(exit_on_error=False))
-    for flag, bad in (("--tofu-gamma", "-0.5"), ("--tofu-gamma", "nan"), ("--tofu-beta", "0"),
-                      ("--tofu-beta", "inf")):
+    for flag, bad in (
+        ("--tofu-gamma", "-0.5"),
+        ("--tofu-gamma", "nan"),
+        ("--tofu-beta", "0"),
+        ("--tofu-beta", "inf"),
+    ):
         with pytest.raises(argparse.ArgumentError, match="must be a finite number"):
             parser.parse_args([flag, bad])
 
 
 @pytest.mark.parametrize(
     "kwargs,exc,match",
-    [(dict(gamma=math.inf), ValueError, "gamma"), (dict(gamma=True), ValueError, "gamma"),
-     (dict(beta=-0.0), ValueError, "beta"), (dict(ignore_index=1.5), TypeError, "ignore_index"),
-     (dict(reduction="avg"), ValueError, "reduction"), (dict(backend="xla"), ValueError, "backend")],
+    [
+        (dict(gamma=math.inf), ValueError, "gamma"),
+        (dict(gamma=True), ValueError, "gamma"),
+        (dict(beta=-0.0), ValueError, "beta"),
+        (dict(ignore_index=1.5), TypeError, "ignore_index"),
+        (dict(reduction="avg"), ValueError, "reduction"),
+        (dict(backend="xla"), ValueError, "backend"),
+    ],
 )
 def test_params_validate_once_at_construction(kwargs, exc, match):
     with pytest.raises(exc, match=match):
@@ -150,6 +197,7 @@ def _imported_modules(path: Path) -> set[str]:
 def _package_import_graph(package: Path) -> dict[str, set[str]]:
     """module -> the package's modules it imports (relative imports, at any depth of the file:
     lazy imports inside functions count), by dotted name below the package."""
+
     def module_of(path: Path) -> str:
         parts = path.relative_to(package).with_suffix("").parts
         return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -163,7 +211,7 @@ def _package_import_graph(package: Path) -> dict[str, set[str]]:
         for node in ast.walk(ast.parse(path.read_text())):
             if not (isinstance(node, ast.ImportFrom) and node.level > 0):
                 continue
-            anchor = base[:len(base) - (node.level - 1)] if node.level > 1 else base
+            anchor = base[: len(base) - (node.level - 1)] if node.level > 1 else base
             stem = anchor + (node.module.split(".") if node.module else [])
             for alias in node.names:  # "from . import x" may name a module
                 if alias.name == "_C" and not node.module:
@@ -187,7 +235,9 @@ def test_no_import_cycles(package):
         state[node] = 1
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                raise AssertionError(f"import cycle: {' -> '.join(stack[stack.index(nxt):] + [nxt])}")
+                raise AssertionError(
+                    f"import cycle: {' -> '.join(stack[stack.index(nxt) :] + [nxt])}"
+                )
             if nxt not in state:
                 visit(nxt, stack + [nxt])
         state[node] = 2
@@ -202,13 +252,19 @@ def test_fast_path_never_imports_the_reference():
     for path in PKG.rglob("*.py"):
         if path.name in ("__init__.py", "reference.py") and path.parent == PKG:
             continue  # the package root re-exports the reference for users
-        assert not any(n.endswith("reference") for n in _imported_modules(path)), path.relative_to(ROOT)
+        assert not any(n.endswith("reference") for n in _imported_modules(path)), path.relative_to(
+            ROOT
+        )
 
 
 # ----------------------------------------------------------------- defaults: no literal copies
 
-DEFAULT_NAMES = {"gamma": P.DEFAULT_GAMMA, "beta": P.DEFAULT_BETA, "ignore_index": P.DEFAULT_IGNORE_INDEX,
-                 "ignore-index": P.DEFAULT_IGNORE_INDEX}
+DEFAULT_NAMES = {
+    "gamma": P.DEFAULT_GAMMA,
+    "beta": P.DEFAULT_BETA,
+    "ignore_index": P.DEFAULT_IGNORE_INDEX,
+    "ignore-index": P.DEFAULT_IGNORE_INDEX,
+}
 
 
 def _number(node: ast.AST):
@@ -232,19 +288,33 @@ def _named_values(node: ast.AST):
             if isinstance(target, ast.Tuple) and isinstance(node.value, ast.Tuple):
                 targets, values = target.elts, node.value.elts
             for t, v in zip(targets, values):
-                name = t.id if isinstance(t, ast.Name) else t.attr if isinstance(t, ast.Attribute) else None
+                name = (
+                    t.id
+                    if isinstance(t, ast.Name)
+                    else t.attr
+                    if isinstance(t, ast.Attribute)
+                    else None
+                )
                 if name:
                     yield name, v
     elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
         a = node.args
         positional = a.posonlyargs + a.args
-        yield from ((arg.arg, d) for arg, d in zip(positional[len(positional) - len(a.defaults):], a.defaults))
+        yield from (
+            (arg.arg, d)
+            for arg, d in zip(positional[len(positional) - len(a.defaults) :], a.defaults)
+        )
         yield from ((arg.arg, d) for arg, d in zip(a.kwonlyargs, a.kw_defaults) if d is not None)
     elif isinstance(node, ast.Dict):
-        yield from ((k.value, v) for k, v in zip(node.keys, node.values)
-                    if isinstance(k, ast.Constant) and isinstance(k.value, str))
+        yield from (
+            (k.value, v)
+            for k, v in zip(node.keys, node.values)
+            if isinstance(k, ast.Constant) and isinstance(k.value, str)
+        )
     if isinstance(node, ast.Call):
-        labels = [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+        labels = [
+            a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)
+        ]
         for kw in node.keywords:
             if kw.arg == "default":
                 yield from ((label, kw.value) for label in labels)
@@ -262,20 +332,38 @@ def default_literals(source: str) -> list[tuple[int, str]]:
     return found
 
 
-@pytest.mark.parametrize("src", [
-    "f(gamma=3)", "f(x, gamma=3.0)", "gamma = 3.0", "f(beta=.8)", "def f(beta: float = 0.80): pass",
-    "def f(*, gamma=3e0): pass", "x = {'beta': 8e-1}", "self.tofu_gamma = 3.", "GAMMA, BETA = 3, 0.8",
-    "def f(ignore_index=-100): pass", "p.add_argument('--tofu-gamma', type=float, default=3.0)",
-    "cfg.beta: float = 0.8",
-])
+@pytest.mark.parametrize(
+    "src",
+    [
+        "f(gamma=3)",
+        "f(x, gamma=3.0)",
+        "gamma = 3.0",
+        "f(beta=.8)",
+        "def f(beta: float = 0.80): pass",
+        "def f(*, gamma=3e0): pass",
+        "x = {'beta': 8e-1}",
+        "self.tofu_gamma = 3.",
+        "GAMMA, BETA = 3, 0.8",
+        "def f(ignore_index=-100): pass",
+        "p.add_argument('--tofu-gamma', type=float, default=3.0)",
+        "cfg.beta: float = 0.8",
+    ],
+)
 def test_default_literal_detector_catches_every_spelling(src):
     assert default_literals(src), src
 
 
-@pytest.mark.parametrize("src", [
-    "f(gamma=DEFAULT_GAMMA)", "f(gamma=0.0, beta=1.0)", "x = 3.0", "f(beta=0.5)", '"""tofu_loss(gamma=3.0)"""',
-    "p.add_argument('--tofu-gamma', default=DEFAULT_GAMMA)",
-])
+@pytest.mark.parametrize(
+    "src",
+    [
+        "f(gamma=DEFAULT_GAMMA)",
+        "f(gamma=0.0, beta=1.0)",
+        "x = 3.0",
+        "f(beta=0.5)",
+        '"""tofu_loss(gamma=3.0)"""',
+        "p.add_argument('--tofu-gamma', default=DEFAULT_GAMMA)",
+    ],
+)
 def test_default_literal_detector_passes_other_code(src):
     assert not default_literals(src), src
 
@@ -303,17 +391,26 @@ def _calls(name: str) -> list[str]:
             for node in ast.walk(fn):
                 if isinstance(node, ast.Call):
                     f = node.func
-                    if (isinstance(f, ast.Name) and f.id == name) or (isinstance(f, ast.Attribute) and f.attr == name):
+                    if (isinstance(f, ast.Name) and f.id == name) or (
+                        isinstance(f, ast.Attribute) and f.attr == name
+                    ):
                         where.append(f"{path.relative_to(PKG)}:{fn.name}")
     return where
 
 
-@pytest.mark.parametrize("name", [
-    "all_gather_stats",  # the one collective
-    "check_shards", "exchange_meta",  # the checked calls' 16-byte metadata exchange
-    "host_checks_allowed",  # whether host-synchronising checks run
-    "meta_record", "get_backend", "resolve", "dense_layout",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "all_gather_stats",  # the one collective
+        "check_shards",
+        "exchange_meta",  # the checked calls' 16-byte metadata exchange
+        "host_checks_allowed",  # whether host-synchronising checks run
+        "meta_record",
+        "get_backend",
+        "resolve",
+        "dense_layout",
+    ],
+)
 def test_orchestration_steps_are_called_from_the_core_only(name):
     """One core: the steps every entry point shares are taken in core.py, nowhere else."""
     callers = {c.split(":")[0] for c in _calls(name)}
@@ -328,16 +425,30 @@ def test_backends_are_reached_through_the_core_only():
         if path.parent.name == "backends" or path.name == "core.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in methods
-                    and isinstance(node.func.value, ast.Attribute) and node.func.value.attr == "backend"):
-                raise AssertionError(f"{path.relative_to(ROOT)}:{node.lineno} calls a backend directly")
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in methods
+                and isinstance(node.func.value, ast.Attribute)
+                and node.func.value.attr == "backend"
+            ):
+                raise AssertionError(
+                    f"{path.relative_to(ROOT)}:{node.lineno} calls a backend directly"
+                )
 
 
 # The layers, lowest first: a module imports only from its own layer or lower ones.
 LAYERS = [
     {"params", "records", "layout", "checks", "tofu_math", "extension", "reference"},
-    {"backends", "backends.base", "backends.gpu", "backends.triton_kernels", "backends.triton_backend",
-     "backends.cuda_backend", "backends.torch_backend"},
+    {
+        "backends",
+        "backends.base",
+        "backends.gpu",
+        "backends.triton_kernels",
+        "backends.triton_backend",
+        "backends.cuda_backend",
+        "backends.torch_backend",
+    },
     {"vocab_parallel"},
     {"core"},
     {"loss", "linear"},
@@ -367,7 +478,11 @@ def _private_imports(path: Path) -> list[str]:
             if node.module:
                 base = base.joinpath(*node.module.split("."))
             for alias in node.names:
-                is_module = (base / f"{alias.name}.py").exists() or (base / alias.name).is_dir() or alias.name == "_C"
+                is_module = (
+                    (base / f"{alias.name}.py").exists()
+                    or (base / alias.name).is_dir()
+                    or alias.name == "_C"
+                )
                 if alias.name.startswith("_") and not is_module:
                     bad.append(f"from {'.' * node.level}{node.module or ''} import {alias.name}")
     return bad
@@ -383,7 +498,10 @@ def test_loss_and_linear_are_siblings_over_the_core():
     call the core."""
     for path, other in ((PKG / "linear.py", "loss"), (PKG / "loss.py", "linear")):
         imported = _imported_modules(path)
-        assert not any(n in (f".{other}", f"tofu_kernels.{other}") for n in imported), (path.name, imported)
+        assert not any(n in (f".{other}", f"tofu_kernels.{other}") for n in imported), (
+            path.name,
+            imported,
+        )
         assert ".core" in imported or "core" in imported
 
 
@@ -392,19 +510,25 @@ def test_loss_and_linear_are_siblings_over_the_core():
 
 def _header_constants() -> dict[str, int]:
     header = (ROOT / "csrc" / "tofu_kernels.h").read_text()
-    return {name: int(value) for name, value in re.findall(r"constexpr\s+\w+\s+(k\w+)\s*=\s*(\d+);", header)}
+    return {
+        name: int(value)
+        for name, value in re.findall(r"constexpr\s+\w+\s+(k\w+)\s*=\s*(\d+);", header)
+    }
 
 
 def test_launch_constants_tied_to_the_header():
     """csrc/tofu_kernels.h defines the launch constants; Python reads them from the extension
     where it is built, and its defaults for elsewhere equal the header's values."""
-    from tofu_kernels.backends import gpu
-    from tofu_kernels.backends import triton_backend
+    from tofu_kernels.backends import gpu, triton_backend
     from tofu_kernels.extension import EXTENSION
 
     header = _header_constants()
-    cxx = {"TILE_COLS": "kTileCols", "TARGET_BLOCKS": "kTargetBlocks", "EPILOGUE_THREADS": "kEpilogueThreads",
-           "RESCALE_BLOCKS": "kRescaleBlocks"}
+    cxx = {
+        "TILE_COLS": "kTileCols",
+        "TARGET_BLOCKS": "kTargetBlocks",
+        "EPILOGUE_THREADS": "kEpilogueThreads",
+        "RESCALE_BLOCKS": "kRescaleBlocks",
+    }
     assert set(gpu.HEADER_DEFAULTS) == set(cxx)
     for name, value in gpu.HEADER_DEFAULTS.items():
         assert header[cxx[name]] == value, name
@@ -412,11 +536,16 @@ def test_launch_constants_tied_to_the_header():
         assert getattr(gpu, name) == expect, name
     # the Triton launch policy is the same constants, not copies of them
     assert triton_backend.FWD_BLOCK == triton_backend.BWD_BLOCK == gpu.TILE_COLS
-    assert (triton_backend.TARGET_PROGRAMS, triton_backend.EPILOGUE_ROWS, triton_backend.RESCALE_PROGRAMS) == (
-        gpu.TARGET_BLOCKS, gpu.EPILOGUE_THREADS, gpu.RESCALE_BLOCKS)
+    assert (
+        triton_backend.TARGET_PROGRAMS,
+        triton_backend.EPILOGUE_ROWS,
+        triton_backend.RESCALE_PROGRAMS,
+    ) == (gpu.TARGET_BLOCKS, gpu.EPILOGUE_THREADS, gpu.RESCALE_BLOCKS)
     source = (PKG / "backends" / "triton_backend.py").read_text()
     for name in ("FWD_BLOCK", "BWD_BLOCK", "TARGET_PROGRAMS", "EPILOGUE_ROWS", "RESCALE_PROGRAMS"):
-        assert re.search(rf"^{name} = gpu\.\w+$", source, re.M), f"triton_backend.{name} is not read from gpu.py"
+        assert re.search(rf"^{name} = gpu\.\w+$", source, re.M), (
+            f"triton_backend.{name} is not read from gpu.py"
+        )
 
 
 def test_gpu_ops_have_one_spec():
@@ -430,9 +559,14 @@ def test_gpu_ops_have_one_spec():
         triton = getattr(torch.ops.tofu_kernels, f"triton_{name}").default._schema
         assert str(triton) == f"tofu_kernels::triton_{name}{op.schema}", name
         if tk.extension_loaded():
-            assert str(getattr(torch.ops.tofu_kernels, name).default._schema) == f"tofu_kernels::{name}{op.schema}"
+            assert (
+                str(getattr(torch.ops.tofu_kernels, name).default._schema)
+                == f"tofu_kernels::{name}{op.schema}"
+            )
     cpp = (ROOT / "csrc" / "tofu_ops.cpp").read_text()
-    assert "TORCH_LIBRARY(" not in cpp and "m.def(" not in cpp, "csrc/tofu_ops.cpp defines a schema of its own"
+    assert "TORCH_LIBRARY(" not in cpp and "m.def(" not in cpp, (
+        "csrc/tofu_ops.cpp defines a schema of its own"
+    )
     assert sorted(re.findall(r'm\.impl\("(\w+)"', cpp)) == sorted(gpu.OPS)
 
 
@@ -464,8 +598,12 @@ for name, schema in specs.items():
 print("checked", len(specs))
 """)
     specs = {name: op.schema for name, op in gpu.OPS.items()}
-    out = subprocess.run([sys.executable, str(script), _C.__file__, json.dumps(specs)], capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(script), _C.__file__, json.dumps(specs)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0 and f"checked {len(specs)}" in out.stdout, out.stdout + out.stderr
 
 
@@ -477,11 +615,21 @@ def test_hugging_face_paths_share_one_forward():
     assert {c.split(":")[0] for c in _calls("loss_of_hidden")} == {"hf/models.py", "linear.py"}
     assert {c.split(":")[0] for c in _calls("on_hidden")} == {"hf/models.py"}
     trainer = _imported_modules(PKG / "hf" / "trainer.py")
-    assert ".models" in trainer and not {n for n in trainer if n.endswith("linear") or n.endswith("core")}
-    asks = [k for node in ast.walk(ast.parse((PKG / "hf" / "trainer.py").read_text())) if isinstance(node, ast.Call)
-            for k in node.keywords if k.arg == "tofu_metrics"]
+    assert ".models" in trainer and not {
+        n for n in trainer if n.endswith("linear") or n.endswith("core")
+    }
+    asks = [
+        k
+        for node in ast.walk(ast.parse((PKG / "hf" / "trainer.py").read_text()))
+        if isinstance(node, ast.Call)
+        for k in node.keywords
+        if k.arg == "tofu_metrics"
+    ]
     assert asks and all(isinstance(k.value, ast.Constant) and k.value.value is True for k in asks)
-    assert {c.split(":")[0] for c in _calls("apply_tofu")} == {"hf/trainer.py", "axolotl.py"}  # + Axolotl's hook
+    assert {c.split(":")[0] for c in _calls("apply_tofu")} == {
+        "hf/trainer.py",
+        "axolotl.py",
+    }  # + Axolotl's hook
 
 
 def test_metrics_math_written_once_per_language():

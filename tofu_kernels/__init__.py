@@ -1,8 +1,8 @@
 """TOFU (Tempered Focal) loss kernels for vocab-sharded logits.
 
-    import tofu_kernels as tk
-    loss = tk.tofu_loss(logits, labels, gamma=3.0, beta=0.8)
-    loss = tk.linear_tofu_loss(hidden, lm_head.weight, labels)  # never builds the logits
+import tofu_kernels as tk
+loss = tk.tofu_loss(logits, labels, gamma=3.0, beta=0.8)
+loss = tk.linear_tofu_loss(hidden, lm_head.weight, labels)  # never builds the logits
 """
 
 from .extension import extension_loaded, extension_status

@@ -58,8 +58,10 @@ def _check_weights(loss_weights, labels: torch.Tensor, reduction: str, who: str)
     if reduction != "sum":
         raise ValueError(f"{who}: loss_weights goes with reduction='sum', got {reduction!r}")
     if tuple(loss_weights.shape) != tuple(labels.shape):
-        raise ValueError(f"{who}: loss_weights.shape must equal labels.shape, got "
-                         f"{tuple(loss_weights.shape)} and {tuple(labels.shape)}")
+        raise ValueError(
+            f"{who}: loss_weights.shape must equal labels.shape, got "
+            f"{tuple(loss_weights.shape)} and {tuple(labels.shape)}"
+        )
     return loss_weights.to(device=labels.device, dtype=torch.float32)
 
 
@@ -69,8 +71,10 @@ def _replicated(t, name: str, who: str):
     if not isinstance(t, DTensor):
         return t
     if not all(p.is_replicate() for p in t.placements):
-        raise ValueError(f"{who}: {name} must be replicated over its mesh (or a plain tensor), got placements "
-                         f"{t.placements}; redistribute it to Replicate() first")
+        raise ValueError(
+            f"{who}: {name} must be replicated over its mesh (or a plain tensor), got placements "
+            f"{t.placements}; redistribute it to Replicate() first"
+        )
     return t.to_local()
 
 
@@ -100,8 +104,10 @@ def _finish(module, loss, ce, weights, num_label_tokens):
         loss, ce = (loss * weights).sum(), (ce * weights).sum()
     if num_label_tokens is not None:
         if module.params.reduction != "sum":
-            raise ValueError(f"{type(module).__name__}: num_label_tokens goes with reduction='sum', "
-                             f"got {module.params.reduction!r}")
+            raise ValueError(
+                f"{type(module).__name__}: num_label_tokens goes with reduction='sum', "
+                f"got {module.params.reduction!r}"
+            )
         n = float(num_label_tokens)
         if n == 0:
             loss, ce = loss * 0.0, ce * 0.0
@@ -135,14 +141,33 @@ class TOFULoss(_AutomodelLoss):
     scalar (``labels``' shape for "none"); the gradient has the logits' dtype and layout.
     """
 
-    def __init__(self, gamma: float = DEFAULT_GAMMA, beta: float = DEFAULT_BETA,
-                 ignore_index: int = DEFAULT_IGNORE_INDEX, reduction: str = "sum", backend: str = "auto"):
-        super().__init__(TOFUParams(gamma=gamma, beta=beta, ignore_index=ignore_index, reduction=reduction,
-                                    backend=backend))
+    def __init__(
+        self,
+        gamma: float = DEFAULT_GAMMA,
+        beta: float = DEFAULT_BETA,
+        ignore_index: int = DEFAULT_IGNORE_INDEX,
+        reduction: str = "sum",
+        backend: str = "auto",
+    ):
+        super().__init__(
+            TOFUParams(
+                gamma=gamma,
+                beta=beta,
+                ignore_index=ignore_index,
+                reduction=reduction,
+                backend=backend,
+            )
+        )
         self.last_ce = None
 
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None,
-                num_label_tokens: int | None = None, loss_weights: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        num_label_tokens: int | None = None,
+        loss_weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         p, who = self.params, "TOFULoss"
         labels = _replicated(labels, "labels", who)
         device = (logits.to_local() if isinstance(logits, DTensor) else logits).device
@@ -150,14 +175,22 @@ class TOFULoss(_AutomodelLoss):
         weights = _check_weights(loss_weights, labels, p.reduction, who)
         if mask is not None:
             labels = labels.masked_fill(mask.to(device) == 0, p.ignore_index)
-        kw = dict(gamma=p.gamma, beta=p.beta, ignore_index=p.ignore_index, backend=p.backend, return_ce=True,
-                  reduction="none" if weights is not None else p.reduction)
+        kw = dict(
+            gamma=p.gamma,
+            beta=p.beta,
+            ignore_index=p.ignore_index,
+            backend=p.backend,
+            return_ce=True,
+            reduction="none" if weights is not None else p.reduction,
+        )
         shard = self._vocab_shard(logits)
         if shard is None:
             loss, ce = tofu_loss(_replicated(logits, "logits", who), labels, **kw)
         else:
             local, group, start, end = shard
-            loss, ce = vocab_parallel_tofu_loss(local, labels, group=group, vocab_start=start, vocab_end=end, **kw)
+            loss, ce = vocab_parallel_tofu_loss(
+                local, labels, group=group, vocab_start=start, vocab_end=end, **kw
+            )
         return _finish(self, loss, ce, weights, num_label_tokens)
 
     @staticmethod
@@ -167,22 +200,33 @@ class TOFULoss(_AutomodelLoss):
         if not isinstance(logits, DTensor):
             return None
         last = logits.ndim - 1
-        vocab = [i for i, p in enumerate(logits.placements) if type(p) is Shard and p.dim % logits.ndim == last]
-        others = [p for i, p in enumerate(logits.placements) if i not in vocab and not p.is_replicate()]
+        vocab = [
+            i
+            for i, p in enumerate(logits.placements)
+            if type(p) is Shard and p.dim % logits.ndim == last
+        ]
+        others = [
+            p for i, p in enumerate(logits.placements) if i not in vocab and not p.is_replicate()
+        ]
         if others or len(vocab) > 1:
             raise ValueError(
                 f"TOFULoss: DTensor logits with placements {logits.placements}: expected Shard({last}) (the "
                 f"vocabulary, tensor parallel) on at most one mesh dimension and Replicate() on the others; "
-                f"redistribute the logits (e.g. a sequence-sharded tensor: to Shard({last}) or Replicate())")
+                f"redistribute the logits (e.g. a sequence-sharded tensor: to Shard({last}) or Replicate())"
+            )
         if not vocab:
             return None
         mesh, dim = logits.device_mesh, vocab[0]
         n, rank = mesh.size(dim), mesh.get_local_rank(dim)
         start, end = _shard_range(logits.shape[-1], n, rank)
-        local = logits.to_local()  # its backward wraps our gradient as a DTensor with these placements
+        local = (
+            logits.to_local()
+        )  # its backward wraps our gradient as a DTensor with these placements
         if local.shape[-1] != end - start:
-            raise ValueError(f"TOFULoss: local logits shard has {local.shape[-1]} columns, the DTensor layout "
-                             f"says {end - start} (columns [{start}, {end}) of {logits.shape[-1]})")
+            raise ValueError(
+                f"TOFULoss: local logits shard has {local.shape[-1]} columns, the DTensor layout "
+                f"says {end - start} (columns [{start}, {end}) of {logits.shape[-1]})"
+            )
         return _pad_to(local, -1, -(-logits.shape[-1] // n)), mesh.get_group(dim), start, end
 
 
@@ -204,31 +248,61 @@ class LinearTOFULoss(LinearCrossEntropy, _AutomodelLoss):
       tensor-parallel group (the hidden states' gradient all-reduced over it).
     """
 
-    def __init__(self, gamma: float = DEFAULT_GAMMA, beta: float = DEFAULT_BETA,
-                 ignore_index: int = DEFAULT_IGNORE_INDEX, reduction: str = "sum", backend: str = "auto",
-                 chunk_size: int | None = None, tp_mesh_dim: str = "tp"):
-        _AutomodelLoss.__init__(self, TOFUParams(gamma=gamma, beta=beta, ignore_index=ignore_index,
-                                                 reduction=reduction, backend=backend),
-                                chunk_size=chunk_size, tp_mesh_dim=tp_mesh_dim)
+    def __init__(
+        self,
+        gamma: float = DEFAULT_GAMMA,
+        beta: float = DEFAULT_BETA,
+        ignore_index: int = DEFAULT_IGNORE_INDEX,
+        reduction: str = "sum",
+        backend: str = "auto",
+        chunk_size: int | None = None,
+        tp_mesh_dim: str = "tp",
+    ):
+        _AutomodelLoss.__init__(
+            self,
+            TOFUParams(
+                gamma=gamma,
+                beta=beta,
+                ignore_index=ignore_index,
+                reduction=reduction,
+                backend=backend,
+            ),
+            chunk_size=chunk_size,
+            tp_mesh_dim=tp_mesh_dim,
+        )
         self.last_ce = None
 
-    def forward(self, hidden_states: torch.Tensor, labels: torch.Tensor, lm_weight: torch.Tensor,
-                num_label_tokens: int | None = None, grad_reduce_group: dist.ProcessGroup | None = None,
-                loss_weights: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        labels: torch.Tensor,
+        lm_weight: torch.Tensor,
+        num_label_tokens: int | None = None,
+        grad_reduce_group: dist.ProcessGroup | None = None,
+        loss_weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         p, who = self.params, "LinearTOFULoss"
         hidden = _replicated(hidden_states, "hidden_states", who)
         labels = _replicated(labels, "labels", who).to(hidden.device)
         weights = _check_weights(loss_weights, labels, p.reduction, who)
-        kw = dict(gamma=p.gamma, beta=p.beta, ignore_index=p.ignore_index, backend=p.backend, return_ce=True,
-                  reduction="none" if weights is not None else p.reduction, chunk_size=self.chunk_size)
+        kw = dict(
+            gamma=p.gamma,
+            beta=p.beta,
+            ignore_index=p.ignore_index,
+            backend=p.backend,
+            return_ce=True,
+            reduction="none" if weights is not None else p.reduction,
+            chunk_size=self.chunk_size,
+        )
         tp = self._tp_weight(lm_weight, grad_reduce_group)
         if tp is None:
             weight = self.materialize_lm_weight(lm_weight, grad_reduce_group=grad_reduce_group)
             loss, ce = linear_tofu_loss(hidden, weight, labels, **kw)
         else:
             weight, group, start, end = tp
-            loss, ce = vocab_parallel_linear_tofu_loss(hidden, weight, labels, group=group, vocab_start=start,
-                                                       vocab_end=end, **kw)
+            loss, ce = vocab_parallel_linear_tofu_loss(
+                hidden, weight, labels, group=group, vocab_start=start, vocab_end=end, **kw
+            )
         return _finish(self, loss, ce, weights, num_label_tokens)
 
     def _tp_weight(self, lm_weight, grad_reduce_group):
@@ -245,8 +319,10 @@ class LinearTOFULoss(LinearCrossEntropy, _AutomodelLoss):
         if place.is_replicate() or mesh.size(tp) == 1:
             return None  # the head is whole on the tensor-parallel ranks
         if type(place) is not Shard or place.dim != 0:
-            raise ValueError(f"LinearTOFULoss: the LM head weight's placement on the {self.tp_mesh_dim!r} mesh "
-                             f"dimension is {place}; a tensor-parallel head is Shard(0) (rows = vocabulary)")
+            raise ValueError(
+                f"LinearTOFULoss: the LM head weight's placement on the {self.tp_mesh_dim!r} mesh "
+                f"dimension is {place}; a tensor-parallel head is Shard(0) (rows = vocabulary)"
+            )
         fsdp = [i for i in range(mesh.ndim) if i != tp]
         want = tuple(Shard(0) if i == tp else Replicate() for i in range(mesh.ndim))
         grads = tuple(Shard(0) if i == tp else Partial() for i in range(mesh.ndim))
@@ -254,9 +330,15 @@ class LinearTOFULoss(LinearCrossEntropy, _AutomodelLoss):
         training = torch.is_grad_enabled() and lm_weight.requires_grad
         group_world = dist.get_world_size(grad_reduce_group) if grad_reduce_group is not None else 1
         if training and fsdp_world > 1 and group_world != fsdp_world:
-            raise ValueError(f"LinearTOFULoss: grad_reduce_group has {group_world} ranks, the LM head is sharded "
-                             f"over {fsdp_world} outside {self.tp_mesh_dim!r}; they must be the same ranks")
-        full = lm_weight.redistribute(lm_weight.device_mesh, want) if lm_weight.placements != want else lm_weight
+            raise ValueError(
+                f"LinearTOFULoss: grad_reduce_group has {group_world} ranks, the LM head is sharded "
+                f"over {fsdp_world} outside {self.tp_mesh_dim!r}; they must be the same ranks"
+            )
+        full = (
+            lm_weight.redistribute(lm_weight.device_mesh, want)
+            if lm_weight.placements != want
+            else lm_weight
+        )
         # Partial on the FSDP dimensions: each rank's gradient is its own tokens' part, summed
         # (reduce-scattered) into the shard; divided by the group as materialize_lm_weight
         # does, since Automodel's recipe scales the loss by that world size.
@@ -265,6 +347,13 @@ class LinearTOFULoss(LinearCrossEntropy, _AutomodelLoss):
             local.register_hook(lambda g: g / fsdp_world)
         start, end = _shard_range(lm_weight.shape[0], mesh.size(tp), mesh.get_local_rank(tp))
         if local.shape[0] != end - start:
-            raise ValueError(f"LinearTOFULoss: local LM head shard has {local.shape[0]} rows, the DTensor layout "
-                             f"says {end - start}")
-        return (_pad_to(local, 0, -(-lm_weight.shape[0] // mesh.size(tp))), mesh.get_group(tp), start, end)
+            raise ValueError(
+                f"LinearTOFULoss: local LM head shard has {local.shape[0]} rows, the DTensor layout "
+                f"says {end - start}"
+            )
+        return (
+            _pad_to(local, 0, -(-lm_weight.shape[0] // mesh.size(tp))),
+            mesh.get_group(tp),
+            start,
+            end,
+        )

@@ -42,7 +42,9 @@ try:
     from axolotl.integrations.base import BasePlugin
     from axolotl.utils.logging import get_logger
 except ImportError as e:  # pragma: no cover - exercised where Axolotl is missing
-    raise ImportError("tofu_kernels.axolotl needs Axolotl (axolotl.integrations.base): pip install axolotl") from e
+    raise ImportError(
+        "tofu_kernels.axolotl needs Axolotl (axolotl.integrations.base): pip install axolotl"
+    ) from e
 
 __all__ = ["MODEL_TYPES", "TOFUArgs", "TOFUPlugin"]
 
@@ -50,8 +52,14 @@ LOG = get_logger(__name__)
 
 # Axolotl's ``model_config_type`` (the checkpoint's config.json ``model_type``) of each
 # supported causal LM.
-MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-               "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+MODEL_TYPES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+}
 
 # key -> why it cannot go with tofu_loss (each replaces the loss TOFU replaces, or needs the logits)
 CONFLICTS = {
@@ -73,36 +81,59 @@ class TOFUArgs(BaseModel):
     """The plugin's YAML keys, merged into Axolotl's config schema."""
 
     tofu_loss: bool | None = Field(
-        default=None, json_schema_extra={"description": "Train with the TOFU loss (tofu_kernels) instead of cross entropy"})
-    tofu_gamma: float = Field(default=DEFAULT_GAMMA, json_schema_extra={"description": "TOFU focal exponent, >= 0"})
-    tofu_beta: float = Field(default=DEFAULT_BETA, json_schema_extra={"description": "TOFU temperature, > 0"})
+        default=None,
+        json_schema_extra={
+            "description": "Train with the TOFU loss (tofu_kernels) instead of cross entropy"
+        },
+    )
+    tofu_gamma: float = Field(
+        default=DEFAULT_GAMMA, json_schema_extra={"description": "TOFU focal exponent, >= 0"}
+    )
+    tofu_beta: float = Field(
+        default=DEFAULT_BETA, json_schema_extra={"description": "TOFU temperature, > 0"}
+    )
     tofu_fused_linear: bool = Field(
-        default=True, json_schema_extra={"description": "Compute the loss from the last hidden states and "
-                                                        "lm_head.weight, never building the logits"})
+        default=True,
+        json_schema_extra={
+            "description": "Compute the loss from the last hidden states and "
+            "lm_head.weight, never building the logits"
+        },
+    )
     tofu_chunk_size: int | None = Field(
-        default=None, json_schema_extra={"description": "Tokens per logits chunk of the fused loss (default: a "
-                                                        "128 MiB chunk)"})
+        default=None,
+        json_schema_extra={
+            "description": "Tokens per logits chunk of the fused loss (default: a 128 MiB chunk)"
+        },
+    )
 
     @model_validator(mode="before")
     @classmethod
     def check_tofu_keys(cls, data):
         if not isinstance(data, dict):
             return data
-        unknown = sorted(k for k in data if isinstance(k, str) and k.startswith("tofu_") and k not in FIELDS)
+        unknown = sorted(
+            k for k in data if isinstance(k, str) and k.startswith("tofu_") and k not in FIELDS
+        )
         if unknown:
-            raise ValueError(f"unknown TOFU key(s) {', '.join(unknown)}: the TOFU plugin's keys are "
-                             f"{', '.join(FIELDS)}")
+            raise ValueError(
+                f"unknown TOFU key(s) {', '.join(unknown)}: the TOFU plugin's keys are "
+                f"{', '.join(FIELDS)}"
+            )
         if not data.get("tofu_loss"):
             given = [k for k in FIELDS[1:] if data.get(k) is not None]
             if given:
-                raise ValueError(f"{given[0]} is set but tofu_loss is not true: add `tofu_loss: true` to train "
-                                 "with TOFU (or remove the tofu_* keys)")
+                raise ValueError(
+                    f"{given[0]} is set but tofu_loss is not true: add `tofu_loss: true` to train "
+                    "with TOFU (or remove the tofu_* keys)"
+                )
             return data
         for key, why in CONFLICTS.items():
             value = data.get(key)
             if value and not (key == "label_smoothing_factor" and value == 0):
-                raise ValueError(f"tofu_loss: true cannot be combined with {key}: {value!r} ({why}); set "
-                                 f"{key} off or tofu_loss: false")
+                raise ValueError(
+                    f"tofu_loss: true cannot be combined with {key}: {value!r} ({why}); set "
+                    f"{key} off or tofu_loss: false"
+                )
         return data
 
     @field_validator("tofu_gamma")
@@ -132,9 +163,11 @@ class TOFUArgs(BaseModel):
 def _model_type_error(model_type) -> str | None:
     if model_type is None or model_type in MODEL_TYPES:
         return None
-    return (f"tofu_loss: true needs one of the supported models; base_model has model_config_type "
-            f"{model_type!r}, supported: {', '.join(MODEL_TYPES)} ({', '.join(SUPPORTED_MODELS)}); set "
-            "tofu_loss: false or change base_model")
+    return (
+        f"tofu_loss: true needs one of the supported models; base_model has model_config_type "
+        f"{model_type!r}, supported: {', '.join(MODEL_TYPES)} ({', '.join(SUPPORTED_MODELS)}); set "
+        "tofu_loss: false or change base_model"
+    )
 
 
 class TOFUPlugin(BasePlugin):
@@ -155,19 +188,27 @@ class TOFUPlugin(BasePlugin):
         try:
             check_model(model, bool(cfg.tofu_fused_linear), "tofu_loss")
         except ValueError as e:
-            raise ValueError(f"{e} (base_model: {cfg.base_model}; set tofu_loss: false or change base_model)") from None
+            raise ValueError(
+                f"{e} (base_model: {cfg.base_model}; set tofu_loss: false or change base_model)"
+            ) from None
         gamma = DEFAULT_GAMMA if cfg.tofu_gamma is None else cfg.tofu_gamma
         beta = DEFAULT_BETA if cfg.tofu_beta is None else cfg.tofu_beta
         fused = True if cfg.tofu_fused_linear is None else bool(cfg.tofu_fused_linear)
-        apply_tofu(model, gamma=gamma, beta=beta, fused_linear=fused, chunk_size=cfg.tofu_chunk_size)
+        apply_tofu(
+            model, gamma=gamma, beta=beta, fused_linear=fused, chunk_size=cfg.tofu_chunk_size
+        )
         LOG.info(f"TOFU loss applied (gamma={gamma}, beta={beta}, fused_linear={fused})")
 
     def post_trainer_create(self, cfg, trainer):
         if not cfg.tofu_loss:
             return
         if getattr(trainer, "compute_loss_func", None) is not None:
-            raise ValueError("tofu_loss: true, but the trainer has a compute_loss_func (e.g. use_eaft / use_dft), "
-                             "which replaces the model's TOFU loss; set one of them off")
+            raise ValueError(
+                "tofu_loss: true, but the trainer has a compute_loss_func (e.g. use_eaft / use_dft), "
+                "which replaces the model's TOFU loss; set one of them off"
+            )
         if getattr(trainer.args, "label_smoothing_factor", 0) > 0:
-            raise ValueError("tofu_loss: true cannot be combined with label_smoothing_factor > 0 (the trainer's "
-                             "label smoothing replaces the model's loss); set one of them off")
+            raise ValueError(
+                "tofu_loss: true cannot be combined with label_smoothing_factor > 0 (the trainer's "
+                "label smoothing replaces the model's loss); set one of them off"
+            )

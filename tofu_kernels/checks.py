@@ -14,7 +14,9 @@ def _check_common(fn: str, named: dict[str, object], x_name: str, labels_shape_r
     labels last."""
     if not all(isinstance(t, torch.Tensor) for t in named.values()):
         names = list(named)
-        listed = " and ".join(names) if len(names) == 2 else ", ".join(names[:-1]) + " and " + names[-1]
+        listed = (
+            " and ".join(names) if len(names) == 2 else ", ".join(names[:-1]) + " and " + names[-1]
+        )
         raise TypeError(f"{fn}: {listed} must be torch.Tensor")
     x, labels = named[x_name], named["labels"]
     if x.dtype not in _FLOAT_DTYPES:
@@ -40,14 +42,18 @@ def check_tensors(logits: torch.Tensor, labels: torch.Tensor) -> None:
 
 def check_linear_tensors(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> None:
     """The inputs of :func:`tofu_kernels.linear_tofu_loss` (and its vocab-parallel twin)."""
-    _check_common("linear_tofu_loss", {"hidden": hidden, "weight": weight, "labels": labels}, "hidden", "dim")
+    _check_common(
+        "linear_tofu_loss", {"hidden": hidden, "weight": weight, "labels": labels}, "hidden", "dim"
+    )
     if weight.dtype != hidden.dtype:
         raise TypeError(
             f"linear_tofu_loss: weight ({weight.dtype}) and hidden ({hidden.dtype}) must have one dtype "
             "(nothing is cast silently)"
         )
     if weight.dim() != 2 or weight.shape[0] == 0:
-        raise ValueError(f"linear_tofu_loss: weight must be [V, D] with V > 0, got {tuple(weight.shape)}")
+        raise ValueError(
+            f"linear_tofu_loss: weight must be [V, D] with V > 0, got {tuple(weight.shape)}"
+        )
     if hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"linear_tofu_loss: hidden must be [..., D] with D = weight.shape[1] = {weight.shape[1]}, "

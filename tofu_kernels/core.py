@@ -41,17 +41,32 @@ from dataclasses import dataclass
 
 import torch
 
+from .backends import Backend, get_backend
 from .checks import check_label_range, host_checks_allowed
 from .layout import RowLayout, Shard, dense_layout
-from .backends import Backend, get_backend
 from .params import TOFUParams
 from .records import Epilogue, Metric, Partials, Reduction, Stat, TokenMetrics, meta_record
 from .tofu_math import combine_stats
 from .vocab_parallel import TensorParallel, all_gather_stats, check_shards, exchange_meta, resolve
 
-__all__ = ["LossModule", "Plan", "chunk_stats", "empty_loss", "finish", "grad", "grad_buffer", "grad_in_forward",
-           "new_grad", "outputs", "plan", "refuse_double_backward", "rescale", "results", "row_stats",
-           "training_rows"]
+__all__ = [
+    "LossModule",
+    "Plan",
+    "chunk_stats",
+    "empty_loss",
+    "finish",
+    "grad",
+    "grad_buffer",
+    "grad_in_forward",
+    "new_grad",
+    "outputs",
+    "plan",
+    "refuse_double_backward",
+    "rescale",
+    "results",
+    "row_stats",
+    "training_rows",
+]
 
 
 @dataclass(frozen=True)
@@ -68,8 +83,14 @@ class Plan:
     grad_in_forward: bool  # the path: gradient in the forward, else two passes
 
 
-def plan(params: TOFUParams, labels: torch.Tensor, width: int, device: torch.device, tp: TensorParallel | None,
-         inputs: Iterable[torch.Tensor]) -> Plan:
+def plan(
+    params: TOFUParams,
+    labels: torch.Tensor,
+    width: int,
+    device: torch.device,
+    tp: TensorParallel | None,
+    inputs: Iterable[torch.Tensor],
+) -> Plan:
     """Decide the call: ``labels`` flat int64, rows ``width`` columns wide on ``device``,
     ``tp`` the tensor-parallel options (None: one device), ``inputs`` the tensors a gradient
     may be wanted for."""
@@ -83,8 +104,9 @@ def plan(params: TOFUParams, labels: torch.Tensor, width: int, device: torch.dev
     return Plan(params, Reduction[params.reduction.upper()], backend, width, shard, tp, check, path)
 
 
-def _grad_in_forward(params: TOFUParams, shard: Shard, tp: TensorParallel | None, width: int,
-                     wants_grad: bool) -> bool:
+def _grad_in_forward(
+    params: TOFUParams, shard: Shard, tp: TensorParallel | None, width: int, wants_grad: bool
+) -> bool:
     """The gradient in the forward needs a scalar upstream gradient (reduction "mean" or
     "sum"), whole rows on one device, and a gradient wanted; ``grad_in_forward`` None takes
     it wherever possible, False never, True requires it."""
@@ -148,8 +170,15 @@ def _overwritten(x: torch.Tensor, out: torch.Tensor) -> None:
 # ------------------------------------------------------------------ gradient in the forward
 
 
-def grad_in_forward(p: Plan, x: torch.Tensor, lay: RowLayout, out: torch.Tensor, out_lay: RowLayout,
-                    labels: torch.Tensor, reduction: Reduction) -> Epilogue:
+def grad_in_forward(
+    p: Plan,
+    x: torch.Tensor,
+    lay: RowLayout,
+    out: torch.Tensor,
+    out_lay: RowLayout,
+    labels: torch.Tensor,
+    reduction: Reduction,
+) -> Epilogue:
     """Loss, cross entropy and, into ``out``, the gradient for an upstream gradient of 1."""
     epi = p.backend.grad_in_forward(x, lay, out, out_lay, labels, p.params, reduction)
     _overwritten(x, out)
@@ -170,8 +199,12 @@ def row_stats(p: Plan, x: torch.Tensor, lay: RowLayout, labels: torch.Tensor) ->
     return p.backend.row_stats(x, lay, labels, p.shard, p.params, p.tp is not None)
 
 
-def chunk_stats(p: Plan, chunks: Iterable[tuple[int, int, torch.Tensor, RowLayout]], labels: torch.Tensor,
-                n_rows: int) -> Partials:
+def chunk_stats(
+    p: Plan,
+    chunks: Iterable[tuple[int, int, torch.Tensor, RowLayout]],
+    labels: torch.Tensor,
+    n_rows: int,
+) -> Partials:
     """The statistics of logits that arrive in chunks ``(r0, r1, z, lay)`` (rows
     ``[r0, r1)``, each chunk's buffer free for reuse once the next is asked for): every
     chunk's records merged into one ``[n_rows, len(Stat)]`` buffer, followed under tensor
@@ -193,7 +226,9 @@ def chunk_stats(p: Plan, chunks: Iterable[tuple[int, int, torch.Tensor, RowLayou
         else:
             data[r0:r1], accs[r0:r1] = combine_stats(rec, p.params.beta, 1, parts.metric_accs()[0])
     if p.tp is not None:
-        data[n_rows] = meta_record(p.shard.vocab_start, p.shard.vocab_end, p.width, n_rows, labels.device)
+        data[n_rows] = meta_record(
+            p.shard.vocab_start, p.shard.vocab_end, p.width, n_rows, labels.device
+        )
     return out
 
 
@@ -205,13 +240,29 @@ def finish(p: Plan, parts: Partials, labels: torch.Tensor, reduction: Reduction)
     vocab_size = p.shard.vocab_end
     if p.tp is not None:
         if p.check:  # the ranks' records first: a mismatch is the same error on every rank
-            check_label_range(labels, p.params.ignore_index, check_shards(exchange_meta(parts, p.tp), p.tp.explicit))
-        parts, vocab_size = all_gather_stats(parts, p.tp), None  # the epilogue reads V from the ranks
+            check_label_range(
+                labels,
+                p.params.ignore_index,
+                check_shards(exchange_meta(parts, p.tp), p.tp.explicit),
+            )
+        parts, vocab_size = (
+            all_gather_stats(parts, p.tp),
+            None,
+        )  # the epilogue reads V from the ranks
     return p.backend.epilogue(parts, labels, p.params, vocab_size, reduction)
 
 
-def grad(p: Plan, x: torch.Tensor, lay: RowLayout, out: torch.Tensor, out_lay: RowLayout, labels: torch.Tensor,
-         grad_rec: torch.Tensor, upstream: torch.Tensor, scale: torch.Tensor) -> None:
+def grad(
+    p: Plan,
+    x: torch.Tensor,
+    lay: RowLayout,
+    out: torch.Tensor,
+    out_lay: RowLayout,
+    labels: torch.Tensor,
+    grad_rec: torch.Tensor,
+    upstream: torch.Tensor,
+    scale: torch.Tensor,
+) -> None:
     """Write ``upstream_i * scale * g_i * (softmax(z / beta) - onehot)`` into ``out``
     (``upstream`` a scalar or one value per row); 0 in padding columns."""
     p.backend.grad(x, lay, out, out_lay, labels, grad_rec, upstream, scale, p.shard, p.params)
@@ -265,6 +316,11 @@ class LossModule(torch.nn.Module):
 
     def extra_repr(self) -> str:
         p = self.params
-        fields = [f"gamma={p.gamma}", f"beta={p.beta}", f"ignore_index={p.ignore_index}",
-                  f"reduction={p.reduction!r}", f"backend={p.backend!r}"]
+        fields = [
+            f"gamma={p.gamma}",
+            f"beta={p.beta}",
+            f"ignore_index={p.ignore_index}",
+            f"reduction={p.reduction!r}",
+            f"backend={p.backend!r}",
+        ]
         return ", ".join(fields + [f"{k}={getattr(self, k)!r}" for k in self._extra])

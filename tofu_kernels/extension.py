@@ -28,7 +28,14 @@ except ImportError as e:  # not built (no nvcc / CPU-only torch)
 else:
     EXTENSION_ERROR = None
 
-__all__ = ["EXTENSION", "extension_loaded", "extension_status", "held_archs", "runs_on", "runs_on_device"]
+__all__ = [
+    "EXTENSION",
+    "extension_loaded",
+    "extension_status",
+    "held_archs",
+    "runs_on",
+    "runs_on_device",
+]
 
 # What a build of a given TORCH_CUDA_ARCH_LIST runs: its last step (setup.py's BUILD).
 REBUILD = "pip install --no-build-isolation ."
@@ -49,7 +56,7 @@ def held_archs() -> tuple[str, ...]:
 
 
 def _parse(arch: str) -> tuple[str, tuple[int, int], str] | None:
-    """"sm_86" -> ("sm", (8, 6), ""), "compute_100" -> ("compute", (10, 0), ""), "sm_90a" ->
+    """ "sm_86" -> ("sm", (8, 6), ""), "compute_100" -> ("compute", (10, 0), ""), "sm_90a" ->
     ("sm", (9, 0), "a"); None for anything else."""
     found = _ARCH.fullmatch(arch)
     return None if found is None else (found[1], (int(found[2]), int(found[3])), found[4])
@@ -57,12 +64,16 @@ def _parse(arch: str) -> tuple[str, tuple[int, int], str] | None:
 
 def _arch_list(archs: Iterable[str], capability: tuple[int, int]) -> str:
     """A ``TORCH_CUDA_ARCH_LIST`` that builds ``archs`` again plus a cubin for ``capability``."""
-    entries: dict[tuple[tuple[int, int], str], bool] = {(capability, ""): False}  # (version, suffix) -> +PTX
+    entries: dict[tuple[tuple[int, int], str], bool] = {
+        (capability, ""): False
+    }  # (version, suffix) -> +PTX
     for parsed in filter(None, map(_parse, archs)):
         kind, version, suffix = parsed
         entries[(version, suffix)] = entries.get((version, suffix), False) or kind == "compute"
-    return ";".join(f"{major}.{minor}{suffix}{'+PTX' if ptx else ''}"
-                    for ((major, minor), suffix), ptx in sorted(entries.items()))
+    return ";".join(
+        f"{major}.{minor}{suffix}{'+PTX' if ptx else ''}"
+        for ((major, minor), suffix), ptx in sorted(entries.items())
+    )
 
 
 def runs_on(capability: tuple[int, int], archs: Iterable[str]) -> tuple[bool, str]:
@@ -85,22 +96,31 @@ def runs_on(capability: tuple[int, int], archs: Iterable[str]) -> tuple[bool, st
         if parsed is None:
             continue
         kind, (major, minor), suffix = parsed
-        if kind == "sm" and (capability == (major, minor) if suffix else
-                             capability[0] == major and capability[1] >= minor):
+        if kind == "sm" and (
+            capability == (major, minor)
+            if suffix
+            else capability[0] == major and capability[1] >= minor
+        ):
             cubins.append((minor, arch))
-        elif kind == "compute" and (capability == (major, minor) if suffix else capability >= (major, minor)):
+        elif kind == "compute" and (
+            capability == (major, minor) if suffix else capability >= (major, minor)
+        ):
             ptx.append(((major, minor), arch))
     if cubins:
         arch = max(cubins)[1]
         return True, f"runs on capability {card} through its {arch} cubin"
     if ptx:
         arch = max(ptx)[1]
-        return True, (f"runs on capability {card} through its {arch} PTX, which the driver compiles for the card "
-                      "when it first loads the kernels (no cubin for it)")
+        return True, (
+            f"runs on capability {card} through its {arch} PTX, which the driver compiles for the card "
+            "when it first loads the kernels (no cubin for it)"
+        )
     held = " ".join(archs) if archs else "no recorded architecture"
-    return False, (f"the CUDA extension has no kernel image for capability {card}: it holds {held} (a cubin sm_XY "
-                   f"runs on capability X.Y up to X.9, PTX compute_XY on X.Y and later). Rebuild it for this card: "
-                   f"TORCH_CUDA_ARCH_LIST=\"{_arch_list(archs, capability)}\" {REBUILD}")
+    return False, (
+        f"the CUDA extension has no kernel image for capability {card}: it holds {held} (a cubin sm_XY "
+        f"runs on capability X.Y up to X.9, PTX compute_XY on X.Y and later). Rebuild it for this card: "
+        f'TORCH_CUDA_ARCH_LIST="{_arch_list(archs, capability)}" {REBUILD}'
+    )
 
 
 # Device index -> runs_on's answer for that card (a card's capability does not change).
@@ -143,19 +163,26 @@ def extension_status() -> str:
     shadowed = _shadowed_installs(pkg)
     if EXTENSION is not None:
         archs = held_archs()
-        notes = [f"loaded: {EXTENSION.__file__}",
-                 f"holds {' '.join(archs)}" if archs else
-                 f"records no architectures (built before they were recorded: rebuild it, {REBUILD})",
-                 *_on_visible_devices()]
+        notes = [
+            f"loaded: {EXTENSION.__file__}",
+            f"holds {' '.join(archs)}"
+            if archs
+            else f"records no architectures (built before they were recorded: rebuild it, {REBUILD})",
+            *_on_visible_devices(),
+        ]
         if shadowed:
             notes.append(f"tofu_kernels imported from {pkg}")
     else:
         if any(pkg.glob("_C.*")):
-            notes = [f"not loaded ({type(EXTENSION_ERROR).__name__}: {EXTENSION_ERROR})",
-                     f"tofu_kernels imported from {pkg}"]
+            notes = [
+                f"not loaded ({type(EXTENSION_ERROR).__name__}: {EXTENSION_ERROR})",
+                f"tofu_kernels imported from {pkg}",
+            ]
         else:  # (Python's own words for a missing submodule speak of a circular import)
-            notes = ["not loaded: no compiled extension in this package (no _C file)",
-                     f"tofu_kernels imported from {pkg}"]
+            notes = [
+                "not loaded: no compiled extension in this package (no _C file)",
+                f"tofu_kernels imported from {pkg}",
+            ]
         info = pkg / "_build_info.json"
         if info.is_file():
             rec = json.loads(info.read_text())
@@ -163,9 +190,11 @@ def extension_status() -> str:
                 notes.append(f"its build did not build the extension: {rec.get('reason')}")
     for installed in shadowed:
         has = "has its" if any(installed.glob("_C.*")) else "has no"
-        notes.append(f"this source checkout shadows the installed package in {installed.parent}, which {has} "
-                     "compiled extension (Python puts the current directory first): run from another directory "
-                     "to use that package")
+        notes.append(
+            f"this source checkout shadows the installed package in {installed.parent}, which {has} "
+            "compiled extension (Python puts the current directory first): run from another directory "
+            "to use that package"
+        )
     return "; ".join(notes)
 
 

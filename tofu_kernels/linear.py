@@ -55,8 +55,15 @@ from .params import DEFAULT_BETA, DEFAULT_GAMMA, DEFAULT_IGNORE_INDEX, TOFUParam
 from .records import Reduction
 from .vocab_parallel import TensorParallel
 
-__all__ = ["LinearTOFULoss", "WeightGradSink", "default_chunk_size", "linear_tofu_loss", "logit_chunks",
-           "loss_of_hidden", "vocab_parallel_linear_tofu_loss"]
+__all__ = [
+    "LinearTOFULoss",
+    "WeightGradSink",
+    "default_chunk_size",
+    "linear_tofu_loss",
+    "logit_chunks",
+    "loss_of_hidden",
+    "vocab_parallel_linear_tofu_loss",
+]
 
 # The logits chunk's budget: 128 MiB, e.g. 512 rows of a 128256-column bf16 vocabulary.
 CHUNK_BYTES = 128 << 20
@@ -96,8 +103,17 @@ def logit_chunks(hidden: torch.Tensor, weight: torch.Tensor, chunk: int):
 
 class _LinearTOFUFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, plan: core.Plan, chunk: int, normalizer: float | None,
-                reduce_dh: bool, sink: WeightGradSink | None):
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        labels,
+        plan: core.Plan,
+        chunk: int,
+        normalizer: float | None,
+        reduce_dh: bool,
+        sink: WeightGradSink | None,
+    ):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         params, reduction = plan.params, plan.reduction
         ctx.plan, ctx.chunk, ctx.reduce_dh, ctx.sink = plan, chunk, reduce_dh, sink
@@ -126,7 +142,13 @@ class _LinearTOFUFunction(torch.autograd.Function):
                     dw.addmm_(z.t(), hidden[r0:r1], beta=0.0 if i == 0 else 1.0, alpha=alpha)
             ctx.grads = [dh, dw]
             ce = ce * alpha
-            met = None if metrics[0] is None else metrics[0] if len(metrics) == 1 else torch.cat(metrics)
+            met = (
+                None
+                if metrics[0] is None
+                else metrics[0]
+                if len(metrics) == 1
+                else torch.cat(metrics)
+            )
             return core.outputs(ctx, loss * alpha, ce, met)
         # two passes: every chunk's statistics into one buffer, then one epilogue
         chunks = (c[1:] for c in logit_chunks(hidden, weight, chunk))
@@ -134,7 +156,9 @@ class _LinearTOFUFunction(torch.autograd.Function):
         if normalizer is None:
             epi = core.finish(plan, parts, labels, reduction)
             scale = epi.scale
-            loss, ce = (epi.loss, epi.ce) if reduction == Reduction.NONE else (epi.loss_red, epi.ce_red)
+            loss, ce = (
+                (epi.loss, epi.ce) if reduction == Reduction.NONE else (epi.loss_red, epi.ce_red)
+            )
         else:
             epi = core.finish(plan, parts, labels, Reduction.SUM)
             scale = torch.full((), 1.0 / normalizer, dtype=torch.float32, device=hidden.device)
@@ -224,14 +248,30 @@ def linear_tofu_loss(
 
     Returns:
         fp32 loss (scalar, or ``labels``' shape for ``"none"``), followed by ``ce`` and the
-        metrics where asked for (as :func:`tofu_kernels.tofu_loss`). Gradients flow into ``hidden`` and ``weight`` in their dtype. Under autocast both
+        metrics where asked for (as :func:`tofu_kernels.tofu_loss`). Gradients flow into ``hidden``
+        and ``weight`` in their dtype. Under autocast both
         are cast to the autocast dtype first, as ``nn.Linear`` would. Eager mode only (a
         Python loop over chunks).
     """
-    params = TOFUParams(gamma=gamma, beta=beta, ignore_index=ignore_index, reduction=reduction, backend=backend,
-                        return_ce=return_ce, return_metrics=return_metrics, check_inputs=check_inputs)
-    return loss_of_hidden(hidden, weight, labels, params, chunk_size=chunk_size, normalizer=normalizer,
-                          skip_ignored=skip_ignored)
+    params = TOFUParams(
+        gamma=gamma,
+        beta=beta,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        backend=backend,
+        return_ce=return_ce,
+        return_metrics=return_metrics,
+        check_inputs=check_inputs,
+    )
+    return loss_of_hidden(
+        hidden,
+        weight,
+        labels,
+        params,
+        chunk_size=chunk_size,
+        normalizer=normalizer,
+        skip_ignored=skip_ignored,
+    )
 
 
 def vocab_parallel_linear_tofu_loss(
@@ -275,17 +315,42 @@ def vocab_parallel_linear_tofu_loss(
     GEMMs on the shard), one all-reduce of ``hidden``'s gradient. The loss is identical on
     every rank; ``weight_shard`` gets its rows' gradient (0 in padding rows).
     """
-    params = TOFUParams(gamma=gamma, beta=beta, ignore_index=ignore_index, reduction=reduction, backend=backend,
-                        return_ce=return_ce, return_metrics=return_metrics, check_inputs=check_inputs)
-    return loss_of_hidden(hidden, weight_shard, labels, params, chunk_size=chunk_size, normalizer=normalizer,
-                          skip_ignored=skip_ignored, tp=TensorParallel(group, vocab_start, vocab_end),
-                          reduce_hidden_grad=reduce_hidden_grad)
+    params = TOFUParams(
+        gamma=gamma,
+        beta=beta,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        backend=backend,
+        return_ce=return_ce,
+        return_metrics=return_metrics,
+        check_inputs=check_inputs,
+    )
+    return loss_of_hidden(
+        hidden,
+        weight_shard,
+        labels,
+        params,
+        chunk_size=chunk_size,
+        normalizer=normalizer,
+        skip_ignored=skip_ignored,
+        tp=TensorParallel(group, vocab_start, vocab_end),
+        reduce_hidden_grad=reduce_hidden_grad,
+    )
 
 
-def loss_of_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, params: TOFUParams, *,
-                   chunk_size: int | None = None, normalizer: float | torch.Tensor | None = None,
-                   skip_ignored: bool = True, tp: TensorParallel | None = None, reduce_hidden_grad: bool = True,
-                   weight_grad: WeightGradSink | None = None):
+def loss_of_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    params: TOFUParams,
+    *,
+    chunk_size: int | None = None,
+    normalizer: float | torch.Tensor | None = None,
+    skip_ignored: bool = True,
+    tp: TensorParallel | None = None,
+    reduce_hidden_grad: bool = True,
+    weight_grad: WeightGradSink | None = None,
+):
     """The TOFU loss of ``hidden @ weight.T`` under ``params`` (``weight`` this rank's
     ``[V/tp, D]`` rows with ``tp``): what :func:`linear_tofu_loss` and
     :func:`vocab_parallel_linear_tofu_loss` return, with their keywords; ``weight_grad``
@@ -298,9 +363,18 @@ def loss_of_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
         dt = torch.get_autocast_dtype(dev)
         hidden, weight = hidden.to(dt), weight.to(dt)
         with torch.autocast(dev, enabled=False):
-            return loss_of_hidden(hidden, weight, labels, params, chunk_size=chunk_size, normalizer=normalizer,
-                                  skip_ignored=skip_ignored, tp=tp, reduce_hidden_grad=reduce_hidden_grad,
-                                  weight_grad=weight_grad)
+            return loss_of_hidden(
+                hidden,
+                weight,
+                labels,
+                params,
+                chunk_size=chunk_size,
+                normalizer=normalizer,
+                skip_ignored=skip_ignored,
+                tp=tp,
+                reduce_hidden_grad=reduce_hidden_grad,
+                weight_grad=weight_grad,
+            )
     check_linear_tensors(hidden, weight, labels)
     check_flag(reduce_hidden_grad, "reduce_hidden_grad", "linear_tofu_loss")
     check_flag(skip_ignored, "skip_ignored", "linear_tofu_loss")
@@ -311,14 +385,22 @@ def loss_of_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     n = h.shape[0]
     if normalizer is not None:
         if params.reduction != "mean":
-            raise ValueError(f"linear_tofu_loss: normalizer goes with reduction='mean', got {params.reduction!r}")
+            raise ValueError(
+                f"linear_tofu_loss: normalizer goes with reduction='mean', got {params.reduction!r}"
+            )
         normalizer = float(normalizer.item() if torch.is_tensor(normalizer) else normalizer)
         if not (math.isfinite(normalizer) and normalizer > 0):
-            raise ValueError(f"linear_tofu_loss: normalizer must be a positive finite number, got {normalizer}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(
+                f"linear_tofu_loss: normalizer must be a positive finite number, got {normalizer}"
+            )
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
         raise ValueError(f"linear_tofu_loss: chunk_size must be a positive int, got {chunk_size!r}")
     if weight_grad is not None and params.reduction != "none":
-        raise ValueError("linear_tofu_loss: weight_grad goes with reduction='none' (the two-pass path)")
+        raise ValueError(
+            "linear_tofu_loss: weight_grad goes with reduction='none' (the two-pass path)"
+        )
     flat = flat_labels(labels)
     plan = core.plan(params, flat, width, hidden.device, tp, (hidden, weight))
     rows = core.training_rows(flat, params.ignore_index) if skip_ignored and n else None
@@ -330,8 +412,9 @@ def loss_of_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
         if params.reduction == "mean" and normalizer is None:
             normalizer = float(rows.numel())  # the mean's count: this sync's, not a second one
     chunk = chunk_size or default_chunk_size(h_run.shape[0], width, weight.element_size())
-    loss, ce, *metrics = _LinearTOFUFunction.apply(h_run, weight, flat_run, plan, chunk, normalizer,
-                                                   reduce_hidden_grad, weight_grad)
+    loss, ce, *metrics = _LinearTOFUFunction.apply(
+        h_run, weight, flat_run, plan, chunk, normalizer, reduce_hidden_grad, weight_grad
+    )
     if rows is not None and plan.reduction == Reduction.NONE:
         loss, ce = _spread(loss, rows, n), _spread(ce, rows, n)
     if rows is not None and metrics:
@@ -362,9 +445,26 @@ class LinearTOFULoss(core.LossModule):
         skip_ignored: bool = True,
     ):
         check_flag(skip_ignored, "skip_ignored", "LinearTOFULoss")
-        super().__init__(TOFUParams(gamma=gamma, beta=beta, ignore_index=ignore_index, reduction=reduction,
-                                    backend=backend), chunk_size=chunk_size, skip_ignored=skip_ignored)
+        super().__init__(
+            TOFUParams(
+                gamma=gamma,
+                beta=beta,
+                ignore_index=ignore_index,
+                reduction=reduction,
+                backend=backend,
+            ),
+            chunk_size=chunk_size,
+            skip_ignored=skip_ignored,
+        )
 
-    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return loss_of_hidden(hidden, weight, labels, self.params, chunk_size=self.chunk_size,
-                              skip_ignored=self.skip_ignored)
+    def forward(
+        self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        return loss_of_hidden(
+            hidden,
+            weight,
+            labels,
+            self.params,
+            chunk_size=self.chunk_size,
+            skip_ignored=self.skip_ignored,
+        )

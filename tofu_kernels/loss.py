@@ -39,7 +39,9 @@ class _TOFUFunction(torch.autograd.Function):
             loss, ce = epi.loss.view(shape), epi.ce.view(shape)
         else:
             loss, ce = epi.loss_red, epi.ce_red
-        ctx.set_materialize_grads(False)  # no zeros kernel for the cross entropy's (absent) gradient
+        ctx.set_materialize_grads(
+            False
+        )  # no zeros kernel for the cross entropy's (absent) gradient
         return core.outputs(ctx, loss, ce, epi.metrics)
 
     @staticmethod
@@ -65,8 +67,9 @@ class _TOFUFunction(torch.autograd.Function):
         return (out.view(ctx.shape),) + (None,) * (_N_INPUTS - 1)
 
 
-def loss_of_logits(logits: torch.Tensor, labels: torch.Tensor, params: TOFUParams,
-                   tp: TensorParallel | None = None):
+def loss_of_logits(
+    logits: torch.Tensor, labels: torch.Tensor, params: TOFUParams, tp: TensorParallel | None = None
+):
     """The TOFU loss of ``logits`` ``[..., V]`` (``[..., V/tp]`` with ``tp``) under
     ``params``: what :func:`tofu_loss` and :func:`vocab_parallel_tofu_loss` return."""
     check_tensors(logits, labels)
@@ -138,9 +141,18 @@ def tofu_loss(
         ``return_ce`` and the metrics with ``return_metrics`` (a tuple when either is asked).
         The gradient has the logits' dtype.
     """
-    params = TOFUParams(gamma=gamma, beta=beta, ignore_index=ignore_index, reduction=reduction, backend=backend,
-                        inplace_backward=inplace_backward, return_ce=return_ce, return_metrics=return_metrics,
-                        check_inputs=check_inputs, grad_in_forward=grad_in_forward)
+    params = TOFUParams(
+        gamma=gamma,
+        beta=beta,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        backend=backend,
+        inplace_backward=inplace_backward,
+        return_ce=return_ce,
+        return_metrics=return_metrics,
+        check_inputs=check_inputs,
+        grad_in_forward=grad_in_forward,
+    )
     return loss_of_logits(logits, labels, params)
 
 
@@ -184,10 +196,20 @@ def vocab_parallel_tofu_loss(
         fp32 per-token loss of ``labels``' shape (for ``reduction="none"``), identical
         on every rank; the gradient flows into this rank's shard only.
     """
-    params = TOFUParams(gamma=gamma, beta=beta, ignore_index=ignore_index, reduction=reduction, backend=backend,
-                        inplace_backward=inplace_backward, return_ce=return_ce, return_metrics=return_metrics,
-                        check_inputs=check_inputs)
-    return loss_of_logits(logits_shard, labels, params, TensorParallel(group, vocab_start, vocab_end))
+    params = TOFUParams(
+        gamma=gamma,
+        beta=beta,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        backend=backend,
+        inplace_backward=inplace_backward,
+        return_ce=return_ce,
+        return_metrics=return_metrics,
+        check_inputs=check_inputs,
+    )
+    return loss_of_logits(
+        logits_shard, labels, params, TensorParallel(group, vocab_start, vocab_end)
+    )
 
 
 class TOFULoss(core.LossModule):
@@ -203,8 +225,16 @@ class TOFULoss(core.LossModule):
         backend: str = "auto",
         inplace_backward: bool = False,
     ):
-        super().__init__(TOFUParams(gamma=gamma, beta=beta, ignore_index=ignore_index, reduction=reduction,
-                                    backend=backend, inplace_backward=inplace_backward))
+        super().__init__(
+            TOFUParams(
+                gamma=gamma,
+                beta=beta,
+                ignore_index=ignore_index,
+                reduction=reduction,
+                backend=backend,
+                inplace_backward=inplace_backward,
+            )
+        )
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return loss_of_logits(logits, labels, self.params)

@@ -31,7 +31,9 @@ def _plain_number(value):
     scalar) as a Python float; anything else unchanged, for the rules to refuse by name."""
     if hasattr(value, "ndim") and getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
         item = value.item()
-        return float(item) if isinstance(item, (int, float)) and not isinstance(item, bool) else value
+        return (
+            float(item) if isinstance(item, (int, float)) and not isinstance(item, bool) else value
+        )
     return value
 
 
@@ -90,18 +92,30 @@ class TOFUParams:
         object.__setattr__(self, "beta", _plain_number(self.beta))
         for field, err in (("gamma", gamma_error(self.gamma)), ("beta", beta_error(self.beta))):
             if err:
-                raise ValueError(f"{who}: {name(field)}{err[len(field):]}")
+                raise ValueError(f"{who}: {name(field)}{err[len(field) :]}")
         if self.reduction not in REDUCTIONS:
-            raise ValueError(f"{who}: {name('reduction')} must be one of {REDUCTIONS}, got {self.reduction!r}")
+            raise ValueError(
+                f"{who}: {name('reduction')} must be one of {REDUCTIONS}, got {self.reduction!r}"
+            )
         if self.backend not in BACKENDS:
-            raise ValueError(f"{who}: {name('backend')} must be one of {BACKENDS}, got {self.backend!r}")
+            raise ValueError(
+                f"{who}: {name('backend')} must be one of {BACKENDS}, got {self.backend!r}"
+            )
         try:
             ignore_index = operator.index(self.ignore_index)
         except TypeError:
-            raise TypeError(f"{who}: {name('ignore_index')} must be an integer, got {self.ignore_index!r}") from None
+            raise TypeError(
+                f"{who}: {name('ignore_index')} must be an integer, got {self.ignore_index!r}"
+            ) from None
         # Plain Python scalars from here on (numpy / tensor scalars would leak into kernels).
         object.__setattr__(self, "gamma", float(self.gamma))
         object.__setattr__(self, "beta", float(self.beta))
         object.__setattr__(self, "ignore_index", ignore_index)
-        for field in ("inplace_backward", "return_ce", "return_metrics", "check_inputs", "grad_in_forward"):
+        for field in (
+            "inplace_backward",
+            "return_ce",
+            "return_metrics",
+            "check_inputs",
+            "grad_in_forward",
+        ):
             check_flag(getattr(self, field), name(field), who, optional=field == "grad_in_forward")

@@ -17,8 +17,19 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Epilogue", "GradParam", "Meta", "Metric", "MetricAcc", "Partials", "Reduced", "Reduction", "Stat", "TokenMetrics",
-           "meta_record"]
+__all__ = [
+    "Epilogue",
+    "GradParam",
+    "Meta",
+    "Metric",
+    "MetricAcc",
+    "Partials",
+    "Reduced",
+    "Reduction",
+    "Stat",
+    "TokenMetrics",
+    "meta_record",
+]
 
 
 class Stat(IntEnum):
@@ -92,8 +103,15 @@ class Reduction(IntEnum):
 
 def meta_record(vocab_start: int, vocab_end: int, width: int, rows: int, device) -> torch.Tensor:
     """One rank's :class:`Meta` record as one fp32 statistics record (int32 bits)."""
-    fields = {Meta.VOCAB_START: vocab_start, Meta.VOCAB_END: vocab_end, Meta.WIDTH: width, Meta.ROWS: rows}
-    return torch.tensor([fields[f] for f in Meta], dtype=torch.int32, device=device).view(torch.float32)
+    fields = {
+        Meta.VOCAB_START: vocab_start,
+        Meta.VOCAB_END: vocab_end,
+        Meta.WIDTH: width,
+        Meta.ROWS: rows,
+    }
+    return torch.tensor([fields[f] for f in Meta], dtype=torch.int32, device=device).view(
+        torch.float32
+    )
 
 
 class Partials(NamedTuple):
@@ -144,7 +162,9 @@ class Partials(NamedTuple):
         """``[world, n_rows, splits, len(MetricAcc)]`` view of the metric accumulators (``metrics`` only)."""
         start = (self.n_rows * self.splits + int(self.has_meta)) * len(Stat)
         n = self.n_rows * self.splits * len(MetricAcc)
-        return self._ranks()[:, start:start + n].reshape(self.world, self.n_rows, self.splits, len(MetricAcc))
+        return self._ranks()[:, start : start + n].reshape(
+            self.world, self.n_rows, self.splits, len(MetricAcc)
+        )
 
 
 class Epilogue(NamedTuple):
@@ -163,10 +183,18 @@ class Epilogue(NamedTuple):
     metrics: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, loss: torch.Tensor, ce: torch.Tensor, grad_rec: torch.Tensor | None, red: torch.Tensor,
-           metrics: torch.Tensor | None = None) -> Epilogue:
+    def of(
+        cls,
+        loss: torch.Tensor,
+        ce: torch.Tensor,
+        grad_rec: torch.Tensor | None,
+        red: torch.Tensor,
+        metrics: torch.Tensor | None = None,
+    ) -> Epilogue:
         """From the per-row outputs and the fp32 ``[len(Reduced)]`` buffer a kernel wrote."""
-        return cls(loss, ce, grad_rec, red[Reduced.LOSS], red[Reduced.CE], red[Reduced.SCALE:], metrics)
+        return cls(
+            loss, ce, grad_rec, red[Reduced.LOSS], red[Reduced.CE], red[Reduced.SCALE :], metrics
+        )
 
 
 class TokenMetrics(NamedTuple):

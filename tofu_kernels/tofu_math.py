@@ -22,7 +22,15 @@ import torch
 
 from .records import Metric, MetricAcc, Stat
 
-__all__ = ["RowResult", "before_target_max", "combine_stats", "entropy_terms", "finalize_stats", "focal_weight", "row_metrics"]
+__all__ = [
+    "RowResult",
+    "before_target_max",
+    "combine_stats",
+    "entropy_terms",
+    "finalize_stats",
+    "focal_weight",
+    "row_metrics",
+]
 
 
 class RowResult(NamedTuple):
@@ -145,8 +153,13 @@ def finalize_stats(
     )
 
 
-def row_metrics(stats: torch.Tensor, accs: torch.Tensor, labels: torch.Tensor, ignore_index: int,
-                vocab_size: int | torch.Tensor) -> torch.Tensor:
+def row_metrics(
+    stats: torch.Tensor,
+    accs: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    vocab_size: int | torch.Tensor,
+) -> torch.Tensor:
     """The :class:`~tofu_kernels.records.Metric` records ``[N, len(Metric)]`` from merged
     statistics and :class:`~tofu_kernels.records.MetricAcc` records: entropy
     ``log S1 - E / S1`` (of the untempered softmax: ``-sum p log p`` with

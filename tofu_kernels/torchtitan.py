@@ -63,8 +63,10 @@ try:
     from torchtitan.distributed.spmd_types import current_spmd_mesh, spmd_mesh_size
     from torchtitan.distributed.utils import get_spmd_backend
 except ImportError as e:  # pragma: no cover - exercised where torchtitan is missing
-    raise ImportError("tofu_kernels.torchtitan needs torchtitan (torchtitan.components.loss): pip install "
-                      "torchtitan") from e
+    raise ImportError(
+        "tofu_kernels.torchtitan needs torchtitan (torchtitan.components.loss): pip install "
+        "torchtitan"
+    ) from e
 
 __all__ = ["LinearTOFULoss", "METRICS", "TOFULoss"]
 
@@ -76,9 +78,19 @@ def _params(config) -> TOFUParams:
     """The loss's settings (validated once): the sum over tokens, the cross entropy and the
     per-token metrics beside it."""
     if config.backend not in BACKENDS:
-        raise ValueError(f"tofu_kernels.torchtitan: backend must be one of {BACKENDS}, got {config.backend!r}")
-    return TOFUParams(gamma=config.gamma, beta=config.beta, ignore_index=DEFAULT_IGNORE_INDEX, reduction="sum",
-                      backend=config.backend, return_ce=True, return_metrics=True, check_inputs=config.check_inputs)
+        raise ValueError(
+            f"tofu_kernels.torchtitan: backend must be one of {BACKENDS}, got {config.backend!r}"
+        )
+    return TOFUParams(
+        gamma=config.gamma,
+        beta=config.beta,
+        ignore_index=DEFAULT_IGNORE_INDEX,
+        reduction="sum",
+        backend=config.backend,
+        return_ce=True,
+        return_metrics=True,
+        check_inputs=config.check_inputs,
+    )
 
 
 def _shard_range(size: int, n: int, rank: int) -> tuple[int, int]:
@@ -141,12 +153,19 @@ class TOFULoss(BaseLoss):
         layout, exchanged in one small collective before the statistics' all-gather)."""
 
     def __init__(self, config: Config, *, compile_config: CompileConfig | None = None):
-        del compile_config  # the kernels are compiled already (and torch.compile-safe): nothing to wrap
+        del (
+            compile_config
+        )  # the kernels are compiled already (and torch.compile-safe): nothing to wrap
         self.params = _params(config)
         self.global_vocab_size = config.global_vocab_size
 
-    def __call__(self, pred: torch.Tensor, labels: torch.Tensor, global_valid_tokens: torch.Tensor | None = None,
-                 **kwargs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(
+        self,
+        pred: torch.Tensor,
+        labels: torch.Tensor,
+        global_valid_tokens: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         del kwargs
         if spmd.is_type_checking():
             with spmd.no_typecheck():
@@ -159,7 +178,9 @@ class TOFULoss(BaseLoss):
         if isinstance(pred, DTensor):
             return self._dtensor_loss(pred, labels, global_valid_tokens)
         if isinstance(labels, DTensor):
-            raise ValueError("TOFULoss: DTensor labels with plain logits; give both as DTensors or neither")
+            raise ValueError(
+                "TOFULoss: DTensor labels with plain logits; give both as DTensors or neither"
+            )
         group = _spmd_tp()
         if group is None:
             out = tofu_loss(pred, labels.to(pred.device), **self._kw())
@@ -169,8 +190,16 @@ class TOFULoss(BaseLoss):
 
     def _kw(self) -> dict:
         p = self.params
-        return dict(gamma=p.gamma, beta=p.beta, ignore_index=p.ignore_index, reduction="sum", backend=p.backend,
-                    return_ce=True, return_metrics=True, check_inputs=p.check_inputs)
+        return dict(
+            gamma=p.gamma,
+            beta=p.beta,
+            ignore_index=p.ignore_index,
+            reduction="sum",
+            backend=p.backend,
+            return_ce=True,
+            return_metrics=True,
+            check_inputs=p.check_inputs,
+        )
 
     def _vocab_parallel(self, local, labels, group, vocab):
         """TOFU of this rank's vocabulary columns over ``group`` (``vocab`` columns in all,
@@ -182,28 +211,44 @@ class TOFULoss(BaseLoss):
             start, end = _shard_range(vocab, n, rank)
             width = -(-vocab // n)
             if local.shape[-1] != end - start:
-                raise ValueError(f"TOFULoss: local logits shard has {local.shape[-1]} columns, a vocabulary of "
-                                 f"{vocab} cut over {n} ranks gives rank {rank} {end - start}")
-        return vocab_parallel_tofu_loss(_pad_to(local, -1, width), labels.to(local.device), group=group,
-                                        vocab_start=start, vocab_end=end, **self._kw())
+                raise ValueError(
+                    f"TOFULoss: local logits shard has {local.shape[-1]} columns, a vocabulary of "
+                    f"{vocab} cut over {n} ranks gives rank {rank} {end - start}"
+                )
+        return vocab_parallel_tofu_loss(
+            _pad_to(local, -1, width),
+            labels.to(local.device),
+            group=group,
+            vocab_start=start,
+            vocab_end=end,
+            **self._kw(),
+        )
 
     def _dtensor_loss(self, pred: DTensor, labels, global_valid_tokens):
         nd, mesh, places = pred.ndim, pred.device_mesh, pred.placements
         vocab = [i for i, p in enumerate(places) if isinstance(p, Shard) and p.dim % nd == nd - 1]
         rows = [i for i, p in enumerate(places) if isinstance(p, Shard) and p.dim % nd != nd - 1]
         if len(vocab) > 1 or any(not (isinstance(p, Shard) or p.is_replicate()) for p in places):
-            raise ValueError(f"TOFULoss: DTensor logits with placements {places}: expected Shard({nd - 1}) (the "
-                             "vocabulary) on at most one mesh dimension, Shard on the batch or sequence or "
-                             "Replicate() on the others")
+            raise ValueError(
+                f"TOFULoss: DTensor logits with placements {places}: expected Shard({nd - 1}) (the "
+                "vocabulary) on at most one mesh dimension, Shard on the batch or sequence or "
+                "Replicate() on the others"
+            )
         if isinstance(labels, DTensor):
             want = tuple(Replicate() if i in vocab else p for i, p in enumerate(places))
             if labels.placements != want:
-                raise ValueError(f"TOFULoss: labels placements {labels.placements}, expected {want} (the logits' "
-                                 "without the vocabulary)")
+                raise ValueError(
+                    f"TOFULoss: labels placements {labels.placements}, expected {want} (the logits' "
+                    "without the vocabulary)"
+                )
             labels = labels.to_local()
         elif rows:
-            raise ValueError(f"TOFULoss: logits sharded over tokens ({places}) need DTensor labels sharded alike")
-        local = pred.to_local()  # its backward hands our gradient back as a DTensor with these placements
+            raise ValueError(
+                f"TOFULoss: logits sharded over tokens ({places}) need DTensor labels sharded alike"
+            )
+        local = (
+            pred.to_local()
+        )  # its backward hands our gradient back as a DTensor with these placements
         if vocab:
             dim = vocab[0]
             out = self._vocab_parallel(local, labels, mesh.get_group(dim), pred.shape[-1])
@@ -222,24 +267,39 @@ def _head_loss(head, hidden, labels, fused: LinearTOFULoss):
     ``hidden @ head.weight.T`` (the weight as the wrappers present it inside the call)."""
     weight, kw = head.weight, fused.kw()
     if head.bias is not None:
-        raise ValueError("LinearTOFULoss: the LM head has a bias; the fused loss computes hidden @ weight.T")
+        raise ValueError(
+            "LinearTOFULoss: the LM head has a bias; the fused loss computes hidden @ weight.T"
+        )
     if isinstance(weight, DTensor):
         mesh, places = weight.device_mesh, weight.placements
         vocab = [i for i, p in enumerate(places) if isinstance(p, Shard) and p.dim == 0]
-        if len(vocab) > 1 or any(not p.is_replicate() for i, p in enumerate(places) if i not in vocab):
-            raise ValueError(f"LinearTOFULoss: LM head weight placements {places}: expected Shard(0) (the "
-                             "vocabulary, tensor parallel) on at most one mesh dimension and Replicate() on the others")
+        if len(vocab) > 1 or any(
+            not p.is_replicate() for i, p in enumerate(places) if i not in vocab
+        ):
+            raise ValueError(
+                f"LinearTOFULoss: LM head weight placements {places}: expected Shard(0) (the "
+                "vocabulary, tensor parallel) on at most one mesh dimension and Replicate() on the others"
+            )
         if isinstance(hidden, DTensor) and not all(p.is_replicate() for p in hidden.placements):
-            raise ValueError(f"LinearTOFULoss: hidden states with placements {hidden.placements}; the head's input "
-                             "is Replicate() under tensor parallelism")
+            raise ValueError(
+                f"LinearTOFULoss: hidden states with placements {hidden.placements}; the head's input "
+                "is Replicate() under tensor parallelism"
+            )
         h = hidden.to_local() if isinstance(hidden, DTensor) else hidden
         if not vocab:
             return linear_tofu_loss(h, weight.to_local(), labels, **kw)
         dim = vocab[0]
         n, rank = mesh.size(dim), mesh.get_local_rank(dim)
         start, end = _shard_range(weight.shape[0], n, rank)
-        return vocab_parallel_linear_tofu_loss(h, _pad_to(weight.to_local(), 0, -(-weight.shape[0] // n)), labels,
-                                               group=mesh.get_group(dim), vocab_start=start, vocab_end=end, **kw)
+        return vocab_parallel_linear_tofu_loss(
+            h,
+            _pad_to(weight.to_local(), 0, -(-weight.shape[0] // n)),
+            labels,
+            group=mesh.get_group(dim),
+            vocab_start=start,
+            vocab_end=end,
+            **kw,
+        )
     group = _spmd_tp()
     if group is None:
         return linear_tofu_loss(hidden, weight, labels, **kw)
@@ -250,8 +310,15 @@ def _head_loss(head, hidden, labels, fused: LinearTOFULoss):
     else:
         start, end = _shard_range(vocab, n, rank)
         height = -(-vocab // n)
-    return vocab_parallel_linear_tofu_loss(hidden, _pad_to(weight, 0, height), labels, group=group,
-                                           vocab_start=start, vocab_end=end, **kw)
+    return vocab_parallel_linear_tofu_loss(
+        hidden,
+        _pad_to(weight, 0, height),
+        labels,
+        group=group,
+        vocab_start=start,
+        vocab_end=end,
+        **kw,
+    )
 
 
 class LinearTOFULoss(ChunkedLossWrapper):
@@ -296,15 +363,31 @@ class LinearTOFULoss(ChunkedLossWrapper):
 
     def kw(self) -> dict:
         p = self.params
-        return dict(gamma=p.gamma, beta=p.beta, ignore_index=p.ignore_index, reduction="sum", backend=p.backend,
-                    return_ce=True, return_metrics=True, check_inputs=p.check_inputs, chunk_size=self.chunk_size)
+        return dict(
+            gamma=p.gamma,
+            beta=p.beta,
+            ignore_index=p.ignore_index,
+            reduction="sum",
+            backend=p.backend,
+            return_ce=True,
+            return_metrics=True,
+            check_inputs=p.check_inputs,
+            chunk_size=self.chunk_size,
+        )
 
-    def __call__(self, pred: torch.Tensor, labels: torch.Tensor, global_valid_tokens: torch.Tensor | None = None,
-                 **loss_inputs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(
+        self,
+        pred: torch.Tensor,
+        labels: torch.Tensor,
+        global_valid_tokens: torch.Tensor | None = None,
+        **loss_inputs: Any,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         del loss_inputs
         head = self.lm_head
         if head is None:
-            raise RuntimeError("LinearTOFULoss: call set_lm_head(model.lm_head) first (torchtitan's trainer does)")
+            raise RuntimeError(
+                "LinearTOFULoss: call set_lm_head(model.lm_head) first (torchtitan's trainer does)"
+            )
         if isinstance(labels, DTensor):
             labels = labels.full_tensor()
         hidden_dev = (pred.to_local() if isinstance(pred, DTensor) else pred).device

@@ -106,7 +106,9 @@ def exchange_meta(parts: Partials, tp: TensorParallel) -> torch.Tensor:
     every rank, so the check that they are equal must not ride in it. Only calls that check
     their inputs pay this second, tiny collective."""
     mine = parts.metas().reshape(-1)  # this rank's record (parts before the all-gather)
-    out = torch.empty(dist.get_world_size(tp.group) * mine.numel(), dtype=mine.dtype, device=mine.device)
+    out = torch.empty(
+        dist.get_world_size(tp.group) * mine.numel(), dtype=mine.dtype, device=mine.device
+    )
     _all_gather(out, mine, tp.group)
     return out.view(-1, len(Meta))
 

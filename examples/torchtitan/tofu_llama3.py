@@ -24,7 +24,8 @@ def _with_tofu(config, fused: bool):
         config.loss = LinearTOFULoss.Config(gamma=GAMMA, beta=BETA, global_vocab_size=vocab)
     else:
         config.loss = ChunkedLossWrapper.Config(
-            loss_fn=TOFULoss.Config(gamma=GAMMA, beta=BETA, global_vocab_size=vocab))
+            loss_fn=TOFULoss.Config(gamma=GAMMA, beta=BETA, global_vocab_size=vocab)
+        )
     return config
 
 

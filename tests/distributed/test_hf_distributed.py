@@ -37,12 +37,11 @@ import torch
 import torch.distributed as dist
 
 transformers = pytest.importorskip("transformers")
-from tofu_kernels import hf  # noqa: E402
-
 from tests.support.dist_utils import run_distributed  # noqa: E402
 from tests.support.helpers import assert_params_close  # noqa: E402
 from tests.support.hf_models import VOCAB, tiny_model  # noqa: E402
 from tests.support.side_folders import DEEPSPEED, side_folder  # noqa: E402
+from tofu_kernels import hf  # noqa: E402
 
 pytestmark = pytest.mark.hf
 
@@ -74,8 +73,16 @@ def _model(setup: str):
     if setup == "fsdp2_lora":
         import peft
 
-        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                                           target_modules=LORA_TARGETS, init_lora_weights=False))
+        model = peft.get_peft_model(
+            model,
+            peft.LoraConfig(
+                r=4,
+                lora_alpha=8,
+                lora_dropout=0.0,
+                target_modules=LORA_TARGETS,
+                init_lora_weights=False,
+            ),
+        )
     return hf.apply_tofu(model, 3.0, 0.8, fused_linear=True)
 
 
@@ -98,7 +105,9 @@ def _step_loss(setup: str, module, rank: int, step: int):
     batch = _batch(rank, step)
     if setup != "fsdp2_trainer_forward":
         return module(**batch).loss, None
-    count = sum(int((hf.shift_labels(_batch(r, step)["labels"]) != -100).sum()) for r in range(WORLD))
+    count = sum(
+        int((hf.shift_labels(_batch(r, step)["labels"]) != -100).sum()) for r in range(WORLD)
+    )
     out = module(**batch, tofu_metrics=True, num_items_in_batch=torch.tensor(count))
     sums = torch.stack([out.entropy.sum(), out.top1.sum(), out.label_mask.sum().float()]).detach()
     return out.lm_loss * WORLD, sums
@@ -143,14 +152,22 @@ def reference(setup: str) -> dict:
         with torch.no_grad():
             for n, p in params.items():
                 p -= LR * grads[n]
-    return {"grads": first, "weights": {n: p.detach().clone() for n, p in model.named_parameters()},
-            "metrics": metrics}
+    return {
+        "grads": first,
+        "weights": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "metrics": metrics,
+    }
 
 
 def _ds_config(stage: int) -> dict:
-    return {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
-            "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
-            "zero_allow_untested_optimizer": True, "steps_per_print": 1 << 30}
+    return {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+    }
 
 
 def _wrap(setup: str, model):
@@ -158,13 +175,21 @@ def _wrap(setup: str, model):
     parameter)`` for ``setup``."""
     opt = lambda m: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=LR)  # noqa: E731
     if setup == "ddp":
-        return torch.nn.parallel.DistributedDataParallel(model), None, opt(model), lambda p: p.grad, lambda p: p.detach()
+        return (
+            torch.nn.parallel.DistributedDataParallel(model),
+            None,
+            opt(model),
+            lambda p: p.grad,
+            lambda p: p.detach(),
+        )
     if setup.startswith("fsdp2"):
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
         kw = {}
         if setup == "fsdp2_bf16":
-            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            kw["mp_policy"] = MixedPrecisionPolicy(
+                param_dtype=torch.bfloat16, reduce_dtype=torch.float32
+            )
         if setup == "fsdp2_cpu_offload":
             kw["offload_policy"] = CPUOffloadPolicy(pin_memory=False)
         lm = _causal_lm(model)
@@ -173,16 +198,28 @@ def _wrap(setup: str, model):
         if setup not in ("fsdp2_head_in_root", "fsdp2_tied"):
             fully_shard(lm.lm_head, reshard_after_forward=setup != "fsdp2_reshard_false", **kw)
         fully_shard(model, **kw)
-        return model, None, opt(model), lambda p: p.grad.full_tensor(), lambda p: p.detach().full_tensor()
+        return (
+            model,
+            None,
+            opt(model),
+            lambda p: p.grad.full_tensor(),
+            lambda p: p.detach().full_tensor(),
+        )
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
     # what a launcher sets; DeepSpeed then uses the process group already there
-    os.environ.update(LOCAL_RANK=str(dist.get_rank()), RANK=str(dist.get_rank()),
-                      WORLD_SIZE=str(dist.get_world_size()), LOCAL_WORLD_SIZE=str(dist.get_world_size()))
+    os.environ.update(
+        LOCAL_RANK=str(dist.get_rank()),
+        RANK=str(dist.get_rank()),
+        WORLD_SIZE=str(dist.get_world_size()),
+        LOCAL_WORLD_SIZE=str(dist.get_world_size()),
+    )
 
     stage = int(setup.split("_")[0][-1])
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt(model), config=_ds_config(stage))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=opt(model), config=_ds_config(stage)
+    )
     return engine, engine.backward, engine, safe_get_full_grad, safe_get_full_fp32_param
 
 
@@ -262,10 +299,20 @@ def test_parity_with_one_process(parity, setup):
     want = reference(setup)
     got = parity[setup]
     assert_params_close(got["grads"], want["grads"], rtol=1e-5, atol=1e-7, what=f"{setup} gradient")
-    assert_params_close(got["weights"], want["weights"], rtol=1e-5, atol=1e-7, what=f"{setup} weight after 3 SGD steps")
-    if setup == "fsdp2_trainer_forward":  # entropy, top-1 and token sums per rank and step, as one process
+    assert_params_close(
+        got["weights"],
+        want["weights"],
+        rtol=1e-5,
+        atol=1e-7,
+        what=f"{setup} weight after 3 SGD steps",
+    )
+    if (
+        setup == "fsdp2_trainer_forward"
+    ):  # entropy, top-1 and token sums per rank and step, as one process
         assert all(s is not None for s in want["metrics"]) and len(got["metrics"]) == WORLD * STEPS
-        torch.testing.assert_close(torch.stack(got["metrics"]), torch.stack(want["metrics"]), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            torch.stack(got["metrics"]), torch.stack(want["metrics"]), rtol=1e-5, atol=1e-6
+        )
     if setup == "fsdp2_bf16":  # it ran in bf16: off the fp32 run by bf16 rounding, no more
         fp32 = reference("fsdp2_head_alone")["grads"]
         err = max(((got["grads"][n] - g).norm() / g.norm()).item() for n, g in fp32.items())

@@ -7,7 +7,8 @@ gamma 0, beta 1, also loss parallel on vocab-sharded DTensors), its SPMD backend
 (``set_spmd_backend``, ``set_current_spmd_mesh``) and its Llama 3 model (``debugmodel``
 flavor: the forward with ``_skip_lm_head`` and its ``lm_head``), as the trainer's step uses
 them, and its ``ConfigManager`` on examples/torchtitan/tofu_llama3.py (``--module`` /
-``--config``, a command-line override of our field). torchtitan's ``Trainer`` does not run on CPU: ``torchtitan.tools.utils`` takes "cuda"
+``--config``, a command-line override of our field). torchtitan's ``Trainer`` does not run on CPU:
+``torchtitan.tools.utils`` takes "cuda"
 as the device type when no accelerator is found, and its language models take only
 FlexAttention or varlen attention, whose backward is refused on CPU; so the decoder runs
 forward only and the gradient is checked from the final hidden states on (the loss's part
@@ -20,7 +21,6 @@ import pytest
 import torch
 
 import tofu_kernels as tk
-
 from tests.support.dist_utils import run_distributed
 from tests.support.side_folders import TORCHTITAN, side_folder
 
@@ -65,8 +65,15 @@ def reference(logits, labels, n=None, gamma=GAMMA, beta=BETA):
     p = torch.softmax(x.detach(), -1)
     entropy = (-(p * torch.log(p)).sum(-1) * valid).sum() / n
     top1 = ((x.detach().argmax(-1) == labels) & valid).sum() / n
-    return loss.detach(), x.grad, {"cross_entropy/mean": ce.sum() / n, "entropy/mean": entropy,
-                                   "token_accuracy/mean": top1.double()}
+    return (
+        loss.detach(),
+        x.grad,
+        {
+            "cross_entropy/mean": ce.sum() / n,
+            "entropy/mean": entropy,
+            "token_accuracy/mean": top1.double(),
+        },
+    )
 
 
 def assert_metrics(got: dict, want: dict):
@@ -87,10 +94,15 @@ def test_config_build_gives_our_losses(titan):
     loss = TOFULoss.Config(gamma=GAMMA, beta=BETA, global_vocab_size=VOCAB).build()
     assert type(loss) is TOFULoss and isinstance(loss, titan.BaseLoss)
     assert (loss.params.gamma, loss.params.beta, loss.global_vocab_size) == (GAMMA, BETA, VOCAB)
-    wrapped = titan.ChunkedLossWrapper.Config(num_chunks=4, loss_fn=TOFULoss.Config(gamma=GAMMA)).build()
+    wrapped = titan.ChunkedLossWrapper.Config(
+        num_chunks=4, loss_fn=TOFULoss.Config(gamma=GAMMA)
+    ).build()
     assert type(wrapped.loss_fn) is TOFULoss and wrapped.loss_fn.params.gamma == GAMMA
     fused = LinearTOFULoss.Config(beta=BETA, chunk_size=64).build()
-    assert isinstance(fused, titan.ChunkedLossWrapper) and (fused.params.beta, fused.chunk_size) == (BETA, 64)
+    assert isinstance(fused, titan.ChunkedLossWrapper) and (
+        fused.params.beta,
+        fused.chunk_size,
+    ) == (BETA, 64)
     defaults = TOFULoss.Config().build().params
     assert (defaults.gamma, defaults.beta) == (tk.DEFAULT_GAMMA, tk.DEFAULT_BETA)
     assert TOFULoss.Config(gamma=1.0).to_dict()["gamma"] == 1.0  # torchtitan's config serialisation
@@ -157,7 +169,9 @@ def test_inside_chunked_loss_wrapper_and_fused_equal_fp64(titan, fused):
     if fused:
         loss_fn = LinearTOFULoss.Config(gamma=GAMMA, beta=BETA, chunk_size=5).build()
     else:
-        loss_fn = titan.ChunkedLossWrapper.Config(num_chunks=4, loss_fn=TOFULoss.Config(gamma=GAMMA, beta=BETA)).build()
+        loss_fn = titan.ChunkedLossWrapper.Config(
+            num_chunks=4, loss_fn=TOFULoss.Config(gamma=GAMMA, beta=BETA)
+        ).build()
     loss_fn.set_lm_head(head)
     loss, metrics = loss_fn(decoder(x), labels, torch.tensor(n))
     loss.backward()
@@ -183,8 +197,10 @@ def test_fused_ce_mode_equals_chunked_cross_entropy(titan):
     dim = 16
     x, labels = batch(5, dim=dim)
     grads = []
-    for cfg in (LinearTOFULoss.Config(gamma=0.0, beta=1.0),
-                titan.ChunkedLossWrapper.Config(num_chunks=2, loss_fn=titan.CrossEntropyLoss.Config())):
+    for cfg in (
+        LinearTOFULoss.Config(gamma=0.0, beta=1.0),
+        titan.ChunkedLossWrapper.Config(num_chunks=2, loss_fn=titan.CrossEntropyLoss.Config()),
+    ):
         decoder, w = _decoder(dim)
         head = torch.nn.Linear(dim, VOCAB, bias=False)
         with torch.no_grad():
@@ -243,8 +259,12 @@ def test_torchtitans_llama3_step_from_the_hidden_states(titan):
     ref_logits = hd @ wd.T
     ref_loss, ref_grad, ref_metrics = reference(ref_logits, labels, gvt)
     ref_logits.backward(ref_grad)
-    for cfg in (titan.ChunkedLossWrapper.Config(num_chunks=4, loss_fn=TOFULoss.Config(gamma=GAMMA, beta=BETA)),
-                LinearTOFULoss.Config(gamma=GAMMA, beta=BETA, chunk_size=8)):
+    for cfg in (
+        titan.ChunkedLossWrapper.Config(
+            num_chunks=4, loss_fn=TOFULoss.Config(gamma=GAMMA, beta=BETA)
+        ),
+        LinearTOFULoss.Config(gamma=GAMMA, beta=BETA, chunk_size=8),
+    ):
         loss_fn = cfg.build()
         loss_fn.set_lm_head(model.lm_head)  # what the trainer does for a ChunkedLossWrapper
         model.lm_head.weight.grad = None
@@ -253,7 +273,9 @@ def test_torchtitans_llama3_step_from_the_hidden_states(titan):
         loss.backward()
         torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(h.grad.double(), hd.grad, rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(model.lm_head.weight.grad.double(), wd.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(
+            model.lm_head.weight.grad.double(), wd.grad, rtol=1e-4, atol=1e-6
+        )
         assert_metrics(metrics, ref_metrics)
 
 
@@ -268,9 +290,8 @@ def _tp_worker(rank, world):
     from torchtitan.distributed.spmd_types import set_current_spmd_mesh
     from torchtitan.distributed.utils import set_spmd_backend
 
-    from tofu_kernels.torchtitan import LinearTOFULoss, TOFULoss
-
     from tests.support.spies import count_collectives, gathers
+    from tofu_kernels.torchtitan import LinearTOFULoss, TOFULoss
 
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
     chunk = -(-VOCAB // world)
@@ -285,23 +306,33 @@ def _tp_worker(rank, world):
     x = distribute_tensor(logits.clone(), mesh, [Shard(2)]).requires_grad_()
     with count_collectives() as calls:
         loss, metrics = ours(x, labels, torch.tensor(n))
-        assert gathers(calls) == 2 and calls.total() == 2, calls  # the checked call's layout exchange + statistics
+        assert gathers(calls) == 2 and calls.total() == 2, (
+            calls
+        )  # the checked call's layout exchange + statistics
         calls.clear()
         unchecked = TOFULoss.Config(gamma=GAMMA, beta=BETA, check_inputs=False).build()
-        unchecked(distribute_tensor(logits.clone(), mesh, [Shard(2)]).requires_grad_(), labels, torch.tensor(n))
+        unchecked(
+            distribute_tensor(logits.clone(), mesh, [Shard(2)]).requires_grad_(),
+            labels,
+            torch.tensor(n),
+        )
         assert gathers(calls) == 1 and calls.total() == 1, calls  # one all-gather of the statistics
         calls.clear()
         loss.backward()
         assert calls.total() == 0, calls
     assert isinstance(x.grad, DTensor) and x.grad.placements == (Shard(2),)
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(x.grad.to_local().double(), ref_grad[..., start:end], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        x.grad.to_local().double(), ref_grad[..., start:end], rtol=1e-4, atol=1e-6
+    )
     assert_metrics(metrics, ref_metrics)
     # gamma 0, beta 1 = torchtitan's loss-parallel cross entropy on the same DTensor
     a = distribute_tensor(logits.clone(), mesh, [Shard(2)]).requires_grad_()
     b = distribute_tensor(logits.clone(), mesh, [Shard(2)]).requires_grad_()
     ce_ours, _ = TOFULoss.Config(gamma=0.0, beta=1.0).build()(a, labels, torch.tensor(n))
-    ce_theirs, _ = CrossEntropyLoss.Config(global_vocab_size=VOCAB).build()(b, labels, torch.tensor(n))
+    ce_theirs, _ = CrossEntropyLoss.Config(global_vocab_size=VOCAB).build()(
+        b, labels, torch.tensor(n)
+    )
     ce_ours.backward()
     ce_theirs.backward()
     torch.testing.assert_close(ce_ours, ce_theirs, rtol=1e-5, atol=1e-6)
@@ -314,7 +345,9 @@ def _tp_worker(rank, world):
     loss, _ = ours(x, lab, torch.tensor(n))
     loss.backward()
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(x.grad.to_local().double(), ref_grad[..., start:end], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        x.grad.to_local().double(), ref_grad[..., start:end], rtol=1e-4, atol=1e-6
+    )
     dp = init_device_mesh("cpu", (world,), mesh_dim_names=("dp",))
     x = distribute_tensor(logits.clone(), dp, [Shard(0)]).requires_grad_()
     loss, _ = ours(x, distribute_tensor(labels, dp, [Shard(0)]), torch.tensor(n))
@@ -351,7 +384,9 @@ def _tp_worker(rank, world):
     ref_logits.backward(ref_grad)
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
     assert isinstance(head.weight.grad, DTensor) and head.weight.grad.placements == (Shard(0),)
-    torch.testing.assert_close(head.weight.grad.to_local().double(), wd.grad[start:end], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        head.weight.grad.to_local().double(), wd.grad[start:end], rtol=1e-4, atol=1e-6
+    )
     torch.testing.assert_close(h.grad.full_tensor().double(), hd.grad, rtol=1e-4, atol=1e-6)
     assert_metrics(metrics, ref_metrics)
 
@@ -369,8 +404,10 @@ def test_tp2_vocab_sharded_logits_and_head_equal_fp64(titan):
 # ----------------------------------------------------------------- the example configs, the trainer
 
 
-@pytest.mark.parametrize("name,fused", [("llama3_8b_tofu", True), ("llama3_8b_tofu_chunked", False),
-                                        ("llama3_debugmodel_tofu", True)])
+@pytest.mark.parametrize(
+    "name,fused",
+    [("llama3_8b_tofu", True), ("llama3_8b_tofu_chunked", False), ("llama3_debugmodel_tofu", True)],
+)
 def test_example_configs_through_torchtitans_config_manager(titan, name, fused):
     """examples/torchtitan/tofu_llama3.py as the command line names it: torchtitan's
     ConfigManager (--module/--config, a CLI override of our field through tyro) and the
@@ -379,8 +416,9 @@ def test_example_configs_through_torchtitans_config_manager(titan, name, fused):
 
     from tofu_kernels.torchtitan import LinearTOFULoss, TOFULoss
 
-    cfg = ConfigManager().parse_args(["--module", "examples.torchtitan.tofu_llama3", "--config", name,
-                                      "--training.steps", "3"])
+    cfg = ConfigManager().parse_args(
+        ["--module", "examples.torchtitan.tofu_llama3", "--config", name, "--training.steps", "3"]
+    )
     loss_cfg = cfg.loss if fused else cfg.loss.loss_fn
     assert (loss_cfg.gamma, loss_cfg.beta) == (3.0, 0.8) and cfg.training.steps == 3
     assert loss_cfg.global_vocab_size == cfg.model_spec.model.vocab_size
@@ -388,8 +426,9 @@ def test_example_configs_through_torchtitans_config_manager(titan, name, fused):
     assert type(loss) is (LinearTOFULoss if fused else titan.ChunkedLossWrapper)
     assert fused or type(loss.loss_fn) is TOFULoss
     if name == "llama3_debugmodel_tofu":
-        over = ConfigManager().parse_args(["--module", "examples.torchtitan.tofu_llama3", "--config", name,
-                                           "--loss.gamma", "2.5"])
+        over = ConfigManager().parse_args(
+            ["--module", "examples.torchtitan.tofu_llama3", "--config", name, "--loss.gamma", "2.5"]
+        )
         assert over.loss.gamma == 2.5 and over.loss.build().params.gamma == 2.5
 
 
@@ -401,13 +440,23 @@ def test_torchtitans_trainer_on_cpu(titan, monkeypatch, tmp_path):
 
     for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1").items():
         monkeypatch.setenv(k, v)
-    cfg = ConfigManager().parse_args(["--module", "examples.torchtitan.tofu_llama3", "--config",
-                                      "llama3_debugmodel_tofu", "--dump_folder", str(tmp_path)])
+    cfg = ConfigManager().parse_args(
+        [
+            "--module",
+            "examples.torchtitan.tofu_llama3",
+            "--config",
+            "llama3_debugmodel_tofu",
+            "--dump_folder",
+            str(tmp_path),
+        ]
+    )
     try:
         trainer = cfg.build()
     except RuntimeError as e:
         if torch.cuda.is_available() or "NVIDIA driver" not in str(e):
             raise
-        pytest.skip(f"torchtitan's Trainer does not run on CPU (torchtitan/trainer.py sets the CUDA device): {e}")
+        pytest.skip(
+            f"torchtitan's Trainer does not run on CPU (torchtitan/trainer.py sets the CUDA device): {e}"
+        )
     trainer.close()
     raise AssertionError("torchtitan's Trainer was built here: test its steps with our loss")

@@ -14,7 +14,6 @@ import torch
 import torch.distributed as dist
 
 import tofu_kernels as tk
-
 from tests.support.dist_utils import assert_same_on_all_ranks, run_distributed
 from tests.support.helpers import assert_grad_close, assert_loss_close, make_logits, reference
 from tests.support.spies import count_collectives
@@ -49,7 +48,9 @@ def grid_cases(rank: int, world: int) -> None:
                 loss, ce, grad, cols = _shard_loss(
                     full, labels, rank, world, backend, upstream, gamma=gamma, beta=beta
                 )
-                ref_loss, ref_grad, ref_ce = reference(full, labels, upstream, gamma=gamma, beta=beta)
+                ref_loss, ref_grad, ref_ce = reference(
+                    full, labels, upstream, gamma=gamma, beta=beta
+                )
                 assert_loss_close(loss, ref_loss)
                 assert_loss_close(ce, ref_ce)
                 assert_grad_close(grad, ref_grad[:, cols], dtype)
@@ -71,7 +72,9 @@ def layout_cases(rank: int, world: int) -> None:
         (loss * upstream).sum().backward()
         ref_loss, ref_grad, _ = reference(full.transpose(0, 1), labels_sb.t(), upstream)
         assert_loss_close(loss, ref_loss)
-        assert_grad_close(shard.grad.transpose(0, 1), ref_grad[..., rank * vr : (rank + 1) * vr], torch.float32)
+        assert_grad_close(
+            shard.grad.transpose(0, 1), ref_grad[..., rank * vr : (rank + 1) * vr], torch.float32
+        )
 
     # Uneven shards with padding: global V = 10 + 3 * (world - 1); rank 0 holds 10 real
     # columns, the others 3 real columns; every shard is 12 wide, padded with 1e4.
@@ -89,13 +92,20 @@ def layout_cases(rank: int, world: int) -> None:
         shard.requires_grad_()
         upstream = torch.rand(9)
         loss = tk.vocab_parallel_tofu_loss(
-            shard, labels, backend=backend, vocab_start=starts[rank],
+            shard,
+            labels,
+            backend=backend,
+            vocab_start=starts[rank],
             vocab_end=starts[rank] + sizes[rank],
         )
         (loss * upstream).sum().backward()
         ref_loss, ref_grad, _ = reference(full, labels, upstream)
         assert_loss_close(loss, ref_loss)
-        assert_grad_close(shard.grad[:, : sizes[rank]], ref_grad[:, starts[rank] : starts[rank] + sizes[rank]], torch.bfloat16)
+        assert_grad_close(
+            shard.grad[:, : sizes[rank]],
+            ref_grad[:, starts[rank] : starts[rank] + sizes[rank]],
+            torch.bfloat16,
+        )
         assert (shard.grad[:, sizes[rank] :] == 0).all(), "padding columns got gradient"
 
     # mean reduction over non-ignored tokens, identical to the single-device mean
@@ -115,18 +125,27 @@ def check_cases(rank: int, world: int) -> None:
     for backend, check in (("torch", False), ("triton", False), ("torch", True)):
         shard = full[:, rank * vr : (rank + 1) * vr].clone().requires_grad_()
         with count_collectives() as calls:
-            loss = tk.vocab_parallel_tofu_loss(shard, labels, backend=backend, reduction="sum", check_inputs=check)
+            loss = tk.vocab_parallel_tofu_loss(
+                shard, labels, backend=backend, reduction="sum", check_inputs=check
+            )
             # one all-gather of the statistics; a checked call exchanges the ranks' 16-byte
             # metadata records first
-            assert calls.total() == 1 + check, f"forward issued {calls.total()} collectives: {calls}"
+            assert calls.total() == 1 + check, (
+                f"forward issued {calls.total()} collectives: {calls}"
+            )
             calls.clear()
             loss.backward()
             assert calls.total() == 0, f"backward issued {calls.total()} collectives: {calls}"
 
     # token counts that differ across ranks: the same error on every rank, no abort in the
     # all-gather (whose sizes would not match), and the group still works afterwards
-    with pytest.raises(ValueError, match=re.escape(f"token counts differ across ranks ({[5 + r for r in range(world)]})")):
-        tk.vocab_parallel_tofu_loss(torch.randn(5 + rank, vr), torch.randint(0, vr * world, (5 + rank,)))
+    with pytest.raises(
+        ValueError,
+        match=re.escape(f"token counts differ across ranks ({[5 + r for r in range(world)]})"),
+    ):
+        tk.vocab_parallel_tofu_loss(
+            torch.randn(5 + rank, vr), torch.randint(0, vr * world, (5 + rank,))
+        )
 
     # shard widths that disagree across ranks (default layout)
     bad_width = torch.randn(5, vr + (rank == 1))

@@ -17,7 +17,6 @@ import pytest
 import torch
 
 import tofu_kernels as tk
-
 from tests.support.checkout import load_script
 
 bfl = load_script("benchmarks/bench_fused_linear.py")
@@ -45,21 +44,27 @@ def _grads(fn, h, w, y):
 
 def _reference(h, w, y, gamma, beta):
     """fp64 autograd through the spec on materialised logits, mean over non-ignored tokens."""
+
     def fn(h, w, y):
         loss, _ = tk.tofu_loss_reference(h.double() @ w.double().T, y, gamma, beta, IGNORE)
         return loss.sum() / (y != IGNORE).sum().clamp(min=1)
+
     return _grads(fn, h, w, y)
 
 
 def _composed(gamma, beta, chunk=16, ce=bfl.linear_ce_none_torch):
     def linear_ce(h, w, y):
         return ce(h, w, y, ignore_index=IGNORE, chunk=chunk)
-    return lambda h, w, y: bfl.composed_tofu_loss(linear_ce, h, w, y, gamma=gamma, beta=beta, ignore_index=IGNORE)
+
+    return lambda h, w, y: bfl.composed_tofu_loss(
+        linear_ce, h, w, y, gamma=gamma, beta=beta, ignore_index=IGNORE
+    )
 
 
 def _ours(gamma, beta, backend="torch"):
-    return lambda h, w, y: tk.linear_tofu_loss(h, w, y, gamma=gamma, beta=beta, ignore_index=IGNORE,
-                                               backend=backend, chunk_size=16)
+    return lambda h, w, y: tk.linear_tofu_loss(
+        h, w, y, gamma=gamma, beta=beta, ignore_index=IGNORE, backend=backend, chunk_size=16
+    )
 
 
 def _rel(a, b):
@@ -85,8 +90,10 @@ def test_composed_recipe_is_the_spec_in_fp64(gamma, beta):
 
 # the torch backend over the grid; the Triton kernels (interpreter: slow) at the paper's
 # default and at CE
-@pytest.mark.parametrize("gamma,beta,backend", [(g, b, "torch") for g, b in PARAMS]
-                         + [(g, b, "triton") for g, b in PARAMS[:2]])
+@pytest.mark.parametrize(
+    "gamma,beta,backend",
+    [(g, b, "torch") for g, b in PARAMS] + [(g, b, "triton") for g, b in PARAMS[:2]],
+)
 def test_composed_recipe_equals_linear_tofu_loss(gamma, beta, backend):
     """fp32: the recipe and our linear_tofu_loss each within TOL of fp64 and of each other,
     loss and both gradients."""
@@ -119,7 +126,9 @@ def test_a_wrong_recipe_is_caught():
 
     for wrong in (g_of_q, no_beta):
         got = _grads(wrong, h, w, y)
-        assert _rel(got[0], ours[0]) > 100 * TOL and _rel(got[1], ours[1]) > 100 * TOL, wrong.__name__
+        assert _rel(got[0], ours[0]) > 100 * TOL and _rel(got[1], ours[1]) > 100 * TOL, (
+            wrong.__name__
+        )
 
 
 def test_stand_in_is_cross_entropy_with_reduction_none():
@@ -128,7 +137,9 @@ def test_stand_in_is_cross_entropy_with_reduction_none():
     h, w, y = _inputs(19, 8, 50, torch.float64, seed=3, ignored=(2,))
     full = torch.nn.functional.cross_entropy(h @ w.T, y, reduction="none", ignore_index=IGNORE)
     got = bfl.linear_ce_none_torch(h, w, y, chunk=4)
-    assert got.dtype == torch.float64 and torch.allclose(got, full, rtol=1e-12, atol=0) and got[2] == 0
+    assert (
+        got.dtype == torch.float64 and torch.allclose(got, full, rtol=1e-12, atol=0) and got[2] == 0
+    )
     got16 = bfl.linear_ce_none_torch(h.bfloat16(), w.bfloat16(), y, chunk=4)
     assert got16.dtype == torch.float32 and _rel(got16.double(), full) < 2e-2
 
@@ -142,8 +153,20 @@ def test_liger_recipe_equals_linear_tofu_loss(gamma, beta):
     liger = pytest.importorskip("liger_kernel.transformers", reason="liger_kernel not installed")
     flce = liger.LigerFusedLinearCrossEntropyLoss(reduction="none", ignore_index=IGNORE)
     h, w, y = _inputs(23, 16, 300, torch.float32, seed=4, ignored=(3,))
-    recipe = _grads(lambda h, w, y: bfl.composed_tofu_loss(lambda h_, w_, y_: flce(w_, h_, y_), h, w, y,
-                                                           gamma=gamma, beta=beta, ignore_index=IGNORE), h, w, y)
+    recipe = _grads(
+        lambda h, w, y: bfl.composed_tofu_loss(
+            lambda h_, w_, y_: flce(w_, h_, y_),
+            h,
+            w,
+            y,
+            gamma=gamma,
+            beta=beta,
+            ignore_index=IGNORE,
+        ),
+        h,
+        w,
+        y,
+    )
     ours = _grads(_ours(gamma, beta), h, w, y)
     for name, r, o in zip(("loss", "dhidden", "dweight"), recipe, ours):
         assert _rel(r, o) < TOL, (name, _rel(r, o))
@@ -158,7 +181,9 @@ def test_the_benchmarks_liger_row_is_this_recipe():
     impls, _ = bfl.make_impls("cuda", Namespace(gamma=3.0, beta=0.8, chunk_sweep=[]))
     fn = dict(impls)[bfl.COMPOSED_LIGER]
     h, w, y = _inputs(23, 16, 300, torch.float32, seed=5)
-    for name, r, o in zip(("loss", "dhidden", "dweight"), _grads(fn, h, w, y), _grads(_ours(3.0, 0.8), h, w, y)):
+    for name, r, o in zip(
+        ("loss", "dhidden", "dweight"), _grads(fn, h, w, y), _grads(_ours(3.0, 0.8), h, w, y)
+    ):
         assert _rel(r, o) < TOL, (name, _rel(r, o))
 
 
@@ -166,19 +191,32 @@ def test_targets_judge_liger_and_the_recipe():
     """The GPU verdicts at V 128256 (synthetic timings: this code runs only on a GPU otherwise):
     PASS when ours is faster than Liger's FLCE and the recipe, MISS when not, n.a. when a
     row did not run; the recipe's loss compared with ours."""
+
     def row(name, ms, peak=1.0, loss=5.0):
         return bfl.Row(name, both=(ms, ms * 0.9, ms * 1.1), peak_gib=peak, loss=loss)
 
-    rows = [row("ours fused TOFU", 38.0, 1.16), row("matmul + ours TOFU", 37.0, 3.0),
-            row("Liger fused linear CE", 64.0), row(bfl.COMPOSED_LIGER, 30.0, loss=5.0005)]
+    rows = [
+        row("ours fused TOFU", 38.0, 1.16),
+        row("matmul + ours TOFU", 37.0, 3.0),
+        row("Liger fused linear CE", 64.0),
+        row(bfl.COMPOSED_LIGER, 30.0, loss=5.0005),
+    ]
     lines = bfl.targets(rows, "cuda", bfl.TARGET_VOCAB)
     assert any(t.startswith("PASS time: ours fused 38.00 ms = 1.027 x") for t in lines), lines
     assert any(t.startswith("PASS memory: ours fused peak extra 1.160 GiB") for t in lines), lines
-    assert any(t.startswith("PASS faster than Liger's fused linear CE: 1.68 x (64.00 ms") for t in lines), lines
-    assert any(t.startswith("MISS faster than the composed recipe: 0.79 x (30.00 ms") for t in lines), lines
-    assert any("composed recipe's loss 5.0005 vs ours 5: relative difference 1.0e-04" in t for t in lines), lines
+    assert any(
+        t.startswith("PASS faster than Liger's fused linear CE: 1.68 x (64.00 ms") for t in lines
+    ), lines
+    assert any(
+        t.startswith("MISS faster than the composed recipe: 0.79 x (30.00 ms") for t in lines
+    ), lines
+    assert any(
+        "composed recipe's loss 5.0005 vs ours 5: relative difference 1.0e-04" in t for t in lines
+    ), lines
     assert "n.a. vs Cut Cross-Entropy: not importable here" in lines
     lines = bfl.targets(rows[:2], "cuda", bfl.TARGET_VOCAB)
     assert "n.a. faster than Liger's fused linear CE: did not run here" in lines
     assert "n.a. faster than the composed recipe: did not run here" in lines
-    assert bfl.targets(rows, "cuda", bfl.TP_SHARD_VOCAB)[0].startswith("n.a. (the targets are judged at V = 128256")
+    assert bfl.targets(rows, "cuda", bfl.TP_SHARD_VOCAB)[0].startswith(
+        "n.a. (the targets are judged at V = 128256"
+    )

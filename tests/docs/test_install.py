@@ -14,9 +14,23 @@ from tests.support.checkout import ROOT
 
 def _pip_wheel(tmp_path, **env):
     return subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation",
-         "-w", str(tmp_path / "wheels"), str(ROOT)],
-        capture_output=True, text=True, timeout=600, env={**os.environ, **env}, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-v",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path / "wheels"),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **env},
+        cwd=tmp_path,
     )
 
 
@@ -30,7 +44,20 @@ def test_install_without_cuda_toolkit_is_pure_python(tmp_path):
     # Install the wheel into its own folder and import it from there (ahead of this
     # checkout's editable install), with this venv's torch.
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        check=True,
+    )
     assert not list(target.glob("tofu_kernels/_C*")), "no extension expected in this wheel"
     code = (
         # hide this checkout's editable install, which would resolve tofu_kernels._C by name
@@ -41,18 +68,29 @@ def test_install_without_cuda_toolkit_is_pure_python(tmp_path):
         "x = torch.randn(4, 50, requires_grad=True); y = torch.randint(0, 50, (4,)); "
         "l = tk.tofu_loss(x, y); l.backward(); assert x.grad is not None; print('ok', float(l))"
     ) % str(target)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
-                         env={**os.environ, "PYTHONPATH": str(target)})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(target)},
+    )
     assert out.returncode == 0 and out.stdout.startswith("ok"), out.stdout + out.stderr[-3000:]
 
     # The installed package knows why it has no extension (pip shows it only with -v) ...
     status = _status(target, cwd=tmp_path)
     assert f"tofu_kernels imported from {target / 'tofu_kernels'}" in status, status
-    assert "its build did not build the extension: the CUDA extension cannot be built: no CUDA toolkit found" in status
+    assert (
+        "its build did not build the extension: the CUDA extension cannot be built: no CUDA toolkit found"
+        in status
+    )
     # ... and Python started in a source checkout's root imports the checkout instead: said so.
     checkout = tmp_path / "checkout"
-    shutil.copytree(ROOT / "tofu_kernels", checkout / "tofu_kernels",
-                    ignore=shutil.ignore_patterns("_C*", "_build_info.json", "__pycache__"))
+    shutil.copytree(
+        ROOT / "tofu_kernels",
+        checkout / "tofu_kernels",
+        ignore=shutil.ignore_patterns("_C*", "_build_info.json", "__pycache__"),
+    )
     shutil.copy(ROOT / "setup.py", checkout / "setup.py")
     status = _status(target, cwd=checkout)
     assert f"tofu_kernels imported from {checkout / 'tofu_kernels'}" in status, status
@@ -61,10 +99,17 @@ def test_install_without_cuda_toolkit_is_pure_python(tmp_path):
 
 def _status(target, cwd) -> str:
     """tk.extension_status() in a fresh interpreter that finds the package installed in ``target``."""
-    code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in "
-            "getattr(f, '__module__', '')]; import tofu_kernels as tk; print(tk.extension_status())")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd,
-                         env={**os.environ, "PYTHONPATH": str(target)})
+    code = (
+        "import sys; sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in "
+        "getattr(f, '__module__', '')]; import tofu_kernels as tk; print(tk.extension_status())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(target)},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout.strip()
 
@@ -90,10 +135,14 @@ def test_build_without_torch_says_what_to_run_in_order():
     dependency after the build) is told to install torch first, then build again: not to run
     the command it ran."""
     msg = _setup_py()["cannot_build"](None, "No module named 'torch'", "/usr/local/cuda")
-    assert msg.startswith("the CUDA extension cannot be built: torch is not importable at build time "
-                          "(No module named 'torch')"), msg
+    assert msg.startswith(
+        "the CUDA extension cannot be built: torch is not importable at build time "
+        "(No module named 'torch')"
+    ), msg
     steps = msg.split("To build it: ", 1)[1]
-    assert steps == "1. install torch first (pip install torch), 2. pip install --no-build-isolation .", msg
+    assert (
+        steps == "1. install torch first (pip install torch), 2. pip install --no-build-isolation ."
+    ), msg
     assert "use pip install --no-build-isolation" not in msg
 
 
@@ -102,13 +151,19 @@ def test_build_reasons_each_come_with_a_step():
     import torch
 
     cannot_build = _setup_py()["cannot_build"]
-    cpu_torch = type("torch", (), {"__version__": "2.99+cpu", "version": type("v", (), {"cuda": None})})
+    cpu_torch = type(
+        "torch", (), {"__version__": "2.99+cpu", "version": type("v", (), {"cuda": None})}
+    )
     msg = cannot_build(cpu_torch, "", None)
     assert "cannot be built: torch 2.99+cpu is a CPU-only build; no CUDA toolkit found." in msg, msg
-    assert msg.endswith("To build it: 1. install a CUDA build of torch, 2. install a CUDA toolkit or set CUDA_HOME "
-                        "to one (the folder holding bin/nvcc and lib64/libcudart.so), 3. pip install "
-                        "--no-build-isolation ."), msg
-    cuda_torch = type("torch", (), {"__version__": "2.99", "version": type("v", (), {"cuda": "13.0"})})
+    assert msg.endswith(
+        "To build it: 1. install a CUDA build of torch, 2. install a CUDA toolkit or set CUDA_HOME "
+        "to one (the folder holding bin/nvcc and lib64/libcudart.so), 3. pip install "
+        "--no-build-isolation ."
+    ), msg
+    cuda_torch = type(
+        "torch", (), {"__version__": "2.99", "version": type("v", (), {"cuda": "13.0"})}
+    )
     assert cannot_build(cuda_torch, "", "/usr/local/cuda") == ""
     assert cannot_build(torch, "", None).startswith("the CUDA extension cannot be built: ")
 
@@ -150,13 +205,21 @@ def test_extension_status_names_a_shadowing_checkout(tmp_path, monkeypatch, load
         monkeypatch.setattr(extension, "EXTENSION", None)
         monkeypatch.setattr(extension, "EXTENSION_ERROR", ImportError("no _C here"))
     status = tofu_kernels.extension_status()
-    assert status.startswith(f"loaded: {pkg / '_C.cpython-fake.so'}" if loaded else "not loaded (ImportError: no _C here)")
+    assert status.startswith(
+        f"loaded: {pkg / '_C.cpython-fake.so'}"
+        if loaded
+        else "not loaded (ImportError: no _C here)"
+    )
     assert f"tofu_kernels imported from {pkg}" in status, status
-    assert (f"this source checkout shadows the installed package in {installed.parent}, which has no compiled "
-            "extension (Python puts the current directory first): run from another directory") in status, status
+    assert (
+        f"this source checkout shadows the installed package in {installed.parent}, which has no compiled "
+        "extension (Python puts the current directory first): run from another directory"
+    ) in status, status
     (installed / "_C.cpython-312-x86_64-linux-gnu.so").touch()
-    assert f"shadows the installed package in {installed.parent}, which has its compiled extension (" in \
-        tofu_kernels.extension_status()
+    assert (
+        f"shadows the installed package in {installed.parent}, which has its compiled extension ("
+        in tofu_kernels.extension_status()
+    )
     # no installed package elsewhere: nothing shadowed, nothing said
     dists.pop()
     assert "shadows" not in tofu_kernels.extension_status()
@@ -181,7 +244,10 @@ def _build_tree(tmp_path) -> Path:
 def _records(tree: Path) -> list:
     import json
 
-    infos = [tree / "tofu_kernels" / "_build_info.json", *tree.glob("build/lib*/tofu_kernels/_build_info.json")]
+    infos = [
+        tree / "tofu_kernels" / "_build_info.json",
+        *tree.glob("build/lib*/tofu_kernels/_build_info.json"),
+    ]
     return [json.loads(p.read_text()) for p in infos]
 
 
@@ -199,11 +265,19 @@ def test_failed_build_is_not_recorded_as_built(tmp_path):
     (toolkit / "lib64").mkdir()
     (toolkit / "lib64" / "libcudart.so").touch()
     nvcc = toolkit / "bin" / "nvcc"
-    nvcc.write_text('#!/bin/sh\ncase "$*" in *--version*) echo "Cuda compilation tools, release 13.0"; exit 0;; esac\n'
-                    'echo "stand-in nvcc: no compiling here" >&2; exit 1\n')
+    nvcc.write_text(
+        '#!/bin/sh\ncase "$*" in *--version*) echo "Cuda compilation tools, release 13.0"; exit 0;; esac\n'
+        'echo "stand-in nvcc: no compiling here" >&2; exit 1\n'
+    )
     nvcc.chmod(0o755)
-    build = subprocess.run([sys.executable, "setup.py", "build"], capture_output=True, text=True, timeout=300,
-                           cwd=tree, env={**os.environ, "CUDA_HOME": str(toolkit), "TOFU_BUILD_CUDA": "1"})
+    build = subprocess.run(
+        [sys.executable, "setup.py", "build"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tree,
+        env={**os.environ, "CUDA_HOME": str(toolkit), "TOFU_BUILD_CUDA": "1"},
+    )
     assert build.returncode != 0, build.stdout[-3000:]
     assert "stand-in nvcc: no compiling here" in build.stdout + build.stderr, build.stderr[-3000:]
     records = _records(tree)
@@ -242,11 +316,17 @@ def test_an_isolated_build_says_so_not_install_torch(monkeypatch):
     """pip's default build (`pip install .`) is isolated: its record says that, not 'install
     torch first' where torch may well be installed (a new user's reading)."""
     setup = _setup_py()
-    monkeypatch.setattr(setup["sys"], "path", ["/tmp/pip-build-env-abc/overlay/lib/python3.12/site-packages"])
+    monkeypatch.setattr(
+        setup["sys"], "path", ["/tmp/pip-build-env-abc/overlay/lib/python3.12/site-packages"]
+    )
     assert setup["isolated_build"]()
     msg = setup["cannot_build"](None, "No module named 'torch'", "/usr/local/cuda", isolated=True)
-    assert "pip built the package in an isolated environment (its default, `pip install .`)" in msg, msg
-    assert "install torch first" not in msg and msg.endswith("2. pip install --no-build-isolation ."), msg
+    assert (
+        "pip built the package in an isolated environment (its default, `pip install .`)" in msg
+    ), msg
+    assert "install torch first" not in msg and msg.endswith(
+        "2. pip install --no-build-isolation ."
+    ), msg
 
 
 def test_extension_status_without_a_compiled_extension(tmp_path, monkeypatch):
@@ -258,13 +338,24 @@ def test_extension_status_without_a_compiled_extension(tmp_path, monkeypatch):
 
     pkg = tmp_path / "tofu_kernels"
     pkg.mkdir()
-    (pkg / "_build_info.json").write_text(json.dumps({"cuda_extension": "not built", "reason": "REASON"}))
+    (pkg / "_build_info.json").write_text(
+        json.dumps({"cuda_extension": "not built", "reason": "REASON"})
+    )
     monkeypatch.setattr(extension, "__file__", str(pkg / "extension.py"))
     monkeypatch.setattr(extension, "EXTENSION", None)
-    monkeypatch.setattr(extension, "EXTENSION_ERROR", ImportError(
-        "cannot import name '_C' from partially initialized module 'tofu_kernels' (most likely due to a circular "
-        "import)"))
+    monkeypatch.setattr(
+        extension,
+        "EXTENSION_ERROR",
+        ImportError(
+            "cannot import name '_C' from partially initialized module 'tofu_kernels' (most likely due to a circular "
+            "import)"
+        ),
+    )
     status = extension.extension_status()
-    assert status.startswith(f"not loaded: no compiled extension in this package (no _C file); "
-                             f"tofu_kernels imported from {pkg}"), status
-    assert "circular" not in status and "its build did not build the extension: REASON" in status, status
+    assert status.startswith(
+        f"not loaded: no compiled extension in this package (no _C file); "
+        f"tofu_kernels imported from {pkg}"
+    ), status
+    assert "circular" not in status and "its build did not build the extension: REASON" in status, (
+        status
+    )

@@ -39,9 +39,20 @@ def test_vocab_is_padded_per_tp():
 def _torchrun(*args, timeout=300):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(EXAMPLES / "tiny_sft.py"), *args],
-        capture_output=True, text=True, timeout=timeout, env=env,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(EXAMPLES / "tiny_sft.py"),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
     )
 
 
@@ -49,12 +60,31 @@ def _torchrun(*args, timeout=300):
 @pytest.mark.parametrize("loss_type", ["tofu", "cross_entropy"])
 def test_sft_trains_saves_and_resumes(tmp_path, loss_type):
     data = tmp_path / "sft.jsonl"
-    data.write_text("\n".join(json.dumps({"prompt": f"q{i % 5}", "response": f"answer {i % 5}"}) for i in range(40)))
-    common = ["--data", str(data), "--loss-type", loss_type, "--tofu-backend", "torch", "--seq-length", "16",
-              "--log-interval", "10", "--micro-batch-size", "8"]
+    data.write_text(
+        "\n".join(
+            json.dumps({"prompt": f"q{i % 5}", "response": f"answer {i % 5}"}) for i in range(40)
+        )
+    )
+    common = [
+        "--data",
+        str(data),
+        "--loss-type",
+        loss_type,
+        "--tofu-backend",
+        "torch",
+        "--seq-length",
+        "16",
+        "--log-interval",
+        "10",
+        "--micro-batch-size",
+        "8",
+    ]
     out = _torchrun(*common, "--train-iters", "40", "--save", str(tmp_path / "ck"))
     assert out.returncode == 0, out.stderr[-3000:]
-    rows = [tuple(map(float, m)) for m in re.findall(r"loss ([\d.]+) \| cross entropy ([\d.]+) \| ppl ([\d.]+)", out.stdout)]
+    rows = [
+        tuple(map(float, m))
+        for m in re.findall(r"loss ([\d.]+) \| cross entropy ([\d.]+) \| ppl ([\d.]+)", out.stdout)
+    ]
     assert len(rows) == 4, out.stdout
     assert rows[-1][1] < rows[0][1] - 0.5, f"cross entropy did not fall: {rows}"
     if loss_type == "cross_entropy":

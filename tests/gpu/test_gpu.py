@@ -12,8 +12,15 @@ import pytest
 import torch
 
 import tofu_kernels as tk
-
-from tests.support.helpers import DTYPES, assert_grad_close, assert_loss_close, gpu_backends, make_logits, reference, run
+from tests.support.helpers import (
+    DTYPES,
+    assert_grad_close,
+    assert_loss_close,
+    gpu_backends,
+    make_logits,
+    reference,
+    run,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -28,7 +35,14 @@ def test_cuda_extension_loaded_on_gpu_machine():
 # Shapes: one row; odd vocab (rows not 16-byte aligned: scalar path); vocab above one
 # 4096 tile with a partial last tile; few rows x long vocab (split rows); many rows; 256
 # rows of an odd 5-tile vocab (4 splits of 2 tiles: the last split starts past the end).
-SHAPES = [((1,), 17), ((13,), 257), ((7,), 32001), ((3,), 128256), ((300,), 4096 + 100), ((256,), 18993)]
+SHAPES = [
+    ((1,), 17),
+    ((13,), 257),
+    ((7,), 32001),
+    ((3,), 128256),
+    ((300,), 4096 + 100),
+    ((256,), 18993),
+]
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
@@ -60,7 +74,12 @@ def test_confidence_regimes(backend, dtype, regime, gamma):
     loss, grad = run(logits, labels, backend, gamma=gamma)
     ref_loss, ref_grad, _ = reference(logits, labels, gamma=gamma)
     assert_loss_close(loss, ref_loss)
-    assert_grad_close(grad, ref_grad, dtype, torch_fp32=reference(logits, labels, gamma=gamma, compute_dtype=torch.float32)[1])
+    assert_grad_close(
+        grad,
+        ref_grad,
+        dtype,
+        torch_fp32=reference(logits, labels, gamma=gamma, compute_dtype=torch.float32)[1],
+    )
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
@@ -162,7 +181,9 @@ def _assert_lean(step, x) -> None:
     step()
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base - x.numel() * x.element_size()
-    assert extra <= 0.01 * x.numel() * x.element_size(), f"{extra / 2**20:.1f} MiB beyond the gradient"
+    assert extra <= 0.01 * x.numel() * x.element_size(), (
+        f"{extra / 2**20:.1f} MiB beyond the gradient"
+    )
 
 
 def test_backends_agree_closely():
@@ -179,10 +200,14 @@ def test_backends_agree_closely():
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,vocab", [((1,), 17), ((37,), 32001), ((8,), 128256), ((300,), 4096 + 100)])
+@pytest.mark.parametrize(
+    "shape,vocab", [((1,), 17), ((37,), 32001), ((8,), 128256), ((300,), 4096 + 100)]
+)
 @pytest.mark.parametrize("reduction,upstream", [("mean", 1.0), ("mean", 0.37), ("sum", 1.0)])
 @pytest.mark.parametrize("inplace", [False, True])
-def test_grad_in_forward_matches_reference(backend, dtype, shape, vocab, reduction, upstream, inplace):
+def test_grad_in_forward_matches_reference(
+    backend, dtype, shape, vocab, reduction, upstream, inplace
+):
     """The gradient made in the forward (one block per row, reverse second pass) and the
     backward's rescale (skipped on the device when the upstream gradient is 1)."""
     logits, labels = make_logits(shape, vocab, dtype)
@@ -192,8 +217,14 @@ def test_grad_in_forward_matches_reference(backend, dtype, shape, vocab, reducti
     logits, labels = logits.cuda(), labels.cuda()
     leaf = logits.clone().requires_grad_()
     x = leaf * 1 if inplace else leaf
-    loss = tk.tofu_loss(x, labels, backend=backend, reduction=reduction, inplace_backward=inplace,
-                        grad_in_forward=True)
+    loss = tk.tofu_loss(
+        x,
+        labels,
+        backend=backend,
+        reduction=reduction,
+        inplace_backward=inplace,
+        grad_in_forward=True,
+    )
     (loss * upstream).backward()
     xr = logits.double().requires_grad_()
     per_token, _ = tk.tofu_loss_reference(xr, labels)
@@ -205,7 +236,9 @@ def test_grad_in_forward_matches_reference(backend, dtype, shape, vocab, reducti
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-@pytest.mark.parametrize("grad_in_forward,reduction", [(None, "mean"), (False, "mean"), (False, "none")])
+@pytest.mark.parametrize(
+    "grad_in_forward,reduction", [(None, "mean"), (False, "mean"), (False, "none")]
+)
 def test_torch_compile_fullgraph_numerics(backend, grad_in_forward, reduction):
     """torch.compile(fullgraph=True) runs our ops (Triton through triton_op) and gives the
     eager results."""
@@ -214,8 +247,14 @@ def test_torch_compile_fullgraph_numerics(backend, grad_in_forward, reduction):
     w = torch.rand(64, device="cuda")
 
     def step(x, y):
-        loss = tk.tofu_loss(x, y, backend=backend, reduction=reduction, grad_in_forward=grad_in_forward,
-                            check_inputs=False)
+        loss = tk.tofu_loss(
+            x,
+            y,
+            backend=backend,
+            reduction=reduction,
+            grad_in_forward=grad_in_forward,
+            check_inputs=False,
+        )
         return (loss * w).sum() if reduction == "none" else loss
 
     torch._dynamo.reset()

@@ -25,14 +25,19 @@ import pytest
 import torch
 
 import tofu_kernels as tk
-
 from tests.support.dist_utils import (
     assert_same_on_all_ranks,
     run_distributed,
     shared_device,
     stage_all_gather_through_host_if_needed,
 )
-from tests.support.helpers import assert_grad_close, assert_loss_close, gpu_backends, make_logits, reference
+from tests.support.helpers import (
+    assert_grad_close,
+    assert_loss_close,
+    gpu_backends,
+    make_logits,
+    reference,
+)
 from tests.support.megatron_utils import require_megatron_core
 from tests.support.spies import count_collectives
 
@@ -46,7 +51,9 @@ def _note(text: str) -> None:
             f.write(text + "\n")
 
 
-def vocab_parallel_cases(rank: int, world: int, device: str, backends: tuple, dtypes: tuple) -> None:
+def vocab_parallel_cases(
+    rank: int, world: int, device: str, backends: tuple, dtypes: tuple
+) -> None:
     dev = shared_device(device)
     how = stage_all_gather_through_host_if_needed(dev)
     if rank == 0:
@@ -69,13 +76,17 @@ def vocab_parallel_cases(rank: int, world: int, device: str, backends: tuple, dt
             with count_collectives() as calls:
                 # unchecked, as Megatron's loss after its first call: one collective (a checked
                 # call exchanges the ranks' 16-byte metadata first)
-                loss = tk.vocab_parallel_tofu_loss(shard, labels.to(dev), gamma=3.0, beta=0.8, backend=backend,
-                                                   check_inputs=False)
+                loss = tk.vocab_parallel_tofu_loss(
+                    shard, labels.to(dev), gamma=3.0, beta=0.8, backend=backend, check_inputs=False
+                )
                 forward_collectives = calls.total()
                 calls.clear()
                 (loss * upstream.to(dev)).sum().backward()
                 backward_collectives = calls.total()
-            assert forward_collectives == 1 and backward_collectives == 0, (forward_collectives, backward_collectives)
+            assert forward_collectives == 1 and backward_collectives == 0, (
+                forward_collectives,
+                backward_collectives,
+            )
             ref_loss, ref_grad, _ = reference(full, labels, upstream, gamma=3.0, beta=0.8)
             assert_loss_close(loss.detach().cpu(), ref_loss)
             assert_grad_close(shard.grad.cpu(), ref_grad[:, rank * vr : (rank + 1) * vr], dtype)
@@ -88,11 +99,17 @@ def vocab_parallel_cases(rank: int, world: int, device: str, backends: tuple, dt
             full3, _ = make_logits((s, b), vr * world, dtype, labels=labels_sb)
             shard3 = full3[..., rank * vr : (rank + 1) * vr].to(dev).clone().requires_grad_()
             w = torch.randn(b, s)
-            loss3 = tk.vocab_parallel_tofu_loss(shard3.transpose(0, 1), labels_sb.t().to(dev), backend=backend)
+            loss3 = tk.vocab_parallel_tofu_loss(
+                shard3.transpose(0, 1), labels_sb.t().to(dev), backend=backend
+            )
             (loss3 * w.to(dev)).sum().backward()
             ref3, ref_grad3, _ = reference(full3.transpose(0, 1), labels_sb.t(), w)
             assert_loss_close(loss3.detach().cpu(), ref3)
-            assert_grad_close(shard3.grad.transpose(0, 1).cpu(), ref_grad3[..., rank * vr : (rank + 1) * vr], dtype)
+            assert_grad_close(
+                shard3.grad.transpose(0, 1).cpu(),
+                ref_grad3[..., rank * vr : (rank + 1) * vr],
+                dtype,
+            )
             assert_same_on_all_ranks(loss3)
 
             # uneven shards with padding columns: rank 0 holds 700 real columns, the others
@@ -107,12 +124,21 @@ def vocab_parallel_cases(rank: int, world: int, device: str, backends: tuple, dt
             local[:, : sizes[rank]] = fullu[:, starts[rank] : starts[rank] + sizes[rank]]
             local = local.to(dev).requires_grad_()
             wu = torch.rand(9)
-            lossu = tk.vocab_parallel_tofu_loss(local, labels_u.to(dev), backend=backend, vocab_start=starts[rank],
-                                                vocab_end=starts[rank] + sizes[rank])
+            lossu = tk.vocab_parallel_tofu_loss(
+                local,
+                labels_u.to(dev),
+                backend=backend,
+                vocab_start=starts[rank],
+                vocab_end=starts[rank] + sizes[rank],
+            )
             (lossu * wu.to(dev)).sum().backward()
             refu, ref_gradu, _ = reference(fullu, labels_u, wu)
             assert_loss_close(lossu.detach().cpu(), refu)
-            assert_grad_close(local.grad[:, : sizes[rank]].cpu(), ref_gradu[:, starts[rank] : starts[rank] + sizes[rank]], dtype)
+            assert_grad_close(
+                local.grad[:, : sizes[rank]].cpu(),
+                ref_gradu[:, starts[rank] : starts[rank] + sizes[rank]],
+                dtype,
+            )
             assert (local.grad[:, sizes[rank] :] == 0).all(), "padding columns got gradient"
             assert_same_on_all_ranks(lossu)
 
@@ -121,7 +147,6 @@ def megatron_tp2_cases(rank: int, world: int, device: str, backend: str) -> None
     """The Megatron patch at TP = 2 on one device: a tiny GPTModel (local spec, no SP)."""
     require_megatron_core()
     import megatron_patch
-
     from tests.support.megatron_utils import (
         assert_ce_mode_matches_megatron,
         causal_mask,
@@ -174,8 +199,13 @@ def megatron_tp2_cases(rank: int, world: int, device: str, backend: str) -> None
 def test_vocab_parallel_on_one_gpu(world):
     if not tk.extension_loaded():
         pytest.fail("gpu_check.sh builds the CUDA extension; it must load on the GPU machine")
-    run_distributed(world, vocab_parallel_cases, device="cuda", backends=gpu_backends(),
-                    dtypes=("bfloat16", "float32"))
+    run_distributed(
+        world,
+        vocab_parallel_cases,
+        device="cuda",
+        backends=gpu_backends(),
+        dtypes=("bfloat16", "float32"),
+    )
 
 
 @pytest.mark.gpu
@@ -188,7 +218,9 @@ def test_megatron_patch_tp2_on_one_gpu(backend):
 def test_harness_on_cpu_vocab_parallel():
     """The GPU test's harness and checks, here on CPU (torch backend), so a CI run
     exercises the code that the GPU run will execute."""
-    run_distributed(2, vocab_parallel_cases, device="cpu", backends=("torch",), dtypes=("bfloat16",))
+    run_distributed(
+        2, vocab_parallel_cases, device="cpu", backends=("torch",), dtypes=("bfloat16",)
+    )
 
 
 @pytest.mark.slow

@@ -23,7 +23,6 @@ import torch
 import torch.distributed as dist
 
 import tofu_kernels as tk
-
 from tests.support.checkout import ROOT
 from tests.support.dist_utils import run_distributed
 from tests.support.helpers import assert_grad_close, assert_loss_close
@@ -92,13 +91,26 @@ def test_logits_path_through_calculate_loss(automodel, case, backend):
     kwargs = dict(mask=mask) if use_mask else {}
     n = 7  # a global count: other ranks' tokens too
     if use_mask:  # calculate_loss has no mask argument: the module's own call
-        loss = loss_fn(x, automodel._normalize_loss_labels(labels, ignore_index), num_label_tokens=n,
-                       loss_weights=weights if use_weights else None, **kwargs)
+        loss = loss_fn(
+            x,
+            automodel._normalize_loss_labels(labels, ignore_index),
+            num_label_tokens=n,
+            loss_weights=weights if use_weights else None,
+            **kwargs,
+        )
     else:
-        loss = automodel.calculate_loss(loss_fn, logits=x, labels=labels, model=None, num_label_tokens=n,
-                                        loss_weights=weights if use_weights else None)
+        loss = automodel.calculate_loss(
+            loss_fn,
+            logits=x,
+            labels=labels,
+            model=None,
+            num_label_tokens=n,
+            loss_weights=weights if use_weights else None,
+        )
     loss.backward()
-    ref, grad, ce = reference(logits, labels, n, weights if use_weights else None, mask if use_mask else None)
+    ref, grad, ce = reference(
+        logits, labels, n, weights if use_weights else None, mask if use_mask else None
+    )
     assert_loss_close(loss, ref)
     assert_loss_close(loss_fn.last_ce, ce)
     assert_grad_close(x.grad, grad, torch.float32)
@@ -115,7 +127,9 @@ def test_cross_entropy_settings_equal_automodels_masked_cross_entropy(automodel)
     out = []
     for fn in (TOFULoss(gamma=0.0, beta=1.0), MaskedCrossEntropy()):
         x = logits.clone().requires_grad_()
-        loss = automodel.calculate_loss(fn, logits=x, labels=labels, num_label_tokens=6, loss_weights=weights)
+        loss = automodel.calculate_loss(
+            fn, logits=x, labels=labels, num_label_tokens=6, loss_weights=weights
+        )
         loss.backward()
         out.append((loss.detach(), x.grad))
     assert_loss_close(out[0][0], out[1][0].double())
@@ -127,14 +141,24 @@ def test_zero_label_tokens_give_zero_loss_and_gradient(automodel):
 
     logits, labels, _, _ = batch(2)
     x = logits.clone().requires_grad_()
-    loss = automodel.calculate_loss(TOFULoss(), logits=x, labels=torch.full_like(labels, -100), num_label_tokens=0)
+    loss = automodel.calculate_loss(
+        TOFULoss(), logits=x, labels=torch.full_like(labels, -100), num_label_tokens=0
+    )
     loss.backward()
     assert loss.item() == 0.0 and torch.count_nonzero(x.grad) == 0
     h, w = torch.randn(2, 5, 8, requires_grad=True), torch.randn(VOCAB, 8, requires_grad=True)
-    loss = automodel.calculate_loss(LinearTOFULoss(), labels=labels, model=None, hidden_states=h, lm_weight=w,
-                                    num_label_tokens=0)
+    loss = automodel.calculate_loss(
+        LinearTOFULoss(),
+        labels=labels,
+        model=None,
+        hidden_states=h,
+        lm_weight=w,
+        num_label_tokens=0,
+    )
     loss.backward()
-    assert loss.item() == 0.0 and torch.count_nonzero(h.grad) == 0 and torch.count_nonzero(w.grad) == 0
+    assert (
+        loss.item() == 0.0 and torch.count_nonzero(h.grad) == 0 and torch.count_nonzero(w.grad) == 0
+    )
 
 
 class TinyLM(torch.nn.Module):
@@ -173,12 +197,21 @@ def test_hidden_state_path_through_calculate_loss(automodel, use_weights):
     model = TinyLM()
     _, labels, _, weights = batch(3)
     ids = torch.randint(0, VOCAB, labels.shape)
-    loss_fn = LinearTOFULoss(gamma=GAMMA, beta=BETA, chunk_size=3)  # chunks that split the 10 tokens
+    loss_fn = LinearTOFULoss(
+        gamma=GAMMA, beta=BETA, chunk_size=3
+    )  # chunks that split the 10 tokens
     assert isinstance(loss_fn, LinearCrossEntropy)
     h = model(ids)
     h.retain_grad()
-    loss = automodel.calculate_loss(loss_fn, logits=None, labels=labels, model=model, hidden_states=h,
-                                    num_label_tokens=9, loss_weights=weights if use_weights else None)
+    loss = automodel.calculate_loss(
+        loss_fn,
+        logits=None,
+        labels=labels,
+        model=model,
+        hidden_states=h,
+        num_label_tokens=9,
+        loss_weights=weights if use_weights else None,
+    )
     loss.backward()
     ref, dh, dw, de = linear_reference(model, ids, labels, 9, weights if use_weights else None)
     assert_loss_close(loss, ref)
@@ -201,8 +234,10 @@ def test_bad_inputs_are_refused(automodel):
         LinearTOFULoss(beta=0.0)
     # the mean reduction is ours over non-ignored tokens
     x = logits.clone()
-    assert_loss_close(TOFULoss(reduction="mean", gamma=GAMMA, beta=BETA)(x, labels),
-                      reference(logits, labels, (labels != -100).sum())[0])
+    assert_loss_close(
+        TOFULoss(reduction="mean", gamma=GAMMA, beta=BETA)(x, labels),
+        reference(logits, labels, (labels != -100).sum())[0],
+    )
 
 
 # sections whose targets need Automodel's full install (the model class imports torchao, the
@@ -210,9 +245,14 @@ def test_bad_inputs_are_refused(automodel):
 FULL_INSTALL = ("model", "dataset", "dataloader", "validation_dataset", "validation_dataloader")
 
 
-@pytest.mark.parametrize("name,cls,tp", [("llama_sft_fsdp2.yaml", "TOFULoss", False),
-                                          ("llama_sft_tp2.yaml", "TOFULoss", True),
-                                          ("llama_sft_fsdp2_linear.yaml", "LinearTOFULoss", False)])
+@pytest.mark.parametrize(
+    "name,cls,tp",
+    [
+        ("llama_sft_fsdp2.yaml", "TOFULoss", False),
+        ("llama_sft_tp2.yaml", "TOFULoss", True),
+        ("llama_sft_fsdp2_linear.yaml", "LinearTOFULoss", False),
+    ],
+)
 def test_example_yaml_builds_our_loss_through_automodels_config(automodel, name, cls, tp):
     """The recipe's own path: Automodel's ConfigNode (its loader's), then
     RecipeConfig(cfg).loss_fn.build(), on the example file less the sections that need the full
@@ -228,7 +268,11 @@ def test_example_yaml_builds_our_loss_through_automodels_config(automodel, name,
     cfg = ConfigNode({k: v for k, v in raw.items() if k not in FULL_INSTALL})
     loss_fn = RecipeConfig(cfg).loss_fn.build()
     assert type(loss_fn) is getattr(am, cls)
-    assert (loss_fn.params.gamma, loss_fn.params.beta, loss_fn.reduction) == (tk.DEFAULT_GAMMA, tk.DEFAULT_BETA, "sum")
+    assert (loss_fn.params.gamma, loss_fn.params.beta, loss_fn.reduction) == (
+        tk.DEFAULT_GAMMA,
+        tk.DEFAULT_BETA,
+        "sum",
+    )
     assert cfg.recipe == "TrainFinetuneRecipeForNextTokenPrediction"
     assert (cfg.distributed.tp_size > 1) == tp
 
@@ -237,11 +281,10 @@ def test_example_yaml_builds_our_loss_through_automodels_config(automodel, name,
 
 
 def _tp_worker(rank, world):
+    from nemo_automodel.components.loss.utils import calculate_loss
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
     from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
-
-    from nemo_automodel.components.loss.utils import calculate_loss
 
     from tofu_kernels.automodel import LinearTOFULoss, TOFULoss
 
@@ -254,8 +297,13 @@ def _tp_worker(rank, world):
         logits, labels, mask, weights = batch(10)  # same seed: identical on every rank
         x = distribute_tensor(logits.clone(), mesh, [Shard(2)]).requires_grad_()
         lab = labels.masked_fill(mask == 0, -100) if use_mask else labels
-        loss = calculate_loss(loss_fn, logits=x, labels=lab, num_label_tokens=n,
-                              loss_weights=weights if use_weights else None)
+        loss = calculate_loss(
+            loss_fn,
+            logits=x,
+            labels=lab,
+            num_label_tokens=n,
+            loss_weights=weights if use_weights else None,
+        )
         loss.backward()
         assert isinstance(x.grad, DTensor) and x.grad.placements == (Shard(2),)
         if n == 0:
@@ -271,7 +319,9 @@ def _tp_worker(rank, world):
     model = TinyLM()
     ref_model = TinyLM()
     ref_model.load_state_dict(model.state_dict())
-    parallelize_module(model.lm_head, mesh, ColwiseParallel(output_layouts=Shard(-1), use_local_output=False))
+    parallelize_module(
+        model.lm_head, mesh, ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
+    )
     _, labels, _, _ = batch(11)
     ids = torch.randint(0, VOCAB, labels.shape)
     logits = model.lm_head(model(ids))
@@ -290,7 +340,9 @@ def _tp_worker(rank, world):
     h = model(ids)
     h.retain_grad()
     lin = LinearTOFULoss(gamma=GAMMA, beta=BETA)
-    loss = calculate_loss(lin, labels=labels, model=model, hidden_states=h, lm_weight=w, num_label_tokens=8)
+    loss = calculate_loss(
+        lin, labels=labels, model=model, hidden_states=h, lm_weight=w, num_label_tokens=8
+    )
     loss.backward()
     ref, dh, dw, de = linear_reference(model, ids, labels, 8)
     assert_loss_close(loss, ref)
@@ -304,7 +356,11 @@ def _tp_worker(rank, world):
     with pytest.raises(ValueError, match=r"expected Shard\(2\)"):
         loss_fn(distribute_tensor(logits, mesh, [Shard(1)]), labels)
     with pytest.raises(ValueError, match=r"Shard\(0\)"):
-        lin(torch.randn(2, 4, 8), labels, distribute_tensor(torch.randn(VOCAB, 8), mesh, [Shard(1)]).requires_grad_())
+        lin(
+            torch.randn(2, 4, 8),
+            labels,
+            distribute_tensor(torch.randn(VOCAB, 8), mesh, [Shard(1)]).requires_grad_(),
+        )
     # replicated logits: the single-device kernels on the local copy
     x = distribute_tensor(logits.clone(), mesh, [Replicate()]).requires_grad_()
     loss = loss_fn(x, labels, num_label_tokens=4)
@@ -326,9 +382,8 @@ def test_tensor_parallel_dtensor_paths(automodel, world):
 
 
 def _fsdp_worker(rank, world):
-    from torch.distributed.fsdp import fully_shard
-
     from nemo_automodel.components.loss.utils import calculate_loss
+    from torch.distributed.fsdp import fully_shard
 
     from tofu_kernels.automodel import LinearTOFULoss
 
@@ -336,11 +391,15 @@ def _fsdp_worker(rank, world):
     model = TinyLM()
     ref_model = TinyLM()
     ref_model.load_state_dict(model.state_dict())
-    fully_shard(model.lm_head)  # on its own: its forward never runs, the weight stays a sharded DTensor
+    fully_shard(
+        model.lm_head
+    )  # on its own: its forward never runs, the weight stays a sharded DTensor
     fully_shard(model)
     per_rank = [batch(20 + r) for r in range(world)]
-    ids_all = [torch.randint(0, VOCAB, b[1].shape, generator=torch.Generator().manual_seed(30 + r))
-               for r, b in enumerate(per_rank)]
+    ids_all = [
+        torch.randint(0, VOCAB, b[1].shape, generator=torch.Generator().manual_seed(30 + r))
+        for r, b in enumerate(per_rank)
+    ]
     labels_all = [b[1] for b in per_rank]
     n = int(sum((lab != -100).sum() for lab in labels_all))  # the recipe's all-reduced count
 
@@ -352,11 +411,22 @@ def _fsdp_worker(rank, world):
         model.zero_grad()
         hidden = model(ids_all[rank])
         if direct:
-            loss = loss_fn(hidden, labels_all[rank], model.lm_head.weight, num_label_tokens=n,
-                           grad_reduce_group=dist.group.WORLD)
+            loss = loss_fn(
+                hidden,
+                labels_all[rank],
+                model.lm_head.weight,
+                num_label_tokens=n,
+                grad_reduce_group=dist.group.WORLD,
+            )
         else:
-            loss = calculate_loss(loss_fn, labels=labels_all[rank], model=model, hidden_states=hidden,
-                                  num_label_tokens=n, grad_reduce_group=dist.group.WORLD)
+            loss = calculate_loss(
+                loss_fn,
+                labels=labels_all[rank],
+                model=model,
+                hidden_states=hidden,
+                num_label_tokens=n,
+                grad_reduce_group=dist.group.WORLD,
+            )
         (loss * world).backward()  # the recipe's scaling, undone by FSDP's average
         total = loss.detach().clone()
         dist.all_reduce(total)

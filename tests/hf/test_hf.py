@@ -13,8 +13,6 @@ import torch
 import tofu_kernels as tk
 
 transformers = pytest.importorskip("transformers")
-from tofu_kernels import hf  # noqa: E402
-
 from tests.support.helpers import assert_params_close  # noqa: E402
 from tests.support.hf_models import (  # noqa: E402
     FAMILIES,
@@ -24,6 +22,8 @@ from tests.support.hf_models import (  # noqa: E402
     tiny_model,
     word_tokenizer,
 )
+from tofu_kernels import hf  # noqa: E402
+
 
 def _batch(b=2, t=11, seed=1):
     g = torch.Generator().manual_seed(seed)
@@ -68,7 +68,9 @@ def test_loss_func_matches_reference_and_authors(num_items):
     authors = authors / ((target != -100).sum() if num_items is None else num_items)
     assert abs(loss.item() - authors.item()) <= 1e-5 * abs(authors.item())
     # a dict works too, and bf16 logits are used as they are (no fp32 copy is made)
-    assert fn({"logits": logits.detach()}, labels, num_items_in_batch=ni).item() == pytest.approx(loss.item())
+    assert fn({"logits": logits.detach()}, labels, num_items_in_batch=ni).item() == pytest.approx(
+        loss.item()
+    )
 
 
 def test_two_micro_batches_equal_one_batch():
@@ -80,7 +82,10 @@ def test_two_micro_batches_equal_one_batch():
     want = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     total = (hf.shift_labels(labels) != -100).sum()
-    parts = [fn(model(input_ids=ids[s]), labels[s], num_items_in_batch=total) for s in (slice(0, 1), slice(1, 4))]
+    parts = [
+        fn(model(input_ids=ids[s]), labels[s], num_items_in_batch=total)
+        for s in (slice(0, 1), slice(1, 4))
+    ]
     for p in parts:
         p.backward()
     assert abs(sum(p.item() for p in parts) - whole.item()) <= 1e-5 * whole.item()
@@ -119,7 +124,9 @@ def test_apply_tofu_loss_and_gradients(family, fused_linear):
     hf.revert_tofu(model)
     with torch.no_grad():
         out = model(input_ids=ids, labels=labels)
-        ce = torch.nn.functional.cross_entropy(out.logits.reshape(-1, VOCAB), hf.shift_labels(labels).reshape(-1))
+        ce = torch.nn.functional.cross_entropy(
+            out.logits.reshape(-1, VOCAB), hf.shift_labels(labels).reshape(-1)
+        )
     assert out.logits is not None and abs(out.loss.item() - ce.item()) <= 1e-6 * ce.item()
     assert "forward" not in model.__dict__ and "_loss_function" not in model.__dict__
 
@@ -151,7 +158,9 @@ def test_apply_under_hooks_and_wrappers_and_revert():
         want = model(input_ids=ids).logits
     add_hook_to_module(model.lm_head, Count())  # before apply_tofu (a device_map's dispatch)
     hf.apply_tofu(model, fused_linear=True)
-    assert model(input_ids=ids, labels=labels).logits is None and Count.calls == 1  # the loss ran through the hook
+    assert (
+        model(input_ids=ids, labels=labels).logits is None and Count.calls == 1
+    )  # the loss ran through the hook
     model.eval()
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, want) and Count.calls == 2
@@ -169,14 +178,18 @@ def test_apply_under_hooks_and_wrappers_and_revert():
     assert model.lm_head._hf_hook is not None
     model.eval()
     with torch.no_grad():
-        assert torch.equal(model(input_ids=ids).logits, want) and Count.calls == 4  # the hook still runs
+        assert (
+            torch.equal(model(input_ids=ids).logits, want) and Count.calls == 4
+        )  # the hook still runs
     remove_hook_from_module(model.lm_head)
     # a wrapper over our forward (accelerate's autocast at prepare time), then revert: the class forward
     model = tiny_model("llama")
     hf.apply_tofu(model, fused_linear=True)
     inner = model.forward
     model.forward = lambda *a, **k: inner(*a, **k)
-    hf.apply_tofu(model, 2.0, 0.9, fused_linear=True)  # again: only the settings change, the wrapper stays
+    hf.apply_tofu(
+        model, 2.0, 0.9, fused_linear=True
+    )  # again: only the settings change, the wrapper stays
     assert model._tofu_loss.params.gamma == 2.0 and model.lm_head._tofu_installed is not None
     model.train()
     assert model(input_ids=ids, labels=labels).logits is None
@@ -201,12 +214,18 @@ def test_apply_twice_replaces_and_unsupported_models_are_refused():
     hf.apply_tofu(model, 0.0, 1.0)  # CE mode, not fused: replaces the first settings
     assert "forward" not in model.__dict__
     out = model(input_ids=ids, labels=labels)
-    ce = torch.nn.functional.cross_entropy(out.logits.reshape(-1, VOCAB), hf.shift_labels(labels).reshape(-1))
+    ce = torch.nn.functional.cross_entropy(
+        out.logits.reshape(-1, VOCAB), hf.shift_labels(labels).reshape(-1)
+    )
     assert abs(out.loss.item() - ce.item()) <= 1e-5 * ce.item()
-    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2))
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2)
+    )
     with pytest.raises(ValueError, match="GPT2LMHeadModel is not supported.*LlamaForCausalLM"):
         hf.apply_tofu(gpt2)
-    with pytest.raises(ValueError, match="^apply_tofu: gamma must be"):  # the function the user called
+    with pytest.raises(
+        ValueError, match="^apply_tofu: gamma must be"
+    ):  # the function the user called
         hf.apply_tofu(model, gamma=-1.0)
     with pytest.raises(ValueError, match="^tofu_loss_func: beta must be"):
         hf.tofu_loss_func(beta=0.0)
@@ -228,12 +247,29 @@ def test_trl_sft_trainer_trains_with_our_loss_func(tmp_path):
         calls.append(num_items_in_batch)
         return fn(outputs, labels, num_items_in_batch=num_items_in_batch)
 
-    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=10, per_device_train_batch_size=4,
-                         gradient_accumulation_steps=2, learning_rate=5e-3, logging_steps=1, report_to=[],
-                         save_strategy="no", use_cpu=True, max_length=16, disable_tqdm=True)
-    with pytest.warns(FutureWarning, match="compute_loss_func"):  # TRL 1.16 deprecates it; it still works
-        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=text_dataset(), processing_class=word_tokenizer(),
-                                 compute_loss_func=counted)
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path),
+        max_steps=10,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=5e-3,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        max_length=16,
+        disable_tqdm=True,
+    )
+    with pytest.warns(
+        FutureWarning, match="compute_loss_func"
+    ):  # TRL 1.16 deprecates it; it still works
+        trainer = trl.SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=text_dataset(),
+            processing_class=word_tokenizer(),
+            compute_loss_func=counted,
+        )
     trainer.train()
     losses = _losses(trainer)
     assert len(losses) == 10 and len(calls) == 20
@@ -258,13 +294,24 @@ def test_trainer_with_apply_tofu_fused_linear(tmp_path, monkeypatch):
     collator = transformers.DataCollatorForLanguageModeling(tok, mlm=False)
     seen = []
     hook = model.model.register_forward_hook(lambda m, i, o: seen.append(o.last_hidden_state.shape))
-    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=4,
-                                          gradient_accumulation_steps=2, learning_rate=5e-3, logging_steps=1,
-                                          report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=8,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=5e-3,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=ds, data_collator=collator)
     trainer.train()
     hook.remove()
     losses = _losses(trainer)
     assert len(losses) == 8 and losses[-1] < 0.85 * losses[0], losses
     assert len(seen) == 16  # our forward ran the backbone once per micro-batch
-    assert len(fused_calls) == 16 and all(c is not None for c in fused_calls)  # fused, with num_items_in_batch
+    assert len(fused_calls) == 16 and all(
+        c is not None for c in fused_calls
+    )  # fused, with num_items_in_batch

@@ -46,18 +46,36 @@ EXAMPLES = os.path.join(ROOT, "examples", "accelerate")
 
 
 def _launch(out, launcher: list, script_args: list = (), deepspeed: bool = False) -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = {
+        **os.environ,
+        "TRITON_INTERPRET": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONWARNINGS": "ignore",
+    }
     if deepspeed:
         env = with_side_folder(DEEPSPEED, {**env, "DS_ACCELERATOR": "cpu"})
-    cmd = [sys.executable] + launcher + ["-m", "tests.support.hf_launch", "--out", str(out), *script_args]
+    cmd = (
+        [sys.executable]
+        + launcher
+        + ["-m", "tests.support.hf_launch", "--out", str(out), *script_args]
+    )
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, " ".join(cmd) + "\n" + proc.stdout[-3000:] + proc.stderr[-6000:]
     return torch.load(os.path.join(out, "run.pt"))
 
 
 def _accelerate(*flags) -> list:
-    return ["-m", "accelerate.commands.launch", "--num_processes", "2", "--main_process_port", str(free_port()),
-            "--mixed_precision", "no", *flags]
+    return [
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(free_port()),
+        "--mixed_precision",
+        "no",
+        *flags,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +91,18 @@ def runs(tmp_path_factory):
     return {
         "one process": _launch(d / "ref", [], ["--per-device", "4"]),
         "ddp": _launch(d / "ddp", _accelerate("--multi_gpu")),
-        "zero2": _launch(d / "zero2", _accelerate("--config_file", zero3, "--deepspeed_config_file", str(zero2),
-                                                  "--zero3_init_flag", "false"), deepspeed=True),
+        "zero2": _launch(
+            d / "zero2",
+            _accelerate(
+                "--config_file",
+                zero3,
+                "--deepspeed_config_file",
+                str(zero2),
+                "--zero3_init_flag",
+                "false",
+            ),
+            deepspeed=True,
+        ),
         "zero3": _launch(d / "zero3", _accelerate("--config_file", zero3), deepspeed=True),
     }
 
@@ -82,18 +110,26 @@ def runs(tmp_path_factory):
 KEYS = ("loss", "entropy", "mean_token_accuracy", "num_tokens")
 
 
-@pytest.mark.parametrize("setup, mode", [("ddp", "MULTI_CPU"), ("zero2", "DEEPSPEED"), ("zero3", "DEEPSPEED")])
+@pytest.mark.parametrize(
+    "setup, mode", [("ddp", "MULTI_CPU"), ("zero2", "DEEPSPEED"), ("zero3", "DEEPSPEED")]
+)
 def test_trainer_trains_what_one_process_trains(runs, setup, mode):
     ref, run = runs["one process"], runs[setup]
     assert (run["processes"], run["distributed_type"]) == (2, f"DistributedType.{mode}")
     assert run["deepspeed"] == (mode == "DEEPSPEED")
-    assert len(run["weights"]) == len(ref["weights"]) == 4  # before training and after each of 3 steps
+    assert (
+        len(run["weights"]) == len(ref["weights"]) == 4
+    )  # before training and after each of 3 steps
     moved = ref["weights"][-1]["lm_head.weight"] - ref["weights"][0]["lm_head.weight"]
-    assert moved.norm() > 1e-2 * ref["weights"][0]["lm_head.weight"].norm()  # the steps changed the head
+    assert (
+        moved.norm() > 1e-2 * ref["weights"][0]["lm_head.weight"].norm()
+    )  # the steps changed the head
     for step, (got, want) in enumerate(zip(run["weights"], ref["weights"])):
         assert set(got) == set(want)
         for name in want:
-            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=f"{setup} step {step} {name}")
+            torch.testing.assert_close(
+                got[name], want[name], rtol=1e-5, atol=1e-6, msg=f"{setup} step {step} {name}"
+            )
     logs = [h[k] for h in run["log"] if "loss" in h for k in KEYS]
     want = [h[k] for h in ref["log"] if "loss" in h for k in KEYS]
     assert len(logs) == len(want) == 3 * len(KEYS)
@@ -103,7 +139,22 @@ def test_trainer_trains_what_one_process_trains(runs, setup, mode):
 def test_accelerate_launch_cpu_is_not_data_parallel(tmp_path):
     """The cause of the DDP-vs-ZeRO-3 gap seen with TRL's own trainer: ``--cpu`` starts
     independent single-process runs (each a world of one, half the tokens per step)."""
-    run = _launch(tmp_path, ["-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-                             "--main_process_port", str(free_port())], ["--trainer", "trl"])
+    run = _launch(
+        tmp_path,
+        [
+            "-m",
+            "accelerate.commands.launch",
+            "--cpu",
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            str(free_port()),
+        ],
+        ["--trainer", "trl"],
+    )
     assert (run["processes"], run["distributed_type"]) == (1, "DistributedType.NO")
-    assert [h["num_tokens"] for h in run["log"] if "loss" in h] == [52, 104, 156]  # one rank's tokens, not two
+    assert [h["num_tokens"] for h in run["log"] if "loss" in h] == [
+        52,
+        104,
+        156,
+    ]  # one rank's tokens, not two

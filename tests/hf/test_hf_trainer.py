@@ -21,11 +21,10 @@ import tofu_kernels as tk
 
 transformers = pytest.importorskip("transformers")
 trl = pytest.importorskip("trl")
-from tofu_kernels import hf  # noqa: E402
-
 from tests.support.helpers import assert_params_close  # noqa: E402
-from tests.support.spies import GemmFlops  # noqa: E402
 from tests.support.hf_models import VOCAB, reference_loss, text_dataset, tiny_model, word_tokenizer  # noqa: E402
+from tests.support.spies import GemmFlops  # noqa: E402
+from tofu_kernels import hf  # noqa: E402
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -33,17 +32,38 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 def _args(tmp_path, **kw):
     """SFTConfig for the tiny runs: fp32 (TRL turns bf16 autocast on by default, on CPU too,
     which the fp64 comparisons below would have to model), no saving, one step."""
-    base = dict(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, gradient_accumulation_steps=1,
-                learning_rate=5e-3, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, max_length=16,
-                disable_tqdm=True, bf16=False)
+    base = dict(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        learning_rate=5e-3,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        max_length=16,
+        disable_tqdm=True,
+        bf16=False,
+    )
     return trl.SFTConfig(**{**base, **kw})
 
 
 def _trainer(model, tmp_path, cls=None, n=16, **kw):
     cls = cls or hf.TOFUSFTTrainer
-    extra = {k: kw.pop(k) for k in list(kw) if k.startswith("tofu_") or k in ("peft_config", "compute_metrics")}
-    return cls(model=model, args=_args(tmp_path, **kw), train_dataset=text_dataset(n), eval_dataset=text_dataset(8),
-               processing_class=word_tokenizer(), **extra)
+    extra = {
+        k: kw.pop(k)
+        for k in list(kw)
+        if k.startswith("tofu_") or k in ("peft_config", "compute_metrics")
+    }
+    return cls(
+        model=model,
+        args=_args(tmp_path, **kw),
+        train_dataset=text_dataset(n),
+        eval_dataset=text_dataset(8),
+        processing_class=word_tokenizer(),
+        **extra,
+    )
 
 
 def _batch(trainer):
@@ -53,7 +73,11 @@ def _batch(trainer):
 
 def _reference(model, batch, num_items=None):
     """fp64 TOFU on the model's own logits (the class forward, full logits)."""
-    logits = type(model).forward(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = (
+        type(model)
+        .forward(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        .logits
+    )
     return reference_loss(logits, batch["labels"], num_items)
 
 
@@ -79,7 +103,9 @@ def _compute_loss_matches_fp64(trainer, base):
     with torch.no_grad():
         ref = _reference(base, batch, n)
     assert abs(loss.item() - ref.item()) <= 2e-5 * ref.item()
-    assert_params_close(model, want, rtol=2e-4, atol=1e-6)  # the trainable ones (the frozen have none)
+    assert_params_close(
+        model, want, rtol=2e-4, atol=1e-6
+    )  # the trainable ones (the frozen have none)
     return batch, n, want, ref
 
 
@@ -94,8 +120,12 @@ def trained(tmp_path_factory):
 
     model.model.register_forward_hook(lambda *_: count("backbone"))
     # lm_head runs once per forward, for the fused loss (its output a tuple), never for logits (a tensor)
-    model.lm_head.register_forward_hook(lambda m, a, out: count("logits" if torch.is_tensor(out) else "lm_head loss"))
-    trainer = _trainer(model, tmp_path_factory.mktemp("run"), n=32, max_steps=12, gradient_accumulation_steps=2)
+    model.lm_head.register_forward_hook(
+        lambda m, a, out: count("logits" if torch.is_tensor(out) else "lm_head loss")
+    )
+    trainer = _trainer(
+        model, tmp_path_factory.mktemp("run"), n=32, max_steps=12, gradient_accumulation_steps=2
+    )
     trainer.train()
     train_calls = dict(calls)
     metrics = trainer.evaluate()
@@ -107,7 +137,9 @@ def test_one_forward_per_step_and_the_loss_falls(trained):
     trainer, train_calls, eval_calls, metrics = trained
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 12
-    assert train_calls == {"backbone": 24, "lm_head loss": 24, "logits": 0}, "one forward per micro-batch, no logits"
+    assert train_calls == {"backbone": 24, "lm_head loss": 24, "logits": 0}, (
+        "one forward per micro-batch, no logits"
+    )
     losses = [h["loss"] for h in logs]
     assert losses[-1] < 0.85 * losses[0], losses
     for h in logs:  # TRL's metrics, under TRL's names, from our kernels
@@ -129,11 +161,20 @@ def test_evaluation_loss_equals_the_reference(trained):
     batch = trainer._prepare_inputs(next(iter(trainer.get_eval_dataloader())))
     with torch.no_grad():
         loss = trainer.compute_loss(model, dict(batch))
-        logits = type(model).forward(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = (
+            type(model)
+            .forward(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            .logits
+        )
         target = hf.shift_labels(batch["labels"])
-        ref, ref32 = (tk.tofu_loss_reference(logits, target, compute_dtype=dt)[0].sum() / (target != -100).sum()
-                      for dt in (torch.float64, torch.float32))
-    assert abs(loss.item() - ref.item()) <= max(2e-5 * ref.item(), 2 * abs(ref32.item() - ref.item()))
+        ref, ref32 = (
+            tk.tofu_loss_reference(logits, target, compute_dtype=dt)[0].sum()
+            / (target != -100).sum()
+            for dt in (torch.float64, torch.float32)
+        )
+    assert abs(loss.item() - ref.item()) <= max(
+        2e-5 * ref.item(), 2 * abs(ref32.item() - ref.item())
+    )
 
 
 def test_metrics_equal_trls_fused_head(tmp_path, trained):
@@ -151,7 +192,9 @@ def test_metrics_equal_trls_fused_head(tmp_path, trained):
         for key in ("entropy", "mean_token_accuracy"):
             a, b = ours._metrics[mode][key][-1], theirs._metrics[mode][key][-1]
             assert a == pytest.approx(b, rel=1e-5, abs=1e-6), (mode, key, a, b)
-    assert ours._metrics["train"]["mean_token_accuracy"][-1] > 0  # the trained model hits some targets
+    assert (
+        ours._metrics["train"]["mean_token_accuracy"][-1] > 0
+    )  # the trained model hits some targets
 
 
 def test_loss_and_gradients_equal_fp64_and_accumulation_equals_one_batch(tmp_path):
@@ -169,7 +212,9 @@ def test_loss_and_gradients_equal_fp64_and_accumulation_equals_one_batch(tmp_pat
         micro.backward()
         total += micro.item()
     assert abs(total - ref.item()) <= 2e-5 * ref.item()
-    assert_params_close(model, want, rtol=2e-4, atol=1e-6)  # the trainable ones (the frozen have none)
+    assert_params_close(
+        model, want, rtol=2e-4, atol=1e-6
+    )  # the trainable ones (the frozen have none)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
@@ -178,8 +223,14 @@ def test_lora_adapter_gradients_equal_fp64(tmp_path, family):
     the base weights are frozen; the loss and every adapter parameter's gradient equal
     autograd through the fp64 reference; apply_tofu on the PeftModel itself gives the same."""
     peft = pytest.importorskip("peft")
-    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM",
-                             init_lora_weights=False)  # random B: the adapters change the logits
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        target_modules=LORA_TARGETS,
+        task_type="CAUSAL_LM",
+        init_lora_weights=False,
+    )  # random B: the adapters change the logits
     trainer = _trainer(tiny_model(family), tmp_path, peft_config=config)
     model = trainer.model
     assert isinstance(model, peft.PeftModel)
@@ -192,12 +243,20 @@ def test_lora_adapter_gradients_equal_fp64(tmp_path, family):
     hf.revert_tofu(model)
     hf.apply_tofu(model, fused_linear=True)
     model.zero_grad()
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                num_items_in_batch=n)
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        labels=batch["labels"],
+        num_items_in_batch=n,
+    )
     assert out.logits is None and abs(out.loss.item() - ref.item()) <= 2e-5 * ref.item()
     out.loss.backward()
-    assert_params_close(model, want, rtol=2e-4, atol=1e-6)  # the trainable ones (the frozen have none)
-    trls = base._tofu_installed[2]  # the fused-head forward TRL installed, which the trainer's replaced
+    assert_params_close(
+        model, want, rtol=2e-4, atol=1e-6
+    )  # the trainable ones (the frozen have none)
+    trls = base._tofu_installed[
+        2
+    ]  # the fused-head forward TRL installed, which the trainer's replaced
     hf.revert_tofu(model)
     assert base.__dict__.get("forward") is trls and getattr(base, "_tofu_loss", None) is None
     assert "forward" not in base.lm_head.__dict__
@@ -206,11 +265,21 @@ def test_lora_adapter_gradients_equal_fp64(tmp_path, family):
 def test_moe_router_loss_as_trl_adds_it(tmp_path, monkeypatch):
     """A tiny Qwen3-MoE with router logits: the loss is TOFU plus the trainer's
     router_aux_loss_coef times the model's own load-balancing loss, as in TRL."""
-    cfg = transformers.Qwen3MoeConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                                      moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
-                                      output_router_logits=True, router_aux_loss_coef=0.02,
-                                      max_position_embeddings=64)
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_experts=4,
+        num_experts_per_tok=2,
+        output_router_logits=True,
+        router_aux_loss_coef=0.02,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     model = transformers.Qwen3MoeForCausalLM(cfg).float()
     trainer = _trainer(model, tmp_path)
@@ -219,9 +288,16 @@ def test_moe_router_loss_as_trl_adds_it(tmp_path, monkeypatch):
     model.train()
     with torch.no_grad():
         loss = trainer.compute_loss(model, dict(batch))
-        own = type(model).forward(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                  output_router_logits=True)
-        ref = reference_loss(own.logits, batch["labels"]) + trainer.router_aux_loss_coef * own.aux_loss
+        own = type(model).forward(
+            model,
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            output_router_logits=True,
+        )
+        ref = (
+            reference_loss(own.logits, batch["labels"])
+            + trainer.router_aux_loss_coef * own.aux_loss
+        )
     assert abs(loss.item() - ref.item()) <= 2e-5 * ref.item()
     assert trainer._metrics["train"]["aux_loss"][-1] == pytest.approx(own.aux_loss.item(), rel=1e-5)
     # Inside accumulation over 2 micro-batches on 2 processes (TRL's arithmetic): the summed
@@ -232,8 +308,10 @@ def test_moe_router_loss_as_trl_adds_it(tmp_path, monkeypatch):
     assert trainer.args.average_tokens_across_devices
     with torch.no_grad():
         loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=3 * n)
-        ref = (reference_loss(own.logits, batch["labels"], 3 * n) * 2
-               + trainer.router_aux_loss_coef * own.aux_loss / 2)
+        ref = (
+            reference_loss(own.logits, batch["labels"], 3 * n) * 2
+            + trainer.router_aux_loss_coef * own.aux_loss / 2
+        )
     assert abs(loss.item() - ref.item()) <= 2e-5 * ref.item()
 
 
@@ -255,9 +333,13 @@ def test_an_accumulated_batch_without_tokens_trains_nothing(tmp_path):
 def test_bad_settings_are_named_as_the_user_typed_them():
     from tofu_kernels.hf.trainer import trainer_params
 
-    with pytest.raises(ValueError, match=r"^TOFUSFTTrainer: tofu_gamma must be a finite number >= 0, got -1.0$"):
+    with pytest.raises(
+        ValueError, match=r"^TOFUSFTTrainer: tofu_gamma must be a finite number >= 0, got -1.0$"
+    ):
         trainer_params(-1.0, None, None)
-    with pytest.raises(ValueError, match=r"^TOFUSFTTrainer: tofu_beta must be a finite number > 0, got 0$"):
+    with pytest.raises(
+        ValueError, match=r"^TOFUSFTTrainer: tofu_beta must be a finite number > 0, got 0$"
+    ):
         trainer_params(None, 0, None)
 
 
@@ -269,7 +351,9 @@ def test_head_flops_scale_with_the_tokens_that_train(tmp_path):
     chunk = 4
     trainer = _trainer(model, tmp_path, tofu_chunk_size=chunk)
     batch = _batch(trainer)
-    per_row = 3 * 2 * model.config.hidden_size * VOCAB  # the logits, dhidden, dweight (gradient in the forward)
+    per_row = (
+        3 * 2 * model.config.hidden_size * VOCAB
+    )  # the logits, dhidden, dweight (gradient in the forward)
     g = torch.Generator().manual_seed(3)
     for frac in (0.0, 0.5, 0.9):
         labels = batch["labels"].clone()
@@ -279,15 +363,26 @@ def test_head_flops_scale_with_the_tokens_that_train(tmp_path):
         kept = int((hf.shift_labels(labels) != -100).sum())
         model.zero_grad()
         with GemmFlops(dim=VOCAB) as f:
-            trainer.compute_loss(model, {**batch, "labels": labels}, num_items_in_batch=torch.tensor(kept)).backward()
-        assert kept * per_row <= f.flops <= (kept + chunk) * per_row, (frac, kept, f.flops / per_row)
+            trainer.compute_loss(
+                model, {**batch, "labels": labels}, num_items_in_batch=torch.tensor(kept)
+            ).backward()
+        assert kept * per_row <= f.flops <= (kept + chunk) * per_row, (
+            frac,
+            kept,
+            f.flops / per_row,
+        )
 
 
 def test_refusals_and_fallbacks(tmp_path):
     model = tiny_model("qwen3")
     with pytest.raises(ValueError, match="compute_loss_func"):
-        hf.TOFUSFTTrainer(model=model, args=_args(tmp_path), train_dataset=text_dataset(),
-                          processing_class=word_tokenizer(), compute_loss_func=hf.tofu_loss_func())
+        hf.TOFUSFTTrainer(
+            model=model,
+            args=_args(tmp_path),
+            train_dataset=text_dataset(),
+            processing_class=word_tokenizer(),
+            compute_loss_func=hf.tofu_loss_func(),
+        )
     with pytest.raises(ValueError, match="label_smoothing_factor"):
         _trainer(model, tmp_path, label_smoothing_factor=0.1)
     with pytest.raises(ValueError, match="loss_type"):
@@ -296,27 +391,45 @@ def test_refusals_and_fallbacks(tmp_path):
         _trainer(model, tmp_path, tofu_gamma=2.0, tofu_params=tk.TOFUParams())
     with pytest.raises(ValueError, match="gamma"):
         _trainer(model, tmp_path, tofu_gamma=-1.0)
-    with pytest.raises(ValueError, match="compute_loss_func"):  # positionally, SFTTrainer's 7th argument
-        hf.TOFUSFTTrainer(model, _args(tmp_path), None, text_dataset(), None, word_tokenizer(), hf.tofu_loss_func())
+    with pytest.raises(
+        ValueError, match="compute_loss_func"
+    ):  # positionally, SFTTrainer's 7th argument
+        hf.TOFUSFTTrainer(
+            model,
+            _args(tmp_path),
+            None,
+            text_dataset(),
+            None,
+            word_tokenizer(),
+            hf.tofu_loss_func(),
+        )
     with pytest.raises(ValueError, match="ignore_index must be -100"):
         _trainer(model, tmp_path, tofu_params=tk.TOFUParams(ignore_index=-1))
     with pytest.raises(ValueError, match="^TOFUSFTTrainer: tofu_params must have reduction 'mean'"):
         _trainer(model, tmp_path, tofu_params=tk.TOFUParams(return_metrics=True))
     with pytest.raises(ValueError, match="^apply_tofu: params must have reduction 'mean'"):
         hf.apply_tofu(tiny_model("llama"), params=tk.TOFUParams(reduction="sum"))
-    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2))
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2)
+    )
     with pytest.raises(ValueError, match="^TOFUSFTTrainer: GPT2LMHeadModel is not supported"):
         _trainer(gpt2, tmp_path)  # refused before the dataset is prepared
     trainer = _trainer(model, tmp_path)
-    batch = {k: v for k, v in _batch(trainer).items() if k not in ("attention_mask", "position_ids")}
+    batch = {
+        k: v for k, v in _batch(trainer).items() if k not in ("attention_mask", "position_ids")
+    }
     model.train()
     with pytest.raises(ValueError, match="'attention_mask' or 'position_ids'"):
         trainer.compute_loss(model, batch)
     # compute_metrics needs logits: said once, at construction; evaluation then works
     seen = []
     with pytest.warns(UserWarning, match="compute_metrics"):
-        trainer = _trainer(model, tmp_path, compute_metrics=lambda p: seen.append(p.predictions.shape) or {"n": 1.0},
-                           tofu_params=tk.TOFUParams(gamma=2.0, beta=0.9))
+        trainer = _trainer(
+            model,
+            tmp_path,
+            compute_metrics=lambda p: seen.append(p.predictions.shape) or {"n": 1.0},
+            tofu_params=tk.TOFUParams(gamma=2.0, beta=0.9),
+        )
     assert trainer.tofu_params.gamma == 2.0
     metrics = trainer.evaluate()
     assert seen and seen[0][-1] == VOCAB and "eval_n" in metrics and "eval_loss" in metrics
@@ -325,12 +438,29 @@ def test_refusals_and_fallbacks(tmp_path):
 class _Llama524(transformers.LlamaForCausalLM):
     """A causal LM whose forward names its cache ``cache`` (transformers 5.24's spelling)."""
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
-                labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        **kwargs,
+    ):
         self.seen_cache = cache
-        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
-                               logits_to_keep=logits_to_keep, **kwargs)
+        return super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
 
 
 def test_cache_argument_passes_through_under_either_name():
@@ -353,7 +483,9 @@ def test_cache_argument_passes_through_under_either_name():
     hf.apply_tofu(new, fused_linear=True)
     marker = object()
     backbone = []
-    new.model.register_forward_pre_hook(lambda m, a, k: backbone.append(k.get("cache")), with_kwargs=True)
+    new.model.register_forward_pre_hook(
+        lambda m, a, k: backbone.append(k.get("cache")), with_kwargs=True
+    )
     new.eval()
     with torch.no_grad():
         new(input_ids=ids, cache=marker)  # evaluation: the class forward
@@ -373,15 +505,28 @@ def test_gpu_qlora_4bit_trains_and_matches_reference(tmp_path):
     peft = pytest.importorskip("peft")
     src = tiny_model("llama")
     src.save_pretrained(tmp_path / "base")
-    bnb = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                          bnb_4bit_compute_dtype=torch.bfloat16)
-    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base", quantization_config=bnb,
-                                                          dtype=torch.bfloat16, device_map={"": 0})
-    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM",
-                             init_lora_weights=False)
+    bnb = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+    )
+    model = transformers.LlamaForCausalLM.from_pretrained(
+        tmp_path / "base", quantization_config=bnb, dtype=torch.bfloat16, device_map={"": 0}
+    )
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        target_modules=LORA_TARGETS,
+        task_type="CAUSAL_LM",
+        init_lora_weights=False,
+    )
     args = _args(tmp_path / "out", use_cpu=False, bf16=True, max_steps=6, learning_rate=1e-3)
-    trainer = hf.TOFUSFTTrainer(model=model, args=args, train_dataset=text_dataset(32), processing_class=word_tokenizer(),
-                                peft_config=config)
+    trainer = hf.TOFUSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=text_dataset(32),
+        processing_class=word_tokenizer(),
+        peft_config=config,
+    )
     peft_model = trainer.model
     batch = _batch(trainer)
     n = (hf.shift_labels(batch["labels"]) != -100).sum()
@@ -403,7 +548,6 @@ def test_gpu_qlora_4bit_trains_and_matches_reference(tmp_path):
     assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
 
 
-
 def test_metrics_reach_the_host_in_one_sync(tmp_path, monkeypatch):
     """TRL's metrics from one gather and one device-to-host copy per step (TRL's own code
     makes four: three .item() and a tensor comparison), equal to the values TRL's arithmetic
@@ -416,7 +560,9 @@ def test_metrics_reach_the_host_in_one_sync(tmp_path, monkeypatch):
     syncs = []
     for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
         orig = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=orig, _n=name: syncs.append(_n) or _o(self, *a))
+        monkeypatch.setattr(
+            torch.Tensor, name, lambda self, *a, _o=orig, _n=name: syncs.append(_n) or _o(self, *a)
+        )
     trainer._log_tofu_metrics("train", batch, outputs)
     monkeypatch.undo()
     assert syncs == ["tolist"], syncs

@@ -18,11 +18,10 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import tofu_kernels as tk
-from tofu_kernels import extension
-from tofu_kernels.backends import get_backend
-
 from tests.support.checkout import ROOT
 from tests.support.spies import DispatchSpy
+from tofu_kernels import extension
+from tofu_kernels.backends import get_backend
 
 DEFAULT = "sm_80 sm_90 sm_100 compute_100"  # setup.py's default build (8.0;9.0;10.0+PTX)
 HOPPER_ONLY = "sm_90"  # TORCH_CUDA_ARCH_LIST=9.0
@@ -41,8 +40,11 @@ def card(monkeypatch):
         stand_in = types.SimpleNamespace(ARCHS=archs, __file__="/site/tofu_kernels/_C.so")
         monkeypatch.setattr(extension, "EXTENSION", stand_in)
         monkeypatch.setattr(extension, "_ON_DEVICE", {})
-        monkeypatch.setattr(torch.cuda, "get_device_capability",
-                            lambda device=None: caps[0 if device is None else int(device)])
+        monkeypatch.setattr(
+            torch.cuda,
+            "get_device_capability",
+            lambda device=None: caps[0 if device is None else int(device)],
+        )
         monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
         if visible:
             monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -60,15 +62,28 @@ CARDS = {
     "H100 sm_90": ((9, 0), DEFAULT, "cuda", "through its sm_90 cubin"),
     "B200 sm_100": ((10, 0), DEFAULT, "cuda", "through its sm_100 cubin"),
     "B300 sm_103": ((10, 3), DEFAULT, "cuda", "through its sm_100 cubin"),
-    "RTX 5090 sm_120": ((12, 0), DEFAULT, "cuda", "through its compute_100 PTX, which the driver compiles"),
+    "RTX 5090 sm_120": (
+        (12, 0),
+        DEFAULT,
+        "cuda",
+        "through its compute_100 PTX, which the driver compiles",
+    ),
     "T4 sm_75": ((7, 5), DEFAULT, "triton", "no kernel image for capability 7.5"),
     "A100, a 9.0-only build": ((8, 0), HOPPER_ONLY, "triton", "no kernel image for capability 8.0"),
-    "B200, a 9.0-only build": ((10, 0), HOPPER_ONLY, "triton", "no kernel image for capability 10.0"),
+    "B200, a 9.0-only build": (
+        (10, 0),
+        HOPPER_ONLY,
+        "triton",
+        "no kernel image for capability 10.0",
+    ),
 }
 
 # the TORCH_CUDA_ARCH_LIST the refusal proposes: the archs held, and the card
-REBUILD_LISTS = {"T4 sm_75": "7.5;8.0;9.0;10.0+PTX", "A100, a 9.0-only build": "8.0;9.0",
-                 "B200, a 9.0-only build": "9.0;10.0"}
+REBUILD_LISTS = {
+    "T4 sm_75": "7.5;8.0;9.0;10.0+PTX",
+    "A100, a 9.0-only build": "8.0;9.0",
+    "B200, a 9.0-only build": "9.0;10.0",
+}
 
 
 @pytest.mark.parametrize("name", list(CARDS))
@@ -92,9 +107,13 @@ def test_backend_cuda_on_a_card_without_an_image_says_what_to_rebuild(card, name
         get_backend("cuda", CUDA0)
     msg = str(err.value)
     cap = f"{capability[0]}.{capability[1]}"
-    assert msg.startswith(f"tofu_loss: backend 'cuda' is unavailable: cuda:0: the CUDA extension has no kernel "
-                          f"image for capability {cap}: it holds {archs} "), msg
-    assert msg.endswith(f'Rebuild it for this card: TORCH_CUDA_ARCH_LIST="{REBUILD_LISTS[name]}" {REBUILD}'), msg
+    assert msg.startswith(
+        f"tofu_loss: backend 'cuda' is unavailable: cuda:0: the CUDA extension has no kernel "
+        f"image for capability {cap}: it holds {archs} "
+    ), msg
+    assert msg.endswith(
+        f'Rebuild it for this card: TORCH_CUDA_ARCH_LIST="{REBUILD_LISTS[name]}" {REBUILD}'
+    ), msg
 
 
 def test_device_without_index_is_the_current_device(card, monkeypatch):
@@ -109,14 +128,27 @@ def test_the_answer_is_cached_per_device(card, monkeypatch):
     card([(9, 0), (7, 5)])
     asked = []
     real = torch.cuda.get_device_capability
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or real(device))
+    monkeypatch.setattr(
+        torch.cuda,
+        "get_device_capability",
+        lambda device=None: asked.append(device) or real(device),
+    )
     for _ in range(3):
-        assert [get_backend("auto", torch.device("cuda", i)).name for i in (0, 1)] == ["cuda", "triton"]
+        assert [get_backend("auto", torch.device("cuda", i)).name for i in (0, 1)] == [
+            "cuda",
+            "triton",
+        ]
     assert asked == [0, 1]
 
 
-@pytest.mark.parametrize("capability,backend,op", [((9, 0), "cuda", "row_stats"), ((12, 0), "cuda", "row_stats"),
-                                                    ((7, 5), "triton", "triton_row_stats")])
+@pytest.mark.parametrize(
+    "capability,backend,op",
+    [
+        ((9, 0), "cuda", "row_stats"),
+        ((12, 0), "cuda", "row_stats"),
+        ((7, 5), "triton", "triton_row_stats"),
+    ],
+)
 def test_tofu_loss_on_fake_cuda_tensors_runs_the_chosen_backends_ops(card, capability, backend, op):
     """The whole call on fake CUDA tensors (shapes only): "auto" reaches the ops of the backend
     the card allows."""
@@ -136,9 +168,12 @@ def test_tofu_loss_backend_cuda_refused_on_fake_sm75_tensors(card):
     with FakeTensorMode():
         x = torch.empty(4, 8, device="cuda")
         labels = torch.zeros(4, dtype=torch.long, device="cuda")
-        with pytest.raises(RuntimeError, match=r"no kernel image for capability 7\.5: it holds sm_80 sm_90 sm_100 "
-                                               r"compute_100 .*TORCH_CUDA_ARCH_LIST=\"7\.5;8\.0;9\.0;10\.0\+PTX\" pip "
-                                               r"install --no-build-isolation \."):
+        with pytest.raises(
+            RuntimeError,
+            match=r"no kernel image for capability 7\.5: it holds sm_80 sm_90 sm_100 "
+            r"compute_100 .*TORCH_CUDA_ARCH_LIST=\"7\.5;8\.0;9\.0;10\.0\+PTX\" pip "
+            r"install --no-build-isolation \.",
+        ):
             tk.tofu_loss(x, labels, backend="cuda")
 
 
@@ -151,43 +186,56 @@ def test_torch_compile_traces_the_dispatch_without_a_graph_break(card):
     for capability, expect in (((7, 5), 2.0), ((9, 0), 1.0)):
         card(capability)
         torch._dynamo.reset()
-        assert torch.compile(f, fullgraph=True, backend="eager")(torch.zeros(2)).tolist() == [expect] * 2
+        assert (
+            torch.compile(f, fullgraph=True, backend="eager")(torch.zeros(2)).tolist()
+            == [expect] * 2
+        )
     torch._dynamo.reset()
 
 
 # ------------------------------------------------------------ the rule (a pure function)
 
 
-@pytest.mark.parametrize("capability,archs,image", [
-    ((8, 0), ["sm_80"], "sm_80 cubin"),
-    ((8, 9), ["sm_80", "sm_86"], "sm_86 cubin"),  # the closest minor below
-    ((9, 0), ["sm_90", "compute_90"], "sm_90 cubin"),  # a cubin before PTX
-    ((9, 0), ["compute_80"], "compute_80 PTX"),
-    ((12, 1), ["compute_90", "compute_100"], "compute_100 PTX"),  # the newest PTX
-    ((9, 0), ["sm_90a"], "sm_90a cubin"),
-    ((10, 0), ["sm_100f"], "sm_100f cubin"),
-    ((9, 0), ["compute_90a"], "compute_90a PTX"),
-])
+@pytest.mark.parametrize(
+    "capability,archs,image",
+    [
+        ((8, 0), ["sm_80"], "sm_80 cubin"),
+        ((8, 9), ["sm_80", "sm_86"], "sm_86 cubin"),  # the closest minor below
+        ((9, 0), ["sm_90", "compute_90"], "sm_90 cubin"),  # a cubin before PTX
+        ((9, 0), ["compute_80"], "compute_80 PTX"),
+        ((12, 1), ["compute_90", "compute_100"], "compute_100 PTX"),  # the newest PTX
+        ((9, 0), ["sm_90a"], "sm_90a cubin"),
+        ((10, 0), ["sm_100f"], "sm_100f cubin"),
+        ((9, 0), ["compute_90a"], "compute_90a PTX"),
+    ],
+)
 def test_runs_on(capability, archs, image):
     ok, why = extension.runs_on(capability, archs)
-    assert ok and why.startswith(f"runs on capability {capability[0]}.{capability[1]} through its {image}"), why
+    assert ok and why.startswith(
+        f"runs on capability {capability[0]}.{capability[1]} through its {image}"
+    ), why
 
 
-@pytest.mark.parametrize("capability,archs", [
-    ((9, 0), ["sm_80"]),  # a cubin runs on its own major only
-    ((8, 0), ["sm_86"]),  # ... and not on a lower minor
-    ((8, 6), ["compute_89"]),  # PTX only on its capability and later
-    ((9, 0), ["sm_100", "compute_100"]),
-    ((10, 3), ["sm_100a"]),  # architecture-specific: that capability only
-    ((10, 3), ["sm_100f"]),
-    ((10, 0), ["compute_90a"]),
-    ((9, 0), []),  # a build that recorded nothing
-    ((9, 0), ["bogus", "sm_9"]),
-])
+@pytest.mark.parametrize(
+    "capability,archs",
+    [
+        ((9, 0), ["sm_80"]),  # a cubin runs on its own major only
+        ((8, 0), ["sm_86"]),  # ... and not on a lower minor
+        ((8, 6), ["compute_89"]),  # PTX only on its capability and later
+        ((9, 0), ["sm_100", "compute_100"]),
+        ((10, 3), ["sm_100a"]),  # architecture-specific: that capability only
+        ((10, 3), ["sm_100f"]),
+        ((10, 0), ["compute_90a"]),
+        ((9, 0), []),  # a build that recorded nothing
+        ((9, 0), ["bogus", "sm_9"]),
+    ],
+)
 def test_does_not_run_on(capability, archs):
     ok, why = extension.runs_on(capability, archs)
-    assert not ok and why.startswith(f"the CUDA extension has no kernel image for capability "
-                                     f"{capability[0]}.{capability[1]}: it holds "), why
+    assert not ok and why.startswith(
+        f"the CUDA extension has no kernel image for capability "
+        f"{capability[0]}.{capability[1]}: it holds "
+    ), why
     assert 'TORCH_CUDA_ARCH_LIST="' in why and why.endswith(REBUILD), why
 
 
@@ -196,7 +244,10 @@ def test_extension_built_before_the_record_is_not_used(card):
     assert get_backend("auto", CUDA0).name == "triton"
     with pytest.raises(RuntimeError, match="it holds no recorded architecture"):
         get_backend("cuda", CUDA0)
-    assert "records no architectures (built before they were recorded: rebuild it" in tk.extension_status()
+    assert (
+        "records no architectures (built before they were recorded: rebuild it"
+        in tk.extension_status()
+    )
 
 
 # ------------------------------------------------------------ what extension_status says
@@ -205,9 +256,13 @@ def test_extension_built_before_the_record_is_not_used(card):
 def test_extension_status_names_the_archs_and_each_visible_card(card):
     card([(9, 0), (9, 0), (7, 5), (12, 0)], visible=True)
     status = tk.extension_status()
-    assert status.startswith("loaded: /site/tofu_kernels/_C.so; holds sm_80 sm_90 sm_100 compute_100; "), status
+    assert status.startswith(
+        "loaded: /site/tofu_kernels/_C.so; holds sm_80 sm_90 sm_100 compute_100; "
+    ), status
     assert "; cuda:0,1: runs on capability 9.0 through its sm_90 cubin; " in status, status
-    assert "; cuda:2: the CUDA extension has no kernel image for capability 7.5: it holds " in status, status
+    assert (
+        "; cuda:2: the CUDA extension has no kernel image for capability 7.5: it holds " in status
+    ), status
     assert "; cuda:3: runs on capability 12.0 through its compute_100 PTX" in status, status
 
 
@@ -274,5 +329,7 @@ def test_extension_status_with_a_device_that_cannot_be_queried(card, monkeypatch
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
     status = tk.extension_status()
-    assert "; cuda:0: runs on capability 9.0 through its sm_90 cubin; cuda:1: its capability is unknown (CUDA " \
-           "error: unspecified launch failure)" in status, status
+    assert (
+        "; cuda:0: runs on capability 9.0 through its sm_90 cubin; cuda:1: its capability is unknown (CUDA "
+        "error: unspecified launch failure)" in status
+    ), status

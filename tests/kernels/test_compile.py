@@ -60,9 +60,19 @@ for kw in (dict(reduction="none", return_ce=True), dict(reduction="mean"),
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_compiled_equals_eager_on_cpu(tmp_path, backend, compiler):
-    env = {**os.environ, "TRITON_INTERPRET": "1", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
-           "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", SCRIPT, backend, compiler], capture_output=True, text=True,
-                         timeout=600, cwd=ROOT, env=env)
+    env = {
+        **os.environ,
+        "TRITON_INTERPRET": "1",
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+        "OMP_NUM_THREADS": "1",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT, backend, compiler],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env=env,
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     assert out.stdout.count("ok ") == 3, out.stdout

@@ -22,10 +22,9 @@ import pytest
 import torch
 
 import tofu_kernels as tk
+from tests.support.checkout import ROOT
 from tofu_kernels.records import GradParam, Meta, Metric, MetricAcc, Reduced, Reduction, Stat
 from tofu_kernels.tofu_math import finalize_stats
-
-from tests.support.checkout import ROOT
 
 NVCC = shutil.which("nvcc") or (Path("/usr/local/cuda/bin/nvcc").exists() or None)
 needs_ext = pytest.mark.skipif(
@@ -46,8 +45,13 @@ def test_extension_built_where_a_toolkit_exists():
 def test_extension_loads_when_tofu_kernels_is_imported_first():
     """A script whose first import is tofu_kernels (torch not yet loaded) gets the extension
     wherever the tests' process got it: _C links against libc10, which only torch loads."""
-    run = subprocess.run([sys.executable, "-c", "import tofu_kernels as tk; print(tk.extension_status())"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-c", "import tofu_kernels as tk; print(tk.extension_status())"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("loaded: ") == tk.extension_loaded(), run.stdout
 
@@ -62,7 +66,8 @@ def _cuobjdump() -> str | None:
         if bundled.is_file():
             return str(bundled)
     return shutil.which("cuobjdump") or next(
-        (str(p) for p in (Path("/usr/local/cuda/bin/cuobjdump"),) if p.is_file()), None)
+        (str(p) for p in (Path("/usr/local/cuda/bin/cuobjdump"),) if p.is_file()), None
+    )
 
 
 @needs_ext
@@ -75,10 +80,14 @@ def test_recorded_archs_are_the_binarys():
 
     tool = _cuobjdump()
     if tool is None:
-        pytest.skip("no cuobjdump (neither Triton's bundled one nor a CUDA toolkit's) to list the binary")
+        pytest.skip(
+            "no cuobjdump (neither Triton's bundled one nor a CUDA toolkit's) to list the binary"
+        )
 
     def listed(option: str, pattern: str) -> list[str]:
-        run = subprocess.run([tool, option, _C.__file__], capture_output=True, text=True, timeout=120)
+        run = subprocess.run(
+            [tool, option, _C.__file__], capture_output=True, text=True, timeout=120
+        )
         assert run.returncode == 0, run.stderr
         return re.findall(pattern, run.stdout)
 
@@ -103,7 +112,9 @@ def test_ops_registered_with_mutation_schemas():
     }
     for name, expect in written.items():
         schema = getattr(ops, name).default._schema
-        got = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+        got = {
+            a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write
+        }
         assert got == expect, f"{name}: writes {got}, schema should mark {expect}"
         assert len(schema.returns) == 0
 
@@ -123,7 +134,12 @@ def test_meta_shapes_and_dtypes(dtype, inplace, reduction):
     labels = torch.empty(5, 3, device="meta", dtype=torch.long)
     logits = x * 1 if inplace else x
     loss, ce = tk.tofu_loss(
-        logits, labels, reduction=reduction, backend="cuda", inplace_backward=inplace, return_ce=True
+        logits,
+        labels,
+        reduction=reduction,
+        backend="cuda",
+        inplace_backward=inplace,
+        return_ce=True,
     )
     shape = (5, 3) if reduction == "none" else ()
     assert loss.shape == ce.shape == shape and loss.dtype == ce.dtype == torch.float32
@@ -194,8 +210,17 @@ def test_torch_compile_fullgraph_traces_forward_and_backward(backend, inplace, p
 
     def step(leaf, y):
         logits = leaf * 2 if inplace else leaf
-        return tk.tofu_loss(logits, y, gamma=3.0, beta=0.8, backend=backend, return_ce=True, reduction=reduction,
-                            inplace_backward=inplace, grad_in_forward=grad_in_forward)
+        return tk.tofu_loss(
+            logits,
+            y,
+            gamma=3.0,
+            beta=0.8,
+            backend=backend,
+            return_ce=True,
+            reduction=reduction,
+            inplace_backward=inplace,
+            grad_in_forward=grad_in_forward,
+        )
 
     if backend == "cuda":
         (loss, ce), graphs = _compile_and_capture(step, x, labels)
@@ -226,18 +251,37 @@ def harness(tmp_path_factory):
         pytest.fail("no C++ compiler (g++) to build the header harness")
     lib = tmp_path_factory.mktemp("harness") / "libtofu_harness.so"
     subprocess.run(
-        [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-I", str(ROOT / "csrc"),
-         str(Path(__file__).resolve().parent / "csrc" / "header_harness.cpp"), "-o", str(lib)],
+        [
+            cxx,
+            "-O2",
+            "-std=c++17",
+            "-shared",
+            "-fPIC",
+            "-I",
+            str(ROOT / "csrc"),
+            str(Path(__file__).resolve().parent / "csrc" / "header_harness.cpp"),
+            "-o",
+            str(lib),
+        ],
         check=True,
     )
     h = ctypes.CDLL(str(lib))
     f32p = ctypes.POINTER(ctypes.c_float)
     h.tofu_row_stats.argtypes = [f32p, ctypes.c_int, ctypes.c_float, ctypes.c_int, f32p]
-    h.tofu_row_stats_ent.argtypes = [f32p, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_longlong, f32p]
+    h.tofu_row_stats_ent.argtypes = [
+        f32p,
+        ctypes.c_int,
+        ctypes.c_float,
+        ctypes.c_int,
+        ctypes.c_longlong,
+        f32p,
+    ]
     h.tofu_row_metrics.argtypes = [ctypes.c_float] * 6 + [ctypes.c_longlong] * 3 + [f32p]
     h.tofu_focal_weight.argtypes = [ctypes.c_float, ctypes.c_float]
     h.tofu_focal_weight.restype = ctypes.c_float
-    h.tofu_finalize_row.argtypes = [ctypes.c_float] * 4 + [ctypes.c_longlong] * 3 + [ctypes.c_float] * 2 + [f32p]
+    h.tofu_finalize_row.argtypes = (
+        [ctypes.c_float] * 4 + [ctypes.c_longlong] * 3 + [ctypes.c_float] * 2 + [f32p]
+    )
     h.tofu_grad_row.argtypes = [f32p, ctypes.c_int, ctypes.c_int] + [ctypes.c_float] * 5 + [f32p]
     h.tofu_layouts.argtypes = [ctypes.POINTER(ctypes.c_int)]
     h.tofu_layouts.restype = ctypes.c_int
@@ -254,14 +298,27 @@ def test_record_layouts_agree(harness):
     buf = (ctypes.c_int * 64)()
     got = list(buf[: harness.tofu_layouts(buf)])
     expect = [int(f) for f in Stat] + [len(Stat)] + [int(f) for f in GradParam] + [len(GradParam)]
-    expect += [int(f) for f in Meta] + [int(f) for f in Reduced] + [len(Reduced)] + [int(f) for f in Reduction]
-    expect += [int(f) for f in Metric] + [len(Metric)] + [int(f) for f in MetricAcc] + [len(MetricAcc)]
+    expect += (
+        [int(f) for f in Meta]
+        + [int(f) for f in Reduced]
+        + [len(Reduced)]
+        + [int(f) for f in Reduction]
+    )
+    expect += (
+        [int(f) for f in Metric] + [len(Metric)] + [int(f) for f in MetricAcc] + [len(MetricAcc)]
+    )
     assert got == expect
     # the C++ names follow the Python ones (kLogSb <-> LOG_SB, kVocabEnd <-> VOCAB_END)
     header = (ROOT / "csrc" / "tofu_math.cuh").read_text()
-    for ns, names, width in (("stat", Stat, True), ("gparam", GradParam, True), ("meta", Meta, False),
-                             ("reduced", Reduced, True), ("reduction", Reduction, False), ("metric", Metric, True),
-                             ("macc", MetricAcc, True)):
+    for ns, names, width in (
+        ("stat", Stat, True),
+        ("gparam", GradParam, True),
+        ("meta", Meta, False),
+        ("reduced", Reduced, True),
+        ("reduction", Reduction, False),
+        ("metric", Metric, True),
+        ("macc", MetricAcc, True),
+    ):
         enum = re.search(rf"namespace {ns} \{{.*?enum : int \{{([^}}]*)\}}", header, re.S).group(1)
         cxx = [e.split("=")[0].strip()[1:].lower() for e in enum.split(",")]
         py = [f.name.replace("_", "").lower() for f in names] + (["width"] if width else [])
@@ -275,9 +332,15 @@ def test_launch_constants_come_from_the_extension():
     from tofu_kernels.backends import gpu
 
     header = (ROOT / "csrc" / "tofu_kernels.h").read_text()
-    assert f"kTileCols = {_C.TILE_COLS};" in header and f"kTargetBlocks = {_C.TARGET_BLOCKS};" in header
+    assert (
+        f"kTileCols = {_C.TILE_COLS};" in header
+        and f"kTargetBlocks = {_C.TARGET_BLOCKS};" in header
+    )
     assert f"kThreads = {_C.THREADS};" in header
-    assert f"kEpilogueThreads = {_C.EPILOGUE_THREADS};" in header and f"kRescaleBlocks = {_C.RESCALE_BLOCKS};" in header
+    assert (
+        f"kEpilogueThreads = {_C.EPILOGUE_THREADS};" in header
+        and f"kRescaleBlocks = {_C.RESCALE_BLOCKS};" in header
+    )
     assert (gpu.TILE_COLS, gpu.TARGET_BLOCKS) == (_C.TILE_COLS, _C.TARGET_BLOCKS)
     assert (gpu.EPILOGUE_THREADS, gpu.RESCALE_BLOCKS) == (_C.EPILOGUE_THREADS, _C.RESCALE_BLOCKS)
 
@@ -317,8 +380,14 @@ def test_header_entropy_accumulator_and_metrics(harness, beta, n, parts):
     def metrics_of(row: torch.Tensor, label: int) -> list[float]:
         acc = torch.empty(5, dtype=torch.float32)
         harness.tofu_row_stats_ent(_ptr(row), n, beta, parts, label, _ptr(acc))
-        harness.tofu_row_metrics(*acc.tolist(), float(row[label]) if 0 <= label < n else float(m), label, -100, n,
-                                 _ptr(out))
+        harness.tofu_row_metrics(
+            *acc.tolist(),
+            float(row[label]) if 0 <= label < n else float(m),
+            label,
+            -100,
+            n,
+            _ptr(out),
+        )
         return acc, out.tolist()
 
     top = int(zd.argmax())
@@ -361,16 +430,25 @@ def test_header_finalize_matches_reference(harness, gamma, beta):
     m = z.amax(1)
     t = labels.clamp(0, v - 1)
     stats = torch.stack(
-        [m, (z - m[:, None]).exp().sum(1), ((z - m[:, None]) / beta).exp().sum(1),
-         z.gather(1, t[:, None]).squeeze(1)], 1
+        [
+            m,
+            (z - m[:, None]).exp().sum(1),
+            ((z - m[:, None]) / beta).exp().sum(1),
+            z.gather(1, t[:, None]).squeeze(1),
+        ],
+        1,
     ).float()
     ref = finalize_stats(stats.double(), labels, gamma, beta, -100, v)
     for i in range(n):
         out = torch.empty(6, dtype=torch.float32)
         s = stats[i].tolist()
         harness.tofu_finalize_row(*s, int(labels[i]), -100, v, gamma, beta, _ptr(out))
-        expect = torch.tensor([ref.loss[i], ref.ce[i], ref.g[i], ref.m[i], ref.log_sb[i], ref.qt_m1[i]])
-        torch.testing.assert_close(out.double(), expect.double(), rtol=2e-5, atol=2e-6, equal_nan=True)
+        expect = torch.tensor(
+            [ref.loss[i], ref.ce[i], ref.g[i], ref.m[i], ref.log_sb[i], ref.qt_m1[i]]
+        )
+        torch.testing.assert_close(
+            out.double(), expect.double(), rtol=2e-5, atol=2e-6, equal_nan=True
+        )
 
 
 @pytest.mark.parametrize("beta", [0.5, 1.0, 1.7])
@@ -383,6 +461,8 @@ def test_header_grad_row(harness, beta):
     q = torch.softmax(zd / beta, 0)
     qt_m1 = torch.expm1((zd[t] - m) / beta - log_sb)
     out = torch.empty(300, dtype=torch.float32)
-    harness.tofu_grad_row(_ptr(z), 300, t, coef, float(m), float(log_sb), float(qt_m1), beta, _ptr(out))
+    harness.tofu_grad_row(
+        _ptr(z), 300, t, coef, float(m), float(log_sb), float(qt_m1), beta, _ptr(out)
+    )
     expect = coef * (q - torch.nn.functional.one_hot(torch.tensor(t), 300).double())
     torch.testing.assert_close(out.double(), expect, rtol=2e-5, atol=1e-7 * coef)

@@ -20,7 +20,6 @@ import pytest
 import torch
 
 import tofu_kernels as tk
-
 from tests.support.dist_utils import run_distributed
 from tests.support.spies import DispatchSpy, count_collectives, count_triton_launches, gathers
 
@@ -41,8 +40,16 @@ CASES = {  # (reduction, grad_in_forward) -> kernels per forward + backward
 
 
 def _fwd_bwd(x, labels, backend, reduction, grad_in_forward, metrics=False, **kw):
-    out = tk.tofu_loss(x, labels, backend=backend, reduction=reduction, grad_in_forward=grad_in_forward,
-                       check_inputs=False, return_metrics=metrics, **kw)
+    out = tk.tofu_loss(
+        x,
+        labels,
+        backend=backend,
+        reduction=reduction,
+        grad_in_forward=grad_in_forward,
+        check_inputs=False,
+        return_metrics=metrics,
+        **kw,
+    )
     return out[0] if metrics else out
 
 
@@ -60,8 +67,15 @@ def test_triton_kernels_and_no_torch_glue(case, metrics, triton_launches):
 
 
 # the CUDA ops and the kernels each launches (csrc/tofu_kernels.cu)
-CUDA_KERNELS = {"row_stats": 1, "epilogue": 1, "grad": 1, "grad_inplace": 1, "grad_in_forward": 3,
-                "grad_in_forward_inplace": 3, "rescale": 1}
+CUDA_KERNELS = {
+    "row_stats": 1,
+    "epilogue": 1,
+    "grad": 1,
+    "grad_inplace": 1,
+    "grad_in_forward": 3,
+    "grad_in_forward_inplace": 3,
+    "rescale": 1,
+}
 
 
 @pytest.mark.parametrize("metrics", [False, True])
@@ -76,7 +90,9 @@ def test_cuda_kernels_and_no_torch_glue(case, inplace, metrics):
     seed = torch.ones(6, device="meta") if reduction == "none" else torch.ones((), device="meta")
     x = leaf.view(6, 5000) if inplace else leaf  # a non-leaf whose storage may take the gradient
     with DispatchSpy() as ops:
-        loss = _fwd_bwd(x, labels, "cuda", reduction, grad_in_forward, metrics, inplace_backward=inplace)
+        loss = _fwd_bwd(
+            x, labels, "cuda", reduction, grad_in_forward, metrics, inplace_backward=inplace
+        )
         loss.backward(seed)
     assert sum(CUDA_KERNELS[o] for o in ops.ours) == CASES[case], ops.ours
     assert ops.torch_ops == [], f"torch operations around the kernels: {ops.torch_ops}"
@@ -87,11 +103,18 @@ def tp_cases(rank: int, world: int) -> None:
     x = torch.randn(5, 40, requires_grad=True)
     labels = torch.randint(0, 40 * world, (5,))
     seed = torch.ones(5)
-    with count_triton_launches() as launches, count_collectives() as collectives, DispatchSpy() as ops:
+    with (
+        count_triton_launches() as launches,
+        count_collectives() as collectives,
+        DispatchSpy() as ops,
+    ):
         loss = tk.vocab_parallel_tofu_loss(x, labels, backend="triton", check_inputs=False)
         loss.backward(seed)
-    assert len(launches) == 3 and gathers(collectives) == collectives.total() == 1 and len(ops.collectives) == 1, (
-        launches, collectives)
+    assert (
+        len(launches) == 3
+        and gathers(collectives) == collectives.total() == 1
+        and len(ops.collectives) == 1
+    ), (launches, collectives)
     assert ops.torch_ops == [], f"torch operations around the kernels: {ops.torch_ops}"
 
 

@@ -14,10 +14,15 @@ import pytest
 import torch
 
 import tofu_kernels as tk
-from tofu_kernels.linear import default_chunk_size
-
-from tests.support.helpers import assert_grad_close, assert_loss_close, gpu_backends, make_logits, reference
+from tests.support.helpers import (
+    assert_grad_close,
+    assert_loss_close,
+    gpu_backends,
+    make_logits,
+    reference,
+)
 from tests.support.spies import DispatchSpy, GemmFlops, count_collectives, gathers
+from tofu_kernels.linear import default_chunk_size
 
 BACKENDS = ["torch", "triton"]
 
@@ -50,7 +55,9 @@ def _oracle(h, w, labels, reduction, upstream, normalizer=None, **kw):
 
 def _materialised(h, w, labels, reduction, upstream, backend, **kw):
     hx, wx = h.clone().requires_grad_(), w.clone().requires_grad_()
-    loss = tk.tofu_loss(torch.nn.functional.linear(hx, wx), labels, reduction=reduction, backend=backend, **kw)
+    loss = tk.tofu_loss(
+        torch.nn.functional.linear(hx, wx), labels, reduction=reduction, backend=backend, **kw
+    )
     (loss * upstream).sum().backward()
     return loss.detach(), hx.grad, wx.grad
 
@@ -101,7 +108,9 @@ def test_regimes_through_an_identity_head(regime, backend):
         labels[5] = -100
         upstream = torch.randn(19)
         ref_loss, ref_grad, _ = reference(z, labels, upstream, gamma=3.0, beta=0.8)
-        _, torch_fp32, _ = reference(z, labels, upstream, compute_dtype=torch.float32)  # what fp32 resolves
+        _, torch_fp32, _ = reference(
+            z, labels, upstream, compute_dtype=torch.float32
+        )  # what fp32 resolves
         hx = z.clone().requires_grad_()
         eye = torch.eye(v, dtype=dtype)
         loss = tk.linear_tofu_loss(hx, eye, labels, reduction="none", backend=backend, chunk_size=7)
@@ -153,8 +162,9 @@ def test_normalizer_and_accumulation(backend):
     dh = []
     for sl in (slice(0, 13), slice(13, 30)):
         hx = h[sl].clone().requires_grad_()
-        tk.linear_tofu_loss(hx, wx, labels[sl], normalizer=torch.tensor(total), backend=backend,
-                            chunk_size=8).backward()
+        tk.linear_tofu_loss(
+            hx, wx, labels[sl], normalizer=torch.tensor(total), backend=backend, chunk_size=8
+        ).backward()
         dh.append(hx.grad)
     torch.testing.assert_close(torch.cat(dh), whole[1], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(wx.grad, whole[2], rtol=1e-5, atol=1e-7)
@@ -211,14 +221,18 @@ def test_deterministic_and_module():
     want = tk.linear_tofu_loss(h, w, labels, gamma=2.0, beta=0.9, chunk_size=16)
     assert torch.equal(got, want)
     _, ce = tk.linear_tofu_loss(h, w, labels, gamma=0.0, beta=1.0, return_ce=True)
-    ce_ref = torch.nn.functional.cross_entropy((h.double() @ w.double().t()), labels, ignore_index=-100)
+    ce_ref = torch.nn.functional.cross_entropy(
+        (h.double() @ w.double().t()), labels, ignore_index=-100
+    )
     assert abs(ce.item() - ce_ref.item()) < 1e-2  # bf16 logits
 
 
 def test_autocast_runs_the_gemms_in_the_autocast_dtype():
     # as nn.Linear under autocast: the result of the bf16-cast inputs, gradients in fp32
     h, w, labels = _inputs(19, 16, 45, torch.float32)
-    want = _ours(h.bfloat16(), w.bfloat16(), labels, "mean", torch.tensor(1.0), "torch", chunk_size=8)
+    want = _ours(
+        h.bfloat16(), w.bfloat16(), labels, "mean", torch.tensor(1.0), "torch", chunk_size=8
+    )
     hx, wx = h.clone().requires_grad_(), w.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = tk.linear_tofu_loss(hx, wx, labels, chunk_size=8)
@@ -259,7 +273,9 @@ def test_no_n_by_v_temporaries(reduction):
     hx, wx = h.clone().requires_grad_(), w.clone().requires_grad_()
     up = torch.randn(n) if reduction == "none" else torch.tensor(1.0)
     with DispatchSpy() as mode:
-        loss = tk.linear_tofu_loss(hx, wx, labels, reduction=reduction, chunk_size=chunk, backend="torch")
+        loss = tk.linear_tofu_loss(
+            hx, wx, labels, reduction=reduction, chunk_size=chunk, backend="torch"
+        )
         (loss * up).sum().backward()
     assert mode.largest <= max(chunk * v, v * d, n * d), mode.largest
     # the materialised path does build one (the check can fail)
@@ -285,7 +301,11 @@ def test_gpu_matches_materialised_and_stays_small(reduction):
         for dtype in (torch.bfloat16, torch.float32):
             h, w, labels = _inputs(n, d, v, dtype)
             h, w, labels = h.cuda(), w.cuda(), labels.cuda()
-            up = torch.randn(n, device="cuda") if reduction == "none" else torch.tensor(1.0, device="cuda")
+            up = (
+                torch.randn(n, device="cuda")
+                if reduction == "none"
+                else torch.tensor(1.0, device="cuda")
+            )
             ref = _oracle(h.cpu(), w.cpu(), labels.cpu(), reduction, up.cpu())
             mat = _materialised(h, w, labels, reduction, up, backend)
             torch.cuda.synchronize()
@@ -308,7 +328,9 @@ def test_gpu_matches_materialised_and_stays_small(reduction):
 # ---------------------------------------------------------------- vocabulary parallel
 
 
-def vocab_parallel_linear_cases(rank: int, world: int, device: str = "cpu", backends: tuple = tuple(BACKENDS)) -> None:
+def vocab_parallel_linear_cases(
+    rank: int, world: int, device: str = "cpu", backends: tuple = tuple(BACKENDS)
+) -> None:
     """Each rank holds rows [rank * Vr, (rank + 1) * Vr) of the weight; against the fp64
     oracle on the full weight: the loss (identical on every rank), dhidden (all-reduced),
     this rank's dweight rows; one collective each way. ``device="cuda"``: every process on
@@ -326,19 +348,30 @@ def vocab_parallel_linear_cases(rank: int, world: int, device: str = "cpu", back
     dev = torch.device(device)
     vr = 23 if device == "cpu" else 4099  # on the GPU a shard crosses a 4096-column tile
     for backend in backends:
-        for dtype, reduction in ((torch.float32, "none"), (torch.float32, "mean"), (torch.bfloat16, "mean"),
-                                 (torch.float32, "sum")):
+        for dtype, reduction in (
+            (torch.float32, "none"),
+            (torch.float32, "mean"),
+            (torch.bfloat16, "mean"),
+            (torch.float32, "sum"),
+        ):
             h, w, labels = _inputs(29, 16, vr * world, dtype, seed=5)
             for r in range(world):  # targets on every shard's first and last row
                 labels[2 * r], labels[2 * r + 1] = r * vr, (r + 1) * vr - 1
-            upstream = torch.randn(29, generator=torch.Generator().manual_seed(9)) if reduction == "none" \
+            upstream = (
+                torch.randn(29, generator=torch.Generator().manual_seed(9))
+                if reduction == "none"
                 else torch.tensor(1.3)
+            )
             ref_loss, ref_dh, ref_dw = _oracle(h, w, labels, reduction, upstream)
             rows = slice(rank * vr, (rank + 1) * vr)
-            hx, wx = h.to(dev, copy=True).requires_grad_(), w[rows].to(dev, copy=True).requires_grad_()
+            hx, wx = (
+                h.to(dev, copy=True).requires_grad_(),
+                w[rows].to(dev, copy=True).requires_grad_(),
+            )
             with count_collectives() as calls:
-                loss = tk.vocab_parallel_linear_tofu_loss(hx, wx, labels.to(dev), reduction=reduction,
-                                                          backend=backend, chunk_size=8)
+                loss = tk.vocab_parallel_linear_tofu_loss(
+                    hx, wx, labels.to(dev), reduction=reduction, backend=backend, chunk_size=8
+                )
                 (loss * upstream.to(dev)).sum().backward()
             # the statistics' all-gather, after the checked call's metadata exchange; dhidden's
             # all-reduce; nothing else
@@ -363,17 +396,31 @@ def vocab_parallel_linear_cases(rank: int, world: int, device: str = "cpu", back
     local = torch.full((48, 12), 30.0)
     local[: sizes[rank]] = w[starts[rank] : starts[rank] + sizes[rank]]
     hx, wx = h.clone().requires_grad_(), local.requires_grad_()
-    loss = tk.vocab_parallel_linear_tofu_loss(hx, wx, labels, backend="torch", chunk_size=5,
-                                              vocab_start=starts[rank], vocab_end=starts[rank] + sizes[rank])
+    loss = tk.vocab_parallel_linear_tofu_loss(
+        hx,
+        wx,
+        labels,
+        backend="torch",
+        chunk_size=5,
+        vocab_start=starts[rank],
+        vocab_end=starts[rank] + sizes[rank],
+    )
     loss.backward()
     assert _rel(loss.detach(), ref_loss) <= 1e-5
     assert _rel(hx.grad, ref_dh) <= 1e-5
     assert _rel(wx.grad[: sizes[rank]], ref_dw[starts[rank] : starts[rank] + sizes[rank]]) <= 1e-5
-    assert (wx.grad[sizes[rank]:] == 0).all(), "padding rows got gradient"
+    assert (wx.grad[sizes[rank] :] == 0).all(), "padding rows got gradient"
     # reduce_hidden_grad=False: each rank's part; their sum is dhidden
     hx = h.clone().requires_grad_()
-    tk.vocab_parallel_linear_tofu_loss(hx, local, labels, backend="torch", vocab_start=starts[rank],
-                                       vocab_end=starts[rank] + sizes[rank], reduce_hidden_grad=False).backward()
+    tk.vocab_parallel_linear_tofu_loss(
+        hx,
+        local,
+        labels,
+        backend="torch",
+        vocab_start=starts[rank],
+        vocab_end=starts[rank] + sizes[rank],
+        reduce_hidden_grad=False,
+    ).backward()
     part = hx.grad.clone()
     dist.all_reduce(part)
     assert _rel(part, ref_dh) <= 1e-5
@@ -381,8 +428,9 @@ def vocab_parallel_linear_cases(rank: int, world: int, device: str = "cpu", back
     bad = labels.clone()
     bad[3] = v
     with pytest.raises(ValueError, match="outside"):
-        tk.vocab_parallel_linear_tofu_loss(h, local, bad, vocab_start=starts[rank],
-                                           vocab_end=starts[rank] + sizes[rank])
+        tk.vocab_parallel_linear_tofu_loss(
+            h, local, bad, vocab_start=starts[rank], vocab_end=starts[rank] + sizes[rank]
+        )
 
 
 @pytest.mark.slow  # 2 and 4 processes: 12-23 s
@@ -421,8 +469,9 @@ def test_cuda_ops_through_the_linear_path_on_meta(reduction):
     labels = torch.empty(10, device="meta", dtype=torch.long)
     seed = torch.ones(10, device="meta") if reduction == "none" else torch.ones((), device="meta")
     with DispatchSpy() as ops:
-        loss = tk.linear_tofu_loss(h, w, labels, reduction=reduction, backend="cuda", check_inputs=False,
-                                   chunk_size=4)
+        loss = tk.linear_tofu_loss(
+            h, w, labels, reduction=reduction, backend="cuda", check_inputs=False, chunk_size=4
+        )
         loss.backward(seed)
     if reduction == "sum":
         assert ops.ours == ["grad_in_forward_inplace"] * 3 + ["rescale"] * 2, ops.ours
@@ -446,10 +495,23 @@ def _run(h, w, labels, upstream, frozen_weight=False, **kw):
 def _assert_skip_parity(h, w, labels, reduction, upstream, backend, frozen_weight=False, **kw):
     """The call that skips the ignored rows against the one that computes every row and the
     fp64 oracle: the same loss, cross entropy, metrics and gradients, zeros on ignored rows."""
-    common = dict(reduction=reduction, backend=backend, return_ce=True, return_metrics=True, chunk_size=8, **kw)
-    (loss, ce, met), dh, dw = _run(h, w, labels, upstream, frozen_weight, skip_ignored=True, **common)
-    (loss0, ce0, met0), dh0, dw0 = _run(h, w, labels, upstream, frozen_weight, skip_ignored=False, **common)
-    ref_loss, ref_dh, ref_dw = _oracle(h, w, labels, reduction, upstream, normalizer=kw.get("normalizer"))
+    common = dict(
+        reduction=reduction,
+        backend=backend,
+        return_ce=True,
+        return_metrics=True,
+        chunk_size=8,
+        **kw,
+    )
+    (loss, ce, met), dh, dw = _run(
+        h, w, labels, upstream, frozen_weight, skip_ignored=True, **common
+    )
+    (loss0, ce0, met0), dh0, dw0 = _run(
+        h, w, labels, upstream, frozen_weight, skip_ignored=False, **common
+    )
+    ref_loss, ref_dh, ref_dw = _oracle(
+        h, w, labels, reduction, upstream, normalizer=kw.get("normalizer")
+    )
     eps = torch.finfo(h.dtype).eps
     tol = 4 * eps if h.dtype == torch.float32 else 8 * eps
     for a, b in ((loss, loss0), (ce, ce0), (met.entropy, met0.entropy), (met.top1, met0.top1)):
@@ -461,16 +523,33 @@ def _assert_skip_parity(h, w, labels, reduction, upstream, backend, frozen_weigh
     if frozen_weight:
         assert dw is None and dw0 is None
     else:
-        assert _rel(dw, ref_dw) <= 2 * _rel(dw0, ref_dw) + tol, (_rel(dw, ref_dw), _rel(dw0, ref_dw))
+        assert _rel(dw, ref_dw) <= 2 * _rel(dw0, ref_dw) + tol, (
+            _rel(dw, ref_dw),
+            _rel(dw0, ref_dw),
+        )
     if reduction == "none":
-        assert (loss.detach().reshape(-1)[ignored] == 0).all() and (ce.reshape(-1)[ignored] == 0).all()
-    assert (met.entropy.reshape(-1)[ignored] == 0).all() and (met.top1.reshape(-1)[ignored] == 0).all()
+        assert (loss.detach().reshape(-1)[ignored] == 0).all() and (
+            ce.reshape(-1)[ignored] == 0
+        ).all()
+    assert (met.entropy.reshape(-1)[ignored] == 0).all() and (
+        met.top1.reshape(-1)[ignored] == 0
+    ).all()
 
 
-@pytest.mark.parametrize(("backend", "reduction", "dtype"), [
-    *(("torch", r, dt) for r in ("mean", "sum", "none") for dt in (torch.float32, torch.bfloat16)),
-    pytest.param("triton", "mean", torch.bfloat16, marks=pytest.mark.slow),  # both paths of the kernels
-    pytest.param("triton", "none", torch.float32, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    ("backend", "reduction", "dtype"),
+    [
+        *(
+            ("torch", r, dt)
+            for r in ("mean", "sum", "none")
+            for dt in (torch.float32, torch.bfloat16)
+        ),
+        pytest.param(
+            "triton", "mean", torch.bfloat16, marks=pytest.mark.slow
+        ),  # both paths of the kernels
+        pytest.param("triton", "none", torch.float32, marks=pytest.mark.slow),
+    ],
+)
 def test_skipping_ignored_rows_changes_nothing(dtype, reduction, backend):
     # 45 tokens, every other one and a run of 9 ignored: chunks of 8 over the 16 that train
     ignored = tuple(range(0, 45, 2)) + tuple(range(30, 39))
@@ -484,7 +563,9 @@ def test_skipping_with_a_normalizer_a_frozen_weight_and_a_leading_shape():
     h, w, labels = _inputs(40, 16, 53, torch.float32, seed=4, ignored=tuple(range(0, 40, 3)))
     _assert_skip_parity(h, w, labels, "mean", torch.tensor(0.7), backend, normalizer=31.0)
     _assert_skip_parity(h, w, labels, "sum", torch.tensor(1.0), backend, frozen_weight=True)
-    _assert_skip_parity(h.view(4, 10, 16), w, labels.view(4, 10), "none", torch.randn(4, 10), backend)
+    _assert_skip_parity(
+        h.view(4, 10, 16), w, labels.view(4, 10), "none", torch.randn(4, 10), backend
+    )
 
 
 def test_all_ignored_and_nothing_ignored():
@@ -498,10 +579,27 @@ def test_all_ignored_and_nothing_ignored():
     none = torch.full_like(labels, -100)
     for reduction in ("mean", "sum", "none"):
         with GemmFlops() as f:
-            (out, ce, met), dh, dw = _run(h, w, none, torch.tensor(1.0), reduction=reduction, return_ce=True,
-                                          return_metrics=True)
-        assert (out == 0).all() and (ce == 0).all() and (dh == 0).all() and (dw == 0).all() and f.flops == 0
-        assert met.entropy.shape == met.top1.shape == none.shape and not met.entropy.any() and not met.top1.any()
+            (out, ce, met), dh, dw = _run(
+                h,
+                w,
+                none,
+                torch.tensor(1.0),
+                reduction=reduction,
+                return_ce=True,
+                return_metrics=True,
+            )
+        assert (
+            (out == 0).all()
+            and (ce == 0).all()
+            and (dh == 0).all()
+            and (dw == 0).all()
+            and f.flops == 0
+        )
+        assert (
+            met.entropy.shape == met.top1.shape == none.shape
+            and not met.entropy.any()
+            and not met.top1.any()
+        )
 
 
 def test_a_wrong_selection_fails_the_parity(monkeypatch):
@@ -511,7 +609,9 @@ def test_a_wrong_selection_fails_the_parity(monkeypatch):
 
     h, w, labels = _inputs(30, 16, 41, torch.float32, seed=8, ignored=tuple(range(0, 30, 3)))
     right = core.training_rows
-    monkeypatch.setattr(core, "training_rows", lambda flat, ii: (right(flat, ii) + 1).clamp(max=flat.numel() - 1))
+    monkeypatch.setattr(
+        core, "training_rows", lambda flat, ii: (right(flat, ii) + 1).clamp(max=flat.numel() - 1)
+    )
     for reduction in ("mean", "none"):
         upstream = torch.randn(30) if reduction == "none" else torch.tensor(1.0)
         with pytest.raises(AssertionError):
@@ -523,7 +623,9 @@ def test_gemm_flops_scale_with_the_rows_that_train(reduction):
     """Every matrix product of a step (the forward's and the backward's GEMMs), counted at 0,
     50 and 90 % of the rows ignored: they scale with the rows that train, to within one chunk."""
     n, d, v, chunk = 256, 32, 96, 32
-    per_row = {"mean": 3, "none": 4}[reduction] * 2 * d * v  # 3 GEMMs with the gradient in the forward, else 4
+    per_row = (
+        {"mean": 3, "none": 4}[reduction] * 2 * d * v
+    )  # 3 GEMMs with the gradient in the forward, else 4
     for frac in (0.0, 0.5, 0.9):
         kept = n - int(n * frac)
         h, w, labels = _inputs(n, d, v, torch.float32, ignored=range(kept, n))
@@ -533,7 +635,11 @@ def test_gemm_flops_scale_with_the_rows_that_train(reduction):
         with GemmFlops() as every:
             _run(h, w, labels, upstream, reduction=reduction, chunk_size=chunk, skip_ignored=False)
         assert every.flops == n * per_row
-        assert kept * per_row <= f.flops <= (kept + chunk) * per_row, (frac, f.flops, kept * per_row)
+        assert kept * per_row <= f.flops <= (kept + chunk) * per_row, (
+            frac,
+            f.flops,
+            kept * per_row,
+        )
 
 
 def test_nothing_is_skipped_where_no_host_sync_may_run(monkeypatch):

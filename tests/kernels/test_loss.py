@@ -12,8 +12,14 @@ import torch
 import torch.nn.functional as F
 
 import tofu_kernels as tk
-
-from tests.support.helpers import DTYPES, assert_grad_close, assert_loss_close, make_logits, reference, run
+from tests.support.helpers import (
+    DTYPES,
+    assert_grad_close,
+    assert_loss_close,
+    make_logits,
+    reference,
+    run,
+)
 from tests.support.megatron_utils import require_megatron_core
 
 BACKENDS = ["torch", "triton"]
@@ -240,22 +246,32 @@ def test_inplace_backward_refuses_a_leaf():
     its gradient into it would silently change its values."""
     logits, labels = make_logits((4,), 30, torch.float32)
     leaf = logits.clone().requires_grad_()
-    for fn in (lambda: tk.tofu_loss(leaf, labels, inplace_backward=True),
-               lambda: tk.TOFULoss(inplace_backward=True)(leaf, labels),
-               lambda: tk.vocab_parallel_tofu_loss(leaf, labels, inplace_backward=True)):
-        with pytest.raises(ValueError, match="inplace_backward=True would overwrite the values of `logits`"):
+    for fn in (
+        lambda: tk.tofu_loss(leaf, labels, inplace_backward=True),
+        lambda: tk.TOFULoss(inplace_backward=True)(leaf, labels),
+        lambda: tk.vocab_parallel_tofu_loss(leaf, labels, inplace_backward=True),
+    ):
+        with pytest.raises(
+            ValueError, match="inplace_backward=True would overwrite the values of `logits`"
+        ):
             fn()
     assert torch.equal(leaf.detach(), logits) and leaf.grad is None
-    tk.tofu_loss(leaf.detach(), labels, inplace_backward=True)  # no gradient wanted: nothing is written
+    tk.tofu_loss(
+        leaf.detach(), labels, inplace_backward=True
+    )  # no gradient wanted: nothing is written
 
 
-@pytest.mark.parametrize("grad_in_forward,match", [(False, "modified by an inplace operation"),
-                                                   (None, "computed in the forward")])
+@pytest.mark.parametrize(
+    "grad_in_forward,match",
+    [(False, "modified by an inplace operation"), (None, "computed in the forward")],
+)
 def test_second_backward_fails_loudly(grad_in_forward, match):
     """In place (two-pass), or with the gradient made in the forward: no silent wrong answer."""
     logits, labels = make_logits((3,), 20, torch.float32)
     x = logits.clone().requires_grad_() * 1
-    loss = tk.tofu_loss(x, labels, inplace_backward=grad_in_forward is False, grad_in_forward=grad_in_forward)
+    loss = tk.tofu_loss(
+        x, labels, inplace_backward=grad_in_forward is False, grad_in_forward=grad_in_forward
+    )
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match=match):
         loss.backward()
@@ -276,8 +292,16 @@ def test_grad_in_forward_matches_reference(backend, dtype, reduction, upstream, 
     labels[[1, 4]] = -100
     leaf = logits.clone().requires_grad_()
     x = leaf * 1 if inplace else leaf
-    loss = tk.tofu_loss(x, labels, backend=backend, reduction=reduction, inplace_backward=inplace,
-                        grad_in_forward=True, gamma=3.0, beta=0.8)
+    loss = tk.tofu_loss(
+        x,
+        labels,
+        backend=backend,
+        reduction=reduction,
+        inplace_backward=inplace,
+        grad_in_forward=True,
+        gamma=3.0,
+        beta=0.8,
+    )
     (loss * upstream).backward()
     xr = logits.double().requires_grad_()
     per_token, _ = tk.tofu_loss_reference(xr, labels)
@@ -294,12 +318,16 @@ def test_grad_in_forward_matches_reference(backend, dtype, reduction, upstream, 
 def test_grad_in_forward_regimes(backend, regime, gamma, beta, tiling):
     logits, labels = make_logits((5,), 300, torch.bfloat16, regime=regime)
     x = logits.clone().requires_grad_()
-    loss, ce = tk.tofu_loss(x, labels, backend=backend, gamma=gamma, beta=beta, grad_in_forward=True, return_ce=True)
+    loss, ce = tk.tofu_loss(
+        x, labels, backend=backend, gamma=gamma, beta=beta, grad_in_forward=True, return_ce=True
+    )
     loss.backward()
     xr = logits.double().requires_grad_()
     per_token, ref_ce = tk.tofu_loss_reference(xr, labels, gamma=gamma, beta=beta)
     per_token.mean().backward()
-    torch_fp32 = reference(logits, labels, compute_dtype=torch.float32, gamma=gamma, beta=beta)[1] / 5
+    torch_fp32 = (
+        reference(logits, labels, compute_dtype=torch.float32, gamma=gamma, beta=beta)[1] / 5
+    )
     assert_loss_close(loss, per_token.mean())
     assert_loss_close(ce, ref_ce.mean())
     assert_grad_close(x.grad, xr.grad, torch.bfloat16, torch_fp32=torch_fp32)
@@ -313,7 +341,9 @@ def test_grad_in_forward_on_sbv_view_in_place(backend):
     labels = torch.randint(0, v, (b, s_))
     leaf = base.clone().requires_grad_()
     view = (leaf * 1).transpose(0, 1)
-    tk.tofu_loss(view, labels, backend=backend, inplace_backward=True, grad_in_forward=True).backward()
+    tk.tofu_loss(
+        view, labels, backend=backend, inplace_backward=True, grad_in_forward=True
+    ).backward()
     xr = base.double().transpose(0, 1).requires_grad_()
     tk.tofu_loss_reference(xr, labels)[0].mean().backward()
     assert_grad_close(leaf.grad.transpose(0, 1), xr.grad, torch.bfloat16)
@@ -346,7 +376,9 @@ def test_module_wrapper():
     logits, labels = make_logits((6,), 40, torch.float32)
     crit = tk.TOFULoss(gamma=1.0, beta=0.5, reduction="sum")
     assert "gamma=1.0" in repr(crit)
-    assert_loss_close(crit(logits, labels), tk.tofu_loss_reference(logits, labels, 1.0, 0.5)[0].sum())
+    assert_loss_close(
+        crit(logits, labels), tk.tofu_loss_reference(logits, labels, 1.0, 0.5)[0].sum()
+    )
 
 
 def test_auto_backend_on_cpu_is_torch():
@@ -395,8 +427,15 @@ def test_flags_of_the_other_entry_points_take_booleans_only():
     transformers = pytest.importorskip("transformers")
     from tofu_kernels import hf
 
-    cfg = transformers.LlamaConfig(vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=1, head_dim=4)
+    cfg = transformers.LlamaConfig(
+        vocab_size=10,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=4,
+    )
     with pytest.raises(TypeError, match="fused_linear must be True or False"):
         hf.apply_tofu(transformers.LlamaForCausalLM(cfg), fused_linear="no")
     require_megatron_core()
@@ -455,9 +494,13 @@ def test_a_second_derivative_is_refused(grad_in_forward):
     logits = torch.randn(6, 11, requires_grad=True)
     labels = torch.randint(0, 11, (6,))
     loss = tk.tofu_loss(logits, labels, grad_in_forward=grad_in_forward)
-    with pytest.raises(RuntimeError, match=r"tofu_loss: a second derivative \(backward with create_graph=True\)"):
+    with pytest.raises(
+        RuntimeError, match=r"tofu_loss: a second derivative \(backward with create_graph=True\)"
+    ):
         torch.autograd.grad(loss, logits, create_graph=True)
-    (g,) = torch.autograd.grad(tk.tofu_loss(logits, labels, grad_in_forward=grad_in_forward), logits)
+    (g,) = torch.autograd.grad(
+        tk.tofu_loss(logits, labels, grad_in_forward=grad_in_forward), logits
+    )
     assert g.shape == logits.shape and not g.requires_grad
     h, w = torch.randn(6, 4, requires_grad=True), torch.randn(11, 4, requires_grad=True)
     reduction = "mean" if grad_in_forward is None else "none"
@@ -474,9 +517,13 @@ def test_errors_name_the_argument_the_user_typed():
 
     # TOFUSFTTrainer's words (tofu_kernels.hf.trainer.trainer_params, which needs TRL, makes them so)
     err = dict(who="TOFUSFTTrainer", names={"gamma": "tofu_gamma", "beta": "tofu_beta"})
-    with pytest.raises(ValueError, match=r"^TOFUSFTTrainer: tofu_gamma must be a finite number >= 0, got -1.0$"):
+    with pytest.raises(
+        ValueError, match=r"^TOFUSFTTrainer: tofu_gamma must be a finite number >= 0, got -1.0$"
+    ):
         tk.TOFUParams(gamma=-1.0, **err)
-    with pytest.raises(ValueError, match=r"^TOFUSFTTrainer: tofu_beta must be a finite number > 0, got 0$"):
+    with pytest.raises(
+        ValueError, match=r"^TOFUSFTTrainer: tofu_beta must be a finite number > 0, got 0$"
+    ):
         tk.TOFUParams(beta=0, **err)
     with pytest.raises(ValueError, match=r"^tofu_loss: gamma must be a finite number >= 0"):
         tk.tofu_loss(torch.randn(2, 3), torch.tensor([0, 1]), gamma=-1)

@@ -24,7 +24,6 @@ import pytest
 import torch
 
 import tofu_kernels as tk
-
 from tests.support.dist_utils import run_distributed
 from tests.support.helpers import DTYPES, gpu_backends, make_logits
 
@@ -42,7 +41,9 @@ def reference_metrics(logits: torch.Tensor, labels: torch.Tensor, ignore_index: 
     return torch.where(keep, entropy, 0.0), torch.where(keep, top1, 0.0)
 
 
-def assert_metrics_close(metrics: tk.TokenMetrics, logits: torch.Tensor, labels: torch.Tensor) -> None:
+def assert_metrics_close(
+    metrics: tk.TokenMetrics, logits: torch.Tensor, labels: torch.Tensor
+) -> None:
     entropy, top1 = reference_metrics(logits, labels)
     assert metrics.entropy.dtype == metrics.top1.dtype == torch.float32
     assert metrics.entropy.shape == metrics.top1.shape == labels.shape
@@ -50,7 +51,9 @@ def assert_metrics_close(metrics: tk.TokenMetrics, logits: torch.Tensor, labels:
     scale = 1 + logits.double().amax(-1).abs()
     err = (metrics.entropy.double() - entropy).abs()
     bound = 2e-5 * entropy.abs() + 2e-5 * scale
-    assert (err <= bound).all(), f"entropy error {err.max().item():.3e} ({(err / bound).max().item():.2f}x)"
+    assert (err <= bound).all(), (
+        f"entropy error {err.max().item():.3e} ({(err / bound).max().item():.2f}x)"
+    )
     assert torch.equal(metrics.top1.double(), top1), (metrics.top1, top1)
 
 
@@ -95,16 +98,33 @@ def test_metrics_match_fp64(backend, shape, vocab, grad_in_forward, reduction):
     if labels.numel() > 6:  # the tied rows: the first maximum only
         assert metrics_top1(logits, labels, backend)[[0, 5]].tolist() == [1.0, 0.0]
     x = logits.clone().requires_grad_()
-    loss, ce, metrics = tk.tofu_loss(x, labels, backend=backend, reduction=reduction, return_ce=True,
-                                     return_metrics=True, grad_in_forward=grad_in_forward)
+    loss, ce, metrics = tk.tofu_loss(
+        x,
+        labels,
+        backend=backend,
+        reduction=reduction,
+        return_ce=True,
+        return_metrics=True,
+        grad_in_forward=grad_in_forward,
+    )
     assert_metrics_close(metrics, logits, labels)
     # the loss and its gradient are the plain path's, bit for bit
     (loss.sum() if reduction == "none" else loss).backward()
     y = logits.clone().requires_grad_()
-    plain, plain_ce = tk.tofu_loss(y, labels, backend=backend, reduction=reduction, return_ce=True,
-                                   grad_in_forward=grad_in_forward)
+    plain, plain_ce = tk.tofu_loss(
+        y,
+        labels,
+        backend=backend,
+        reduction=reduction,
+        return_ce=True,
+        grad_in_forward=grad_in_forward,
+    )
     (plain.sum() if reduction == "none" else plain).backward()
-    assert torch.equal(loss.detach(), plain.detach()) and torch.equal(ce, plain_ce) and torch.equal(x.grad, y.grad)
+    assert (
+        torch.equal(loss.detach(), plain.detach())
+        and torch.equal(ce, plain_ce)
+        and torch.equal(x.grad, y.grad)
+    )
 
 
 def metrics_top1(logits, labels, backend):
@@ -117,8 +137,13 @@ def metrics_top1(logits, labels, backend):
 def test_triton_metrics_tilings_and_dtypes(dtype, grad_in_forward, tiling):
     logits, labels = _hard_rows((7,), 300, dtype, seed=1)
     labels[0] = 299  # target in the last (partial) tile
-    _, metrics = tk.tofu_loss(logits.clone().requires_grad_(), labels, backend="triton", return_metrics=True,
-                              grad_in_forward=grad_in_forward)
+    _, metrics = tk.tofu_loss(
+        logits.clone().requires_grad_(),
+        labels,
+        backend="triton",
+        return_metrics=True,
+        grad_in_forward=grad_in_forward,
+    )
     assert_metrics_close(metrics, logits, labels)
 
 
@@ -129,13 +154,23 @@ def test_metrics_edge_cases():
         logits, labels = make_logits((4,), 50, torch.float32)
         _, m = tk.tofu_loss(logits, torch.full((4,), -100), backend=backend, return_metrics=True)
         assert m.entropy.abs().sum() == 0 and m.top1.sum() == 0
-        _, m = tk.tofu_loss(torch.randn(0, 50), torch.zeros(0, dtype=torch.long), backend=backend,
-                            return_metrics=True)
+        _, m = tk.tofu_loss(
+            torch.randn(0, 50),
+            torch.zeros(0, dtype=torch.long),
+            backend=backend,
+            return_metrics=True,
+        )
         assert m.entropy.shape == m.top1.shape == (0,)
         bad = labels.clone()
         bad[2] = 50
-        _, m = tk.tofu_loss(logits, bad, backend=backend, return_metrics=True, check_inputs=False, reduction="none")
-        assert math.isnan(m.entropy[2]) and math.isnan(m.top1[2]) and not torch.isnan(m.entropy[[0, 1, 3]]).any()
+        _, m = tk.tofu_loss(
+            logits, bad, backend=backend, return_metrics=True, check_inputs=False, reduction="none"
+        )
+        assert (
+            math.isnan(m.entropy[2])
+            and math.isnan(m.top1[2])
+            and not torch.isnan(m.entropy[[0, 1, 3]]).any()
+        )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -153,8 +188,16 @@ def test_linear_metrics(backend, reduction, normalizer):
     labels[1, 4] = int(logits[1, 4].argmax())  # one top-1 hit at least
     for grad in (True, False):
         hh = h.clone().requires_grad_(grad)
-        loss, metrics = tk.linear_tofu_loss(hh, w, labels, backend=backend, reduction=reduction,
-                                            normalizer=normalizer, return_metrics=True, chunk_size=5)
+        loss, metrics = tk.linear_tofu_loss(
+            hh,
+            w,
+            labels,
+            backend=backend,
+            reduction=reduction,
+            normalizer=normalizer,
+            return_metrics=True,
+            chunk_size=5,
+        )
         assert_metrics_close(metrics, logits, labels)
         assert metrics.top1.sum() >= 1
 
@@ -165,7 +208,9 @@ def test_linear_metrics_equal_trls_fused_head_with_ties(backend):
     target the first of the two at even tokens and the second at odd ones: top-1 equal to
     TRL's own fused head token for token (its first-maximum rule), entropy to fp32
     rounding."""
-    chunked = pytest.importorskip("trl.kernels.chunked_logprob", reason="TRL is installed by make test")
+    chunked = pytest.importorskip(
+        "trl.kernels.chunked_logprob", reason="TRL is installed by make test"
+    )
     torch.manual_seed(0)
     h = torch.randn(24, 32).bfloat16()
     w = torch.randn(97, 32)
@@ -174,9 +219,12 @@ def test_linear_metrics_equal_trls_fused_head_with_ties(backend):
     t = torch.where(torch.arange(24) % 2 == 0, 7, 60)
     z = (h @ w.T).float()
     assert torch.equal(z[:, 7], z[:, 60]) and (z.argmax(1) == 7).sum() >= 4  # the ties are there
-    _, entropy, _, _, top1 = chunked.ChunkedLogProbFunction.apply(h, w, None, t, 1.0, 32, None, 1.0,
-                                                                  ("entropy", "is_top1"))
-    _, m = tk.linear_tofu_loss(h, w, t, backend=backend, reduction="none", return_metrics=True, chunk_size=5)
+    _, entropy, _, _, top1 = chunked.ChunkedLogProbFunction.apply(
+        h, w, None, t, 1.0, 32, None, 1.0, ("entropy", "is_top1")
+    )
+    _, m = tk.linear_tofu_loss(
+        h, w, t, backend=backend, reduction="none", return_metrics=True, chunk_size=5
+    )
     assert torch.equal(m.top1, top1.float()) and m.top1[1::2].sum() == 0
     torch.testing.assert_close(m.entropy, entropy, rtol=1e-5, atol=1e-5)
 
@@ -186,11 +234,15 @@ def vocab_parallel_metrics_cases(rank: int, world: int) -> None:
     single-device ones (and fp64)."""
     for backend in BACKENDS:
         logits, labels = _hard_rows((2, 7), 40 * world, torch.float32, seed=3)
-        shard = logits[..., rank * 40:(rank + 1) * 40].clone().requires_grad_()
-        loss, metrics = tk.vocab_parallel_tofu_loss(shard, labels, backend=backend, return_metrics=True)
+        shard = logits[..., rank * 40 : (rank + 1) * 40].clone().requires_grad_()
+        loss, metrics = tk.vocab_parallel_tofu_loss(
+            shard, labels, backend=backend, return_metrics=True
+        )
         assert_metrics_close(metrics, logits, labels)
         assert metrics.top1.view(-1)[[0, 5]].tolist() == [1.0, 0.0]  # ties across the shards
-        _, single = tk.tofu_loss(logits, labels, backend=backend, reduction="none", return_metrics=True)
+        _, single = tk.tofu_loss(
+            logits, labels, backend=backend, reduction="none", return_metrics=True
+        )
         torch.testing.assert_close(metrics.entropy, single.entropy, rtol=1e-6, atol=1e-6)
         assert torch.equal(metrics.top1, single.top1)
         loss.sum().backward()
@@ -208,22 +260,32 @@ def test_cuda_ops_with_metrics_on_meta():
     x = torch.empty(3, 5, 1000, device="meta", dtype=torch.bfloat16, requires_grad=True)
     labels = torch.empty(3, 5, device="meta", dtype=torch.long)
     for gif, reduction in ((None, "mean"), (False, "none")):
-        loss, m = tk.tofu_loss(x, labels, backend="cuda", reduction=reduction, grad_in_forward=gif,
-                               return_metrics=True)
+        loss, m = tk.tofu_loss(
+            x, labels, backend="cuda", reduction=reduction, grad_in_forward=gif, return_metrics=True
+        )
         assert m.entropy.shape == m.top1.shape == (3, 5) and m.entropy.device.type == "meta"
         (loss.sum() if reduction == "none" else loss).backward()
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,vocab", [((1,), 17), ((37,), 32001), ((8,), 128256), ((300,), 4096 + 100)])
+@pytest.mark.parametrize(
+    "shape,vocab", [((1,), 17), ((37,), 32001), ((8,), 128256), ((300,), 4096 + 100)]
+)
 @pytest.mark.parametrize("grad_in_forward,reduction", [(None, "mean"), (False, "none")])
 def test_gpu_metrics_match_fp64(dtype, shape, vocab, grad_in_forward, reduction):
     """The GPU twin: CUDA and Triton kernels, vocabularies across tiles and splits."""
     logits, labels = _hard_rows(shape, vocab, dtype)
     logits, labels = logits.cuda(), labels.cuda()
     for backend in gpu_backends():
-        loss, metrics = tk.tofu_loss(logits.clone().requires_grad_(), labels, backend=backend, reduction=reduction,
-                                     return_metrics=True, grad_in_forward=grad_in_forward)
-        assert_metrics_close(tk.TokenMetrics(metrics.entropy.cpu(), metrics.top1.cpu()), logits.cpu(),
-                             labels.cpu())
+        loss, metrics = tk.tofu_loss(
+            logits.clone().requires_grad_(),
+            labels,
+            backend=backend,
+            reduction=reduction,
+            return_metrics=True,
+            grad_in_forward=grad_in_forward,
+        )
+        assert_metrics_close(
+            tk.TokenMetrics(metrics.entropy.cpu(), metrics.top1.cpu()), logits.cpu(), labels.cpu()
+        )

@@ -110,8 +110,10 @@ def test_spec_and_fast_path_focal_weights_agree(gamma):
     function: they agree to fp64 rounding everywhere, limits included."""
     from tofu_kernels.reference import spec_focal_weight
 
-    lp = torch.tensor([0.0, -1e-300, -1e-30, -1e-7, -0.01, -math.log(2), -5.0, -70.0, -700.0, -1e4, -math.inf],
-                      dtype=torch.float64)
+    lp = torch.tensor(
+        [0.0, -1e-300, -1e-30, -1e-7, -0.01, -math.log(2), -5.0, -70.0, -700.0, -1e4, -math.inf],
+        dtype=torch.float64,
+    )
     spec, fast = spec_focal_weight(lp, gamma), tk.focal_weight(lp, gamma)
     assert torch.isfinite(spec).all()
     torch.testing.assert_close(spec, fast, rtol=1e-12, atol=1e-300)

@@ -32,7 +32,6 @@ from tests.support.megatron_utils import require_megatron_core
 require_megatron_core()
 
 import tofu_kernels as tk  # noqa: E402
-
 from tests.support.dist_utils import run_distributed  # noqa: E402
 from tests.support.side_folders import side_folder  # noqa: E402
 
@@ -59,8 +58,14 @@ def _bridge_worker(rank, world, folder):
 
     import megatron_patch
     from megatron_patch.reporting import CE_KEY, LOSS_KEY
-
-    from tests.support.megatron_lm import BATCH, SEQ, VOCAB, batches, cpu_harness, reduce_like_megatron
+    from tests.support.megatron_lm import (
+        BATCH,
+        SEQ,
+        VOCAB,
+        batches,
+        cpu_harness,
+        reduce_like_megatron,
+    )
     from tests.support.megatron_utils import gather_vocab, init_megatron_cpu, tiny_gpt
 
     cpu_harness()
@@ -76,7 +81,8 @@ def _bridge_worker(rank, world, folder):
             d = next(data_iterator)
             out = model(d["tokens"], d["position_ids"], d["attention_mask"], labels=d["labels"])
             return out, losses.create_masked_next_token_loss_function(
-                d["loss_mask"], check_for_nan_in_loss=True, check_for_spiky_loss=False)
+                d["loss_mask"], check_for_nan_in_loss=True, check_for_spiky_loss=False
+            )
 
         # fp64 per micro-batch: masked sums of TOFU and of the plain cross entropy, token count
         expect = []
@@ -91,8 +97,14 @@ def _bridge_worker(rank, world, folder):
         for forward_only in (False, True):  # a training step, then an evaluation pass
             model.zero_grad_buffer() if hasattr(model, "zero_grad_buffer") else model.zero_grad()
             reports = get_forward_backward_func()(
-                forward_step_func=forward_step, data_iterator=iter(data), model=[model], num_microbatches=len(data),
-                seq_length=SEQ, micro_batch_size=BATCH, forward_only=forward_only)
+                forward_step_func=forward_step,
+                data_iterator=iter(data),
+                model=[model],
+                num_microbatches=len(data),
+                seq_length=SEQ,
+                micro_batch_size=BATCH,
+                forward_only=forward_only,
+            )
             assert len(reports) == len(data)
             for rep, (tofu, ce, n) in zip(reports, expect):
                 assert set(rep) == {LOSS_KEY, CE_KEY}
@@ -121,12 +133,20 @@ def test_bridge_forward_step_imports():
     the missing module named otherwise (here: Transformer Engine, through Bridge's data and
     PEFT modules, and nvidia-modelopt)."""
     folder = side_folder(BRIDGE)
-    code = ("import sys, types, megatron; m = types.ModuleType('megatron.bridge'); "
-            f"m.__path__ = [{str(folder / 'megatron' / 'bridge')!r}]; sys.modules['megatron.bridge'] = m; "
-            "from megatron.bridge.training.gpt_step import forward_step")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    code = (
+        "import sys, types, megatron; m = types.ModuleType('megatron.bridge'); "
+        f"m.__path__ = [{str(folder / 'megatron' / 'bridge')!r}]; sys.modules['megatron.bridge'] = m; "
+        "from megatron.bridge.training.gpt_step import forward_step"
+    )
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")])
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
     if out.returncode != 0:
         last = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "no output"
         pytest.skip(f"Bridge's gpt_step does not import on this machine: {last}")
-    pytest.fail("gpt_step imports here: run Bridge's forward_step in _bridge_worker instead of its stand-in")
+    pytest.fail(
+        "gpt_step imports here: run Bridge's forward_step in _bridge_worker instead of its stand-in"
+    )

@@ -21,7 +21,6 @@ require_megatron_core()
 
 import megatron_patch  # noqa: E402
 from megatron_patch.reporting import CE_KEY, LOSS_KEY  # noqa: E402
-
 from tests.support.dist_utils import run_distributed  # noqa: E402
 from tests.support.helpers import assert_grad_close, assert_params_close  # noqa: E402
 from tests.support.megatron_lm import (  # noqa: E402
@@ -41,7 +40,16 @@ from tests.support.spies import DispatchSpy, GemmFlops  # noqa: E402
 pytestmark = pytest.mark.skipif(FIXTURE is None, reason=SKIP_REASON)
 
 GAMMA, BETA = 2.0, 0.7
-TOFU = ["--loss-type", "tofu", "--tofu-gamma", str(GAMMA), "--tofu-beta", str(BETA), "--tofu-backend", "torch"]
+TOFU = [
+    "--loss-type",
+    "tofu",
+    "--tofu-gamma",
+    str(GAMMA),
+    "--tofu-beta",
+    str(BETA),
+    "--tofu-backend",
+    "torch",
+]
 # vocabulary 96 padded to a multiple of 20 x TP: 60 columns per rank at TP = 2 (40 at TP = 4), a width no
 # other tensor of the tiny model has (the dispatch check looks for it); 4-token blocks
 CHUNK = 4
@@ -68,10 +76,18 @@ def _compare(args, model, pg, data, dtype=torch.float32, skip_masked=False) -> N
     megatron_patch.apply("tofu", GAMMA, BETA, "torch")
     rep_u, grad_u, shapes_u = _run(model, pg, data)
     for skip in (False, True) if skip_masked else (False,):
-        megatron_patch.apply("tofu", GAMMA, BETA, "torch", fused_output=True, chunk_size=CHUNK, skip_masked=skip)
+        megatron_patch.apply(
+            "tofu", GAMMA, BETA, "torch", fused_output=True, chunk_size=CHUNK, skip_masked=skip
+        )
         rep_f, grad_f, shapes_f = _run(model, pg, data)
         megatron_patch.revert()
-        _same(args, ps.is_pipeline_last_stage(), (rep_u, grad_u, shapes_u), (rep_f, grad_f, shapes_f), dtype)
+        _same(
+            args,
+            ps.is_pipeline_last_stage(),
+            (rep_u, grad_u, shapes_u),
+            (rep_f, grad_f, shapes_f),
+            dtype,
+        )
 
 
 def _same(args, last_stage, unfused, fused, dtype) -> None:
@@ -82,14 +98,24 @@ def _same(args, last_stage, unfused, fused, dtype) -> None:
     if not last_stage:
         assert rep_u == rep_f == []
     else:
-        def logits(shapes):  # [tokens, V/tp] in any layout ([s, b, V/tp], [b, s, V/tp], [s * b, V/tp])
-            return [s for s in shapes if s and s[-1] == width and torch.Size(s[:-1]).numel() == tokens]
+
+        def logits(
+            shapes,
+        ):  # [tokens, V/tp] in any layout ([s, b, V/tp], [b, s, V/tp], [s * b, V/tp])
+            return [
+                s for s in shapes if s and s[-1] == width and torch.Size(s[:-1]).numel() == tokens
+            ]
 
         assert logits(shapes_u), "the unfused path builds the logits (the check's positive control)"
         if args.mtp_num_layers:  # only the MTP head's
-            assert 0 < len(logits(shapes_f)) < len(logits(shapes_u)), (len(logits(shapes_f)), len(logits(shapes_u)))
+            assert 0 < len(logits(shapes_f)) < len(logits(shapes_u)), (
+                len(logits(shapes_f)),
+                len(logits(shapes_u)),
+            )
         else:
-            assert not logits(shapes_f), f"the fused path built a logits-sized tensor: {logits(shapes_f)}"
+            assert not logits(shapes_f), (
+                f"the fused path built a logits-sized tensor: {logits(shapes_f)}"
+            )
         assert [set(r) for r in rep_f] == [{LOSS_KEY, CE_KEY}] * len(rep_u)
         tol = dict(rtol=2e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
         for ru, rf in zip(rep_u, rep_f):
@@ -104,31 +130,48 @@ def _same(args, last_stage, unfused, fused, dtype) -> None:
 
 
 CASES = {
-    "gpt": [[], ["--untie-embeddings-and-output-weights"], ["--sequence-parallel"],
-            ["--calculate-per-token-loss"], ["--mtp-num-layers", "1", "--position-embedding-type", "rope"]],
-    "hybrid": [HYBRID, [*HYBRID, "--sequence-parallel"],
-               [*HYBRID[:-1], "*-*-/*-", "--position-embedding-type", "rope"]],
+    "gpt": [
+        [],
+        ["--untie-embeddings-and-output-weights"],
+        ["--sequence-parallel"],
+        ["--calculate-per-token-loss"],
+        ["--mtp-num-layers", "1", "--position-embedding-type", "rope"],
+    ],
+    "hybrid": [
+        HYBRID,
+        [*HYBRID, "--sequence-parallel"],
+        [*HYBRID[:-1], "*-*-/*-", "--position-embedding-type", "rope"],
+    ],
 }
 # the cases also run with --tofu-skip-masked (the rows whose loss mask is 0 not computed)
-SKIP_MASKED = (["--sequence-parallel"], ["--mtp-num-layers", "1", "--position-embedding-type", "rope"], HYBRID,
-               [*HYBRID, "--sequence-parallel"])
+SKIP_MASKED = (
+    ["--sequence-parallel"],
+    ["--mtp-num-layers", "1", "--position-embedding-type", "rope"],
+    HYBRID,
+    [*HYBRID, "--sequence-parallel"],
+)
 
 
 def tp_cases(rank: int, world: int, model: str, cases: list[list[str]]) -> None:
     cpu_harness()
     data = batches(2, seed=17, masked=0.5)
     for extra in cases:
-        args, net, pg = setup(*COMMON, "--tensor-model-parallel-size", str(world), *extra, model=model)
+        args, net, pg = setup(
+            *COMMON, "--tensor-model-parallel-size", str(world), *extra, model=model
+        )
         _compare(args, net, pg, data, skip_masked=extra in SKIP_MASKED)
     megatron_patch.remove_hooks()
 
 
-@pytest.mark.parametrize("world,model,cases", [
-    pytest.param(1, "gpt", [[]], id="tp1-gpt"),
-    pytest.param(2, "gpt", CASES["gpt"], id="tp2-gpt", marks=pytest.mark.slow),
-    pytest.param(2, "hybrid", CASES["hybrid"], id="tp2-hybrid", marks=pytest.mark.slow),
-    pytest.param(4, "gpt", [[], ["--sequence-parallel"]], id="tp4-gpt", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "world,model,cases",
+    [
+        pytest.param(1, "gpt", [[]], id="tp1-gpt"),
+        pytest.param(2, "gpt", CASES["gpt"], id="tp2-gpt", marks=pytest.mark.slow),
+        pytest.param(2, "hybrid", CASES["hybrid"], id="tp2-hybrid", marks=pytest.mark.slow),
+        pytest.param(4, "gpt", [[], ["--sequence-parallel"]], id="tp4-gpt", marks=pytest.mark.slow),
+    ],
+)
 def test_fused_equals_unfused(world, model, cases):
     run_distributed(world, tp_cases, model=model, cases=cases)
 
@@ -141,7 +184,9 @@ def other_cases(rank: int, world: int) -> None:
     from megatron.core.transformer.module import Float16Module
 
     args, net, pg = setup(*COMMON, "--tensor-model-parallel-size", "2", "--bf16")
-    _compare(args, Float16Module(net.config, net), pg, data, dtype=torch.bfloat16)  # as Megatron's get_model wraps it
+    _compare(
+        args, Float16Module(net.config, net), pg, data, dtype=torch.bfloat16
+    )  # as Megatron's get_model wraps it
     args, net, pg = setup(*COMMON, "--pipeline-model-parallel-size", "2")
     _compare(args, net, pg, data, skip_masked=True)
     main_grad_case(batches(2, seed=31))  # fresh: the pipeline run rewrote its batches in place
@@ -164,7 +209,9 @@ def main_grad_case(data) -> None:
     from megatron.core.tensor_parallel import layers
 
     layers.fused_weight_gradient_mlp_cuda = _Fp32WgradAccumulation
-    args, net, pg = setup(*COMMON, "--tensor-model-parallel-size", "2", "--untie-embeddings-and-output-weights")
+    args, net, pg = setup(
+        *COMMON, "--tensor-model-parallel-size", "2", "--untie-embeddings-and-output-weights"
+    )
     layer = net.output_layer
     layer.gradient_accumulation_fusion = True
     w = layer.weight
@@ -193,12 +240,18 @@ def skip_flops_cases(rank: int, world: int) -> None:
         kept = int(data[0]["loss_mask"].sum())
         flops = {}
         for skip in (False, True):
-            megatron_patch.apply("tofu", GAMMA, BETA, "torch", fused_output=True, chunk_size=CHUNK, skip_masked=skip)
+            megatron_patch.apply(
+                "tofu", GAMMA, BETA, "torch", fused_output=True, chunk_size=CHUNK, skip_masked=skip
+            )
             with GemmFlops(dim=width) as f:
                 _run(net, pg, batches(1, seed=41, masked=masked))
             flops[skip] = f.flops
         assert flops[False] == BATCH * SEQ * per_row, (flops, BATCH * SEQ * per_row)
-        assert kept * per_row <= flops[True] <= (kept + CHUNK) * per_row, (masked, flops, kept * per_row)
+        assert kept * per_row <= flops[True] <= (kept + CHUNK) * per_row, (
+            masked,
+            flops,
+            kept * per_row,
+        )
     megatron_patch.revert()
     megatron_patch.remove_hooks()
 
@@ -219,7 +272,11 @@ def test_launcher_takes_the_flag():
 
     out = launch("--loss-type", "tofu", "--tofu-fused-output", "--tofu-chunk-size", "64", *TINY)
     assert "Megatron requires CUDA" in out.stderr, out.stderr[-3000:]
-    assert "--tofu-fused-output: the output layer and the loss run as one step, without the logits" in out.stdout
+    assert (
+        "--tofu-fused-output: the output layer and the loss run as one step, without the logits"
+        in out.stdout
+    )
     out = launch("--loss-type", "tofu", "--tofu-chunk-size", "0", *TINY)
     assert out.returncode == 2 and out.stderr.strip().endswith(
-        "argument --tofu-chunk-size: must be a positive integer, got 0")
+        "argument --tofu-chunk-size: must be a positive integer, got 0"
+    )

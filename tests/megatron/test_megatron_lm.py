@@ -27,7 +27,6 @@ require_megatron_core()
 import megatron_patch  # noqa: E402
 import tofu_kernels as tk  # noqa: E402
 from megatron_patch.reporting import CE_KEY, LOSS_KEY  # noqa: E402
-
 from tests.support.dist_utils import run_distributed  # noqa: E402
 from tests.support.megatron_lm import (  # noqa: E402
     FIXTURE,
@@ -44,8 +43,26 @@ from tests.support.megatron_utils import gather_vocab  # noqa: E402
 
 pytestmark = pytest.mark.skipif(FIXTURE is None, reason=SKIP_REASON)
 
-TOFU = ["--loss-type", "tofu", "--tofu-gamma", "2.0", "--tofu-beta", "0.7", "--tofu-backend", "torch"]
-CE_MODE = ["--loss-type", "tofu", "--tofu-gamma", "0", "--tofu-beta", "1", "--tofu-backend", "torch"]
+TOFU = [
+    "--loss-type",
+    "tofu",
+    "--tofu-gamma",
+    "2.0",
+    "--tofu-beta",
+    "0.7",
+    "--tofu-backend",
+    "torch",
+]
+CE_MODE = [
+    "--loss-type",
+    "tofu",
+    "--tofu-gamma",
+    "0",
+    "--tofu-beta",
+    "1",
+    "--tofu-backend",
+    "torch",
+]
 MEGATRON_CE = ["--loss-type", "cross_entropy"]
 
 # ------------------------------------------------------------ the real script, launched
@@ -60,16 +77,33 @@ def _dump(stdout: str) -> dict[str, str]:
 def test_launcher_runs_the_real_script_with_tofu(sft):
     from tests.support.megatron_lm import TINY
 
-    out = launch("--loss-type", "tofu", "--tofu-gamma", "2.5", "--tofu-beta", "0.7", *TINY,
-                 *(["--sft"] if sft else []))
+    out = launch(
+        "--loss-type",
+        "tofu",
+        "--tofu-gamma",
+        "2.5",
+        "--tofu-beta",
+        "0.7",
+        *TINY,
+        *(["--sft"] if sft else []),
+    )
     # on a CPU machine the run ends at Megatron's own CUDA assertion, after parsing and our patch
     assert "Megatron requires CUDA" in out.stderr, out.stderr[-3000:]
-    line = ("megatron_patch: --loss-type tofu (gamma=2.5, beta=0.7, backend=auto): "
-            "LanguageModule.compute_language_model_loss is TOFU; 'lm cross entropy' is reported beside 'lm loss'")
-    assert out.stdout.count("megatron_patch: --loss-type") == 1  # once, however often Megatron parses
+    line = (
+        "megatron_patch: --loss-type tofu (gamma=2.5, beta=0.7, backend=auto): "
+        "LanguageModule.compute_language_model_loss is TOFU; 'lm cross entropy' is reported beside 'lm loss'"
+    )
+    assert (
+        out.stdout.count("megatron_patch: --loss-type") == 1
+    )  # once, however often Megatron parses
     assert line in out.stdout
     dump = _dump(out.stdout)
-    assert (dump["loss_type"], dump["tofu_gamma"], dump["tofu_beta"], dump["tofu_backend"]) == ("tofu", "2.5", "0.7", "auto")
+    assert (dump["loss_type"], dump["tofu_gamma"], dump["tofu_beta"], dump["tofu_backend"]) == (
+        "tofu",
+        "2.5",
+        "0.7",
+        "auto",
+    )
     assert dump["sft"] == str(sft)
     # applied while parsing, i.e. before Megatron's argument dump and long before pretrain()
     assert out.stdout.index(line) < out.stdout.index("------------------------ arguments")
@@ -90,17 +124,27 @@ def test_launcher_warns_once_about_tofu_flags_without_tofu():
 
     out = launch(*TINY, "--tofu-gamma", "2.0", "--tofu-backend", "torch")
     assert "Megatron requires CUDA" in out.stderr, out.stderr[-3000:]
-    warning = ("megatron_patch: --tofu-gamma --tofu-backend given without --loss-type tofu: no effect, "
-               "Megatron's cross entropy is used")
+    warning = (
+        "megatron_patch: --tofu-gamma --tofu-backend given without --loss-type tofu: no effect, "
+        "Megatron's cross entropy is used"
+    )
     assert out.stderr.count(warning) == 1, out.stderr[-3000:]
     assert _dump(out.stdout)["loss_type"] == "cross_entropy"
 
 
 @pytest.mark.parametrize(
     "flags,message",
-    [(["--tofu-beta", "0"], "argument --tofu-beta: beta must be a finite number > 0, got 0"),
-     (["--tofu-gamma", "nan"], "argument --tofu-gamma: gamma must be a finite number >= 0, got nan"),
-     (["--loss-type", "focal"], "argument --loss-type: invalid choice: 'focal' (choose from cross_entropy, tofu)")],
+    [
+        (["--tofu-beta", "0"], "argument --tofu-beta: beta must be a finite number > 0, got 0"),
+        (
+            ["--tofu-gamma", "nan"],
+            "argument --tofu-gamma: gamma must be a finite number >= 0, got nan",
+        ),
+        (
+            ["--loss-type", "focal"],
+            "argument --loss-type: invalid choice: 'focal' (choose from cross_entropy, tofu)",
+        ),
+    ],
 )
 def test_launcher_bad_values_end_with_one_line(flags, message):
     """Exit status 2 and one line naming the flag, as the last line, without Megatron's usage
@@ -109,7 +153,9 @@ def test_launcher_bad_values_end_with_one_line(flags, message):
 
     out = launch(*TINY, "--loss-type", "tofu", *flags)
     assert out.returncode == 2, out.stderr[-3000:]
-    assert out.stderr.strip().splitlines()[-1] == f"pretrain_gpt.py: error: {message}", out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-1] == f"pretrain_gpt.py: error: {message}", out.stderr[
+        -3000:
+    ]
     assert "usage:" not in out.stderr
 
 
@@ -117,9 +163,18 @@ def test_launcher_bad_values_end_with_one_line(flags, message):
 def test_launcher_warns_that_tofu_replaces_cross_entropy_fusion(impl):
     from tests.support.megatron_lm import TINY
 
-    out = launch("--loss-type", "tofu", *TINY, "--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", impl)
-    warning = ("--loss-type tofu replaces Megatron's cross entropy, so --cross-entropy-loss-fusion "
-               f"(--cross-entropy-fusion-impl {impl}) has no effect")
+    out = launch(
+        "--loss-type",
+        "tofu",
+        *TINY,
+        "--cross-entropy-loss-fusion",
+        "--cross-entropy-fusion-impl",
+        impl,
+    )
+    warning = (
+        "--loss-type tofu replaces Megatron's cross entropy, so --cross-entropy-loss-fusion "
+        f"(--cross-entropy-fusion-impl {impl}) has no effect"
+    )
     assert out.stderr.count(warning) == 1, out.stderr[-3000:]
     if impl == "native":
         assert "Megatron requires CUDA" in out.stderr
@@ -148,7 +203,9 @@ def _independent(model, data, gamma, beta):
     out = []
     with torch.no_grad():
         for d in data:
-            shard = model(d["tokens"], d["position_ids"], d["attention_mask"])  # labels=None: [b, s, V/tp]
+            shard = model(
+                d["tokens"], d["position_ids"], d["attention_mask"]
+            )  # labels=None: [b, s, V/tp]
             full = gather_vocab(shard, ps.get_tensor_model_parallel_group()).double()
             ce = F.cross_entropy(full.transpose(1, 2), d["labels"], reduction="none")
             tofu, _ = tk.tofu_loss_reference(full, d["labels"], gamma=gamma, beta=beta)
@@ -192,7 +249,9 @@ def tp_report_cases(rank: int, world: int, model: str = "gpt") -> None:
     assert all(set(r) == {LOSS_KEY} for r in megatron_reports)  # untouched: no extra entry
     megatron_ce = reduce_like_megatron(megatron_reports)[LOSS_KEY]
     for extra in ([], ["--calculate-per-token-loss"], ["--sequence-parallel"]):
-        args, model, pg = setup(*TOFU, "--tensor-model-parallel-size", "2", *flags, *extra, model=kind)
+        args, model, pg = setup(
+            *TOFU, "--tensor-model-parallel-size", "2", *flags, *extra, model=kind
+        )
         assert args.calculate_per_token_loss == ("--calculate-per-token-loss" in extra)
         reports = train_reports(model, pg, data)
         _check_reports(reports, _independent(model, data, 2.0, 0.7))
@@ -201,7 +260,9 @@ def tp_report_cases(rank: int, world: int, model: str = "gpt") -> None:
         torch.testing.assert_close(reduced[CE_KEY], megatron_ce, rtol=2e-5, atol=1e-6)
         assert not torch.allclose(reduced[LOSS_KEY], reduced[CE_KEY])
         # evaluation (forward only) reports both as well
-        assert all(set(r) == {LOSS_KEY, CE_KEY} for r in train_reports(model, pg, data, forward_only=True))
+        assert all(
+            set(r) == {LOSS_KEY, CE_KEY} for r in train_reports(model, pg, data, forward_only=True)
+        )
     megatron_patch.revert()
     assert schedules.forward_step_calc_loss is original_calc
     megatron_patch.remove_hooks()
@@ -216,7 +277,9 @@ def dp_report_cases(rank: int, world: int) -> None:
     reduced = reduce_like_megatron(train_reports(model, pg, data))
     local = torch.stack([torch.stack(x) for x in _independent(model, data, 2.0, 0.7)]).sum(0)
     dist.all_reduce(local)
-    torch.testing.assert_close(reduced[LOSS_KEY].double(), local[0] / local[2], rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(
+        reduced[LOSS_KEY].double(), local[0] / local[2], rtol=2e-5, atol=1e-6
+    )
     torch.testing.assert_close(reduced[CE_KEY].double(), local[1] / local[2], rtol=2e-5, atol=1e-6)
     megatron_patch.revert()
     megatron_patch.remove_hooks()
@@ -240,12 +303,22 @@ def mtp_cases(rank: int, world: int, model: str = "gpt") -> None:
         for name, flags in (("megatron", MEGATRON_CE), ("ce_mode", CE_MODE), ("tofu", TOFU)):
             MTPLossLoggingHelper.clean_metrics_in_tracker()
             calls.clear()
-            args, net, pg = setup(*flags, "--tensor-model-parallel-size", "2", *_model_flags(model, mtp=True),
-                                  model=model)
+            args, net, pg = setup(
+                *flags,
+                "--tensor-model-parallel-size",
+                "2",
+                *_model_flags(model, mtp=True),
+                model=model,
+            )
             assert args.mtp_num_layers == 1
             reports = train_reports(net, pg, data)
-            tracked[name] = (MTPLossLoggingHelper.tracker["loss_values"].clone(), reduce_like_megatron(reports))
-            assert len(calls) == (0 if name == "megatron" else 2 * len(data))  # main head + MTP head
+            tracked[name] = (
+                MTPLossLoggingHelper.tracker["loss_values"].clone(),
+                reduce_like_megatron(reports),
+            )
+            assert len(calls) == (
+                0 if name == "megatron" else 2 * len(data)
+            )  # main head + MTP head
             if name == "tofu":
                 _check_reports(reports, _independent(net, data, 2.0, 0.7))
     mtp_megatron, rep_megatron = tracked["megatron"]
@@ -268,7 +341,9 @@ def pp_cases(rank: int, world: int) -> None:
     calls = []
     real = megatron_patch.patch.loss_of_logits  # where the patch looks up tofu_kernels' loss
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(megatron_patch.patch, "loss_of_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
+        mp.setattr(
+            megatron_patch.patch, "loss_of_logits", lambda *a, **k: calls.append(1) or real(*a, **k)
+        )
         results = {}
         for name, flags in (("megatron", MEGATRON_CE), ("ce_mode", CE_MODE), ("tofu", TOFU)):
             calls.clear()
@@ -280,7 +355,10 @@ def pp_cases(rank: int, world: int) -> None:
                 assert reports == [] and calls == []  # no loss on the first stage
                 continue
             assert len(calls) == (0 if name == "megatron" else len(data))
-            assert all(set(r) == ({LOSS_KEY} if name == "megatron" else {LOSS_KEY, CE_KEY}) for r in reports)
+            assert all(
+                set(r) == ({LOSS_KEY} if name == "megatron" else {LOSS_KEY, CE_KEY})
+                for r in reports
+            )
             results[name] = reduce_like_megatron(reports)
     if rank == 1:
         megatron = results["megatron"][LOSS_KEY]
@@ -292,8 +370,11 @@ def pp_cases(rank: int, world: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cases", [tp_report_cases, dp_report_cases, mtp_cases, pp_cases],
-                         ids=["tp2", "dp2", "mtp", "pp2"])
+@pytest.mark.parametrize(
+    "cases",
+    [tp_report_cases, dp_report_cases, mtp_cases, pp_cases],
+    ids=["tp2", "dp2", "mtp", "pp2"],
+)
 def test_fixture_reports_cross_entropy_beside_tofu(cases):
     run_distributed(2, cases)
 
@@ -333,8 +414,18 @@ def moe_overlap_cases(rank: int, world: int) -> None:
     output_tensor, loss_func = pg.forward_step(iter(data), model)
     node = ScheduleNode(loss_func, lambda: None, _NoStreamEvent(), name="loss_func")
     store = []
-    schedules.forward_step_calc_loss(model, make_viewless(output_tensor), node.forward, get_model_config(model), None,
-                                     False, 1, store, cp_group_size=1, is_last_stage=True)
+    schedules.forward_step_calc_loss(
+        model,
+        make_viewless(output_tensor),
+        node.forward,
+        get_model_config(model),
+        None,
+        False,
+        1,
+        store,
+        cp_group_size=1,
+        is_last_stage=True,
+    )
     assert set(store[0]) == {LOSS_KEY, CE_KEY}, store
     torch.testing.assert_close(store[0][CE_KEY], plain[CE_KEY])
     torch.testing.assert_close(store[0][LOSS_KEY], plain[LOSS_KEY])

@@ -13,8 +13,6 @@ require_megatron_core()
 
 import megatron_patch  # noqa: E402
 import tofu_kernels as tk  # noqa: E402
-from tofu_kernels.params import TOFUParams  # noqa: E402
-
 from tests.support.dist_utils import run_distributed  # noqa: E402
 from tests.support.helpers import assert_loss_close  # noqa: E402
 from tests.support.megatron_utils import (  # noqa: E402
@@ -24,6 +22,7 @@ from tests.support.megatron_utils import (  # noqa: E402
     init_megatron_cpu,
     tiny_gpt,
 )
+from tofu_kernels.params import TOFUParams  # noqa: E402
 
 TP = 2
 
@@ -53,8 +52,8 @@ def loss_cases(rank: int, world: int) -> None:
             real = megatron_patch.patch.loss_of_logits
 
             def spy(logits, labels, params, tp):
-                seen.append((logits.dtype, logits.data_ptr(), params.inplace_backward))
-                return real(logits, labels, params, tp)
+                seen.append((logits.dtype, logits.data_ptr(), params.inplace_backward))  # noqa: B023
+                return real(logits, labels, params, tp)  # noqa: B023
 
             with pytest.MonkeyPatch.context() as mp:  # where the patch looks up tofu_kernels' loss
                 mp.setattr(megatron_patch.patch, "loss_of_logits", spy)
@@ -66,7 +65,9 @@ def loss_cases(rank: int, world: int) -> None:
             assert_loss_close(loss.detach(), ref)
             assert_loss_close(megatron_patch.cross_entropy_of(loss), ref_ce)
             loss.mean().backward()  # gradient flows through the in-place backward
-            assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+            assert all(
+                torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None
+            )
             megatron_patch.revert()
             assert LanguageModule.__dict__["compute_language_model_loss"] is original
 
@@ -96,20 +97,43 @@ def bert_t5_cases(rank: int, world: int) -> None:
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     torch.manual_seed(0)
-    cfg = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, use_cpu_initialization=True,
-                            tensor_model_parallel_size=world, hidden_dropout=0.0, attention_dropout=0.0)
+    cfg = TransformerConfig(
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        use_cpu_initialization=True,
+        tensor_model_parallel_size=world,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
     b, s, v = 2, 8, 96
     ids, labels = torch.randint(0, v, (b, s)), torch.randint(0, v, (b, s))
-    bert = BertModel(cfg, num_tokentypes=0, transformer_layer_spec=bert_layer_local_spec, vocab_size=v,
-                     max_sequence_length=s, add_binary_head=False)
-    t5 = T5Model(cfg, cfg, get_t5_encoder_with_local_block_spec(2), get_t5_decoder_with_local_block_spec(2),
-                 vocab_size=v, max_sequence_length=s)
+    bert = BertModel(
+        cfg,
+        num_tokentypes=0,
+        transformer_layer_spec=bert_layer_local_spec,
+        vocab_size=v,
+        max_sequence_length=s,
+        add_binary_head=False,
+    )
+    t5 = T5Model(
+        cfg,
+        cfg,
+        get_t5_encoder_with_local_block_spec(2),
+        get_t5_decoder_with_local_block_spec(2),
+        vocab_size=v,
+        max_sequence_length=s,
+    )
     dec_ids = torch.randint(0, v, (b, s))
     no_mask = torch.zeros(b, 1, s, s, dtype=torch.bool)
     causal = ~torch.tril(torch.ones(s, s, dtype=torch.bool))[None, None].expand(b, 1, s, s)
     runs = {
-        "bert": lambda **k: bert(ids, torch.ones(b, s), **({"lm_labels": k["labels"]} if k else {})),
-        "t5": lambda **k: t5(ids, dec_ids, no_mask, causal, no_mask, **({"lm_labels": k["labels"]} if k else {})),
+        "bert": lambda **k: bert(
+            ids, torch.ones(b, s), **({"lm_labels": k["labels"]} if k else {})
+        ),
+        "t5": lambda **k: t5(
+            ids, dec_ids, no_mask, causal, no_mask, **({"lm_labels": k["labels"]} if k else {})
+        ),
     }
     for name, run in runs.items():
         with torch.no_grad():
@@ -126,7 +150,9 @@ def bert_t5_cases(rank: int, world: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cases", [loss_cases, gradient_cases, bert_t5_cases], ids=["loss", "grads", "bert_t5"])
+@pytest.mark.parametrize(
+    "cases", [loss_cases, gradient_cases, bert_t5_cases], ids=["loss", "grads", "bert_t5"]
+)
 def test_tiny_gpt_tp2(cases):
     run_distributed(TP, cases)
 
@@ -161,7 +187,9 @@ def test_stale_reference_after_revert_calls_megatrons_loss(monkeypatch):
     """A function object captured while patched falls back to Megatron's loss after revert."""
     cls, original = _original()
     calls = []
-    monkeypatch.setattr(cls, "compute_language_model_loss", lambda self, lab, log: calls.append(1) or "ce")
+    monkeypatch.setattr(
+        cls, "compute_language_model_loss", lambda self, lab, log: calls.append(1) or "ce"
+    )
     try:
         megatron_patch.apply("tofu")
         stale = cls.__dict__["compute_language_model_loss"]
@@ -179,8 +207,12 @@ def test_cross_entropy_leaves_megatron_untouched():
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [(dict(loss_type="focal"), "loss_type"), (dict(gamma=-1.0), "gamma"),
-     (dict(beta=0.0), "beta"), (dict(backend="xla"), "backend")],
+    [
+        (dict(loss_type="focal"), "loss_type"),
+        (dict(gamma=-1.0), "gamma"),
+        (dict(beta=0.0), "beta"),
+        (dict(backend="xla"), "backend"),
+    ],
 )
 def test_apply_rejects_bad_settings(kwargs, match):
     cls, original = _original()
@@ -217,12 +249,34 @@ def _parse(monkeypatch, *argv):
 
 def test_megatron_parser_accepts_flags_and_applies(monkeypatch, hooked):
     cls, original = _original()
-    args = _parse(monkeypatch, "--loss-type", "tofu", "--tofu-gamma", "2.5", "--tofu-beta", "0.7",
-                  "--tofu-backend", "torch", "--num-layers", "2")
-    assert (args.loss_type, args.tofu_gamma, args.tofu_beta, args.tofu_backend) == ("tofu", 2.5, 0.7, "torch")
+    args = _parse(
+        monkeypatch,
+        "--loss-type",
+        "tofu",
+        "--tofu-gamma",
+        "2.5",
+        "--tofu-beta",
+        "0.7",
+        "--tofu-backend",
+        "torch",
+        "--num-layers",
+        "2",
+    )
+    assert (args.loss_type, args.tofu_gamma, args.tofu_beta, args.tofu_backend) == (
+        "tofu",
+        2.5,
+        0.7,
+        "torch",
+    )
     assert args.num_layers == 2  # Megatron's own flags still parse
-    assert megatron_patch.config() == TOFUParams(gamma=2.5, beta=0.7, backend="torch", reduction="none",
-                                                 inplace_backward=True, return_ce=True)
+    assert megatron_patch.config() == TOFUParams(
+        gamma=2.5,
+        beta=0.7,
+        backend="torch",
+        reduction="none",
+        inplace_backward=True,
+        return_ce=True,
+    )
     assert cls.__dict__["compute_language_model_loss"] is not original
 
 
@@ -244,8 +298,9 @@ def test_chunk_size_default_is_the_documented_rule(monkeypatch):
 
     from megatron_patch import fused_output
 
-    args = megatron_patch.add_arguments(argparse.ArgumentParser()).parse_args(["--loss-type", "tofu",
-                                                                              "--tofu-fused-output"])
+    args = megatron_patch.add_arguments(argparse.ArgumentParser()).parse_args(
+        ["--loss-type", "tofu", "--tofu-fused-output"]
+    )
     assert args.tofu_chunk_size is None
     assert inspect.signature(megatron_patch.apply).parameters["chunk_size"].default is None
     rows = fused_output.fused_chunk_rows  # (tokens N, V/tp, bytes per logit)
@@ -260,14 +315,25 @@ def test_chunk_size_default_is_the_documented_rule(monkeypatch):
         used.append(chunk_size)
         return torch.zeros(labels.shape), torch.zeros(labels.shape)
 
-    monkeypatch.setattr(fused_output, "loss_of_hidden", loss_of_hidden)  # where fused_loss looks it up
+    monkeypatch.setattr(
+        fused_output, "loss_of_hidden", loss_of_hidden
+    )  # where fused_loss looks it up
     s, b, h, v = 1040, 2, 4, 96
-    layer = types.SimpleNamespace(weight=torch.zeros(v, h, dtype=torch.bfloat16), bias=None, tp_group=object(),
-                                  sequence_parallel=False)
+    layer = types.SimpleNamespace(
+        weight=torch.zeros(v, h, dtype=torch.bfloat16),
+        bias=None,
+        tp_group=object(),
+        sequence_parallel=False,
+    )
     try:
         megatron_patch.apply_from_args(args)
-        fused_output.fused_loss(torch.zeros(s, b, h, dtype=torch.bfloat16), layer, None,
-                                torch.zeros(b, s, dtype=torch.long), types.SimpleNamespace())
+        fused_output.fused_loss(
+            torch.zeros(s, b, h, dtype=torch.bfloat16),
+            layer,
+            None,
+            torch.zeros(b, s, dtype=torch.long),
+            types.SimpleNamespace(),
+        )
     finally:
         megatron_patch.revert()
     assert used == [rows(s * b, v, 2)] == [192]  # 2080 tokens: 130, rounded up to 3 tiles
@@ -286,7 +352,9 @@ def test_flag_table_lists_the_parsers_flags():
     table = doc.split("## The flags", 1)[1].split("\n## ", 1)[0]
     rows = re.findall(r"^\| (.*?) \|", table, re.M)[1:]  # each row's first cell, past the header
     assert {f for row in rows for f in re.findall(r"`(--[a-z-]+)", row)} == flags
-    settings = {a.dest for a in parser._actions}  # --tofu-skip-masked and --no-tofu-skip-masked: one setting
+    settings = {
+        a.dest for a in parser._actions
+    }  # --tofu-skip-masked and --no-tofu-skip-masked: one setting
     assert len(flags) == 8 and len(settings) == len(rows) == 7 and "adds seven flags" in table
 
 
@@ -300,7 +368,12 @@ def test_skip_masked_default_is_on_with_sft_only(monkeypatch):
 
     parser = megatron_patch.add_arguments(argparse.ArgumentParser())
     parser.add_argument("--sft", action="store_true")  # Megatron's own flag
-    cases = {(): False, ("--sft",): True, ("--sft", "--no-tofu-skip-masked"): False, ("--tofu-skip-masked",): True}
+    cases = {
+        (): False,
+        ("--sft",): True,
+        ("--sft", "--no-tofu-skip-masked"): False,
+        ("--tofu-skip-masked",): True,
+    }
     for argv, expect in cases.items():
         args = parser.parse_args(["--loss-type", "tofu", "--tofu-fused-output", *argv])
         assert skip_masked(args) is expect, argv
@@ -309,16 +382,24 @@ def test_skip_masked_default_is_on_with_sft_only(monkeypatch):
             assert fused_output._State.skip_masked is expect, argv
         finally:
             megatron_patch.revert()
-    with pytest.warns(UserWarning, match="--tofu-skip-masked has no effect without --tofu-fused-output"):
-        megatron_patch.apply_from_args(parser.parse_args(["--loss-type", "tofu", "--tofu-skip-masked"]))
+    with pytest.warns(
+        UserWarning, match="--tofu-skip-masked has no effect without --tofu-fused-output"
+    ):
+        megatron_patch.apply_from_args(
+            parser.parse_args(["--loss-type", "tofu", "--tofu-skip-masked"])
+        )
     megatron_patch.revert()
 
 
 @pytest.mark.parametrize(
     "argv,match",
-    [(["--loss-type", "focal"], "invalid choice"), (["--tofu-gamma", "-1"], "must be a finite number >= 0"),
-     (["--tofu-beta", "0"], "must be a finite number > 0"), (["--tofu-beta", "x"], "not a number"),
-     (["--tofu-backend", "xla"], "invalid choice")],
+    [
+        (["--loss-type", "focal"], "invalid choice"),
+        (["--tofu-gamma", "-1"], "must be a finite number >= 0"),
+        (["--tofu-beta", "0"], "must be a finite number > 0"),
+        (["--tofu-beta", "x"], "not a number"),
+        (["--tofu-backend", "xla"], "invalid choice"),
+    ],
 )
 def test_megatron_parser_rejects_bad_values(monkeypatch, capsys, hooked, argv, match):
     with pytest.raises(SystemExit):
@@ -348,7 +429,7 @@ def test_hooks_are_reversible():
 
 # ------------------------------------------------------------ launcher
 
-_SCRIPT = '''
+_SCRIPT = """
 # stands in for an unmodified Megatron-LM script: parses with Megatron's real parser
 from megatron.training import arguments
 import megatron_patch
@@ -357,14 +438,17 @@ args = arguments.parse_args()
 fn = LanguageModule.__dict__["compute_language_model_loss"]
 print("RESULT", args.loss_type, args.tofu_gamma, args.tofu_beta, args.num_layers,
       megatron_patch.is_applied(), getattr(fn, "_tofu_patched", False), __name__)
-'''
+"""
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "flags,expect",
     [
-        (["--loss-type", "tofu", "--tofu-gamma", "2.0"], "RESULT tofu 2.0 0.8 3 True True __main__"),
+        (
+            ["--loss-type", "tofu", "--tofu-gamma", "2.0"],
+            "RESULT tofu 2.0 0.8 3 True True __main__",
+        ),
         ([], "RESULT cross_entropy 3.0 0.8 3 False False __main__"),
     ],
 )
@@ -375,7 +459,9 @@ def test_launcher_runs_unmodified_script(tmp_path, flags, expect):
     script.write_text(_SCRIPT)
     out = subprocess.run(
         [sys.executable, "-m", "megatron_patch.launch", str(script), "--num-layers", "3", *flags],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert expect in out.stdout
@@ -386,11 +472,19 @@ def test_launcher_rejects_bad_flag_and_missing_script(tmp_path):
 
     script = tmp_path / "pretrain_fake.py"
     script.write_text(_SCRIPT)
-    out = subprocess.run([sys.executable, "-m", "megatron_patch.launch", str(script), "--tofu-beta", "-2"],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "megatron_patch.launch", str(script), "--tofu-beta", "-2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 2 and "must be a finite number > 0" in out.stderr
-    out = subprocess.run([sys.executable, "-m", "megatron_patch.launch", str(tmp_path / "nope.py")],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "megatron_patch.launch", str(tmp_path / "nope.py")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 2 and "no such training script" in out.stderr
 
 

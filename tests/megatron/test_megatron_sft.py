@@ -35,7 +35,6 @@ require_megatron_core()
 import megatron_patch  # noqa: E402
 import tofu_kernels as tk  # noqa: E402
 from megatron_patch.reporting import CE_KEY, LOSS_KEY  # noqa: E402
-
 from tests.support import readme  # noqa: E402
 from tests.support.checkout import load_script  # noqa: E402
 from tests.support.dist_utils import run_distributed  # noqa: E402
@@ -64,9 +63,23 @@ pytestmark = pytest.mark.skipif(FIXTURE is None, reason=SKIP_REASON)
 
 # This machine's: the tiny model, TP = 2, sequences of 48 tokens, two micro-batches of two,
 # and Megatron's data loader in the process (its workers would be spawned processes here).
-CPU_FLAGS = [*TINY_MODEL, "--tensor-model-parallel-size", "2", "--seq-length", "48",
-             "--max-position-embeddings", "48", "--num-workers", "0", "--split", "75,25,0",
-             "--eval-iters", "1", "--eval-interval", "2"]
+CPU_FLAGS = [
+    *TINY_MODEL,
+    "--tensor-model-parallel-size",
+    "2",
+    "--seq-length",
+    "48",
+    "--max-position-embeddings",
+    "48",
+    "--num-workers",
+    "0",
+    "--split",
+    "75,25,0",
+    "--eval-iters",
+    "1",
+    "--eval-interval",
+    "2",
+]
 
 
 def _value(flags: list[str], name: str) -> str:
@@ -91,7 +104,10 @@ def test_readme_sft_command_uses_megatrons_sft_tokenizer():
     assert any(p == readme.MEGATRON for p, _ in sft), "docs/megatron.md shows no --sft command"
     for _, argv in sft:
         assert _value(argv, "--tokenizer-type") == "SFTTokenizer", argv
-        assert "--sft-tokenizer-prompt-format" in argv and "--no-create-attention-mask-in-dataloader" in argv, argv
+        assert (
+            "--sft-tokenizer-prompt-format" in argv
+            and "--no-create-attention-mask-in-dataloader" in argv
+        ), argv
         assert "--save" not in argv or "--save-interval" in argv, argv  # Megatron asserts otherwise
 
 
@@ -101,9 +117,17 @@ def test_launcher_takes_the_readme_sft_command(tmp_path, script):
     Megatron's parser, up to Megatron's own CUDA stop on this machine."""
     data, tok = write_chat_jsonl(tmp_path / "chat.jsonl"), write_tokenizer(tmp_path / "tokenizer")
     args = readme.script_arguments(readme.sft_command(), "pretrain_gpt.py")
-    subst = {"$DATA": str(data), "$TOKENIZER": str(tok), "$BASE": str(tmp_path / "base"), "$OUT": str(tmp_path / "out")}
+    subst = {
+        "$DATA": str(data),
+        "$TOKENIZER": str(tok),
+        "$BASE": str(tmp_path / "base"),
+        "$OUT": str(tmp_path / "out"),
+    }
     args = [subst.get(a, a) for a in args]
-    for name in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size"):  # one process here
+    for name in (
+        "--tensor-model-parallel-size",
+        "--pipeline-model-parallel-size",
+    ):  # one process here
         args[args.index(name) + 1] = "1"
     args.remove("--sequence-parallel")
     extra = HYBRID if script == "pretrain_hybrid.py" else []
@@ -111,7 +135,11 @@ def test_launcher_takes_the_readme_sft_command(tmp_path, script):
     assert "Megatron requires CUDA" in out.stderr, out.stderr[-3000:]
     assert "megatron_patch: --loss-type tofu (gamma=3.0, beta=0.8, backend=auto)" in out.stdout
     dump = dict(re.findall(r"^  (\w+) \.+ (.*)$", out.stdout, re.M))
-    assert (dump["sft"], dump["tokenizer_type"], dump["create_attention_mask_in_dataloader"]) == ("True", "SFTTokenizer", "False")
+    assert (dump["sft"], dump["tokenizer_type"], dump["create_attention_mask_in_dataloader"]) == (
+        "True",
+        "SFTTokenizer",
+        "False",
+    )
     assert dump["sft_tokenizer_prompt_format"] == _value(args, "--sft-tokenizer-prompt-format")
 
 
@@ -119,8 +147,14 @@ def _readme_prompt_formats() -> dict[str, bool]:
     """docs/megatron.md's prompt-format table: format -> whether it masks the prompt."""
     text = readme.MEGATRON.read_text()
     rows = re.findall(r"^\| `([a-z0-9-]+)`[^|]*\| ([^|]+) \|", text, re.M)
-    formats = {name: "not masked" not in what for name, what in rows if name.startswith(("nemotron", "default", "identity"))}
-    assert set(formats) == {"nemotron-h-aligned", "nemotron-nano-v2", "default", "identity"}, formats
+    formats = {
+        name: "not masked" not in what
+        for name, what in rows
+        if name.startswith(("nemotron", "default", "identity"))
+    }
+    assert set(formats) == {"nemotron-h-aligned", "nemotron-nano-v2", "default", "identity"}, (
+        formats
+    )
     return formats
 
 
@@ -131,11 +165,16 @@ def test_prompt_formats_train_what_the_readme_says(tmp_path):
     with EOS."""
     from megatron.core.tokenizers.text.libraries.sft_tokenizer import IGNORE_INDEX, SFTTokenizer
 
-    tok_dir, llama_like = write_tokenizer(tmp_path / "tok"), write_tokenizer(tmp_path / "llama_like", nemotron=False)
+    tok_dir, llama_like = (
+        write_tokenizer(tmp_path / "tok"),
+        write_tokenizer(tmp_path / "llama_like", nemotron=False),
+    )
     conv = CONVERSATIONS[2]
     for fmt, masks in _readme_prompt_formats().items():
         tok = SFTTokenizer(str(tok_dir), fmt)
-        tokens, target = tok.tokenize_conversation(conv, return_target=True, add_generation_prompt=False)
+        tokens, target = tok.tokenize_conversation(
+            conv, return_target=True, add_generation_prompt=False
+        )
         kept = tok.ids_to_text([int(t) for t in target if t != IGNORE_INDEX])
         if masks:
             assert (target == IGNORE_INDEX).any() and "list two colours" not in kept, (fmt, kept)
@@ -158,7 +197,11 @@ def _logits_recorder(net) -> list[dict]:
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 
     records = []
-    layer = next(m for name, m in net.named_modules() if name.endswith("output_layer") and isinstance(m, ColumnParallelLinear))
+    layer = next(
+        m
+        for name, m in net.named_modules()
+        if name.endswith("output_layer") and isinstance(m, ColumnParallelLinear)
+    )
 
     from megatron_patch.fused_output import DeferredLogits
 
@@ -182,8 +225,13 @@ def _step(script, net, data, forward_only=False):
 
     net.zero_grad(set_to_none=True)
     return get_forward_backward_func()(
-        forward_step_func=script.forward_step, data_iterator=iter(data), model=[net],
-        num_microbatches=2, seq_length=48, micro_batch_size=2, forward_only=forward_only,
+        forward_step_func=script.forward_step,
+        data_iterator=iter(data),
+        model=[net],
+        num_microbatches=2,
+        seq_length=48,
+        micro_batch_size=2,
+        forward_only=forward_only,
     )
 
 
@@ -202,7 +250,6 @@ def _check_step(args, wrapped, records, reports, gamma, beta):
     """Every micro-batch against fp64 on the gathered logits: the per-token loss, the two
     reported entries, and the logits gradient Megatron's schedule asks for."""
     from megatron.core import parallel_state as ps
-
     from megatron.training.global_vars import get_tokenizer
 
     group = ps.get_tensor_model_parallel_group()
@@ -212,7 +259,10 @@ def _check_step(args, wrapped, records, reports, gamma, beta):
     for call, rec, rep in zip(wrapped.calls, records, reports):
         assert call["packed"], "--sft hands the model packed sequences (cu_seqlens)"
         labels, mask = call["labels"], call["loss_mask"].double()
-        assert labels.shape == (1, 96)  # two packed samples of 48, flattened by Megatron's get_batch
+        assert labels.shape == (
+            1,
+            96,
+        )  # two packed samples of 48, flattened by Megatron's get_batch
         # the loss mask is exactly the assistant tokens: not the masked prompt (-100), not padding
         assert torch.equal(mask.bool(), (labels != -100) & (labels != pad))
         assert 0 < mask.sum() < mask.numel()
@@ -224,14 +274,18 @@ def _check_step(args, wrapped, records, reports, gamma, beta):
         assert_loss_close(per_token.double(), tofu.detach())
         n = mask.sum()
         assert rep[LOSS_KEY][1] == rep[CE_KEY][1] == n  # the assistant tokens, counted once
-        torch.testing.assert_close(rep[LOSS_KEY][0].double(), (tofu * mask).sum().detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            rep[LOSS_KEY][0].double(), (tofu * mask).sum().detach(), rtol=1e-5, atol=1e-6
+        )
         torch.testing.assert_close(rep[CE_KEY][0].double(), (ce * mask).sum(), rtol=1e-5, atol=1e-6)
         # Megatron's schedule: loss_func's masked sum, divided by its tokens and the number
         # of micro-batches, unless --calculate-per-token-loss (then the sum itself).
         scale = 1.0 if args.calculate_per_token_loss else 1.0 / (float(n) * 2)
         ((tofu * mask).sum() * scale).backward()
         grad = gather_vocab(rec["grad"], group).transpose(0, 1)
-        assert torch.equal(grad[mask == 0], torch.zeros_like(grad[mask == 0]))  # prompt and padding: exactly 0
+        assert torch.equal(
+            grad[mask == 0], torch.zeros_like(grad[mask == 0])
+        )  # prompt and padding: exactly 0
         assert_grad_close(grad.float(), leaf.grad, torch.float32)
     return total
 
@@ -252,7 +306,9 @@ def sft_step_cases(rank: int, world: int, tmp: str, model: str) -> None:
 
         first = batches[0]  # get_batch flattened it in place: [1, 2 x 48]
         kept = first["labels"][first["loss_mask"].bool()].tolist()
-        assert get_tokenizer().detokenize(kept) == assistant_text(CONVERSATIONS[0]) + assistant_text(CONVERSATIONS[1])
+        assert get_tokenizer().detokenize(kept) == assistant_text(
+            CONVERSATIONS[0]
+        ) + assistant_text(CONVERSATIONS[1])
 
     results = {}
     for extra in ([], ["--calculate-per-token-loss"]):
@@ -265,7 +321,9 @@ def sft_step_cases(rank: int, world: int, tmp: str, model: str) -> None:
     # the report is normalised over the assistant tokens of the whole batch either way
     torch.testing.assert_close(results[True][LOSS_KEY], results[False][LOSS_KEY])
     # the output layer and the loss as one step (--tofu-fused-output): the same reports
-    args, wrapped, records, reports, _ = _run([*flags, "--tofu-fused-output", "--tofu-chunk-size", "16"], model)
+    args, wrapped, records, reports, _ = _run(
+        [*flags, "--tofu-fused-output", "--tofu-chunk-size", "16"], model
+    )
     assert records == []  # the output layer never made logits
     fused = reduce_like_megatron(reports)
     torch.testing.assert_close(fused[LOSS_KEY], results[False][LOSS_KEY], rtol=2e-5, atol=1e-6)
@@ -294,8 +352,15 @@ def sft_learning_cases(rank: int, world: int, tmp: str, model: str) -> None:
     from megatron.training.training import evaluate_and_print_results
 
     data, tok = _sft_files(tmp, rank)
-    flags = [*readme.sft_flags(data, tok), *CPU_FLAGS, "--train-iters", str(STEPS), "--eval-interval", str(STEPS),
-             *(HYBRID if model == "hybrid" else [])]
+    flags = [
+        *readme.sft_flags(data, tok),
+        *CPU_FLAGS,
+        "--train-iters",
+        str(STEPS),
+        "--eval-interval",
+        str(STEPS),
+        *(HYBRID if model == "hybrid" else []),
+    ]
     args, net, script = setup(*flags, base=[], model=model)
     wrapped = PackedAsMask(net)
     train, valid = megatron_iterators(script)
@@ -310,8 +375,17 @@ def sft_learning_cases(rank: int, world: int, tmp: str, model: str) -> None:
 
     out = io.StringIO()
     with redirect_stdout(out):
-        evaluate_and_print_results(f"iteration {STEPS}", script.forward_step, valid, [wrapped], STEPS, None,
-                                   get_model_config(net), verbose=False, write_to_tensorboard=False)
+        evaluate_and_print_results(
+            f"iteration {STEPS}",
+            script.forward_step,
+            valid,
+            [wrapped],
+            STEPS,
+            None,
+            get_model_config(net),
+            verbose=False,
+            write_to_tensorboard=False,
+        )
     if rank == world - 1:  # Megatron prints the report on the last rank
         report = out.getvalue()
         values = dict(re.findall(r"(lm [a-z ]+?) (?:value|PPL): ([-+0-9.eE]+)", report))
@@ -372,8 +446,14 @@ def provider_built_cases(rank: int, world: int) -> None:
     ce = []
     for step in range(20):
         model.zero_grad(set_to_none=True)
-        reports = get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(data), model=[model],
-                                              num_microbatches=2, seq_length=SEQ, micro_batch_size=BATCH)
+        reports = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(data),
+            model=[model],
+            num_microbatches=2,
+            seq_length=SEQ,
+            micro_batch_size=BATCH,
+        )
         assert all(set(r) == {LOSS_KEY, CE_KEY} for r in reports)
         if step == 0:  # TOFU of the gathered logits, fp64, over the masked tokens
             with torch.no_grad():
@@ -381,8 +461,12 @@ def provider_built_cases(rank: int, world: int) -> None:
                     shard = model(d["tokens"], d["position_ids"], d["attention_mask"])
                     full = gather_vocab(shard, ps.get_tensor_model_parallel_group()).double()
                     tofu, _ = tk.tofu_loss_reference(full, d["labels"], gamma=3.0, beta=0.8)
-                    torch.testing.assert_close(rep[LOSS_KEY][0].double(), (tofu * d["loss_mask"]).sum(),
-                                               rtol=1e-5, atol=1e-6)
+                    torch.testing.assert_close(
+                        rep[LOSS_KEY][0].double(),
+                        (tofu * d["loss_mask"]).sum(),
+                        rtol=1e-5,
+                        atol=1e-6,
+                    )
         opt.step()
         ce.append(float(reduce_like_megatron(reports)[CE_KEY]))
     assert sum(ce[-3:]) < 0.8 * sum(ce[:3]), ce
@@ -409,14 +493,23 @@ def test_gpu_check_sft_runs_the_readme_flags_or_says_why_not(tmp_path):
     from argparse import Namespace
 
     check = _gpu_check()
-    data, tok = write_chat_jsonl(tmp_path / "chat.jsonl", per_line=8), write_tokenizer(tmp_path / "tokenizer")
+    data, tok = (
+        write_chat_jsonl(tmp_path / "chat.jsonl", per_line=8),
+        write_tokenizer(tmp_path / "tokenizer"),
+    )
     flags = check.sft_flags("tofu", data, tok, iters=3)
-    assert flags[:len(readme.sft_flags(data, tok))] == readme.sft_flags(data, tok)
+    assert flags[: len(readme.sft_flags(data, tok))] == readme.sft_flags(data, tok)
     assert _value(flags, "--transformer-impl") == "transformer_engine" and "--sft" in flags
     out = launch(*flags)
     assert "Megatron requires CUDA" in out.stderr, out.stderr[-3000:]
     dump = dict(re.findall(r"^  (\w+) \.+ (.*)$", out.stdout, re.M))
-    assert (dump["sft"], dump["loss_type"], dump["transformer_impl"]) == ("True", "tofu", "transformer_engine")
+    assert (dump["sft"], dump["loss_type"], dump["transformer_impl"]) == (
+        "True",
+        "tofu",
+        "transformer_engine",
+    )
     if importlib.util.find_spec("transformer_engine") is None:
-        md, ok = check.sft(FIXTURE, Namespace(smoke=False, out=tmp_path, iters=3, warmup=1, timeout=30), [])
+        md, ok = check.sft(
+            FIXTURE, Namespace(smoke=False, out=tmp_path, iters=3, warmup=1, timeout=30), []
+        )
         assert ok and "not run: needs Transformer Engine" in md

@@ -8,13 +8,25 @@ from __future__ import annotations
 import pytest
 
 from tests.support.checkout import ROOT
-from tests.support.static_check import (assert_docs_section_current, by_rule, need_nvcc, run_check,
-                                        run_fake_cuda)
+from tests.support.static_check import (
+    assert_docs_section_current,
+    by_rule,
+    need_nvcc,
+    run_check,
+    run_fake_cuda,
+)
 from tools.static_check import check
 
 ARCHS = (80, 90, 100)
-KERNELS = {"row_stats_kernel", "epilogue_kernel", "grad_kernel", "count_kernel", "grad_in_forward_kernel",
-           "reduce_kernel", "rescale_kernel"}
+KERNELS = {
+    "row_stats_kernel",
+    "epilogue_kernel",
+    "grad_kernel",
+    "count_kernel",
+    "grad_in_forward_kernel",
+    "reduce_kernel",
+    "rescale_kernel",
+}
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +57,25 @@ def test_the_check_passes(result):
 def test_the_streaming_loops_are_what_the_design_counts(result):
     """The aligned bf16 instances: 128-bit loads and stores in every streaming loop, at most
     2 + 2/8 exponentials per element in the statistics loops, 1 in the gradient's."""
-    reps = [r for r in result["reports"] if r["arch"] == 90 and r["aligned"] and "__nv_bfloat16" in r["spec"]]
-    stats = [g for r in reps if r["kernel"] == "row_stats_kernel" and not r["beta_one"] for g in r["regions"]]
+    reps = [
+        r
+        for r in result["reports"]
+        if r["arch"] == 90 and r["aligned"] and "__nv_bfloat16" in r["spec"]
+    ]
+    stats = [
+        g
+        for r in reps
+        if r["kernel"] == "row_stats_kernel" and not r["beta_one"]
+        for g in r["regions"]
+    ]
     grad = [g for r in reps if r["kernel"] == "grad_kernel" for g in r["regions"]]
     assert stats and grad
-    assert all({int(b) for b in g["loads"]} == {128} and 2.0 <= g["ex2_per_element"] <= 2.25 for g in stats), stats
-    assert all({int(b) for b in g["stores"]} == {128} and g["ex2_per_element"] <= 1.0 for g in grad), grad
+    assert all(
+        {int(b) for b in g["loads"]} == {128} and 2.0 <= g["ex2_per_element"] <= 2.25 for g in stats
+    ), stats
+    assert all(
+        {int(b) for b in g["stores"]} == {128} and g["ex2_per_element"] <= 1.0 for g in grad
+    ), grad
     assert any(g["ex2_per_element"] == 1.0 for g in grad)
 
 
@@ -71,11 +96,19 @@ def test_a_broken_kernel_fails(tmp_path):
     path.write_text(broken)
     for header in ("tofu_kernels.h", "tofu_math.cuh"):
         (tmp_path / header).write_text((ROOT / "csrc" / header).read_text())
-    rc, out, res = run_check(tmp_path, "--backend", "cuda", "--arch", "90", "--cuda-source", str(path))
+    rc, out, res = run_check(
+        tmp_path, "--backend", "cuda", "--arch", "90", "--cuda-source", str(path)
+    )
     assert rc == 1, out
     bad = res["violations"]
-    assert bad and all(v.startswith("128-bit: cuda sm_90 ") and "store(s) of the gradient" in v for v in bad), bad
-    assert {v.split()[3] for v in bad} == {"grad_kernel", "grad_in_forward_kernel", "rescale_kernel"}
+    assert bad and all(
+        v.startswith("128-bit: cuda sm_90 ") and "store(s) of the gradient" in v for v in bad
+    ), bad
+    assert {v.split()[3] for v in bad} == {
+        "grad_kernel",
+        "grad_in_forward_kernel",
+        "rescale_kernel",
+    }
 
 
 def test_ops_on_fake_cuda_tensors():

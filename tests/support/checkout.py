@@ -27,7 +27,9 @@ def load_script(path: str) -> ModuleType:
     mod = sys.modules.get(name)
     if mod is not None:
         if Path(getattr(mod, "__file__", "") or "").resolve() != file:
-            raise ImportError(f"cannot load {path}: a module {name!r} is already imported from {mod.__file__}")
+            raise ImportError(
+                f"cannot load {path}: a module {name!r} is already imported from {mod.__file__}"
+            )
         return mod
     spec = importlib.util.spec_from_file_location(name, file)
     mod = importlib.util.module_from_spec(spec)

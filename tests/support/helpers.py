@@ -30,7 +30,10 @@ LOSS_RTOL, LOSS_ATOL = 2e-5, 2e-6
 
 
 def assert_grad_close(
-    ours: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, torch_fp32: torch.Tensor | None = None,
+    ours: torch.Tensor,
+    ref: torch.Tensor,
+    dtype: torch.dtype,
+    torch_fp32: torch.Tensor | None = None,
     roundings: int = 1,
 ) -> None:
     """Per-element bound from GRAD_TOL, or twice plain PyTorch's fp32 error if larger.
@@ -62,12 +65,22 @@ def assert_loss_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
     assert torch.isfinite(ours).all(), "non-finite loss"
     err = (ours - ref).abs()
     bound = LOSS_RTOL * ref.abs() + LOSS_ATOL
-    assert (err <= bound).all(), f"loss error {err.max().item():.3e} (worst at {err.argmax().item()})"
+    assert (err <= bound).all(), (
+        f"loss error {err.max().item():.3e} (worst at {err.argmax().item()})"
+    )
 
 
-def assert_params_close(got, want: dict, *, dtype: torch.dtype | None = None, rtol: float | None = None,
-                        atol: float | None = None, norm_rtol: float | None = None, at_least: int = 1,
-                        what: str = "gradient") -> None:
+def assert_params_close(
+    got,
+    want: dict,
+    *,
+    dtype: torch.dtype | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    norm_rtol: float | None = None,
+    at_least: int = 1,
+    what: str = "gradient",
+) -> None:
     """Tensors by parameter name (gradients, or weights after some steps) against ``want``.
 
     ``got``: a dict, or a module (its trainable parameters' gradients). The names must be the
@@ -78,8 +91,14 @@ def assert_params_close(got, want: dict, *, dtype: torch.dtype | None = None, rt
     """
     if isinstance(got, torch.nn.Module):
         got = {n: p.grad for n, p in got.named_parameters() if p.requires_grad}
-    assert set(got) == set(want) and len(got) >= at_least, (what, sorted(set(got) ^ set(want)), len(got))
-    assert [dtype is not None, rtol is not None or atol is not None, norm_rtol is not None].count(True) == 1
+    assert set(got) == set(want) and len(got) >= at_least, (
+        what,
+        sorted(set(got) ^ set(want)),
+        len(got),
+    )
+    assert [dtype is not None, rtol is not None or atol is not None, norm_rtol is not None].count(
+        True
+    ) == 1
     for name in want:
         if dtype is not None:
             try:
@@ -91,7 +110,13 @@ def assert_params_close(got, want: dict, *, dtype: torch.dtype | None = None, rt
             rel = ((g - w).norm() / w.norm()).item()
             assert rel < norm_rtol, (what, name, rel)
         else:
-            torch.testing.assert_close(got[name], want[name], rtol=rtol, atol=atol, msg=lambda m: f"{what} {name}: {m}")
+            torch.testing.assert_close(
+                got[name],
+                want[name],
+                rtol=rtol,
+                atol=atol,
+                msg=lambda m: f"{what} {name}: {m}",  # noqa: B023
+            )
 
 
 def gpu_backends() -> tuple[str, ...]:

@@ -23,6 +23,7 @@ from transformers import TrainerCallback
 
 from tofu_kernels.hf import TOFUSFTTrainer
 
+
 def model_and_tokenizer():
     from .hf_models import VOCAB, tiny_model, word_tokenizer
 
@@ -33,8 +34,12 @@ def dataset(n: int) -> Dataset:
     """``n`` prompt-completion pairs, 12 words in all, prompts of 3 to 6 words."""
     words = [[f"w{(5 * i + 3 * j) % 60}" for j in range(12)] for i in range(n)]
     cut = [3 + i % 4 for i in range(n)]
-    return Dataset.from_dict({"prompt": [" ".join(w[:c]) for w, c in zip(words, cut)],
-                              "completion": [" " + " ".join(w[c:]) for w, c in zip(words, cut)]})
+    return Dataset.from_dict(
+        {
+            "prompt": [" ".join(w[:c]) for w, c in zip(words, cut)],
+            "completion": [" " + " ".join(w[c:]) for w, c in zip(words, cut)],
+        }
+    )
 
 
 class _Snapshots(TrainerCallback):
@@ -67,23 +72,54 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     model, tokenizer = model_and_tokenizer()
     config = trl.SFTConfig(
-        output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=args.per_device,
-        gradient_accumulation_steps=args.accumulation, learning_rate=0.5, optim="sgd", lr_scheduler_type="constant",
-        weight_decay=0.0, max_grad_norm=0.0, bf16=False, use_cpu=True, train_sampling_strategy="sequential",
-        logging_steps=1, report_to=[], save_strategy="no", disable_tqdm=True, seed=0, max_length=32,
+        output_dir=args.out,
+        max_steps=args.steps,
+        per_device_train_batch_size=args.per_device,
+        gradient_accumulation_steps=args.accumulation,
+        learning_rate=0.5,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        bf16=False,
+        use_cpu=True,
+        train_sampling_strategy="sequential",
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        max_length=32,
         deepspeed=args.deepspeed,
     )
-    cls, extra = (TOFUSFTTrainer, dict(tofu_gamma=3.0, tofu_beta=0.8)) if args.trainer == "tofu" else (trl.SFTTrainer, {})
+    cls, extra = (
+        (TOFUSFTTrainer, dict(tofu_gamma=3.0, tofu_beta=0.8))
+        if args.trainer == "tofu"
+        else (trl.SFTTrainer, {})
+    )
     snapshots = _Snapshots()
-    trainer = cls(model=model, args=config, train_dataset=dataset(48), processing_class=tokenizer,
-                  callbacks=[snapshots], **extra)
+    trainer = cls(
+        model=model,
+        args=config,
+        train_dataset=dataset(48),
+        processing_class=tokenizer,
+        callbacks=[snapshots],
+        **extra,
+    )
     snapshots.trainer = trainer
     trainer.train()
     if trainer.accelerator.is_main_process:
-        torch.save({"weights": snapshots.weights, "log": trainer.state.log_history,
-                    "processes": trainer.accelerator.num_processes,
-                    "distributed_type": str(trainer.accelerator.distributed_type),
-                    "deepspeed": trainer.is_deepspeed_enabled, "fsdp": trainer.is_fsdp_enabled}, f"{args.out}/run.pt")
+        torch.save(
+            {
+                "weights": snapshots.weights,
+                "log": trainer.state.log_history,
+                "processes": trainer.accelerator.num_processes,
+                "distributed_type": str(trainer.accelerator.distributed_type),
+                "deepspeed": trainer.is_deepspeed_enabled,
+                "fsdp": trainer.is_fsdp_enabled,
+            },
+            f"{args.out}/run.pt",
+        )
 
 
 if __name__ == "__main__":

@@ -24,9 +24,21 @@ def tiny_model(family: str, seed: int = 0, **config):
     """The tiny model of ``family`` (seeded, fp32, training mode); ``config``: settings of its
     config class on top of the tiny sizes (e.g. ``tie_word_embeddings``)."""
     config_cls, model_cls = FAMILIES[family]
-    cfg = config_cls(**{**dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, head_dim=8),
-                        **config})
+    cfg = config_cls(
+        **{
+            **dict(
+                vocab_size=VOCAB,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=64,
+                head_dim=8,
+            ),
+            **config,
+        }
+    )
     torch.manual_seed(seed)
     return model_cls(cfg).float().train()
 
@@ -46,11 +58,13 @@ def word_tokenizer():
     vocab.update({"<pad>": VOCAB - 3, "<eos>": VOCAB - 2, "<unk>": VOCAB - 1})
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                                unk_token="<unk>")
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
 
 
 def text_dataset(n=32):
     datasets = pytest.importorskip("datasets")
     return datasets.Dataset.from_dict(
-        {"text": [" ".join(f"w{(3 * i + j) % 40}" for j in range(12)) for i in range(n)]})
+        {"text": [" ".join(f"w{(3 * i + j) % 40}" for j in range(12)) for i in range(n)]}
+    )

@@ -30,34 +30,69 @@ FILES = ("pretrain_gpt.py", "gpt_builders.py", "model_provider.py")
 
 
 def find_fixture() -> Path | None:
-    return load_script("tools/gpu/megatron_lm_check.py").find_fixture()  # the one locator, shared with the GPU check
+    return load_script(
+        "tools/gpu/megatron_lm_check.py"
+    ).find_fixture()  # the one locator, shared with the GPU check
 
 
 FIXTURE = find_fixture()
-SKIP_REASON = (f"Megatron-LM fixture {FIXTURE_NAME} not found (set TOFU_MEGATRON_LM_DIR to the folder "
-               f"holding {', '.join(FILES)})")
+SKIP_REASON = (
+    f"Megatron-LM fixture {FIXTURE_NAME} not found (set TOFU_MEGATRON_LM_DIR to the folder "
+    f"holding {', '.join(FILES)})"
+)
 
 # A tiny GPT, as a user would ask for one on the command line (no TE, no fused CUDA ops),
 # and the mock data of the pretraining tests (the SFT tests bring their own data flags).
 TINY_MODEL = [
-    "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "8",
-    "--max-position-embeddings", "8", "--micro-batch-size", "2", "--global-batch-size", "4",
-    "--train-iters", "2", "--lr", "1e-4", "--transformer-impl", "local", "--use-cpu-initialization",
-    "--hidden-dropout", "0", "--attention-dropout", "0", "--no-gradient-accumulation-fusion",
-    "--no-persist-layer-norm", "--no-masked-softmax-fusion", "--no-bias-gelu-fusion",
-    "--no-bias-dropout-fusion", "--no-rope-fusion",
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "32",
+    "--num-attention-heads",
+    "4",
+    "--seq-length",
+    "8",
+    "--max-position-embeddings",
+    "8",
+    "--micro-batch-size",
+    "2",
+    "--global-batch-size",
+    "4",
+    "--train-iters",
+    "2",
+    "--lr",
+    "1e-4",
+    "--transformer-impl",
+    "local",
+    "--use-cpu-initialization",
+    "--hidden-dropout",
+    "0",
+    "--attention-dropout",
+    "0",
+    "--no-gradient-accumulation-fusion",
+    "--no-persist-layer-norm",
+    "--no-masked-softmax-fusion",
+    "--no-bias-gelu-fusion",
+    "--no-bias-dropout-fusion",
+    "--no-rope-fusion",
 ]
 MOCK_DATA = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "96"]
 TINY = TINY_MODEL + MOCK_DATA
 VOCAB, BATCH, SEQ = 96, 2, 8
 
 
-def launch(*argv: str, script: str = "pretrain_gpt.py", timeout: int = 300) -> subprocess.CompletedProcess:
+def launch(
+    *argv: str, script: str = "pretrain_gpt.py", timeout: int = 300
+) -> subprocess.CompletedProcess:
     """`python -m megatron_patch.launch <fixture>/<script> argv...`, as a user runs it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default"}
     return subprocess.run(
         [sys.executable, "-m", "megatron_patch.launch", str(FIXTURE / script), *argv],
-        capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
     )
 
 
@@ -79,16 +114,18 @@ class _TorchWithCudaTensorsOnCPU:
 
 def cpu_harness() -> None:
     """Call once in a gloo worker, before Megatron parses arguments."""
+    import torch.distributed as dist
     from megatron.core.pipeline_parallel import schedules
     from megatron.training import arguments, training
 
     from .megatron_utils import allow_torch_norm_with_sequence_parallel
 
-    import torch.distributed as dist
-
     # what torchrun would export; Megatron's parser reads them
-    os.environ.update(WORLD_SIZE=str(dist.get_world_size()), RANK=str(dist.get_rank()),
-                      LOCAL_RANK=str(dist.get_rank()))
+    os.environ.update(
+        WORLD_SIZE=str(dist.get_world_size()),
+        RANK=str(dist.get_rank()),
+        LOCAL_RANK=str(dist.get_rank()),
+    )
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")  # Megatron asserts it for TP > 1
     torch.cuda.current_device = lambda: "cpu"
     torch.Tensor.cuda = lambda self, *a, **k: self
@@ -111,7 +148,13 @@ SCRIPTS = {
     "hybrid": ("pretrain_hybrid.py", "hybrid_builders", "hybrid_builder"),
 }
 # HybridModel with the local-layer stack spec of tests/support/hybrid_local_spec.py.
-HYBRID = ["--spec", "tests.support.hybrid_local_spec", "hybrid_stack_spec", "--hybrid-layer-pattern", "*-*-"]
+HYBRID = [
+    "--spec",
+    "tests.support.hybrid_local_spec",
+    "hybrid_stack_spec",
+    "--hybrid-layer-pattern",
+    "*-*-",
+]
 
 
 def setup(*argv: str, base: list[str] = TINY, model: str = "gpt"):
@@ -122,11 +165,12 @@ def setup(*argv: str, base: list[str] = TINY, model: str = "gpt"):
     (args, model, the training script's module)."""
     import importlib
 
-    import megatron_patch
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
     from megatron.training.arguments import parse_and_validate_args
     from megatron.training.global_vars import unset_global_variables
+
+    import megatron_patch
 
     script, builders, builder = SCRIPTS[model]
     unset_global_variables()
@@ -148,7 +192,9 @@ def setup(*argv: str, base: list[str] = TINY, model: str = "gpt"):
     from model_provider import model_provider
 
     torch.manual_seed(0)
-    net = model_provider(build, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+    net = model_provider(
+        build, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage()
+    )
     return args, net, module
 
 
@@ -160,13 +206,18 @@ def batches(n: int, seed: int, masked: float = 0.0) -> list[dict]:
     for _ in range(n):
         mask = torch.ones(BATCH, SEQ)
         mask[:, : int(masked * SEQ) or int(torch.randint(1, 4, (1,), generator=g))] = 0
-        out.append({
-            "tokens": torch.randint(0, VOCAB, (BATCH, SEQ), generator=g),
-            "labels": torch.randint(0, VOCAB, (BATCH, SEQ), generator=g),
-            "loss_mask": mask,
-            "position_ids": torch.arange(SEQ).expand(BATCH, SEQ).contiguous(),
-            "attention_mask": torch.triu(torch.ones(SEQ, SEQ), 1).bool()[None, None].expand(BATCH, 1, SEQ, SEQ).contiguous(),
-        })
+        out.append(
+            {
+                "tokens": torch.randint(0, VOCAB, (BATCH, SEQ), generator=g),
+                "labels": torch.randint(0, VOCAB, (BATCH, SEQ), generator=g),
+                "loss_mask": mask,
+                "position_ids": torch.arange(SEQ).expand(BATCH, SEQ).contiguous(),
+                "attention_mask": torch.triu(torch.ones(SEQ, SEQ), 1)
+                .bool()[None, None]
+                .expand(BATCH, 1, SEQ, SEQ)
+                .contiguous(),
+            }
+        )
     return out
 
 
@@ -175,8 +226,13 @@ def train_reports(model, pretrain_gpt, data: list[dict], forward_only: bool = Fa
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     return get_forward_backward_func()(
-        forward_step_func=pretrain_gpt.forward_step, data_iterator=iter(data), model=[model],
-        num_microbatches=len(data), seq_length=SEQ, micro_batch_size=BATCH, forward_only=forward_only,
+        forward_step_func=pretrain_gpt.forward_step,
+        data_iterator=iter(data),
+        model=[model],
+        num_microbatches=len(data),
+        seq_length=SEQ,
+        micro_batch_size=BATCH,
+        forward_only=forward_only,
     )
 
 

@@ -45,8 +45,17 @@ def allow_torch_norm_with_sequence_parallel() -> None:
     cls._tofu_sp_ok = True
 
 
-def tiny_gpt(tp: int, sequence_parallel: bool = False, dtype=torch.float32, vocab: int = 96, seq: int = 8,
-             seed: int = 0, num_layers: int = 2, hidden: int = 32, heads: int = 4):
+def tiny_gpt(
+    tp: int,
+    sequence_parallel: bool = False,
+    dtype=torch.float32,
+    vocab: int = 96,
+    seq: int = 8,
+    seed: int = 0,
+    num_layers: int = 2,
+    hidden: int = 32,
+    heads: int = 4,
+):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -55,13 +64,24 @@ def tiny_gpt(tp: int, sequence_parallel: bool = False, dtype=torch.float32, voca
         allow_torch_norm_with_sequence_parallel()
     torch.manual_seed(seed)
     cfg = TransformerConfig(
-        num_layers=num_layers, hidden_size=hidden, num_attention_heads=heads, use_cpu_initialization=True,
-        tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel,
-        hidden_dropout=0.0, attention_dropout=0.0, params_dtype=dtype,
-        bf16=dtype == torch.bfloat16, pipeline_dtype=dtype,
+        num_layers=num_layers,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        use_cpu_initialization=True,
+        tensor_model_parallel_size=tp,
+        sequence_parallel=sequence_parallel,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        pipeline_dtype=dtype,
     )
-    model = GPTModel(cfg, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=vocab,
-                     max_sequence_length=seq)
+    model = GPTModel(
+        cfg,
+        transformer_layer_spec=get_gpt_layer_local_spec(),
+        vocab_size=vocab,
+        max_sequence_length=seq,
+    )
     if dtype != torch.float32:  # as Megatron's training does: cast inputs, fp32 outputs
         from megatron.core.transformer.module import Float16Module
 
@@ -93,7 +113,9 @@ def assert_ce_mode_matches_megatron(model, ids, pos, mask, labels, loss_mask, ba
         model.zero_grad(set_to_none=True)
         per_token = model(ids, pos, mask, labels=labels)
         ((per_token * loss_mask).sum() / loss_mask.sum()).backward()
-        return per_token.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return per_token.detach(), {
+            n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+        }
 
     ref_loss, ref_grads = grads()
     megatron_patch.apply("tofu", gamma=0.0, beta=1.0, backend=backend)

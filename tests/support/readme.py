@@ -23,8 +23,11 @@ def pages() -> list[Path]:
 
 def blocks(lang: str) -> list[tuple[Path, str]]:
     """Every ```lang block of every page, as (page, block)."""
-    return [(page, b) for page in pages()
-            for b in re.findall(r"^```" + lang + r"\n(.*?)^```", page.read_text(), re.M | re.S)]
+    return [
+        (page, b)
+        for page in pages()
+        for b in re.findall(r"^```" + lang + r"\n(.*?)^```", page.read_text(), re.M | re.S)
+    ]
 
 
 def section(page: Path, heading: str) -> str:
@@ -33,18 +36,20 @@ def section(page: Path, heading: str) -> str:
     m = re.search(r"^## " + re.escape(heading) + r"$", text, re.M)
     if m is None:
         raise LookupError(f"{page.name} has no heading '## {heading}'")
-    rest = text[m.end():]
+    rest = text[m.end() :]
     end = re.search(r"^## ", rest, re.M)
-    return rest if end is None else rest[:end.start()]
+    return rest if end is None else rest[: end.start()]
 
 
-def code_block(heading: str, lang: str = "bash", text: str | None = None, page: Path = README) -> str:
+def code_block(
+    heading: str, lang: str = "bash", text: str | None = None, page: Path = README
+) -> str:
     """The first ```lang block after the markdown heading of ``page`` that starts with ``heading``."""
     text = page.read_text() if text is None else text
     m = re.search(r"^#+ " + re.escape(heading) + r".*?$", text, re.M)
     if m is None:
         raise LookupError(f"{page.name} has no heading starting with {heading!r}")
-    block = re.search(r"^```" + lang + r"\n(.*?)^```", text[m.end():], re.M | re.S)
+    block = re.search(r"^```" + lang + r"\n(.*?)^```", text[m.end() :], re.M | re.S)
     if block is None:
         raise LookupError(f"{page.name}: no ```{lang} block under {heading!r}")
     return block.group(1)
@@ -68,22 +73,31 @@ def commands(block: str) -> list[list[str]]:
 
 def script_arguments(argv: list[str], script: str) -> list[str]:
     """The arguments after ``script`` in a launcher command line."""
-    return argv[argv.index(script) + 1:]
+    return argv[argv.index(script) + 1 :]
 
 
 # Flags of docs/megatron.md's SFT command that belong to a GPU cluster, with their number of
 # values; runs elsewhere replace them (parallel sizes, Transformer Engine, bf16, the
 # distributed optimizer, checkpoints).
 CLUSTER_FLAGS = {
-    "--tensor-model-parallel-size": 1, "--pipeline-model-parallel-size": 1, "--sequence-parallel": 0,
-    "--transformer-impl": 1, "--bf16": 0, "--use-distributed-optimizer": 0,
-    "--pretrained-checkpoint": 1, "--load": 1, "--save": 1, "--save-interval": 1,
+    "--tensor-model-parallel-size": 1,
+    "--pipeline-model-parallel-size": 1,
+    "--sequence-parallel": 0,
+    "--transformer-impl": 1,
+    "--bf16": 0,
+    "--use-distributed-optimizer": 0,
+    "--pretrained-checkpoint": 1,
+    "--load": 1,
+    "--save": 1,
+    "--save-interval": 1,
 }
 
 
 def sft_command() -> list[str]:
     """docs/megatron.md's multi-node Megatron SFT command, as argv."""
-    return next(c for c in commands(code_block("Multi-node", page=MEGATRON)) if "pretrain_gpt.py" in c)
+    return next(
+        c for c in commands(code_block("Multi-node", page=MEGATRON)) if "pretrain_gpt.py" in c
+    )
 
 
 def sft_flags(data, tokenizer) -> list[str]:

@@ -17,7 +17,16 @@ import torch
 # The special tokens Megatron's SFT prompt formats use (sft_tokenizer.py): <SPECIAL_10> starts
 # a system turn, <SPECIAL_11> a user and an assistant turn, <SPECIAL_12> ends an assistant
 # turn (nemotron-nano-v2), <SPECIAL_233> pads (nemotron-h-aligned).
-SPECIAL = ["<unk>", "<pad>", "<s>", "</s>", "<SPECIAL_10>", "<SPECIAL_11>", "<SPECIAL_12>", "<SPECIAL_233>"]
+SPECIAL = [
+    "<unk>",
+    "<pad>",
+    "<s>",
+    "</s>",
+    "<SPECIAL_10>",
+    "<SPECIAL_11>",
+    "<SPECIAL_12>",
+    "<SPECIAL_233>",
+]
 WORDS = ["System", "User", "Assistant"]
 # A chat template of the shape Llama/Qwen tokenizers carry (what the "default" format uses).
 CHAT_TEMPLATE = (
@@ -37,10 +46,12 @@ def _turns(*pairs, system=None):
 # With --seq-length 48 and two samples per micro-batch, the first two micro-batches differ in
 # prompt and answer lengths, one line is truncated, one packs two conversations.
 CONVERSATIONS = [
-    _turns(("name a fruit", "apple"), system="be brief"),                            # short
-    _turns(("hi", "hello there, how are you"), system="x"),                          # short prompt, long answer
-    _turns(("list two colours please, thanks", "red"), ("and one more", "blue")),    # multi-turn: truncated
-    _turns(("a?", "b")) + _turns(("c?", "dd"), system="s"),                          # two conversations, one pack
+    _turns(("name a fruit", "apple"), system="be brief"),  # short
+    _turns(("hi", "hello there, how are you"), system="x"),  # short prompt, long answer
+    _turns(
+        ("list two colours please, thanks", "red"), ("and one more", "blue")
+    ),  # multi-turn: truncated
+    _turns(("a?", "b")) + _turns(("c?", "dd"), system="s"),  # two conversations, one pack
 ]
 
 
@@ -57,12 +68,18 @@ def write_tokenizer(path: Path, nemotron: bool = True) -> Path:
     special = SPECIAL if nemotron else ["<s>", "</s>"]
     vocab = {t: i for i, t in enumerate(special + WORDS + chars)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>" if nemotron else None))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("|".join(WORDS) + r"|[\s\S]"), behavior="isolated")
+    tok.pre_tokenizer = pre_tokenizers.Split(
+        Regex("|".join(WORDS) + r"|[\s\S]"), behavior="isolated"
+    )
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens(special)
     extra = {"unk_token": "<unk>", "pad_token": "<pad>"} if nemotron else {}
     PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", chat_template=CHAT_TEMPLATE, **extra,
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        chat_template=CHAT_TEMPLATE,
+        **extra,
     ).save_pretrained(path)
     return path
 
@@ -73,7 +90,9 @@ def write_chat_jsonl(path: Path, repeat: int = 4, per_line: int = 1) -> Path:
     convs = [c for _ in range(repeat) for c in CONVERSATIONS]
     with open(path, "w") as f:
         for i in range(0, len(convs), per_line):
-            f.write(json.dumps({"messages": [m for c in convs[i:i + per_line] for m in c]}) + "\n")
+            f.write(
+                json.dumps({"messages": [m for c in convs[i : i + per_line] for m in c]}) + "\n"
+            )
     return path
 
 
@@ -91,7 +110,9 @@ def megatron_iterators(script_module):
     from megatron.training.training import build_train_valid_test_datasets
 
     datasets = build_train_valid_test_datasets(script_module.train_valid_test_datasets_provider)
-    return tuple(None if ds is None else iter(build_pretraining_data_loader(ds, 0)) for ds in datasets[:2])
+    return tuple(
+        None if ds is None else iter(build_pretraining_data_loader(ds, 0)) for ds in datasets[:2]
+    )
 
 
 class PackedAsMask(torch.nn.Module):
@@ -120,6 +141,13 @@ class PackedAsMask(torch.nn.Module):
             attend = (seq[:, None] == seq[None, :]) & (pos[:, None] >= pos[None, :])
             attention_mask = ~attend[None, None]
         out = self.module(tokens, position_ids, attention_mask, **kwargs)
-        self.calls.append({"tokens": tokens, "labels": kwargs.get("labels"), "loss_mask": kwargs.get("loss_mask"),
-                           "packed": packed_seq_params is not None, "output": out})
+        self.calls.append(
+            {
+                "tokens": tokens,
+                "labels": kwargs.get("labels"),
+                "loss_mask": kwargs.get("loss_mask"),
+                "packed": packed_seq_params is not None,
+                "output": out,
+            }
+        )
         return out

@@ -23,10 +23,15 @@ def side_folder(name: str) -> Path:
     """``<venv>/<name>``, or skip the test saying how to make it."""
     path = Path(sys.prefix) / name
     if not path.is_dir():
-        pytest.skip(f"{name} not installed beside the venv (make test installs it: see the Makefile's venv target)")
+        pytest.skip(
+            f"{name} not installed beside the venv (make test installs it: see the Makefile's venv target)"
+        )
     return path
 
 
 def with_side_folder(name: str, env: dict) -> dict:
     """``env`` (a subprocess's environment) with ``<venv>/<name>`` first on ``PYTHONPATH``."""
-    return {**env, "PYTHONPATH": os.pathsep.join([str(side_folder(name)), env.get("PYTHONPATH", "")])}
+    return {
+        **env,
+        "PYTHONPATH": os.pathsep.join([str(side_folder(name)), env.get("PYTHONPATH", "")]),
+    }

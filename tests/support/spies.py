@@ -13,8 +13,17 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # Every torch.distributed collective the package or Megatron could call.
-COLLECTIVES = ("all_gather_single", "all_gather_into_tensor", "all_gather", "all_reduce", "broadcast",
-               "reduce_scatter_tensor", "all_to_all_single", "barrier", "reduce")
+COLLECTIVES = (
+    "all_gather_single",
+    "all_gather_into_tensor",
+    "all_gather",
+    "all_reduce",
+    "broadcast",
+    "reduce_scatter_tensor",
+    "all_to_all_single",
+    "barrier",
+    "reduce",
+)
 
 
 @contextlib.contextmanager
@@ -86,9 +95,22 @@ def count_triton_launches():
 
 # Metadata-only operations: no kernel on any device.
 FREE = {
-    "empty.memory_format", "empty_strided.default", "view.default", "_unsafe_view.default", "select.int",
-    "slice.Tensor", "as_strided.default", "expand.default", "transpose.int", "t.default", "alias.default",
-    "detach.default", "unsqueeze.default", "squeeze.dim", "reshape.default", "permute.default",
+    "empty.memory_format",
+    "empty_strided.default",
+    "view.default",
+    "_unsafe_view.default",
+    "select.int",
+    "slice.Tensor",
+    "as_strided.default",
+    "expand.default",
+    "transpose.int",
+    "t.default",
+    "alias.default",
+    "detach.default",
+    "unsqueeze.default",
+    "squeeze.dim",
+    "reshape.default",
+    "permute.default",
 }
 
 
@@ -135,8 +157,14 @@ class GemmFlops(TorchDispatchMode):
     misses) and their batched forms; ``flops`` is the total. ``dim``: only the products one of
     whose sizes is ``dim`` (e.g. a model's vocabulary: its output layer's GEMMs)."""
 
-    _PRODUCTS = {"mm": (0, 1), "addmm": (1, 2), "addmm_": (1, 2), "bmm": (0, 1), "baddbmm": (1, 2),
-                 "baddbmm_": (1, 2)}
+    _PRODUCTS = {
+        "mm": (0, 1),
+        "addmm": (1, 2),
+        "addmm_": (1, 2),
+        "bmm": (0, 1),
+        "baddbmm": (1, 2),
+        "baddbmm_": (1, 2),
+    }
 
     def __init__(self, dim: int | None = None):
         super().__init__()

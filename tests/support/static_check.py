@@ -23,16 +23,35 @@ def env() -> dict:
 def run_check(tmp_path, *args: str) -> tuple[int, str, dict]:
     """(exit status, output, the JSON result) of ``python -m tools.static_check ARGS``."""
     out = tmp_path / "result.json"
-    p = subprocess.run([sys.executable, "-m", "tools.static_check", "--json", str(out), "--work",
-                        str(tmp_path / "work"), *args], cwd=ROOT, env=env(), capture_output=True, text=True)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tools.static_check",
+            "--json",
+            str(out),
+            "--work",
+            str(tmp_path / "work"),
+            *args,
+        ],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+    )
     result = json.loads(out.read_text()) if out.exists() else {}
     return p.returncode, p.stdout + p.stderr, result
 
 
 def run_fake_cuda() -> list[dict]:
     """One record per (backend, scenario, trace or compiler) of tools.static_check.fake_cuda."""
-    p = subprocess.run([sys.executable, "-m", "tools.static_check.fake_cuda"], cwd=ROOT, env=env(),
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-m", "tools.static_check.fake_cuda"],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     return [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
 
@@ -49,8 +68,11 @@ def need_nvcc() -> None:
 
 
 def by_rule(result: dict, rule: str, backend: str) -> list[str]:
-    return [v for v in result["violations"] if v.startswith(f"{rule}: {backend} ")
-            or (rule == "written tensors" and v.startswith(rule))]
+    return [
+        v
+        for v in result["violations"]
+        if v.startswith(f"{rule}: {backend} ") or (rule == "written tensors" and v.startswith(rule))
+    ]
 
 
 def assert_docs_section_current(result: dict, backend: str) -> None:
@@ -67,7 +89,10 @@ def assert_docs_section_current(result: dict, backend: str) -> None:
     v = result["versions"]
     mine = (v["triton"] if backend == "triton" else v["nvcc"], v["torch"])
     if found and (found.group(1), found.group(2)) != mine:
-        pytest.skip(f"docs/static_check.md was generated with {tool} {found.group(1)} / torch {found.group(2)}; "
-                    f"this run has {mine[0]} / {mine[1]}")
+        pytest.skip(
+            f"docs/static_check.md was generated with {tool} {found.group(1)} / torch {found.group(2)}; "
+            f"this run has {mine[0]} / {mine[1]}"
+        )
     assert current == table.section(result, backend), (
-        "docs/static_check.md is out of date: python -m tools.static_check --write-docs")
+        "docs/static_check.md is out of date: python -m tools.static_check --write-docs"
+    )

@@ -29,7 +29,9 @@ class CUDABackend(gpu.GPUBackend):
         if device.type == "meta":
             return True, ""
         if device.type == "cuda":
-            ok, why = runs_on_device(torch.cuda.current_device() if device.index is None else device.index)
+            ok, why = runs_on_device(
+                torch.cuda.current_device() if device.index is None else device.index
+            )
             return ok, "" if ok else why
         return False, f"the CUDA backend needs CUDA tensors (got {device})"
 

@@ -29,9 +29,13 @@ from ..params import TOFUParams
 from ..records import Epilogue, GradParam, Metric, Partials, Reduced, Reduction
 from .base import Backend
 
-
 # csrc/tofu_kernels.h: kTileCols, kTargetBlocks, kEpilogueThreads, kRescaleBlocks.
-HEADER_DEFAULTS = {"TILE_COLS": 4096, "TARGET_BLOCKS": 1024, "EPILOGUE_THREADS": 1024, "RESCALE_BLOCKS": 1056}
+HEADER_DEFAULTS = {
+    "TILE_COLS": 4096,
+    "TARGET_BLOCKS": 1024,
+    "EPILOGUE_THREADS": 1024,
+    "RESCALE_BLOCKS": 1056,
+}
 # Columns per gradient tile and statistics split; the programs that fill 132 SMs several
 # times over (fewer rows get split); rows per iteration of the one-program O(N) kernels;
 # the persistent rescale grid (8 per SM).
@@ -100,8 +104,10 @@ def _signature(schema: str) -> tuple[tuple[str, ...], frozenset[str]]:
     """The argument names of ``schema`` and those it writes, parsed once per schema (every
     eager op call binds its arguments by these names)."""
     arguments = torch._C.parse_schema(f"tofu_kernels::op{schema}").arguments
-    return (tuple(a.name for a in arguments),
-            frozenset(a.name for a in arguments if a.alias_info is not None and a.alias_info.is_write))
+    return (
+        tuple(a.name for a in arguments),
+        frozenset(a.name for a in arguments if a.alias_info is not None and a.alias_info.is_write),
+    )
 
 
 def _check(ok: bool, what: str) -> None:
@@ -110,13 +116,17 @@ def _check(ok: bool, what: str) -> None:
 
 
 def _f32(t: torch.Tensor, numel: int, name: str) -> None:
-    _check(t.dtype == torch.float32 and t.is_contiguous() and t.numel() == numel,
-           f"{name} must be a contiguous float32 tensor of {numel} elements")
+    _check(
+        t.dtype == torch.float32 and t.is_contiguous() and t.numel() == numel,
+        f"{name} must be a contiguous float32 tensor of {numel} elements",
+    )
 
 
 def _labels(labels: torch.Tensor, n_rows: int) -> None:
-    _check(labels.dtype == torch.int64 and labels.is_contiguous() and labels.numel() == n_rows,
-           "labels must be a contiguous int64 tensor with one entry per row")
+    _check(
+        labels.dtype == torch.int64 and labels.is_contiguous() and labels.numel() == n_rows,
+        "labels must be a contiguous int64 tensor with one entry per row",
+    )
 
 
 def _metrics_out(met, n_rows: int) -> None:
@@ -127,16 +137,29 @@ def _metrics_out(met, n_rows: int) -> None:
 def _fake_row_stats(a) -> None:
     _labels(a.labels, a.n_rows)
     _check(a.n_rows > 0 and 0 < a.splits <= 65535 and a.chunk > 0, "bad split configuration")
-    _f32(a.stats, Partials(a.stats, a.n_rows, a.splits, has_meta=a.write_meta, metrics=a.metrics).per_rank(), "stats")
+    _f32(
+        a.stats,
+        Partials(a.stats, a.n_rows, a.splits, has_meta=a.write_meta, metrics=a.metrics).per_rank(),
+        "stats",
+    )
 
 
 def _fake_epilogue(a) -> None:
     _labels(a.labels, a.n_rows)
-    per_rank = Partials(a.parts, a.n_rows, a.splits, has_meta=a.has_meta, metrics=a.met is not None).per_rank()
-    _check(a.world >= 1 and (a.world == 1 or a.rank_stride >= per_rank), "bad partial-statistics layout")
+    per_rank = Partials(
+        a.parts, a.n_rows, a.splits, has_meta=a.has_meta, metrics=a.met is not None
+    ).per_rank()
+    _check(
+        a.world >= 1 and (a.world == 1 or a.rank_stride >= per_rank),
+        "bad partial-statistics layout",
+    )
     _f32(a.parts, per_rank if a.world == 1 else a.world * a.rank_stride, "parts")
-    for t, numel, name in ((a.loss, a.n_rows, "loss"), (a.ce, a.n_rows, "ce"),
-                           (a.rec, a.n_rows * len(GradParam), "rec"), (a.red, len(Reduced), "red")):
+    for t, numel, name in (
+        (a.loss, a.n_rows, "loss"),
+        (a.ce, a.n_rows, "ce"),
+        (a.rec, a.n_rows * len(GradParam), "rec"),
+        (a.red, len(Reduced), "red"),
+    ):
         _f32(t, numel, name)
     _metrics_out(a.met, a.n_rows)
     _check(a.reduction in tuple(Reduction), "bad reduction")
@@ -154,9 +177,13 @@ def _fake_grad(a) -> None:
     _labels(a.labels, n_rows)
     _f32(a.rec, n_rows * len(GradParam), "rec")
     up = a.upstream
-    _check(up.dtype == torch.float32 and up.dim() == 1 and up.numel() >= 1
-           and (a.up_stride == 0 or (a.up_stride == up.stride(0) and up.numel() == n_rows)),
-           "upstream must be a 1-D float32 tensor: one element (up_stride 0) or one per row")
+    _check(
+        up.dtype == torch.float32
+        and up.dim() == 1
+        and up.numel() >= 1
+        and (a.up_stride == 0 or (a.up_stride == up.stride(0) and up.numel() == n_rows)),
+        "upstream must be a 1-D float32 tensor: one element (up_stride 0) or one per row",
+    )
     _f32(a.scale, 1, "scale")
     _check(out.dtype == x.dtype, "out must match logits")
 
@@ -166,7 +193,11 @@ def _fake_grad_in_forward(a) -> None:
     n_rows = a.labels.numel()
     _labels(a.labels, n_rows)
     _check(out.dtype == x.dtype, "out must match logits")
-    for t, numel, name in ((a.loss, n_rows, "loss"), (a.ce, n_rows, "ce"), (a.red, len(Reduced), "red")):
+    for t, numel, name in (
+        (a.loss, n_rows, "loss"),
+        (a.ce, n_rows, "ce"),
+        (a.red, len(Reduced), "red"),
+    ):
         _f32(t, numel, name)
     _metrics_out(a.met, n_rows)
     _check(n_rows > 0, "grad_in_forward needs at least one row")
@@ -178,41 +209,68 @@ def _fake_rescale(a) -> None:
 
 # The ``_inplace`` twins write the gradient over the logits (``x`` read, then written; the
 # strides of ``x`` serve as the output's).
-OPS: dict[str, Op] = {op.name: op for op in (
-    Op("row_stats",
-       "(Tensor x, Tensor labels, Tensor(a!) stats, int n_rows, int splits, int n_inner, int s_outer, int s_inner, "
-       "int n_valid, int vocab_start, int chunk, int ignore_index, float beta, bool write_meta, int meta_vocab_end, "
-       "int meta_width, bool metrics) -> ()", _fake_row_stats),
-    Op("epilogue",
-       "(Tensor parts, Tensor labels, Tensor(a!) loss, Tensor(b!) ce, Tensor(c!) rec, Tensor(d!) red, "
-       "Tensor(e!)? met, int n_rows, int splits, int world, int rank_stride, bool has_meta, int vocab_size, "
-       "int ignore_index, float gamma, float beta, int reduction) -> ()", _fake_epilogue),
-    Op("grad",
-       "(Tensor x, Tensor(a!) out, Tensor labels, Tensor rec, Tensor upstream, Tensor scale, int up_stride, "
-       "int n_inner, int xs_outer, int xs_inner, int os_outer, int os_inner, int n_valid, int vocab_start, "
-       "float beta) -> ()", _fake_grad),
-    Op("grad_inplace",
-       "(Tensor(a!) x, Tensor labels, Tensor rec, Tensor upstream, Tensor scale, int up_stride, int n_inner, "
-       "int xs_outer, int xs_inner, int n_valid, int vocab_start, float beta) -> ()",
-       lambda a: _fake_grad(in_place(a))),
-    Op("grad_in_forward",
-       "(Tensor x, Tensor(a!) out, Tensor labels, Tensor(b!) loss, Tensor(c!) ce, Tensor(d!) red, Tensor(e!)? met, "
-       "int n_inner, int xs_outer, int xs_inner, int os_outer, int os_inner, int ignore_index, float gamma, "
-       "float beta, bool mean) -> ()", _fake_grad_in_forward),
-    Op("grad_in_forward_inplace",
-       "(Tensor(a!) x, Tensor labels, Tensor(b!) loss, Tensor(c!) ce, Tensor(d!) red, Tensor(e!)? met, int n_inner, "
-       "int xs_outer, int xs_inner, int ignore_index, float gamma, float beta, bool mean) -> ()",
-       lambda a: _fake_grad_in_forward(in_place(a))),
-    Op("rescale", "(Tensor(a!) out, Tensor grad_out, int n_rows, int n_inner, int s_outer, int s_inner) -> ()",
-       _fake_rescale),
-)}
+OPS: dict[str, Op] = {
+    op.name: op
+    for op in (
+        Op(
+            "row_stats",
+            "(Tensor x, Tensor labels, Tensor(a!) stats, int n_rows, int splits, int n_inner, int "
+            "s_outer, int s_inner, int n_valid, int vocab_start, int chunk, int ignore_index, "
+            "float beta, bool write_meta, int meta_vocab_end, int meta_width, bool metrics) -> ()",
+            _fake_row_stats,
+        ),
+        Op(
+            "epilogue",
+            "(Tensor parts, Tensor labels, Tensor(a!) loss, Tensor(b!) ce, Tensor(c!) rec, "
+            "Tensor(d!) red, Tensor(e!)? met, int n_rows, int splits, int world, int rank_stride, "
+            "bool has_meta, int vocab_size, int ignore_index, float gamma, float beta, int "
+            "reduction) -> ()",
+            _fake_epilogue,
+        ),
+        Op(
+            "grad",
+            "(Tensor x, Tensor(a!) out, Tensor labels, Tensor rec, Tensor upstream, Tensor scale, "
+            "int up_stride, int n_inner, int xs_outer, int xs_inner, int os_outer, int os_inner, "
+            "int n_valid, int vocab_start, float beta) -> ()",
+            _fake_grad,
+        ),
+        Op(
+            "grad_inplace",
+            "(Tensor(a!) x, Tensor labels, Tensor rec, Tensor upstream, Tensor scale, int "
+            "up_stride, int n_inner, int xs_outer, int xs_inner, int n_valid, int vocab_start, "
+            "float beta) -> ()",
+            lambda a: _fake_grad(in_place(a)),
+        ),
+        Op(
+            "grad_in_forward",
+            "(Tensor x, Tensor(a!) out, Tensor labels, Tensor(b!) loss, Tensor(c!) ce, Tensor(d!) "
+            "red, Tensor(e!)? met, int n_inner, int xs_outer, int xs_inner, int os_outer, int "
+            "os_inner, int ignore_index, float gamma, float beta, bool mean) -> ()",
+            _fake_grad_in_forward,
+        ),
+        Op(
+            "grad_in_forward_inplace",
+            "(Tensor(a!) x, Tensor labels, Tensor(b!) loss, Tensor(c!) ce, Tensor(d!) red, "
+            "Tensor(e!)? met, int n_inner, int xs_outer, int xs_inner, int ignore_index, float "
+            "gamma, float beta, bool mean) -> ()",
+            lambda a: _fake_grad_in_forward(in_place(a)),
+        ),
+        Op(
+            "rescale",
+            "(Tensor(a!) out, Tensor grad_out, int n_rows, int n_inner, int s_outer, int s_inner) -> ()",
+            _fake_rescale,
+        ),
+    )
+}
 
 _LIBRARY = torch.library.Library("tofu_kernels", "FRAGMENT")
 
 
 def register_fake(op: Op, qualname: str) -> None:
     """``op``'s contract as the fake of the registered op ``qualname``."""
-    torch.library.register_fake(qualname, lambda *args, **kw: op.fake(op.bind(args, kw)), lib=_LIBRARY)
+    torch.library.register_fake(
+        qualname, lambda *args, **kw: op.fake(op.bind(args, kw)), lib=_LIBRARY
+    )
 
 
 def define_cuda_ops() -> None:
@@ -234,7 +292,13 @@ def _outputs(n_rows: int, device: torch.device, with_rec: bool, with_metrics: bo
     f32 = dict(dtype=torch.float32, device=device)
     rec = torch.empty(n_rows, len(GradParam), **f32) if with_rec else None
     met = torch.empty(n_rows, len(Metric), **f32) if with_metrics else None
-    return torch.empty(n_rows, **f32), torch.empty(n_rows, **f32), rec, torch.empty(len(Reduced), **f32), met
+    return (
+        torch.empty(n_rows, **f32),
+        torch.empty(n_rows, **f32),
+        rec,
+        torch.empty(len(Reduced), **f32),
+        met,
+    )
 
 
 class GPUBackend(Backend):
@@ -251,53 +315,147 @@ class GPUBackend(Backend):
     def stats_split(self, n_rows: int, n_valid: int) -> tuple[int, int]:
         """(programs per row, columns per program) of the statistics pass."""
 
-    def row_stats(self, x: torch.Tensor, lay: RowLayout, labels: torch.Tensor, shard: Shard, params: TOFUParams,
-                  meta: bool) -> Partials:
+    def row_stats(
+        self,
+        x: torch.Tensor,
+        lay: RowLayout,
+        labels: torch.Tensor,
+        shard: Shard,
+        params: TOFUParams,
+        meta: bool,
+    ) -> Partials:
         splits, chunk = self.stats_split(lay.n_rows, shard.n_valid)
         parts = Partials(x, lay.n_rows, splits, has_meta=meta, metrics=params.return_metrics)
         data = torch.empty(parts.per_rank(), dtype=torch.float32, device=x.device)
         self.ops["row_stats"](
-            x=x, labels=labels, stats=data, n_rows=lay.n_rows, splits=splits, n_inner=lay.n_inner,
-            s_outer=lay.s_outer, s_inner=lay.s_inner, n_valid=shard.n_valid, vocab_start=shard.vocab_start,
-            chunk=chunk, ignore_index=params.ignore_index, beta=params.beta, write_meta=meta,
-            meta_vocab_end=shard.vocab_end, meta_width=lay.width, metrics=parts.metrics)
+            x=x,
+            labels=labels,
+            stats=data,
+            n_rows=lay.n_rows,
+            splits=splits,
+            n_inner=lay.n_inner,
+            s_outer=lay.s_outer,
+            s_inner=lay.s_inner,
+            n_valid=shard.n_valid,
+            vocab_start=shard.vocab_start,
+            chunk=chunk,
+            ignore_index=params.ignore_index,
+            beta=params.beta,
+            write_meta=meta,
+            meta_vocab_end=shard.vocab_end,
+            meta_width=lay.width,
+            metrics=parts.metrics,
+        )
         return parts._replace(data=data)
 
-    def epilogue(self, parts: Partials, labels: torch.Tensor, params: TOFUParams, vocab_size: int | None,
-                 reduction: Reduction) -> Epilogue:
-        loss, ce, rec, red, met = _outputs(parts.n_rows, parts.data.device, with_rec=True, with_metrics=parts.metrics)
+    def epilogue(
+        self,
+        parts: Partials,
+        labels: torch.Tensor,
+        params: TOFUParams,
+        vocab_size: int | None,
+        reduction: Reduction,
+    ) -> Epilogue:
+        loss, ce, rec, red, met = _outputs(
+            parts.n_rows, parts.data.device, with_rec=True, with_metrics=parts.metrics
+        )
         self.ops["epilogue"](
-            parts=parts.data, labels=labels, loss=loss, ce=ce, rec=rec, red=red, met=met, n_rows=parts.n_rows,
-            splits=parts.splits, world=parts.world, rank_stride=parts.rank_stride, has_meta=parts.has_meta,
-            vocab_size=0 if vocab_size is None else vocab_size, ignore_index=params.ignore_index,
-            gamma=params.gamma, beta=params.beta, reduction=int(reduction))
+            parts=parts.data,
+            labels=labels,
+            loss=loss,
+            ce=ce,
+            rec=rec,
+            red=red,
+            met=met,
+            n_rows=parts.n_rows,
+            splits=parts.splits,
+            world=parts.world,
+            rank_stride=parts.rank_stride,
+            has_meta=parts.has_meta,
+            vocab_size=0 if vocab_size is None else vocab_size,
+            ignore_index=params.ignore_index,
+            gamma=params.gamma,
+            beta=params.beta,
+            reduction=int(reduction),
+        )
         return Epilogue.of(loss, ce, rec, red, met)
 
-    def grad(self, x: torch.Tensor, lay: RowLayout, out: torch.Tensor, out_lay: RowLayout, labels: torch.Tensor,
-             grad_rec: torch.Tensor, upstream: torch.Tensor, scale: torch.Tensor, shard: Shard,
-             params: TOFUParams) -> None:
+    def grad(
+        self,
+        x: torch.Tensor,
+        lay: RowLayout,
+        out: torch.Tensor,
+        out_lay: RowLayout,
+        labels: torch.Tensor,
+        grad_rec: torch.Tensor,
+        upstream: torch.Tensor,
+        scale: torch.Tensor,
+        shard: Shard,
+        params: TOFUParams,
+    ) -> None:
         assert out_lay.n_inner == lay.n_inner, "out must share x's row grouping"
         up, up_stride = upstream_of(upstream)
-        kw = dict(x=x, labels=labels, rec=grad_rec, upstream=up, scale=scale, up_stride=up_stride,
-                  n_inner=lay.n_inner, xs_outer=lay.s_outer, xs_inner=lay.s_inner, n_valid=shard.n_valid,
-                  vocab_start=shard.vocab_start, beta=params.beta)
+        kw = dict(
+            x=x,
+            labels=labels,
+            rec=grad_rec,
+            upstream=up,
+            scale=scale,
+            up_stride=up_stride,
+            n_inner=lay.n_inner,
+            xs_outer=lay.s_outer,
+            xs_inner=lay.s_inner,
+            n_valid=shard.n_valid,
+            vocab_start=shard.vocab_start,
+            beta=params.beta,
+        )
         if out is x:
             self.ops["grad_inplace"](**kw)
         else:
             self.ops["grad"](out=out, os_outer=out_lay.s_outer, os_inner=out_lay.s_inner, **kw)
 
-    def grad_in_forward(self, x: torch.Tensor, lay: RowLayout, out: torch.Tensor, out_lay: RowLayout,
-                        labels: torch.Tensor, params: TOFUParams, reduction: Reduction) -> Epilogue:
-        loss, ce, _, red, met = _outputs(lay.n_rows, x.device, with_rec=False, with_metrics=params.return_metrics)
-        kw = dict(x=x, labels=labels, loss=loss, ce=ce, red=red, met=met, n_inner=lay.n_inner, xs_outer=lay.s_outer,
-                  xs_inner=lay.s_inner, ignore_index=params.ignore_index, gamma=params.gamma, beta=params.beta,
-                  mean=reduction == Reduction.MEAN)
+    def grad_in_forward(
+        self,
+        x: torch.Tensor,
+        lay: RowLayout,
+        out: torch.Tensor,
+        out_lay: RowLayout,
+        labels: torch.Tensor,
+        params: TOFUParams,
+        reduction: Reduction,
+    ) -> Epilogue:
+        loss, ce, _, red, met = _outputs(
+            lay.n_rows, x.device, with_rec=False, with_metrics=params.return_metrics
+        )
+        kw = dict(
+            x=x,
+            labels=labels,
+            loss=loss,
+            ce=ce,
+            red=red,
+            met=met,
+            n_inner=lay.n_inner,
+            xs_outer=lay.s_outer,
+            xs_inner=lay.s_inner,
+            ignore_index=params.ignore_index,
+            gamma=params.gamma,
+            beta=params.beta,
+            mean=reduction == Reduction.MEAN,
+        )
         if out is x:
             self.ops["grad_in_forward_inplace"](**kw)
         else:
-            self.ops["grad_in_forward"](out=out, os_outer=out_lay.s_outer, os_inner=out_lay.s_inner, **kw)
+            self.ops["grad_in_forward"](
+                out=out, os_outer=out_lay.s_outer, os_inner=out_lay.s_inner, **kw
+            )
         return Epilogue.of(loss, ce, None, red, met)
 
     def rescale(self, out: torch.Tensor, out_lay: RowLayout, grad_out: torch.Tensor) -> None:
-        self.ops["rescale"](out=out, grad_out=upstream_of(grad_out)[0], n_rows=out_lay.n_rows,
-                            n_inner=out_lay.n_inner, s_outer=out_lay.s_outer, s_inner=out_lay.s_inner)
+        self.ops["rescale"](
+            out=out,
+            grad_out=upstream_of(grad_out)[0],
+            n_rows=out_lay.n_rows,
+            n_inner=out_lay.n_inner,
+            s_outer=out_lay.s_outer,
+            s_inner=out_lay.s_inner,
+        )

@@ -17,8 +17,8 @@ import torch
 from ..layout import RowLayout, Shard
 from ..params import TOFUParams
 from ..records import Epilogue, GradParam, Meta, MetricAcc, Partials, Reduction, Stat
-from .base import Backend
 from ..tofu_math import before_target_max, combine_stats, entropy_terms, finalize_stats, row_metrics
+from .base import Backend
 
 # 4 Mi fp32 elements = 16 MiB per temporary; a chunk holds at most a handful of them.
 CHUNK_ELEMS = 1 << 22
@@ -56,22 +56,35 @@ class TorchBackend(Backend):
     def available(self, device: torch.device) -> tuple[bool, str]:
         return True, ""
 
-    def row_stats(self, x: torch.Tensor, lay: RowLayout, labels: torch.Tensor, shard: Shard, params: TOFUParams,
-                  meta: bool) -> Partials:
+    def row_stats(
+        self,
+        x: torch.Tensor,
+        lay: RowLayout,
+        labels: torch.Tensor,
+        shard: Shard,
+        params: TOFUParams,
+        meta: bool,
+    ) -> Partials:
         """``[N, 1, len(Stat)]`` statistics over columns [0, n_valid) of each row, plus this
         rank's metadata record when ``meta`` (tensor parallelism), plus the metric accumulators
         with ``params.return_metrics``."""
         n_valid, beta = shard.n_valid, params.beta
         parts = Partials(x, lay.n_rows, 1, has_meta=meta, metrics=params.return_metrics)
-        parts = parts._replace(data=torch.zeros(parts.per_rank(), dtype=torch.float32, device=x.device))
+        parts = parts._replace(
+            data=torch.zeros(parts.per_rank(), dtype=torch.float32, device=x.device)
+        )
         data = parts.data[: (lay.n_rows + int(meta)) * len(Stat)].view(-1, len(Stat))
         accs = parts.metric_accs()[0, :, 0] if parts.metrics else None  # [N, len(MetricAcc)]
         if accs is not None:
             accs[:, MetricAcc.BEFORE] = -torch.inf  # no column seen yet
         if meta:  # int32 bits, field by field, as the GPU statistics kernels write it
             record = data[lay.n_rows].view(torch.int32)
-            for field, value in ((Meta.VOCAB_START, shard.vocab_start), (Meta.VOCAB_END, shard.vocab_end),
-                                 (Meta.WIDTH, lay.width), (Meta.ROWS, lay.n_rows)):
+            for field, value in (
+                (Meta.VOCAB_START, shard.vocab_start),
+                (Meta.VOCAB_END, shard.vocab_end),
+                (Meta.WIDTH, lay.width),
+                (Meta.ROWS, lay.n_rows),
+            ):
                 record[field] = value
         stats = data[: lay.n_rows]
         if n_valid == 0:  # a shard holding only padding columns: (-inf, 0, 0, 0)
@@ -85,7 +98,9 @@ class TorchBackend(Backend):
                 s1 = ex.sum(dim=1)
                 if accs is not None:
                     accs[r0:r1, MetricAcc.E] = entropy_terms(e, ex).sum(dim=1)
-                    accs[r0:r1, MetricAcc.BEFORE] = before_target_max(z, labels[r0:r1] - shard.vocab_start)
+                    accs[r0:r1, MetricAcc.BEFORE] = before_target_max(
+                        z, labels[r0:r1] - shard.vocab_start
+                    )
                 sb = s1 if beta == 1.0 else e.div_(beta).exp_().sum(dim=1)
                 col, hit = _target_cols(labels[r0:r1], shard)
                 zt = torch.where(hit, z.gather(1, col).squeeze(1), 0.0)
@@ -93,8 +108,14 @@ class TorchBackend(Backend):
                     stats[r0:r1, field] = value
         return parts
 
-    def epilogue(self, parts: Partials, labels: torch.Tensor, params: TOFUParams, vocab_size: int | None,
-                 reduction: Reduction) -> Epilogue:
+    def epilogue(
+        self,
+        parts: Partials,
+        labels: torch.Tensor,
+        params: TOFUParams,
+        vocab_size: int | None,
+        reduction: Reduction,
+    ) -> Epilogue:
         """Merge every part of each row, finalize, reduce: on the device, no host sync. A mean
         divides by the number of non-ignored tokens, at least 1 (all ignored: 0, zero gradient)."""
         rec = parts.records().permute(1, 0, 2, 3).reshape(parts.n_rows, -1, len(Stat))
@@ -105,41 +126,88 @@ class TorchBackend(Backend):
             merged, accs = combine_stats(rec, params.beta, dim=1), None
         if vocab_size is None:  # tensor parallel: the global size from the ranks' metadata
             vocab_size = parts.metas()[:, Meta.VOCAB_END].amax().to(torch.int64)
-        res = finalize_stats(merged, labels, params.gamma, params.beta, params.ignore_index, vocab_size)
-        metrics = None if accs is None else row_metrics(merged, accs, labels, params.ignore_index, vocab_size)
+        res = finalize_stats(
+            merged, labels, params.gamma, params.beta, params.ignore_index, vocab_size
+        )
+        metrics = (
+            None
+            if accs is None
+            else row_metrics(merged, accs, labels, params.ignore_index, vocab_size)
+        )
         if reduction == Reduction.MEAN:
             scale = 1.0 / (labels != params.ignore_index).sum().clamp(min=1).to(torch.float32)
         else:
             scale = torch.ones((), dtype=torch.float32, device=res.loss.device)
-        fields = {GradParam.G: res.g, GradParam.M: res.m, GradParam.LOG_SB: res.log_sb, GradParam.QT_M1: res.qt_m1}
+        fields = {
+            GradParam.G: res.g,
+            GradParam.M: res.m,
+            GradParam.LOG_SB: res.log_sb,
+            GradParam.QT_M1: res.qt_m1,
+        }
         grad_rec = torch.stack([fields[f] for f in GradParam], dim=1)
-        return Epilogue(res.loss, res.ce, grad_rec, res.loss.sum() * scale, res.ce.sum() * scale, scale, metrics)
+        return Epilogue(
+            res.loss, res.ce, grad_rec, res.loss.sum() * scale, res.ce.sum() * scale, scale, metrics
+        )
 
-    def grad(self, x: torch.Tensor, lay: RowLayout, out: torch.Tensor, out_lay: RowLayout, labels: torch.Tensor,
-             grad_rec: torch.Tensor, upstream: torch.Tensor, scale: torch.Tensor, shard: Shard,
-             params: TOFUParams) -> None:
+    def grad(
+        self,
+        x: torch.Tensor,
+        lay: RowLayout,
+        out: torch.Tensor,
+        out_lay: RowLayout,
+        labels: torch.Tensor,
+        grad_rec: torch.Tensor,
+        upstream: torch.Tensor,
+        scale: torch.Tensor,
+        shard: Shard,
+        params: TOFUParams,
+    ) -> None:
         """Write ``coef * (softmax(z/beta) - onehot)`` into ``out`` (may alias ``x``), with
         ``coef = upstream_i * scale * g_i`` folded in fp32; padding columns get 0."""
         assert out_lay.n_inner == lay.n_inner, "out must share x's row grouping"
         n_valid, beta = shard.n_valid, params.beta
-        coef_all = (upstream.reshape(-1).float() * scale * grad_rec[:, GradParam.G]).expand(lay.n_rows)
-        for (r0, r1, block), (_, _, out_block) in zip(_row_blocks(x, lay), _row_blocks(out, out_lay)):
+        coef_all = (upstream.reshape(-1).float() * scale * grad_rec[:, GradParam.G]).expand(
+            lay.n_rows
+        )
+        for (r0, r1, block), (_, _, out_block) in zip(
+            _row_blocks(x, lay), _row_blocks(out, out_lay)
+        ):
             rec = grad_rec[r0:r1]
             coef = coef_all[r0:r1]
-            m, log_sb, qt_m1 = rec[:, GradParam.M], rec[:, GradParam.LOG_SB], rec[:, GradParam.QT_M1]
+            m, log_sb, qt_m1 = (
+                rec[:, GradParam.M],
+                rec[:, GradParam.LOG_SB],
+                rec[:, GradParam.QT_M1],
+            )
             z = block.reshape(r1 - r0, lay.width)[:, :n_valid].float()
             g = torch.zeros(r1 - r0, lay.width, dtype=torch.float32, device=x.device)
             q = ((z - m.unsqueeze(1)) / beta - log_sb.unsqueeze(1)).exp_()
             g[:, :n_valid] = q.mul_(coef.unsqueeze(1))
             col, hit = _target_cols(labels[r0:r1], shard)
-            g.scatter_(1, col, torch.where(hit, coef * qt_m1, g.gather(1, col).squeeze(1)).unsqueeze(1))
+            g.scatter_(
+                1, col, torch.where(hit, coef * qt_m1, g.gather(1, col).squeeze(1)).unsqueeze(1)
+            )
             out_block.copy_(g.view(out_block.shape))
 
-    def grad_in_forward(self, x: torch.Tensor, lay: RowLayout, out: torch.Tensor, out_lay: RowLayout,
-                        labels: torch.Tensor, params: TOFUParams, reduction: Reduction) -> Epilogue:
+    def grad_in_forward(
+        self,
+        x: torch.Tensor,
+        lay: RowLayout,
+        out: torch.Tensor,
+        out_lay: RowLayout,
+        labels: torch.Tensor,
+        params: TOFUParams,
+        reduction: Reduction,
+    ) -> Epilogue:
         """Loss and gradient (for an upstream gradient of 1) in the forward, whole rows."""
         shard = Shard(0, lay.width)
-        epi = self.epilogue(self.row_stats(x, lay, labels, shard, params, False), labels, params, lay.width, reduction)
+        epi = self.epilogue(
+            self.row_stats(x, lay, labels, shard, params, False),
+            labels,
+            params,
+            lay.width,
+            reduction,
+        )
         one = torch.ones((), dtype=torch.float32, device=x.device)
         self.grad(x, lay, out, out_lay, labels, epi.grad_rec, one, epi.scale, shard, params)
         return epi._replace(grad_rec=None)

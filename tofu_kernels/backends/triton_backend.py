@@ -40,7 +40,6 @@ RESCALE_PROGRAMS = gpu.RESCALE_BLOCKS
 ROW_BLOCK = 8192  # Triton's own: grad_in_forward's tile, one program (16 warps) per row
 
 
-
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -58,7 +57,9 @@ def _lanes(block: int, warps: int, x: torch.Tensor, strides: tuple[int, ...]) ->
     16 bytes where the rows are 16-byte aligned (the tensor's start in its storage and every row
     stride divisible by 16 elements, as Triton specializes them), else of one column
     (triton_kernels._row_slice_stats). Only the layout depends on it, never the result."""
-    aligned = (x.storage_offset() * x.element_size()) % 16 == 0 and all(s % 16 == 0 for s in strides)
+    aligned = (x.storage_offset() * x.element_size()) % 16 == 0 and all(
+        s % 16 == 0 for s in strides
+    )
     vec = 16 // x.element_size() if aligned else 1
     return dict(THREADS=max(1, min(warps * 32, block // vec)), VEC=vec)
 
@@ -75,43 +76,120 @@ def _launch(kernel):
 def _row_stats(a) -> None:
     block = _pow2_block(a.n_valid, FWD_BLOCK)
     _launch(K.stats_kernel)[(a.n_rows, a.splits)](
-        a.x, a.labels, a.stats, a.n_inner, a.s_outer, a.s_inner, a.n_valid, a.vocab_start, a.chunk, a.ignore_index,
-        1.0 / a.beta, a.meta_vocab_end, a.meta_width, BLOCK=block, BETA_IS_ONE=a.beta == 1.0,
-        WRITE_META=a.write_meta, METRICS=a.metrics, num_warps=_warps(block),
-        **_lanes(block, _warps(block), a.x, (a.s_outer, a.s_inner, a.chunk)))
+        a.x,
+        a.labels,
+        a.stats,
+        a.n_inner,
+        a.s_outer,
+        a.s_inner,
+        a.n_valid,
+        a.vocab_start,
+        a.chunk,
+        a.ignore_index,
+        1.0 / a.beta,
+        a.meta_vocab_end,
+        a.meta_width,
+        BLOCK=block,
+        BETA_IS_ONE=a.beta == 1.0,
+        WRITE_META=a.write_meta,
+        METRICS=a.metrics,
+        num_warps=_warps(block),
+        **_lanes(block, _warps(block), a.x, (a.s_outer, a.s_inner, a.chunk)),
+    )
 
 
 def _epilogue(a) -> None:
     _launch(K.epilogue_kernel)[(1,)](
-        a.parts, a.labels, a.loss, a.ce, a.rec, a.red, a.red if a.met is None else a.met, a.n_rows, a.splits, a.world,
-        a.rank_stride, a.vocab_size, a.ignore_index, a.gamma, a.beta, 1.0 / a.beta, HAS_META=a.has_meta,
-        REDUCTION=a.reduction, GAMMA_ZERO=a.gamma == 0.0, BETA_IS_ONE=a.beta == 1.0, BLOCK_R=EPILOGUE_ROWS,
-        METRICS=a.met is not None, num_warps=8, maxnreg=255)  # one program: every register it can use
+        a.parts,
+        a.labels,
+        a.loss,
+        a.ce,
+        a.rec,
+        a.red,
+        a.red if a.met is None else a.met,
+        a.n_rows,
+        a.splits,
+        a.world,
+        a.rank_stride,
+        a.vocab_size,
+        a.ignore_index,
+        a.gamma,
+        a.beta,
+        1.0 / a.beta,
+        HAS_META=a.has_meta,
+        REDUCTION=a.reduction,
+        GAMMA_ZERO=a.gamma == 0.0,
+        BETA_IS_ONE=a.beta == 1.0,
+        BLOCK_R=EPILOGUE_ROWS,
+        METRICS=a.met is not None,
+        num_warps=8,
+        maxnreg=255,
+    )  # one program: every register it can use
 
 
 def _grad(a) -> None:
     width = a.x.shape[-1]
     block = _pow2_block(width, BWD_BLOCK)
     _launch(K.grad_kernel)[(a.labels.numel(), gpu.cdiv(width, block))](
-        a.x, a.out, a.labels, a.rec, a.upstream, a.scale, a.up_stride, a.n_inner, a.xs_outer, a.xs_inner, a.os_outer,
-        a.os_inner, a.n_valid, width, a.vocab_start, 1.0 / a.beta, BLOCK=block, num_warps=_warps(block))
+        a.x,
+        a.out,
+        a.labels,
+        a.rec,
+        a.upstream,
+        a.scale,
+        a.up_stride,
+        a.n_inner,
+        a.xs_outer,
+        a.xs_inner,
+        a.os_outer,
+        a.os_inner,
+        a.n_valid,
+        width,
+        a.vocab_start,
+        1.0 / a.beta,
+        BLOCK=block,
+        num_warps=_warps(block),
+    )
 
 
 def _grad_in_forward(a) -> None:
     """The count kernel writes the scale first; the row kernel reads it, the reduce kernel
     sums the per-row outputs with it."""
     n_rows, width = a.labels.numel(), a.x.shape[-1]
-    scale = a.red[Reduced.SCALE:]
-    _launch(K.count_kernel)[(1,)](a.labels, scale, n_rows, a.ignore_index, MEAN=a.mean, BLOCK_R=EPILOGUE_ROWS,
-                                  num_warps=8)
+    scale = a.red[Reduced.SCALE :]
+    _launch(K.count_kernel)[(1,)](
+        a.labels, scale, n_rows, a.ignore_index, MEAN=a.mean, BLOCK_R=EPILOGUE_ROWS, num_warps=8
+    )
     block = _pow2_block(width, ROW_BLOCK)
     warps = 16 if block >= 8192 else 8
     _launch(K.grad_in_forward_kernel)[(n_rows,)](
-        a.x, a.out, a.labels, a.loss, a.ce, scale, a.loss if a.met is None else a.met, a.n_inner, a.xs_outer,
-        a.xs_inner, a.os_outer, a.os_inner, width, a.ignore_index, a.gamma, a.beta, 1.0 / a.beta, BLOCK=block,
-        BETA_IS_ONE=a.beta == 1.0, GAMMA_ZERO=a.gamma == 0.0, METRICS=a.met is not None, num_warps=warps,
-        **_lanes(block, warps, a.x, (a.xs_outer, a.xs_inner)))
-    _launch(K.reduce_kernel)[(1,)](a.loss, a.ce, scale, a.red, n_rows, BLOCK_R=EPILOGUE_ROWS, num_warps=8)
+        a.x,
+        a.out,
+        a.labels,
+        a.loss,
+        a.ce,
+        scale,
+        a.loss if a.met is None else a.met,
+        a.n_inner,
+        a.xs_outer,
+        a.xs_inner,
+        a.os_outer,
+        a.os_inner,
+        width,
+        a.ignore_index,
+        a.gamma,
+        a.beta,
+        1.0 / a.beta,
+        BLOCK=block,
+        BETA_IS_ONE=a.beta == 1.0,
+        GAMMA_ZERO=a.gamma == 0.0,
+        METRICS=a.met is not None,
+        num_warps=warps,
+        **_lanes(block, warps, a.x, (a.xs_outer, a.xs_inner)),
+    )
+    _launch(K.reduce_kernel)[(1,)](
+        a.loss, a.ce, scale, a.red, n_rows, BLOCK_R=EPILOGUE_ROWS, num_warps=8
+    )
 
 
 def _rescale(a) -> None:
@@ -119,13 +197,28 @@ def _rescale(a) -> None:
     block = _pow2_block(width, BWD_BLOCK)
     tiles = gpu.cdiv(width, block)
     _launch(K.rescale_kernel)[(max(1, min(RESCALE_PROGRAMS, a.n_rows * tiles)),)](
-        a.out, a.grad_out, a.n_rows, a.n_inner, a.s_outer, a.s_inner, width, tiles, BLOCK=block,
-        num_warps=_warps(block))
+        a.out,
+        a.grad_out,
+        a.n_rows,
+        a.n_inner,
+        a.s_outer,
+        a.s_inner,
+        width,
+        tiles,
+        BLOCK=block,
+        num_warps=_warps(block),
+    )
 
 
-_BODIES = {"row_stats": _row_stats, "epilogue": _epilogue, "grad": _grad,
-           "grad_inplace": lambda a: _grad(gpu.in_place(a)), "grad_in_forward": _grad_in_forward,
-           "grad_in_forward_inplace": lambda a: _grad_in_forward(gpu.in_place(a)), "rescale": _rescale}
+_BODIES = {
+    "row_stats": _row_stats,
+    "epilogue": _epilogue,
+    "grad": _grad,
+    "grad_inplace": lambda a: _grad(gpu.in_place(a)),
+    "grad_in_forward": _grad_in_forward,
+    "grad_in_forward_inplace": lambda a: _grad_in_forward(gpu.in_place(a)),
+    "rescale": _rescale,
+}
 
 
 # ------------------------------------------------------------------ registration
@@ -165,7 +258,9 @@ def _register(op: gpu.Op, body) -> Callable[..., None]:
     return call
 
 
-OPS: dict[str, Callable[..., None]] = {name: _register(op, _BODIES[name]) for name, op in gpu.OPS.items()}
+OPS: dict[str, Callable[..., None]] = {
+    name: _register(op, _BODIES[name]) for name, op in gpu.OPS.items()
+}
 
 
 class TritonBackend(gpu.GPUBackend):

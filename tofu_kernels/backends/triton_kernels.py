@@ -68,7 +68,9 @@ def _expm1(x):
 
 
 @triton.jit
-def _merge(m, s1, sb, e, m2, s12, sb2, e2, inv_beta, BETA_IS_ONE: tl.constexpr, METRICS: tl.constexpr):
+def _merge(
+    m, s1, sb, e, m2, s12, sb2, e2, inv_beta, BETA_IS_ONE: tl.constexpr, METRICS: tl.constexpr
+):
     """Merge two partial statistics (scalars or vectors); empty parts are (-inf, 0, 0, 0).
     With METRICS also the entropy accumulators: E = sum_r exp(m_r - M) (E_r + (m_r - M) S1_r)."""
     new_m = tl.maximum(m, m2)
@@ -76,8 +78,9 @@ def _merge(m, s1, sb, e, m2, s12, sb2, e2, inv_beta, BETA_IS_ONE: tl.constexpr, 
     a = tl.exp(m - shift)
     b = tl.exp(m2 - shift)
     if METRICS:  # before s1 changes; an empty part (a or b = 0, E = S1 = 0) adds 0, never -inf * 0
-        e = (a * (e + tl.where(m == -float("inf"), 0.0, m - shift) * s1)
-             + b * (e2 + tl.where(m2 == -float("inf"), 0.0, m2 - shift) * s12))
+        e = a * (e + tl.where(m == -float("inf"), 0.0, m - shift) * s1) + b * (
+            e2 + tl.where(m2 == -float("inf"), 0.0, m2 - shift) * s12
+        )
     s1 = s1 * a + s12 * b
     if BETA_IS_ONE:
         sb = s1
@@ -103,8 +106,9 @@ def _metrics(m, s1, zt, e, before, label, ignore_index, vocab_size):
 
 
 @triton.jit
-def _finalize(m, s1, sb, zt, label, ignore_index, vocab_size, gamma, beta, inv_beta,
-              GAMMA_ZERO: tl.constexpr):
+def _finalize(
+    m, s1, sb, zt, label, ignore_index, vocab_size, gamma, beta, inv_beta, GAMMA_ZERO: tl.constexpr
+):
     """Per-row loss, ce, g, m, log Sb, q_t - 1 (tofu_math.finalize_stats, in fp32).
 
     Ignored rows give zeros; labels outside [0, vocab_size) give NaN loss and g.
@@ -137,8 +141,18 @@ def _finalize(m, s1, sb, zt, label, ignore_index, vocab_size, gamma, beta, inv_b
 
 
 @triton.jit
-def _row_slice_stats(x, n, span, t, inv_beta, BLOCK: tl.constexpr, THREADS: tl.constexpr, VEC: tl.constexpr,
-                     BETA_IS_ONE: tl.constexpr, METRICS: tl.constexpr):
+def _row_slice_stats(
+    x,
+    n,
+    span,
+    t,
+    inv_beta,
+    BLOCK: tl.constexpr,
+    THREADS: tl.constexpr,
+    VEC: tl.constexpr,
+    BETA_IS_ONE: tl.constexpr,
+    METRICS: tl.constexpr,
+):
     """(m, S1, Sb, E, BEFORE) of columns [0, n) of ``x`` (a row slice) in BLOCK-wide tiles
     (``span`` >= n columns visited; n <= 0 reads nothing): an online max and two fp32 sums,
     and with METRICS the entropy accumulator E = sum exp(z - m) (z - m) from the same
@@ -150,8 +164,11 @@ def _row_slice_stats(x, n, span, t, inv_beta, BLOCK: tl.constexpr, THREADS: tl.c
     aligned rows, else 1 column), across the tiles; the lanes are merged once, at the end. So
     the loop has no block-wide reduction, and one rescale of each lane's sums per tile."""
     K: tl.constexpr = BLOCK // (THREADS * VEC)
-    offs = (tl.arange(0, K)[:, None, None] * (THREADS * VEC) + tl.arange(0, THREADS)[None, :, None] * VEC
-            + tl.arange(0, VEC)[None, None, :])
+    offs = (
+        tl.arange(0, K)[:, None, None] * (THREADS * VEC)
+        + tl.arange(0, THREADS)[None, :, None] * VEC
+        + tl.arange(0, VEC)[None, None, :]
+    )
     m = tl.full([THREADS], -float("inf"), tl.float32)
     s1 = tl.zeros([THREADS], tl.float32)
     sb = tl.zeros([THREADS], tl.float32)
@@ -166,13 +183,19 @@ def _row_slice_stats(x, n, span, t, inv_beta, BLOCK: tl.constexpr, THREADS: tl.c
         a = tl.exp(m - shift)
         d = z - shift[None, :, None]
         ex = tl.exp(d)
-        if METRICS:  # moved to the new max (with the old S1), then this tile's terms; -inf columns add 0
+        if (
+            METRICS
+        ):  # moved to the new max (with the old S1), then this tile's terms; -inf columns add 0
             e = a * (e + tl.where(m == -float("inf"), 0.0, m - shift) * s1)
             e += tl.sum(tl.sum(ex * tl.maximum(d, -_FLT_MAX), axis=2), axis=0)
-            before = tl.maximum(before, tl.max(tl.max(tl.where(cols < t, z, -float("inf")), axis=2), axis=0))
+            before = tl.maximum(
+                before, tl.max(tl.max(tl.where(cols < t, z, -float("inf")), axis=2), axis=0)
+            )
         s1 = s1 * a + tl.sum(tl.sum(ex, axis=2), axis=0)
         if not BETA_IS_ONE:
-            sb = sb * tl.exp((m - shift) * inv_beta) + tl.sum(tl.sum(tl.exp(d * inv_beta), axis=2), axis=0)
+            sb = sb * tl.exp((m - shift) * inv_beta) + tl.sum(
+                tl.sum(tl.exp(d * inv_beta), axis=2), axis=0
+            )
         m = m_new
     # the one merge of the lanes (a lane that saw no column is (-inf, 0, 0, 0, -inf))
     mm = tl.max(m, axis=0)
@@ -217,7 +240,9 @@ def stats_kernel(
     WRITE_META: tl.constexpr,
     METRICS: tl.constexpr,  # the metric accumulators after the records (records.Partials)
 ):
-    inv_beta = tl.cast(inv_beta, tl.float32)  # under torch.compile, Inductor passes Python floats as fp64
+    inv_beta = tl.cast(
+        inv_beta, tl.float32
+    )  # under torch.compile, Inductor passes Python floats as fp64
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     x_row = X + _row_offset(row, n_inner, s_outer, s_inner)
@@ -225,11 +250,16 @@ def stats_kernel(
     active = label != ignore_index  # ignored rows are not read; the epilogue masks them
     lo = tl.cast(split, tl.int64) * chunk  # int64: no 32-bit product feeds the address
     hi = tl.minimum(lo + chunk, n_valid)
-    n = tl.where(active, hi - lo, 0).to(tl.int32)  # columns this program reads (<= chunk; <= 0: none)
+    n = tl.where(active, hi - lo, 0).to(
+        tl.int32
+    )  # columns this program reads (<= chunk; <= 0: none)
     t = label - vocab_start
-    t_here = tl.minimum(tl.maximum(t - lo, -1), chunk).to(tl.int32)  # the target's column in the slice
-    m, s1, sb, e, before = _row_slice_stats(x_row + lo, n, chunk, t_here, inv_beta, BLOCK, THREADS, VEC, BETA_IS_ONE,
-                                            METRICS)
+    t_here = tl.minimum(tl.maximum(t - lo, -1), chunk).to(
+        tl.int32
+    )  # the target's column in the slice
+    m, s1, sb, e, before = _row_slice_stats(
+        x_row + lo, n, chunk, t_here, inv_beta, BLOCK, THREADS, VEC, BETA_IS_ONE, METRICS
+    )
     hit = active & (t >= lo) & (t < hi)
     zt = tl.load(x_row + t, mask=hit, other=0.0).to(tl.float32)
     n_splits = tl.num_programs(1)
@@ -248,9 +278,15 @@ def stats_kernel(
             meta = STATS + tl.num_programs(0).to(tl.int64) * n_splits * _ST_WIDTH
             idx = tl.arange(0, _ST_WIDTH)
             zero = tl.zeros([_ST_WIDTH], dtype=tl.int32)
-            vals = tl.where(idx == _MT_START, zero + vocab_start,
-                            tl.where(idx == _MT_END, zero + meta_vocab_end,
-                                     tl.where(idx == _MT_WIDTH, zero + meta_width, zero + tl.num_programs(0))))
+            vals = tl.where(
+                idx == _MT_START,
+                zero + vocab_start,
+                tl.where(
+                    idx == _MT_END,
+                    zero + meta_vocab_end,
+                    tl.where(idx == _MT_WIDTH, zero + meta_width, zero + tl.num_programs(0)),
+                ),
+            )
             tl.store(meta + idx, vals.to(tl.float32, bitcast=True))
 
 
@@ -279,7 +315,11 @@ def epilogue_kernel(
     BLOCK_R: tl.constexpr,
     METRICS: tl.constexpr,  # PARTS carries the metric accumulators, MET is written
 ):
-    gamma, beta, inv_beta = tl.cast(gamma, tl.float32), tl.cast(beta, tl.float32), tl.cast(inv_beta, tl.float32)
+    gamma, beta, inv_beta = (
+        tl.cast(gamma, tl.float32),
+        tl.cast(beta, tl.float32),
+        tl.cast(inv_beta, tl.float32),
+    )
     n_parts = tl.cast(n_rows, tl.int64) * splits  # int64: no 32-bit product feeds an address
     acc_off = (n_parts + HAS_META) * _ST_WIDTH
     if HAS_META:  # global vocab size: the largest vocab_end of the ranks' metadata records
@@ -313,11 +353,16 @@ def epilogue_kernel(
                 if METRICS:
                     acc = PARTS + w * rank_stride + acc_off + (rows * splits + s) * _MA_WIDTH
                     pe = tl.load(acc + _MA_E, mask=ok, other=0.0)
-                    before = tl.maximum(before, tl.load(acc + _MA_BEFORE, mask=ok, other=-float("inf")))
-                m, s1, sb, e = _merge(m, s1, sb, e, pm, ps1, psb, pe, inv_beta, BETA_IS_ONE, METRICS)
+                    before = tl.maximum(
+                        before, tl.load(acc + _MA_BEFORE, mask=ok, other=-float("inf"))
+                    )
+                m, s1, sb, e = _merge(
+                    m, s1, sb, e, pm, ps1, psb, pe, inv_beta, BETA_IS_ONE, METRICS
+                )
         label = tl.load(LABELS + rows, mask=ok, other=ignore_index).to(tl.int64)
-        loss, ce, g, mm, log_sb, qt_m1 = _finalize(m, s1, sb, zt, label, ignore_index, vs, gamma, beta,
-                                                   inv_beta, GAMMA_ZERO)
+        loss, ce, g, mm, log_sb, qt_m1 = _finalize(
+            m, s1, sb, zt, label, ignore_index, vs, gamma, beta, inv_beta, GAMMA_ZERO
+        )
         if METRICS:
             entropy, top1 = _metrics(m, s1, zt, e, before, label, ignore_index, vs)
             tl.store(MET + rows * _MX_WIDTH + _MX_ENTROPY, entropy, mask=ok)
@@ -350,8 +395,14 @@ def grad_kernel(
     UPSTREAM,  # fp32: d(output) / d(per-token loss), element row * up_stride
     SCALE,  # fp32 [1]: 1 / token count for a mean, else 1
     up_stride,
-    n_inner, xs_outer, xs_inner, os_outer, os_inner,  # row layouts of X and OUT (RowLayout)
-    n_valid, width, vocab_start,  # the shard: real columns [0, n_valid) of width, global id of column 0
+    n_inner,
+    xs_outer,
+    xs_inner,
+    os_outer,
+    os_inner,  # row layouts of X and OUT (RowLayout)
+    n_valid,
+    width,
+    vocab_start,  # the shard: real columns [0, n_valid) of width, global id of column 0
     inv_beta,
     BLOCK: tl.constexpr,
 ):
@@ -399,9 +450,16 @@ def grad_in_forward_kernel(
     CE,  # fp32 [rows]
     SCALE,  # fp32 [1] from count_kernel
     MET,  # fp32 [rows, len(Metric)] (METRICS)
-    n_inner, xs_outer, xs_inner, os_outer, os_inner,  # row layouts of X and OUT (RowLayout)
+    n_inner,
+    xs_outer,
+    xs_inner,
+    os_outer,
+    os_inner,  # row layouts of X and OUT (RowLayout)
     width,  # whole rows
-    ignore_index, gamma, beta, inv_beta,
+    ignore_index,
+    gamma,
+    beta,
+    inv_beta,
     BLOCK: tl.constexpr,
     THREADS: tl.constexpr,  # the statistics' lanes and columns per vector (_row_slice_stats)
     VEC: tl.constexpr,
@@ -409,7 +467,11 @@ def grad_in_forward_kernel(
     GAMMA_ZERO: tl.constexpr,
     METRICS: tl.constexpr,  # the metric accumulators, MET written
 ):
-    gamma, beta, inv_beta = tl.cast(gamma, tl.float32), tl.cast(beta, tl.float32), tl.cast(inv_beta, tl.float32)
+    gamma, beta, inv_beta = (
+        tl.cast(gamma, tl.float32),
+        tl.cast(beta, tl.float32),
+        tl.cast(inv_beta, tl.float32),
+    )
     row = tl.program_id(0).to(tl.int64)
     x_row = X + _row_offset(row, n_inner, xs_outer, xs_inner)
     o_row = OUT + _row_offset(row, n_inner, os_outer, os_inner)
@@ -417,12 +479,23 @@ def grad_in_forward_kernel(
     active = label != ignore_index
     # pass 1: the statistics
     t_here = tl.minimum(tl.maximum(label, -1), width).to(tl.int32)
-    m, s1, sb, e, before = _row_slice_stats(x_row, tl.where(active, width, 0), width, t_here, inv_beta, BLOCK,
-                                            THREADS, VEC, BETA_IS_ONE, METRICS)
+    m, s1, sb, e, before = _row_slice_stats(
+        x_row,
+        tl.where(active, width, 0),
+        width,
+        t_here,
+        inv_beta,
+        BLOCK,
+        THREADS,
+        VEC,
+        BETA_IS_ONE,
+        METRICS,
+    )
     hit = active & (label >= 0) & (label < width)
     zt = tl.load(x_row + label, mask=hit, other=0.0).to(tl.float32)
-    loss, ce, g, mm, log_sb, qt_m1 = _finalize(m, s1, sb, zt, label, ignore_index, width, gamma, beta,
-                                               inv_beta, GAMMA_ZERO)
+    loss, ce, g, mm, log_sb, qt_m1 = _finalize(
+        m, s1, sb, zt, label, ignore_index, width, gamma, beta, inv_beta, GAMMA_ZERO
+    )
     if METRICS:
         entropy, top1 = _metrics(m, s1, zt, e, before, label, ignore_index, width)
         tl.store(MET + row * _MX_WIDTH + _MX_ENTROPY, entropy)
@@ -456,13 +529,17 @@ def reduce_kernel(LOSS, CE, SCALE, RED, n_rows, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
-def rescale_kernel(OUT, GRAD_OUT, n_rows, n_inner, os_outer, os_inner, width, n_tiles, BLOCK: tl.constexpr):
+def rescale_kernel(
+    OUT, GRAD_OUT, n_rows, n_inner, os_outer, os_inner, width, n_tiles, BLOCK: tl.constexpr
+):
     """OUT *= grad_out, over a persistent grid; returns at once when grad_out == 1. The work
     items (row, tile) are counted in int64: no 32-bit product feeds an address."""
     s = tl.load(GRAD_OUT).to(tl.float32)
     if s != 1.0:
         cols = tl.arange(0, BLOCK)
-        for work in range(tl.program_id(0).to(tl.int64), tl.cast(n_rows, tl.int64) * n_tiles, tl.num_programs(0)):
+        for work in range(
+            tl.program_id(0).to(tl.int64), tl.cast(n_rows, tl.int64) * n_tiles, tl.num_programs(0)
+        ):
             start = (work % n_tiles) * BLOCK
             o_tile = OUT + _row_offset(work // n_tiles, n_inner, os_outer, os_inner) + start
             left = (width - start).to(tl.int32)  # the row's columns from this tile on

@@ -29,7 +29,14 @@ micro-batches equals one big batch (``transformers``' convention).
 
 from .models import SUPPORTED_MODELS, apply_tofu, revert_tofu, shift_labels, tofu_loss_func
 
-__all__ = ["SUPPORTED_MODELS", "TOFUSFTTrainer", "apply_tofu", "revert_tofu", "shift_labels", "tofu_loss_func"]
+__all__ = [
+    "SUPPORTED_MODELS",
+    "TOFUSFTTrainer",
+    "apply_tofu",
+    "revert_tofu",
+    "shift_labels",
+    "tofu_loss_func",
+]
 
 
 def __getattr__(name: str):

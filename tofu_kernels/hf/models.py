@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import types
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -20,14 +19,27 @@ from ..loss import loss_of_logits
 from ..params import DEFAULT_BETA, DEFAULT_GAMMA, DEFAULT_IGNORE_INDEX, TOFUParams, check_flag
 from ..records import TokenMetrics
 
-__all__ = ["SUPPORTED_MODELS", "apply_tofu", "check_model", "check_params", "revert_tofu", "shift_labels", "tofu_loss_func"]
+__all__ = [
+    "SUPPORTED_MODELS",
+    "apply_tofu",
+    "check_model",
+    "check_params",
+    "revert_tofu",
+    "shift_labels",
+    "tofu_loss_func",
+]
 
 # Causal-LM classes whose forward is backbone -> lm_head (nn.Linear, no bias) -> loss, with
 # no logit scaling or soft-capping: the structure the fused forward reproduces. The MoE
 # ones (last two) add the router's load-balancing loss, as their own forward does.
-SUPPORTED_MODELS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                    "MixtralForCausalLM", "Qwen3MoeForCausalLM")
-
+SUPPORTED_MODELS = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "MixtralForCausalLM",
+    "Qwen3MoeForCausalLM",
+)
 
 
 def shift_labels(labels: torch.Tensor, ignore_index: int = DEFAULT_IGNORE_INDEX) -> torch.Tensor:
@@ -54,11 +66,15 @@ class _HFLoss:
     def __post_init__(self):
         summed = dataclasses.replace(self.params, reduction="sum", grad_in_forward=False)
         object.__setattr__(self, "summed", summed)
-        object.__setattr__(self, "with_metrics", dataclasses.replace(self.params, return_metrics=True))
+        object.__setattr__(
+            self, "with_metrics", dataclasses.replace(self.params, return_metrics=True)
+        )
 
     def targets(self, labels, shifted, device) -> torch.Tensor:
         """The target of every position: ``shifted`` as given, else ``labels`` shifted."""
-        return (shift_labels(labels, self.params.ignore_index) if shifted is None else shifted).to(device)
+        return (shift_labels(labels, self.params.ignore_index) if shifted is None else shifted).to(
+            device
+        )
 
     def on_logits(self, logits, labels, num_items_in_batch=None, shifted=None) -> torch.Tensor:
         """TOFU of ``[..., V]`` logits against (shifted) labels, with HF's normalisation."""
@@ -78,8 +94,14 @@ class _HFLoss:
         gradient (a division by it would give NaN)."""
         # read once (the one host sync of a tensor count); the sum over no tokens is 0
         n = None if num_items_in_batch is None else float(num_items_in_batch) or 1.0
-        return loss_of_hidden(hidden, weight, target, self.with_metrics if metrics else self.params,
-                              chunk_size=self.chunk_size, normalizer=n)
+        return loss_of_hidden(
+            hidden,
+            weight,
+            target,
+            self.with_metrics if metrics else self.params,
+            chunk_size=self.chunk_size,
+            normalizer=n,
+        )
 
 
 def tofu_loss_func(
@@ -95,13 +117,18 @@ def tofu_loss_func(
     The function takes ``(outputs, labels, num_items_in_batch=None)``: ``outputs.logits``
     ``[B, T, V]`` (any float dtype, used as is), unshifted ``labels`` ``[B, T]``.
     """
-    loss = _HFLoss(TOFUParams(gamma=gamma, beta=beta, ignore_index=ignore_index, backend=backend,
-                              who="tofu_loss_func"))
+    loss = _HFLoss(
+        TOFUParams(
+            gamma=gamma, beta=beta, ignore_index=ignore_index, backend=backend, who="tofu_loss_func"
+        )
+    )
 
     def compute_loss_func(outputs, labels, num_items_in_batch=None):
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
         if logits is None:
-            raise ValueError("tofu_loss_func: outputs.logits is None (a fused LM head?); the loss needs the logits")
+            raise ValueError(
+                "tofu_loss_func: outputs.logits is None (a fused LM head?); the loss needs the logits"
+            )
         return loss.on_logits(logits, labels, num_items_in_batch)
 
     return compute_loss_func
@@ -158,8 +185,9 @@ def _router_loss(model, outputs, attention_mask) -> torch.Tensor:
     """The MoE load-balancing loss, as Mixtral's and Qwen3-MoE's own forwards compute it."""
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-    return load_balancing_loss_func(outputs.router_logits, model.num_experts, model.num_experts_per_tok,
-                                    attention_mask)
+    return load_balancing_loss_func(
+        outputs.router_logits, model.num_experts, model.num_experts_per_tok, attention_mask
+    )
 
 
 def _tofu_forward(self, *args, tofu_metrics: bool = False, **kwargs):
@@ -176,7 +204,9 @@ def _tofu_forward(self, *args, tofu_metrics: bool = False, **kwargs):
     loss: _HFLoss | None = getattr(self, "_tofu_loss", None)
     if loss is None:  # reverted, but called through a wrapper installed over ours meanwhile
         if tofu_metrics:
-            raise ValueError("tofu_metrics=True needs apply_tofu(model, fused_linear=True) on this model")
+            raise ValueError(
+                "tofu_metrics=True needs apply_tofu(model, fused_linear=True) on this model"
+            )
         return type(self).forward(self, *args, **kwargs)
     kw = _named(self, args, kwargs)
     labels, shifted = kw.get("labels"), kw.get("shift_labels")
@@ -191,7 +221,9 @@ def _tofu_forward(self, *args, tofu_metrics: bool = False, **kwargs):
     logits_to_keep = kw.pop("logits_to_keep", 0)
     keep_all = isinstance(logits_to_keep, int) and logits_to_keep == 0
     if shifted is None and not keep_all:
-        raise ValueError("apply_tofu(fused_linear=True): labels with logits_to_keep need shift_labels")
+        raise ValueError(
+            "apply_tofu(fused_linear=True): labels with logits_to_keep need shift_labels"
+        )
     router = kw.get("output_router_logits")
     router = getattr(self.config, "output_router_logits", False) if router is None else router
     if router:
@@ -204,7 +236,8 @@ def _tofu_forward(self, *args, tofu_metrics: bool = False, **kwargs):
         raise RuntimeError(
             f"apply_tofu(fused_linear=True): lm_head is no longer the module apply_tofu patched (now "
             f"{type(head).__name__}: replaced or wrapped afterwards, e.g. by PEFT's modules_to_save or FSDP1's "
-            "wrapping); the fused loss needs the nn.Linear head itself (FSDP2's fully_shard and DeepSpeed keep it)")
+            "wrapping); the fused loss needs the nn.Linear head itself (FSDP2's fully_shard and DeepSpeed keep it)"
+        )
     # through lm_head's own call, so that its wrappers' hooks run as for its forward (see _head_forward)
     lm_loss, *metrics = head(hidden, tofu=_HeadCall(loss, target, num_items, tofu_metrics))
     metrics = TokenMetrics(*metrics) if tofu_metrics else None
@@ -212,11 +245,21 @@ def _tofu_forward(self, *args, tofu_metrics: bool = False, **kwargs):
     total = lm_loss if aux is None else lm_loss + self.router_aux_loss_coef * aux.to(lm_loss.device)
     extra = {}
     if metrics is not None:
-        extra = dict(lm_loss=lm_loss, entropy=metrics.entropy, top1=metrics.top1,
-                     label_mask=target != loss.params.ignore_index)
-    out = tofu_output_type()(loss=total, logits=None, hidden_states=outputs.hidden_states,
-                             attentions=outputs.attentions, aux_loss=aux,
-                             router_logits=getattr(outputs, "router_logits", None) if router else None, **extra)
+        extra = dict(
+            lm_loss=lm_loss,
+            entropy=metrics.entropy,
+            top1=metrics.top1,
+            label_mask=target != loss.params.ignore_index,
+        )
+    out = tofu_output_type()(
+        loss=total,
+        logits=None,
+        hidden_states=outputs.hidden_states,
+        attentions=outputs.attentions,
+        aux_loss=aux,
+        router_logits=getattr(outputs, "router_logits", None) if router else None,
+        **extra,
+    )
     return out.to_tuple() if return_dict is False else out
 
 
@@ -258,7 +301,9 @@ def _head_forward(self, input: torch.Tensor, tofu: _HeadCall | None = None):
             "compute_loss_func=tofu_kernels.hf.tofu_loss_func(...) on the logits"
         )
     # a device_map's hook may have moved the input to the head's device; the target follows
-    result = tofu.loss.on_hidden(input, weight, tofu.target.to(input.device), tofu.num_items, metrics=tofu.metrics)
+    result = tofu.loss.on_hidden(
+        input, weight, tofu.target.to(input.device), tofu.num_items, metrics=tofu.metrics
+    )
     return (result[0], *result[1]) if tofu.metrics else (result,)
 
 
@@ -266,7 +311,11 @@ def _forward_slot(module) -> str:
     """Where ``module``'s forward is called from: ``forward``, or, under an accelerate hook
     (a model dispatched with a ``device_map``), the ``_old_forward`` the hook calls between
     its own steps (so that the hook keeps moving inputs and weights)."""
-    return "_old_forward" if hasattr(module, "_hf_hook") and "_old_forward" in module.__dict__ else "forward"
+    return (
+        "_old_forward"
+        if hasattr(module, "_hf_hook") and "_old_forward" in module.__dict__
+        else "forward"
+    )
 
 
 def _install(module, fn) -> None:
@@ -297,8 +346,16 @@ def _uninstall(module) -> None:
             module.__dict__[slot] = replaced
 
 
-def _loss_function(loss: _HFLoss, logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=None,
-                   shift_labels=None, **_):
+def _loss_function(
+    loss: _HFLoss,
+    logits,
+    labels,
+    vocab_size=None,
+    num_items_in_batch=None,
+    ignore_index=None,
+    shift_labels=None,
+    **_,
+):
     """The model's ``loss_function`` (transformers' signature) while TOFU is applied."""
     return loss.on_logits(logits, labels, num_items_in_batch, shifted=shift_labels)
 
@@ -335,14 +392,18 @@ def apply_tofu(
     """
     check_flag(fused_linear, "fused_linear", "apply_tofu")
     if params is None:
-        params = TOFUParams(gamma=gamma, beta=beta, ignore_index=ignore_index, backend=backend, who="apply_tofu")
+        params = TOFUParams(
+            gamma=gamma, beta=beta, ignore_index=ignore_index, backend=backend, who="apply_tofu"
+        )
     else:
         check_params(params, "apply_tofu: params")
     loss = _HFLoss(params, chunk_size)
     model = _base_model(model)
     check_model(model, fused_linear, "apply_tofu")
     model._tofu_loss = loss  # what the installed forwards read at each call
-    model.loss_function = functools.partial(_loss_function, loss)  # transformers' setter: model._loss_function
+    model.loss_function = functools.partial(
+        _loss_function, loss
+    )  # transformers' setter: model._loss_function
     if fused_linear:
         _install(model, _tofu_forward)
         _install(model.lm_head, _head_forward)
@@ -356,7 +417,9 @@ def check_params(params: TOFUParams, who: str) -> None:
     """Raise unless ready ``params`` are what the Hugging Face paths run: reduction "mean",
     no extra outputs (the fused forward asks for the metrics itself)."""
     if params.reduction != "mean" or params.return_ce or params.return_metrics:
-        raise ValueError(f"{who} must have reduction 'mean' and neither return_ce nor return_metrics")
+        raise ValueError(
+            f"{who} must have reduction 'mean' and neither return_ce nor return_metrics"
+        )
 
 
 def check_model(model, fused_linear: bool, who: str) -> None:
@@ -375,10 +438,16 @@ def check_model(model, fused_linear: bool, who: str) -> None:
         return
     head = model.lm_head
     if not (isinstance(head, torch.nn.Linear) and head.bias is None):
-        raise ValueError(f"{who}: {name}.lm_head must be nn.Linear without bias for the fused loss, got {head}")
-    if type(head).forward is not torch.nn.Linear.forward:  # e.g. a quantized or scaled head: its logits are not x @ W.T
-        raise ValueError(f"{who}: {name}.lm_head is a {type(head).__name__} with a forward of its own; the fused "
-                         "loss reproduces nn.Linear's (use compute_loss_func=tofu_loss_func(...) on the logits)")
+        raise ValueError(
+            f"{who}: {name}.lm_head must be nn.Linear without bias for the fused loss, got {head}"
+        )
+    if (
+        type(head).forward is not torch.nn.Linear.forward
+    ):  # e.g. a quantized or scaled head: its logits are not x @ W.T
+        raise ValueError(
+            f"{who}: {name}.lm_head is a {type(head).__name__} with a forward of its own; the fused "
+            "loss reproduces nn.Linear's (use compute_loss_func=tofu_loss_func(...) on the logits)"
+        )
 
 
 def _base_model(model):

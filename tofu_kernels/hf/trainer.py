@@ -38,25 +38,37 @@ from .models import apply_tofu, check_model, check_params
 __all__ = ["TOFUSFTTrainer"]
 
 
-def trainer_params(gamma: float | None, beta: float | None, params: TOFUParams | None) -> TOFUParams:
+def trainer_params(
+    gamma: float | None, beta: float | None, params: TOFUParams | None
+) -> TOFUParams:
     """The trainer's :class:`TOFUParams`: ``params`` as given, or made from ``gamma`` and
     ``beta`` (the paper's defaults where not given)."""
     if params is None:
-        return TOFUParams(gamma=DEFAULT_GAMMA if gamma is None else gamma, beta=DEFAULT_BETA if beta is None else beta,
-                          who="TOFUSFTTrainer", names={"gamma": "tofu_gamma", "beta": "tofu_beta"})
+        return TOFUParams(
+            gamma=DEFAULT_GAMMA if gamma is None else gamma,
+            beta=DEFAULT_BETA if beta is None else beta,
+            who="TOFUSFTTrainer",
+            names={"gamma": "tofu_gamma", "beta": "tofu_beta"},
+        )
     if gamma is not None or beta is not None:
         raise ValueError("TOFUSFTTrainer: give tofu_params or tofu_gamma / tofu_beta, not both")
     if not isinstance(params, TOFUParams):
-        raise TypeError(f"TOFUSFTTrainer: tofu_params must be a tofu_kernels.TOFUParams, got {type(params).__name__}")
+        raise TypeError(
+            f"TOFUSFTTrainer: tofu_params must be a tofu_kernels.TOFUParams, got {type(params).__name__}"
+        )
     if params.ignore_index != DEFAULT_IGNORE_INDEX:
-        raise ValueError(f"TOFUSFTTrainer: tofu_params.ignore_index must be {DEFAULT_IGNORE_INDEX}, the label TRL's "
-                         f"collators and the Trainer's token count use, got {params.ignore_index}")
+        raise ValueError(
+            f"TOFUSFTTrainer: tofu_params.ignore_index must be {DEFAULT_IGNORE_INDEX}, the label TRL's "
+            f"collators and the Trainer's token count use, got {params.ignore_index}"
+        )
     check_params(params, "TOFUSFTTrainer: tofu_params")
     return params
 
 
-_NO_LOSS_FUNC = ("TOFUSFTTrainer computes the TOFU loss itself: do not pass compute_loss_func (for the loss on "
-                 "the logits, use SFTTrainer(compute_loss_func=tofu_loss_func(...)))")
+_NO_LOSS_FUNC = (
+    "TOFUSFTTrainer computes the TOFU loss itself: do not pass compute_loss_func (for the loss on "
+    "the logits, use SFTTrainer(compute_loss_func=tofu_loss_func(...)))"
+)
 
 
 class TOFUSFTTrainer(trl.SFTTrainer):
@@ -72,8 +84,15 @@ class TOFUSFTTrainer(trl.SFTTrainer):
     trains (docs/huggingface.md, "Sharded data parallelism").
     """
 
-    def __init__(self, *args, tofu_gamma: float | None = None, tofu_beta: float | None = None,
-                 tofu_params: TOFUParams | None = None, tofu_chunk_size: int | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        tofu_gamma: float | None = None,
+        tofu_beta: float | None = None,
+        tofu_params: TOFUParams | None = None,
+        tofu_chunk_size: int | None = None,
+        **kwargs,
+    ):
         params = trainer_params(tofu_gamma, tofu_beta, tofu_params)
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError(_NO_LOSS_FUNC)
@@ -86,19 +105,32 @@ class TOFUSFTTrainer(trl.SFTTrainer):
             raise ValueError(_NO_LOSS_FUNC)
         check_model(self.model, True, "TOFUSFTTrainer")  # the loaded model
         if getattr(self.args, "label_smoothing_factor", 0.0) > 0:
-            raise ValueError("TOFUSFTTrainer: label_smoothing_factor > 0 needs the full logits and is not TOFU; "
-                             "set it to 0")
+            raise ValueError(
+                "TOFUSFTTrainer: label_smoothing_factor > 0 needs the full logits and is not TOFU; "
+                "set it to 0"
+            )
         if self.args.loss_type != "nll":
-            raise ValueError(f"TOFUSFTTrainer: loss_type={self.args.loss_type!r} is another loss; TOFU replaces "
-                             "the 'nll' loss (leave loss_type at its default)")
+            raise ValueError(
+                f"TOFUSFTTrainer: loss_type={self.args.loss_type!r} is another loss; TOFU replaces "
+                "the 'nll' loss (leave loss_type at its default)"
+            )
         sp = getattr(self.accelerator, "parallelism_config", None)
-        if sp is not None and getattr(sp, "sp_enabled", False) and getattr(sp, "sp_backend", None) == "deepspeed":
-            raise ValueError("TOFUSFTTrainer: DeepSpeed sequence parallelism reduces the model's own loss "
-                             "across ranks; it is not supported")
+        if (
+            sp is not None
+            and getattr(sp, "sp_enabled", False)
+            and getattr(sp, "sp_backend", None) == "deepspeed"
+        ):
+            raise ValueError(
+                "TOFUSFTTrainer: DeepSpeed sequence parallelism reduces the model's own loss "
+                "across ranks; it is not supported"
+            )
         if self.compute_metrics is not None or self.preprocess_logits_for_metrics is not None:
-            warnings.warn("TOFUSFTTrainer: compute_metrics / preprocess_logits_for_metrics need the logits: each "
-                          "evaluation step runs one extra no-grad forward that builds them (training is unaffected)",
-                          UserWarning, stacklevel=2)
+            warnings.warn(
+                "TOFUSFTTrainer: compute_metrics / preprocess_logits_for_metrics need the logits: each "
+                "evaluation step runs one extra no-grad forward that builds them (training is unaffected)",
+                UserWarning,
+                stacklevel=2,
+            )
         # The forward TRL's fused head installed is replaced by ours (the same place: the
         # causal LM under any PEFT wrapper), which TRL's compute_loss would call; ours does not.
         apply_tofu(self.model, params=params, fused_linear=True, chunk_size=tofu_chunk_size)
@@ -115,7 +147,9 @@ class TOFUSFTTrainer(trl.SFTTrainer):
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
         if self.aux_loss_enabled:  # a per-micro-batch mean: averaged over the accumulation steps
-            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            steps = (
+                self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            )
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
         self._log_tofu_metrics(mode, inputs, outputs)
         if return_outputs:  # compute_metrics wants logits: the extra forward TRL also runs
@@ -132,22 +166,40 @@ class TOFUSFTTrainer(trl.SFTTrainer):
             if "attention_mask" in inputs:
                 local = inputs["attention_mask"].sum()
             elif "position_ids" in inputs:
-                local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+                local = torch.tensor(
+                    inputs["position_ids"].size(1), device=inputs["position_ids"].device
+                )
             else:
-                raise ValueError("TOFUSFTTrainer: expected 'attention_mask' or 'position_ids' in the batch "
-                                 "(TRL's collators make one of them)")
+                raise ValueError(
+                    "TOFUSFTTrainer: expected 'attention_mask' or 'position_ids' in the batch "
+                    "(TRL's collators make one of them)"
+                )
         else:
             local = torch.zeros(())
         aux = outputs.aux_loss if self.aux_loss_enabled else torch.zeros(())
         # fp64 where the device has it (MPS has not): the token counts stay exact integers (fp32: to 2^24)
         device = outputs.entropy.device
         dtype = torch.float32 if device.type == "mps" else torch.float64
-        row = torch.stack([t.detach().to(device=device, dtype=dtype).reshape(())
-                           for t in (outputs.label_mask.sum(), outputs.entropy.sum(), outputs.top1.sum(), local, aux)])
+        row = torch.stack(
+            [
+                t.detach().to(device=device, dtype=dtype).reshape(())
+                for t in (
+                    outputs.label_mask.sum(),
+                    outputs.entropy.sum(),
+                    outputs.top1.sum(),
+                    local,
+                    aux,
+                )
+            ]
+        )
         rows = self.accelerator.gather_for_metrics(row[None]).reshape(-1, row.numel())  # [ranks, 5]
-        num_valid, entropy_sum, num_correct, tokens, aux_sum = rows.sum(0).tolist()  # the one host sync
+        num_valid, entropy_sum, num_correct, tokens, aux_sum = rows.sum(
+            0
+        ).tolist()  # the one host sync
         self._metrics[mode]["entropy"].append(entropy_sum / num_valid if num_valid > 0 else 0.0)
-        self._metrics[mode]["mean_token_accuracy"].append(num_correct / num_valid if num_valid > 0 else 0.0)
+        self._metrics[mode]["mean_token_accuracy"].append(
+            num_correct / num_valid if num_valid > 0 else 0.0
+        )
         if mode == "train":
             self._total_train_tokens += int(tokens) // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]

@@ -34,29 +34,103 @@ ROOT = Path(__file__).resolve().parents[2]
 NAME = "megatron-lm-core_v0.19.0"
 
 GPU_MODEL = [
-    "--num-layers", "4", "--hidden-size", "2048", "--num-attention-heads", "16", "--seq-length", "4096",
-    "--max-position-embeddings", "4096", "--micro-batch-size", "1", "--global-batch-size", "1",
-    "--vocab-size", "128256", "--bf16", "--lr", "1e-4", "--min-lr", "1e-5", "--lr-decay-style", "cosine",
-    "--weight-decay", "0.1", "--clip-grad", "1.0",
+    "--num-layers",
+    "4",
+    "--hidden-size",
+    "2048",
+    "--num-attention-heads",
+    "16",
+    "--seq-length",
+    "4096",
+    "--max-position-embeddings",
+    "4096",
+    "--micro-batch-size",
+    "1",
+    "--global-batch-size",
+    "1",
+    "--vocab-size",
+    "128256",
+    "--bf16",
+    "--lr",
+    "1e-4",
+    "--min-lr",
+    "1e-5",
+    "--lr-decay-style",
+    "cosine",
+    "--weight-decay",
+    "0.1",
+    "--clip-grad",
+    "1.0",
 ]
 CPU_MODEL = [
-    "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "8",
-    "--max-position-embeddings", "8", "--micro-batch-size", "2", "--global-batch-size", "2",
-    "--vocab-size", "96", "--lr", "1e-4",
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "32",
+    "--num-attention-heads",
+    "4",
+    "--seq-length",
+    "8",
+    "--max-position-embeddings",
+    "8",
+    "--micro-batch-size",
+    "2",
+    "--global-batch-size",
+    "2",
+    "--vocab-size",
+    "96",
+    "--lr",
+    "1e-4",
 ]
 COMMON = [
-    "--mock-data", "--tokenizer-type", "NullTokenizer", "--transformer-impl", "local", "--seed", "1234",
-    "--no-gradient-accumulation-fusion", "--no-persist-layer-norm", "--no-masked-softmax-fusion",
-    "--no-bias-gelu-fusion", "--no-bias-dropout-fusion", "--no-rope-fusion", "--log-interval", "1",
-    "--split", "98,2,0",
+    "--mock-data",
+    "--tokenizer-type",
+    "NullTokenizer",
+    "--transformer-impl",
+    "local",
+    "--seed",
+    "1234",
+    "--no-gradient-accumulation-fusion",
+    "--no-persist-layer-norm",
+    "--no-masked-softmax-fusion",
+    "--no-bias-gelu-fusion",
+    "--no-bias-dropout-fusion",
+    "--no-rope-fusion",
+    "--log-interval",
+    "1",
+    "--split",
+    "98,2,0",
 ]
 # SFT (docs/megatron.md's --sft flags): packed conversations, which only Transformer Engine's
 # attention takes; a small model, the test tokenizer's vocabulary (tests/support/sft_data.py).
 SFT_MODEL = [
-    "--num-layers", "4", "--hidden-size", "1024", "--num-attention-heads", "16", "--seq-length", "1024",
-    "--max-position-embeddings", "1024", "--micro-batch-size", "2", "--global-batch-size", "4", "--bf16",
-    "--lr", "1e-4", "--transformer-impl", "transformer_engine", "--seed", "1234", "--log-interval", "1",
-    "--split", "90,10,0", "--num-workers", "0",
+    "--num-layers",
+    "4",
+    "--hidden-size",
+    "1024",
+    "--num-attention-heads",
+    "16",
+    "--seq-length",
+    "1024",
+    "--max-position-embeddings",
+    "1024",
+    "--micro-batch-size",
+    "2",
+    "--global-batch-size",
+    "4",
+    "--bf16",
+    "--lr",
+    "1e-4",
+    "--transformer-impl",
+    "transformer_engine",
+    "--seed",
+    "1234",
+    "--log-interval",
+    "1",
+    "--split",
+    "90,10,0",
+    "--num-workers",
+    "0",
 ]
 RUNS = {
     "cross_entropy": ["--loss-type", "cross_entropy"],
@@ -74,8 +148,12 @@ def _candidates(explicit: str | None):
     yield ROOT / ".whl" / NAME  # tools/gpu/fetch_wheels.sh's copy for the GPU machine
     roots = [ROOT]
     try:
-        url = subprocess.run(["git", "-C", str(ROOT), "config", "--get", "remote.origin.url"],
-                             capture_output=True, text=True, timeout=10).stdout.strip()
+        url = subprocess.run(
+            ["git", "-C", str(ROOT), "config", "--get", "remote.origin.url"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         url = ""
     if url and Path(url).is_dir():  # a local clone: look beside the repository it came from
@@ -111,7 +189,9 @@ def parse_log(text: str) -> dict:
             if v:
                 rec[key] = float(v.group(1))
         iters.append(rec)
-    mem = re.findall(r"memory \(MB\) \| allocated: " + _FLOAT + r" \| max allocated: " + _FLOAT, text)
+    mem = re.findall(
+        r"memory \(MB\) \| allocated: " + _FLOAT + r" \| max allocated: " + _FLOAT, text
+    )
     val = {}
     vline = next((line for line in text.splitlines() if "validation loss at" in line), "")
     for key, value in re.findall(r"(lm [a-z ]+?) value: " + _FLOAT, vline):
@@ -121,7 +201,9 @@ def parse_log(text: str) -> dict:
         "peak_mb": max((float(m[1]) for m in mem), default=None),
         "validation": val,
         "cuda_stop": "Megatron requires CUDA" in text,
-        "applied": next((line for line in text.splitlines() if line.startswith("megatron_patch:")), ""),
+        "applied": next(
+            (line for line in text.splitlines() if line.startswith("megatron_patch:")), ""
+        ),
     }
 
 
@@ -142,7 +224,9 @@ def ensure_dataset_helpers() -> str:
     if not list(folder.glob("helpers_cpp*.so")):
         return f"no Makefile and no prebuilt helpers_cpp in {folder}: Megatron will fail to compile them"
     try:
-        (folder / "Makefile").write_text("# megatron_lm_check.py: helpers_cpp ships prebuilt in the wheel\nall:\n\t@true\n")
+        (folder / "Makefile").write_text(
+            "# megatron_lm_check.py: helpers_cpp ships prebuilt in the wheel\nall:\n\t@true\n"
+        )
     except OSError as e:
         return f"could not write {folder}/Makefile ({e})"
     return f"wrote a no-op {folder}/Makefile (the wheel ships helpers_cpp prebuilt, without its Makefile)"
@@ -150,22 +234,43 @@ def ensure_dataset_helpers() -> str:
 
 def run(fixture: Path, name: str, flags: list[str], log_path: Path, timeout: float) -> dict:
     """One `torchrun ... -m megatron_patch.launch <fixture>/pretrain_gpt.py flags`, its log parsed."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
-           "-m", "megatron_patch.launch", str(fixture / "pretrain_gpt.py"), *flags]
-    env = {**os.environ, "CUDA_DEVICE_MAX_CONNECTIONS": "1", "OMP_NUM_THREADS": "4", "PYTHONUNBUFFERED": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "1",
+        "-m",
+        "megatron_patch.launch",
+        str(fixture / "pretrain_gpt.py"),
+        *flags,
+    ]
+    env = {
+        **os.environ,
+        "CUDA_DEVICE_MAX_CONNECTIONS": "1",
+        "OMP_NUM_THREADS": "4",
+        "PYTHONUNBUFFERED": "1",
+    }
     t0 = time.time()
     print(f"[megatron_lm_check] {name}: {' '.join(cmd[5:])}", flush=True)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT
+        )
         text, rc = proc.stdout + proc.stderr, proc.returncode
     except subprocess.TimeoutExpired as e:
-        text = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
+        text = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(
+            errors="replace"
+        )
         rc = "timeout"
     log_path.write_text(text)
     res = parse_log(text)
     res.update(rc=rc, wall_s=time.time() - t0)
-    print(f"[megatron_lm_check] {name}: exit {rc} in {res['wall_s']:.0f} s, {len(res['iters'])} iterations logged",
-          flush=True)
+    print(
+        f"[megatron_lm_check] {name}: exit {rc} in {res['wall_s']:.0f} s, {len(res['iters'])} iterations logged",
+        flush=True,
+    )
     return res
 
 
@@ -194,10 +299,16 @@ def report(results: dict, warmup: int, smoke: bool, title: str) -> tuple[str, bo
     lines = [title, ""]
     ok = True
     if smoke:
-        lines.append("CPU smoke: Megatron stops at its own CUDA check after parsing; NOT a training result.")
-    lines += ["", "| --loss-type | exit | iterations | ms/iter (median after warm-up) | peak max allocated MB | "
-              "first lm loss | first lm cross entropy | last lm loss | last lm cross entropy | "
-              "validation lm loss | validation lm cross entropy |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            "CPU smoke: Megatron stops at its own CUDA check after parsing; NOT a training result."
+        )
+    lines += [
+        "",
+        "| --loss-type | exit | iterations | ms/iter (median after warm-up) | peak max allocated MB | "
+        "first lm loss | first lm cross entropy | last lm loss | last lm cross entropy | "
+        "validation lm loss | validation lm cross entropy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for loss, r in results.items():
         its = r["iters"]
         times = [i["ms"] for i in its if i["iter"] > warmup and i["ms"] is not None]
@@ -223,22 +334,34 @@ def report(results: dict, warmup: int, smoke: bool, title: str) -> tuple[str, bo
             rel = abs(ce0 - tofu_ce0) / abs(ce0)
             same = rel < 1e-3
             ok &= same
-            lines.append(f"- first iteration, same weights and batch: cross-entropy run `lm loss` {ce0:.6f}, "
-                         f"TOFU run `lm cross entropy` {tofu_ce0:.6f} (rel. diff {rel:.1e}): "
-                         f"{'equal' if same else 'DIFFERENT'}")
-        ms = {k: statistics.median([i['ms'] for i in r['iters'] if i['iter'] > warmup] or [float('nan')])
-              for k, r in results.items()}
-        lines.append(f"- TOFU step time / cross-entropy step time: {ms['tofu'] / ms['cross_entropy']:.3f}x; "
-                     f"peak memory: {_fmt(results['tofu']['peak_mb'], '.0f')} vs "
-                     f"{_fmt(results['cross_entropy']['peak_mb'], '.0f')} MB")
+            lines.append(
+                f"- first iteration, same weights and batch: cross-entropy run `lm loss` {ce0:.6f}, "
+                f"TOFU run `lm cross entropy` {tofu_ce0:.6f} (rel. diff {rel:.1e}): "
+                f"{'equal' if same else 'DIFFERENT'}"
+            )
+        ms = {
+            k: statistics.median(
+                [i["ms"] for i in r["iters"] if i["iter"] > warmup] or [float("nan")]
+            )
+            for k, r in results.items()
+        }
+        lines.append(
+            f"- TOFU step time / cross-entropy step time: {ms['tofu'] / ms['cross_entropy']:.3f}x; "
+            f"peak memory: {_fmt(results['tofu']['peak_mb'], '.0f')} vs "
+            f"{_fmt(results['cross_entropy']['peak_mb'], '.0f')} MB"
+        )
     lines.append(f"\nResult: {'OK' if ok else 'FAILED'}")
     return "\n".join(lines) + "\n", ok
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--fixture", default=None)
-    p.add_argument("--smoke", action="store_true", help="CPU: tiny model, runs to Megatron's CUDA stop")
+    p.add_argument(
+        "--smoke", action="store_true", help="CPU: tiny model, runs to Megatron's CUDA stop"
+    )
     p.add_argument("--iters", type=int, default=25)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--timeout", type=float, default=150, help="seconds per run")
@@ -246,22 +369,30 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     fixture = find_fixture(args.fixture)
     if fixture is None:
-        why = (f"the Megatron-LM fixture {NAME} was not found (--fixture, TOFU_MEGATRON_LM_DIR, "
-               "or tools/gpu/fetch_wheels.sh)")
+        why = (
+            f"the Megatron-LM fixture {NAME} was not found (--fixture, TOFU_MEGATRON_LM_DIR, "
+            "or tools/gpu/fetch_wheels.sh)"
+        )
         print(f"megatron_lm_check: {why}", file=sys.stderr)
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "megatron_lm.md").write_text(f"# Megatron-LM pretrain_gpt.py: not run\n\n{why}.\n")
+        (args.out / "megatron_lm.md").write_text(
+            f"# Megatron-LM pretrain_gpt.py: not run\n\n{why}.\n"
+        )
         return 0 if args.smoke else 2  # on a GPU machine a missing fixture is a failure
     import torch
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (no GPU)"
     args.out.mkdir(parents=True, exist_ok=True)
-    helpers = "not needed (smoke: Megatron stops before)" if args.smoke else ensure_dataset_helpers()
+    helpers = (
+        "not needed (smoke: Megatron stops before)" if args.smoke else ensure_dataset_helpers()
+    )
     print(f"[megatron_lm_check] dataset helpers: {helpers}", flush=True)
     results, logs = {}, []
     for loss in RUNS:
         log = args.out / f"megatron_lm_{loss}.log"
-        results[loss] = run(fixture, loss, pretrain_flags(loss, args.smoke, args.iters), log, args.timeout)
+        results[loss] = run(
+            fixture, loss, pretrain_flags(loss, args.smoke, args.iters), log, args.timeout
+        )
         logs.append((loss, log))
     title = f"# Megatron-LM pretrain_gpt.py (core_v0.19.0) through megatron_patch.launch on {gpu}"
     md, ok = report(results, args.warmup, args.smoke, title)
@@ -285,10 +416,16 @@ def sft(fixture: Path, args, logs: list) -> tuple[str, bool]:
 
     head = "\n## SFT: docs/megatron.md's --sft command (SFTTokenizer, packed conversations)\n\n"
     if args.smoke:
-        return head + "not run: CPU smoke (tests/megatron/test_megatron_sft.py runs SFT batches on the CPU)\n", True
+        return (
+            head
+            + "not run: CPU smoke (tests/megatron/test_megatron_sft.py runs SFT batches on the CPU)\n",
+            True,
+        )
     if importlib.util.find_spec("transformer_engine") is None:
-        return head + ("not run: needs Transformer Engine (megatron-core's local attention refuses packed "
-                       "sequences, and --sft always packs)\n"), True
+        return head + (
+            "not run: needs Transformer Engine (megatron-core's local attention refuses packed "
+            "sequences, and --sft always packs)\n"
+        ), True
     sys.path.insert(0, str(ROOT))
     try:
         from tests.support.sft_data import write_chat_jsonl, write_tokenizer
@@ -301,7 +438,9 @@ def sft(fixture: Path, args, logs: list) -> tuple[str, bool]:
     results = {}
     for loss in RUNS:
         log = args.out / f"megatron_lm_sft_{loss}.log"
-        results[loss] = run(fixture, f"sft {loss}", sft_flags(loss, data, tok, args.iters), log, args.timeout)
+        results[loss] = run(
+            fixture, f"sft {loss}", sft_flags(loss, data, tok, args.iters), log, args.timeout
+        )
         logs.append((f"sft {loss}", log))
     md, ok = report(results, args.warmup, False, head.strip())
     shutil.rmtree(data_dir, ignore_errors=True)

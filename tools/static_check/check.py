@@ -50,7 +50,11 @@ def budgets(design: Path = DESIGN) -> Budgets:
     """The budget tables of docs/design.md section 3 (between their ``static-check`` marks)."""
     text = design.read_text()
     limits = {row[0].split()[0]: int(row[1]) for row in _table(text, "static-check: limits")}
-    local_in_loops, spill_bytes, stream_bits = limits["local-memory"], limits["bytes"], limits["bits"]
+    local_in_loops, spill_bytes, stream_bits = (
+        limits["local-memory"],
+        limits["bytes"],
+        limits["bits"],
+    )
     ex2 = {}
     for row in _table(text, "static-check: exponentials"):
         ex2[row[0].strip().lower()] = (float(row[2]), float(row[3]))
@@ -64,7 +68,11 @@ def _table(text: str, mark: str) -> list[list[str]]:
     m = re.search(rf"<!-- {re.escape(mark)} -->\n(.*?)\n\n", text + "\n\n", re.S)
     if not m:
         raise ValueError(f"docs/design.md has no table marked <!-- {mark} -->")
-    rows = [line.strip().strip("|").split("|") for line in m.group(1).splitlines() if line.startswith("|")]
+    rows = [
+        line.strip().strip("|").split("|")
+        for line in m.group(1).splitlines()
+        if line.startswith("|")
+    ]
     return [[c.strip() for c in r] for r in rows[2:]]  # past the header and the rule
 
 
@@ -101,10 +109,14 @@ class KernelReport:
     shared: int
     regions: list[Region] = field(default_factory=list)
     local_in_loops: int = 0
-    streamed: list[dict] = field(default_factory=list)  # PTX accesses to x / out in the streaming regions
+    streamed: list[dict] = field(
+        default_factory=list
+    )  # PTX accesses to x / out in the streaming regions
     sass_128: int = 0
     ptx_128: int = 0
-    products: list[dict] = field(default_factory=list)  # unbounded 32-bit products feeding an address
+    products: list[dict] = field(
+        default_factory=list
+    )  # unbounded 32-bit products feeding an address
     cases: list[str] = field(default_factory=list)
 
     @property
@@ -115,31 +127,72 @@ class KernelReport:
         return asdict(self)
 
 
-def analyse(backend: str, arch: int, kernel: str, spec: str, aligned: bool, beta_one: bool, elem_bits: int,
-            param_names: list[str], ptx_fn: P.Function, sass_fn: S.Function, res: S.Resources,
-            spills: tuple[int, int], cases: list[str] | None = None) -> KernelReport:
-    r = KernelReport(backend, arch, kernel, spec, aligned, beta_one, res.registers, spills[0], spills[1], res.stack,
-                     res.shared, cases=sorted(set(cases or [])))
+def analyse(
+    backend: str,
+    arch: int,
+    kernel: str,
+    spec: str,
+    aligned: bool,
+    beta_one: bool,
+    elem_bits: int,
+    param_names: list[str],
+    ptx_fn: P.Function,
+    sass_fn: S.Function,
+    res: S.Resources,
+    spills: tuple[int, int],
+    cases: list[str] | None = None,
+) -> KernelReport:
+    r = KernelReport(
+        backend,
+        arch,
+        kernel,
+        spec,
+        aligned,
+        beta_one,
+        res.registers,
+        spills[0],
+        spills[1],
+        res.stack,
+        res.shared,
+        cases=sorted(set(cases or [])),
+    )
     r.local_in_loops = sum(sass_fn.region(body).local for body in sass_fn.loops())
     accesses = ptx_fn.accesses()
     r.ptx_128 = sum(1 for a in accesses if a.bits == 128)
-    r.sass_128 = sum(n for reg in [sass_fn.region()] for d in (reg.ldg, reg.stg) for b, n in d.items() if b == 128)
+    r.sass_128 = sum(
+        n
+        for reg in [sass_fn.region()]
+        for d in (reg.ldg, reg.stg)
+        for b, n in d.items()
+        if b == 128
+    )
     for prod in ptx_fn.wide_products():
         file, line = prod.loc if prod.loc else ("?", 0)
-        r.products.append({"file": Path(file).name, "line": line, "text": source_line(file, line),
-                           "inst": f"{prod.inst.op} {', '.join(prod.inst.args)}"})
+        r.products.append(
+            {
+                "file": Path(file).name,
+                "line": line,
+                "text": source_line(file, line),
+                "inst": f"{prod.inst.op} {', '.join(prod.inst.args)}",
+            }
+        )
     if not r.streaming:
         return r
     pass_, loads, stores = STREAMING[kernel]
     index = {n.lower(): k for k, n in enumerate(param_names)}
     load_idx = {index[n] for n in loads}
     store_idx = {index[n] for n in stores}
-    streamed = [a for a in accesses if (a.kind == "ld" and a.params & load_idx) or (a.kind == "st" and a.params & store_idx)]
+    streamed = [
+        a
+        for a in accesses
+        if (a.kind == "ld" and a.params & load_idx) or (a.kind == "st" and a.params & store_idx)
+    ]
     in_loops = [a for a in streamed if a.loop is not None]
     for a in in_loops or streamed:
         file, line = a.loc if a.loc else ("?", 0)
-        r.streamed.append({"kind": a.kind, "bits": a.bits, "file": Path(file).name, "line": line,
-                           "loop": a.loop})
+        r.streamed.append(
+            {"kind": a.kind, "bits": a.bits, "file": Path(file).name, "line": line, "loop": a.loop}
+        )
     spans = [body for body in sass_fn.innermost_loops() if sass_fn.region(body).has_global]
     for body in spans or [None]:
         reg = sass_fn.region(body)
@@ -147,8 +200,19 @@ def analyse(backend: str, arch: int, kernel: str, spec: str, aligned: bool, beta
         kind = "rescale" if pass_ == "rescale" else ("gradient" if stores_here else "statistics")
         bits = sum(b * n for b, n in (reg.stg if stores_here else reg.ldg).items())
         elements = bits / elem_bits
-        r.regions.append(Region(kind, reg.ex2, elements, reg.ex2 / elements if elements else 0.0, reg.ldg, reg.stg,
-                                reg.local, reg.bar, reg.shfl))
+        r.regions.append(
+            Region(
+                kind,
+                reg.ex2,
+                elements,
+                reg.ex2 / elements if elements else 0.0,
+                reg.ldg,
+                reg.stg,
+                reg.local,
+                reg.bar,
+                reg.shfl,
+            )
+        )
     return r
 
 
@@ -171,15 +235,23 @@ def violations(r: KernelReport, b: Budgets) -> list[str]:
     where = f"{r.backend} sm_{r.arch} {r.kernel} {r.spec}"
     out = []
     if r.spill_stores > b.spill_bytes or r.spill_loads > b.spill_bytes:
-        out.append(f"spills: {where}: spills {r.spill_stores} B stored / {r.spill_loads} B loaded (budget {b.spill_bytes})")
+        out.append(
+            f"spills: {where}: spills {r.spill_stores} B stored / {r.spill_loads} B loaded (budget {b.spill_bytes})"
+        )
     if r.local_in_loops > b.local_in_loops:
-        out.append(f"local memory: {where}: {r.local_in_loops} local-memory instructions (LDL/STL) inside loops")
+        out.append(
+            f"local memory: {where}: {r.local_in_loops} local-memory instructions (LDL/STL) inside loops"
+        )
     if r.sass_128 < r.ptx_128:
-        out.append(f"ptxas vectors: {where}: ptxas split 128-bit accesses ({r.ptx_128} in PTX, {r.sass_128} in SASS)")
+        out.append(
+            f"ptxas vectors: {where}: ptxas split 128-bit accesses ({r.ptx_128} in PTX, {r.sass_128} in SASS)"
+        )
     for p in r.products:
         if (p["file"], p["text"]) not in b.products:
-            out.append(f"32-bit products: {where}: unlisted 32-bit product feeding an address at {p['file']}:{p['line']} "
-                       f"`{p['text']}` ({p['inst']})")
+            out.append(
+                f"32-bit products: {where}: unlisted 32-bit product feeding an address at {p['file']}:{p['line']} "
+                f"`{p['text']}` ({p['inst']})"
+            )
     if not r.streaming:
         return list(dict.fromkeys(out))
     if r.aligned:
@@ -190,11 +262,15 @@ def violations(r: KernelReport, b: Budgets) -> list[str]:
                 narrow[key] = narrow.get(key, 0) + 1
         for (kind, bits, file, line, in_loop), n in narrow.items():
             what = "load(s) of the logits" if kind == "ld" else "store(s) of the gradient"
-            out.append(f"128-bit: {where}: {n} {bits}-bit {what} at {file}:{line} in a streaming "
-                       f"{'loop' if in_loop else 'kernel'} (16-byte-aligned rows: budget {b.stream_bits} bits)")
+            out.append(
+                f"128-bit: {where}: {n} {bits}-bit {what} at {file}:{line} in a streaming "
+                f"{'loop' if in_loop else 'kernel'} (16-byte-aligned rows: budget {b.stream_bits} bits)"
+            )
     for reg in r.regions:
         limit = b.ex2[reg.pass_][1 if r.beta_one else 0]
         if reg.ex2_per_element > limit + 1e-9:
-            out.append(f"exponentials: {where}: {reg.ex2_per_element:.3f} EX2 per element in a {reg.pass_} loop "
-                       f"({reg.ex2} per {reg.elements:g} elements; budget {limit:g})")
+            out.append(
+                f"exponentials: {where}: {reg.ex2_per_element:.3f} EX2 per element in a {reg.pass_} loop "
+                f"({reg.ex2} per {reg.elements:g} elements; budget {limit:g})"
+            )
     return list(dict.fromkeys(out))

@@ -21,7 +21,9 @@ def nvcc() -> str:
     for cand in (home and f"{home}/bin/nvcc", "/usr/local/cuda/bin/nvcc", shutil.which("nvcc")):
         if cand and Path(cand).exists():
             return cand
-    raise FileNotFoundError("nvcc not found (a CUDA toolkit is needed for the CUDA part of the static check)")
+    raise FileNotFoundError(
+        "nvcc not found (a CUDA toolkit is needed for the CUDA part of the static check)"
+    )
 
 
 def device_flags() -> list[str]:
@@ -29,7 +31,9 @@ def device_flags() -> list[str]:
     cpp_extension defaults)."""
     import os
 
-    os.environ.setdefault("CUDA_HOME", str(Path(nvcc()).resolve().parents[1]))  # torch looks for one at import
+    os.environ.setdefault(
+        "CUDA_HOME", str(Path(nvcc()).resolve().parents[1])
+    )  # torch looks for one at import
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
 
     return ["-O3", "-lineinfo", "-std=c++17", *COMMON_NVCC_FLAGS]
@@ -56,11 +60,28 @@ def build(arch: int, out: Path, source: Path = SOURCE) -> CudaBuild:
     out.mkdir(parents=True, exist_ok=True)
     ptx = out / f"{source.stem}.sm{arch}.ptx"
     cubin = out / f"{source.stem}.sm{arch}.cubin"
-    subprocess.run([nvcc(), *device_flags(), f"-arch=compute_{arch}", "-ptx", f"-I{ROOT / 'csrc'}", "-o", str(ptx),
-                    str(source)], check=True, capture_output=True, text=True)
+    subprocess.run(
+        [
+            nvcc(),
+            *device_flags(),
+            f"-arch=compute_{arch}",
+            "-ptx",
+            f"-I{ROOT / 'csrc'}",
+            "-o",
+            str(ptx),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     ptxas = str(Path(nvcc()).parent / "ptxas")
-    log = subprocess.run([ptxas, "-v", "-O3", "-lineinfo", f"--gpu-name=sm_{arch}", str(ptx), "-o", str(cubin)],
-                         check=True, capture_output=True, text=True).stderr
+    log = subprocess.run(
+        [ptxas, "-v", "-O3", "-lineinfo", f"--gpu-name=sm_{arch}", str(ptx), "-o", str(cubin)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stderr
     text = ptx.read_text()
     mangled = re.findall(r"^\s*\.(?:visible\s+)?entry\s+([\w$]+)\s*\(", text, re.M)
     kernels = {}
@@ -71,7 +92,9 @@ def build(arch: int, out: Path, source: Path = SOURCE) -> CudaBuild:
 
 def demangle(mangled: list[str]) -> list[tuple[str, list[str]]]:
     """(``kernel<args>``, [args]) of each mangled name (c++filt, namespaces dropped)."""
-    out = subprocess.run(["c++filt"], input="\n".join(mangled), capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["c++filt"], input="\n".join(mangled), capture_output=True, text=True, check=True
+    ).stdout
     result = []
     for full in out.splitlines():
         full = full.replace("(anonymous namespace)::", "")
@@ -83,6 +106,9 @@ def demangle(mangled: list[str]) -> list[tuple[str, list[str]]]:
 
 
 def _spills(log: str, mangled: str) -> tuple[int, int]:
-    m = re.search(rf"Function properties for {re.escape(mangled)}\s*\n\s*(\d+) bytes stack frame, (\d+) bytes spill "
-                  rf"stores, (\d+) bytes spill loads", log)
+    m = re.search(
+        rf"Function properties for {re.escape(mangled)}\s*\n\s*(\d+) bytes stack frame, (\d+) bytes spill "
+        rf"stores, (\d+) bytes spill loads",
+        log,
+    )
     return (int(m.group(2)), int(m.group(3))) if m else (0, 0)

@@ -52,7 +52,10 @@ def _inputs(scenario: str):
             x = torch.randn(32, 2, 1000, **bf16).transpose(0, 1).detach().requires_grad_()
             labels = labels.view(2, 32)
         elif scenario == "linear":
-            x = (torch.randn(64, 48, **bf16, requires_grad=True), torch.randn(1000, 48, **bf16, requires_grad=True))
+            x = (
+                torch.randn(64, 48, **bf16, requires_grad=True),
+                torch.randn(1000, 48, **bf16, requires_grad=True),
+            )
         else:
             x = torch.randn(64, 1000, **bf16, requires_grad=True)
     return x, labels
@@ -66,12 +69,22 @@ def _loss(scenario: str, backend: str):
         return lambda x, labels: tk.tofu_loss(x, labels, **common)
     if scenario == "none":
         return lambda x, labels: tk.tofu_loss(x, labels, reduction="none", **common)
-    if scenario == "megatron":  # logits the model computed (x * 1), dead after the loss: gradient in place
-        return lambda x, labels: tk.tofu_loss(x * 1, labels, reduction="none", inplace_backward=True, **common)
+    if (
+        scenario == "megatron"
+    ):  # logits the model computed (x * 1), dead after the loss: gradient in place
+        return lambda x, labels: tk.tofu_loss(
+            x * 1, labels, reduction="none", inplace_backward=True, **common
+        )
     if scenario == "metrics":
-        return lambda x, labels: tk.tofu_loss(x, labels, reduction="none", return_metrics=True, **common)[0]
-    if scenario == "linear":  # "sum": a mean counts its tokens on the host, which fake tensors cannot
-        return lambda hw, labels: tk.linear_tofu_loss(hw[0], hw[1], labels, reduction="sum", **common)
+        return lambda x, labels: tk.tofu_loss(
+            x, labels, reduction="none", return_metrics=True, **common
+        )[0]
+    if (
+        scenario == "linear"
+    ):  # "sum": a mean counts its tokens on the host, which fake tensors cannot
+        return lambda hw, labels: tk.linear_tofu_loss(
+            hw[0], hw[1], labels, reduction="sum", **common
+        )
     raise ValueError(scenario)
 
 
@@ -86,7 +99,9 @@ def trace(scenario: str, backend: str) -> dict:
         loss = loss_fn(x, labels)
         with torch.no_grad():  # as the autograd engine runs a backward (create_graph=False)
             grads = loss.grad_fn.apply(torch.ones_like(loss))
-        return (loss,) + tuple(g for g in (grads if isinstance(grads, tuple) else (grads,)) if g is not None)
+        return (loss,) + tuple(
+            g for g in (grads if isinstance(grads, tuple) else (grads,)) if g is not None
+        )
 
     gm = make_fx(step, tracing_mode="fake")(x, labels)
     (results,) = [n.args[0] for n in gm.graph.nodes if n.op == "output"]
@@ -113,8 +128,11 @@ def compiled(scenario: str, backend: str, compiler: str) -> dict:
 
     with FakeTensorMode(allow_non_fake_inputs=True):
         loss = fn(x, labels)
-    return {"ops": [op for g in graphs for op in _ops(g)], "outputs": [list(loss.shape)],
-            "device": str(loss.device)}
+    return {
+        "ops": [op for g in graphs for op in _ops(g)],
+        "outputs": [list(loss.shape)],
+        "device": str(loss.device),
+    }
 
 
 def main() -> int:
@@ -130,10 +148,18 @@ def main() -> int:
             for how in ("make_fx", "eager", "aot_eager"):
                 rec = {"backend": backend, "scenario": scenario, "how": how}
                 try:
-                    rec.update(trace(scenario, backend) if how == "make_fx" else compiled(scenario, backend, how))
+                    rec.update(
+                        trace(scenario, backend)
+                        if how == "make_fx"
+                        else compiled(scenario, backend, how)
+                    )
                     rec["ok"] = True
                 except Exception as e:  # reported, and failed by the tests
-                    rec.update(ok=False, error=f"{type(e).__name__}: {e}", trace=traceback.format_exc()[-2000:])
+                    rec.update(
+                        ok=False,
+                        error=f"{type(e).__name__}: {e}",
+                        trace=traceback.format_exc()[-2000:],
+                    )
                 print(json.dumps(rec), flush=True)
     return 0
 

@@ -1,7 +1,8 @@
 """PTX of one kernel, read for what a compiler decides about addresses.
 
 Parsed per entry function: instructions (predicate, opcode, operands, source location from
-``.loc``), labels and natural loops (:mod:`.cfg`; the innermost hold no other). Two flow-insensitive analyses over the virtual registers:
+``.loc``), labels and natural loops (:mod:`.cfg`; the innermost hold no other). Two
+flow-insensitive analyses over the virtual registers:
 
 - where each global load or store points: the kernel parameters its address register is
   computed from (arithmetic propagates, a load's value does not), so an access is known to
@@ -209,10 +210,32 @@ class Function:
 # ------------------------------------------------------------------ parsing
 
 # a store or branch writes no register (a load's address register is read)
-_NO_DEFS = ("st", "bra", "ret", "bar", "barrier", "membar", "fence", "red", "exit", "trap", "prefetch")
-_SPECIAL = {"%tid": 1024, "%ntid": 1025, "%laneid": 32, "%warpid": 64, "%nwarpid": 65,
-            "%ctaid.x": _BOUND_31 - 1, "%ctaid.y": 65536, "%ctaid.z": 65536,
-            "%nctaid.x": _BOUND_31 - 1, "%nctaid.y": 65536, "%nctaid.z": 65536}
+_NO_DEFS = (
+    "st",
+    "bra",
+    "ret",
+    "bar",
+    "barrier",
+    "membar",
+    "fence",
+    "red",
+    "exit",
+    "trap",
+    "prefetch",
+)
+_SPECIAL = {
+    "%tid": 1024,
+    "%ntid": 1025,
+    "%laneid": 32,
+    "%warpid": 64,
+    "%nwarpid": 65,
+    "%ctaid.x": _BOUND_31 - 1,
+    "%ctaid.y": 65536,
+    "%ctaid.z": 65536,
+    "%nctaid.x": _BOUND_31 - 1,
+    "%nctaid.y": 65536,
+    "%nctaid.z": 65536,
+}
 _REG = re.compile(r"%[a-zA-Z_][\w.]*")
 
 
@@ -299,11 +322,11 @@ def _eval_bound(ins: Inst, bound: dict[str, float]) -> float:
         return vals[0] * vals[1] + vals[2]
     if op == "shl":
         s = _imm(args[1])
-        return vals[0] * (2 ** s) if s is not None else INF
+        return vals[0] * (2**s) if s is not None else INF
     if op in ("shr", "div"):
         s = _imm(args[1])
         if op == "shr" and s is not None:
-            return vals[0] / (2 ** s)
+            return vals[0] / (2**s)
         return vals[0]
     if op == "rem":
         return min(vals[0], vals[1])
@@ -342,7 +365,10 @@ def _split_args(s: str) -> list[str]:
 
 def parse(text: str) -> dict[str, Function]:
     """Every ``.entry`` of a PTX module, by name."""
-    files = {int(m.group(1)): m.group(2) for m in re.finditer(r'^\s*\.file\s+(\d+)\s+"([^"]+)"', text, re.M)}
+    files = {
+        int(m.group(1)): m.group(2)
+        for m in re.finditer(r'^\s*\.file\s+(\d+)\s+"([^"]+)"', text, re.M)
+    }
     funcs: dict[str, Function] = {}
     lines = text.splitlines()
     i = 0
@@ -382,6 +408,8 @@ def parse(text: str) -> dict[str, Function]:
             im = _INST.match(raw)
             if im:
                 pred = im.group(1).strip() if im.group(1) else None
-                fn.insts.append(Inst(len(fn.insts), pred, im.group(2), _split_args(im.group(3)), loc))
+                fn.insts.append(
+                    Inst(len(fn.insts), pred, im.group(2), _split_args(im.group(3)), loc)
+                )
         funcs[fn.name] = fn
     return funcs

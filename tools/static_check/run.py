@@ -33,8 +33,11 @@ def _templates(source: Path) -> dict[str, tuple[list[str], list[str]]]:
     """Per CUDA kernel: its template parameter names and its argument names, read from the source."""
     text = source.read_text()
     out = {}
-    pat = re.compile(r"(?:template\s*<([^>]*)>\s*)?__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s*)?(\w+)\s*"
-                     r"\(([^)]*)\)", re.S)
+    pat = re.compile(
+        r"(?:template\s*<([^>]*)>\s*)?__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s*)?(\w+)\s*"
+        r"\(([^)]*)\)",
+        re.S,
+    )
     for m in pat.finditer(text):
         tparams = [t.split()[-1] for t in m.group(1).split(",")] if m.group(1) else []
         params = [re.findall(r"\w+", p)[-1] for p in m.group(3).split(",") if p.strip()]
@@ -62,15 +65,28 @@ def run_cuda(archs, work: Path, source: Path | None = None) -> tuple[list, list[
             tparams, params = signatures.get(family, ([], []))
             targs = dict(zip(tparams, k.template))
             dtype = targs.get("T", "float")
-            reports.append(check.analyse(
-                "cuda", arch, family, k.name[len(family):] or "", targs.get("Aligned", "true") == "true",
-                targs.get("BetaOne") == "true", check.ELEMENT_BITS.get(dtype, 32), params, funcs[mangled],
-                sfuncs[mangled], res[mangled], k.spills))
+            reports.append(
+                check.analyse(
+                    "cuda",
+                    arch,
+                    family,
+                    k.name[len(family) :] or "",
+                    targs.get("Aligned", "true") == "true",
+                    targs.get("BetaOne") == "true",
+                    check.ELEMENT_BITS.get(dtype, 32),
+                    params,
+                    funcs[mangled],
+                    sfuncs[mangled],
+                    res[mangled],
+                    k.spills,
+                )
+            )
     return reports, errors
 
 
-def run_triton(archs, work: Path, module_path: Path | None = None,
-               cases: str | None = None) -> tuple[list, list[str], list[dict], int]:
+def run_triton(
+    archs, work: Path, module_path: Path | None = None, cases: str | None = None
+) -> tuple[list, list[str], list[dict], int]:
     from . import check, ptx, sass, triton_aot, written
 
     module = triton_aot.K if module_path is None else _load_module(module_path)
@@ -91,7 +107,9 @@ def run_triton(archs, work: Path, module_path: Path | None = None,
             cubin.parent.mkdir(parents=True, exist_ok=True)
             cubin.write_bytes(c.cubin)
             cubins.append(cubin)
-        with ThreadPoolExecutor(os.cpu_count() or 2) as pool:  # the disassembler takes ~0.4 s a cubin
+        with ThreadPoolExecutor(
+            os.cpu_count() or 2
+        ) as pool:  # the disassembler takes ~0.4 s a cubin
             disassembled = list(pool.map(sass.disassemble, cubins))
         for c, cubin, sfns in zip(compiled, cubins, disassembled):
             sfn = sfns[c.name]
@@ -99,16 +117,41 @@ def run_triton(archs, work: Path, module_path: Path | None = None,
             names = [n for n, t in c.signature.items() if t != "constexpr"]
             dtype = next((t[1:] for n, t in c.signature.items() if n in ("X", "OUT")), "fp32")
             res = sass.resources(cubin)[c.name]
-            res.shared = max(res.shared, c.shared)  # Triton's shared memory is dynamic: its own count
-            reports.append(check.analyse(
-                "triton", arch, c.name, c.spec, _aligned(c), bool(c.constants.get("BETA_IS_ONE", False)),
-                check.ELEMENT_BITS.get(dtype, 32), names, pfn, sfn, res, triton_aot.ptxas_spills(c.ptxas_log),
-                c.cases))
+            res.shared = max(
+                res.shared, c.shared
+            )  # Triton's shared memory is dynamic: its own count
+            reports.append(
+                check.analyse(
+                    "triton",
+                    arch,
+                    c.name,
+                    c.spec,
+                    _aligned(c),
+                    bool(c.constants.get("BETA_IS_ONE", False)),
+                    check.ELEMENT_BITS.get(dtype, 32),
+                    names,
+                    pfn,
+                    sfn,
+                    res,
+                    triton_aot.ptxas_spills(c.ptxas_log),
+                    c.cases,
+                )
+            )
     return reports, errors, writes, len(launches)
 
 
 # Arguments that position a row or bound its columns: 16-byte rows need them divisible by 16
-_ROW_ARGS = ("s_outer", "s_inner", "xs_outer", "xs_inner", "os_outer", "os_inner", "n_valid", "width", "chunk")
+_ROW_ARGS = (
+    "s_outer",
+    "s_inner",
+    "xs_outer",
+    "xs_inner",
+    "os_outer",
+    "os_inner",
+    "n_valid",
+    "width",
+    "chunk",
+)
 
 
 def _aligned(c) -> bool:
@@ -124,8 +167,9 @@ def _aligned(c) -> bool:
 
 
 def _load_module(path: Path):
-    spec = importlib.util.spec_from_file_location(f"_static_check_{path.stem}", path,
-                                                  submodule_search_locations=None)
+    spec = importlib.util.spec_from_file_location(
+        f"_static_check_{path.stem}", path, submodule_search_locations=None
+    )
     mod = importlib.util.module_from_spec(spec)
     mod.__package__ = "tofu_kernels.backends"
     sys.modules[spec.name] = mod
@@ -139,7 +183,11 @@ def versions() -> dict:
 
     from . import cuda_build
 
-    out = {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__}
+    out = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+    }
     try:
         import subprocess
 
@@ -150,15 +198,29 @@ def versions() -> dict:
     return out
 
 
-def run(archs=ARCHS, backends=BACKENDS, work: Path | None = None, triton_module: Path | None = None,
-        cuda_source: Path | None = None, cases: str | None = None) -> dict:
+def run(
+    archs=ARCHS,
+    backends=BACKENDS,
+    work: Path | None = None,
+    triton_module: Path | None = None,
+    cuda_source: Path | None = None,
+    cases: str | None = None,
+) -> dict:
     from . import check
 
     work = Path(work or tempfile.mkdtemp(prefix="tofu-static-"))
-    os.environ.setdefault("TRITON_CACHE_DIR", str(work / "triton-cache"))  # compile, never reuse: ptxas logs
+    os.environ.setdefault(
+        "TRITON_CACHE_DIR", str(work / "triton-cache")
+    )  # compile, never reuse: ptxas logs
     budgets = check.budgets()
-    result = {"versions": versions(), "archs": list(archs), "reports": [], "errors": [], "writes": [],
-              "timings": {}}
+    result = {
+        "versions": versions(),
+        "archs": list(archs),
+        "reports": [],
+        "errors": [],
+        "writes": [],
+        "timings": {},
+    }
     if "triton" in backends:
         t = time.time()
         reports, errors, writes, n = run_triton(archs, work, triton_module, cases)
@@ -174,29 +236,40 @@ def run(archs=ARCHS, backends=BACKENDS, work: Path | None = None, triton_module:
         result["errors"] += errors
         result["timings"]["cuda"] = round(time.time() - t, 1)
     result["violations"] = [v for r in result["reports"] for v in check.violations(r, budgets)]
-    result["violations"] += [f"written tensors: op {w['op']} ({w['case']}): kernels write {w['written']}, schema marks {w['schema']}"
-                             for w in result["writes"] if w["written"] != w["schema"]]
+    result["violations"] += [
+        f"written tensors: op {w['op']} ({w['case']}): kernels write {w['written']}, schema marks {w['schema']}"
+        for w in result["writes"]
+        if w["written"] != w["schema"]
+    ]
     result["reports"] = [r.to_json() for r in result["reports"]]
     return result
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tools.static_check", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m tools.static_check", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("--arch", default=",".join(map(str, ARCHS)), help="targets, e.g. 80,90,100")
     ap.add_argument("--backend", default=",".join(BACKENDS), help="triton, cuda or both")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--write-docs", action="store_true", help="regenerate docs/static_check.md")
     ap.add_argument("--work", type=Path, help="keep the PTX, cubins and caches here")
-    ap.add_argument("--triton-module", type=Path, help=argparse.SUPPRESS)  # a mutated copy (the self-test)
+    ap.add_argument(
+        "--triton-module", type=Path, help=argparse.SUPPRESS
+    )  # a mutated copy (the self-test)
     ap.add_argument("--cuda-source", type=Path, help=argparse.SUPPRESS)
-    ap.add_argument("--cases", help=argparse.SUPPRESS)  # only the Triton cases whose label contains this
+    ap.add_argument(
+        "--cases", help=argparse.SUPPRESS
+    )  # only the Triton cases whose label contains this
     a = ap.parse_args(argv)
     archs = tuple(int(x) for x in a.arch.split(","))
     backends = tuple(b.strip() for b in a.backend.split(","))
     for b in backends:
         if b not in BACKENDS:
             ap.error(f"--backend: {b!r} is not one of {BACKENDS}")
-    print(f"static check: {', '.join(backends)} for {', '.join(f'sm_{x}' for x in archs)}", flush=True)
+    print(
+        f"static check: {', '.join(backends)} for {', '.join(f'sm_{x}' for x in archs)}", flush=True
+    )
     result = run(archs, backends, a.work, a.triton_module, a.cuda_source, a.cases)
     if a.json:
         a.json.write_text(json.dumps(result, indent=1))
@@ -205,8 +278,10 @@ def main(argv=None) -> int:
 
         table.write(result)
     n = len(result["reports"])
-    print(f"{n} compiled kernels ({result.get('launches', 0)} Triton launches recorded), "
-          f"{len(result['writes'])} op calls' written tensors, timings {result['timings']}")
+    print(
+        f"{n} compiled kernels ({result.get('launches', 0)} Triton launches recorded), "
+        f"{len(result['writes'])} op calls' written tensors, timings {result['timings']}"
+    )
     for e in result["errors"]:
         print("COMPILE ERROR:", e)
     for v in result["violations"]:

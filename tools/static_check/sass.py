@@ -95,9 +95,13 @@ class Function:
         ins = self.insts[i]
         nxt = [i + 1] if i + 1 < len(self.insts) else []
         if ins.base == "BRA":
-            m = re.search(r"(0x[0-9a-f]+)\s*$", ins.text.split(";")[0].replace("`(", " ").rstrip(")"))
+            m = re.search(
+                r"(0x[0-9a-f]+)\s*$", ins.text.split(";")[0].replace("`(", " ").rstrip(")")
+            )
             target = self._index.get(int(m.group(1), 16)) if m else None
-            conditional = ins.pred is not None or ins.op != "BRA" or re.search(r"BRA(\.U)?\s+!?U?P", ins.text)
+            conditional = (
+                ins.pred is not None or ins.op != "BRA" or re.search(r"BRA(\.U)?\s+!?U?P", ins.text)
+            )
             return ([target] if target is not None else []) + (nxt if conditional else [])
         if ins.base in ("EXIT", "RET", "BRX", "JMX", "JMP", "KILL"):
             return nxt if ins.pred is not None else []
@@ -141,7 +145,9 @@ def parse(text: str) -> dict[str, Function]:
 
 
 def disassemble(cubin: Path) -> dict[str, Function]:
-    out = subprocess.run([cuobjdump(), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [cuobjdump(), "-sass", str(cubin)], capture_output=True, text=True, check=True
+    ).stdout
     return parse(out)
 
 
@@ -154,7 +160,9 @@ class Resources:
 
 
 def resources(cubin: Path) -> dict[str, Resources]:
-    out = subprocess.run([cuobjdump(), "-res-usage", str(cubin)], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [cuobjdump(), "-res-usage", str(cubin)], capture_output=True, text=True, check=True
+    ).stdout
     res, name = {}, None
     for line in out.splitlines():
         m = re.match(r"\s*Function\s+(\S+?):?\s*$", line)

@@ -60,11 +60,16 @@ def _summary(r: dict) -> dict:
         "regs": r["registers"],
         "spills": f"{r['spill_stores']}/{r['spill_loads']}",
         "smem": r["shared"],
-        "EX2/elem": (f"{ex2('statistics') or '-'} / {ex2('gradient') or ex2('rescale') or '-'}"
-                     if streaming else None),
+        "EX2/elem": (
+            f"{ex2('statistics') or '-'} / {ex2('gradient') or ex2('rescale') or '-'}"
+            if streaming
+            else None
+        ),
         "loads": ",".join(map(str, loads)) or None,
         "stores": ",".join(map(str, stores)) or None,
-        "sync/iter": f"{max(s['bar'] for s in stats)}/{max(s['shfl'] for s in stats)}" if stats else None,
+        "sync/iter": f"{max(s['bar'] for s in stats)}/{max(s['shfl'] for s in stats)}"
+        if stats
+        else None,
     }
 
 
@@ -74,16 +79,23 @@ def section(result: dict, backend: str) -> str:
     archs = result["archs"]
     reps = [r for r in result["reports"] if r["backend"] == backend]
     tool = f"Triton {v['triton']}" if backend == "triton" else f"nvcc {v['nvcc']}"
-    viol = [x for x in result["violations"] if f": {backend} sm_" in x or (backend == "triton" and
-                                                                          x.startswith("written tensors"))]
+    viol = [
+        x
+        for x in result["violations"]
+        if f": {backend} sm_" in x or (backend == "triton" and x.startswith("written tensors"))
+    ]
     errors = [x for x in result["errors"] if x.startswith(backend)]
-    out = [f"## {TITLES[backend]} ({', '.join(f'sm_{a}' for a in archs)})\n",
-           f"Compiled with {tool} (torch {v['torch']}): {len(reps)} kernels"]
+    out = [
+        f"## {TITLES[backend]} ({', '.join(f'sm_{a}' for a in archs)})\n",
+        f"Compiled with {tool} (torch {v['torch']}): {len(reps)} kernels",
+    ]
     if backend == "triton":
         writes = result["writes"]
         ok = sum(w["written"] == w["schema"] for w in writes)
-        out[-1] += (f" from {result.get('launches', 0)} recorded launches; in {ok} of {len(writes)} op calls the "
-                    "kernels write exactly the op schema's `(a!)` arguments (Inductor's analysis of each launch)")
+        out[-1] += (
+            f" from {result.get('launches', 0)} recorded launches; in {ok} of {len(writes)} op calls the "
+            "kernels write exactly the op schema's `(a!)` arguments (Inductor's analysis of each launch)"
+        )
     out[-1] += f". Budget violations: {len(viol) + len(errors) or 'none'}.\n"
     out.append("| kernel | specialization | " + " | ".join(COLS) + " |")
     out.append("|" + "---|" * (len(COLS) + 2))
@@ -94,9 +106,15 @@ def section(result: dict, backend: str) -> str:
     lines = set()
     for kernel, spec, aligned in keys:
         per_arch = [merged.get((kernel, spec, aligned, a), []) for a in archs]
-        for k in range(max(len(p) for p in per_arch)):  # specializations that differ in an integer only
+        for k in range(
+            max(len(p) for p in per_arch)
+        ):  # specializations that differ in an integer only
             s = [p[min(k, len(p) - 1)] if p else {} for p in per_arch]
-            line = f"| `{kernel}` | {spec or '-'} | " + " | ".join(_cell([x.get(c) for x in s]) for c in COLS) + " |"
+            line = (
+                f"| `{kernel}` | {spec or '-'} | "
+                + " | ".join(_cell([x.get(c) for x in s]) for c in COLS)
+                + " |"
+            )
             if line not in lines:
                 lines.add(line)
                 out.append(line)
@@ -119,6 +137,8 @@ def sections(text: str) -> dict[str, str]:
 def write(result: dict, path: Path = DOC) -> None:
     """Regenerate the sections of the backends in ``result``, keep the others."""
     old = sections(path.read_text()) if path.exists() else {}
-    new = {b: section(result, b) for b in TITLES if any(r["backend"] == b for r in result["reports"])}
+    new = {
+        b: section(result, b) for b in TITLES if any(r["backend"] == b for r in result["reports"])
+    }
     parts = [HEAD] + [new.get(b) or old.get(b) for b in TITLES if new.get(b) or old.get(b)]
     path.write_text("\n".join(parts))

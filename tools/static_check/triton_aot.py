@@ -34,10 +34,10 @@ from triton.runtime import driver as _driver  # noqa: E402
 
 from tofu_kernels.backends import gpu, triton_backend  # noqa: E402
 from tofu_kernels.backends import triton_kernels as K  # noqa: E402
-from tofu_kernels.layout import RowLayout, Shard, dense_layout, row_layout  # noqa: E402
+from tofu_kernels.layout import Shard, dense_layout, row_layout  # noqa: E402
 from tofu_kernels.linear import default_chunk_size  # noqa: E402
 from tofu_kernels.params import TOFUParams  # noqa: E402
-from tofu_kernels.records import Partials, Reduction  # noqa: E402
+from tofu_kernels.records import Reduction  # noqa: E402
 
 
 class StandInDriver(DriverBase):
@@ -140,17 +140,49 @@ def cases() -> list[Case]:
         d = str(dtype).split(".")[-1]
         for width in (16032, 128256, 256000, 16033):
             n = 16384 if width <= 16033 else 4096
-            out.append(Case(f"tofu_loss mean {d} {n}x{width}", dtype, (n, width), path="grad_in_forward"))
+            out.append(
+                Case(f"tofu_loss mean {d} {n}x{width}", dtype, (n, width), path="grad_in_forward")
+            )
             out.append(Case(f"tofu_loss none {d} {n}x{width}", dtype, (n, width), params=none))
-        out.append(Case(f"tofu_loss mean ce {d}", dtype, (4096, 32064), path="grad_in_forward", params=ce))
-        out.append(Case(f"tofu_loss none ce {d}", dtype, (4096, 32064), params=TOFUParams(gamma=0.0, beta=1.0, reduction="none")))
-        out.append(Case(f"tofu_loss none metrics {d}", dtype, (4096, 32064),
-                        params=TOFUParams(reduction="none", return_metrics=True)))
-        out.append(Case(f"tofu_loss mean metrics {d}", dtype, (4096, 32064), path="grad_in_forward",
-                        params=TOFUParams(return_metrics=True)))
+        out.append(
+            Case(f"tofu_loss mean ce {d}", dtype, (4096, 32064), path="grad_in_forward", params=ce)
+        )
+        out.append(
+            Case(
+                f"tofu_loss none ce {d}",
+                dtype,
+                (4096, 32064),
+                params=TOFUParams(gamma=0.0, beta=1.0, reduction="none"),
+            )
+        )
+        out.append(
+            Case(
+                f"tofu_loss none metrics {d}",
+                dtype,
+                (4096, 32064),
+                params=TOFUParams(reduction="none", return_metrics=True),
+            )
+        )
+        out.append(
+            Case(
+                f"tofu_loss mean metrics {d}",
+                dtype,
+                (4096, 32064),
+                path="grad_in_forward",
+                params=TOFUParams(return_metrics=True),
+            )
+        )
     bf16 = torch.bfloat16
-    out.append(Case("tofu_loss sum scalar upstream bf16", bf16, (4096, 64128), params=TOFUParams(reduction="sum"),
-                    upstream="scalar", inplace=True))
+    out.append(
+        Case(
+            "tofu_loss sum scalar upstream bf16",
+            bf16,
+            (4096, 64128),
+            params=TOFUParams(reduction="sum"),
+            upstream="scalar",
+            inplace=True,
+        )
+    )
     out.append(Case("one row bf16", bf16, (1, 151936), path="grad_in_forward"))
     out.append(Case("one row two-pass bf16", bf16, (1, 151936), params=none))
     out.append(Case("few rows (split) bf16", bf16, (48, 151936), params=none))
@@ -160,21 +192,58 @@ def cases() -> list[Case]:
         s, b, v = 4096, 2, -(-vocab // tp)
         for dtype in (bf16, torch.float32):
             d = str(dtype).split(".")[-1]
-            out.append(Case(f"megatron tp{tp} {d} v{vocab}", dtype, (b, s, v), strides=(v, b * v, 1), params=megatron,
-                            world=tp, inplace=True))
-    out.append(Case("megatron tp8 metrics bf16", bf16, (2, 4096, 16032), strides=(16032, 2 * 16032, 1),
-                    params=TOFUParams(reduction="none", inplace_backward=True, return_metrics=True), world=8,
-                    inplace=True))
+            out.append(
+                Case(
+                    f"megatron tp{tp} {d} v{vocab}",
+                    dtype,
+                    (b, s, v),
+                    strides=(v, b * v, 1),
+                    params=megatron,
+                    world=tp,
+                    inplace=True,
+                )
+            )
+    out.append(
+        Case(
+            "megatron tp8 metrics bf16",
+            bf16,
+            (2, 4096, 16032),
+            strides=(16032, 2 * 16032, 1),
+            params=TOFUParams(reduction="none", inplace_backward=True, return_metrics=True),
+            world=8,
+            inplace=True,
+        )
+    )
     # fused linear: logits chunks [C, V] (default_chunk_size), gradient in place
     for vocab, tp in ((128256, 1), (151936, 1), (128256, 8)):
         v = vocab // tp
         c = default_chunk_size(8192, v, 2)
         path = "grad_in_forward" if tp == 1 else "two_pass"
         params = paper if tp == 1 else TOFUParams(reduction="none")
-        out.append(Case(f"linear chunk {c}x{v} tp{tp} bf16", bf16, (c, v), path=path, params=params, world=tp,
-                        inplace=True, chunk=c))
-        out.append(Case(f"linear chunk {c}x{v} tp{tp} bf16 last", bf16, (8192 % c or c, v), path=path, params=params,
-                        world=tp, inplace=True, chunk=c))
+        out.append(
+            Case(
+                f"linear chunk {c}x{v} tp{tp} bf16",
+                bf16,
+                (c, v),
+                path=path,
+                params=params,
+                world=tp,
+                inplace=True,
+                chunk=c,
+            )
+        )
+        out.append(
+            Case(
+                f"linear chunk {c}x{v} tp{tp} bf16 last",
+                bf16,
+                (8192 % c or c, v),
+                path=path,
+                params=params,
+                world=tp,
+                inplace=True,
+                chunk=c,
+            )
+        )
     return out
 
 
@@ -184,8 +253,18 @@ class _Recorder:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.sink.append(Launch(self.state["op"], self.state["args"], self.kernel, tuple(grid), args, kwargs,
-                                    self.state["case"]))
+            self.sink.append(
+                Launch(
+                    self.state["op"],
+                    self.state["args"],
+                    self.kernel,
+                    tuple(grid),
+                    args,
+                    kwargs,
+                    self.state["case"],
+                )
+            )
+
         return launch
 
 
@@ -199,9 +278,12 @@ def record(selected: list[Case] | None = None, module=K) -> list[Launch]:
         def run(**kw):
             state["op"], state["args"] = name, kw
             call(**kw)
+
         return run
 
-    backend = triton_backend.TritonBackend({name: spy(name, call) for name, call in triton_backend.OPS.items()})
+    backend = triton_backend.TritonBackend(
+        {name: spy(name, call) for name, call in triton_backend.OPS.items()}
+    )
     saved_launch, saved_k = triton_backend._launch, triton_backend.K
     triton_backend._launch = lambda kernel: _Recorder(sink, kernel, state)
     triton_backend.K = module
@@ -234,11 +316,15 @@ def _run_case(backend: gpu.GPUBackend, c: Case) -> None:
         backend.rescale(out, out_lay, torch.empty(1))
         return
     tp = c.world > 1
-    shard = Shard((c.world - 1) * width if tp else 0, width - (7 if tp and width % 8 else 0) if tp else width)
+    shard = Shard(
+        (c.world - 1) * width if tp else 0, width - (7 if tp and width % 8 else 0) if tp else width
+    )
     parts = backend.row_stats(x, lay, labels, shard, p, tp)
     if tp:
         stride = parts.data.numel()
-        parts = parts._replace(data=torch.empty(c.world * stride), world=c.world, rank_stride=stride)
+        parts = parts._replace(
+            data=torch.empty(c.world * stride), world=c.world, rank_stride=stride
+        )
     red = Reduction[p.reduction.upper()]
     epi = backend.epilogue(parts, labels, p, None if tp else shard.vocab_end, red)
     upstream = torch.empty(n) if c.upstream == "per_row" else torch.empty(())
@@ -271,8 +357,11 @@ class Compiled:
         the constexprs (``n_rows=1``: an integer argument Triton specialized as 1)."""
         ptrs = {n: t[1:] for n, t in self.signature.items() if t.startswith("*")}
         dtype = ptrs.get("X", ptrs.get("OUT", next(iter(ptrs.values()), "")))
-        consts = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in sorted(self.constants.items())
-                          if k not in ("BLOCK", "BLOCK_R"))
+        consts = " ".join(
+            f"{k}={int(v) if isinstance(v, bool) else v}"
+            for k, v in sorted(self.constants.items())
+            if k not in ("BLOCK", "BLOCK_R")
+        )
         return f"{dtype}" + (f" {consts}" if consts else "")
 
 
@@ -290,11 +379,22 @@ def compile_all(launches: list[Launch], arch: int, module=K) -> list[Compiled]:
             if key not in seen:
                 src = ck.src if hasattr(ck, "src") else None
                 sig = dict(getattr(src, "signature", {}) or {})
-                consts = {k if isinstance(k, str) else ln.kernel.arg_names[k[0]]: v
-                          for k, v in (getattr(src, "constants", {}) or {}).items()}
-                seen[key] = Compiled(ck.metadata.name, key, sig, consts, ck.metadata.num_warps, ck.asm["ptx"],
-                                     ck.asm["cubin"], log.getvalue(), dict(getattr(src, "attrs", {}) or {}),
-                                     ck.metadata.shared)
+                consts = {
+                    k if isinstance(k, str) else ln.kernel.arg_names[k[0]]: v
+                    for k, v in (getattr(src, "constants", {}) or {}).items()
+                }
+                seen[key] = Compiled(
+                    ck.metadata.name,
+                    key,
+                    sig,
+                    consts,
+                    ck.metadata.num_warps,
+                    ck.asm["ptx"],
+                    ck.asm["cubin"],
+                    log.getvalue(),
+                    dict(getattr(src, "attrs", {}) or {}),
+                    ck.metadata.shared,
+                )
             seen[key].cases.append(ln.case)
             seen[key].ops.add(ln.op)
     finally:

@@ -42,7 +42,9 @@ def kernel_writes(ln: Launch) -> set[str]:
     finally:
         logger.removeHandler(handler)
     if handler.messages:
-        raise RuntimeError(f"Inductor's analysis of {ln.kernel.fn.__name__} failed: {handler.messages[0]}")
+        raise RuntimeError(
+            f"Inductor's analysis of {ln.kernel.fn.__name__} failed: {handler.messages[0]}"
+        )
     return {dep.name for dep in acc.read_writes.writes}
 
 
@@ -53,10 +55,20 @@ def compare(launches: list[Launch]) -> list[dict]:
     calls: dict[int, dict] = {}
     cache: dict[tuple, set[str]] = {}
     for ln in launches:
-        e = calls.setdefault(id(ln.op_args), {"op": ln.op, "case": ln.case, "args": ln.op_args, "written": set()})
+        e = calls.setdefault(
+            id(ln.op_args), {"op": ln.op, "case": ln.case, "args": ln.op_args, "written": set()}
+        )
         bound = ln.bound()
-        key = (ln.kernel.fn.__name__, tuple(sorted((k, repr(v)) for k, v in bound.items()
-                                                   if k.isupper() and not isinstance(v, torch.Tensor))))
+        key = (
+            ln.kernel.fn.__name__,
+            tuple(
+                sorted(
+                    (k, repr(v))
+                    for k, v in bound.items()
+                    if k.isupper() and not isinstance(v, torch.Tensor)
+                )
+            ),
+        )
         if key not in cache:
             cache[key] = kernel_writes(ln)
         by_storage = {}
@@ -67,5 +79,12 @@ def compare(launches: list[Launch]) -> list[dict]:
     out = []
     for e in calls.values():
         schema = {n for n in gpu.OPS[e["op"]].writes if e["args"].get(n) is not None}
-        out.append({"op": e["op"], "case": e["case"], "written": sorted(e["written"]), "schema": sorted(schema)})
+        out.append(
+            {
+                "op": e["op"],
+                "case": e["case"],
+                "written": sorted(e["written"]),
+                "schema": sorted(schema),
+            }
+        )
     return out
