@@ -1,27 +1,33 @@
 #!/usr/bin/env bash
-# Bring what a GPU machine without network lacks into .whl/ (git-ignored), one folder per
-# group, so that a run carries only what its steps need (the device takes 64 MiB with the
-# checkout); tools/gpu/gpu_check.sh installs whatever groups came along.
+# For a GPU node without network: on a machine with network, download what the GPU check
+# needs beyond torch and Triton into .whl/ (git-ignored), one folder per group, so that you
+# copy to the node only what the steps you run need; tools/gpu/gpu_check.sh installs there
+# whatever groups came along. Run it in the checkout you will copy.
 #
 #   bash tools/gpu/fetch_wheels.sh           # base, hf and the Megatron-LM scripts (~19 MiB)
-#   bash tools/gpu/fetch_wheels.sh --qlora   # also .whl/qlora: bitsandbytes (41 MiB), for a run of its own
-#   (without --qlora an earlier .whl/qlora is removed: a run that carries .whl whole stays small)
+#   bash tools/gpu/fetch_wheels.sh --qlora   # also .whl/qlora: bitsandbytes (41 MiB), for the QLoRA step
+#   (without --qlora an earlier .whl/qlora is removed, so that copying .whl whole stays small)
 #
 #   .whl/base/   megatron-core, liger-kernel, cut-cross-entropy: gpu_tests (TP), fused_linear,
 #                megatron_step, bench, megatron_lm
 #   .whl/hf/     transformers, trl, peft, accelerate, datasets, and dill / multiprocess (datasets
-#                needs them; the GPU image lacks them): sft_step, qlora. The versions tested on
-#                CPU; the GPU image has transformers 5.17 and no TRL.
+#                needs them; a GPU node's image may lack them): sft_step, qlora. The versions the
+#                CPU tests pin (requirements-dev.txt).
 #   .whl/qlora/  bitsandbytes: the qlora step (with .whl/hf)
-#   .whl/megatron-lm-core_v0.19.0/  Megatron-LM's training scripts (the project's fixture: read
-#                from the shared folder, never committed here): megatron_lm
+#   .whl/megatron-lm-core_v0.19.0/  Megatron-LM's training scripts, copied from
+#                TOFU_MEGATRON_LM_DIR (or shared/fixtures/ beside the checkout; never committed
+#                here): megatron_lm
+#
+# At the end it prints the size of the checkout, of each group and of each planned run
+# (tools/gpu/carry_size.sh; add --limit MIB there to hold them against a size limit).
+# Wheels are for CPython 3.12 on x86-64 Linux; PYTHON=... names the pip to use (.venv/bin/python).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 QLORA=0
 case ${1:-} in
   "") ;;
   --qlora) QLORA=1;;
-  -h|--help) sed -n '2,18p' "$0"; exit 0;;
+  -h|--help) sed -n '2,23p' "$0"; exit 0;;
   *) echo "fetch_wheels.sh: unknown option '$1' (--qlora, --help)" >&2; exit 2;;
 esac
 PY=${PYTHON:-.venv/bin/python}

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# One prepared GPU run. Steps in the order a user meets them and from the least proven on:
-# the CUDA build, the gpu-marked tests (kernels with metrics, tensor parallelism emulated
-# with several processes on one GPU, the fused linear loss, CUDA top-1 ties), the fused
-# linear benchmark, a Megatron-Core training step (with the fused output rows), the TRL
-# step, QLoRA (only where bitsandbytes was carried), the loss benchmark with the time left,
-# and Megatron-LM's own pretrain_gpt.py (run on an H100 before: last). Logs and results in
-# one folder, optionally packed into one archive.
+# The package's GPU check, in one command, for your own GPU node (it needs no network there:
+# tools/gpu/fetch_wheels.sh fetches the wheels beforehand). Steps in the order a user meets
+# them and from the least proven on: the CUDA build, the gpu-marked tests (kernels with
+# metrics, tensor parallelism emulated with several processes on one GPU, the fused linear
+# loss, CUDA top-1 ties), the fused linear benchmark, a Megatron-Core training step (with the
+# fused output rows), the TRL step, QLoRA (only where the bitsandbytes wheel came along), the
+# loss benchmark with the time left, and Megatron-LM's own pretrain_gpt.py (already run on an
+# H100 on 2026-11-27: last). Logs and results in one folder, optionally packed into one
+# archive; --budget fits the whole run into a time slot.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 STEPS="build gpu_tests fused_linear megatron_step sft_step qlora bench megatron_lm"
@@ -32,7 +34,8 @@ usage: bash tools/gpu/gpu_check.sh [--out DIR] [--budget SECONDS] [--skip "STEP 
   --skip "STEP ..."   steps not to run, e.g. a shorter rerun: --skip "megatron_lm bench"
   --only "STEP ..."   run only these steps, e.g. the QLoRA run: --only "build qlora"
                       (steps, in order: $STEPS)
-  --pack FILE         at the end, pack DIR into one archive FILE (.tar.gz), e.g. \$OUT/gpu_check.tar.gz
+  --pack FILE         at the end, pack DIR into one archive FILE (.tar.gz), e.g. ~/gpu_check.tar.gz,
+                      to bring the results back in one file (logs over 4 MiB cut to their ends)
   --bench-args "..."  extra arguments to benchmarks/bench_loss.py (e.g. "--tokens 4096 --vocab 16032")
   --cpu-smoke         the same command path on a machine without a GPU: tiny sizes, the CUDA
                       build only where a toolkit exists, the gpu tests collected (they skip),
@@ -40,18 +43,19 @@ usage: bash tools/gpu/gpu_check.sh [--out DIR] [--budget SECONDS] [--skip "STEP 
   PYTHON=...          the interpreter (default python3; .venv/bin/python in smoke mode)
 
 Exit status: 0 every step ran and passed (or was left out by --skip / --only / the smoke
-mode / a wheel group not carried), 1 a step failed, 3 none failed but the budget cut some.
+mode / a wheel group not brought along), 1 a step failed, 3 none failed but the budget cut some.
 
-Before a run on a machine without network: bash tools/gpu/fetch_wheels.sh (here, once) puts
-the wheels, in one folder per group, and the Megatron-LM scripts into .whl/ (git-ignored):
+On a GPU node without network: first, on a machine with network, bash tools/gpu/fetch_wheels.sh
+puts the wheels, in one folder per group, and the Megatron-LM scripts into .whl/ (git-ignored):
   .whl/base/     megatron-core, liger-kernel, cut-cross-entropy  (gpu_tests, fused_linear,
                  megatron_step, bench, megatron_lm)
   .whl/hf/       transformers, trl, peft, accelerate, datasets and what datasets needs
-                 beyond the GPU image (sft_step, qlora)
-  .whl/qlora/    bitsandbytes (qlora; 43 MB: only with fetch_wheels.sh --qlora, carried in a
-                 run of its own: --only "build qlora")
+                 that a CUDA image may lack (sft_step, qlora)
+  .whl/qlora/    bitsandbytes (qlora; 41 MiB: only with fetch_wheels.sh --qlora; a run of its
+                 own if you like: --only "build qlora")
   .whl/megatron-lm-core_v0.19.0/   Megatron-LM's pretrain_gpt.py and its helpers (megatron_lm)
-Bring the groups a run needs along with the checkout; the run prints what was carried.
+Copy the checkout and the groups the run needs to the node (bash tools/gpu/carry_size.sh
+prints their sizes), then run this script there; it prints what came along and installs it.
 Files in DIR: summary.txt (what ran, what passed, the headline numbers), per step its log
 (STEP.log) and results: bench_fused_linear.md and .json (V 128256 and the TP = 8 shard,
 16032), bench_megatron_step.md, bench_sft_step.md and .json, bench_loss.md, .json and .png,
@@ -125,7 +129,7 @@ needs_gpu() {
 }
 
 say "mode: $([ $SMOKE = 1 ] && echo 'CPU smoke (tiny sizes, no GPU)' || echo GPU); python: $PYTHON; budget: ${BUDGET:-none}${BUDGET:+ s}"
-# What travelled with this checkout: the tree and each wheel group (the device's limit is 64 MiB).
+# What came along with this checkout: the tree and each wheel group, in MiB.
 bash tools/gpu/carry_size.sh | tee -a "$OUT/summary.txt"
 
 # Wheels (one folder per group) and the Megatron-LM scripts brought along in .whl/.
@@ -148,7 +152,7 @@ fi
 [ -d .whl/megatron-lm-core_v0.19.0 ] && export TOFU_MEGATRON_LM_DIR=$PWD/.whl/megatron-lm-core_v0.19.0
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
-# Build the CUDA extension from source: in place and forced on the GPU machine; in smoke
+# Build the CUDA extension from source: in place and forced on a GPU node; in smoke
 # mode into a scratch folder (never over a library a running process may have mapped),
 # whose objects later smoke runs of this checkout reuse: the build is ninja's, which
 # recompiles what changed, headers and flags included (a cold build takes ~20 s on 2 cores).
@@ -208,7 +212,7 @@ step sft_step -- "$PYTHON" benchmarks/bench_sft_step.py --out "$OUT" $SMOKE_ARG 
 # 5. QLoRA (bitsandbytes 4-bit): only where .whl/qlora came along (a run of its own).
 if needs_gpu qlora "bitsandbytes' 4-bit kernels"; then :
 elif [ -z "$(blocked qlora)" ] && ! "$PYTHON" -c "import bitsandbytes" >/dev/null 2>&1; then
-  say "SKIP qlora: bitsandbytes not importable (fetch_wheels.sh --qlora; carry .whl/hf and .whl/qlora in a run of its own)"
+  say "SKIP qlora: bitsandbytes not importable (fetch_wheels.sh --qlora; bring .whl/hf and .whl/qlora along)"
 else
   step qlora -- "$PYTHON" -m pytest -q -rs -m gpu -p no:cacheprovider tests/hf/test_hf_trainer.py && pytest_line qlora
 fi
@@ -231,7 +235,7 @@ needs_gpu megatron_lm "Megatron-LM stops at its CUDA check; tests/megatron/test_
 
 say "done in $(( $(date +%s) - START ))s; failed: ${FAILED[*]:-none}; cut by the budget: ${CUT[*]:-none}"
 if [ -n "$PACK" ]; then
-  # at most 16 MiB a file comes back from the device: cut any huge log to its ends first
+  # keep the archive small: cut any log over 4 MiB to its first 300 and last 3000 lines
   for f in "$OUT"/*.log; do
     [ -f "$f" ] && [ "$(stat -c %s "$f")" -gt $((4 << 20)) ] || continue
     { head -n 300 "$f"; echo "[... cut by gpu_check.sh --pack ...]"; tail -n 3000 "$f"; } >"$f.cut" && mv "$f.cut" "$f"

@@ -15,7 +15,9 @@ cross-entropy run: the table checks it.
 
 The Megatron-LM scripts are a fixture of the project (never copied into the repository):
 `--fixture`, else `TOFU_MEGATRON_LM_DIR`, else `.whl/megatron-lm-core_v0.19.0` (where
-`tools/gpu/fetch_wheels.sh` puts a copy for the GPU machine), else the shared folder.
+`tools/gpu/fetch_wheels.sh` puts a copy to take to a GPU node without network), else
+`shared/fixtures/` in the checkout or a folder above it (or above the repository it was
+cloned from).
 """
 
 from __future__ import annotations
@@ -145,7 +147,7 @@ def _candidates(explicit: str | None):
     for c in (explicit, os.environ.get("TOFU_MEGATRON_LM_DIR")):
         if c:
             yield Path(c)
-    yield ROOT / ".whl" / NAME  # tools/gpu/fetch_wheels.sh's copy for the GPU machine
+    yield ROOT / ".whl" / NAME  # tools/gpu/fetch_wheels.sh's copy, brought to an offline node
     roots = [ROOT]
     try:
         url = subprocess.run(
@@ -378,7 +380,7 @@ def main(argv=None) -> int:
         (args.out / "megatron_lm.md").write_text(
             f"# Megatron-LM pretrain_gpt.py: not run\n\n{why}.\n"
         )
-        return 0 if args.smoke else 2  # on a GPU machine a missing fixture is a failure
+        return 0 if args.smoke else 2  # with a GPU a missing fixture is a failure
     import torch
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (no GPU)"
