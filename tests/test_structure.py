@@ -535,15 +535,15 @@ def test_launch_constants_tied_to_the_header():
         expect = getattr(EXTENSION, name) if EXTENSION is not None else value
         assert getattr(gpu, name) == expect, name
     # the Triton launch policy is the same constants, not copies of them
-    assert triton_backend.FWD_BLOCK == triton_backend.BWD_BLOCK == gpu.TILE_COLS
+    assert triton_backend.TILE_COLS == gpu.TILE_COLS
     assert (
-        triton_backend.TARGET_PROGRAMS,
-        triton_backend.EPILOGUE_ROWS,
-        triton_backend.RESCALE_PROGRAMS,
+        triton_backend.TARGET_BLOCKS,
+        triton_backend.EPILOGUE_THREADS,
+        triton_backend.RESCALE_BLOCKS,
     ) == (gpu.TARGET_BLOCKS, gpu.EPILOGUE_THREADS, gpu.RESCALE_BLOCKS)
     source = (PKG / "backends" / "triton_backend.py").read_text()
-    for name in ("FWD_BLOCK", "BWD_BLOCK", "TARGET_PROGRAMS", "EPILOGUE_ROWS", "RESCALE_PROGRAMS"):
-        assert re.search(rf"^{name} = gpu\.\w+$", source, re.M), (
+    for name in gpu.HEADER_DEFAULTS:  # one name each: gpu.py's
+        assert re.search(rf"^{name} = gpu\.{name}$", source, re.M), (
             f"triton_backend.{name} is not read from gpu.py"
         )
 

@@ -16,11 +16,10 @@ def tiling(request, monkeypatch):
     row's statistics are split over programs and merged after.
     """
     if request.param == "many_tiles":
-        monkeypatch.setattr(triton_backend, "FWD_BLOCK", 64)
-        monkeypatch.setattr(triton_backend, "BWD_BLOCK", 64)
+        monkeypatch.setattr(triton_backend, "TILE_COLS", 64)
         monkeypatch.setattr(triton_backend, "ROW_BLOCK", 64)
-        monkeypatch.setattr(triton_backend, "TARGET_PROGRAMS", 1)
+        monkeypatch.setattr(triton_backend, "TARGET_BLOCKS", 1)
     elif request.param == "many_splits":
-        monkeypatch.setattr(triton_backend, "FWD_BLOCK", 32)
-        monkeypatch.setattr(triton_backend, "TARGET_PROGRAMS", 4096)
+        monkeypatch.setattr(triton_backend, "TILE_COLS", 32)
+        monkeypatch.setattr(triton_backend, "TARGET_BLOCKS", 4096)
     return request.param

@@ -27,16 +27,13 @@ from ..records import Reduced
 from . import gpu
 from . import triton_kernels as K
 
-# Launch policy. The tiles, the program target, the rows per iteration of the one-program
-# kernels and the rescale grid are the CUDA kernels' (gpu.py, from csrc/tofu_kernels.h): a
-# 4096-wide statistics tile keeps 16 fp32 values per thread at 8 warps in flight for the
-# online max and two sums without spilling (one-row-per-program kernels spill above ~32K
-# values per program on Hopper); the gradient has no loop-carried state: a 2-D grid of tiles.
-FWD_BLOCK = gpu.TILE_COLS
-BWD_BLOCK = gpu.TILE_COLS
-TARGET_PROGRAMS = gpu.TARGET_BLOCKS
-EPILOGUE_ROWS = gpu.EPILOGUE_THREADS
-RESCALE_PROGRAMS = gpu.RESCALE_BLOCKS
+# Launch policy: the CUDA kernels' constants under their gpu.py names (module globals, so
+# tests can shrink them). A 4096-wide statistics tile keeps 16 fp32 values per thread at 8
+# warps without spilling (one-row-per-program kernels spill above ~32K values on Hopper).
+TILE_COLS = gpu.TILE_COLS
+TARGET_BLOCKS = gpu.TARGET_BLOCKS
+EPILOGUE_THREADS = gpu.EPILOGUE_THREADS
+RESCALE_BLOCKS = gpu.RESCALE_BLOCKS
 ROW_BLOCK = 8192  # Triton's own: grad_in_forward's tile, one program (16 warps) per row
 
 
@@ -74,7 +71,7 @@ def _launch(kernel):
 
 
 def _row_stats(a) -> None:
-    block = _pow2_block(a.n_valid, FWD_BLOCK)
+    block = _pow2_block(a.n_valid, TILE_COLS)
     _launch(K.stats_kernel)[(a.n_rows, a.splits)](
         a.x,
         a.labels,
@@ -120,7 +117,7 @@ def _epilogue(a) -> None:
         REDUCTION=a.reduction,
         GAMMA_ZERO=a.gamma == 0.0,
         BETA_IS_ONE=a.beta == 1.0,
-        BLOCK_R=EPILOGUE_ROWS,
+        BLOCK_R=EPILOGUE_THREADS,
         METRICS=a.met is not None,
         num_warps=8,
         maxnreg=255,
@@ -129,7 +126,7 @@ def _epilogue(a) -> None:
 
 def _grad(a) -> None:
     width = a.x.shape[-1]
-    block = _pow2_block(width, BWD_BLOCK)
+    block = _pow2_block(width, TILE_COLS)
     _launch(K.grad_kernel)[(a.labels.numel(), gpu.cdiv(width, block))](
         a.x,
         a.out,
@@ -158,7 +155,7 @@ def _grad_in_forward(a) -> None:
     n_rows, width = a.labels.numel(), a.x.shape[-1]
     scale = a.red[Reduced.SCALE :]
     _launch(K.count_kernel)[(1,)](
-        a.labels, scale, n_rows, a.ignore_index, MEAN=a.mean, BLOCK_R=EPILOGUE_ROWS, num_warps=8
+        a.labels, scale, n_rows, a.ignore_index, MEAN=a.mean, BLOCK_R=EPILOGUE_THREADS, num_warps=8
     )
     block = _pow2_block(width, ROW_BLOCK)
     warps = 16 if block >= 8192 else 8
@@ -188,15 +185,15 @@ def _grad_in_forward(a) -> None:
         **_lanes(block, warps, a.x, (a.xs_outer, a.xs_inner)),
     )
     _launch(K.reduce_kernel)[(1,)](
-        a.loss, a.ce, scale, a.red, n_rows, BLOCK_R=EPILOGUE_ROWS, num_warps=8
+        a.loss, a.ce, scale, a.red, n_rows, BLOCK_R=EPILOGUE_THREADS, num_warps=8
     )
 
 
 def _rescale(a) -> None:
     width = a.out.shape[-1]
-    block = _pow2_block(width, BWD_BLOCK)
+    block = _pow2_block(width, TILE_COLS)
     tiles = gpu.cdiv(width, block)
-    _launch(K.rescale_kernel)[(max(1, min(RESCALE_PROGRAMS, a.n_rows * tiles)),)](
+    _launch(K.rescale_kernel)[(max(1, min(RESCALE_BLOCKS, a.n_rows * tiles)),)](
         a.out,
         a.grad_out,
         a.n_rows,
@@ -279,7 +276,7 @@ class TritonBackend(gpu.GPUBackend):
 
     def stats_split(self, n_rows: int, n_valid: int) -> tuple[int, int]:
         """Tiles of a power of two."""
-        return gpu.split_rows(n_rows, n_valid, _pow2_block(n_valid, FWD_BLOCK), TARGET_PROGRAMS)
+        return gpu.split_rows(n_rows, n_valid, _pow2_block(n_valid, TILE_COLS), TARGET_BLOCKS)
 
 
 BACKEND = TritonBackend(OPS)
