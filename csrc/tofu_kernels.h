@@ -9,7 +9,7 @@
 namespace tofu {
 
 // Launch policy of both GPU backends, defined here: the extension module exports
-// THREADS, TILE_COLS, TARGET_BLOCKS, EPILOGUE_THREADS and RESCALE_BLOCKS, which the Triton
+// TILE_COLS, TARGET_BLOCKS, EPILOGUE_THREADS and RESCALE_BLOCKS, which the Triton
 // backend's launch policy reads (tofu_kernels/backends/gpu.py; a test compares its
 // defaults, used where the extension is not built, with this file).
 constexpr int kThreads = 256;     // threads per block: statistics, gradient, rescale

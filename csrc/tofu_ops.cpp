@@ -207,8 +207,7 @@ static struct PyModuleDef tofu_module = {PyModuleDef_HEAD_INIT, "_C", "TOFU CUDA
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* m = PyModule_Create(&tofu_module);
   if (m == nullptr) return nullptr;
-  if (PyModule_AddIntConstant(m, "THREADS", tofu::kThreads) < 0 ||
-      PyModule_AddIntConstant(m, "TILE_COLS", static_cast<long>(tofu::kTileCols)) < 0 ||
+  if (PyModule_AddIntConstant(m, "TILE_COLS", static_cast<long>(tofu::kTileCols)) < 0 ||
       PyModule_AddIntConstant(m, "TARGET_BLOCKS", static_cast<long>(tofu::kTargetBlocks)) < 0 ||
       PyModule_AddIntConstant(m, "EPILOGUE_THREADS", tofu::kEpilogueThreads) < 0 ||
       PyModule_AddIntConstant(m, "RESCALE_BLOCKS", tofu::kRescaleBlocks) < 0 ||
