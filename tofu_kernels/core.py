@@ -1,38 +1,6 @@
-"""The one orchestration of a TOFU loss call, shared by every entry point.
-
-``tofu_loss`` and ``vocab_parallel_tofu_loss`` (``loss.py``) run it once over a logits
-tensor; the fused linear losses (``linear.py``) run it over chunks of logits they compute
-themselves (a chunk at a time with the gradient in the forward, all chunks' records at
-once otherwise). The steps, in order (docs/design.md sections 3 and 5):
-
-:func:`plan`, once per call, before any kernel
-    the backend; this rank's shard and the tensor-parallel group (None when there is no
-    one to talk to); whether host-synchronising checks run (eager mode only, never under
-    torch.compile or CUDA-graph capture); the path, gradient in the forward or two
-    passes; and, where the vocabulary size is known without communication (one device),
-    the label check.
-
-gradient in the forward (a scalar upstream gradient, whole rows on one device):
-    :func:`grad_in_forward`  loss and the gradient for an upstream of 1, while each row is
-                          on chip, into :func:`grad_buffer` (the logits themselves in place)
-    :func:`rescale`       in the backward: times the upstream gradient
-
-two passes (any upstream gradient; the only way under tensor parallelism):
-    :func:`row_stats` / :func:`chunk_stats`   one read of the logits -> partial records
-    :func:`finish`        under tensor parallelism the one all-gather of the statistics
-                          (where inputs are checked, after a 16-byte exchange of the
-                          ranks' metadata: shard, token-count and label checks); then
-                          the epilogue (loss, cross entropy, the backward's record,
-                          the reduction: one kernel on the GPU backends)
-    :func:`grad`          in the backward: one read of the logits, one write of the
-                          gradient into :func:`grad_buffer`
-
-Every non-tensor setting travels as the call's :class:`~tofu_kernels.params.TOFUParams`,
-handed on unchanged: the backend is the first to unpack it. A reuse: anything that produces
-logits chunk by chunk (a model's output layer, say) plans once, feeds :func:`chunk_stats`
-or :func:`grad_in_forward` per chunk, and calls :func:`grad` per chunk with its own upstream
-gradient, keeping its GEMMs and its own gradient buffers.
-"""
+"""The one orchestration of a TOFU loss call, shared by every entry point: the steps in
+order, the path and the gradient buffers (docs/design.md section 5, "One call"; the paths:
+section 3). Only this module calls a backend."""
 
 from __future__ import annotations
 
@@ -91,9 +59,8 @@ def plan(
     tp: TensorParallel | None,
     inputs: Iterable[torch.Tensor],
 ) -> Plan:
-    """Decide the call: ``labels`` flat int64, rows ``width`` columns wide on ``device``,
-    ``tp`` the tensor-parallel options (None: one device), ``inputs`` the tensors a gradient
-    may be wanted for."""
+    """Decide the call: ``labels`` flat int64, rows ``width`` wide on ``device``, ``tp``
+    None on one device, ``inputs`` the tensors a gradient may be wanted for."""
     backend = get_backend(params.backend, device)
     shard, tp = resolve(tp, width)
     check = params.check_inputs and host_checks_allowed(labels)
@@ -107,9 +74,9 @@ def plan(
 def _grad_in_forward(
     params: TOFUParams, shard: Shard, tp: TensorParallel | None, width: int, wants_grad: bool
 ) -> bool:
-    """The gradient in the forward needs a scalar upstream gradient (reduction "mean" or
-    "sum"), whole rows on one device, and a gradient wanted; ``grad_in_forward`` None takes
-    it wherever possible, False never, True requires it."""
+    """The path: gradient in the forward where possible (reduction "mean"/"sum", whole rows
+    on one device, a gradient wanted); ``grad_in_forward`` None: where possible, False:
+    never, True: required."""
     possible = params.reduction != "none" and tp is None and shard == Shard(0, width) and wants_grad
     if params.grad_in_forward and not possible:
         raise ValueError(
@@ -120,9 +87,8 @@ def _grad_in_forward(
 
 
 def refuse_double_backward(who: str) -> None:
-    """A backward asked to build a graph (``create_graph=True``: a second derivative) raises:
-    the gradient comes from a kernel with no derivative of its own, and a gradient that
-    silently stops the second derivative would be a wrong answer."""
+    """Raise in a backward asked for a second derivative (``create_graph=True``): the
+    kernels' gradient has no derivative, and silently dropping it would be a wrong answer."""
     if torch.is_grad_enabled():
         raise RuntimeError(
             f"{who}: a second derivative (backward with create_graph=True) is not supported: the gradient "
@@ -132,11 +98,8 @@ def refuse_double_backward(who: str) -> None:
 
 
 def training_rows(labels: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
-    """The rows of flat ``labels`` that train (not ``ignore_index``), in order, for a caller
-    that computes its logits itself and can leave the others out (the fused linear loss);
-    None when every row trains, or where finding them would need a host sync none may run
-    (torch.compile, CUDA-graph capture, fake tensors): then every row is computed. One host
-    sync (the number of rows)."""
+    """The rows of flat ``labels`` that train, in order (one host sync); None when every
+    row trains or no host sync may run (torch.compile, CUDA-graph capture, fake tensors)."""
     if not host_checks_allowed(labels):
         return None
     rows = (labels != ignore_index).nonzero().squeeze(1)
@@ -152,9 +115,8 @@ def new_grad(t: torch.Tensor) -> torch.Tensor:
 
 
 def grad_buffer(x: torch.Tensor, lay: RowLayout, inplace: bool) -> tuple[torch.Tensor, RowLayout]:
-    """Where the gradient of ``x`` is written, and its row layout: ``x`` itself (in place,
-    ``x`` must be dead after the loss), else a new contiguous buffer walked with ``x``'s
-    row grouping."""
+    """Where ``x``'s gradient goes, and its layout: ``x`` itself when ``inplace`` (``x``
+    must be dead after the loss), else a new contiguous buffer with ``x``'s row grouping."""
     if inplace:
         return x, lay
     return new_grad(x), dense_layout(lay)
@@ -162,8 +124,7 @@ def grad_buffer(x: torch.Tensor, lay: RowLayout, inplace: bool) -> tuple[torch.T
 
 def _overwritten(x: torch.Tensor, out: torch.Tensor) -> None:
     if out is x:
-        # The logits now hold the gradient: any later use of them through autograd (a
-        # second backward included) fails loudly instead of reading the overwritten values.
+        # the logits now hold the gradient: a later use through autograd fails loudly
         torch.autograd.graph.increment_version(x)
 
 
@@ -194,8 +155,7 @@ def rescale(p: Plan, out: torch.Tensor, out_lay: RowLayout, grad_out: torch.Tens
 
 
 def row_stats(p: Plan, x: torch.Tensor, lay: RowLayout, labels: torch.Tensor) -> Partials:
-    """Every row's partial statistics, as the backend leaves them (with this rank's metadata
-    record under tensor parallelism)."""
+    """Every row's partial statistics (and this rank's metadata record under TP)."""
     return p.backend.row_stats(x, lay, labels, p.shard, p.params, p.tp is not None)
 
 
@@ -205,11 +165,9 @@ def chunk_stats(
     labels: torch.Tensor,
     n_rows: int,
 ) -> Partials:
-    """The statistics of logits that arrive in chunks ``(r0, r1, z, lay)`` (rows
-    ``[r0, r1)``, each chunk's buffer free for reuse once the next is asked for): every
-    chunk's records merged into one ``[n_rows, len(Stat)]`` buffer, followed under tensor
-    parallelism by this rank's metadata record (and by the metric accumulators with metrics), for
-    one :func:`finish`."""
+    """:func:`row_stats` of logits that arrive in chunks ``(r0, r1, z, lay)`` (rows
+    ``[r0, r1)``; a chunk's buffer may be reused once the next is asked for), merged into
+    one :class:`Partials` for one :func:`finish`."""
     out = Partials(labels, n_rows, 1, has_meta=p.tp is not None, metrics=p.params.return_metrics)
     out = out._replace(data=torch.empty(out.per_rank(), dtype=torch.float32, device=labels.device))
     data = out.data[: (n_rows + int(out.has_meta)) * len(Stat)].view(-1, len(Stat))
@@ -233,10 +191,8 @@ def chunk_stats(
 
 
 def finish(p: Plan, parts: Partials, labels: torch.Tensor, reduction: Reduction) -> Epilogue:
-    """From this rank's partial records to the loss: under tensor parallelism, where inputs
-    are checked, the ranks' metadata records gathered and checked first (shards, token
-    counts; the label check then uses the global vocabulary), then the one all-gather of the
-    statistics; then the epilogue."""
+    """From this rank's partial records to the loss: under TP the checks and the all-gather
+    (docs/design.md section 4), then the epilogue."""
     vocab_size = p.shard.vocab_end
     if p.tp is not None:
         if p.check:  # the ranks' records first: a mismatch is the same error on every rank
@@ -245,10 +201,8 @@ def finish(p: Plan, parts: Partials, labels: torch.Tensor, reduction: Reduction)
                 p.params.ignore_index,
                 check_shards(exchange_meta(parts, p.tp), p.tp.explicit),
             )
-        parts, vocab_size = (
-            all_gather_stats(parts, p.tp),
-            None,
-        )  # the epilogue reads V from the ranks
+        parts = all_gather_stats(parts, p.tp)
+        vocab_size = None  # the epilogue reads V from the ranks
     return p.backend.epilogue(parts, labels, p.params, vocab_size, reduction)
 
 
@@ -273,19 +227,17 @@ def grad(
 
 
 def outputs(ctx, loss: torch.Tensor, ce: torch.Tensor, metrics: torch.Tensor | None) -> tuple:
-    """An autograd Function's outputs: the loss, the cross entropy and, only where asked
-    for, the metrics (no ``None`` output: torch.compile traces a fixed tuple of tensors);
-    all but the loss non-differentiable."""
+    """An autograd Function's outputs, all but the loss non-differentiable; the metrics only
+    where asked for (no ``None`` output: torch.compile traces a fixed tuple of tensors)."""
     out = (loss, ce) if metrics is None else (loss, ce, metrics)
     ctx.mark_non_differentiable(*out[1:])
     return out
 
 
 def results(params: TOFUParams, loss: torch.Tensor, ce: torch.Tensor, metrics, shape):
-    """What a loss call returns: ``loss``, then ``ce`` with ``return_ce``, then the
-    :class:`TokenMetrics` (per token, in ``shape``) with ``return_metrics``; a tuple when
-    more than the loss. ``metrics``: the ``[N, len(Metric)]`` records, or a list holding
-    them (a Function's trailing outputs)."""
+    """What a loss call returns: ``loss``, then ``ce`` and :class:`TokenMetrics` where asked
+    for (a tuple when more than the loss). ``metrics``: ``[N, len(Metric)]``, or a list
+    holding it (a Function's trailing outputs)."""
     out = (loss,) + ((ce,) if params.return_ce else ())
     if params.return_metrics:
         out += (TokenMetrics.of(metrics[0] if isinstance(metrics, list) else metrics, shape),)
@@ -293,8 +245,8 @@ def results(params: TOFUParams, loss: torch.Tensor, ce: torch.Tensor, metrics, s
 
 
 def empty_loss(labels: torch.Tensor, params: TOFUParams, *inputs: torch.Tensor):
-    """The result for zero tokens, or none that trains, nothing launched: zeros of the right
-    shapes (fp32), and a zero gradient for every input that requires one."""
+    """The result for no token that trains, nothing launched: fp32 zeros of the right
+    shapes, and a zero gradient for every input that requires one."""
     zero = sum(t.sum() for t in inputs) * 0.0
     per_token = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
     loss = per_token + zero if params.reduction == "none" else zero.float()
@@ -304,8 +256,8 @@ def empty_loss(labels: torch.Tensor, params: TOFUParams, *inputs: torch.Tensor):
 
 
 class LossModule(torch.nn.Module):
-    """Base of the loss modules: the :class:`TOFUParams` fixed at construction (and any
-    extra setting, e.g. ``chunk_size``, as an attribute), one repr."""
+    """Base of the loss modules: :class:`TOFUParams` fixed at construction, extra settings
+    (``chunk_size``) as attributes, one repr."""
 
     def __init__(self, params: TOFUParams, **extra):
         super().__init__()

@@ -1,14 +1,7 @@
-"""The compiled CUDA extension ``tofu_kernels._C``: whether it loaded, why not, and which cards
-its kernels run on.
-
-Importing ``_C`` registers the CUDA kernels of the ops :mod:`tofu_kernels.backends.gpu`
-defines (and carries the launch constants of ``csrc/tofu_kernels.h``). It can load without a
-GPU; where it was not built (no nvcc, a CPU-only torch, pip's isolated build) the CUDA backend
-is unavailable and :func:`extension_status` says why and what to run. ``_C.ARCHS`` names the
-architectures the build compiled (e.g. "sm_80 sm_90 sm_100 compute_100"): :func:`runs_on`
-decides from them whether the kernels run on a card, and the CUDA backend is available only
-on a card they run on.
-"""
+"""The compiled CUDA extension ``tofu_kernels._C``: whether it loaded (it can without a GPU),
+why not (:func:`extension_status`), and which cards its kernels run on (:func:`runs_on`, from
+``_C.ARCHS``, e.g. "sm_80 sm_90 sm_100 compute_100"). Importing it registers the CUDA kernels
+of the ops :mod:`tofu_kernels.backends.gpu` defines."""
 
 from __future__ import annotations
 

@@ -10,12 +10,8 @@ import torch
 
 @dataclass(frozen=True)
 class Shard:
-    """Which global vocab columns the last dim of a logits tensor holds.
-
-    Local column ``j < n_valid`` is global column ``vocab_start + j``; the remaining
-    columns of the row are padding and never contribute (their gradient is 0). A whole
-    row on one device is ``Shard(0, V)``.
-    """
+    """Local column ``j < n_valid`` is global column ``vocab_start + j``; the rest of the row
+    is padding (no contribution, gradient 0). A whole row on one device: ``Shard(0, V)``."""
 
     vocab_start: int
     n_valid: int
@@ -27,11 +23,8 @@ class Shard:
 
 @dataclass(frozen=True)
 class RowLayout:
-    """Rows of a [..., V] tensor addressed as ``(r // n_inner) * s_outer + (r % n_inner) * s_inner``.
-
-    Two strides cover contiguous [N, V] logits as well as Megatron's [s, b, v] tensor
-    seen as [b, s, v] (a transpose view), without a copy.
-    """
+    """Row ``r`` of a [..., V] tensor starts at ``(r // n_inner) * s_outer + (r % n_inner) *
+    s_inner`` (docs/design.md section 5, "Row layout")."""
 
     n_rows: int
     n_inner: int
@@ -41,11 +34,8 @@ class RowLayout:
 
 
 def row_layout(x: torch.Tensor) -> tuple[torch.Tensor, RowLayout]:
-    """Return ``x`` (copied once, deliberately, only if unavoidable) and its row layout.
-
-    The vocab dim must have stride 1 and the leading dims must collapse into at most
-    two strided groups; otherwise the tensor is made contiguous.
-    """
+    """``x`` and its row layout; ``x`` is copied only when its vocab dim's stride is not 1
+    or its leading dims do not collapse into two strided groups."""
     width = x.shape[-1]
     if x.stride(-1) != 1 and width > 1:
         x = x.contiguous()
@@ -70,9 +60,6 @@ def row_layout(x: torch.Tensor) -> tuple[torch.Tensor, RowLayout]:
 
 
 def dense_layout(lay: RowLayout) -> RowLayout:
-    """Layout of a contiguous tensor of the same shape, with the same row grouping.
-
-    Backends walk ``x`` and its gradient with one ``n_inner``, so a freshly allocated
-    contiguous gradient is described with ``x``'s grouping.
-    """
+    """Layout of a contiguous tensor of ``lay``'s shape with its row grouping (backends walk
+    ``x`` and its gradient with one ``n_inner``)."""
     return RowLayout(lay.n_rows, lay.n_inner, lay.n_inner * lay.width, lay.width, lay.width)

@@ -1,43 +1,6 @@
-"""Fused linear + TOFU: the loss of ``hidden @ weight.T`` without the N x V logits.
-
-For a model's last layer the logits are the memory: 8192 tokens x 128256 columns in bf16
-are 2 GB, their gradient another 2 GB. Here the rows go through in chunks of ``C`` tokens;
-only one ``[C, V]`` logits chunk exists at a time (docs/design.md section 8). Two ways
-through, both the core's (:mod:`tofu_kernels.core`), each chunk handled as a logits tensor:
-
-gradient in the forward (reduction "mean"/"sum" and a gradient wanted; 3 GEMMs):
-    per chunk:  z = h_c @ W.T                       GEMM 1, into one reused buffer
-                core.grad_in_forward(z -> z)        loss and dL/dz, in place, while each
-                                                    row is on chip (upstream gradient 1)
-                dh_c = alpha * z @ W                GEMM 2, straight into dhidden
-                dW  += alpha * z.T @ h_c            GEMM 3, accumulated in dW's dtype
-    backward:   core.rescale(dh, dW)                times the upstream gradient; nothing
-                                                    on the device when it is 1
-    ``alpha`` is the mean's 1 / (non-ignored tokens), folded into the GEMMs (counted on
-    the host: one sync per call, beside the label check's).
-
-two passes (reduction "none", or no gradient wanted; 4 GEMMs when a gradient is wanted):
-    forward:    z = h_c @ W.T per chunk into core.chunk_stats (the splits merged into one
-                [N, 4] buffer); one core.finish for all rows; the logits chunk is
-                dropped, the backward keeps one fp32 record per row
-    backward:   z = h_c @ W.T again; core.grad(z -> z) with the per-token upstream
-                gradient; GEMMs 2 and 3 as above
-
-vocabulary parallel (:func:`vocab_parallel_linear_tofu_loss`, weight sharded ``[V/tp, D]``):
-    the two-pass way on this rank's shard, with the tensor-parallel protocol of
-    :mod:`tofu_kernels.vocab_parallel`: every chunk's statistics records land in one
-    ``[N, 4]`` buffer with this rank's metadata record, ONE all-gather for all of them,
-    one epilogue; the backward recomputes the shard's logits per chunk and all-reduces
-    dhidden (the one collective of a column-parallel linear's backward;
-    ``reduce_hidden_grad=False`` leaves it to the caller, e.g. Megatron's
-    copy-to-tensor-parallel region).
-
-Precision: GEMMs accumulate in fp32 (cuBLAS / CPU BLAS) and round once to the inputs'
-dtype; the TOFU statistics are fp32 in the kernels. dW is the sum over chunks of one GEMM
-each, accumulated in dW's dtype: ceil(N / C) roundings instead of one (bf16: a relative
-error ~ sqrt(N / C) * 2^-9; tested against fp64). ``chunk_size`` trades memory for fewer
-roundings and larger GEMMs.
-"""
+"""Fused linear + TOFU: the loss of ``hidden @ weight.T`` with at most one ``[C, V]`` logits
+chunk alive, each chunk through the core's steps (docs/design.md section 8: the GEMMs of each
+path, memory, time, precision, the rows that train, vocabulary parallelism)."""
 
 from __future__ import annotations
 
@@ -65,7 +28,7 @@ __all__ = [
     "vocab_parallel_linear_tofu_loss",
 ]
 
-# The logits chunk's budget: 128 MiB, e.g. 512 rows of a 128256-column bf16 vocabulary.
+# The logits chunk's budget, e.g. 512 rows of a 128256-column bf16 vocabulary.
 CHUNK_BYTES = 128 << 20
 _N_INPUTS = 8  # arguments of _LinearTOFUFunction.forward after ctx
 
@@ -73,10 +36,9 @@ _N_INPUTS = 8  # arguments of _LinearTOFUFunction.forward after ctx
 @dataclass(frozen=True)
 class WeightGradSink:
     """Where the weight's gradient goes instead of autograd (two-pass path only): the
-    backward calls ``add(dlogits, hidden)`` per chunk, meaning ``grad += dlogits.T @ hidden``
-    into the caller's own buffer (e.g. Megatron's fp32 ``main_grad``, accumulated chunk by
-    chunk without rounding through the weight's dtype), and hands autograd ``returned()``
-    for the weight (None, or a placeholder the caller's hooks expect)."""
+    backward calls ``add(dlogits, hidden)`` per chunk (``grad += dlogits.T @ hidden`` into the
+    caller's buffer, e.g. Megatron's fp32 ``main_grad``) and hands autograd ``returned()``
+    (None, or a placeholder the caller's hooks expect)."""
 
     add: Callable[[torch.Tensor, torch.Tensor], None]
     returned: Callable[[], torch.Tensor | None]
@@ -91,8 +53,8 @@ def default_chunk_size(n_rows: int, vocab: int, element_size: int) -> int:
 
 
 def logit_chunks(hidden: torch.Tensor, weight: torch.Tensor, chunk: int):
-    """Yield ``(i, r0, r1, z, lay)``: the logits ``z = hidden[r0:r1] @ weight.T`` of each
-    chunk of rows, all in one reused ``[chunk, V]`` buffer (GEMM 1), and their row layout."""
+    """Yield ``(i, r0, r1, z, lay)``: each chunk's logits ``z = hidden[r0:r1] @ weight.T``
+    (GEMM 1) in one reused ``[chunk, V]`` buffer, and their row layout."""
     n = hidden.shape[0]
     buf = torch.empty(min(chunk, n), weight.shape[0], dtype=hidden.dtype, device=hidden.device)
     for i, r0 in enumerate(range(0, n, chunk)):
@@ -222,36 +184,26 @@ def linear_tofu_loss(
     normalizer: float | torch.Tensor | None = None,
     skip_ignored: bool = True,
 ):
-    """TOFU loss of ``hidden @ weight.T`` without materialising the logits.
+    """TOFU loss of ``hidden @ weight.T`` without materialising the logits (docs/api.md).
 
     Args:
-        hidden: ``[..., D]`` float32/bfloat16/float16 (the last hidden states).
+        hidden: ``[..., D]`` fp32/bf16/fp16 (the last hidden states).
         weight: ``[V, D]`` the output layer's weight, same dtype (no bias).
         labels: ``[...]`` (``hidden``'s leading shape) target ids or ``ignore_index``.
         gamma, beta, ignore_index, reduction, backend, return_ce, return_metrics,
-            check_inputs: as in :func:`tofu_kernels.tofu_loss` (the metrics: per-token
-            entropy and top-1 of the logits ``hidden @ weight.T``, made in the same pass).
-        chunk_size: tokens per chunk (default :func:`default_chunk_size`: a 128 MiB
-            logits chunk). Extra memory is one ``[chunk, V]`` logits chunk, plus, for
-            reduction "mean"/"sum", the two gradients (computed in the forward).
+            check_inputs: as in :func:`tofu_kernels.tofu_loss`.
+        chunk_size: tokens per chunk (default :func:`default_chunk_size`). Extra memory:
+            one ``[chunk, V]`` logits chunk, plus both gradients for "mean"/"sum".
         normalizer: with ``reduction="mean"``, divide the summed loss by this positive
-            number instead of the count of non-ignored tokens (e.g. Hugging Face's
-            ``num_items_in_batch``, the count over all micro-batches); folded into the
-            GEMMs, so the backward has nothing to rescale.
-        skip_ignored: compute the output layer only for the rows that train (labels not
-            ``ignore_index``): the GEMMs, the statistics and the gradients run over those
-            rows, gathered once; the others get loss 0, metrics 0 and a zero gradient in
-            ``hidden``, and add nothing to ``weight``'s. One host sync finds them (for a
-            mean, the token count comes from it: no second sync). Eager mode only: under
-            CUDA-graph capture or torch.compile every row is computed (the same result).
-            False computes every row.
+            number instead of the non-ignored token count (Hugging Face's
+            ``num_items_in_batch``).
+        skip_ignored: compute only the rows that train (one host sync, eager mode); the
+            others get loss 0, metrics 0 and zero gradients, as computing them would.
 
     Returns:
-        fp32 loss (scalar, or ``labels``' shape for ``"none"``), followed by ``ce`` and the
-        metrics where asked for (as :func:`tofu_kernels.tofu_loss`). Gradients flow into ``hidden``
-        and ``weight`` in their dtype. Under autocast both
-        are cast to the autocast dtype first, as ``nn.Linear`` would. Eager mode only (a
-        Python loop over chunks).
+        As :func:`tofu_kernels.tofu_loss`. Gradients flow into ``hidden`` and ``weight`` in
+        their dtype; under autocast both are cast first, as ``nn.Linear`` would. Eager mode
+        only (a Python loop over chunks).
     """
     params = TOFUParams(
         gamma=gamma,
@@ -295,25 +247,21 @@ def vocab_parallel_linear_tofu_loss(
     vocab_end: int | None = None,
     reduce_hidden_grad: bool = True,
 ):
-    """:func:`linear_tofu_loss` with the output layer's weight sharded over the vocabulary.
+    """:func:`linear_tofu_loss` with the output layer's weight sharded over the vocabulary
+    (its GEMMs and collectives: docs/design.md section 8).
 
     Args:
         hidden: ``[..., D]``, identical on every rank of ``group``.
-        weight_shard: ``[Vr, D]`` this rank's rows of the weight (Megatron's
-            column-parallel output layer), same dtype as ``hidden``.
+        weight_shard: ``[Vr, D]`` this rank's rows of the weight, same dtype as ``hidden``.
         labels: ``[...]`` global ids (identical on all ranks) or ``ignore_index``.
-        gamma ... skip_ignored: as in :func:`linear_tofu_loss` (every rank skips the same
-            rows: the labels are the same on every rank, so the collectives keep their sizes).
+        gamma ... skip_ignored: as in :func:`linear_tofu_loss`.
         group, vocab_start, vocab_end: as in :func:`tofu_kernels.vocab_parallel_tofu_loss`
             (rows ``[vocab_end - vocab_start, Vr)`` of the shard are padding).
-        reduce_hidden_grad: all-reduce ``hidden``'s gradient over ``group`` in the backward
-            (each rank's shard contributes a part). False when the caller reduces it, as
-            Megatron's copy-to-tensor-parallel region does.
+        reduce_hidden_grad: all-reduce ``hidden``'s gradient over ``group`` in the backward;
+            False when the caller does (Megatron's copy-to-tensor-parallel region).
 
-    One all-gather in the forward (the per-token statistics and a metadata record: its bytes
-    in docs/design.md section 4), the logits of the shard recomputed in the backward (4
-    GEMMs on the shard), one all-reduce of ``hidden``'s gradient. The loss is identical on
-    every rank; ``weight_shard`` gets its rows' gradient (0 in padding rows).
+    The loss is identical on every rank; ``weight_shard`` gets its rows' gradient (0 in
+    padding rows).
     """
     params = TOFUParams(
         gamma=gamma,
@@ -351,15 +299,13 @@ def loss_of_hidden(
     reduce_hidden_grad: bool = True,
     weight_grad: WeightGradSink | None = None,
 ):
-    """The TOFU loss of ``hidden @ weight.T`` under ``params`` (``weight`` this rank's
-    ``[V/tp, D]`` rows with ``tp``): what :func:`linear_tofu_loss` and
-    :func:`vocab_parallel_linear_tofu_loss` return, with their keywords; ``weight_grad``
-    sends the weight's gradient to a :class:`WeightGradSink` (reduction "none" only: the
-    two-pass path)."""
+    """What :func:`linear_tofu_loss` and :func:`vocab_parallel_linear_tofu_loss` return,
+    under a ready ``params`` (``weight`` this rank's rows with ``tp``); ``weight_grad``: a
+    :class:`WeightGradSink` (reduction "none" only)."""
     dev = hidden.device.type if isinstance(hidden, torch.Tensor) else None
     if dev is not None and torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
-        # what nn.Linear does under autocast: the GEMMs in the autocast dtype (the casts are
-        # differentiable: gradients come back in the inputs' own dtypes)
+        # as nn.Linear: GEMMs in the autocast dtype (differentiable casts: gradients come
+        # back in the inputs' dtypes)
         dt = torch.get_autocast_dtype(dev)
         hidden, weight = hidden.to(dt), weight.to(dt)
         with torch.autocast(dev, enabled=False):
@@ -425,8 +371,7 @@ def loss_of_hidden(
 
 
 def _spread(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
-    """Per-row ``values`` of the rows that trained, at their places among ``n`` rows; 0 elsewhere
-    (differentiable: the gradient of row ``rows[i]`` flows to ``values[i]``)."""
+    """Per-row ``values`` of ``rows`` put back among ``n`` rows, 0 elsewhere (differentiable)."""
     return values.new_zeros((n, *values.shape[1:])).index_copy(0, rows, values)
 
 

@@ -1,12 +1,5 @@
-"""Autograd function, functional API and nn.Module for the TOFU loss over logits.
-
-One ``autograd.Function`` serves the single-device and the vocab-parallel paths; the
-order of the steps, the path (gradient in the forward or two passes) and the host checks
-are the core's (``core.py``, docs/design.md section 3). :func:`loss_of_logits` is the entry
-for a ready :class:`~tofu_kernels.params.TOFUParams` (the Megatron patch and the Hugging
-Face entry points build theirs once); the public functions build one per call from their
-keywords.
-"""
+"""The TOFU loss over logits: one autograd Function over the core (``core.py``) for the
+single-device and vocab-parallel paths, the public functions and :class:`TOFULoss`."""
 
 from __future__ import annotations
 
@@ -39,9 +32,8 @@ class _TOFUFunction(torch.autograd.Function):
             loss, ce = epi.loss.view(shape), epi.ce.view(shape)
         else:
             loss, ce = epi.loss_red, epi.ce_red
-        ctx.set_materialize_grads(
-            False
-        )  # no zeros kernel for the cross entropy's (absent) gradient
+        # no zeros kernel for the cross entropy's (absent) gradient
+        ctx.set_materialize_grads(False)
         return core.outputs(ctx, loss, ce, epi.metrics)
 
     @staticmethod
@@ -70,7 +62,7 @@ class _TOFUFunction(torch.autograd.Function):
 def loss_of_logits(
     logits: torch.Tensor, labels: torch.Tensor, params: TOFUParams, tp: TensorParallel | None = None
 ):
-    """The TOFU loss of ``logits`` ``[..., V]`` (``[..., V/tp]`` with ``tp``) under
+    """The loss of ``logits`` ``[..., V]`` (``[..., V/tp]`` with ``tp``) under a ready
     ``params``: what :func:`tofu_loss` and :func:`vocab_parallel_tofu_loss` return."""
     check_tensors(logits, labels)
     if params.inplace_backward and logits.is_leaf and logits.requires_grad:
@@ -102,44 +94,29 @@ def tofu_loss(
     check_inputs: bool = True,
     grad_in_forward: bool | None = None,
 ):
-    """Tempered Focal loss over full-vocab logits.
+    """Tempered Focal loss over full-vocab logits (every argument in full: docs/api.md).
 
     Args:
-        logits: ``[..., V]`` float32/bfloat16/float16, any leading shape; strided views
-            (e.g. ``[s, b, V].transpose(0, 1)``) are read without a copy when the vocab
-            dim has stride 1.
-        labels: ``[...]`` int64/int32 target ids in ``[0, V)`` or ``ignore_index``.
+        logits: ``[..., V]`` fp32/bf16/fp16; strided views with a stride-1 vocab dim are
+            read without a copy.
+        labels: ``[...]`` int64/int32 ids in ``[0, V)`` or ``ignore_index``.
         gamma: focal exponent >= 0 (0 with beta = 1 is cross entropy).
         beta: softmax temperature > 0.
-        ignore_index: label of tokens that carry no loss and get a zero gradient.
-        reduction: ``"mean"`` over non-ignored tokens (0.0 with zero gradient when all
-            are ignored), ``"sum"`` or ``"none"`` (fp32, shape of ``labels``).
-        backend: ``"auto"`` (CUDA extension, else Triton on a GPU; torch on CPU),
-            ``"cuda"``, ``"triton"`` or ``"torch"``.
-        inplace_backward: write the gradient into ``logits``' storage (they must be dead
-            after the loss). Off by default: inputs are never modified otherwise.
-        return_ce: also return the plain cross entropy ``LSE(z) - z_t``, reduced the same
-            way and detached, for logging perplexity next to the TOFU loss.
-        return_metrics: also return a :class:`~tofu_kernels.records.TokenMetrics` per token
-            (``labels``' shape, fp32, detached, 0 at ignored tokens): ``entropy`` of the
-            untempered softmax and ``top1`` (1.0 where the target is the row's first maximum,
-            ``argmax == target``), made in the same pass (two more fp32 accumulators per
-            row, no more exponentials).
-        check_inputs: raise on labels outside ``[0, V)`` (one host sync, eager mode
-            only). Without the check, or under torch.compile / CUDA-graph capture, such
-            tokens get a NaN loss and gradient.
-        grad_in_forward: with ``reduction="mean"/"sum"`` the upstream gradient is one
-            scalar, so the gradient is computed in the forward while each row is still on
-            chip (2 + 2 bytes per bf16 element instead of 2 + 2 + 2) and the backward only
-            multiplies it by the upstream gradient, on the device and not at all when that
-            is 1 (the usual ``loss.backward()``). None (default): whenever possible;
-            False: the two-pass path (backward through the graph more than once needs it);
-            True: required, an error where impossible.
+        ignore_index: label of tokens with no loss and a zero gradient.
+        reduction: ``"mean"`` over non-ignored tokens (0.0 when all are ignored), ``"sum"``
+            or ``"none"``.
+        backend: ``"auto"``, ``"cuda"``, ``"triton"`` or ``"torch"``.
+        inplace_backward: write the gradient into ``logits`` (dead after the loss).
+        return_ce: also return the plain cross entropy, reduced the same way, detached.
+        return_metrics: also return :class:`~tofu_kernels.records.TokenMetrics` per token.
+        check_inputs: raise on labels outside ``[0, V)`` (one host sync, eager only);
+            unchecked, they give NaN.
+        grad_in_forward: None: the gradient in the forward where possible; False: two
+            passes (needed to backward twice); True: required.
 
     Returns:
-        fp32 loss (scalar, or ``labels``' shape for ``"none"``), followed by ``ce`` with
-        ``return_ce`` and the metrics with ``return_metrics`` (a tuple when either is asked).
-        The gradient has the logits' dtype.
+        fp32 loss (scalar, or ``labels``' shape for ``"none"``), then ``ce`` and the metrics
+        where asked for (a tuple then). The gradient has the logits' dtype.
     """
     params = TOFUParams(
         gamma=gamma,
@@ -173,28 +150,24 @@ def vocab_parallel_tofu_loss(
     vocab_start: int | None = None,
     vocab_end: int | None = None,
 ):
-    """TOFU loss over logits whose vocab dim is sharded across ``group``.
+    """TOFU loss over logits whose vocab dim is sharded across ``group`` (docs/api.md).
 
     Args:
         logits_shard: ``[..., Vr]`` this rank's columns (fp32/bf16/fp16, strided views ok).
         labels: ``[...]`` global ids (identical on all ranks) or ``ignore_index``.
         gamma, beta, ignore_index, reduction, backend, inplace_backward, return_ce,
-            return_metrics: as in :func:`tofu_loss` (the same keywords in the same order);
-            ``reduction`` defaults to ``"none"``, what Megatron's loss entry returns; the
-            metrics' two accumulators travel in the same all-gather (8 B more per token).
-        check_inputs: host checks in eager mode (labels in ``[0, V)``, shard ranges
-            tiling ``[0, V)``, equal widths and token counts); without them invalid
-            labels give NaN.
-        group: the tensor-parallel process group (None: the default group; no
-            communication at all when torch.distributed is not initialized or the
-            world size is 1).
-        vocab_start, vocab_end: the global columns this rank holds as its first
-            ``vocab_end - vocab_start`` local columns (default ``rank * Vr`` and
-            ``+ Vr``); the rest of the row is padding and never contributes.
+            return_metrics: as in :func:`tofu_loss`; ``reduction`` defaults to ``"none"``.
+        check_inputs: eager host checks: labels in ``[0, V)``, shard ranges tiling
+            ``[0, V)``, equal widths and token counts; unchecked, invalid labels give NaN.
+        group: the tensor-parallel group (None: the default group; no communication
+            without an initialized process group or at world size 1).
+        vocab_start, vocab_end: the global columns held in the first ``vocab_end -
+            vocab_start`` local columns (default ``rank * Vr`` and ``+ Vr``); the rest is
+            padding.
 
     Returns:
-        fp32 per-token loss of ``labels``' shape (for ``reduction="none"``), identical
-        on every rank; the gradient flows into this rank's shard only.
+        fp32 loss as :func:`tofu_loss`, identical on every rank; the gradient flows into
+        this rank's shard only.
     """
     params = TOFUParams(
         gamma=gamma,

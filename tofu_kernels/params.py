@@ -1,12 +1,6 @@
-"""The loss's settings: defaults, the validity rules, and the one frozen object carrying them.
-
-Everything that is not a tensor travels from where it is set (the public functions'
-keywords, ``TOFULoss``, Megatron's ``--tofu-gamma/--tofu-beta``, the Hugging Face entry
-points) to the kernels' arguments as one :class:`TOFUParams`, made and validated once
-there and handed on unchanged (core -> backend -> op). The defaults and the rules are
-written here and nowhere else; Megatron's argument parser applies the gamma/beta rules to
-its flags (``gamma_error``, ``beta_error``) so that a bad flag is refused at parse time.
-"""
+"""The loss's settings: defaults, the validity rules (written here and nowhere else), and
+:class:`TOFUParams`, the one frozen object that carries every non-tensor setting from where it
+is set to the kernels (docs/design.md section 5)."""
 
 from __future__ import annotations
 

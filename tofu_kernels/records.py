@@ -1,14 +1,6 @@
-"""The fp32 records the loss passes between its steps, named once (docs/design.md section 5).
-
-Every backend reads and writes these layouts: the Triton kernels as compile-time field
-offsets, the CUDA kernels through ``csrc/tofu_math.cuh`` (namespaces ``tofu::stat``,
-``tofu::gparam``, ``tofu::meta``, ``tofu::reduced``, ``tofu::reduction``, ``tofu::metric``,
-``tofu::macc``;
-a test compares the two field by field). A record is a row of an fp32 tensor whose last dimension is the
-record's length; a field is an index into it.
-
-The math that fills them is :mod:`tofu_kernels.tofu_math`.
-"""
+"""The fp32 records the loss passes between its steps, named once; ``csrc/tofu_math.cuh``
+mirrors them (docs/design.md section 5). A record is a row of an fp32 tensor whose last
+dimension is the record's length; a field is an index into it."""
 
 from __future__ import annotations
 
@@ -33,64 +25,47 @@ __all__ = [
 
 
 class Stat(IntEnum):
-    """Statistics of one row, or of part of it: ``[..., len(Stat)]``.
-
-    ``M = max_j z_j`` over the columns seen, ``S1 = sum_j exp(z_j - m)``,
-    ``SB = sum_j exp((z_j - m) / beta)``, ``ZT`` the target logit (0 when the target is not
-    among the columns). A part that saw no column is ``(-inf, 0, 0, 0)``.
-    """
+    """Statistics of (part of) a row: ``M = max z``, ``S1 = sum exp(z - m)``, ``SB = sum
+    exp((z - m) / beta)``, ``ZT`` the target logit (0 if not among the columns); a part that
+    saw no column is ``(-inf, 0, 0, 0)``."""
 
     M, S1, SB, ZT = 0, 1, 2, 3
 
 
 class Metric(IntEnum):
-    """The optional per-row metrics (``return_metrics=True``): ``[N, len(Metric)]`` fp32.
-
-    ``ENTROPY`` of the untempered softmax, ``-sum_j p_j log p_j = log S1 - E / S1`` with the
-    accumulator ``E`` of the statistics pass (:class:`MetricAcc`); ``TOP1`` 1.0 when the
-    target is the row's first maximum (``z_t == m`` and every column before the target is
-    below ``m``: ``argmax == target``, as greedy decoding and TRL's ``mean_token_accuracy``
-    count ties), else 0.0. Both 0 for ignored rows, NaN for invalid labels.
-    """
+    """The per-row metrics (``return_metrics``): ``ENTROPY`` of the untempered softmax,
+    ``log S1 - E / S1``; ``TOP1`` 1.0 where the target is the row's first maximum (``argmax
+    == target``, ties as greedy decoding counts them). 0 for ignored rows, NaN for invalid
+    labels."""
 
     ENTROPY, TOP1 = 0, 1
 
 
 class MetricAcc(IntEnum):
-    """The metric accumulators of one part of a row (they follow the statistics in
-    :class:`Partials` when metrics are asked for): ``[..., len(MetricAcc)]`` fp32.
-
-    ``E = sum_j exp(z_j - m) (z_j - m)`` over the part's columns (merged like ``S1``, moved to
-    the common max); ``BEFORE`` the largest logit among the part's columns before the target
-    (global column ``< label``; -inf if none), merged by max: the target is the first
-    maximum when ``z_t == m`` and ``BEFORE < m``.
-    """
+    """The metric accumulators of (part of) a row: ``E = sum exp(z - m) (z - m)`` (merged like
+    ``S1``), ``BEFORE`` the largest logit before the target column (-inf if none; merged by
+    max): the target is the first maximum when ``z_t == m`` and ``BEFORE < m``."""
 
     E, BEFORE = 0, 1
 
 
 class GradParam(IntEnum):
-    """What the backward kernel reads per row: ``[N, len(GradParam)]``.
-
-    ``G`` the focal weight (0 for ignored rows), ``M`` the global row max, ``LOG_SB = log Sb``
-    (so ``q_j = exp((z_j - m) / beta - log Sb)``) and ``QT_M1 = q_t - 1 = expm1(log q_t)``.
-    The gradient kernel folds ``coef = upstream_i * scale * G`` in fp32 itself.
-    """
+    """What the backward kernel reads per row: ``G`` the focal weight (0 for ignored rows),
+    ``M`` the global row max, ``LOG_SB = log Sb`` and ``QT_M1 = q_t - 1 = expm1(log q_t)``."""
 
     G, M, LOG_SB, QT_M1 = 0, 1, 2, 3
 
 
 class Meta(IntEnum):
-    """A rank's metadata record under tensor parallelism: one ``len(Stat)``-wide record of
-    int32 bits after the rank's statistics, sent in the same all-gather."""
+    """A rank's metadata record under tensor parallelism: int32 bits in one statistics
+    record after the rank's statistics."""
 
     VOCAB_START, VOCAB_END, WIDTH, ROWS = 0, 1, 2, 3
 
 
 class Reduced(IntEnum):
-    """The reduced outputs of a forward, fp32 ``[len(Reduced)]``: the loss and the cross
-    entropy (summed, or the mean over non-ignored tokens) and ``SCALE`` (1 / that token
-    count for a mean, else 1), which the backward multiplies in."""
+    """A forward's reduced loss and cross entropy, and ``SCALE`` (1 / the token count for a
+    mean, else 1), which the backward multiplies in."""
 
     LOSS, CE, SCALE = 0, 1, 2
 
@@ -115,16 +90,10 @@ def meta_record(vocab_start: int, vocab_end: int, width: int, rows: int, device)
 
 
 class Partials(NamedTuple):
-    """Partial :class:`Stat` records of every row as the statistics step leaves them.
-
-    ``data`` is flat fp32: rank ``w`` (tensor-parallel ranks, 1 on a single device) starts
-    at ``w * rank_stride`` floats and holds ``n_rows * splits`` records, row-major
-    (``splits`` column chunks per row), followed under tensor parallelism by one metadata
-    record (:class:`Meta`), followed with ``metrics`` (metrics asked for) by the metric
-    accumulators: ``n_rows * splits`` :class:`MetricAcc` records of the same parts (so the one all-gather
-    carries them too; without metrics nothing is written or sent). Every part of a row is
-    merged by the epilogue, in a fixed order.
-    """
+    """Every row's partial records as the statistics step leaves them. ``data`` is flat fp32:
+    rank ``w``'s block starts at ``w * rank_stride`` floats and holds ``n_rows * splits``
+    :class:`Stat` records (row-major), then with ``has_meta`` one :class:`Meta` record, then
+    with ``metrics`` ``n_rows * splits`` :class:`MetricAcc` records."""
 
     data: torch.Tensor
     n_rows: int
@@ -135,7 +104,7 @@ class Partials(NamedTuple):
     metrics: bool = False  # the metric accumulators follow
 
     def per_rank(self) -> int:
-        """Floats of one rank's block: records, metadata record, metric accumulators."""
+        """Floats of one rank's block."""
         parts = self.n_rows * self.splits
         return (parts + int(self.has_meta)) * len(Stat) + parts * len(MetricAcc) * int(self.metrics)
 
@@ -168,11 +137,9 @@ class Partials(NamedTuple):
 
 
 class Epilogue(NamedTuple):
-    """What the forward's O(N) step leaves: per-row loss and cross entropy ``[N]``, the
-    backward's record ``[N, len(GradParam)]`` (None where the gradient was made in the
-    forward), the :class:`Reduced` values as one-element views (``scale`` keeps its
-    dimension: the gradient kernels read it as a tensor), and the :class:`Metric` records
-    ``[N, len(Metric)]`` (None unless metrics were asked for)."""
+    """What the forward's O(N) step leaves: per-row ``loss`` and ``ce``, ``grad_rec`` (None
+    with the gradient in the forward), the :class:`Reduced` values (``scale`` keeps its
+    dimension: the kernels read a tensor), ``metrics`` (None unless asked for)."""
 
     loss: torch.Tensor
     ce: torch.Tensor
@@ -198,10 +165,10 @@ class Epilogue(NamedTuple):
 
 
 class TokenMetrics(NamedTuple):
-    """What ``return_metrics=True`` adds to a loss's result, per token (``labels``' shape,
-    fp32, no gradient): the entropy of the untempered next-token distribution and ``top1``,
-    1.0 where the target is a most likely token (their sums over non-ignored tokens are
-    TRL's ``entropy`` and ``mean_token_accuracy`` numerators). 0 at ignored tokens."""
+    """What ``return_metrics=True`` adds, per token (``labels``' shape, fp32, no gradient, 0
+    at ignored tokens): the entropy of the untempered softmax and ``top1`` (1.0 where the
+    target is a most likely token); summed, TRL's ``entropy`` and ``mean_token_accuracy``
+    numerators."""
 
     entropy: torch.Tensor
     top1: torch.Tensor

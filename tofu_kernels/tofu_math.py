@@ -1,17 +1,6 @@
-"""The TOFU math of the fast path, in one place (docs/design.md section 2).
-
-Every backend computes, in one read of the logits, the per-row statistics record
-(:class:`~tofu_kernels.records.Stat`: m, S1, Sb, z_t), merges partial records with
-:func:`combine_stats` (vocab splits inside one kernel, or tensor-parallel ranks), and turns
-the merged record into the loss, the focal weight and the backward's per-row record with
-:func:`finalize_stats`. Here they are plain torch, which the torch backend runs; the Triton
-kernels write the same formulas (``triton_kernels._finalize``) and ``csrc/tofu_math.cuh`` is
-their CUDA twin (same records, same formulas; ``tests/kernels/test_cuda_ext.py`` ties the two
-together). The records themselves are named in :mod:`tofu_kernels.records`.
-
-The float64 specification the tests compare against is elsewhere
-(:mod:`tofu_kernels.reference`); nothing in the fast path imports it.
-"""
+"""The TOFU math on the :mod:`~tofu_kernels.records`, in plain torch (docs/design.md section
+2): what the torch backend runs, and what ``triton_kernels._finalize`` and ``csrc/tofu_math.cuh``
+(tested against it) write again."""
 
 from __future__ import annotations
 
@@ -34,8 +23,7 @@ __all__ = [
 
 
 class RowResult(NamedTuple):
-    """Per-row outputs of :func:`finalize_stats` (fp32, shape [N]); ``tofu::RowOut`` in
-    ``csrc/tofu_math.cuh`` has the same fields in the same order."""
+    """Per-row outputs of :func:`finalize_stats` (fp32 [N]); ``tofu::RowOut``'s fields."""
 
     loss: torch.Tensor  # -g * beta * log q_t; 0 for ignored rows, NaN for invalid labels
     ce: torch.Tensor  # plain cross entropy LSE(z) - z_t (for logging perplexity)
@@ -46,17 +34,11 @@ class RowResult(NamedTuple):
 
 
 def focal_weight(log_p: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Detached focal weight g(p) = (1-p)^gamma - gamma p (1-p)^(gamma-1) log p.
+    """Focal weight g(p) = (1-p)^gamma - gamma p (1-p)^(gamma-1) log p, in ``log_p``'s dtype.
 
-    Evaluated in log space so that it is finite everywhere (the direct formula gives
-    0 * inf = NaN at p -> 1 for gamma < 1 and 0 * -inf at p -> 0):
-
-        om = 1 - p = -expm1(log p)          (no cancellation near p = 1)
-        g  = om^gamma * (1 + gamma * p * r),  r = -log p / om  (-> 1 as p -> 1)
-
-    which is the same expression as om^(gamma-1) * (om - gamma p log p). Limits:
-    g = 1 for gamma = 0; g -> 0 as p -> 1 for gamma > 0; p * r -> 0 as p -> 0.
-    Computed in the dtype of ``log_p`` (fp32 in the kernels).
+    Written ``om^gamma * (1 + gamma * p * r)``, ``om = -expm1(log p)``, ``r = -log p / om``
+    (-> 1 as p -> 1), finite everywhere where the direct formula gives 0 * inf (the
+    derivation and limits: docs/design.md section 2).
     """
     if gamma == 0.0:
         return torch.ones_like(log_p)
@@ -70,30 +52,24 @@ def focal_weight(log_p: torch.Tensor, gamma: float) -> torch.Tensor:
 
 
 def entropy_terms(d: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-    """The entropy accumulator's terms ``exp(z_j - m) (z_j - m)`` from ``d = z_j - m`` and
-    ``e = exp(d)``: no new exponential. ``d = -inf`` (a -inf logit, a masked column) gives 0,
-    the limit, never ``0 * -inf``."""
+    """``exp(d) d`` from ``d = z - m`` and ``e = exp(d)`` (no new exponential); 0 at
+    ``d = -inf``, the limit, never ``0 * -inf``."""
     return e * d.clamp(min=-torch.finfo(d.dtype).max)
 
 
 def before_target_max(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """:attr:`MetricAcc.BEFORE` of rows ``z[N, C]``: the largest logit among the columns
-    before each row's target column ``t[N]`` (relative to ``z``'s first column; any
-    integer: all columns count when ``t >= C``, none when ``t <= 0``), -inf if none."""
+    """:attr:`MetricAcc.BEFORE` of rows ``z[N, C]``: the largest logit before column
+    ``t[N]`` (any integer, relative to ``z``'s first column), -inf if none."""
     cols = torch.arange(z.shape[-1], device=z.device)
     return torch.where(cols < t.unsqueeze(-1), z, -math.inf).amax(dim=-1)
 
 
 def combine_stats(stats: torch.Tensor, beta: float, dim: int, accs: torch.Tensor | None = None):
-    """Merge partial :class:`Stat` records along ``dim`` (vocab splits or TP ranks).
-
-    ``M = max m_r``, ``S1 = sum S1_r exp(m_r - M)``, ``Sb = sum Sb_r exp((m_r - M)/beta)``,
-    ``z_t = sum zt_r``. A part that saw no column (m_r = -inf, S = 0) contributes 0.
-    The result drops ``dim``. With ``accs`` (the parts' :class:`MetricAcc` records, ``stats``'
-    shape with a last dim of ``len(MetricAcc)``), also the merged accumulators: returns
-    ``(stats, acc)`` with ``E = sum exp(m_r - M) (E_r + (m_r - M) S1_r)`` (each part's
-    ``E_r = sum exp(z - m_r) (z - m_r)`` moved to the common max) and ``BEFORE = max_r
-    BEFORE_r``.
+    """Merge partial :class:`Stat` records along ``dim`` (vocab splits or TP ranks), which
+    the result drops: ``M = max m_r``, ``S1 = sum S1_r exp(m_r - M)``, ``Sb`` likewise at
+    ``1 / beta``, ``z_t = sum zt_r``; an empty part adds 0. With ``accs`` (the parts'
+    :class:`MetricAcc` records) returns ``(stats, accs)`` merged: ``E = sum exp(m_r - M)
+    (E_r + (m_r - M) S1_r)``, ``BEFORE = max BEFORE_r``.
     """
     m, s1, sb, zt = (stats[..., f] for f in Stat)
     big_m = m.amax(dim=dim, keepdim=True)
@@ -121,12 +97,9 @@ def finalize_stats(
     ignore_index: int,
     vocab_size: int | torch.Tensor,
 ) -> RowResult:
-    """Loss, focal weight and backward scalars from merged records ``stats[N, len(Stat)]``.
-
-    ``labels`` are global ids; a label that is neither ``ignore_index`` nor in
-    ``[0, vocab_size)`` yields NaN loss and g (never a plausible number), which is all a
-    kernel can do where no host check is possible (CUDA graphs, torch.compile).
-    """
+    """Loss, focal weight and backward scalars from merged records ``stats[N, len(Stat)]``;
+    a global label neither ``ignore_index`` nor in ``[0, vocab_size)`` gives NaN (never a
+    plausible number: no host check runs under CUDA graphs or torch.compile)."""
     m, s1, sb, zt = (stats[..., f] for f in Stat)
     ignored = labels == ignore_index
     invalid = ~ignored & ((labels < 0) | (labels >= vocab_size))
@@ -161,11 +134,8 @@ def row_metrics(
     vocab_size: int | torch.Tensor,
 ) -> torch.Tensor:
     """The :class:`~tofu_kernels.records.Metric` records ``[N, len(Metric)]`` from merged
-    statistics and :class:`~tofu_kernels.records.MetricAcc` records: entropy
-    ``log S1 - E / S1`` (of the untempered softmax: ``-sum p log p`` with
-    ``log p_j = (z_j - m) - log S1``), and top-1 ``z_t == m and BEFORE < m`` (the target is
-    the first maximum: ``argmax == target``). 0 for ignored rows, NaN for invalid labels (as
-    :func:`finalize_stats`)."""
+    statistics and :class:`~tofu_kernels.records.MetricAcc` records; 0 for ignored rows,
+    NaN for invalid labels."""
     m, s1, zt = stats[..., Stat.M], stats[..., Stat.S1], stats[..., Stat.ZT]
     e, before = accs[..., MetricAcc.E], accs[..., MetricAcc.BEFORE]
     ignored = labels == ignore_index

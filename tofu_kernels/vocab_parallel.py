@@ -1,24 +1,6 @@
-"""Tensor parallelism over the vocabulary: where a rank's columns sit, and the one collective.
-
-Each rank holds a contiguous slice of the vocabulary (Megatron's layout: rank r holds
-global columns [r * Vr, (r + 1) * Vr), or an explicit [vocab_start, vocab_end) for
-uneven or padded shards). The loss (``core.py``) computes each rank's row statistics
-with the same backend kernels as the single-device path, :func:`all_gather_stats`
-exchanges them in ONE all-gather, and every rank's epilogue merges them in the same
-order, so that every rank computes the same loss; the backward needs no collective
-(every rank holds the global max, log Sb and g).
-
-Why one all-gather of the statistics rather than Megatron's three all-reduces (MAX, SUM,
-SUM) or MAX + one packed SUM: the merge needs every rank's (m, S1, Sb) before any sum can
-be formed, and the payload is small, so the step is latency-bound and one collective beats
-two or three, although it moves more bytes at every real tp (the bytes per token and the
-comparison: docs/design.md section 4; what the metrics add: section 2). The metadata record
-(``records.Meta``: each rank's vocab_start, vocab_end, width and rows as int32 bits) rides
-in the same collective: the epilogue reads the global vocab size from it on the device.
-Calls that check their inputs exchange the metadata records alone first
-(:func:`exchange_meta`), because the statistics' all-gather needs equal token counts
-before it can run.
-"""
+"""Tensor parallelism over the vocabulary: a rank's columns, the shard checks, and the
+collectives of the protocol (docs/design.md section 4: why one all-gather, its bytes, the
+metadata record and the check's exchange before it)."""
 
 from __future__ import annotations
 
@@ -36,13 +18,8 @@ assert len(Meta) == len(Stat), "the metadata record travels as one statistics re
 
 @dataclass(frozen=True)
 class TensorParallel:
-    """Tensor-parallel options of :func:`tofu_kernels.vocab_parallel_tofu_loss`.
-
-    ``group``: the tensor-parallel process group (None: the default group).
-    ``vocab_start`` / ``vocab_end``: the global columns this rank holds as its first
-    ``vocab_end - vocab_start`` local columns (default ``rank * width`` and ``+ width``);
-    the rest of the local row is padding.
-    """
+    """Tensor-parallel options of :func:`tofu_kernels.vocab_parallel_tofu_loss` (the same
+    meaning as its ``group``, ``vocab_start`` and ``vocab_end``)."""
 
     group: Any = None
     vocab_start: int | None = None
@@ -71,9 +48,8 @@ class TensorParallel:
 
 
 def resolve(tp: TensorParallel | None, width: int) -> tuple[Shard, TensorParallel | None]:
-    """This rank's :class:`Shard` of a local row ``width`` wide, and ``tp`` itself, or None
-    when there is nothing to merge (no tensor parallelism, or a world of one: no
-    communication at all)."""
+    """This rank's :class:`Shard` of a local row ``width`` wide, and ``tp``, or None when
+    there is nothing to merge (no tensor parallelism, or a world of one)."""
     if tp is None:
         return Shard(0, width), None
     world, rank = tp.world_and_rank()
@@ -87,12 +63,8 @@ def _all_gather(out: torch.Tensor, inp: torch.Tensor, group) -> None:
 
 
 def all_gather_stats(parts: Partials, tp: TensorParallel) -> Partials:
-    """The one collective: every rank's partial statistics and metadata record.
-
-    ``parts`` is this rank's (with its metadata record, written by the statistics kernel);
-    the result holds all ranks' blocks, in rank order, for the epilogue to merge (the
-    merge and the global vocab size happen there, in one kernel on the GPU backends).
-    """
+    """Every rank's partial statistics and metadata record, in rank order, from this
+    rank's ``parts``, for the epilogue to merge."""
     world = dist.get_world_size(tp.group)
     data = parts.data.reshape(-1)
     gathered = torch.empty(world * data.numel(), dtype=torch.float32, device=data.device)
@@ -101,10 +73,9 @@ def all_gather_stats(parts: Partials, tp: TensorParallel) -> Partials:
 
 
 def exchange_meta(parts: Partials, tp: TensorParallel) -> torch.Tensor:
-    """Every rank's metadata record ``[world, len(Meta)]`` int32, gathered on its own before
-    the statistics (16 B per rank): the statistics' all-gather needs equal token counts on
-    every rank, so the check that they are equal must not ride in it. Only calls that check
-    their inputs pay this second, tiny collective."""
+    """Every rank's metadata record ``[world, len(Meta)]`` int32, gathered alone before the
+    statistics by calls that check their inputs (the statistics' sizes need equal token
+    counts)."""
     mine = parts.metas().reshape(-1)  # this rank's record (parts before the all-gather)
     out = torch.empty(
         dist.get_world_size(tp.group) * mine.numel(), dtype=mine.dtype, device=mine.device
@@ -114,10 +85,8 @@ def exchange_meta(parts: Partials, tp: TensorParallel) -> torch.Tensor:
 
 
 def check_shards(metas: torch.Tensor, explicit: bool) -> int:
-    """Host check of every rank's metadata record (:func:`exchange_meta`): equal widths
-    (default layout), equal token counts, and rank ranges that tile [0, V) without gaps or
-    overlaps. Every rank sees the same records, so every rank raises the same error.
-    Returns the global vocab size (one host sync; eager mode only)."""
+    """Host check of the ranks' metadata records: equal widths (default layout) and token
+    counts, ranges tiling [0, V) (the same error on every rank). Returns V (one host sync)."""
     rows = metas.tolist()
     widths = [r[Meta.WIDTH] for r in rows]
     if not explicit and len(set(widths)) > 1:

@@ -1,16 +1,6 @@
-"""Backends: the registry of backend objects, and dispatch written once.
-
-A backend is an instance of :class:`~tofu_kernels.backends.base.Backend`, made in the
-module that defines it (``torch_backend``, ``triton_backend``, ``cuda_backend``) and
-registered here when the package is imported: the torch backend always, the Triton backend
-where Triton imports, the CUDA backend always (unavailable, saying why, where the compiled
-extension did not load). Under torch.compile dispatch is a dict lookup.
-
-The two GPU backends have one shape: kernels (``triton_kernels.py``; ``csrc/tofu_kernels.cu``),
-torch ops with one schema each for both (``gpu.OPS``; the Triton ops in ``triton_backend.py``,
-the CUDA kernels registered by ``csrc/tofu_ops.cpp``), and one adaptor from the ops to the
-interface (``gpu.GPUBackend``), with the launch constants.
-"""
+"""The registry of backend objects and :func:`get_backend` (docs/design.md section 5,
+"Backends are objects"): torch always, Triton where it imports, CUDA always (unavailable,
+saying why, where the extension did not load)."""
 
 from __future__ import annotations
 
@@ -34,10 +24,9 @@ else:
 
 
 def get_backend(name: str, device: torch.device) -> Backend:
-    """Resolve ``backend=`` (a name :class:`TOFUParams` has validated) for tensors on
-    ``device``; clear error if unavailable. ``"auto"``: CUDA, then Triton, on CUDA tensors
-    where they run (CUDA: the extension loaded and holds a kernel image for the card, a cubin
-    or PTX, ``extension.runs_on``); the torch backend otherwise."""
+    """The backend named ``name`` (validated by :class:`TOFUParams`) for tensors on
+    ``device``, or a clear error. ``"auto"``: on CUDA tensors CUDA, then Triton, where they
+    run (``extension.runs_on``); torch otherwise."""
     if name == "auto":
         if device.type == "cuda":
             for candidate in ("cuda", "triton"):

@@ -12,15 +12,9 @@ from ..records import Epilogue, Partials, Reduction
 
 
 class Backend(ABC):
-    """What the core calls, for every backend: one instance per backend, made where the
-    backend is defined and registered in :mod:`tofu_kernels.backends`.
-
-    Records are fp32 and named in :mod:`tofu_kernels.records` (``Stat``, ``GradParam``,
-    ``Meta``, ``Reduced``); the settings arrive as the call's :class:`TOFUParams`. ``x`` is
-    read through ``lay`` (two strides per row, vocab stride 1) and never written, except
-    where ``out is x`` (in-place gradient). The GPU backends run each method as one op of
-    one kernel (``grad_in_forward``: three), with no torch operations around them.
-    """
+    """What the core calls, for every backend (one instance each, registered in
+    :mod:`tofu_kernels.backends`). Records are :mod:`tofu_kernels.records`'; ``x`` is read
+    through ``lay`` and never written, except where ``out is x`` (in-place gradient)."""
 
     name: str
 

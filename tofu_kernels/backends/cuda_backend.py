@@ -1,13 +1,6 @@
-"""CUDA C++ backend: the ops of the compiled extension ``tofu_kernels._C`` (csrc/) behind the
-Backend interface, through the adaptor both GPU backends share (gpu.GPUBackend).
-
-The ops are defined from ``gpu.OPS`` (schemas mark what they write) and their CUDA kernels
-registered in C++ (``csrc/tofu_ops.cpp``); their fakes let torch.compile and FakeTensor
-tracing see through them. Every Backend method is one op (``grad_in_forward``: three
-kernels in one op), from the same header math (csrc/tofu_math.cuh) that the host harness
-tests. Where the extension was not built, or holds no kernel image for the card (its
-architectures: ``extension.runs_on``), the backend is unavailable and says why.
-"""
+"""The CUDA backend: the ops of the compiled extension ``tofu_kernels._C`` (``csrc/``) through
+``gpu.GPUBackend``; unavailable, saying why, where the extension was not built or holds no
+kernel image for the card (``extension.runs_on``)."""
 
 from __future__ import annotations
 

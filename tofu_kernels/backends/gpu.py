@@ -1,17 +1,7 @@
-"""What the two GPU backends share: launch constants, the ops, and one adaptor.
-
-The CUDA ops (``torch.ops.tofu_kernels.<op>``, kernels registered by ``csrc/tofu_ops.cpp``)
-and the Triton ops (``torch.ops.tofu_kernels.triton_<op>``, ``triton_backend.py``) take the
-same arguments and write the same buffers. So this module holds, once for both:
-
-- the launch constants of ``csrc/tofu_kernels.h``, read from the compiled extension where
-  it is built (these defaults where it is not; a test compares them with the header);
-- :data:`OPS`: each op's schema, written once, and its contract as the fake: what
-  torch.compile and FakeTensor tracing see, with the same buffer checks as the C++ ops'
-  ``TORCH_CHECK``\\ s;
-- :class:`GPUBackend`, the Backend methods over either set of ops: allocate the outputs
-  ("ops write, wrappers allocate"), call one op by keyword, name the records.
-"""
+"""What the two GPU backends share (docs/design.md section 5): the launch constants of
+``csrc/tofu_kernels.h``, :data:`OPS` (one schema and contract per op, for the CUDA ops
+``tofu_kernels::<op>`` and the Triton ops ``tofu_kernels::triton_<op>``) and the adaptor
+:class:`GPUBackend`."""
 
 from __future__ import annotations
 
@@ -29,7 +19,8 @@ from ..params import TOFUParams
 from ..records import Epilogue, GradParam, Metric, Partials, Reduced, Reduction
 from .base import Backend
 
-# csrc/tofu_kernels.h: kTileCols, kTargetBlocks, kEpilogueThreads, kRescaleBlocks.
+# csrc/tofu_kernels.h: kTileCols, kTargetBlocks, kEpilogueThreads, kRescaleBlocks; read from
+# the extension where it is built (a test compares these defaults with the header).
 HEADER_DEFAULTS = {
     "TILE_COLS": 4096,
     "TARGET_BLOCKS": 1024,
@@ -79,8 +70,9 @@ class Op(NamedTuple):
     of the C++ op's ``TORCH_CHECK``\\ s). The CUDA op ``tofu_kernels::<name>`` is defined
     from the schema (:func:`define_cuda_ops`; torch checks the C++ kernel's signature
     against it when the extension registers it) and the Triton op
-    ``tofu_kernels::triton_<name>`` is made from it (``triton_backend.py``). Every op only
-    writes into buffers the adaptor allocated (the ``!`` arguments)."""
+    ``tofu_kernels::triton_<name>`` is made from it (``triton_backend.py``). Ops write,
+    wrappers allocate: every op only writes into buffers the adaptor allocated (the ``!``
+    arguments)."""
 
     name: str
     schema: str
@@ -302,10 +294,9 @@ def _outputs(n_rows: int, device: torch.device, with_rec: bool, with_metrics: bo
 
 
 class GPUBackend(Backend):
-    """The Backend methods over one set of GPU ops (``ops[name]``, one callable per
-    :data:`OPS` entry, called by keyword), each one op call: allocate the outputs ("ops
-    write, wrappers allocate"), call the op, name the records. A subclass says where it runs
-    (``available``) and how its statistics pass splits rows (``stats_split``)."""
+    """The Backend methods over one set of GPU ops (``ops[name]`` per :data:`OPS` entry,
+    called by keyword): allocate the outputs (:class:`Op`), call the op, name the records. A
+    subclass says where it runs (``available``) and how it splits rows (``stats_split``)."""
 
     def __init__(self, ops: dict[str, Callable[..., None]]):
         assert set(ops) == set(OPS), "one callable per op"
