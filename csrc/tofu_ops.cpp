@@ -1,12 +1,7 @@
-// The CUDA kernels of the torch ops tofu_kernels::<op> (TORCH_LIBRARY_IMPL only).
-//
-// The ops and their schemas are defined once, in Python (tofu_kernels/backends/gpu.py, OPS),
-// with their fakes (the same buffer checks as here); torch compares each function's
-// signature below with that schema when both are registered and refuses a mismatch. Ops
-// write, wrappers allocate: every op writes into tensors the Python adaptor allocated, and
-// the schemas mark them mutated (Tensor(a!)), so torch.compile and CUDA-graph capture see
-// the true data flow. The Triton ops take the same arguments. Importing tofu_kernels._C
-// registers the kernels.
+// The CUDA kernels of the torch ops tofu_kernels::<op> (TORCH_LIBRARY_IMPL only). The ops,
+// their schemas and fakes (the same buffer checks as here) are defined once in Python:
+// tofu_kernels/backends/gpu.py, OPS (docs/design.md section 5); torch refuses a function
+// below whose signature does not match its schema. Importing tofu_kernels._C registers them.
 
 #include <Python.h>
 #include <c10/cuda/CUDAGuard.h>
