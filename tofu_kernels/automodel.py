@@ -1,31 +1,13 @@
-"""TOFU losses for NeMo Automodel's fine-tuning recipes (``loss_fn:`` in the recipe YAML).
-
-    loss_fn:
-      _target_: tofu_kernels.automodel.TOFULoss         # the logits path
-      gamma: 3.0
-      beta: 0.8
-
-Automodel's recipe calls ``components.loss.utils.calculate_loss``, which hands a
-``LinearCrossEntropy`` subclass (:class:`LinearTOFULoss`) the final hidden states and the
-LM head's weight, and any other module (:class:`TOFULoss`) the logits; labels arrive
-already shifted and a sum is divided by the global ``num_label_tokens``.
-
-Tensor parallelism arrives as DTensors: logits sharded over the vocabulary (``Shard(-1)``)
-go to :func:`~tofu_kernels.vocab_parallel_tofu_loss` over that mesh dimension's group (one
-all-gather of per-token statistics; the logits are never gathered) and the gradient flows
-back into the local shard with the DTensor's placements; an LM-head weight sharded over
-the vocabulary on the ``tp`` mesh dimension goes to
-:func:`~tofu_kernels.vocab_parallel_linear_tofu_loss`.
-
-Automodel's recipe logs a fixed set of metrics (its ``loss`` is the returned scalar), so
-the plain cross entropy cannot travel beside the loss: each call leaves it, normalised
-like the loss and detached, in ``last_ce`` for a user's own logging.
-
-Importing this module imports ``nemo_automodel`` (the base class of the hidden-state path).
+"""TOFU losses for NeMo Automodel's fine-tuning recipes (``loss_fn:`` in the recipe YAML):
+:class:`TOFULoss` takes the logits, :class:`LinearTOFULoss` (a ``LinearCrossEntropy``) the final
+hidden states and the LM head's weight; both keep ``MaskedCrossEntropy``'s call and reduction and
+send vocabulary-sharded DTensors to the vocab-parallel kernels. The contract, the layouts and
+``last_ce``: docs/automodel.md. Importing this module imports ``nemo_automodel``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -33,9 +15,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import core
-from .linear import linear_tofu_loss, vocab_parallel_linear_tofu_loss
-from .loss import tofu_loss, vocab_parallel_tofu_loss
+from .linear import loss_of_hidden
+from .loss import loss_of_logits
 from .params import DEFAULT_BETA, DEFAULT_GAMMA, DEFAULT_IGNORE_INDEX, TOFUParams
+from .vocab_parallel import TensorParallel
 
 try:
     from nemo_automodel.components.loss.linear_ce_base import LinearCrossEntropy
@@ -79,16 +62,15 @@ def _replicated(t, name: str, who: str):
 
 
 def _shard_range(size: int, n: int, rank: int) -> tuple[int, int]:
-    """``[start, end)`` of rank ``rank``'s piece of ``size`` under ``Shard``'s split (torch.chunk:
-    ``ceil(size / n)`` per rank, the last ranks shorter or empty)."""
+    """``[start, end)`` of rank ``rank``'s piece of ``size`` under ``Shard``'s (torch.chunk's) split."""
     chunk = -(-size // n)
     start = min(rank * chunk, size)
     return start, min(start + chunk, size)
 
 
 def _pad_to(t: torch.Tensor, dim: int, width: int) -> torch.Tensor:
-    """``t`` zero-padded along ``dim`` to ``width`` (our vocab-parallel kernels take equal
-    widths and ignore the padding past ``vocab_end``); a copy, made only for uneven shards."""
+    """``t`` zero-padded along ``dim`` to ``width`` (the vocab-parallel kernels take equal
+    widths); a copy, made only for uneven shards."""
     missing = width - t.shape[dim]
     if missing == 0:
         return t
@@ -97,9 +79,8 @@ def _pad_to(t: torch.Tensor, dim: int, width: int) -> torch.Tensor:
 
 
 def _finish(module, loss, ce, weights, num_label_tokens):
-    """Automodel's reduction contract: per-token ``weights`` summed, then ``/ num_label_tokens``;
-    0 tokens gives ``loss * 0`` (still attached to the graph, so FSDP's and DTensor's
-    backward hooks run on every rank alike) with a zero gradient."""
+    """Automodel's reduction: per-token ``weights`` summed, then ``/ num_label_tokens``. 0 tokens
+    gives ``loss * 0``: still attached, so FSDP's and DTensor's backward hooks run on every rank."""
     if weights is not None:
         loss, ce = (loss * weights).sum(), (ce * weights).sum()
     if num_label_tokens is not None:
@@ -118,8 +99,18 @@ def _finish(module, loss, ce, weights, num_label_tokens):
 
 
 class _AutomodelLoss(core.LossModule):
-    """What both losses show Automodel: ``ignore_index`` (its ``calculate_loss`` maps its -100
-    padding to it) and ``reduction``, read from the one :class:`TOFUParams`."""
+    """What both losses show Automodel (``ignore_index``, which ``calculate_loss`` maps its -100
+    to, and ``reduction``), and the kernels' :class:`TOFUParams`, made once from the module's."""
+
+    def __init__(self, params: TOFUParams, **extra):
+        super().__init__(params, **extra)
+        self.last_ce = None
+        self._with_ce = dataclasses.replace(params, return_ce=True)
+        # loss_weights weigh the tokens before the sum
+        self._per_token = dataclasses.replace(params, return_ce=True, reduction="none")
+
+    def _kernel_params(self, weights) -> TOFUParams:
+        return self._with_ce if weights is None else self._per_token
 
     @property
     def ignore_index(self) -> int:
@@ -131,15 +122,8 @@ class _AutomodelLoss(core.LossModule):
 
 
 class TOFULoss(_AutomodelLoss):
-    """The logits path, with ``MaskedCrossEntropy``'s call:
-    ``forward(logits, labels, mask=None, num_label_tokens=None, loss_weights=None)``.
-
-    ``logits`` ``[..., V]`` (plain, replicated DTensor, or a DTensor sharded over the
-    vocabulary on one mesh dimension and replicated on the others); ``labels`` ``[...]``
-    already shifted; ``mask`` 0 where a token carries no loss (applied to a copy of the
-    labels); ``loss_weights`` per-token multipliers (reduction "sum"). Returns the fp32
-    scalar (``labels``' shape for "none"); the gradient has the logits' dtype and layout.
-    """
+    """The logits path, with ``MaskedCrossEntropy``'s call: ``logits`` ``[..., V]`` plain, a
+    replicated DTensor, or a DTensor with ``Shard(-1)`` on one mesh dimension."""
 
     def __init__(
         self,
@@ -158,7 +142,6 @@ class TOFULoss(_AutomodelLoss):
                 backend=backend,
             )
         )
-        self.last_ce = None
 
     def forward(
         self,
@@ -175,22 +158,13 @@ class TOFULoss(_AutomodelLoss):
         weights = _check_weights(loss_weights, labels, p.reduction, who)
         if mask is not None:
             labels = labels.masked_fill(mask.to(device) == 0, p.ignore_index)
-        kw = dict(
-            gamma=p.gamma,
-            beta=p.beta,
-            ignore_index=p.ignore_index,
-            backend=p.backend,
-            return_ce=True,
-            reduction="none" if weights is not None else p.reduction,
-        )
+        params = self._kernel_params(weights)
         shard = self._vocab_shard(logits)
         if shard is None:
-            loss, ce = tofu_loss(_replicated(logits, "logits", who), labels, **kw)
+            loss, ce = loss_of_logits(_replicated(logits, "logits", who), labels, params)
         else:
             local, group, start, end = shard
-            loss, ce = vocab_parallel_tofu_loss(
-                local, labels, group=group, vocab_start=start, vocab_end=end, **kw
-            )
+            loss, ce = loss_of_logits(local, labels, params, TensorParallel(group, start, end))
         return _finish(self, loss, ce, weights, num_label_tokens)
 
     @staticmethod
@@ -219,9 +193,7 @@ class TOFULoss(_AutomodelLoss):
         mesh, dim = logits.device_mesh, vocab[0]
         n, rank = mesh.size(dim), mesh.get_local_rank(dim)
         start, end = _shard_range(logits.shape[-1], n, rank)
-        local = (
-            logits.to_local()
-        )  # its backward wraps our gradient as a DTensor with these placements
+        local = logits.to_local()  # its backward makes our gradient a DTensor with these placements
         if local.shape[-1] != end - start:
             raise ValueError(
                 f"TOFULoss: local logits shard has {local.shape[-1]} columns, the DTensor layout "
@@ -231,22 +203,8 @@ class TOFULoss(_AutomodelLoss):
 
 
 class LinearTOFULoss(LinearCrossEntropy, _AutomodelLoss):
-    """The hidden-state path: a ``LinearCrossEntropy`` (Automodel hands it the final hidden
-    states and the LM head's weight), our fused linear loss; the ``[tokens, V]`` logits are
-    never built.
-
-    ``forward(hidden_states, labels, lm_weight, num_label_tokens=None, grad_reduce_group=None,
-    loss_weights=None)``: ``hidden_states`` ``[..., D]`` (plain or replicated DTensor),
-    ``labels`` ``[...]``, ``lm_weight`` ``[V, D]``:
-
-    - a plain tensor, or a DTensor sharded by FSDP2 over ``grad_reduce_group``'s ranks:
-      gathered by Automodel's own ``materialize_lm_weight`` (its gradient reduce-scattered
-      into the shard, averaged over the group), then :func:`~tofu_kernels.linear_tofu_loss`;
-    - a DTensor with ``Shard(0)`` (the vocabulary) on the mesh dimension named
-      ``tp_mesh_dim``: gathered over the other (FSDP) dimensions only, with the same
-      gradient rule, and :func:`~tofu_kernels.vocab_parallel_linear_tofu_loss` over the
-      tensor-parallel group (the hidden states' gradient all-reduced over it).
-    """
+    """The hidden-state path: the fused linear loss on ``hidden_states`` ``[..., D]`` and
+    ``lm_weight`` ``[V, D]`` (plain, FSDP2-sharded, or ``Shard(0)`` on ``tp_mesh_dim``)."""
 
     def __init__(
         self,
@@ -270,7 +228,6 @@ class LinearTOFULoss(LinearCrossEntropy, _AutomodelLoss):
             chunk_size=chunk_size,
             tp_mesh_dim=tp_mesh_dim,
         )
-        self.last_ce = None
 
     def forward(
         self,
@@ -285,23 +242,20 @@ class LinearTOFULoss(LinearCrossEntropy, _AutomodelLoss):
         hidden = _replicated(hidden_states, "hidden_states", who)
         labels = _replicated(labels, "labels", who).to(hidden.device)
         weights = _check_weights(loss_weights, labels, p.reduction, who)
-        kw = dict(
-            gamma=p.gamma,
-            beta=p.beta,
-            ignore_index=p.ignore_index,
-            backend=p.backend,
-            return_ce=True,
-            reduction="none" if weights is not None else p.reduction,
-            chunk_size=self.chunk_size,
-        )
+        params = self._kernel_params(weights)
         tp = self._tp_weight(lm_weight, grad_reduce_group)
         if tp is None:
             weight = self.materialize_lm_weight(lm_weight, grad_reduce_group=grad_reduce_group)
-            loss, ce = linear_tofu_loss(hidden, weight, labels, **kw)
+            loss, ce = loss_of_hidden(hidden, weight, labels, params, chunk_size=self.chunk_size)
         else:
             weight, group, start, end = tp
-            loss, ce = vocab_parallel_linear_tofu_loss(
-                hidden, weight, labels, group=group, vocab_start=start, vocab_end=end, **kw
+            loss, ce = loss_of_hidden(
+                hidden,
+                weight,
+                labels,
+                params,
+                chunk_size=self.chunk_size,
+                tp=TensorParallel(group, start, end),
             )
         return _finish(self, loss, ce, weights, num_label_tokens)
 

@@ -1,32 +1,8 @@
-"""TOFU in Axolotl: a plugin (``plugins:`` in the YAML, or found through its entry point).
-
-    plugins:
-      - tofu_kernels.axolotl.TOFUPlugin
-    tofu_loss: true
-    tofu_gamma: 3.0            # the paper's values (and the defaults)
-    tofu_beta: 0.8
-    tofu_fused_linear: true    # the default: the [batch, seq, vocab] logits are never built
-    tofu_chunk_size:           # tokens per logits chunk of the fused loss (default: a 128 MiB chunk)
-
-The keys are fields of :class:`TOFUArgs`, which Axolotl merges into its own config schema
-(``get_input_args``): a bad value, a misspelt ``tofu_*`` key, or a combination that cannot
-work with TOFU (another loss: ``cut_cross_entropy``, ``liger_cross_entropy``,
-``liger_fused_linear_cross_entropy``, ``chunked_cross_entropy``, ``use_eaft``, ``use_dft``;
-label smoothing; an RL or reward-model trainer) is refused when Axolotl validates the
-config, by an error that names both keys.
-
-The hooks: ``pre_model_load`` refuses a model type outside
-:data:`tofu_kernels.hf.SUPPORTED_MODELS` before the weights load; ``post_model_load``
-(the model as Axolotl trains it, a PEFT ``PeftModel`` with LoRA / QLoRA adapters included)
-runs :func:`tofu_kernels.hf.apply_tofu`, so ``model(..., labels=...).loss``, the loss
-Axolotl's trainer (a ``transformers.Trainer``) computes, is TOFU, with the Trainer's
-``num_items_in_batch`` normalisation; ``post_trainer_create`` refuses a trainer that would
-not read that loss (a ``compute_loss_func``, label smoothing). Axolotl's SFT trainer logs no
-entropy or token accuracy, so nothing more is logged.
-
-The package registers the plugin under Axolotl's ``axolotl.plugins`` entry points, so an
-installed ``tofu-kernels`` is loaded into every Axolotl config: nothing changes unless
-``tofu_loss: true``.
+"""TOFU in Axolotl: :class:`TOFUPlugin` (``plugins:`` in the YAML, or found through the package's
+``axolotl.plugins`` entry point) with ``tofu_loss: true``. Its keys (:class:`TOFUArgs`) join
+Axolotl's config schema, so bad values and combinations are refused when Axolotl validates the
+config; its hooks check the model and run :func:`tofu_kernels.hf.apply_tofu`. The keys, the
+refused combinations and the hooks: docs/axolotl.md.
 
 Importing this module imports ``axolotl`` (the plugin's base class) and ``pydantic``.
 """
@@ -102,7 +78,8 @@ class TOFUArgs(BaseModel):
     tofu_chunk_size: int | None = Field(
         default=None,
         json_schema_extra={
-            "description": "Tokens per logits chunk of the fused loss (default: a 128 MiB chunk)"
+            "description": "Tokens per logits chunk of the fused loss "
+            "(default: tofu_kernels.linear.default_chunk_size)"
         },
     )
 

@@ -1,43 +1,8 @@
-"""TOFU losses for torchtitan (``Trainer.Config.loss`` in a config_registry function).
-
-    from torchtitan.components.loss import ChunkedLossWrapper
-    from tofu_kernels.torchtitan import LinearTOFULoss, TOFULoss
-
-    config.loss = TOFULoss.Config(gamma=3.0, beta=0.8, global_vocab_size=vocab)         # on the logits
-    config.loss = ChunkedLossWrapper.Config(loss_fn=TOFULoss.Config(gamma=3.0, beta=0.8,
-                                                                     global_vocab_size=vocab))
-    config.loss = LinearTOFULoss.Config(gamma=3.0, beta=0.8, global_vocab_size=vocab)   # fused head
-
-Both follow torchtitan's ``BaseLoss`` contract: ``loss(pred, labels, global_valid_tokens)``
-returns ``(sum / global_valid_tokens, metrics)`` (the plain sum without
-``global_valid_tokens``); labels arrive shifted, -100 ignored. The metrics, normalised like
-the loss (torchtitan's convention for metrics reduced by a sum over ranks and chunks):
-``cross_entropy/mean`` (the plain cross entropy), ``entropy/mean`` (of the untempered
-next-token distribution) and ``token_accuracy/mean`` (the target is the row's first
-maximum), all from the loss's own kernels.
-
-:class:`TOFULoss` takes the logits as torchtitan's ``CrossEntropyLoss`` does, under each of
-its SPMD backends:
-
-- plain logits: :func:`~tofu_kernels.tofu_loss`;
-- a DTensor sharded over the vocabulary (``Shard(-1)``, loss parallel; the
-  ``partial_dtensor`` and ``full_dtensor`` backends): the local shard goes to
-  :func:`~tofu_kernels.vocab_parallel_tofu_loss` over that mesh dimension's group (one
-  all-gather of per-token statistics, the logits never gathered); the gradient comes back
-  to the shard as a DTensor with the logits' placements. Logits also sharded on the batch
-  or sequence (``full_dtensor``, with DTensor labels sharded alike) give a loss that is
-  ``Partial`` on those mesh dimensions, as torchtitan's cross entropy does;
-- plain local shards under the ``spmd_types`` backend with a ``tp`` mesh dimension: the
-  same, over ``current_spmd_mesh()``'s ``tp`` group, with ``global_vocab_size`` for uneven
-  shards.
-
-:class:`LinearTOFULoss` is a ``ChunkedLossWrapper`` (so torchtitan's trainer runs the model
-with ``_skip_lm_head=True`` and hands it the LM head through ``set_lm_head``) that computes
-the output layer and TOFU together with :func:`~tofu_kernels.linear_tofu_loss`: no logits in
-Python, one ``[chunk_size, V]`` logits block at a time inside the kernels. The loss runs
-inside the head's own forward call, so FSDP2 gathers and frees the head's weight and
-reduce-scatters its gradient as for an ordinary call; a head sharded over the vocabulary
-(tensor parallel) goes to :func:`~tofu_kernels.vocab_parallel_linear_tofu_loss`.
+"""TOFU losses for torchtitan (``Trainer.Config.loss`` in a config_registry function):
+:class:`TOFULoss` on the logits (alone or inside ``ChunkedLossWrapper``), under each of
+torchtitan's SPMD backends, and :class:`LinearTOFULoss`, a ``ChunkedLossWrapper`` that computes
+the LM head and TOFU together. Both keep ``BaseLoss``'s contract and return the metrics of
+:data:`METRICS`; the configs, the layouts and the metrics: docs/torchtitan.md.
 
 Importing this module imports ``torchtitan.components.loss``.
 """
@@ -52,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
-from .linear import linear_tofu_loss, vocab_parallel_linear_tofu_loss
-from .loss import tofu_loss, vocab_parallel_tofu_loss
+from .linear import loss_of_hidden
+from .loss import loss_of_logits
 from .params import BACKENDS, DEFAULT_BETA, DEFAULT_GAMMA, DEFAULT_IGNORE_INDEX, TOFUParams
+from .vocab_parallel import TensorParallel
 
 try:
     import spmd_types as spmd
@@ -94,17 +60,16 @@ def _params(config) -> TOFUParams:
 
 
 def _shard_range(size: int, n: int, rank: int) -> tuple[int, int]:
-    """``[start, end)`` of rank ``rank``'s piece of ``size`` columns: torch.chunk's split
-    (``ceil(size / n)`` per rank, the last ranks shorter), as DTensor's ``Shard`` and
-    torchtitan's loss-parallel cross entropy cut the vocabulary."""
+    """``[start, end)`` of rank ``rank``'s piece of ``size`` columns: torch.chunk's split, as
+    DTensor's ``Shard`` and torchtitan's loss-parallel cross entropy cut the vocabulary."""
     chunk = -(-size // n)
     start = min(rank * chunk, size)
     return start, min(start + chunk, size)
 
 
 def _pad_to(t: torch.Tensor, dim: int, width: int) -> torch.Tensor:
-    """``t`` zero-padded along ``dim`` to ``width`` (our vocab-parallel kernels take equal
-    widths and ignore the padding); a copy, made only for uneven shards."""
+    """``t`` zero-padded along ``dim`` to ``width`` (the vocab-parallel kernels take equal
+    widths); a copy, made only for uneven shards."""
     missing = width - t.shape[dim]
     if missing == 0:
         return t
@@ -183,23 +148,10 @@ class TOFULoss(BaseLoss):
             )
         group = _spmd_tp()
         if group is None:
-            out = tofu_loss(pred, labels.to(pred.device), **self._kw())
+            out = loss_of_logits(pred, labels.to(pred.device), self.params)
         else:
             out = self._vocab_parallel(pred, labels, group, self.global_vocab_size)
         return _finish(*out, global_valid_tokens)
-
-    def _kw(self) -> dict:
-        p = self.params
-        return dict(
-            gamma=p.gamma,
-            beta=p.beta,
-            ignore_index=p.ignore_index,
-            reduction="sum",
-            backend=p.backend,
-            return_ce=True,
-            return_metrics=True,
-            check_inputs=p.check_inputs,
-        )
 
     def _vocab_parallel(self, local, labels, group, vocab):
         """TOFU of this rank's vocabulary columns over ``group`` (``vocab`` columns in all,
@@ -215,13 +167,11 @@ class TOFULoss(BaseLoss):
                     f"TOFULoss: local logits shard has {local.shape[-1]} columns, a vocabulary of "
                     f"{vocab} cut over {n} ranks gives rank {rank} {end - start}"
                 )
-        return vocab_parallel_tofu_loss(
+        return loss_of_logits(
             _pad_to(local, -1, width),
             labels.to(local.device),
-            group=group,
-            vocab_start=start,
-            vocab_end=end,
-            **self._kw(),
+            self.params,
+            TensorParallel(group, start, end),
         )
 
     def _dtensor_loss(self, pred: DTensor, labels, global_valid_tokens):
@@ -246,14 +196,12 @@ class TOFULoss(BaseLoss):
             raise ValueError(
                 f"TOFULoss: logits sharded over tokens ({places}) need DTensor labels sharded alike"
             )
-        local = (
-            pred.to_local()
-        )  # its backward hands our gradient back as a DTensor with these placements
+        local = pred.to_local()  # its backward makes our gradient a DTensor with these placements
         if vocab:
             dim = vocab[0]
             out = self._vocab_parallel(local, labels, mesh.get_group(dim), pred.shape[-1])
         else:
-            out = tofu_loss(local, labels.to(local.device), **self._kw())
+            out = loss_of_logits(local, labels.to(local.device), self.params)
         loss, metrics = _finish(*out, global_valid_tokens)
         if rows:
             # full_dtensor: this rank's tokens are its share of a sum over the token-sharded dimensions
@@ -265,7 +213,7 @@ class TOFULoss(BaseLoss):
 def _head_loss(head, hidden, labels, fused: LinearTOFULoss):
     """What :class:`LinearTOFULoss` installs as the head's forward for one call: the loss of
     ``hidden @ head.weight.T`` (the weight as the wrappers present it inside the call)."""
-    weight, kw = head.weight, fused.kw()
+    weight, params, chunk = head.weight, fused.params, fused.chunk_size
     if head.bias is not None:
         raise ValueError(
             "LinearTOFULoss: the LM head has a bias; the fused loss computes hidden @ weight.T"
@@ -287,22 +235,21 @@ def _head_loss(head, hidden, labels, fused: LinearTOFULoss):
             )
         h = hidden.to_local() if isinstance(hidden, DTensor) else hidden
         if not vocab:
-            return linear_tofu_loss(h, weight.to_local(), labels, **kw)
+            return loss_of_hidden(h, weight.to_local(), labels, params, chunk_size=chunk)
         dim = vocab[0]
         n, rank = mesh.size(dim), mesh.get_local_rank(dim)
         start, end = _shard_range(weight.shape[0], n, rank)
-        return vocab_parallel_linear_tofu_loss(
+        return loss_of_hidden(
             h,
             _pad_to(weight.to_local(), 0, -(-weight.shape[0] // n)),
             labels,
-            group=mesh.get_group(dim),
-            vocab_start=start,
-            vocab_end=end,
-            **kw,
+            params,
+            chunk_size=chunk,
+            tp=TensorParallel(mesh.get_group(dim), start, end),
         )
     group = _spmd_tp()
     if group is None:
-        return linear_tofu_loss(hidden, weight, labels, **kw)
+        return loss_of_hidden(hidden, weight, labels, params, chunk_size=chunk)
     n, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
     vocab = fused.global_vocab_size
     if vocab is None:
@@ -310,28 +257,21 @@ def _head_loss(head, hidden, labels, fused: LinearTOFULoss):
     else:
         start, end = _shard_range(vocab, n, rank)
         height = -(-vocab // n)
-    return vocab_parallel_linear_tofu_loss(
+    return loss_of_hidden(
         hidden,
         _pad_to(weight, 0, height),
         labels,
-        group=group,
-        vocab_start=start,
-        vocab_end=end,
-        **kw,
+        params,
+        chunk_size=chunk,
+        tp=TensorParallel(group, start, end),
     )
 
 
 class LinearTOFULoss(ChunkedLossWrapper):
     """The output layer and TOFU in one: a ``ChunkedLossWrapper`` (the trainer skips the
-    model's LM head and hands it over with ``set_lm_head``) whose call is
-    :func:`~tofu_kernels.linear_tofu_loss` on the hidden states and the head's weight.
-
-    ``pred``: the final hidden states ``[batch, seq, dim]`` (plain, or a replicated DTensor);
-    the head: torchtitan's ``Linear`` without bias, plain, FSDP2-sharded, or sharded over the
-    vocabulary (``Shard(0)``, tensor parallel; or a plain local shard under ``spmd_types``).
-    ``num_chunks`` and ``loss_fn`` of the parent's config are not used: ``chunk_size`` sets
-    the tokens per logits block (default a 128 MiB block).
-    """
+    model's LM head and hands it over with ``set_lm_head``) whose call is the fused linear loss
+    on ``pred``, the final hidden states, and the head's weight (no bias). The parent config's
+    ``num_chunks`` and ``loss_fn`` are not used."""
 
     @dataclass(kw_only=True, slots=True)
     class Config(ChunkedLossWrapper.Config):
@@ -342,7 +282,7 @@ class LinearTOFULoss(ChunkedLossWrapper):
         """Softmax temperature, > 0."""
 
         chunk_size: int | None = None
-        """Tokens per logits block inside the fused kernels (default: a 128 MiB block)."""
+        """Tokens per logits block inside the fused kernels (default: tofu_kernels.linear.default_chunk_size)."""
 
         global_vocab_size: int | None = None
         """Full vocabulary size, needed for uneven vocabulary shards under spmd_types tensor parallelism."""
@@ -360,20 +300,6 @@ class LinearTOFULoss(ChunkedLossWrapper):
         self.chunk_size = config.chunk_size
         self.global_vocab_size = config.global_vocab_size
         self.lm_head = None
-
-    def kw(self) -> dict:
-        p = self.params
-        return dict(
-            gamma=p.gamma,
-            beta=p.beta,
-            ignore_index=p.ignore_index,
-            reduction="sum",
-            backend=p.backend,
-            return_ce=True,
-            return_metrics=True,
-            check_inputs=p.check_inputs,
-            chunk_size=self.chunk_size,
-        )
 
     def __call__(
         self,

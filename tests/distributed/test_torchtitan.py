@@ -226,6 +226,39 @@ def test_no_head_and_bias_are_refused(titan):
         loss_fn(x, labels)
 
 
+def test_the_kernels_get_the_losss_params(titan, monkeypatch):
+    """Both losses hand the kernels their own TOFUParams, made once by ``Config.build()``: the
+    same object at every call, not one rebuilt from keywords per call."""
+    import tofu_kernels.torchtitan as tt
+
+    seen = []
+
+    def spy(real, at):
+        def call(*args, **kwargs):
+            seen.append((args[at], kwargs.get("chunk_size")))
+            return real(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(tt, "loss_of_logits", spy(tt.loss_of_logits, 2))
+    monkeypatch.setattr(tt, "loss_of_hidden", spy(tt.loss_of_hidden, 3))
+    logits, labels = batch(7)
+    loss_fn = tt.TOFULoss.Config(gamma=GAMMA, beta=BETA).build()
+    loss_fn(logits, labels)
+    loss_fn(logits, labels)
+    assert [p for p, _ in seen] == [loss_fn.params] * 2 and seen[0][0] is seen[1][
+        0
+    ] is loss_fn.params
+
+    seen.clear()
+    x, labels = batch(7, dim=8)
+    fused = tt.LinearTOFULoss.Config(gamma=GAMMA, beta=BETA, chunk_size=5).build()
+    fused.set_lm_head(torch.nn.Linear(8, VOCAB, bias=False))
+    fused(x, labels)
+    fused(x, labels)
+    assert all(p is fused.params and chunk == 5 for p, chunk in seen) and len(seen) == 2
+
+
 @pytest.mark.slow
 def test_torchtitans_llama3_step_from_the_hidden_states(titan):
     """torchtitan's Llama 3 (debugmodel) as its trainer runs it with ChunkedLossWrapper: the

@@ -240,6 +240,45 @@ def test_bad_inputs_are_refused(automodel):
     )
 
 
+def test_the_kernels_get_the_modules_params_made_once(automodel, monkeypatch):
+    """Each module hands the kernels a ready TOFUParams, made at construction from its own (the
+    cross entropy returned for ``last_ce``; per token under ``loss_weights``): the same object at
+    every call, not one rebuilt from keywords per call."""
+    import dataclasses
+
+    import tofu_kernels.automodel as am
+
+    seen = []
+
+    def spy(real, at):
+        def call(*args, **kwargs):
+            seen.append((args[at], kwargs.get("chunk_size")))
+            return real(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(am, "loss_of_logits", spy(am.loss_of_logits, 2))
+    monkeypatch.setattr(am, "loss_of_hidden", spy(am.loss_of_hidden, 3))
+    logits, labels, _, weights = batch(5)
+    loss_fn = am.TOFULoss(gamma=GAMMA, beta=BETA)
+    for w in (None, None, weights, weights):
+        loss_fn(logits, labels, num_label_tokens=7, loss_weights=w)
+    with_ce = dataclasses.replace(loss_fn.params, return_ce=True)
+    per_token = dataclasses.replace(with_ce, reduction="none")
+    (a, _), (b, _), (c, _), (d, _) = seen
+    assert a is b and c is d and (a, c) == (with_ce, per_token)
+    assert (a.gamma, a.beta, a.reduction) == (GAMMA, BETA, "sum")
+
+    seen.clear()
+    h, w = torch.randn(2, 5, 8), torch.randn(VOCAB, 8)
+    linear = am.LinearTOFULoss(gamma=GAMMA, beta=BETA, chunk_size=3)
+    for _ in range(2):
+        linear(h, labels, w, num_label_tokens=7)
+    (a, chunk_a), (b, chunk_b) = seen
+    assert a is b and a == dataclasses.replace(linear.params, return_ce=True)
+    assert chunk_a == chunk_b == 3
+
+
 # sections whose targets need Automodel's full install (the model class imports torchao, the
 # data sections torchdata and datasets); Automodel's loader resolves every _target_ at load
 FULL_INSTALL = ("model", "dataset", "dataloader", "validation_dataset", "validation_dataloader")
