@@ -18,8 +18,9 @@ import os
 import weakref
 
 from tofu_kernels.params import BACKENDS, DEFAULT_BETA, DEFAULT_GAMMA, beta_error, gamma_error
+from tofu_kernels.patching import original, replace, restore
 
-from ._hooks import first_time, original, unwrap, warn_once, wrap
+from .once import first_time, warn_once
 from .patch import LOSS_TYPES, apply
 from .reporting import CE_KEY
 
@@ -281,16 +282,16 @@ def install_hooks() -> None:
 
         return parse_args
 
-    wrap(arguments, "add_megatron_arguments", make_add)
-    original_parse = original(arguments.parse_args)
-    wrapped_parse = wrap(arguments, "parse_args", make_parse)
+    replace(arguments, "add_megatron_arguments", make_add)
+    original_parse = original(arguments, "parse_args")
+    wrapped_parse = replace(arguments, "parse_args", make_parse)
     for mod_name in _PARSE_ARGS_USERS:
         try:
             mod = importlib.import_module(mod_name)
         except ImportError:
             continue
         if getattr(mod, "parse_args", None) is original_parse:  # imported by name there
-            mod.parse_args = wrapped_parse
+            replace(mod, "parse_args", lambda _: wrapped_parse)
 
 
 def remove_hooks() -> None:
@@ -301,4 +302,4 @@ def remove_hooks() -> None:
         except ImportError:
             continue
         for name in ("add_megatron_arguments", "parse_args"):
-            unwrap(mod, name)
+            restore(mod, name)

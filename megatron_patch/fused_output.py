@@ -43,20 +43,17 @@ import threading
 import torch
 
 from tofu_kernels.linear import WeightGradSink, default_chunk_size, loss_of_hidden
+from tofu_kernels.patching import replace, restore
 from tofu_kernels.vocab_parallel import TensorParallel
 
-from ._hooks import unwrap, warn_once, wrap
+from . import reporting, settings
+from .once import warn_once
 
 _GPT = "megatron.core.models.gpt.gpt_model"
 _HYBRID = "megatron.core.models.hybrid.hybrid_model"
 
 
-class _State:
-    chunk_size: int | None = None
-    skip_masked: bool = False  # --tofu-skip-masked: the rows with loss_mask 0 are not computed
-    params_of = None  # () -> the TOFUParams of this call (patch.py: checked on the first call only)
-    attach = None  # (loss, ce) -> None: the cross entropy for Megatron's reports (reporting.py)
-    local = threading.local()  # the HybridModel call in flight: its output layer and MTP depth
+_call = threading.local()  # the HybridModel call in flight: its output layer, MTP depth, loss mask
 
 
 # ------------------------------------------------------------------ the fused loss
@@ -97,10 +94,12 @@ def fused_loss(
         )
     else:  # identity; backward: all-reduce of every shard's part of dhidden
         hidden = copy_to_tensor_model_parallel_region(hidden_states, group=group)
-    tokens = labels.numel()
-    chunk = _State.chunk_size or fused_chunk_rows(tokens, weight.shape[0], weight.element_size())
-    params = _State.params_of()
-    skip = _State.skip_masked and loss_mask is not None
+    applied = settings.current()
+    chunk = applied.chunk_size or fused_chunk_rows(
+        labels.numel(), weight.shape[0], weight.element_size()
+    )
+    params = settings.take_call_params()
+    skip = applied.skip_masked and loss_mask is not None
     if skip:  # labels identical on every TP rank, so is the mask: every rank skips the same rows
         labels = labels.masked_fill(loss_mask == 0, params.ignore_index)
     loss, ce = loss_of_hidden(
@@ -116,7 +115,7 @@ def fused_loss(
     )
     # rows are [s, b] like the hidden states; Megatron's loss is [b, s] (a new tensor, not a view)
     loss, ce = loss.t().contiguous(), ce.t().contiguous()
-    _State.attach(loss, ce)
+    reporting.attach_cross_entropy(loss, ce)
     return loss
 
 
@@ -227,9 +226,7 @@ class DeferredLogits(torch.Tensor):
 
 def fused_loss_of_deferred(logits: DeferredLogits, labels: torch.Tensor, config) -> torch.Tensor:
     hidden, weight, layer = logits.inputs
-    return fused_loss(
-        hidden, layer, weight, labels, config, getattr(_State.local, "loss_mask", None)
-    )
+    return fused_loss(hidden, layer, weight, labels, config, getattr(_call, "loss_mask", None))
 
 
 def _make_hybrid_forward(original):
@@ -242,7 +239,7 @@ def _make_hybrid_forward(original):
         if model is None or not model.post_process:
             return original(*args, **kwargs)
         layer = model.output_layer
-        call = _State.local
+        call = _call
         outer = (
             getattr(call, "layer", None),
             getattr(call, "mtp", 0),
@@ -260,7 +257,7 @@ def _make_hybrid_forward(original):
 
 
 def _deferring_forward(layer, input_, weight=None, runtime_gather_output=None, **kwargs):
-    if _State.local.mtp:  # an MTP head: Megatron needs its logits (acceptance counts)
+    if _call.mtp:  # an MTP head: Megatron needs its logits (acceptance counts)
         return type(layer).forward(
             layer, input_, weight=weight, runtime_gather_output=runtime_gather_output, **kwargs
         )
@@ -270,7 +267,7 @@ def _deferring_forward(layer, input_, weight=None, runtime_gather_output=None, *
 def _make_process_mtp_loss(original):
     @functools.wraps(original)
     def process_mtp_loss(*args, **kwargs):
-        call = _State.local
+        call = _call
         call.mtp = getattr(call, "mtp", 0) + 1
         try:
             return original(*args, **kwargs)
@@ -283,14 +280,13 @@ def _make_process_mtp_loss(original):
 # ------------------------------------------------------------------ install / uninstall
 
 
-def install(params_of, attach, chunk_size: int | None, skip_masked: bool = False) -> None:
-    """Route GPTModel and HybridModel training calls through :func:`fused_loss`. A model
-    class this megatron-core cannot route keeps the unfused path, with one warning."""
-    _State.params_of, _State.attach, _State.chunk_size = params_of, attach, chunk_size
-    _State.skip_masked = skip_masked
+def install() -> None:
+    """Route GPTModel and HybridModel training calls through :func:`fused_loss` (with the
+    settings of ``settings.current()``). A model class this megatron-core cannot route keeps
+    the unfused path, with one warning."""
     gpt = importlib.import_module(_GPT)
     if "output_processor" in inspect.signature(gpt.GPTModel.forward).parameters:
-        wrap(gpt.GPTModel, "forward", _make_gpt_forward)
+        replace(gpt.GPTModel, "forward", _make_gpt_forward)
     else:
         warn_once(
             "megatron_patch --tofu-fused-output: this megatron-core's GPTModel.forward has no "
@@ -301,8 +297,8 @@ def install(params_of, attach, chunk_size: int | None, skip_masked: bool = False
     except ImportError:
         return
     if _hybrid_supported(hybrid):
-        wrap(hybrid.HybridModel, "forward", _make_hybrid_forward)
-        wrap(hybrid, "process_mtp_loss", _make_process_mtp_loss)
+        replace(hybrid.HybridModel, "forward", _make_hybrid_forward)
+        replace(hybrid, "process_mtp_loss", _make_process_mtp_loss)
     else:
         warn_once(
             "megatron_patch --tofu-fused-output: this megatron-core's HybridModel is not one the fused "
@@ -324,8 +320,8 @@ def _hybrid_supported(hybrid) -> bool:
 
 def uninstall() -> None:
     with contextlib.suppress(ImportError):
-        unwrap(importlib.import_module(_GPT).GPTModel, "forward")
+        restore(importlib.import_module(_GPT).GPTModel, "forward")
     with contextlib.suppress(ImportError):
         hybrid = importlib.import_module(_HYBRID)
-        unwrap(hybrid.HybridModel, "forward")
-        unwrap(hybrid, "process_mtp_loss")
+        restore(hybrid.HybridModel, "forward")
+        restore(hybrid, "process_mtp_loss")

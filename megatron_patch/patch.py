@@ -13,30 +13,21 @@ as one step without the logits (``fused_output.py``).
 
 from __future__ import annotations
 
-import dataclasses
-import threading
+import functools
 
 import torch
 
+from tofu_kernels import patching
 from tofu_kernels.loss import loss_of_logits
 from tofu_kernels.params import DEFAULT_BETA, DEFAULT_GAMMA, TOFUParams, check_flag
 from tofu_kernels.vocab_parallel import TensorParallel
 
 from . import fused_output as _fused
-from . import reporting
+from . import reporting, settings
 
 LOSS_TYPES = ("cross_entropy", "tofu")
 _TARGET = "megatron.core.models.common.language_module.language_module.LanguageModule"
-
-
-class _State:
-    lock = threading.Lock()
-    original = None  # Megatron's own function object, while patched
-    # The loss's settings, made once by apply(): the first call's runs the host-side input
-    # checks, every later call's does not (no per-step host sync).
-    params: TOFUParams | None = None
-    unchecked: TOFUParams | None = None
-    checked = False
+_LOSS = "compute_language_model_loss"
 
 
 def _language_module():
@@ -44,9 +35,9 @@ def _language_module():
         from megatron.core.models.common.language_module.language_module import LanguageModule
     except ImportError as e:
         raise ImportError(f"megatron_patch needs {_TARGET} (megatron-core 0.16-0.19): {e}") from e
-    if "compute_language_model_loss" not in LanguageModule.__dict__:
+    if _LOSS not in LanguageModule.__dict__:
         raise ImportError(
-            f"megatron_patch: {_TARGET}.compute_language_model_loss not found; this "
+            f"megatron_patch: {_TARGET}.{_LOSS} not found; this "
             "megatron-core version is not supported (0.16-0.19 are)"
         )
     return LanguageModule
@@ -64,47 +55,31 @@ def _tp_group(module):
     return group
 
 
-def tofu_compute_language_model_loss(
-    self, labels: torch.Tensor, logits: torch.Tensor
-) -> torch.Tensor:
-    """TOFU replacement: labels ``[b, s]``, logits ``[s, b, V/tp]`` -> fp32 loss ``[b, s]``.
+def _make_loss(megatron_loss):
+    @functools.wraps(megatron_loss)
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor):
+        """TOFU: labels ``[b, s]``, logits ``[s, b, V/tp]`` (model dtype, read without a
+        copy) -> fp32 loss ``[b, s]``; the gradient goes into the logits' storage (they are
+        dead after the loss, as in Megatron's own cross entropy) and the per-token cross
+        entropy rides on the result (``reporting.cross_entropy_of``)."""
+        if isinstance(logits, _fused.DeferredLogits):  # HybridModel's fused output step
+            return _fused.fused_loss_of_deferred(logits, labels, self.config)
+        params = settings.take_call_params()
+        if params is None:  # reverted while something still holds this function
+            return megatron_loss(self, labels, logits)
+        loss, ce = loss_of_logits(
+            logits.transpose(0, 1), labels, params, TensorParallel(_tp_group(self))
+        )
+        # The loss is a view of the kernels' flat output; Megatron's combined 1F1B schedule
+        # (--overlap-moe-expert-parallel-comm) replaces views by new tensors, which would
+        # drop the attached cross entropy: Megatron's own zero-copy un-viewing.
+        from megatron.core.utils import make_viewless_tensor
 
-    Reads the model-dtype logits directly (no fp32 copy), one all-gather of the per-token
-    statistics over the model's TP group (docs/design.md section 4), and writes the gradient into
-    the logits' storage in the
-    backward (the logits are dead after the loss, as in Megatron's own CE). The per-token
-    cross entropy rides on the returned tensor (``reporting.cross_entropy_of``).
-    """
-    if isinstance(logits, _fused.DeferredLogits):  # HybridModel's output step, fused
-        return _fused.fused_loss_of_deferred(logits, labels, self.config)
-    params = _call_params()
-    if params is None:  # reverted while something still holds this function: Megatron's loss
-        return _language_module().__dict__["compute_language_model_loss"](self, labels, logits)
-    # The one call into tofu_kernels per loss: [s, b, V/tp] seen as [b, s, V/tp] (a strided
-    # view, read without a copy) against labels [b, s], over the model's TP group.
-    loss, ce = loss_of_logits(
-        logits.transpose(0, 1), labels, params, TensorParallel(_tp_group(self))
-    )
-    # The per-token loss is a view of the kernels' flat output. Megatron's combined 1F1B
-    # schedule (--overlap-moe-expert-parallel-comm) replaces a view by a new tensor
-    # (make_viewless), which would drop the attached cross entropy: return a tensor that is
-    # not a view, made by Megatron's own zero-copy function.
-    from megatron.core.utils import make_viewless_tensor
+        loss = make_viewless_tensor(loss, requires_grad=loss.requires_grad, keep_graph=True)
+        reporting.attach_cross_entropy(loss, ce)
+        return loss
 
-    loss = make_viewless_tensor(loss, requires_grad=loss.requires_grad, keep_graph=True)
-    reporting.attach_cross_entropy(loss, ce)
-    return loss
-
-
-tofu_compute_language_model_loss._tofu_patched = True  # marker: applying twice is a no-op
-
-
-def _call_params() -> TOFUParams | None:
-    """This call's settings: the first call after apply() checks its inputs on the host
-    (labels in range, shards), every later one does not (no per-step host sync)."""
-    params = _State.unchecked if _State.checked else _State.params
-    _State.checked = params is not None
-    return params
+    return compute_language_model_loss
 
 
 def apply(
@@ -150,35 +125,30 @@ def apply(
     ):
         raise ValueError(f"megatron_patch: chunk_size must be a positive int, got {chunk_size!r}")
     cls = _language_module()
-    with _State.lock:
-        current = cls.__dict__["compute_language_model_loss"]
-        if not getattr(current, "_tofu_patched", False):
-            _State.original = current
-            cls.compute_language_model_loss = tofu_compute_language_model_loss
-        _State.params, _State.unchecked = params, dataclasses.replace(params, check_inputs=False)
-        _State.checked = False
+    with settings.lock:
+        patching.replace(cls, _LOSS, _make_loss)
+        settings.store(settings.Applied(params, fused_output, chunk_size, skip_masked))
         reporting.install()
         _fused.uninstall()
         if fused_output:
-            _fused.install(_call_params, reporting.attach_cross_entropy, chunk_size, skip_masked)
+            _fused.install()
 
 
 def revert() -> None:
     """Restore Megatron's original ``compute_language_model_loss`` and
     ``forward_step_calc_loss`` (the same objects)."""
-    with _State.lock:
-        if _State.original is not None:
-            _language_module().compute_language_model_loss = _State.original
-        _State.original, _State.params, _State.unchecked = None, None, None
-        _State.checked = False
+    with settings.lock:
+        patching.restore(_language_module(), _LOSS)
+        settings.store(None)
         reporting.uninstall()
         _fused.uninstall()
 
 
 def is_applied() -> bool:
-    return _State.params is not None
+    return settings.current() is not None
 
 
 def config() -> TOFUParams | None:
     """The settings the patched loss runs with (None while not applied)."""
-    return _State.params
+    applied = settings.current()
+    return None if applied is None else applied.params

@@ -27,7 +27,9 @@ import functools
 
 import torch
 
-from ._hooks import unwrap, warn_once, wrap
+from tofu_kernels.patching import replace, restore
+
+from .once import warn_once
 
 CE_KEY = "lm cross entropy"
 LOSS_KEY = "lm loss"
@@ -125,7 +127,7 @@ def install() -> bool:
         schedules = importlib.import_module(_SCHEDULES)
     except ImportError:
         return False
-    if wrap(schedules, "forward_step_calc_loss", _make_forward_step_calc_loss) is None:
+    if replace(schedules, "forward_step_calc_loss", _make_forward_step_calc_loss) is None:
         _warn_once(
             "no-hook", f"{_SCHEDULES}.forward_step_calc_loss not found; {CE_KEY!r} is not reported"
         )
@@ -139,4 +141,4 @@ def uninstall() -> None:
 
     schedules = sys.modules.get(_SCHEDULES)
     if schedules is not None:
-        unwrap(schedules, "forward_step_calc_loss")
+        restore(schedules, "forward_step_calc_loss")

@@ -439,7 +439,7 @@ def test_backends_are_reached_through_the_core_only():
 
 # The layers, lowest first: a module imports only from its own layer or lower ones.
 LAYERS = [
-    {"params", "records", "layout", "checks", "tofu_math", "extension", "reference"},
+    {"params", "records", "layout", "checks", "tofu_math", "extension", "reference", "patching"},
     {
         "backends",
         "backends.base",
@@ -464,6 +464,49 @@ def test_imports_go_one_way_down_the_layers():
     for module, targets in graph.items():
         up = sorted(t for t in targets if level[t] > level[module])
         assert not up, f"{module or 'tofu_kernels'} imports {up} from a higher layer"
+
+
+# megatron_patch, lowest first: the loss and the fused output step read what apply() stored
+# (settings) and report through reporting; nothing calls back up (no callbacks handed down).
+MEGATRON_LAYERS = [
+    {"once", "settings"},
+    {"reporting"},
+    {"fused_output"},
+    {"patch"},
+    {"arguments"},
+    {"launch", ""},
+]
+
+
+def test_megatron_patch_imports_go_one_way():
+    graph = _package_import_graph(ROOT / "megatron_patch")
+    assert set(graph) == set().union(*MEGATRON_LAYERS), set(graph) ^ set().union(*MEGATRON_LAYERS)
+    level = {m: i for i, layer in enumerate(MEGATRON_LAYERS) for m in layer}
+    for module, targets in graph.items():
+        up = sorted(t for t in targets if level[t] >= level[module] and t != module)
+        assert not up, f"megatron_patch.{module or '__init__'} imports {up} from its layer or above"
+    # nothing handed down to be called back: the fused step reads settings, reports itself
+    from megatron_patch import fused_output
+
+    assert not inspect.signature(fused_output.install).parameters
+
+
+def test_one_monkeypatch_idiom():
+    """The glue replaces framework attributes only through tofu_kernels.patching (no marker
+    attributes, no hand-kept originals)."""
+    files = [*(ROOT / "megatron_patch").rglob("*.py"), *(PKG / "hf").rglob("*.py")]
+    for path in files:
+        text = path.read_text()
+        for old in ("_tofu_patched", "_tofu_installed", "_tofu_hook_original", "_State.original"):
+            assert old not in text, f"{path.relative_to(ROOT)} keeps its own idiom ({old})"
+    users = {p.relative_to(ROOT).as_posix() for p in files if "patching" in p.read_text()}
+    assert {
+        "megatron_patch/patch.py",
+        "megatron_patch/reporting.py",
+        "megatron_patch/arguments.py",
+        "megatron_patch/fused_output.py",
+        "tofu_kernels/hf/models.py",
+    } <= users
 
 
 def _private_imports(path: Path) -> list[str]:
@@ -611,8 +654,14 @@ def test_hugging_face_paths_share_one_forward():
     """TOFUSFTTrainer reaches the loss only through the model's forward (apply_tofu's, with
     tofu_metrics=True), that forward only through lm_head's own call (where the data-parallel
     wrappers present the weight), and that only through the fused linear loss: one mechanism,
-    in hf/models.py."""
-    assert {c.split(":")[0] for c in _calls("loss_of_hidden")} == {"hf/models.py", "linear.py"}
+    in hf/models.py. (The other frameworks' glue hands its ready settings to the same
+    loss_of_hidden.)"""
+    assert {c.split(":")[0] for c in _calls("loss_of_hidden")} == {
+        "hf/models.py",
+        "linear.py",
+        "automodel.py",
+        "torchtitan.py",
+    }
     assert {c.split(":")[0] for c in _calls("on_hidden")} == {"hf/models.py"}
     trainer = _imported_modules(PKG / "hf" / "trainer.py")
     assert ".models" in trainer and not {

@@ -22,7 +22,7 @@ from tests.support.hf_models import (  # noqa: E402
     tiny_model,
     word_tokenizer,
 )
-from tofu_kernels import hf  # noqa: E402
+from tofu_kernels import hf, patching  # noqa: E402
 
 
 def _batch(b=2, t=11, seed=1):
@@ -167,7 +167,7 @@ def test_apply_under_hooks_and_wrappers_and_revert():
     hf.revert_tofu(model)
     remove_hook_from_module(model.lm_head)
     x = torch.randn(3, 32)
-    assert getattr(model.lm_head, "_tofu_installed", None) is None
+    assert not patching.replaced(model.lm_head)
     assert torch.equal(model.lm_head(x), torch.nn.functional.linear(x, model.lm_head.weight))
     model.train()
     hf.apply_tofu(model, fused_linear=True)
@@ -190,7 +190,7 @@ def test_apply_under_hooks_and_wrappers_and_revert():
     hf.apply_tofu(
         model, 2.0, 0.9, fused_linear=True
     )  # again: only the settings change, the wrapper stays
-    assert model._tofu_loss.params.gamma == 2.0 and model.lm_head._tofu_installed is not None
+    assert model._tofu_loss.params.gamma == 2.0 and patching.replaced(model.lm_head)
     model.train()
     assert model(input_ids=ids, labels=labels).logits is None
     hf.revert_tofu(model)

@@ -24,7 +24,7 @@ trl = pytest.importorskip("trl")
 from tests.support.helpers import assert_params_close  # noqa: E402
 from tests.support.hf_models import VOCAB, reference_loss, text_dataset, tiny_model, word_tokenizer  # noqa: E402
 from tests.support.spies import GemmFlops  # noqa: E402
-from tofu_kernels import hf  # noqa: E402
+from tofu_kernels import hf, patching  # noqa: E402
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -254,9 +254,8 @@ def test_lora_adapter_gradients_equal_fp64(tmp_path, family):
     assert_params_close(
         model, want, rtol=2e-4, atol=1e-6
     )  # the trainable ones (the frozen have none)
-    trls = base._tofu_installed[
-        2
-    ]  # the fused-head forward TRL installed, which the trainer's replaced
+    # the fused-head forward TRL installed, which the trainer's replaced
+    trls = patching.original(base, "forward")
     hf.revert_tofu(model)
     assert base.__dict__.get("forward") is trls and getattr(base, "_tofu_loss", None) is None
     assert "forward" not in base.lm_head.__dict__

@@ -13,6 +13,7 @@ require_megatron_core()
 
 import megatron_patch  # noqa: E402
 import tofu_kernels as tk  # noqa: E402
+from megatron_patch import settings  # noqa: E402
 from tests.support.dist_utils import run_distributed  # noqa: E402
 from tests.support.helpers import assert_loss_close  # noqa: E402
 from tests.support.megatron_utils import (  # noqa: E402
@@ -22,6 +23,7 @@ from tests.support.megatron_utils import (  # noqa: E402
     init_megatron_cpu,
     tiny_gpt,
 )
+from tofu_kernels import patching  # noqa: E402
 from tofu_kernels.params import TOFUParams  # noqa: E402
 
 TP = 2
@@ -363,7 +365,6 @@ def test_skip_masked_default_is_on_with_sft_only(monkeypatch):
     --tofu-fused-output does it reach the fused step (docs/megatron.md)."""
     import argparse
 
-    from megatron_patch import fused_output
     from megatron_patch.arguments import skip_masked
 
     parser = megatron_patch.add_arguments(argparse.ArgumentParser())
@@ -379,7 +380,7 @@ def test_skip_masked_default_is_on_with_sft_only(monkeypatch):
         assert skip_masked(args) is expect, argv
         try:
             megatron_patch.apply_from_args(args)
-            assert fused_output._State.skip_masked is expect, argv
+            assert settings.current().skip_masked is expect, argv
         finally:
             megatron_patch.revert()
     with pytest.warns(
@@ -422,7 +423,7 @@ def test_hooks_are_reversible():
     before = (arguments.add_megatron_arguments, arguments.parse_args)
     megatron_patch.install_hooks()
     megatron_patch.install_hooks()  # twice: still one layer
-    assert arguments.parse_args._tofu_hook_original is before[1]
+    assert patching.original(arguments, "parse_args") is before[1]
     megatron_patch.remove_hooks()
     assert (arguments.add_megatron_arguments, arguments.parse_args) == before
 
@@ -434,10 +435,12 @@ _SCRIPT = """
 from megatron.training import arguments
 import megatron_patch
 from megatron.core.models.common.language_module.language_module import LanguageModule
+from tofu_kernels import patching
 args = arguments.parse_args()
 fn = LanguageModule.__dict__["compute_language_model_loss"]
 print("RESULT", args.loss_type, args.tofu_gamma, args.tofu_beta, args.num_layers,
-      megatron_patch.is_applied(), getattr(fn, "_tofu_patched", False), __name__)
+      megatron_patch.is_applied(), "compute_language_model_loss" in patching.replaced(LanguageModule),
+      __name__)
 """
 
 
@@ -493,4 +496,4 @@ def test_parse_and_validate_args_looks_up_the_hooked_parser(hooked):
     from megatron.training import arguments
 
     assert arguments.parse_and_validate_args.__globals__["parse_args"] is arguments.parse_args
-    assert hasattr(arguments.parse_args, "_tofu_hook_original")
+    assert "parse_args" in patching.replaced(arguments)

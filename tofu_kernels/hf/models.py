@@ -14,6 +14,7 @@ import inspect
 import torch
 from torch.distributed.tensor import DTensor
 
+from .. import patching
 from ..linear import loss_of_hidden
 from ..loss import loss_of_logits
 from ..params import DEFAULT_BETA, DEFAULT_GAMMA, DEFAULT_IGNORE_INDEX, TOFUParams, check_flag
@@ -232,7 +233,7 @@ def _tofu_forward(self, *args, tofu_metrics: bool = False, **kwargs):
     hidden = _keep_last(outputs.last_hidden_state, logits_to_keep)
     target = loss.targets(labels, shifted, hidden.device)
     head = self.lm_head
-    if getattr(head, "_tofu_installed", None) is None:
+    if not patching.replaced(head):
         raise RuntimeError(
             f"apply_tofu(fused_linear=True): lm_head is no longer the module apply_tofu patched (now "
             f"{type(head).__name__}: replaced or wrapped afterwards, e.g. by PEFT's modules_to_save or FSDP1's "
@@ -320,30 +321,24 @@ def _forward_slot(module) -> str:
 
 def _install(module, fn) -> None:
     """Make ``fn`` bound to ``module`` its forward (in :func:`_forward_slot`), keeping the class
-    forward's signature (``generate()`` validates keywords against it) and, in
-    ``module._tofu_installed``, what it replaced; nothing to do if ours is installed already
-    (a re-apply only replaces the settings, which the forward reads at each call)."""
-    if getattr(module, "_tofu_installed", None) is not None:
+    forward's signature (``generate()`` validates keywords against it); nothing to do if ours
+    is installed already (a re-apply only replaces the settings, which the forward reads at
+    each call)."""
+    if patching.replaced(module):
         return
-    slot = _forward_slot(module)
-    bound = functools.wraps(type(module).forward)(functools.partial(fn, module))
-    module._tofu_installed = (slot, bound, module.__dict__.get(slot))
-    setattr(module, slot, bound)
+    patching.replace(
+        module,
+        _forward_slot(module),
+        lambda _: functools.wraps(type(module).forward)(functools.partial(fn, module)),
+    )
 
 
 def _uninstall(module) -> None:
-    """Put back what :func:`_install` replaced, where ours is still in its slot (checked by
-    identity). Where a wrapper was installed over ours meanwhile (accelerate's autocast, a
-    device hook), the wrapper stays; ours then runs the class forward (the settings are gone)."""
-    installed = module.__dict__.pop("_tofu_installed", None)
-    if installed is None:
-        return
-    slot, bound, replaced = installed
-    if module.__dict__.get(slot) is bound:
-        if replaced is None:
-            del module.__dict__[slot]
-        else:
-            module.__dict__[slot] = replaced
+    """Put back what :func:`_install` replaced, where ours is still in its slot. Where a
+    wrapper was installed over ours meanwhile (accelerate's autocast, a device hook), the
+    wrapper stays; ours then runs the class forward (the settings are gone)."""
+    for slot in patching.replaced(module):
+        patching.restore(module, slot)
 
 
 def _loss_function(
