@@ -9,7 +9,7 @@ masked mean loss, as Megatron's schedules run it (the optimizer's step is the sa
 every loss and left out). Variants: Megatron's native `vocab_parallel_cross_entropy`,
 Megatron's fused cross entropy (`cross_entropy_loss_fusion`, native impl), TOFU through
 megatron_patch, TOFU in CE mode (gamma 0, beta 1), and both with the fused output layer
-(`--tofu-fused-output`: no logits tensor), the fused output computing only the tokens whose
+(`--tofu-fused-linear`: no logits tensor), the fused output computing only the tokens whose
 loss mask is 1 (`--tofu-skip-masked`). `--prompt-fraction` masks that share of each sequence
 (its first tokens, as SFT's prompts; default 0.5; 0 for pretraining). Timing: CUDA events around each step, median
 and 20/80 % quantiles after warm-up. Peak extra memory: the allocator's peak during a step
@@ -106,11 +106,11 @@ def variants():
         megatron_patch.revert()
         model.config.cross_entropy_loss_fusion = True
 
-    def tofu(gamma, beta, fused_output, skip_masked=False):
+    def tofu(gamma, beta, fused_linear, skip_masked=False):
         def setup(model):
             model.config.cross_entropy_loss_fusion = False
             megatron_patch.apply(
-                "tofu", gamma=gamma, beta=beta, fused_output=fused_output, skip_masked=skip_masked
+                "tofu", gamma=gamma, beta=beta, fused_linear=fused_linear, skip_masked=skip_masked
             )
 
         return setup

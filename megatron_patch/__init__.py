@@ -15,7 +15,7 @@ With the TOFU loss on, Megatron's reports carry ``lm cross entropy`` beside ``lm
 """
 
 from .arguments import add_arguments, apply_from_args, install_hooks, remove_hooks
-from .patch import LOSS_TYPES, apply, config, is_applied, revert
+from .patch import LOSS_TYPES, apply, config, is_applied, revert, tofu_params
 from .reporting import CE_KEY, cross_entropy_of
 
 __all__ = [
@@ -30,4 +30,5 @@ __all__ = [
     "is_applied",
     "remove_hooks",
     "revert",
+    "tofu_params",
 ]

@@ -1,4 +1,4 @@
-"""``--loss-type {cross_entropy,tofu} --tofu-gamma --tofu-beta --tofu-backend --tofu-fused-output
+"""``--loss-type {cross_entropy,tofu} --tofu-gamma --tofu-beta --tofu-backend --tofu-fused-linear
 --tofu-chunk-size --[no-]tofu-skip-masked``.
 
 ``add_arguments(parser)`` works as Megatron's ``extra_args_provider``.
@@ -78,6 +78,11 @@ class _Checked(argparse.Action):
         self.convert = convert
 
     def __call__(self, parser, namespace, values, option_string=None):
+        if option_string in _RENAMED:
+            warn_once(
+                f"megatron_patch: {option_string} is deprecated, use {_RENAMED[option_string]} "
+                "(the same setting; the old name goes in the next release)"
+            )
         try:
             setattr(namespace, self.dest, self.const if self.nargs == 0 else self.convert(values))
         except ValueError as e:
@@ -87,12 +92,15 @@ class _Checked(argparse.Action):
         _mark_given(namespace, self.dest)
 
 
+# Old flag names, still accepted for one release with a deprecation warning
+_RENAMED = {"--tofu-fused-output": "--tofu-fused-linear"}
+
 # The TOFU settings' flags (apply_from_args warns when any is given without --loss-type tofu)
 _SETTINGS = (
     "tofu_gamma",
     "tofu_beta",
     "tofu_backend",
-    "tofu_fused_output",
+    "tofu_fused_linear",
     "tofu_chunk_size",
     "tofu_skip_masked",
 )
@@ -146,7 +154,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "on a GPU, else the torch backend on the CPU)",
     )
     g.add_argument(
-        "--tofu-fused-output",
+        "--tofu-fused-linear",
+        "--tofu-fused-output",  # its old name (_RENAMED)
         action=_Checked,
         nargs=0,
         const=True,
@@ -160,7 +169,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         convert=_positive_int,
         default=None,
         metavar="TOKENS",
-        help="with --tofu-fused-output: tokens per logits block (default: 1/16 of the micro-batch's "
+        help="with --tofu-fused-linear: tokens per logits block (default: 1/16 of the micro-batch's "
         "tokens, fewer where a 128 MiB logits block holds fewer; whole 64-token tiles)",
     )
     g.add_argument(
@@ -170,7 +179,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         nargs=0,
         const=True,
         default=None,
-        help="with --tofu-fused-output: compute the output layer only for the tokens whose loss mask "
+        help="with --tofu-fused-linear: compute the output layer only for the tokens whose loss mask "
         "is 1 (one host sync per micro-batch; default: on with --sft, off otherwise)",
     )
     g.add_argument(
@@ -204,19 +213,19 @@ def apply_from_args(args: argparse.Namespace) -> None:
     ]
     loss_type = getattr(args, "loss_type", "cross_entropy")
     if loss_type == "tofu":
-        skip = skip_masked(args) and args.tofu_fused_output
+        skip = skip_masked(args) and args.tofu_fused_linear
         apply(
             "tofu",
             args.tofu_gamma,
             args.tofu_beta,
             args.tofu_backend,
-            fused_output=args.tofu_fused_output,
+            fused_linear=args.tofu_fused_linear,
             chunk_size=args.tofu_chunk_size,
             skip_masked=skip,
         )
-        if args.tofu_skip_masked and not args.tofu_fused_output:
+        if args.tofu_skip_masked and not args.tofu_fused_linear:
             warn_once(
-                "megatron_patch: --tofu-skip-masked has no effect without --tofu-fused-output (the "
+                "megatron_patch: --tofu-skip-masked has no effect without --tofu-fused-linear (the "
                 "unfused loss reads the logits the output layer already computed for every token)"
             )
         if getattr(args, "cross_entropy_loss_fusion", False):
@@ -231,8 +240,8 @@ def apply_from_args(args: argparse.Namespace) -> None:
             f"backend={args.tofu_backend}): LanguageModule.compute_language_model_loss is TOFU; "
             f"'{CE_KEY}' is reported beside 'lm loss'"
         )
-        if args.tofu_fused_output:
-            what += "; --tofu-fused-output: the output layer and the loss run as one step, without the logits"
+        if args.tofu_fused_linear:
+            what += "; --tofu-fused-linear: the output layer and the loss run as one step, without the logits"
             if skip:
                 what += ", for the tokens whose loss mask is 1 (--tofu-skip-masked)"
     else:

@@ -7,13 +7,14 @@ through 0.19 (same signature in all; the TP group moved from ``pg_collection.tp`
 the model dtype and returns the unreduced fp32 loss ``[b, s]``; masking and averaging
 happen downstream in the training script's ``loss_func``. We patch the class attribute
 (where every caller looks it up), keep the original, and restore it on ``revert()``.
-With ``fused_output=True`` the output layer and the loss of GPTModel and HybridModel run
-as one step without the logits (``fused_output.py``).
+With ``fused_linear=True`` the output layer and the loss of GPTModel and HybridModel run
+as one step without the logits (``fused_linear.py``).
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
@@ -22,7 +23,7 @@ from tofu_kernels.loss import loss_of_logits
 from tofu_kernels.params import DEFAULT_BETA, DEFAULT_GAMMA, TOFUParams, check_flag
 from tofu_kernels.vocab_parallel import TensorParallel
 
-from . import fused_output as _fused
+from . import fused_linear as _fused
 from . import reporting, settings
 
 LOSS_TYPES = ("cross_entropy", "tofu")
@@ -87,21 +88,31 @@ def apply(
     gamma: float = DEFAULT_GAMMA,
     beta: float = DEFAULT_BETA,
     backend: str = "auto",
-    fused_output: bool = False,
+    fused_linear: bool = False,
     chunk_size: int | None = None,
     skip_masked: bool = False,
+    *,
+    fused_output: bool | None = None,
 ) -> None:
     """Make Megatron-Core compute ``loss_type`` in every LanguageModule.
 
     ``"tofu"`` installs the TOFU loss with ``gamma``/``beta``/``backend`` (again: updates
     them) and the cross-entropy reporting of ``reporting.py``; ``"cross_entropy"``
-    restores Megatron's own loss path untouched. ``fused_output``: GPTModel's and
+    restores Megatron's own loss path untouched. ``fused_linear``: GPTModel's and
     HybridModel's output layer and loss as one step without the logits (``chunk_size``
-    tokens per logits block; default ``fused_output.fused_chunk_rows``, the rule in
-    docs/megatron.md's flag table), see ``fused_output.py``; ``skip_masked``: the fused step
+    tokens per logits block; default ``fused_linear.fused_chunk_rows``, the rule in
+    docs/megatron.md's flag table), see ``fused_linear.py``; ``skip_masked``: the fused step
     computes only the rows whose loss mask is 1 (one host sync per call; docs/megatron.md).
     """
-    check_flag(fused_output, "fused_output", "megatron_patch.apply")
+    if fused_output is not None:  # the old name of fused_linear, for one release
+        warnings.warn(
+            "megatron_patch.apply(fused_output=...) is deprecated, use fused_linear=... (the same "
+            "setting; the old name goes in the next release)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        fused_linear = fused_output
+    check_flag(fused_linear, "fused_linear", "megatron_patch.apply")
     check_flag(skip_masked, "skip_masked", "megatron_patch.apply")
     if loss_type not in LOSS_TYPES:
         raise ValueError(
@@ -127,10 +138,10 @@ def apply(
     cls = _language_module()
     with settings.lock:
         patching.replace(cls, _LOSS, _make_loss)
-        settings.store(settings.Applied(params, fused_output, chunk_size, skip_masked))
+        settings.store(settings.Applied(params, fused_linear, chunk_size, skip_masked))
         reporting.install()
         _fused.uninstall()
-        if fused_output:
+        if fused_linear:
             _fused.install()
 
 
@@ -148,7 +159,18 @@ def is_applied() -> bool:
     return settings.current() is not None
 
 
-def config() -> TOFUParams | None:
+def tofu_params() -> TOFUParams | None:
     """The settings the patched loss runs with (None while not applied)."""
     applied = settings.current()
     return None if applied is None else applied.params
+
+
+def config() -> TOFUParams | None:
+    """Deprecated name of :func:`tofu_params` (goes in the next release)."""
+    warnings.warn(
+        "megatron_patch.config() is deprecated, use megatron_patch.tofu_params() (the same "
+        "TOFUParams; 'config' next to Megatron's TransformerConfig misled)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return tofu_params()

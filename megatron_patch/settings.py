@@ -16,8 +16,8 @@ from tofu_kernels.params import TOFUParams
 @dataclasses.dataclass(frozen=True)
 class Applied:
     params: TOFUParams
-    fused_output: bool = False
-    chunk_size: int | None = None  # None: fused_output.fused_chunk_rows
+    fused_linear: bool = False
+    chunk_size: int | None = None  # None: fused_linear.fused_chunk_rows
     skip_masked: bool = False  # the fused step computes only the rows whose loss mask is 1
 
 

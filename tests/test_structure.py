@@ -452,7 +452,7 @@ LAYERS = [
     {"vocab_parallel"},
     {"core"},
     {"loss", "linear"},
-    {"hf", "hf.models", "hf.trainer", "automodel", "axolotl", "torchtitan"},
+    {"hf", "hf.forward", "hf.trainer", "automodel", "axolotl", "torchtitan"},
     {""},  # the package root: re-exports
 ]
 
@@ -471,7 +471,7 @@ def test_imports_go_one_way_down_the_layers():
 MEGATRON_LAYERS = [
     {"once", "settings"},
     {"reporting"},
-    {"fused_output"},
+    {"fused_linear"},
     {"patch"},
     {"arguments"},
     {"launch", ""},
@@ -486,9 +486,9 @@ def test_megatron_patch_imports_go_one_way():
         up = sorted(t for t in targets if level[t] >= level[module] and t != module)
         assert not up, f"megatron_patch.{module or '__init__'} imports {up} from its layer or above"
     # nothing handed down to be called back: the fused step reads settings, reports itself
-    from megatron_patch import fused_output
+    from megatron_patch import fused_linear
 
-    assert not inspect.signature(fused_output.install).parameters
+    assert not inspect.signature(fused_linear.install).parameters
 
 
 def test_one_monkeypatch_idiom():
@@ -504,8 +504,8 @@ def test_one_monkeypatch_idiom():
         "megatron_patch/patch.py",
         "megatron_patch/reporting.py",
         "megatron_patch/arguments.py",
-        "megatron_patch/fused_output.py",
-        "tofu_kernels/hf/models.py",
+        "megatron_patch/fused_linear.py",
+        "tofu_kernels/hf/forward.py",
     } <= users
 
 
@@ -654,17 +654,17 @@ def test_hugging_face_paths_share_one_forward():
     """TOFUSFTTrainer reaches the loss only through the model's forward (apply_tofu's, with
     tofu_metrics=True), that forward only through lm_head's own call (where the data-parallel
     wrappers present the weight), and that only through the fused linear loss: one mechanism,
-    in hf/models.py. (The other frameworks' glue hands its ready settings to the same
+    in hf/forward.py. (The other frameworks' glue hands its ready settings to the same
     loss_of_hidden.)"""
     assert {c.split(":")[0] for c in _calls("loss_of_hidden")} == {
-        "hf/models.py",
+        "hf/forward.py",
         "linear.py",
         "automodel.py",
         "torchtitan.py",
     }
-    assert {c.split(":")[0] for c in _calls("on_hidden")} == {"hf/models.py"}
+    assert {c.split(":")[0] for c in _calls("on_hidden")} == {"hf/forward.py"}
     trainer = _imported_modules(PKG / "hf" / "trainer.py")
-    assert ".models" in trainer and not {
+    assert ".forward" in trainer and not {
         n for n in trainer if n.endswith("linear") or n.endswith("core")
     }
     asks = [

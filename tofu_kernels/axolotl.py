@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from .hf.models import SUPPORTED_MODELS, apply_tofu, check_model
+from .hf.forward import SUPPORTED_MODELS, apply_tofu, check_model
 from .params import DEFAULT_BETA, DEFAULT_GAMMA, beta_error, gamma_error
 
 try:

@@ -87,7 +87,7 @@ RUN = {
         # Megatron-LM's parser reads sys.argv: a tiny model's flags and the TOFU flags
         "prelude": f"import sys\nsys.argv = ['pretrain_gpt.py', *{TINY!r}, '--loss-type', 'tofu']\n",
         "after": (
-            "assert megatron_patch.is_applied() and megatron_patch.config().gamma == 3.0\n"
+            "assert megatron_patch.is_applied() and megatron_patch.tofu_params().gamma == 3.0\n"
             "megatron_patch.revert()\n"
         ),
     },

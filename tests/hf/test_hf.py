@@ -280,13 +280,13 @@ def test_trl_sft_trainer_trains_with_our_loss_func(tmp_path):
 def test_trainer_with_apply_tofu_fused_linear(tmp_path, monkeypatch):
     fused_calls = []
 
-    real = hf.models.loss_of_hidden
+    real = hf.forward.loss_of_hidden
 
     def counted(*a, **k):
         fused_calls.append(k["normalizer"])
         return real(*a, **k)
 
-    monkeypatch.setattr(hf.models, "loss_of_hidden", counted)
+    monkeypatch.setattr(hf.forward, "loss_of_hidden", counted)
     model = tiny_model("llama")
     hf.apply_tofu(model, 3.0, 0.8, fused_linear=True)
     tok = word_tokenizer()

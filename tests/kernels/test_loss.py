@@ -441,8 +441,8 @@ def test_flags_of_the_other_entry_points_take_booleans_only():
     require_megatron_core()
     import megatron_patch
 
-    with pytest.raises(TypeError, match="fused_output must be True or False"):
-        megatron_patch.apply(fused_output="no")  # refused before anything is patched
+    with pytest.raises(TypeError, match="fused_linear must be True or False"):
+        megatron_patch.apply(fused_linear="no")  # refused before anything is patched
 
 
 def test_bad_tensors():
@@ -510,7 +510,7 @@ def test_a_second_derivative_is_refused(grad_in_forward):
 
 
 def test_errors_name_the_argument_the_user_typed():
-    """A bad setting is named as the caller's user wrote it (issue 36's new user: apply_tofu's
+    """A bad setting is named as the caller's user wrote it (apply_tofu's
     and TOFUSFTTrainer's errors said tofu_loss and gamma); a 0-dim tensor or numpy scalar is a
     number (it said 'got tensor(2.)')."""
     import numpy as np

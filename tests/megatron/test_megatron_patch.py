@@ -176,7 +176,7 @@ def test_apply_twice_and_revert_restore_the_original_object():
         assert patched is not original and megatron_patch.is_applied()
         megatron_patch.apply("tofu", 1.0, 0.5)  # harmless: same function, new settings
         assert cls.__dict__["compute_language_model_loss"] is patched
-        assert megatron_patch.config().gamma == 1.0
+        assert megatron_patch.tofu_params().gamma == 1.0
         megatron_patch.revert()
         assert cls.__dict__["compute_language_model_loss"] is original
         megatron_patch.revert()  # reverting twice is harmless too
@@ -271,7 +271,7 @@ def test_megatron_parser_accepts_flags_and_applies(monkeypatch, hooked):
         "torch",
     )
     assert args.num_layers == 2  # Megatron's own flags still parse
-    assert megatron_patch.config() == TOFUParams(
+    assert megatron_patch.tofu_params() == TOFUParams(
         gamma=2.5,
         beta=0.7,
         backend="torch",
@@ -291,21 +291,21 @@ def test_megatron_parser_defaults_leave_megatron_unchanged(monkeypatch, hooked):
 
 def test_chunk_size_default_is_the_documented_rule(monkeypatch):
     """--tofu-chunk-size's default (None) makes the fused output step use
-    fused_output.fused_chunk_rows, the rule docs/megatron.md's flag table states: N/16 tokens
+    fused_linear.fused_chunk_rows, the rule docs/megatron.md's flag table states: N/16 tokens
     rounded up to 64-token tiles, fewer where a 128 MiB [chunk, V/tp] logits block holds
     fewer (rounded down, at least 64), at most N."""
     import argparse
     import inspect
     import types
 
-    from megatron_patch import fused_output
+    from megatron_patch import fused_linear
 
     args = megatron_patch.add_arguments(argparse.ArgumentParser()).parse_args(
-        ["--loss-type", "tofu", "--tofu-fused-output"]
+        ["--loss-type", "tofu", "--tofu-fused-linear"]
     )
     assert args.tofu_chunk_size is None
     assert inspect.signature(megatron_patch.apply).parameters["chunk_size"].default is None
-    rows = fused_output.fused_chunk_rows  # (tokens N, V/tp, bytes per logit)
+    rows = fused_linear.fused_chunk_rows  # (tokens N, V/tp, bytes per logit)
     assert rows(16384, 1000, 2) == 1024  # N/16
     assert rows(16385, 1000, 2) == 1088  # N/16 rounded up to whole 64-token tiles
     assert rows(100, 1000, 2) == 64 and rows(40, 1000, 2) == 40  # at least 64, at most N
@@ -318,7 +318,7 @@ def test_chunk_size_default_is_the_documented_rule(monkeypatch):
         return torch.zeros(labels.shape), torch.zeros(labels.shape)
 
     monkeypatch.setattr(
-        fused_output, "loss_of_hidden", loss_of_hidden
+        fused_linear, "loss_of_hidden", loss_of_hidden
     )  # where fused_loss looks it up
     s, b, h, v = 1040, 2, 4, 96
     layer = types.SimpleNamespace(
@@ -329,7 +329,7 @@ def test_chunk_size_default_is_the_documented_rule(monkeypatch):
     )
     try:
         megatron_patch.apply_from_args(args)
-        fused_output.fused_loss(
+        fused_linear.fused_loss(
             torch.zeros(s, b, h, dtype=torch.bfloat16),
             layer,
             None,
@@ -362,7 +362,7 @@ def test_flag_table_lists_the_parsers_flags():
 
 def test_skip_masked_default_is_on_with_sft_only(monkeypatch):
     """--tofu-skip-masked: on with --sft, off otherwise, either way overridable; only with
-    --tofu-fused-output does it reach the fused step (docs/megatron.md)."""
+    --tofu-fused-linear does it reach the fused step (docs/megatron.md)."""
     import argparse
 
     from megatron_patch.arguments import skip_masked
@@ -376,7 +376,7 @@ def test_skip_masked_default_is_on_with_sft_only(monkeypatch):
         ("--tofu-skip-masked",): True,
     }
     for argv, expect in cases.items():
-        args = parser.parse_args(["--loss-type", "tofu", "--tofu-fused-output", *argv])
+        args = parser.parse_args(["--loss-type", "tofu", "--tofu-fused-linear", *argv])
         assert skip_masked(args) is expect, argv
         try:
             megatron_patch.apply_from_args(args)
@@ -384,7 +384,7 @@ def test_skip_masked_default_is_on_with_sft_only(monkeypatch):
         finally:
             megatron_patch.revert()
     with pytest.warns(
-        UserWarning, match="--tofu-skip-masked has no effect without --tofu-fused-output"
+        UserWarning, match="--tofu-skip-masked has no effect without --tofu-fused-linear"
     ):
         megatron_patch.apply_from_args(
             parser.parse_args(["--loss-type", "tofu", "--tofu-skip-masked"])
@@ -497,3 +497,36 @@ def test_parse_and_validate_args_looks_up_the_hooked_parser(hooked):
 
     assert arguments.parse_and_validate_args.__globals__["parse_args"] is arguments.parse_args
     assert "parse_args" in patching.replaced(arguments)
+
+
+def test_old_names_still_work_with_a_deprecation_warning():
+    """Renamed for one word per concept: --tofu-fused-output -> --tofu-fused-linear,
+    apply(fused_output=) -> apply(fused_linear=), config() -> tofu_params(). The old names
+    keep working for one release and say what replaces them."""
+    import argparse
+    import warnings
+
+    from megatron_patch import once
+
+    parser = megatron_patch.add_arguments(argparse.ArgumentParser())
+    once._said.discard(
+        "megatron_patch: --tofu-fused-output is deprecated, use --tofu-fused-linear (the same "
+        "setting; the old name goes in the next release)"
+    )
+    with pytest.warns(
+        UserWarning, match="--tofu-fused-output is deprecated, use --tofu-fused-linear"
+    ):
+        old = parser.parse_args(["--loss-type", "tofu", "--tofu-fused-output"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new name warns of nothing
+        new = parser.parse_args(["--loss-type", "tofu", "--tofu-fused-linear"])
+    assert old.tofu_fused_linear is new.tofu_fused_linear is True
+    try:
+        with pytest.warns(DeprecationWarning, match=r"fused_output=\.\.\.\) is deprecated"):
+            megatron_patch.apply("tofu", 2.0, 0.5, fused_output=True)
+        assert settings.current().fused_linear is True
+        with pytest.warns(DeprecationWarning, match=r"use megatron_patch.tofu_params\(\)"):
+            old_params = megatron_patch.config()
+        assert old_params is megatron_patch.tofu_params() and old_params.gamma == 2.0
+    finally:
+        megatron_patch.revert()

@@ -203,11 +203,11 @@ def _logits_recorder(net) -> list[dict]:
         if name.endswith("output_layer") and isinstance(m, ColumnParallelLinear)
     )
 
-    from megatron_patch.fused_output import DeferredLogits
+    from megatron_patch.fused_linear import DeferredLogits
 
     def hook(_module, _inputs, output):
         logits = output[0]
-        if isinstance(logits, DeferredLogits):  # --tofu-fused-output: no logits exist
+        if isinstance(logits, DeferredLogits):  # --tofu-fused-linear: no logits exist
             return
         rec = {"logits": logits.detach().double().clone(), "grad": None}
         if logits.requires_grad:
@@ -320,9 +320,9 @@ def sft_step_cases(rank: int, world: int, tmp: str, model: str) -> None:
         torch.testing.assert_close(results[bool(extra)][CE_KEY], megatron_ce, rtol=2e-5, atol=1e-6)
     # the report is normalised over the assistant tokens of the whole batch either way
     torch.testing.assert_close(results[True][LOSS_KEY], results[False][LOSS_KEY])
-    # the output layer and the loss as one step (--tofu-fused-output): the same reports
+    # the output layer and the loss as one step (--tofu-fused-linear): the same reports
     args, wrapped, records, reports, _ = _run(
-        [*flags, "--tofu-fused-output", "--tofu-chunk-size", "16"], model
+        [*flags, "--tofu-fused-linear", "--tofu-chunk-size", "16"], model
     )
     assert records == []  # the output layer never made logits
     fused = reduce_like_megatron(reports)

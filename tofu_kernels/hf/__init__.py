@@ -27,7 +27,7 @@ micro-batches equals one big batch (``transformers``' convention).
 ``transformers`` is imported lazily: the rest of the package does not need it.
 """
 
-from .models import SUPPORTED_MODELS, apply_tofu, revert_tofu, shift_labels, tofu_loss_func
+from .forward import SUPPORTED_MODELS, apply_tofu, revert_tofu, shift_labels, tofu_loss_func
 
 __all__ = [
     "SUPPORTED_MODELS",

@@ -33,7 +33,7 @@ import torch
 import trl
 
 from ..params import DEFAULT_BETA, DEFAULT_GAMMA, DEFAULT_IGNORE_INDEX, TOFUParams
-from .models import apply_tofu, check_model, check_params
+from .forward import apply_tofu, check_model, check_params
 
 __all__ = ["TOFUSFTTrainer"]
 

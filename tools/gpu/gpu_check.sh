@@ -201,7 +201,7 @@ SMOKE_ARG=$([ $SMOKE = 1 ] && echo --cpu-smoke)
 step fused_linear -- "$PYTHON" benchmarks/bench_fused_linear.py --out "$OUT" $SMOKE_ARG \
   && grep -E "PASS|MISS|n\.a\." "$OUT/bench_fused_linear.md" >>"$OUT/summary.txt" 2>/dev/null
 
-# 3. A Megatron-Core training step with each loss, --tofu-fused-output among them.
+# 3. A Megatron-Core training step with each loss, --tofu-fused-linear among them.
 step megatron_step -- "$PYTHON" benchmarks/bench_megatron_step.py --out "$OUT" $SMOKE_ARG \
   && grep -E "PASS|MISS" "$OUT/bench_megatron_step.md" >>"$OUT/summary.txt" 2>/dev/null
 

@@ -1,4 +1,4 @@
-"""The launcher's --help lists every flag megatron_patch adds (issue 28, finding 5): a user finds
+"""The launcher's --help lists every flag megatron_patch adds: a user finds
 them there, without Megatron's parser (whose own --help has crashed upstream on a "%" in a help
 string)."""
 

@@ -1,4 +1,4 @@
-"""--tofu-fused-output: Megatron's output layer and the TOFU loss as one step, no logits.
+"""--tofu-fused-linear: Megatron's output layer and the TOFU loss as one step, no logits.
 
 Each case builds a model with the fixture's own builder (pretrain_gpt.py's GPTModel or
 pretrain_hybrid.py's HybridModel), runs the script's forward_step / loss_func in Megatron's
@@ -77,7 +77,7 @@ def _compare(args, model, pg, data, dtype=torch.float32, skip_masked=False) -> N
     rep_u, grad_u, shapes_u = _run(model, pg, data)
     for skip in (False, True) if skip_masked else (False,):
         megatron_patch.apply(
-            "tofu", GAMMA, BETA, "torch", fused_output=True, chunk_size=CHUNK, skip_masked=skip
+            "tofu", GAMMA, BETA, "torch", fused_linear=True, chunk_size=CHUNK, skip_masked=skip
         )
         rep_f, grad_f, shapes_f = _run(model, pg, data)
         megatron_patch.revert()
@@ -218,7 +218,7 @@ def main_grad_case(data) -> None:
     sums = []
     for fused in (False, True):
         w.main_grad, w.grad_added_to_main_grad = torch.zeros(w.shape, dtype=torch.float32), False
-        megatron_patch.apply("tofu", GAMMA, BETA, "torch", fused_output=fused, chunk_size=CHUNK)
+        megatron_patch.apply("tofu", GAMMA, BETA, "torch", fused_linear=fused, chunk_size=CHUNK)
         _run(net, pg, data)
         assert w.grad_added_to_main_grad and w.main_grad.abs().sum() > 0
         sums.append(w.main_grad.clone())
@@ -241,7 +241,7 @@ def skip_flops_cases(rank: int, world: int) -> None:
         flops = {}
         for skip in (False, True):
             megatron_patch.apply(
-                "tofu", GAMMA, BETA, "torch", fused_output=True, chunk_size=CHUNK, skip_masked=skip
+                "tofu", GAMMA, BETA, "torch", fused_linear=True, chunk_size=CHUNK, skip_masked=skip
             )
             with GemmFlops(dim=width) as f:
                 _run(net, pg, batches(1, seed=41, masked=masked))
@@ -270,10 +270,10 @@ def test_fused_bf16_pipeline_parallel_and_main_grad():
 def test_launcher_takes_the_flag():
     from tests.support.megatron_lm import TINY
 
-    out = launch("--loss-type", "tofu", "--tofu-fused-output", "--tofu-chunk-size", "64", *TINY)
+    out = launch("--loss-type", "tofu", "--tofu-fused-linear", "--tofu-chunk-size", "64", *TINY)
     assert "Megatron requires CUDA" in out.stderr, out.stderr[-3000:]
     assert (
-        "--tofu-fused-output: the output layer and the loss run as one step, without the logits"
+        "--tofu-fused-linear: the output layer and the loss run as one step, without the logits"
         in out.stdout
     )
     out = launch("--loss-type", "tofu", "--tofu-chunk-size", "0", *TINY)

@@ -1,4 +1,4 @@
-"""``--tofu-fused-output``: the output layer and the TOFU loss as one step, no logits tensor.
+"""``--tofu-fused-linear``: the output layer and the TOFU loss as one step, no logits tensor.
 
 In training and evaluation with labels, the last pipeline stage of a GPTModel or HybridModel
 computes the per-token TOFU loss straight from the final hidden states and the output
@@ -74,12 +74,12 @@ def fused_loss(
     no gradient (one host sync finds the others; docs/megatron.md)."""
     if getattr(config, "use_mup", False):
         raise ValueError(
-            "megatron_patch --tofu-fused-output: MuP logit scaling (use_mup) is not supported; "
-            "drop --tofu-fused-output (the unfused TOFU loss supports it)"
+            "megatron_patch --tofu-fused-linear: MuP logit scaling (use_mup) is not supported; "
+            "drop --tofu-fused-linear (the unfused TOFU loss supports it)"
         )
     if getattr(output_layer, "bias", None) is not None:
         raise ValueError(
-            "megatron_patch --tofu-fused-output: an output layer with a bias is not supported"
+            "megatron_patch --tofu-fused-linear: an output layer with a bias is not supported"
         )
     from megatron.core.tensor_parallel.mappings import (
         copy_to_tensor_model_parallel_region,
@@ -216,9 +216,9 @@ class DeferredLogits(torch.Tensor):
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         raise RuntimeError(
-            f"megatron_patch --tofu-fused-output: {func} on the output layer's logits, which the fused "
+            f"megatron_patch --tofu-fused-linear: {func} on the output layer's logits, which the fused "
             "output layer + loss never builds (only the language-model loss may read them); drop "
-            "--tofu-fused-output for this model"
+            "--tofu-fused-linear for this model"
         )
 
     __torch_function__ = torch._C._disabled_torch_function_impl
@@ -289,7 +289,7 @@ def install() -> None:
         replace(gpt.GPTModel, "forward", _make_gpt_forward)
     else:
         warn_once(
-            "megatron_patch --tofu-fused-output: this megatron-core's GPTModel.forward has no "
+            "megatron_patch --tofu-fused-linear: this megatron-core's GPTModel.forward has no "
             "output_processor hook (0.18+): GPTModel keeps the unfused TOFU loss"
         )
     try:
@@ -301,7 +301,7 @@ def install() -> None:
         replace(hybrid, "process_mtp_loss", _make_process_mtp_loss)
     else:
         warn_once(
-            "megatron_patch --tofu-fused-output: this megatron-core's HybridModel is not one the fused "
+            "megatron_patch --tofu-fused-linear: this megatron-core's HybridModel is not one the fused "
             "output step is tested with (0.19): HybridModel keeps the unfused TOFU loss"
         )
 
