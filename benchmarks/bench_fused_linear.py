@@ -12,7 +12,7 @@ allocates, the two gradients included; ``hidden``'s and ``weight``'s gradient al
 ``N*D`` and ``V*D`` elements), the GEMM throughput that time implies (3 GEMMs of
 ``2*N*D*V`` flops; the fused TOFU with reduction "mean" does exactly 3), the loss of one
 call (the TOFU rows must agree, the CE rows among themselves), and PASS/MISS against the
-targets (docs/design.md section 8, issue 29), judged at the full vocabulary (128256):
+targets (docs/design.md section 8), judged at the full vocabulary (128256):
 
   ours fused linear_tofu_loss   time <= 1.05 x (matmul + ours), peak extra <= 1.2 GiB,
                                 at least 1.35 x faster than Cut Cross-Entropy, faster than

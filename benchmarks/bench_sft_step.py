@@ -20,7 +20,7 @@ for the tokens that train, the other trainer for every token.
 Reported per trainer: median ms per optimizer step (after warm-up steps; CUDA synchronised
 around each step), peak memory allocated during training (GiB; the model and the optimizer
 states are the same for both), and the final loss of each (equal up to bf16 noise: the
-same loss). Targets (issue 20): TOFUSFTTrainer step time <= 0.8 x the other's, peak lower.
+same loss). Targets: TOFUSFTTrainer step time <= 0.8 x the other's, peak lower.
 CPU numbers are NOT performance results.
 """
 

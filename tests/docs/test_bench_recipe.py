@@ -149,7 +149,7 @@ def test_liger_recipe_equals_linear_tofu_loss(gamma, beta):
     """The recipe with Liger's own fused linear CE (reduction "none", its backward recomputing
     the chunks), argument order (weight, hidden, labels) as the benchmark calls it: equal to
     ours. On CPU Liger's Triton kernels run in the interpreter; where liger_kernel is not
-    installed (the dev venv: it is carried to the GPU as a wheel) this says so and skips."""
+    installed (the dev venv: the GPU check installs it from its wheels) this says so and skips."""
     liger = pytest.importorskip("liger_kernel.transformers", reason="liger_kernel not installed")
     flce = liger.LigerFusedLinearCrossEntropyLoss(reduction="none", ignore_index=IGNORE)
     h, w, y = _inputs(23, 16, 300, torch.float32, seed=4, ignored=(3,))

@@ -51,7 +51,7 @@ SHAPES = [
 @pytest.mark.parametrize("gamma,beta", [(0.0, 1.0), (3.0, 0.8), (0.5, 1.5), (4.5, 0.5), (1.0, 1.0)])
 def test_matches_reference(backend, dtype, shape, vocab, gamma, beta):
     if backend not in gpu_backends():
-        pytest.fail("CUDA extension not loaded on the GPU machine")
+        pytest.fail("CUDA extension not loaded on this GPU")
     logits, labels = make_logits(shape, vocab, dtype)
     labels[0] = vocab - 1
     if labels.numel() > 2:
@@ -189,7 +189,7 @@ def _assert_lean(step, x) -> None:
 def test_backends_agree_closely():
     """CUDA and Triton compute the same fp32 statistics: losses agree to fp32 rounding."""
     if "cuda" not in gpu_backends():
-        pytest.fail("CUDA extension not loaded on the GPU machine")
+        pytest.fail("CUDA extension not loaded on this GPU")
     logits, labels = make_logits((1024,), 151936, torch.bfloat16)
     logits, labels = logits.cuda(), labels.cuda()
     lt, gt = run(logits, labels, "triton")

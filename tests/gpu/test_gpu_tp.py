@@ -198,7 +198,7 @@ def megatron_tp2_cases(rank: int, world: int, device: str, backend: str) -> None
 @pytest.mark.parametrize("world", [2, 4])
 def test_vocab_parallel_on_one_gpu(world):
     if not tk.extension_loaded():
-        pytest.fail("gpu_check.sh builds the CUDA extension; it must load on the GPU machine")
+        pytest.fail("gpu_check.sh builds the CUDA extension; it must load on this GPU")
     run_distributed(
         world,
         vocab_parallel_cases,

@@ -1,7 +1,7 @@
 """Megatron-LM's own training script (the fixture) on CPU: where it is, and a harness.
 
 The fixture (`pretrain_gpt.py`, `gpt_builders.py`, `model_provider.py` of Megatron-LM
-core_v0.19.0, unmodified) is read from the project's shared folder, never copied here.
+core_v0.19.0, unmodified) is read from a `shared/fixtures/` folder, never copied here.
 `TOFU_MEGATRON_LM_DIR` names it explicitly; otherwise it is looked for beside this
 checkout, or beside the repository this checkout was cloned from
 (`tools/gpu/megatron_lm_check.find_fixture`).
@@ -130,7 +130,7 @@ def cpu_harness() -> None:
     torch.cuda.current_device = lambda: "cpu"
     torch.Tensor.cuda = lambda self, *a, **k: self
     torch.cuda.synchronize = lambda *a, **k: None
-    arguments.get_device_arch_version = lambda: 9  # Hopper, as on the GPU machines
+    arguments.get_device_arch_version = lambda: 9  # Hopper, as on an H100 or H200
     schedules.torch = training.torch = _TorchWithCudaTensorsOnCPU()
     allow_torch_norm_with_sequence_parallel()
     # HybridStack builds its final norm with TENorm whatever the spec; without Transformer
