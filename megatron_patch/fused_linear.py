@@ -1,35 +1,14 @@
 """``--tofu-fused-linear``: the output layer and the TOFU loss as one step, no logits tensor.
 
-In training and evaluation with labels, the last pipeline stage of a GPTModel or HybridModel
-computes the per-token TOFU loss straight from the final hidden states and the output
-layer's weight shard (``tofu_kernels.linear.loss_of_hidden``): the ``[s, b, V/tp]`` logits
-and their gradient never exist, only one ``[chunk, V/tp]`` block at a time, recomputed in the
-backward (docs/design.md section 9). What the output layer does is kept exactly:
+The last pipeline stage of a GPTModel or HybridModel computes the per-token loss from the
+final hidden states and the output weight shard with ``tofu_kernels.linear.loss_of_hidden``,
+keeping what Megatron's output layer does (TP, SP, tied embeddings, gradient accumulation
+fusion; MTP heads stay unfused): docs/design.md section 9, docs/megatron.md.
 
-- tensor parallelism: the weight's ``[V/tp, h]`` shard (Megatron's padded vocabulary, whose
-  padding columns take part in the softmax as in Megatron's cross entropy), the loss's one
-  all-gather, and ``hidden``'s gradient all-reduced by Megatron's own
-  copy-to-tensor-parallel region, as ``ColumnParallelLinear`` does;
-- sequence parallelism: ``hidden`` ``[s/tp, b, h]`` gathered by Megatron's
-  gather-from-sequence-parallel region, its gradient reduce-scattered;
-- tied embeddings: the gradient lands on ``output_weight`` (the embedding's weight), where
-  Megatron's embedding-group all-reduce finds it;
-- gradient accumulation fusion: the weight's gradient is added chunk by chunk into its fp32
-  ``main_grad`` with the same fused GEMM Megatron's linear uses, and autograd gets the same
-  placeholder Megatron's linear returns;
-- MTP heads beside it go through ``compute_language_model_loss`` (the unfused TOFU patch):
-  Megatron's MTP also needs their logits for its acceptance counts;
-- with ``--tofu-skip-masked``, only the rows whose ``loss_mask`` is 1 are computed (the model's
-  forward receives the mask: GPTModel hands it to the output processor, HybridModel's wrapped
-  forward keeps it for the call).
-
-Routes: GPTModel (megatron-core 0.18+) has an official hook, ``forward(...,
-output_processor=)``; ``GPTModel.forward`` is wrapped to supply it when the caller did not.
-HybridModel (0.19) has none: its ``forward`` is wrapped so that, for that call, the output
-layer returns a placeholder that records its input instead of computing logits (MTP heads'
-calls excepted), and the patched ``compute_language_model_loss`` computes the fused loss
-from it; a placeholder used in any other way raises. Inference (no labels, or Megatron's
-inference mode) keeps the unfused path. MuP logit scaling is refused.
+Routes: GPTModel (0.18+) through its ``output_processor`` hook (its ``forward`` is wrapped to
+supply it); HybridModel (0.19) has none, so for one call its output layer returns a
+:class:`DeferredLogits` placeholder that only the patched loss may read. Inference keeps the
+unfused path; MuP logit scaling is refused.
 """
 
 from __future__ import annotations

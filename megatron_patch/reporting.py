@@ -1,24 +1,12 @@
-"""The plain cross entropy beside the TOFU loss in Megatron's own reporting.
+"""``lm cross entropy`` beside ``lm loss`` in Megatron's own reports (docs/megatron.md, "What
+you see in Megatron's log").
 
-A TOFU value is not comparable across gamma/beta nor with a cross-entropy run, so runs are
-compared by their cross entropy. Without touching the training script:
-
-1. the patched loss (``patch.py``) attaches each call's per-token cross entropy
-   ``[b, s]`` (fp32, detached) to the per-token loss tensor it returns;
-2. Megatron's pipeline schedules hand that tensor to the script's ``loss_func`` through
-   ``megatron.core.pipeline_parallel.schedules.forward_step_calc_loss`` (every schedule,
-   training and evaluation, calls it through that module attribute); we wrap that one
-   function so the ``loss_func``'s report dict gains ``"lm cross entropy"``: the masked
-   cross-entropy sum of the same tokens with the same token count as ``"lm loss"``.
-
-Megatron reduces every entry of that dict the same way (summed over micro-batches and
-all-reduced over the data-parallel x context-parallel group, then sum / count, with or
-without ``--calculate-per-token-loss``) and logs each key: the training log line,
-TensorBoard, W&B, and the validation / test report (which also prints its perplexity).
-
-The loss mask is the first argument of the script's ``loss_func`` partial
-(``partial(loss_func, loss_mask, ...)`` in every Megatron-LM ``pretrain_*.py``). Where it
-cannot be found, nothing is reported and one warning says why.
+The patched loss attaches each call's per-token cross entropy to the loss tensor it returns;
+``forward_step_calc_loss`` (every schedule calls the script's ``loss_func`` through it) is
+wrapped so that the ``loss_func``'s report gains the masked cross-entropy sum with the same
+token count as ``lm loss``, which Megatron then reduces and logs like every entry. The loss
+mask is the first argument of the script's ``partial(loss_func, loss_mask, ...)``; where it
+cannot be found nothing is reported and one warning says why.
 """
 
 from __future__ import annotations

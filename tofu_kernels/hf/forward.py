@@ -277,20 +277,11 @@ class _HeadCall:
 
 
 def _head_forward(self, input: torch.Tensor, tofu: _HeadCall | None = None):
-    """``lm_head``'s forward while :func:`apply_tofu` (``fused_linear=True``) is on.
-
-    Without ``tofu``: ``nn.Linear``'s forward (generation, evaluation, the class forward).
-    With it: the fused loss on ``self.weight`` as it stands inside this module's forward,
-    i.e. as the wrappers that manage the weight present it there, exactly as for the
-    logits' GEMM: FSDP2 (``fully_shard`` on ``lm_head``) has all-gathered it in its
-    ``param_dtype`` and cast ``input`` to it, frees it after the forward
-    (``reshard_after_forward``), gathers it again for the backward and reduce-scatters
-    its gradient in ``reduce_dtype``; DeepSpeed ZeRO-3 has fetched the partitioned
-    weight, releases it after the forward, fetches it for the backward and reduces its
-    gradient; DDP reduces the gradient like any other. Returns ``(loss,)``, or
-    ``(loss, entropy, top1)`` with ``tofu.metrics`` (tensors only: the wrappers' hooks
-    attach their backward hooks to the outputs).
-    """
+    """``lm_head``'s forward while :func:`apply_tofu` (``fused_linear=True``) is on: without
+    ``tofu``, ``nn.Linear``'s; with it, the fused loss on ``self.weight`` as the data-parallel
+    wrappers present it inside this call (FSDP2, ZeRO-3, DDP: docs/huggingface.md, "Sharded
+    data parallelism"). Returns ``(loss,)`` or ``(loss, entropy, top1)``: tensors only, so
+    that the wrappers' hooks attach to them."""
     if tofu is None:
         return type(self).forward(self, input)
     weight = self.weight
