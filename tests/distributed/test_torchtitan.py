@@ -230,18 +230,9 @@ def test_the_kernels_get_the_losss_params(titan, monkeypatch):
     """Both losses hand the kernels their own TOFUParams, made once by ``Config.build()``: the
     same object at every call, not one rebuilt from keywords per call."""
     import tofu_kernels.torchtitan as tt
+    from tests.support.spies import spy_kernel_entries
 
-    seen = []
-
-    def spy(real, at):
-        def call(*args, **kwargs):
-            seen.append((args[at], kwargs.get("chunk_size")))
-            return real(*args, **kwargs)
-
-        return call
-
-    monkeypatch.setattr(tt, "loss_of_logits", spy(tt.loss_of_logits, 2))
-    monkeypatch.setattr(tt, "loss_of_hidden", spy(tt.loss_of_hidden, 3))
+    seen = spy_kernel_entries(monkeypatch, tt)
     logits, labels = batch(7)
     loss_fn = tt.TOFULoss.Config(gamma=GAMMA, beta=BETA).build()
     loss_fn(logits, labels)

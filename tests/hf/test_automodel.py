@@ -247,18 +247,9 @@ def test_the_kernels_get_the_modules_params_made_once(automodel, monkeypatch):
     import dataclasses
 
     import tofu_kernels.automodel as am
+    from tests.support.spies import spy_kernel_entries
 
-    seen = []
-
-    def spy(real, at):
-        def call(*args, **kwargs):
-            seen.append((args[at], kwargs.get("chunk_size")))
-            return real(*args, **kwargs)
-
-        return call
-
-    monkeypatch.setattr(am, "loss_of_logits", spy(am.loss_of_logits, 2))
-    monkeypatch.setattr(am, "loss_of_hidden", spy(am.loss_of_hidden, 3))
+    seen = spy_kernel_entries(monkeypatch, am)
     logits, labels, _, weights = batch(5)
     loss_fn = am.TOFULoss(gamma=GAMMA, beta=BETA)
     for w in (None, None, weights, weights):

@@ -178,3 +178,21 @@ class GemmFlops(TorchDispatchMode):
             if self.dim is None or self.dim in (m, k, n):
                 self.flops += 2 * math.prod(a.shape[:-2]) * m * k * n
         return func(*args, **(kwargs or {}))
+
+
+def spy_kernel_entries(monkeypatch, module) -> list[tuple]:
+    """Wrap ``module``'s ``loss_of_logits`` and ``loss_of_hidden`` (the kernels' entry points
+    that take a ready TOFUParams); returns the list that each call appends its
+    ``(params, chunk_size)`` to."""
+    seen = []
+
+    def spy(real, at):
+        def call(*args, **kwargs):
+            seen.append((args[at], kwargs.get("chunk_size")))
+            return real(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(module, "loss_of_logits", spy(module.loss_of_logits, 2))
+    monkeypatch.setattr(module, "loss_of_hidden", spy(module.loss_of_hidden, 3))
+    return seen
