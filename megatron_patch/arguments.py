@@ -170,7 +170,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=None,
         metavar="TOKENS",
         help="with --tofu-fused-linear: tokens per logits block (default: 1/16 of the micro-batch's "
-        "tokens, fewer where a 128 MiB logits block holds fewer; whole 64-token tiles)",
+        "tokens, fewer where a CHUNK_BYTES logits block holds fewer; whole 64-token tiles: "
+        "docs/megatron.md)",
     )
     g.add_argument(
         "--tofu-skip-masked",

@@ -99,7 +99,7 @@ def fused_loss(
 
 
 def fused_chunk_rows(tokens: int, width: int, element_size: int) -> int:
-    """Rows per logits block: the fused linear loss's default (a 128 MiB block), and at most
+    """Rows per logits block: the fused linear loss's default (``CHUNK_BYTES``), and at most
     a sixteenth of the micro-batch rounded up to whole 64-row tiles (one tile at least), so
     that from 1024 tokens on the block holds at most about 1/16 of the logits it replaces;
     below that it is one 64-row tile or the whole micro-batch (docs/design.md section 9)."""

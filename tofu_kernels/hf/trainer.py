@@ -78,7 +78,7 @@ class TOFUSFTTrainer(trl.SFTTrainer):
     the LM head frozen) and, keyword-only: ``tofu_gamma``, ``tofu_beta`` (default: the
     paper's 3.0, 0.8) or ``tofu_params`` (a ready :class:`~tofu_kernels.TOFUParams`:
     ``gamma``, ``beta``, ``backend``; ``ignore_index`` -100, the label TRL's collators use),
-    and ``tofu_chunk_size`` (tokens per logits chunk, default a 128 MiB chunk). The model
+    and ``tofu_chunk_size`` (tokens per logits chunk, default ``linear.CHUNK_BYTES`` of logits). The model
     must be one of :data:`~tofu_kernels.hf.SUPPORTED_MODELS` (or a subclass), as for
     ``apply_tofu``. Under DDP, FSDP2 and DeepSpeed ZeRO-1/2/3 it trains what one process
     trains (docs/huggingface.md, "Sharded data parallelism").
