@@ -103,6 +103,7 @@ def apply(
     tokens per logits block; default ``fused_linear.fused_chunk_rows``, the rule in
     docs/megatron.md's flag table), see ``fused_linear.py``; ``skip_masked``: the fused step
     computes only the rows whose loss mask is 1 (one host sync per call; docs/megatron.md).
+    ``fused_output``: the old name of ``fused_linear`` (deprecated).
     """
     if fused_output is not None:  # the old name of fused_linear, for one release
         warnings.warn(
