@@ -14,6 +14,7 @@ as one step without the logits (``fused_linear.py``).
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
 
 import torch
@@ -150,7 +151,9 @@ def revert() -> None:
     """Restore Megatron's original ``compute_language_model_loss`` and
     ``forward_step_calc_loss`` (the same objects)."""
     with settings.lock:
-        patching.restore(_language_module(), _LOSS)
+        module = sys.modules.get(_TARGET.rsplit(".", 1)[0])  # not imported: nothing was patched
+        if module is not None:
+            patching.restore(module.LanguageModule, _LOSS)
         settings.store(None)
         reporting.uninstall()
         _fused.uninstall()
